@@ -1,0 +1,132 @@
+//! The seam between a POP3 session and a mail store.
+//!
+//! A `Backend` opens an authenticated `Mailbox` for a set of credentials; a
+//! `Mailbox` lists its messages, streams one message's stored octets and
+//! removes a set of messages. Backends know nothing of POP3: no message
+//! numbers, no dot-stuffing, no reply texts. They never delete anything except
+//! in `Mailbox::remove`, which the driver calls only in the UPDATE state.
+//!
+//! Sizes: a backend reports either an exact canonical (CRLF) size or a size it
+//! merely claims; `sizes::ExactSizes` turns the latter into exact sizes, the
+//! same way for every backend.
+
+pub mod imap;
+pub mod memory;
+pub mod sizes;
+
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+
+use crate::auth::Credentials;
+
+/// How a message is addressed in its store (IMAP UID, JMAP id, …). Opaque to
+/// everything but the backend that issued it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct StoreId(pub String);
+
+/// A message as listed when the maildrop is opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedMessage {
+    pub id: StoreId,
+    /// Stable across sessions, 1–70 octets of 0x21..=0x7E (RFC 1939 UIDL).
+    pub uidl: String,
+    pub size: ReportedSize,
+}
+
+/// A message's size as the store reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReportedSize {
+    /// The octets of the message's canonical CRLF form, guaranteed.
+    Exact(u64),
+    /// What the store claims; may differ from the canonical size.
+    Claimed(u64),
+}
+
+impl ReportedSize {
+    pub fn value(self) -> u64 {
+        match self {
+            ReportedSize::Exact(n) | ReportedSize::Claimed(n) => n,
+        }
+    }
+}
+
+/// The raw stored octets of one message, in chunks of bounded size.
+pub type MessageStream<'a> = BoxStream<'a, Result<Bytes, BackendError>>;
+
+#[async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// A short name for logs and metrics: "imap", "jmap", "demo", …
+    fn kind(&self) -> &'static str;
+
+    /// Authenticates and opens the configured mailbox.
+    async fn open(&self, credentials: &Credentials) -> Result<Box<dyn Mailbox>, BackendError>;
+}
+
+#[async_trait]
+pub trait Mailbox: Send {
+    /// Every message in the mailbox now, oldest first.
+    async fn list(&mut self) -> Result<Vec<ListedMessage>, BackendError>;
+
+    /// The stored octets of a message, as a stream of chunks. The stream may be
+    /// dropped early (TOP); the mailbox must stay usable or report
+    /// `BackendError::Unavailable` on its next call.
+    async fn fetch(&mut self, id: &StoreId) -> Result<MessageStream<'_>, BackendError>;
+
+    /// The canonical sizes of the given messages, in order. The default
+    /// streams each message; a backend may do it in fewer round trips.
+    async fn canonical_sizes(&mut self, ids: &[StoreId]) -> Result<Vec<u64>, BackendError> {
+        use futures::StreamExt;
+        let mut sizes = Vec::with_capacity(ids.len());
+        for id in ids {
+            let mut counter = crate::canonical::CanonicalSize::new();
+            let mut stream = self.fetch(id).await?;
+            while let Some(chunk) = stream.next().await {
+                counter.feed(&chunk?);
+            }
+            sizes.push(counter.finish());
+        }
+        Ok(sizes)
+    }
+
+    /// Removes exactly these messages (the POP3 UPDATE state). Either every
+    /// one is gone when this returns `Ok`, or an error says what was not done.
+    async fn remove(&mut self, ids: &[StoreId]) -> Result<(), BackendError>;
+
+    /// Ends the backend session politely. Never removes anything.
+    async fn close(self: Box<Self>);
+}
+
+pub type SharedBackend = Arc<dyn Backend>;
+
+/// Why a backend call failed, in terms a POP3 reply can be chosen from.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The store refused these credentials.
+    #[error("authentication failed")]
+    AuthFailed,
+    /// The credentials cannot be sent to this store (e.g. NUL or CR/LF in them).
+    #[error("credentials rejected before reaching the backend: {0}")]
+    BadCredentials(&'static str),
+    /// The mailbox is locked or too many sessions are open for this account.
+    #[error("mailbox in use: {0}")]
+    InUse(String),
+    /// Transient: network, timeout, server down, throttled. Try again later.
+    #[error("backend unavailable: {0}")]
+    Unavailable(String),
+    /// A permanent problem with this account or configuration.
+    #[error("backend refused: {0}")]
+    Permanent(String),
+    /// The message no longer exists in the store.
+    #[error("message no longer exists")]
+    MessageGone,
+}
+
+impl BackendError {
+    pub fn unavailable(what: impl fmt::Display) -> Self {
+        BackendError::Unavailable(what.to_string())
+    }
+}

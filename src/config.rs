@@ -1,0 +1,314 @@
+//! popgate's configuration: a TOML file (every key documented in
+//! config/popgate.toml), command-line overrides and backend URLs.
+//!
+//! Unknown keys are errors, so a typo never silently falls back to a default.
+//! `check` validates what serde cannot (ranges, combinations).
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::imap::{ImapConfig, ImapTls};
+use crate::backend::memory::MemoryConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("invalid value for `{key}`: {why}")]
+    Invalid { key: &'static str, why: String },
+    #[error("invalid backend URL `{url}`: {why}")]
+    BackendUrl { url: String, why: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where POP3 clients connect.
+    #[serde(default = "default_listeners")]
+    pub listener: Vec<ListenerConfig>,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub backend: BackendConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listener: default_listeners(),
+            limits: Limits::default(),
+            backend: BackendConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+fn default_listeners() -> Vec<ListenerConfig> {
+    vec![ListenerConfig { address: "127.0.0.1:1110".parse().expect("valid address") }]
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub address: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Longest command line in octets, CRLF included (RFC 2449: at least 255).
+    pub command_line: usize,
+    /// Longest SASL response line (OAuth tokens need a few KiB).
+    pub auth_line: usize,
+    /// Failed logins on one connection before it is closed.
+    pub max_failed_logins: u32,
+    /// Seconds a client has from connecting to finish logging in.
+    pub login_timeout_secs: u64,
+    /// Seconds of silence after login before autologout (RFC 1939: ≥ 600).
+    pub idle_timeout_secs: u64,
+    /// Connections served at once; more get `-ERR [SYS/TEMP]` and are closed.
+    pub max_connections: usize,
+    /// On SIGTERM/SIGINT, seconds sessions may take to finish.
+    pub shutdown_grace_secs: u64,
+    /// Exact message sizes remembered across sessions (entries).
+    pub size_cache_entries: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            command_line: 255,
+            auth_line: 8192,
+            max_failed_logins: 3,
+            login_timeout_secs: 60,
+            idle_timeout_secs: 600,
+            max_connections: 1000,
+            shutdown_grace_secs: 30,
+            size_cache_entries: 1_000_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum BackendConfig {
+    /// The built-in demo store (any user, any password).
+    Demo(MemoryConfig),
+    Imap(ImapConfig),
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        BackendConfig::Demo(MemoryConfig::default())
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter: "info", "popgate=debug", … (RUST_LOG overrides it).
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { level: "info".into(), format: LogFormat::Text }
+    }
+}
+
+impl Config {
+    pub fn from_toml(text: &str, path: &str) -> Result<Config, ConfigError> {
+        let config: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_string(), message: e.to_string() })?;
+        config.check()?;
+        Ok(config)
+    }
+
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: shown.clone(), source })?;
+        Config::from_toml(&text, &shown)
+    }
+
+    /// Checks what the types alone cannot.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let invalid = |key, why: &str| Err(ConfigError::Invalid { key, why: why.to_string() });
+        let l = &self.limits;
+        if self.listener.is_empty() {
+            return invalid("listener", "at least one listener is needed");
+        }
+        if !(255..=65536).contains(&l.command_line) {
+            return invalid("limits.command_line", "must be between 255 (RFC 2449) and 65536");
+        }
+        if !(255..=1_048_576).contains(&l.auth_line) {
+            return invalid("limits.auth_line", "must be between 255 and 1048576");
+        }
+        if l.max_failed_logins == 0 {
+            return invalid("limits.max_failed_logins", "must be at least 1");
+        }
+        if l.login_timeout_secs == 0 {
+            return invalid("limits.login_timeout_secs", "must be at least 1");
+        }
+        if l.idle_timeout_secs < 600 {
+            return invalid("limits.idle_timeout_secs", "RFC 1939 requires at least 600 seconds");
+        }
+        if l.max_connections == 0 {
+            return invalid("limits.max_connections", "must be at least 1");
+        }
+        if let BackendConfig::Imap(imap) = &self.backend {
+            if imap.host.is_empty() {
+                return invalid("backend.host", "must not be empty");
+            }
+            if imap.timeout_secs == 0 {
+                return invalid("backend.timeout_secs", "must be at least 1");
+            }
+            if imap.fetch_chunk_bytes < 1024 {
+                return invalid("backend.fetch_chunk_bytes", "must be at least 1024");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl BackendConfig {
+    /// Parses a backend URL: `imap://host[:port][/mailbox]`,
+    /// `imap+starttls://…`, `imaps://…`, `demo:` or `demo:DIR`.
+    pub fn from_url(url: &str) -> Result<BackendConfig, ConfigError> {
+        let bad = |why: &str| ConfigError::BackendUrl { url: url.to_string(), why: why.to_string() };
+        if let Some(dir) = url.strip_prefix("demo:") {
+            let dir = dir.trim_start_matches("//");
+            return Ok(BackendConfig::Demo(MemoryConfig { messages_dir: (!dir.is_empty()).then(|| dir.into()) }));
+        }
+        let (scheme, rest) = url.split_once("://").ok_or_else(|| bad("expected scheme://host"))?;
+        let tls = match scheme.to_ascii_lowercase().as_str() {
+            "imap" => ImapTls::None,
+            "imap+starttls" => ImapTls::Starttls,
+            "imaps" => ImapTls::Implicit,
+            _ => return Err(bad("scheme must be imap, imap+starttls, imaps or demo")),
+        };
+        let (authority, mailbox) = match rest.split_once('/') {
+            Some((a, m)) => (a, Some(m)),
+            None => (rest, None),
+        };
+        if authority.contains('@') {
+            return Err(bad("credentials do not belong in the URL; clients log in with their own"));
+        }
+        let (host, port) = split_host_port(authority).map_err(bad)?;
+        let mut config = ImapConfig::new(host, port, tls);
+        if let Some(mailbox) = mailbox.filter(|m| !m.is_empty()) {
+            config.mailbox = percent_decode(mailbox).map_err(bad)?;
+        }
+        Ok(BackendConfig::Imap(config))
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            BackendConfig::Demo(_) => "demo".into(),
+            BackendConfig::Imap(c) => format!("imap {}:{} ({:?}) {}", c.host, c.port(), c.tls, c.mailbox),
+        }
+    }
+}
+
+fn split_host_port(authority: &str) -> Result<(String, Option<u16>), &'static str> {
+    let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
+        let (host, after) = rest.split_once(']').ok_or("unclosed [ in host")?;
+        (host, after.strip_prefix(':'))
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        }
+    };
+    if host.is_empty() {
+        return Err("missing host");
+    }
+    let port = port.map(|p| p.parse::<u16>().map_err(|_| "invalid port")).transpose()?;
+    Ok((host.to_string(), port))
+}
+
+fn percent_decode(s: &str) -> Result<String, &'static str> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s.get(i + 1..i + 3).ok_or("bad % escape in mailbox")?;
+            out.push(u8::from_str_radix(hex, 16).map_err(|_| "bad % escape in mailbox")?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| "mailbox is not UTF-8")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_urls() {
+        let imap = |url| match BackendConfig::from_url(url).unwrap() {
+            BackendConfig::Imap(c) => c,
+            other => panic!("{other:?}"),
+        };
+        let c = imap("imap://127.0.0.1:143");
+        assert_eq!((c.host.as_str(), c.port(), c.tls, c.mailbox.as_str()), ("127.0.0.1", 143, ImapTls::None, "INBOX"));
+        let c = imap("imaps://imap.gmail.com");
+        assert_eq!((c.port(), c.tls), (993, ImapTls::Implicit));
+        let c = imap("imap+starttls://mail.example.com:1143/Print%20Queue");
+        assert_eq!((c.port(), c.tls, c.mailbox.as_str()), (1143, ImapTls::Starttls, "Print Queue"));
+        let c = imap("imap://[::1]:143/Archive");
+        assert_eq!((c.host.as_str(), c.mailbox.as_str()), ("::1", "Archive"));
+        assert_eq!(BackendConfig::from_url("demo:").unwrap(), BackendConfig::Demo(MemoryConfig::default()));
+        assert_eq!(
+            BackendConfig::from_url("demo:/srv/mail").unwrap(),
+            BackendConfig::Demo(MemoryConfig { messages_dir: Some("/srv/mail".into()) })
+        );
+        for bad in ["pop3://x", "imap://", "imap://h:99999", "imap://u:p@h", "nothing", "imap://h/%zz"] {
+            assert!(BackendConfig::from_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn unknown_and_invalid_keys_are_named() {
+        let e = Config::from_toml("[limits]\ncommand_lines = 300\n", "t.toml").unwrap_err().to_string();
+        assert!(e.contains("command_lines"), "{e}");
+        let e = Config::from_toml("[limits]\nidle_timeout_secs = 5\n", "t.toml").unwrap_err().to_string();
+        assert!(e.contains("limits.idle_timeout_secs"), "{e}");
+        let e = Config::from_toml("[backend]\nkind = \"imap\"\nhots = \"x\"\n", "t.toml").unwrap_err().to_string();
+        assert!(e.contains("hots"), "{e}");
+        assert_eq!(Config::from_toml("", "t.toml").unwrap(), Config::default());
+    }
+
+    /// Every example under config/ parses and passes `check`.
+    #[test]
+    fn every_example_config_parses() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+                seen += 1;
+            }
+        }
+        assert!(seen >= 2, "expected example configs in {}", dir.display());
+    }
+}

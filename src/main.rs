@@ -1,0 +1,101 @@
+//! The `popgate` command: `serve` (the default) and `check-config`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use popgate::config::{BackendConfig, Config, ListenerConfig};
+use popgate::server::{Server, build_backend};
+
+#[derive(Parser)]
+#[command(name = "popgate", version, about = "A POP3 gateway to IMAP mailboxes")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (the default; with no configuration, the demo backend
+    /// on 127.0.0.1:1110).
+    Serve(ServeArgs),
+    /// Validate a configuration file and print the effective configuration.
+    CheckConfig { file: PathBuf },
+}
+
+#[derive(clap::Args, Default)]
+struct ServeArgs {
+    /// Configuration file (TOML).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Address to listen on (repeatable); replaces the configured listeners.
+    #[arg(long = "listen", value_name = "ADDR")]
+    listen: Vec<SocketAddr>,
+    /// Backend URL: imap://host:port[/mailbox], imap+starttls://…, imaps://…,
+    /// demo: or demo:DIR; replaces the configured backend.
+    #[arg(long, value_name = "URL")]
+    backend: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
+        Command::Serve(args) => serve(args),
+        Command::CheckConfig { file } => check_config(&file),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("popgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
+    let config = Config::load(file)?;
+    println!("{}", toml::to_string_pretty(&config).context("printing the configuration")?);
+    eprintln!("{}: OK", file.display());
+    Ok(())
+}
+
+fn effective_config(args: &ServeArgs) -> anyhow::Result<Config> {
+    let mut config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if !args.listen.is_empty() {
+        config.listener = args.listen.iter().map(|&address| ListenerConfig { address }).collect();
+    }
+    if let Some(url) = &args.backend {
+        config.backend = BackendConfig::from_url(url)?;
+    }
+    config.check()?;
+    Ok(config)
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = effective_config(&args)?;
+    popgate::telemetry::init(&config.log);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let backend = build_backend(&config.backend)?;
+        let server = Server::start(&config, backend).await?;
+        tracing::info!(backend = %config.backend.describe(), "popgate ready");
+        wait_for_shutdown_signal().await;
+        tracing::info!(grace_secs = config.limits.shutdown_grace_secs, "shutting down");
+        server.shutdown().await;
+        Ok(())
+    })
+}
+
+async fn wait_for_shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,399 @@
+//! The POP3 session state machine (RFC 1939 states, RFC 2449 CAPA, RFC 5034
+//! AUTH).
+//!
+//! It is fed one line at a time and answers with a `Step`: a reply to write,
+//! or work for the driver (log in, send a message, commit deletions) whose
+//! outcome is fed back. It decides every POP3 rule; it never does I/O and
+//! never touches the store itself. Each state carries only the data valid in
+//! it, so a maildrop exists only in TRANSACTION.
+
+use crate::auth::Credentials;
+use crate::backend::{BackendError, StoreId};
+use crate::pop3::command::{Command, Line, ParseError};
+use crate::pop3::maildrop::{Lookup, Maildrop};
+use crate::pop3::response::{BodyEncoder, Response, ResponseCode};
+use crate::pop3::sasl::{self, Mechanism};
+
+/// Session policy, decided per connection by the server.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Longest command line, CRLF included (RFC 2449 minimum: 255).
+    pub command_line_limit: usize,
+    /// Longest SASL response line (tokens are long).
+    pub auth_line_limit: usize,
+    /// Failed logins after which the connection is closed.
+    pub max_failed_logins: u32,
+    /// USER/PASS and AUTH are allowed on this connection now.
+    pub login_permitted: bool,
+    /// STLS can be offered on this connection.
+    pub stls_offered: bool,
+    pub implementation: String,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            command_line_limit: 255,
+            auth_line_limit: 8192,
+            max_failed_logins: 3,
+            login_permitted: true,
+            stls_offered: false,
+            implementation: concat!("popgate ", env!("CARGO_PKG_VERSION")).to_string(),
+        }
+    }
+}
+
+/// What the driver must do next.
+#[derive(Debug)]
+pub enum Step {
+    /// Write the reply, then read the next line.
+    Reply(Response),
+    /// Write the reply, then close the connection.
+    Close(Response),
+    /// Open the maildrop with these credentials, then call `login_succeeded`
+    /// or `login_failed`.
+    Login(Credentials),
+    /// Send a message: fetch `id`, write `ok` once the first octets are at
+    /// hand, then stream through `encoder`. On a fetch error before anything
+    /// was written, write `fetch_failed`'s reply; after, close.
+    Send { id: StoreId, ok: Response, encoder: BodyEncoder, expected_octets: Option<u64> },
+    /// UPDATE state: remove exactly these messages, then call
+    /// `update_finished` and close.
+    Update(Vec<StoreId>),
+    /// Write the reply, then start TLS on the connection.
+    StartTls(Response),
+}
+
+#[derive(Debug)]
+enum State {
+    Authorization {
+        user: Option<String>,
+        sasl: Option<Mechanism>,
+    },
+    /// Waiting for the driver to open the maildrop.
+    LoggingIn {
+        user: String,
+    },
+    Transaction {
+        user: String,
+        maildrop: Maildrop,
+    },
+    /// QUIT received; waiting for the driver to commit deletions.
+    Update,
+    Closed,
+}
+
+#[derive(Debug)]
+pub struct Session {
+    config: SessionConfig,
+    state: State,
+    failed_logins: u32,
+}
+
+impl Session {
+    pub fn new(config: SessionConfig) -> Self {
+        Session { config, state: State::Authorization { user: None, sasl: None }, failed_logins: 0 }
+    }
+
+    pub fn greeting(&self) -> Response {
+        Response::ok("popgate ready")
+    }
+
+    /// The user name once logged in (or logging in), for logs.
+    pub fn user(&self) -> Option<&str> {
+        match &self.state {
+            State::LoggingIn { user } | State::Transaction { user, .. } => Some(user),
+            _ => None,
+        }
+    }
+
+    pub fn is_authenticated(&self) -> bool {
+        matches!(self.state, State::Transaction { .. } | State::Update)
+    }
+
+    /// The line length limit for the next line.
+    pub fn line_limit(&self) -> usize {
+        match self.state {
+            State::Authorization { sasl: Some(_), .. } => self.config.auth_line_limit,
+            _ => self.config.command_line_limit,
+        }
+    }
+
+    /// Called after STLS: the connection is now encrypted.
+    pub fn tls_started(&mut self, login_permitted: bool) {
+        self.config.stls_offered = false;
+        self.config.login_permitted = login_permitted;
+    }
+
+    /// Answers one framed line.
+    pub fn on_line(&mut self, line: Line) -> Step {
+        let line = match line {
+            Line::Complete(l) => l,
+            Line::TooLong => {
+                if let State::Authorization { sasl: sasl @ Some(_), .. } = &mut self.state {
+                    *sasl = None;
+                    return Step::Reply(Response::err("authentication response too long; AUTH cancelled"));
+                }
+                return Step::Reply(Response::err("command line too long"));
+            }
+        };
+        if let State::Authorization { sasl: Some(mechanism), .. } = self.state {
+            return self.sasl_response(mechanism, &line);
+        }
+        match Command::parse(&line) {
+            Ok(command) => self.on_command(command),
+            Err(ParseError::Unknown) => Step::Reply(Response::err("unknown command")),
+            Err(e) => Step::Reply(Response::err(e.to_string())),
+        }
+    }
+
+    fn on_command(&mut self, command: Command) -> Step {
+        match command {
+            Command::Capa => return Step::Reply(self.capabilities()),
+            Command::Noop if matches!(self.state, State::Transaction { .. }) => return Step::Reply(Response::ok("")),
+            _ => {}
+        }
+        match &mut self.state {
+            State::Authorization { user, .. } => match command {
+                Command::Quit => {
+                    self.state = State::Closed;
+                    Step::Close(Response::ok("popgate signing off"))
+                }
+                Command::Stls if self.config.stls_offered => Step::StartTls(Response::ok("begin TLS negotiation")),
+                Command::Stls => Step::Reply(Response::err("STLS not available here")),
+                Command::User(_) | Command::Pass(_) | Command::Auth { .. } if !self.config.login_permitted => {
+                    let how = if self.config.stls_offered { "; use STLS first" } else { "" };
+                    Step::Reply(Response::err_code(
+                        ResponseCode::Auth,
+                        format!("cleartext login is not allowed on this connection{how}"),
+                    ))
+                }
+                Command::User(name) => {
+                    *user = Some(name);
+                    Step::Reply(Response::ok("send PASS"))
+                }
+                Command::Pass(password) => match user.take() {
+                    None => Step::Reply(Response::err("USER first")),
+                    Some(name) => {
+                        self.begin_login(Credentials { user: name, proof: crate::auth::Proof::Password(password) })
+                    }
+                },
+                Command::Auth { mechanism: None, .. } => Step::Reply(
+                    Response::ok("SASL mechanisms follow")
+                        .with_body(Mechanism::ALL.iter().map(|m| m.name().to_string()).collect()),
+                ),
+                Command::Auth { mechanism: Some(name), initial_response } => {
+                    *user = None;
+                    let Some(mechanism) = Mechanism::from_name(&name) else {
+                        return Step::Reply(Response::err("unsupported SASL mechanism"));
+                    };
+                    match initial_response {
+                        Some(ir) => self.sasl_response(mechanism, ir.expose().as_bytes()),
+                        None => {
+                            if let State::Authorization { sasl, .. } = &mut self.state {
+                                *sasl = Some(mechanism);
+                            }
+                            Step::Reply(Response::continuation(""))
+                        }
+                    }
+                }
+                Command::Apop => Step::Reply(Response::err("APOP is not supported")),
+                _ => Step::Reply(Response::err("not allowed before login")),
+            },
+            State::Transaction { maildrop, .. } => match command {
+                Command::Stat => {
+                    let (count, octets) = maildrop.stat();
+                    Step::Reply(Response::ok(format!("{count} {octets}")))
+                }
+                Command::List(None) => {
+                    let (count, octets) = maildrop.stat();
+                    let lines = maildrop.visible().map(|(n, m)| format!("{n} {}", m.size)).collect();
+                    Step::Reply(Response::ok(format!("{count} messages ({octets} octets)")).with_body(lines))
+                }
+                Command::List(Some(n)) => Step::Reply(match maildrop.get(n) {
+                    Ok(m) => Response::ok(format!("{n} {}", m.size)),
+                    Err(e) => lookup_error(e),
+                }),
+                Command::Uidl(None) => {
+                    let lines = maildrop.visible().map(|(n, m)| format!("{n} {}", m.uidl)).collect();
+                    Step::Reply(Response::ok("unique-id listing follows").with_body(lines))
+                }
+                Command::Uidl(Some(n)) => Step::Reply(match maildrop.get(n) {
+                    Ok(m) => Response::ok(format!("{n} {}", m.uidl)),
+                    Err(e) => lookup_error(e),
+                }),
+                Command::Retr(n) => match maildrop.get(n) {
+                    Ok(m) => Step::Send {
+                        id: m.id.clone(),
+                        ok: Response::ok(format!("{} octets", m.size)),
+                        encoder: BodyEncoder::whole(),
+                        expected_octets: Some(m.size),
+                    },
+                    Err(e) => Step::Reply(lookup_error(e)),
+                },
+                Command::Top(n, lines) => match maildrop.get(n) {
+                    Ok(m) => Step::Send {
+                        id: m.id.clone(),
+                        ok: Response::ok("top of message follows"),
+                        encoder: BodyEncoder::top(lines),
+                        expected_octets: None,
+                    },
+                    Err(e) => Step::Reply(lookup_error(e)),
+                },
+                Command::Dele(n) => Step::Reply(match maildrop.mark_deleted(n) {
+                    Ok(()) => Response::ok(format!("message {n} deleted")),
+                    Err(e) => lookup_error(e),
+                }),
+                Command::Rset => {
+                    maildrop.unmark_all();
+                    let (count, octets) = maildrop.stat();
+                    Step::Reply(Response::ok(format!("maildrop has {count} messages ({octets} octets)")))
+                }
+                Command::Quit => {
+                    let marked = maildrop.marked();
+                    if marked.is_empty() {
+                        self.state = State::Closed;
+                        Step::Close(Response::ok("popgate signing off"))
+                    } else {
+                        self.state = State::Update;
+                        Step::Update(marked)
+                    }
+                }
+                Command::Stls => Step::Reply(Response::err("STLS is only allowed before login")),
+                _ => Step::Reply(Response::err("not allowed after login")),
+            },
+            State::LoggingIn { .. } | State::Update | State::Closed => {
+                Step::Reply(Response::err("command not allowed now"))
+            }
+        }
+    }
+
+    fn sasl_response(&mut self, mechanism: Mechanism, line: &[u8]) -> Step {
+        if let State::Authorization { sasl, .. } = &mut self.state {
+            *sasl = None;
+        }
+        if line == b"*" {
+            return Step::Reply(Response::err("AUTH cancelled"));
+        }
+        let decoded = std::str::from_utf8(line).map_err(|_| sasl::SaslError::Base64).and_then(sasl::decode_response);
+        let credentials = decoded.and_then(|bytes| match mechanism {
+            Mechanism::Plain => sasl::plain(&bytes),
+        });
+        match credentials {
+            Ok(credentials) => self.begin_login(credentials),
+            Err(e) => self.count_failure(Response::err_code(ResponseCode::Auth, e.to_string())),
+        }
+    }
+
+    fn begin_login(&mut self, credentials: Credentials) -> Step {
+        if let Err(why) = credentials.validate() {
+            return self.count_failure(Response::err_code(ResponseCode::Auth, why));
+        }
+        self.state = State::LoggingIn { user: credentials.user.clone() };
+        Step::Login(credentials)
+    }
+
+    fn count_failure(&mut self, reply: Response) -> Step {
+        self.failed_logins += 1;
+        self.state = State::Authorization { user: None, sasl: None };
+        if self.failed_logins >= self.config.max_failed_logins {
+            self.state = State::Closed;
+            return Step::Close(Response::err_code(ResponseCode::Auth, "too many failed logins; closing"));
+        }
+        Step::Reply(reply)
+    }
+
+    /// The driver opened the maildrop.
+    pub fn login_succeeded(&mut self, maildrop: Maildrop) -> Step {
+        let user = match std::mem::replace(&mut self.state, State::Closed) {
+            State::LoggingIn { user } => user,
+            other => {
+                self.state = other;
+                return Step::Reply(Response::err("no login in progress"));
+            }
+        };
+        let (count, octets) = maildrop.stat();
+        self.state = State::Transaction { user, maildrop };
+        Step::Reply(Response::ok(format!("maildrop has {count} messages ({octets} octets)")))
+    }
+
+    /// The driver could not open the maildrop.
+    pub fn login_failed(&mut self, error: &BackendError) -> Step {
+        let reply = reply_for_backend_error(error);
+        match error {
+            BackendError::AuthFailed | BackendError::BadCredentials(_) => self.count_failure(reply),
+            _ => {
+                self.state = State::Authorization { user: None, sasl: None };
+                Step::Reply(reply)
+            }
+        }
+    }
+
+    /// A message could not be fetched (nothing of it was written yet).
+    pub fn fetch_failed(&mut self, error: &BackendError) -> Step {
+        Step::Reply(reply_for_backend_error(error))
+    }
+
+    /// The UPDATE state's removals finished (or failed).
+    pub fn update_finished(&mut self, result: Result<usize, BackendError>) -> Response {
+        self.state = State::Closed;
+        match result {
+            Ok(n) => Response::ok(format!("popgate signing off ({n} messages deleted)")),
+            Err(e) => {
+                let mut reply = reply_for_backend_error(&e);
+                reply.text = format!("some deleted messages not removed: {}", reply.text);
+                reply
+            }
+        }
+    }
+
+    /// The autologout timer expired: close without entering UPDATE.
+    pub fn timed_out(&mut self) -> Response {
+        self.state = State::Closed;
+        Response::err("autologout: idle for too long")
+    }
+
+    /// The server is shutting down: close without entering UPDATE.
+    pub fn shutting_down(&mut self) -> Response {
+        self.state = State::Closed;
+        Response::err_code(ResponseCode::SysTemp, "server shutting down; nothing was deleted, try again later")
+    }
+
+    fn capabilities(&self) -> Response {
+        let mut caps: Vec<String> =
+            vec!["TOP".into(), "UIDL".into(), "RESP-CODES".into(), "AUTH-RESP-CODE".into(), "PIPELINING".into()];
+        if let State::Authorization { .. } = self.state {
+            if self.config.login_permitted {
+                caps.push("USER".into());
+                let mechs: Vec<&str> = Mechanism::ALL.iter().map(|m| m.name()).collect();
+                caps.push(format!("SASL {}", mechs.join(" ")));
+            }
+            if self.config.stls_offered {
+                caps.push("STLS".into());
+            }
+        }
+        caps.push(format!("IMPLEMENTATION {}", self.config.implementation));
+        Response::ok("capability list follows").with_body(caps)
+    }
+}
+
+fn lookup_error(e: Lookup) -> Response {
+    match e {
+        Lookup::NoSuchMessage => Response::err("no such message"),
+        Lookup::Deleted => Response::err("message already deleted"),
+    }
+}
+
+/// The one place a backend failure becomes a POP3 reply.
+pub fn reply_for_backend_error(error: &BackendError) -> Response {
+    match error {
+        BackendError::AuthFailed => Response::err_code(ResponseCode::Auth, "invalid user name or password"),
+        BackendError::BadCredentials(why) => Response::err_code(ResponseCode::Auth, *why),
+        BackendError::InUse(_) => Response::err_code(ResponseCode::InUse, "mailbox in use; try again later"),
+        BackendError::Unavailable(_) => {
+            Response::err_code(ResponseCode::SysTemp, "mail store unavailable; try again later")
+        }
+        BackendError::Permanent(_) => Response::err_code(ResponseCode::SysPerm, "mail store refused the request"),
+        BackendError::MessageGone => Response::err("message no longer exists in the mail store"),
+    }
+}

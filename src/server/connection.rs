@@ -1,0 +1,336 @@
+//! The per-connection driver: reads bytes, frames lines, feeds the session,
+//! performs the step it is handed, writes. No POP3 rule lives here — only
+//! I/O, timeouts and the order of operations.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use super::Context;
+use crate::backend::{BackendError, Mailbox, StoreId};
+use crate::pop3::response::ResponseCode;
+use crate::pop3::{BodyEncoder, LineReader, Maildrop, Message, Response, Session, SessionConfig, Step};
+
+/// Flush a message body to the socket whenever this much is pending.
+const WRITE_CHUNK: usize = 64 * 1024;
+const READ_CHUNK: usize = 4096;
+
+/// Serves one accepted connection to the end.
+pub async fn serve<S>(stream: S, peer: SocketAddr, context: Arc<Context>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let session_id = next_session_id();
+    let span = tracing::info_span!("session", %peer, session = session_id, user = tracing::field::Empty, backend = context.backend.kind());
+    async move {
+        tracing::debug!("connected");
+        let mut driver = Driver::new(stream, &context);
+        let outcome = driver.run().await;
+        if let Some(mailbox) = driver.mailbox.take() {
+            mailbox.close().await;
+        }
+        tracing::debug!(?outcome, "disconnected");
+    }
+    .instrument(span)
+    .await
+}
+
+/// Answers a connection over the limit and closes it.
+pub async fn refuse_busy<S>(mut stream: S, peer: SocketAddr)
+where
+    S: AsyncWrite + Unpin,
+{
+    tracing::warn!(%peer, "connection limit reached; refusing");
+    let reply = Response::err_code(ResponseCode::SysTemp, "too many connections; try again later");
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        stream.write_all(&reply.to_bytes()).await?;
+        stream.shutdown().await
+    })
+    .await;
+}
+
+fn next_session_id() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+#[derive(Debug)]
+enum Outcome {
+    /// The session ended itself (QUIT, too many failures, …).
+    Closed,
+    /// The client went away.
+    Disconnected,
+    TimedOut,
+    ShutDown,
+    Io(#[allow(dead_code)] std::io::Error),
+}
+
+struct Driver<'a, S> {
+    stream: S,
+    context: &'a Context,
+    session: Session,
+    reader: LineReader,
+    out: Vec<u8>,
+    mailbox: Option<Box<dyn Mailbox>>,
+}
+
+impl<'a, S> Driver<'a, S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    fn new(stream: S, context: &'a Context) -> Self {
+        let limits = &context.limits;
+        let config = SessionConfig {
+            command_line_limit: limits.command_line,
+            auth_line_limit: limits.auth_line,
+            max_failed_logins: limits.max_failed_logins,
+            ..SessionConfig::default()
+        };
+        Driver {
+            stream,
+            context,
+            session: Session::new(config),
+            reader: LineReader::new(),
+            out: Vec::with_capacity(1024),
+            mailbox: None,
+        }
+    }
+
+    async fn run(&mut self) -> Outcome {
+        match self.serve_lines().await {
+            Ok(outcome) => outcome,
+            Err(e) if is_disconnect(&e) => Outcome::Disconnected,
+            Err(e) => Outcome::Io(e),
+        }
+    }
+
+    async fn serve_lines(&mut self) -> std::io::Result<Outcome> {
+        self.session.greeting().write_to(&mut self.out);
+        let login_deadline = Instant::now() + Duration::from_secs(self.context.limits.login_timeout_secs);
+        let idle = Duration::from_secs(self.context.limits.idle_timeout_secs);
+        let mut stop = self.context.stop.clone();
+        let mut buf = [0u8; READ_CHUNK];
+        loop {
+            // Answer every complete line already received (pipelining) before
+            // reading again.
+            while let Some(line) = self.reader.next_line(self.session.line_limit()) {
+                let step = self.session.on_line(line);
+                if let Some(outcome) = self.perform(step).await? {
+                    return Ok(outcome);
+                }
+            }
+            self.flush().await?;
+            let deadline = if self.session.is_authenticated() {
+                Instant::now() + idle
+            } else {
+                login_deadline.min(Instant::now() + idle)
+            };
+            let read = tokio::select! {
+                biased;
+                _ = stopped(&mut stop) => None,
+                read = tokio::time::timeout_at(deadline, self.stream.read(&mut buf)) => Some(read),
+            };
+            match read {
+                None => {
+                    let reply = self.session.shutting_down();
+                    return self.close_with(reply, Outcome::ShutDown).await;
+                }
+                Some(Err(_)) => {
+                    let reply = self.session.timed_out();
+                    return self.close_with(reply, Outcome::TimedOut).await;
+                }
+                Some(Ok(Ok(0))) => return Ok(Outcome::Disconnected),
+                Some(Ok(Ok(n))) => self.reader.push(&buf[..n]),
+                Some(Ok(Err(e))) => return Err(e),
+            }
+        }
+    }
+
+    /// Performs one step; `Some` when the connection must end.
+    async fn perform(&mut self, step: Step) -> std::io::Result<Option<Outcome>> {
+        match step {
+            Step::Reply(reply) => reply.write_to(&mut self.out),
+            Step::Close(reply) => return self.close_with(reply, Outcome::Closed).await.map(Some),
+            Step::Login(credentials) => {
+                self.flush().await?;
+                let mut stop = self.context.stop.clone();
+                let opened = tokio::select! {
+                    _ = stopped(&mut stop) => None,
+                    opened = open_maildrop(self.context, &credentials) => Some(opened),
+                };
+                let Some(opened) = opened else {
+                    let reply = self.session.shutting_down();
+                    return self.close_with(reply, Outcome::ShutDown).await.map(Some);
+                };
+                let step = match opened {
+                    Ok((mailbox, maildrop)) => {
+                        tracing::Span::current().record("user", credentials.user.as_str());
+                        tracing::info!(messages = maildrop.stat().0, "logged in");
+                        self.mailbox = Some(mailbox);
+                        self.session.login_succeeded(maildrop)
+                    }
+                    Err(e) => {
+                        tracing::info!(user = %credentials.user, error = %e, "login failed");
+                        self.session.login_failed(&e)
+                    }
+                };
+                return Box::pin(self.perform(step)).await;
+            }
+            Step::Send { id, ok, encoder, expected_octets } => {
+                return self.send_message(id, ok, encoder, expected_octets).await;
+            }
+            Step::Update(ids) => {
+                self.flush().await?;
+                let result = match self.mailbox.as_mut() {
+                    Some(mailbox) => mailbox.remove(&ids).await.map(|()| ids.len()),
+                    None => Err(BackendError::unavailable("no backend session")),
+                };
+                match &result {
+                    Ok(n) => tracing::info!(removed = n, "update committed"),
+                    Err(e) => tracing::warn!(error = %e, requested = ids.len(), "update failed"),
+                }
+                let reply = self.session.update_finished(result);
+                return self.close_with(reply, Outcome::Closed).await.map(Some);
+            }
+            Step::StartTls(_) => {
+                let reply = Response::err("STLS not available here");
+                reply.write_to(&mut self.out);
+            }
+        }
+        Ok(None)
+    }
+
+    async fn send_message(
+        &mut self,
+        id: StoreId,
+        ok: Response,
+        mut encoder: BodyEncoder,
+        expected_octets: Option<u64>,
+    ) -> std::io::Result<Option<Outcome>> {
+        let sent = match self.mailbox.as_mut() {
+            None => Err(BackendError::unavailable("no backend session")),
+            Some(mailbox) => {
+                stream_message(mailbox.as_mut(), &id, ok, &mut encoder, &mut self.stream, &mut self.out).await?
+            }
+        };
+        match sent {
+            Err(e) => {
+                tracing::warn!(error = %e, "fetch failed");
+                let step = self.session.fetch_failed(&e);
+                Box::pin(self.perform(step)).await
+            }
+            Ok(false) => {
+                // Part of the message is on the wire: the only honest end is
+                // to drop the connection (the client sees no final ".").
+                self.out.clear();
+                Ok(Some(Outcome::Closed))
+            }
+            Ok(true) => {
+                encoder.finish(&mut self.out);
+                if let Some(expected) = expected_octets
+                    && encoder.octets() != expected
+                {
+                    tracing::error!(expected, sent = encoder.octets(), "message size differs from LIST");
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if !self.out.is_empty() {
+            self.stream.write_all(&self.out).await?;
+            self.out.clear();
+        }
+        self.stream.flush().await
+    }
+
+    async fn close_with(&mut self, reply: Response, outcome: Outcome) -> std::io::Result<Outcome> {
+        reply.write_to(&mut self.out);
+        self.flush().await?;
+        let _ = self.stream.shutdown().await;
+        Ok(outcome)
+    }
+}
+
+/// Streams a message through `encoder`. `Err`: nothing was written, the
+/// client may get an -ERR. `Ok(false)`: the backend failed after +OK went
+/// out. `Ok(true)`: all sent but the terminator.
+async fn stream_message<S: AsyncWrite + Unpin>(
+    mailbox: &mut dyn Mailbox,
+    id: &StoreId,
+    ok: Response,
+    encoder: &mut BodyEncoder,
+    socket: &mut S,
+    out: &mut Vec<u8>,
+) -> std::io::Result<Result<bool, BackendError>> {
+    let mut stream = match mailbox.fetch(id).await {
+        Ok(stream) => stream,
+        Err(e) => return Ok(Err(e)),
+    };
+    // Wait for the first chunk before promising +OK: a failure now can still
+    // be an -ERR.
+    let mut next = stream.next().await;
+    if let Some(Err(e)) = next {
+        return Ok(Err(e));
+    }
+    ok.write_to(out);
+    loop {
+        match next {
+            None => return Ok(Ok(true)),
+            Some(Ok(chunk)) => {
+                encoder.push(&chunk, out);
+                if out.len() >= WRITE_CHUNK {
+                    socket.write_all(out).await?;
+                    out.clear();
+                }
+                if encoder.is_done() {
+                    return Ok(Ok(true));
+                }
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "backend failed mid-message; closing");
+                return Ok(Ok(false));
+            }
+        }
+        next = stream.next().await;
+    }
+}
+
+async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Logs in, lists the mailbox and makes every size exact.
+async fn open_maildrop(
+    context: &Context,
+    credentials: &crate::auth::Credentials,
+) -> Result<(Box<dyn Mailbox>, Maildrop), BackendError> {
+    let mut mailbox = context.backend.open(credentials).await?;
+    let listed = match mailbox.list().await {
+        Ok(listed) => context.sizes.resolve(&credentials.user, mailbox.as_mut(), listed).await,
+        Err(e) => Err(e),
+    };
+    match listed {
+        Ok(exact) => {
+            let messages =
+                exact.into_iter().map(|m| Message { id: m.id, uidl: m.uidl, size: m.size.value() }).collect();
+            Ok((mailbox, Maildrop::new(messages)))
+        }
+        Err(e) => {
+            mailbox.close().await;
+            Err(e)
+        }
+    }
+}
+
+fn is_disconnect(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(e.kind(), BrokenPipe | ConnectionReset | ConnectionAborted | UnexpectedEof)
+}
