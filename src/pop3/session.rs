@@ -397,3 +397,7 @@ pub fn reply_for_backend_error(error: &BackendError) -> Response {
         BackendError::MessageGone => Response::err("message no longer exists in the mail store"),
     }
 }
+
+#[cfg(test)]
+#[path = "session_tests.rs"]
+mod tests;
