@@ -6,6 +6,9 @@
 //! `-ERR [SYS/TEMP]` — and a session ended that way commits no deletions.
 
 pub mod connection;
+pub mod limits;
+pub mod throttle;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
