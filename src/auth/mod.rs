@@ -37,6 +37,8 @@ impl fmt::Display for Secret {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Proof {
     Password(Secret),
+    /// An OAuth 2.0 bearer token (SASL XOAUTH2 or OAUTHBEARER from the client).
+    Bearer(Secret),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,7 +65,8 @@ impl Credentials {
         }
         match &self.proof {
             Proof::Password(p) if forbidden(p.expose()) => Err("NUL, CR or LF in the password"),
-            Proof::Password(_) => Ok(()),
+            Proof::Bearer(t) if forbidden(t.expose()) || t.expose().contains('\x01') => Err("invalid bearer token"),
+            Proof::Password(_) | Proof::Bearer(_) => Ok(()),
         }
     }
 }

@@ -167,7 +167,9 @@ impl Backend for MemoryBackend {
     }
 
     async fn open(&self, credentials: &Credentials) -> Result<Box<dyn Mailbox>, BackendError> {
-        let Proof::Password(password) = &credentials.proof;
+        let Proof::Password(password) = &credentials.proof else {
+            return Err(BackendError::AuthFailed);
+        };
         let mut state = self.store.lock();
         if state.unavailable {
             return Err(BackendError::unavailable("memory store is down"));

@@ -7,7 +7,7 @@
 //! never touches the store itself. Each state carries only the data valid in
 //! it, so a maildrop exists only in TRANSACTION.
 
-use crate::auth::Credentials;
+use crate::auth::{Credentials, Proof};
 use crate::backend::{BackendError, StoreId};
 use crate::pop3::command::{Command, Line, ParseError};
 use crate::pop3::maildrop::{Lookup, Maildrop};
@@ -27,6 +27,8 @@ pub struct SessionConfig {
     pub login_permitted: bool,
     /// STLS can be offered on this connection.
     pub stls_offered: bool,
+    /// SASL mechanisms the backend can really use, in CAPA order.
+    pub mechanisms: Vec<Mechanism>,
     pub implementation: String,
 }
 
@@ -38,6 +40,7 @@ impl Default for SessionConfig {
             max_failed_logins: 3,
             login_permitted: true,
             stls_offered: false,
+            mechanisms: vec![Mechanism::Plain, Mechanism::Login],
             implementation: concat!("popgate ", env!("CARGO_PKG_VERSION")).to_string(),
         }
     }
@@ -64,15 +67,30 @@ pub enum Step {
     StartTls(Response),
 }
 
+/// Where a multi-line AUTH exchange stands.
+#[derive(Debug)]
+enum Exchange {
+    /// Waiting for the (only) client response of PLAIN, XOAUTH2, OAUTHBEARER.
+    Response(Mechanism),
+    /// LOGIN: waiting for the user name.
+    LoginUser,
+    /// LOGIN: waiting for the password.
+    LoginPassword { user: String },
+    /// An OAuth login failed; the error challenge is out and the client's
+    /// dummy answer is awaited before the final -ERR (RFC 7628 3.2.3).
+    OAuthFailed { reply: Response },
+}
+
 #[derive(Debug)]
 enum State {
     Authorization {
         user: Option<String>,
-        sasl: Option<Mechanism>,
+        sasl: Option<Exchange>,
     },
     /// Waiting for the driver to open the maildrop.
     LoggingIn {
         user: String,
+        oauth: Option<Mechanism>,
     },
     Transaction {
         user: String,
@@ -102,7 +120,7 @@ impl Session {
     /// The user name once logged in (or logging in), for logs.
     pub fn user(&self) -> Option<&str> {
         match &self.state {
-            State::LoggingIn { user } | State::Transaction { user, .. } => Some(user),
+            State::LoggingIn { user, .. } | State::Transaction { user, .. } => Some(user),
             _ => None,
         }
     }
@@ -137,8 +155,9 @@ impl Session {
                 return Step::Reply(Response::err("command line too long"));
             }
         };
-        if let State::Authorization { sasl: Some(mechanism), .. } = self.state {
-            return self.sasl_response(mechanism, &line);
+        if let State::Authorization { sasl: sasl @ Some(_), .. } = &mut self.state {
+            let exchange = sasl.take().expect("matched Some");
+            return self.sasl_step(exchange, &line);
         }
         match Command::parse(&line) {
             Ok(command) => self.on_command(command),
@@ -180,20 +199,26 @@ impl Session {
                 },
                 Command::Auth { mechanism: None, .. } => Step::Reply(
                     Response::ok("SASL mechanisms follow")
-                        .with_body(Mechanism::ALL.iter().map(|m| m.name().to_string()).collect()),
+                        .with_body(self.config.mechanisms.iter().map(|m| m.name().to_string()).collect()),
                 ),
                 Command::Auth { mechanism: Some(name), initial_response } => {
                     *user = None;
-                    let Some(mechanism) = Mechanism::from_name(&name) else {
+                    let Some(mechanism) = Mechanism::from_name(&name).filter(|m| self.config.mechanisms.contains(m))
+                    else {
                         return Step::Reply(Response::err("unsupported SASL mechanism"));
                     };
+                    let first = match mechanism {
+                        Mechanism::Login => Exchange::LoginUser,
+                        other => Exchange::Response(other),
+                    };
                     match initial_response {
-                        Some(ir) => self.sasl_response(mechanism, ir.expose().as_bytes()),
+                        Some(ir) => self.sasl_step(first, ir.expose().as_bytes()),
                         None => {
-                            if let State::Authorization { sasl, .. } = &mut self.state {
-                                *sasl = Some(mechanism);
-                            }
-                            Step::Reply(Response::continuation(""))
+                            let prompt = match first {
+                                Exchange::LoginUser => sasl::LOGIN_USER_PROMPT,
+                                _ => "",
+                            };
+                            self.await_sasl(first, prompt)
                         }
                     }
                 }
@@ -268,17 +293,49 @@ impl Session {
         }
     }
 
-    fn sasl_response(&mut self, mechanism: Mechanism, line: &[u8]) -> Step {
-        if let State::Authorization { sasl, .. } = &mut self.state {
-            *sasl = None;
+    fn await_sasl(&mut self, exchange: Exchange, challenge: &str) -> Step {
+        self.state = State::Authorization { user: None, sasl: Some(exchange) };
+        Step::Reply(Response::continuation(challenge))
+    }
+
+    /// One client response in an AUTH exchange.
+    fn sasl_step(&mut self, exchange: Exchange, line: &[u8]) -> Step {
+        if let Exchange::OAuthFailed { reply } = exchange {
+            // Whatever the client answered, the exchange ends here.
+            return self.count_failure(reply);
         }
         if line == b"*" {
             return Step::Reply(Response::err("AUTH cancelled"));
         }
-        let decoded = std::str::from_utf8(line).map_err(|_| sasl::SaslError::Base64).and_then(sasl::decode_response);
-        let credentials = decoded.and_then(|bytes| match mechanism {
-            Mechanism::Plain => sasl::plain(&bytes),
-        });
+        let decoded =
+            match std::str::from_utf8(line).map_err(|_| sasl::SaslError::Base64).and_then(sasl::decode_response) {
+                Ok(bytes) => bytes,
+                Err(e) => return self.count_failure(Response::err_code(ResponseCode::Auth, e.to_string())),
+            };
+        let text = |bytes: Vec<u8>| String::from_utf8(bytes).map_err(|_| sasl::SaslError::Malformed("LOGIN"));
+        let credentials = match exchange {
+            Exchange::LoginUser => {
+                return match text(decoded) {
+                    Ok(user) => self.await_sasl(Exchange::LoginPassword { user }, sasl::LOGIN_PASSWORD_PROMPT),
+                    Err(e) => self.count_failure(Response::err_code(ResponseCode::Auth, e.to_string())),
+                };
+            }
+            Exchange::LoginPassword { user } => text(decoded).map(|password| Credentials::password(user, password)),
+            Exchange::Response(Mechanism::Plain) => sasl::plain(&decoded),
+            Exchange::Response(m @ (Mechanism::XOAuth2 | Mechanism::OAuthBearer)) => {
+                let token = if m == Mechanism::XOAuth2 { sasl::xoauth2(&decoded) } else { sasl::oauthbearer(&decoded) };
+                match token {
+                    Ok(t) => {
+                        return self
+                            .begin_login_with(Credentials { user: t.user, proof: Proof::Bearer(t.token) }, Some(m));
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            Exchange::Response(Mechanism::Login) | Exchange::OAuthFailed { .. } => {
+                Err(sasl::SaslError::Malformed("AUTH"))
+            }
+        };
         match credentials {
             Ok(credentials) => self.begin_login(credentials),
             Err(e) => self.count_failure(Response::err_code(ResponseCode::Auth, e.to_string())),
@@ -286,10 +343,14 @@ impl Session {
     }
 
     fn begin_login(&mut self, credentials: Credentials) -> Step {
+        self.begin_login_with(credentials, None)
+    }
+
+    fn begin_login_with(&mut self, credentials: Credentials, oauth: Option<Mechanism>) -> Step {
         if let Err(why) = credentials.validate() {
             return self.count_failure(Response::err_code(ResponseCode::Auth, why));
         }
-        self.state = State::LoggingIn { user: credentials.user.clone() };
+        self.state = State::LoggingIn { user: credentials.user.clone(), oauth };
         Step::Login(credentials)
     }
 
@@ -306,7 +367,7 @@ impl Session {
     /// The driver opened the maildrop.
     pub fn login_succeeded(&mut self, maildrop: Maildrop) -> Step {
         let user = match std::mem::replace(&mut self.state, State::Closed) {
-            State::LoggingIn { user } => user,
+            State::LoggingIn { user, .. } => user,
             other => {
                 self.state = other;
                 return Step::Reply(Response::err("no login in progress"));
@@ -320,6 +381,10 @@ impl Session {
     /// The driver could not open the maildrop.
     pub fn login_failed(&mut self, error: &BackendError) -> Step {
         let reply = reply_for_backend_error(error);
+        if let (State::LoggingIn { oauth: Some(mechanism), .. }, BackendError::AuthFailed) = (&self.state, error) {
+            let challenge = sasl::oauth_error_challenge(*mechanism);
+            return self.await_sasl(Exchange::OAuthFailed { reply }, &challenge);
+        }
         match error {
             BackendError::AuthFailed | BackendError::BadCredentials(_) => self.count_failure(reply),
             _ => {
@@ -365,7 +430,7 @@ impl Session {
         if let State::Authorization { .. } = self.state {
             if self.config.login_permitted {
                 caps.push("USER".into());
-                let mechs: Vec<&str> = Mechanism::ALL.iter().map(|m| m.name()).collect();
+                let mechs: Vec<&str> = self.config.mechanisms.iter().map(|m| m.name()).collect();
                 caps.push(format!("SASL {}", mechs.join(" ")));
             }
             if self.config.stls_offered {

@@ -56,7 +56,8 @@ impl Harness {
                 let step = if self.backend_down {
                     self.session.login_failed(&BackendError::unavailable("down"))
                 } else if c.user == "alice"
-                    && c.proof == crate::auth::Proof::Password(crate::auth::Secret::new("s3cr3t"))
+                    && (c.proof == crate::auth::Proof::Password(crate::auth::Secret::new("s3cr3t"))
+                        || c.proof == crate::auth::Proof::Bearer(crate::auth::Secret::new("good-token")))
                 {
                     self.session.login_succeeded(Self::maildrop())
                 } else {
@@ -259,7 +260,7 @@ fn capa_tells_the_truth_in_each_state() {
         S: AUTH-RESP-CODE
         S: PIPELINING
         S: USER
-        S: SASL PLAIN
+        S: SASL PLAIN LOGIN
         S: IMPLEMENTATION popgate 0.1.0
         S: .
         C: USER alice
@@ -308,6 +309,7 @@ fn auth_plain_with_and_without_initial_response() {
         C: AUTH
         S: +OK SASL mechanisms follow
         S: PLAIN
+        S: LOGIN
         S: .
         C: AUTH CRAM-MD5
         S: -ERR unsupported SASL mechanism
@@ -433,6 +435,75 @@ fn long_lines_get_an_error_and_the_session_goes_on() {
         S: -ERR command line too long
         C: USER alice
         S: +OK send PASS
+    "
+    ));
+}
+
+#[test]
+fn auth_login_prompts_for_user_then_password() {
+    // YWxpY2U= "alice", czNjcjN0 "s3cr3t"
+    run("
+        S: +OK popgate ready
+        C: AUTH LOGIN
+        S: + VXNlcm5hbWU6
+        C: YWxpY2U=
+        S: + UGFzc3dvcmQ6
+        C: czNjcjN0
+        S: +OK maildrop has 3 messages (100 octets)
+    ");
+    run("
+        S: +OK popgate ready
+        C: AUTH LOGIN YWxpY2U=
+        S: + UGFzc3dvcmQ6
+        C: *
+        S: -ERR AUTH cancelled
+        C: AUTH LOGIN
+        S: + VXNlcm5hbWU6
+        C: YWxpY2U=
+        S: + UGFzc3dvcmQ6
+        C: d3Jvbmc=
+        S: -ERR [AUTH] invalid user name or password
+    ");
+}
+
+fn oauth_config() -> SessionConfig {
+    SessionConfig {
+        mechanisms: vec![Mechanism::Plain, Mechanism::XOAuth2, Mechanism::OAuthBearer],
+        ..SessionConfig::default()
+    }
+}
+
+#[test]
+fn oauth_mechanisms_pass_the_token_and_answer_errors_per_rfc_7628() {
+    let b64 = |s: &str| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, s);
+    let good = b64("user=alice\x01auth=Bearer good-token\x01\x01");
+    let bad = b64("n,a=alice,\x01host=x\x01auth=Bearer expired\x01\x01");
+    let challenge = b64(r#"{"status":"invalid_token","schemes":"bearer"}"#);
+    let mut h = Harness::new(oauth_config());
+    h.run(&format!(
+        "
+        S: +OK popgate ready
+        C: CAPA
+        S: +OK capability list follows
+        S: TOP
+        S: UIDL
+        S: RESP-CODES
+        S: AUTH-RESP-CODE
+        S: PIPELINING
+        S: USER
+        S: SASL PLAIN XOAUTH2 OAUTHBEARER
+        S: IMPLEMENTATION popgate 0.1.0
+        S: .
+        C: AUTH LOGIN
+        S: -ERR unsupported SASL mechanism
+        C: AUTH OAUTHBEARER {bad}
+        S: + {challenge}
+        C: AQ==
+        S: -ERR [AUTH] invalid user name or password
+        C: AUTH XOAUTH2
+        S: + 
+        C: {good}
+        S: +OK maildrop has 3 messages (100 octets)
     "
     ));
 }

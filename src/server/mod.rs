@@ -7,6 +7,8 @@
 
 pub mod connection;
 pub mod limits;
+pub mod policy;
+pub mod stream;
 pub mod throttle;
 pub mod tls;
 
