@@ -11,6 +11,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::imap::{ImapConfig, ImapTls};
 use crate::backend::memory::MemoryConfig;
+use crate::server::policy::{ListenerTls, LoginPolicy};
+use crate::server::throttle::ThrottleConfig;
+use crate::server::tls::CertificateConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -33,6 +36,10 @@ pub struct Config {
     #[serde(default)]
     pub limits: Limits,
     #[serde(default)]
+    pub tls: TlsConfig,
+    #[serde(default)]
+    pub throttle: ThrottleConfig,
+    #[serde(default)]
     pub backend: BackendConfig,
     #[serde(default)]
     pub log: LogConfig,
@@ -43,6 +50,8 @@ impl Default for Config {
         Config {
             listener: default_listeners(),
             limits: Limits::default(),
+            tls: TlsConfig::default(),
+            throttle: ThrottleConfig::default(),
             backend: BackendConfig::default(),
             log: LogConfig::default(),
         }
@@ -50,13 +59,67 @@ impl Default for Config {
 }
 
 fn default_listeners() -> Vec<ListenerConfig> {
-    vec![ListenerConfig { address: "127.0.0.1:1110".parse().expect("valid address") }]
+    vec![ListenerConfig::plain("127.0.0.1:1110".parse().expect("valid address"))]
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     pub address: SocketAddr,
+    /// "none" (cleartext), "starttls" (cleartext + STLS) or "implicit" (995).
+    #[serde(default)]
+    pub tls: ListenerTls,
+    /// Accept USER/PASS and AUTH without TLS (devices that cannot do TLS).
+    #[serde(default)]
+    pub allow_cleartext_login: bool,
+    /// With `allow_cleartext_login`: only from these networks (CIDR).
+    #[serde(default)]
+    pub cleartext_networks: Vec<ipnet::IpNet>,
+    /// Loopback clients count as secure without TLS.
+    #[serde(default = "yes")]
+    pub loopback_is_secure: bool,
+}
+
+impl ListenerConfig {
+    /// A cleartext listener with the default policy (`--listen ADDR`).
+    pub fn plain(address: SocketAddr) -> Self {
+        ListenerConfig {
+            address,
+            tls: ListenerTls::None,
+            allow_cleartext_login: false,
+            cleartext_networks: Vec::new(),
+            loopback_is_secure: true,
+        }
+    }
+
+    pub fn policy(&self) -> LoginPolicy {
+        LoginPolicy {
+            tls: self.tls,
+            allow_cleartext_login: self.allow_cleartext_login,
+            cleartext_networks: self.cleartext_networks.clone(),
+            loopback_is_secure: self.loopback_is_secure,
+        }
+    }
+}
+
+/// Certificates for the TLS listeners (implicit TLS and STLS).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// The first is the default; others are chosen by SNI.
+    pub certificates: Vec<CertificateConfig>,
+    /// Seconds between checks of the files for changes (0: only on SIGHUP).
+    pub reload_check_secs: u64,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig { certificates: Vec::new(), reload_check_secs: 60 }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,6 +137,8 @@ pub struct Limits {
     pub idle_timeout_secs: u64,
     /// Connections served at once; more get `-ERR [SYS/TEMP]` and are closed.
     pub max_connections: usize,
+    /// Connections from one client address at once.
+    pub max_connections_per_address: usize,
     /// On SIGTERM/SIGINT, seconds sessions may take to finish.
     pub shutdown_grace_secs: u64,
     /// Exact message sizes remembered across sessions (entries).
@@ -89,6 +154,7 @@ impl Default for Limits {
             login_timeout_secs: 60,
             idle_timeout_secs: 600,
             max_connections: 1000,
+            max_connections_per_address: 100,
             shutdown_grace_secs: 30,
             size_cache_entries: 1_000_000,
         }
@@ -169,6 +235,15 @@ impl Config {
         }
         if l.max_connections == 0 {
             return invalid("limits.max_connections", "must be at least 1");
+        }
+        if l.max_connections_per_address == 0 {
+            return invalid("limits.max_connections_per_address", "must be at least 1");
+        }
+        if self.listener.iter().any(|l| l.tls != ListenerTls::None) && self.tls.certificates.is_empty() {
+            return invalid("tls.certificates", "a listener uses TLS but no certificate is configured");
+        }
+        if self.throttle.max_delay_ms < self.throttle.base_delay_ms {
+            return invalid("throttle.max_delay_ms", "must be at least throttle.base_delay_ms");
         }
         if let BackendConfig::Imap(imap) = &self.backend {
             if imap.host.is_empty() {

@@ -67,7 +67,7 @@ fn effective_config(args: &ServeArgs) -> anyhow::Result<Config> {
         None => Config::default(),
     };
     if !args.listen.is_empty() {
-        config.listener = args.listen.iter().map(|&address| ListenerConfig { address }).collect();
+        config.listener = args.listen.iter().map(|&address| ListenerConfig::plain(address)).collect();
     }
     if let Some(url) = &args.backend {
         config.backend = BackendConfig::from_url(url)?;
@@ -84,18 +84,26 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let backend = build_backend(&config.backend)?;
         let server = Server::start(&config, backend).await?;
         tracing::info!(backend = %config.backend.describe(), "popgate ready");
-        wait_for_shutdown_signal().await;
+        wait_for_shutdown_signal(&server).await;
         tracing::info!(grace_secs = config.limits.shutdown_grace_secs, "shutting down");
         server.shutdown().await;
         Ok(())
     })
 }
 
-async fn wait_for_shutdown_signal() {
+/// Waits for SIGTERM or SIGINT; reloads certificates on SIGHUP meanwhile.
+async fn wait_for_shutdown_signal(server: &popgate::server::RunningServer) {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+    let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+    loop {
+        tokio::select! {
+            _ = term.recv() => return,
+            _ = tokio::signal::ctrl_c() => return,
+            _ = hup.recv() => match server.reload_certificates() {
+                Ok(()) => tracing::info!("SIGHUP: certificates reloaded"),
+                Err(e) => tracing::warn!(error = %e, "SIGHUP: certificates not reloaded; keeping the old ones"),
+            },
+        }
     }
 }

@@ -62,6 +62,12 @@ pub trait Backend: Send + Sync + 'static {
     /// A short name for logs and metrics: "imap", "jmap", "demo", …
     fn kind(&self) -> &'static str;
 
+    /// True if clients may log in with an OAuth bearer token (SASL XOAUTH2 /
+    /// OAUTHBEARER) that this backend passes on to the store.
+    fn accepts_bearer_tokens(&self) -> bool {
+        false
+    }
+
     /// Authenticates and opens the configured mailbox.
     async fn open(&self, credentials: &Credentials) -> Result<Box<dyn Mailbox>, BackendError>;
 }

@@ -7,13 +7,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::Context;
+use super::policy::{ListenerTls, LoginPolicy};
+use super::stream::ClientStream;
 use crate::backend::{BackendError, Mailbox, StoreId};
 use crate::pop3::response::ResponseCode;
+use crate::pop3::sasl::Mechanism;
 use crate::pop3::{BodyEncoder, LineReader, Maildrop, Message, Response, Session, SessionConfig, Step};
 
 /// Flush a message body to the socket whenever this much is pending.
@@ -21,15 +24,21 @@ const WRITE_CHUNK: usize = 64 * 1024;
 const READ_CHUNK: usize = 4096;
 
 /// Serves one accepted connection to the end.
-pub async fn serve<S>(stream: S, peer: SocketAddr, context: Arc<Context>)
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-{
+pub async fn serve(mut stream: ClientStream, peer: SocketAddr, policy: LoginPolicy, context: Arc<Context>) {
     let session_id = next_session_id();
     let span = tracing::info_span!("session", %peer, session = session_id, user = tracing::field::Empty, backend = context.backend.kind());
     async move {
         tracing::debug!("connected");
-        let mut driver = Driver::new(stream, &context);
+        if policy.tls == ListenerTls::Implicit {
+            let Some(tls) = context.tls.clone() else { return };
+            let timeout = Duration::from_secs(context.limits.login_timeout_secs);
+            match tokio::time::timeout(timeout, stream.upgrade(tls)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return tracing::debug!(error = %e, "TLS handshake failed"),
+                Err(_) => return tracing::debug!("TLS handshake timed out"),
+            }
+        }
+        let mut driver = Driver::new(stream, peer, policy, &context);
         let outcome = driver.run().await;
         if let Some(mailbox) = driver.mailbox.take() {
             mailbox.close().await;
@@ -40,13 +49,13 @@ where
     .await
 }
 
-/// Answers a connection over the limit and closes it.
-pub async fn refuse_busy<S>(mut stream: S, peer: SocketAddr)
+/// Answers a connection over a limit and closes it.
+pub async fn refuse_busy<S>(mut stream: S, peer: SocketAddr, why: &str)
 where
     S: AsyncWrite + Unpin,
 {
-    tracing::warn!(%peer, "connection limit reached; refusing");
-    let reply = Response::err_code(ResponseCode::SysTemp, "too many connections; try again later");
+    tracing::warn!(%peer, why, "connection limit reached; refusing");
+    let reply = Response::err_code(ResponseCode::SysTemp, format!("{why}; try again later"));
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         stream.write_all(&reply.to_bytes()).await?;
         stream.shutdown().await
@@ -71,8 +80,10 @@ enum Outcome {
     Io(#[allow(dead_code)] std::io::Error),
 }
 
-struct Driver<'a, S> {
-    stream: S,
+struct Driver<'a> {
+    stream: ClientStream,
+    peer: SocketAddr,
+    policy: LoginPolicy,
     context: &'a Context,
     session: Session,
     reader: LineReader,
@@ -80,20 +91,27 @@ struct Driver<'a, S> {
     mailbox: Option<Box<dyn Mailbox>>,
 }
 
-impl<'a, S> Driver<'a, S>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-{
-    fn new(stream: S, context: &'a Context) -> Self {
+impl<'a> Driver<'a> {
+    fn new(stream: ClientStream, peer: SocketAddr, policy: LoginPolicy, context: &'a Context) -> Self {
         let limits = &context.limits;
+        let tls_active = stream.is_tls();
+        let mut mechanisms = vec![Mechanism::Plain, Mechanism::Login];
+        if context.backend.accepts_bearer_tokens() {
+            mechanisms.extend([Mechanism::XOAuth2, Mechanism::OAuthBearer]);
+        }
         let config = SessionConfig {
             command_line_limit: limits.command_line,
             auth_line_limit: limits.auth_line,
             max_failed_logins: limits.max_failed_logins,
+            login_permitted: policy.login_permitted(peer.ip(), tls_active),
+            stls_offered: context.tls.is_some() && policy.stls_offered(tls_active),
+            mechanisms,
             ..SessionConfig::default()
         };
         Driver {
             stream,
+            peer,
+            policy,
             context,
             session: Session::new(config),
             reader: LineReader::new(),
@@ -159,11 +177,26 @@ where
             Step::Close(reply) => return self.close_with(reply, Outcome::Closed).await.map(Some),
             Step::Login(credentials) => {
                 self.flush().await?;
+                let throttle = &self.context.throttle;
+                let delay = throttle.delay(self.peer.ip(), &credentials.user);
                 let mut stop = self.context.stop.clone();
                 let opened = tokio::select! {
                     _ = stopped(&mut stop) => None,
-                    opened = open_maildrop(self.context, &credentials) => Some(opened),
+                    opened = async {
+                        if !delay.is_zero() {
+                            tracing::debug!(delay_ms = delay.as_millis() as u64, "throttling login after failures");
+                            tokio::time::sleep(delay).await;
+                        }
+                        open_maildrop(self.context, &credentials).await
+                    } => Some(opened),
                 };
+                match &opened {
+                    Some(Ok(_)) => throttle.record_success(&credentials.user),
+                    Some(Err(BackendError::AuthFailed | BackendError::BadCredentials(_))) => {
+                        throttle.record_failure(self.peer.ip(), &credentials.user)
+                    }
+                    _ => {}
+                }
                 let Some(opened) = opened else {
                     let reply = self.session.shutting_down();
                     return self.close_with(reply, Outcome::ShutDown).await.map(Some);
@@ -198,9 +231,32 @@ where
                 let reply = self.session.update_finished(result);
                 return self.close_with(reply, Outcome::Closed).await.map(Some);
             }
-            Step::StartTls(_) => {
-                let reply = Response::err("STLS not available here");
+            Step::StartTls(reply) => {
+                let Some(tls) = self.context.tls.clone() else {
+                    Response::err("STLS not available here").write_to(&mut self.out);
+                    return Ok(None);
+                };
                 reply.write_to(&mut self.out);
+                self.flush().await?;
+                // Anything the client sent after STLS, before the handshake,
+                // was sent in the clear: it must never be read as a command.
+                if self.reader.buffered() > 0 {
+                    tracing::warn!(octets = self.reader.buffered(), "discarding plaintext pipelined after STLS");
+                }
+                self.reader.clear();
+                let timeout = Duration::from_secs(self.context.limits.login_timeout_secs);
+                match tokio::time::timeout(timeout, self.stream.upgrade(tls)).await {
+                    Ok(Ok(())) => {
+                        let permitted = self.policy.login_permitted(self.peer.ip(), true);
+                        self.session.tls_started(permitted);
+                        tracing::debug!("STLS negotiated");
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "STLS handshake failed");
+                        return Ok(Some(Outcome::Closed));
+                    }
+                    Err(_) => return Ok(Some(Outcome::TimedOut)),
+                }
             }
         }
         Ok(None)

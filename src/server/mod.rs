@@ -25,14 +25,28 @@ use crate::backend::memory::{MemoryBackend, MemoryStore};
 use crate::backend::sizes::ExactSizes;
 use crate::backend::{BackendError, SharedBackend};
 use crate::config::{BackendConfig, Config, Limits};
+use limits::PerAddressLimit;
+use policy::{ListenerTls, LoginPolicy};
+use stream::ClientStream;
+use throttle::LoginThrottle;
+use tls::{CertificateStore, TlsError};
 
 /// What every connection shares.
 pub struct Context {
     pub limits: Limits,
     pub backend: SharedBackend,
     pub sizes: ExactSizes,
+    /// The TLS configuration of implicit-TLS and STLS connections, if any.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub throttle: LoginThrottle,
     /// Turns true when the grace period is over: sessions must end now.
     pub stop: watch::Receiver<bool>,
+}
+
+/// What one listener's connections share.
+struct ListenerContext {
+    policy: LoginPolicy,
+    per_address: Arc<PerAddressLimit>,
 }
 
 pub fn build_backend(config: &BackendConfig) -> Result<SharedBackend, BackendError> {
@@ -48,6 +62,7 @@ pub fn build_backend(config: &BackendConfig) -> Result<SharedBackend, BackendErr
 
 pub struct RunningServer {
     addrs: Vec<SocketAddr>,
+    certificates: Option<Arc<CertificateStore>>,
     draining: watch::Sender<bool>,
     stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
@@ -57,14 +72,26 @@ pub struct RunningServer {
 pub struct Server;
 
 impl Server {
-    /// Binds every listener and starts serving.
+    /// Loads certificates and binds every listener (failing fast, with the
+    /// file or address named), then starts serving.
     pub async fn start(config: &Config, backend: SharedBackend) -> std::io::Result<RunningServer> {
+        let certificates = if config.tls.certificates.is_empty() {
+            None
+        } else {
+            Some(CertificateStore::load(config.tls.certificates.clone()).map_err(std::io::Error::other)?)
+        };
         let mut listeners = Vec::new();
         for l in &config.listener {
+            if l.tls != ListenerTls::None && certificates.is_none() {
+                return Err(std::io::Error::other(format!(
+                    "listener {} uses TLS but no certificate is configured",
+                    l.address
+                )));
+            }
             let listener = TcpListener::bind(l.address)
                 .await
                 .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {}: {e}", l.address)))?;
-            listeners.push(listener);
+            listeners.push((listener, l.policy()));
         }
         let (draining, _) = watch::channel(false);
         let (stop, stop_rx) = watch::channel(false);
@@ -72,19 +99,35 @@ impl Server {
             limits: config.limits.clone(),
             backend,
             sizes: ExactSizes::new(config.limits.size_cache_entries),
+            tls: certificates.as_ref().map(|c| c.server_config()),
+            throttle: LoginThrottle::new(config.throttle.clone()),
             stop: stop_rx,
         });
         let permits = Arc::new(Semaphore::new(config.limits.max_connections));
+        let per_address = PerAddressLimit::new(config.limits.max_connections_per_address);
         let mut tasks = JoinSet::new();
         let mut addrs = Vec::new();
-        for listener in listeners {
+        for (listener, policy) in listeners {
             let addr = listener.local_addr()?;
-            tracing::info!(%addr, backend = context.backend.kind(), "listening");
+            tracing::info!(%addr, tls = ?policy.tls, backend = context.backend.kind(), "listening");
             addrs.push(addr);
-            tasks.spawn(accept_loop(listener, context.clone(), permits.clone(), draining.subscribe()));
+            let listener_context = Arc::new(ListenerContext { policy, per_address: per_address.clone() });
+            tasks.spawn(accept_loop(
+                listener,
+                context.clone(),
+                listener_context,
+                permits.clone(),
+                draining.subscribe(),
+            ));
+        }
+        if let Some(store) = &certificates
+            && config.tls.reload_check_secs > 0
+        {
+            tokio::spawn(watch_certificates(Arc::downgrade(store), Duration::from_secs(config.tls.reload_check_secs)));
         }
         Ok(RunningServer {
             addrs,
+            certificates,
             draining,
             stop,
             tasks,
@@ -93,9 +136,36 @@ impl Server {
     }
 }
 
+/// Reloads certificates whose files changed, until the server is gone.
+async fn watch_certificates(store: std::sync::Weak<CertificateStore>, every: Duration) {
+    let mut ticker = tokio::time::interval(every);
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        let Some(store) = store.upgrade() else { return };
+        match store.reload_if_changed() {
+            Ok(true) => tracing::info!("certificates changed on disk; reloaded"),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "certificate files changed but cannot be loaded; keeping the old ones")
+            }
+        }
+    }
+}
+
 impl RunningServer {
     pub fn local_addrs(&self) -> &[SocketAddr] {
         &self.addrs
+    }
+
+    /// Re-reads the certificate files (SIGHUP). Sessions in progress keep
+    /// their TLS state; new handshakes get the new certificates. On error
+    /// the old certificates stay.
+    pub fn reload_certificates(&self) -> Result<(), TlsError> {
+        match &self.certificates {
+            Some(store) => store.reload(),
+            None => Ok(()),
+        }
     }
 
     /// Stops accepting, waits up to the grace period for sessions, then ends
@@ -121,6 +191,7 @@ impl RunningServer {
 async fn accept_loop(
     listener: TcpListener,
     context: Arc<Context>,
+    listener_context: Arc<ListenerContext>,
     permits: Arc<Semaphore>,
     mut draining: watch::Receiver<bool>,
 ) {
@@ -148,14 +219,19 @@ async fn accept_loop(
         };
         let _ = socket.set_nodelay(true);
         let permit = permits.clone().try_acquire_owned().ok();
+        let slot = listener_context.per_address.acquire(peer.ip());
         let context = context.clone();
+        let policy = listener_context.policy.clone();
         sessions.spawn(async move {
-            match permit {
-                Some(permit) => {
-                    connection::serve(socket, peer, context).await;
-                    drop(permit);
+            match (permit, slot) {
+                (Some(permit), Some(slot)) => {
+                    connection::serve(ClientStream::Plain(socket), peer, policy, context).await;
+                    drop((permit, slot));
                 }
-                None => connection::refuse_busy(socket, peer).await,
+                // An implicit-TLS client cannot read a cleartext reply.
+                _ if policy.tls == ListenerTls::Implicit => drop(socket),
+                (None, _) => connection::refuse_busy(socket, peer, "too many connections").await,
+                (_, None) => connection::refuse_busy(socket, peer, "too many connections from your address").await,
             }
         });
     }
