@@ -10,6 +10,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::imap::{ImapConfig, ImapTls};
+use crate::backend::jmap::JmapConfig;
 use crate::backend::memory::MemoryConfig;
 use crate::server::policy::{ListenerTls, LoginPolicy};
 use crate::server::throttle::ThrottleConfig;
@@ -43,6 +44,8 @@ pub struct Config {
     pub backend: BackendConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
 }
 
 impl Default for Config {
@@ -54,6 +57,7 @@ impl Default for Config {
             throttle: ThrottleConfig::default(),
             backend: BackendConfig::default(),
             log: LogConfig::default(),
+            admin: AdminConfig::default(),
         }
     }
 }
@@ -167,11 +171,28 @@ pub enum BackendConfig {
     /// The built-in demo store (any user, any password).
     Demo(MemoryConfig),
     Imap(ImapConfig),
+    /// A JMAP server (RFC 8620/8621).
+    Jmap(JmapConfig),
 }
 
 impl Default for BackendConfig {
     fn default() -> Self {
         BackendConfig::Demo(MemoryConfig::default())
+    }
+}
+
+/// The admin HTTP listener: /metrics, /healthz, /readyz.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub enabled: bool,
+    /// Keep it on loopback or a management network: it is not authenticated.
+    pub address: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig { enabled: true, address: "127.0.0.1:9110".parse().expect("valid address") }
     }
 }
 
@@ -245,6 +266,9 @@ impl Config {
         if self.throttle.max_delay_ms < self.throttle.base_delay_ms {
             return invalid("throttle.max_delay_ms", "must be at least throttle.base_delay_ms");
         }
+        if let BackendConfig::Jmap(jmap) = &self.backend {
+            jmap.check().map_err(|(key, why)| ConfigError::Invalid { key, why })?;
+        }
         if let BackendConfig::Imap(imap) = &self.backend {
             if imap.host.is_empty() {
                 return invalid("backend.host", "must not be empty");
@@ -270,11 +294,17 @@ impl BackendConfig {
             return Ok(BackendConfig::Demo(MemoryConfig { messages_dir: (!dir.is_empty()).then(|| dir.into()) }));
         }
         let (scheme, rest) = url.split_once("://").ok_or_else(|| bad("expected scheme://host"))?;
+        let lowercase = scheme.to_ascii_lowercase();
+        if let Some(http) = lowercase.strip_prefix("jmap+").filter(|s| matches!(*s, "http" | "https")) {
+            let config = JmapConfig::new(format!("{http}://{rest}"));
+            config.session_url().map_err(|why| bad(&why))?;
+            return Ok(BackendConfig::Jmap(config));
+        }
         let tls = match scheme.to_ascii_lowercase().as_str() {
             "imap" => ImapTls::None,
             "imap+starttls" => ImapTls::Starttls,
             "imaps" => ImapTls::Implicit,
-            _ => return Err(bad("scheme must be imap, imap+starttls, imaps or demo")),
+            _ => return Err(bad("scheme must be imap, imap+starttls, imaps, jmap+http, jmap+https or demo")),
         };
         let (authority, mailbox) = match rest.split_once('/') {
             Some((a, m)) => (a, Some(m)),
@@ -295,6 +325,7 @@ impl BackendConfig {
         match self {
             BackendConfig::Demo(_) => "demo".into(),
             BackendConfig::Imap(c) => format!("imap {}:{} ({:?}) {}", c.host, c.port(), c.tls, c.mailbox),
+            BackendConfig::Jmap(c) => format!("jmap {} {}", c.url, c.mailbox.as_deref().unwrap_or("(inbox)")),
         }
     }
 }
@@ -359,6 +390,30 @@ mod tests {
         for bad in ["pop3://x", "imap://", "imap://h:99999", "imap://u:p@h", "nothing", "imap://h/%zz"] {
             assert!(BackendConfig::from_url(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn jmap_backend_urls() {
+        let jmap = |url| match BackendConfig::from_url(url).unwrap() {
+            BackendConfig::Jmap(c) => c,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(jmap("jmap+http://127.0.0.1:8080").url, "http://127.0.0.1:8080");
+        assert_eq!(jmap("JMAP+HTTPS://api.fastmail.com/jmap/session").url, "https://api.fastmail.com/jmap/session");
+        let c = jmap("jmap+https://mail.example.com/");
+        assert_eq!(c.session_url().unwrap().as_str(), "https://mail.example.com/.well-known/jmap");
+        assert_eq!(c, crate::backend::jmap::JmapConfig::new("https://mail.example.com/"));
+        for bad in ["jmap+ftp://h", "jmap://h", "jmap+https://u:p@h/", "jmap+http://", "jmap+http://h:99999"] {
+            assert!(BackendConfig::from_url(bad).is_err(), "{bad}");
+        }
+        let e = Config::from_toml("[backend]\nkind = \"jmap\"\nurl = \"https://h\"\ntimeout_secs = 0\n", "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("backend.timeout_secs"), "{e}");
+        let e = Config::from_toml("[backend]\nkind = \"jmap\"\nurl = \"https://h\"\nmailbx = \"x\"\n", "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("mailbx"), "{e}");
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use popgate::config::{BackendConfig, Config, ListenerConfig};
+use popgate::server::admin::AdminServer;
 use popgate::server::{Server, build_backend};
 
 #[derive(Parser)]
@@ -37,6 +38,13 @@ struct ServeArgs {
     /// demo: or demo:DIR; replaces the configured backend.
     #[arg(long, value_name = "URL")]
     backend: Option<String>,
+    /// Address of the admin HTTP listener (/metrics, /healthz, /readyz);
+    /// replaces `[admin] address`.
+    #[arg(long, value_name = "ADDR")]
+    admin: Option<SocketAddr>,
+    /// Do not start the admin HTTP listener.
+    #[arg(long, conflicts_with = "admin")]
+    no_admin: bool,
 }
 
 fn main() -> ExitCode {
@@ -72,6 +80,13 @@ fn effective_config(args: &ServeArgs) -> anyhow::Result<Config> {
     if let Some(url) = &args.backend {
         config.backend = BackendConfig::from_url(url)?;
     }
+    if let Some(address) = args.admin {
+        config.admin.address = address;
+        config.admin.enabled = true;
+    }
+    if args.no_admin {
+        config.admin.enabled = false;
+    }
     config.check()?;
     Ok(config)
 }
@@ -83,10 +98,18 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     runtime.block_on(async {
         let backend = build_backend(&config.backend)?;
         let server = Server::start(&config, backend).await?;
+        let admin = if config.admin.enabled {
+            Some(AdminServer::start(config.admin.address, server.metrics(), server.health()).await?)
+        } else {
+            None
+        };
         tracing::info!(backend = %config.backend.describe(), "popgate ready");
         wait_for_shutdown_signal(&server).await;
         tracing::info!(grace_secs = config.limits.shutdown_grace_secs, "shutting down");
         server.shutdown().await;
+        if let Some(admin) = admin {
+            admin.stop();
+        }
         Ok(())
     })
 }

@@ -1,7 +1,24 @@
-//! Logging setup. Everything popgate logs goes through `tracing`; one span
-//! per connection carries peer, session id, user and backend. Secrets are
-//! never a field: they are `auth::Secret`, which prints as `<redacted>`.
+//! Logging and metrics.
+//!
+//! Logs: everything goes through `tracing`; one span per connection carries
+//! peer, session id, user and backend. Secrets are never a field: they are
+//! `auth::Secret`, which prints as `<redacted>`, and the libraries that log
+//! raw protocol bytes are capped so no level shows credentials.
+//!
+//! Metrics: one `Metrics` registry (Prometheus text via prometheus-client),
+//! served by `server::admin` on `/metrics`. Labels are bounded: command
+//! names, fixed result words, backend kinds, listener addresses, accounts.
 
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogConfig, LogFormat};
@@ -22,12 +39,171 @@ pub fn filter(level: &str) -> EnvFilter {
 
 /// Installs the global subscriber; `RUST_LOG` overrides the configured level.
 pub fn init(config: &LogConfig) {
-    let filter = filter(&config.level);
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter(&config.level)).with_writer(std::io::stderr);
     let result = match config.format {
         LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
     };
     // A second init (tests) keeps the first subscriber.
     let _ = result;
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    pub listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CommandLabels {
+    pub command: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LoginLabels {
+    pub result: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    pub backend: String,
+    pub operation: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AccountLabels {
+    pub account: String,
+}
+
+type HistogramFamily = Family<BackendLabels, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 1 ms .. ~33 s
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+/// Every metric popgate exports.
+pub struct Metrics {
+    registry: Registry,
+    pub sessions_active: Family<ListenerLabels, Gauge>,
+    pub sessions_total: Family<ListenerLabels, Counter>,
+    pub commands: Family<CommandLabels, Counter>,
+    pub logins: Family<LoginLabels, Counter>,
+    pub backend_latency: HistogramFamily,
+    pub retrieved_bytes: Counter,
+    pub deletions: Family<ResultLabels, Counter>,
+    pub last_success: Family<AccountLabels, Gauge<f64, AtomicU64>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("popgate");
+        let metrics = Metrics {
+            sessions_active: Family::default(),
+            sessions_total: Family::default(),
+            commands: Family::default(),
+            logins: Family::default(),
+            backend_latency: Family::new_with_constructor(latency_histogram),
+            retrieved_bytes: Counter::default(),
+            deletions: Family::default(),
+            last_success: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register("sessions_active", "POP3 sessions open now", metrics.sessions_active.clone());
+        registry.register("sessions", "POP3 sessions accepted", metrics.sessions_total.clone());
+        registry.register("commands", "POP3 commands by name and result", metrics.commands.clone());
+        registry.register("logins", "Login attempts by result and reason", metrics.logins.clone());
+        registry.register(
+            "backend_operation_duration_seconds",
+            "Backend operation latency by backend kind and operation",
+            metrics.backend_latency.clone(),
+        );
+        registry.register("retrieved_bytes", "Message octets sent by RETR and TOP", metrics.retrieved_bytes.clone());
+        registry.register("deletions", "Messages removed in the UPDATE state, by result", metrics.deletions.clone());
+        registry.register(
+            "account_last_success_timestamp_seconds",
+            "Unix time of the last session that ended well, per account (alert when a device stops polling)",
+            metrics.last_success.clone(),
+        );
+        registry.register(
+            "build",
+            "Build information",
+            Info::new(vec![("version".to_string(), env!("CARGO_PKG_VERSION").to_string())]),
+        );
+        Metrics { registry, ..metrics }
+    }
+
+    pub fn command(&self, command: &str, ok: bool) {
+        let result = if ok { "ok" } else { "err" };
+        self.commands.get_or_create(&CommandLabels { command: command.to_string(), result: result.into() }).inc();
+    }
+
+    pub fn login(&self, result: &str, reason: &str) {
+        self.logins.get_or_create(&LoginLabels { result: result.into(), reason: reason.into() }).inc();
+    }
+
+    pub fn backend_op(&self, backend: &str, operation: &str, took: Duration) {
+        self.backend_latency
+            .get_or_create(&BackendLabels { backend: backend.into(), operation: operation.into() })
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn deleted(&self, ok: bool, count: u64) {
+        let result = if ok { "committed" } else { "failed" };
+        self.deletions.get_or_create(&ResultLabels { result: result.into() }).inc_by(count);
+    }
+
+    pub fn account_succeeded(&self, account: &str) {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+        self.last_success.get_or_create(&AccountLabels { account: account.to_string() }).set(now);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_has_every_family() {
+        let m = Metrics::new();
+        m.command("RETR", true);
+        m.login("failure", "auth");
+        m.backend_op("imap", "fetch", Duration::from_millis(3));
+        m.deleted(true, 2);
+        m.account_succeeded("printer-3");
+        m.retrieved_bytes.inc_by(10);
+        m.sessions_total.get_or_create(&ListenerLabels { listener: "127.0.0.1:1110".into() }).inc();
+        let text = m.encode();
+        for needle in [
+            "popgate_commands_total{command=\"RETR\",result=\"ok\"} 1",
+            "popgate_logins_total{result=\"failure\",reason=\"auth\"} 1",
+            "popgate_backend_operation_duration_seconds_bucket{le=\"0.004\",backend=\"imap\",operation=\"fetch\"} 1",
+            "popgate_deletions_total{result=\"committed\"} 2",
+            "popgate_account_last_success_timestamp_seconds{account=\"printer-3\"}",
+            "popgate_retrieved_bytes_total 10",
+            "popgate_sessions_total{listener=\"127.0.0.1:1110\"} 1",
+            "popgate_build_info{version=",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in\n{text}");
+        }
+    }
 }

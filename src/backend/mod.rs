@@ -11,6 +11,7 @@
 //! same way for every backend.
 
 pub mod imap;
+pub mod jmap;
 pub mod memory;
 pub mod sizes;
 
@@ -66,6 +67,12 @@ pub trait Backend: Send + Sync + 'static {
     /// OAUTHBEARER) that this backend passes on to the store.
     fn accepts_bearer_tokens(&self) -> bool {
         false
+    }
+
+    /// A cheap reachability check for readiness (no login): `Ok` if the store
+    /// answers.
+    async fn probe(&self) -> Result<(), BackendError> {
+        Ok(())
     }
 
     /// Authenticates and opens the configured mailbox.

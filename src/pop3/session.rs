@@ -106,11 +106,18 @@ pub struct Session {
     config: SessionConfig,
     state: State,
     failed_logins: u32,
+    /// The keyword of the command being answered, for metrics.
+    last_command: &'static str,
 }
 
 impl Session {
     pub fn new(config: SessionConfig) -> Self {
-        Session { config, state: State::Authorization { user: None, sasl: None }, failed_logins: 0 }
+        Session {
+            config,
+            state: State::Authorization { user: None, sasl: None },
+            failed_logins: 0,
+            last_command: "NONE",
+        }
     }
 
     pub fn greeting(&self) -> Response {
@@ -127,6 +134,12 @@ impl Session {
 
     pub fn is_authenticated(&self) -> bool {
         matches!(self.state, State::Transaction { .. } | State::Update)
+    }
+
+    /// The keyword of the last command received ("AUTH" for SASL
+    /// continuation lines, "INVALID" for lines that did not parse).
+    pub fn last_command(&self) -> &'static str {
+        self.last_command
     }
 
     /// The line length limit for the next line.
@@ -148,6 +161,7 @@ impl Session {
         let line = match line {
             Line::Complete(l) => l,
             Line::TooLong => {
+                self.last_command = "INVALID";
                 if let State::Authorization { sasl: sasl @ Some(_), .. } = &mut self.state {
                     *sasl = None;
                     return Step::Reply(Response::err("authentication response too long; AUTH cancelled"));
@@ -156,13 +170,22 @@ impl Session {
             }
         };
         if let State::Authorization { sasl: sasl @ Some(_), .. } = &mut self.state {
+            self.last_command = "AUTH";
             let exchange = sasl.take().expect("matched Some");
             return self.sasl_step(exchange, &line);
         }
         match Command::parse(&line) {
-            Ok(command) => self.on_command(command),
-            Err(ParseError::Unknown) => Step::Reply(Response::err("unknown command")),
-            Err(e) => Step::Reply(Response::err(e.to_string())),
+            Ok(command) => {
+                self.last_command = command.name();
+                self.on_command(command)
+            }
+            Err(e) => {
+                self.last_command = "INVALID";
+                match e {
+                    ParseError::Unknown => Step::Reply(Response::err("unknown command")),
+                    e => Step::Reply(Response::err(e.to_string())),
+                }
+            }
         }
     }
 

@@ -18,15 +18,26 @@ use crate::backend::{BackendError, Mailbox, StoreId};
 use crate::pop3::response::ResponseCode;
 use crate::pop3::sasl::Mechanism;
 use crate::pop3::{BodyEncoder, LineReader, Maildrop, Message, Response, Session, SessionConfig, Step};
+use crate::telemetry::ListenerLabels;
 
 /// Flush a message body to the socket whenever this much is pending.
 const WRITE_CHUNK: usize = 64 * 1024;
 const READ_CHUNK: usize = 4096;
 
 /// Serves one accepted connection to the end.
-pub async fn serve(mut stream: ClientStream, peer: SocketAddr, policy: LoginPolicy, context: Arc<Context>) {
+pub async fn serve(
+    mut stream: ClientStream,
+    peer: SocketAddr,
+    listener: &str,
+    policy: LoginPolicy,
+    context: Arc<Context>,
+) {
     let session_id = next_session_id();
     let span = tracing::info_span!("session", %peer, session = session_id, user = tracing::field::Empty, backend = context.backend.kind());
+    let labels = ListenerLabels { listener: listener.to_string() };
+    context.metrics.sessions_total.get_or_create(&labels).inc();
+    let active = context.metrics.sessions_active.get_or_create(&labels).clone();
+    active.inc();
     async move {
         tracing::debug!("connected");
         if policy.tls == ListenerTls::Implicit {
@@ -46,7 +57,8 @@ pub async fn serve(mut stream: ClientStream, peer: SocketAddr, policy: LoginPoli
         tracing::debug!(?outcome, "disconnected");
     }
     .instrument(span)
-    .await
+    .await;
+    active.dec();
 }
 
 /// Answers a connection over a limit and closes it.
@@ -89,6 +101,8 @@ struct Driver<'a> {
     reader: LineReader,
     out: Vec<u8>,
     mailbox: Option<Box<dyn Mailbox>>,
+    /// The user name once logged in (for the per-account metric).
+    account: Option<String>,
 }
 
 impl<'a> Driver<'a> {
@@ -117,6 +131,7 @@ impl<'a> Driver<'a> {
             reader: LineReader::new(),
             out: Vec::with_capacity(1024),
             mailbox: None,
+            account: None,
         }
     }
 
@@ -173,8 +188,15 @@ impl<'a> Driver<'a> {
     /// Performs one step; `Some` when the connection must end.
     async fn perform(&mut self, step: Step) -> std::io::Result<Option<Outcome>> {
         match step {
-            Step::Reply(reply) => reply.write_to(&mut self.out),
-            Step::Close(reply) => return self.close_with(reply, Outcome::Closed).await.map(Some),
+            Step::Reply(reply) => self.reply(reply),
+            Step::Close(reply) => {
+                if reply.is_ok()
+                    && let Some(account) = &self.account
+                {
+                    self.context.metrics.account_succeeded(account);
+                }
+                return self.close_with(reply, Outcome::Closed).await.map(Some);
+            }
             Step::Login(credentials) => {
                 self.flush().await?;
                 let throttle = &self.context.throttle;
@@ -190,12 +212,18 @@ impl<'a> Driver<'a> {
                         open_maildrop(self.context, &credentials).await
                     } => Some(opened),
                 };
+                let metrics = &self.context.metrics;
                 match &opened {
-                    Some(Ok(_)) => throttle.record_success(&credentials.user),
-                    Some(Err(BackendError::AuthFailed | BackendError::BadCredentials(_))) => {
-                        throttle.record_failure(self.peer.ip(), &credentials.user)
+                    Some(Ok(_)) => {
+                        throttle.record_success(&credentials.user);
+                        metrics.login("success", "ok");
                     }
-                    _ => {}
+                    Some(Err(e @ (BackendError::AuthFailed | BackendError::BadCredentials(_)))) => {
+                        throttle.record_failure(self.peer.ip(), &credentials.user);
+                        metrics.login("failure", error_reason(e));
+                    }
+                    Some(Err(e)) => metrics.login("failure", error_reason(e)),
+                    None => {}
                 }
                 let Some(opened) = opened else {
                     let reply = self.session.shutting_down();
@@ -206,6 +234,7 @@ impl<'a> Driver<'a> {
                         tracing::Span::current().record("user", credentials.user.as_str());
                         tracing::info!(messages = maildrop.stat().0, "logged in");
                         self.mailbox = Some(mailbox);
+                        self.account = Some(credentials.user.clone());
                         self.session.login_succeeded(maildrop)
                     }
                     Err(e) => {
@@ -220,23 +249,27 @@ impl<'a> Driver<'a> {
             }
             Step::Update(ids) => {
                 self.flush().await?;
+                let started = std::time::Instant::now();
                 let result = match self.mailbox.as_mut() {
                     Some(mailbox) => mailbox.remove(&ids).await.map(|()| ids.len()),
                     None => Err(BackendError::unavailable("no backend session")),
                 };
+                let metrics = &self.context.metrics;
+                metrics.backend_op(self.context.backend.kind(), "remove", started.elapsed());
+                metrics.deleted(result.is_ok(), ids.len() as u64);
                 match &result {
                     Ok(n) => tracing::info!(removed = n, "update committed"),
                     Err(e) => tracing::warn!(error = %e, requested = ids.len(), "update failed"),
                 }
                 let reply = self.session.update_finished(result);
-                return self.close_with(reply, Outcome::Closed).await.map(Some);
+                return Box::pin(self.perform(Step::Close(reply))).await;
             }
             Step::StartTls(reply) => {
                 let Some(tls) = self.context.tls.clone() else {
-                    Response::err("STLS not available here").write_to(&mut self.out);
+                    self.reply(Response::err("STLS not available here"));
                     return Ok(None);
                 };
-                reply.write_to(&mut self.out);
+                self.reply(reply);
                 self.flush().await?;
                 // Anything the client sent after STLS, before the handshake,
                 // was sent in the clear: it must never be read as a command.
@@ -269,12 +302,16 @@ impl<'a> Driver<'a> {
         mut encoder: BodyEncoder,
         expected_octets: Option<u64>,
     ) -> std::io::Result<Option<Outcome>> {
+        let started = std::time::Instant::now();
         let sent = match self.mailbox.as_mut() {
             None => Err(BackendError::unavailable("no backend session")),
             Some(mailbox) => {
                 stream_message(mailbox.as_mut(), &id, ok, &mut encoder, &mut self.stream, &mut self.out).await?
             }
         };
+        let metrics = &self.context.metrics;
+        metrics.backend_op(self.context.backend.kind(), "fetch", started.elapsed());
+        metrics.retrieved_bytes.inc_by(encoder.octets());
         match sent {
             Err(e) => {
                 tracing::warn!(error = %e, "fetch failed");
@@ -288,6 +325,7 @@ impl<'a> Driver<'a> {
                 Ok(Some(Outcome::Closed))
             }
             Ok(true) => {
+                metrics.command(self.session.last_command(), true);
                 encoder.finish(&mut self.out);
                 if let Some(expected) = expected_octets
                     && encoder.octets() != expected
@@ -307,8 +345,14 @@ impl<'a> Driver<'a> {
         self.stream.flush().await
     }
 
-    async fn close_with(&mut self, reply: Response, outcome: Outcome) -> std::io::Result<Outcome> {
+    /// Queues a reply, counting it under the command it answers.
+    fn reply(&mut self, reply: Response) {
+        self.context.metrics.command(self.session.last_command(), reply.is_ok());
         reply.write_to(&mut self.out);
+    }
+
+    async fn close_with(&mut self, reply: Response, outcome: Outcome) -> std::io::Result<Outcome> {
+        self.reply(reply);
         self.flush().await?;
         let _ = self.stream.shutdown().await;
         Ok(outcome)
@@ -368,9 +412,24 @@ async fn open_maildrop(
     context: &Context,
     credentials: &crate::auth::Credentials,
 ) -> Result<(Box<dyn Mailbox>, Maildrop), BackendError> {
-    let mut mailbox = context.backend.open(credentials).await?;
-    let listed = match mailbox.list().await {
-        Ok(listed) => context.sizes.resolve(&credentials.user, mailbox.as_mut(), listed).await,
+    let kind = context.backend.kind();
+    let timed = |operation: &'static str, started: std::time::Instant| {
+        context.metrics.backend_op(kind, operation, started.elapsed());
+    };
+    let started = std::time::Instant::now();
+    let opened = context.backend.open(credentials).await;
+    timed("open", started);
+    let mut mailbox = opened?;
+    let started = std::time::Instant::now();
+    let listed = mailbox.list().await;
+    timed("list", started);
+    let listed = match listed {
+        Ok(listed) => {
+            let started = std::time::Instant::now();
+            let exact = context.sizes.resolve(&credentials.user, mailbox.as_mut(), listed).await;
+            timed("measure_sizes", started);
+            exact
+        }
         Err(e) => Err(e),
     };
     match listed {
@@ -383,6 +442,18 @@ async fn open_maildrop(
             mailbox.close().await;
             Err(e)
         }
+    }
+}
+
+/// A short, bounded word for the logins metric.
+fn error_reason(e: &BackendError) -> &'static str {
+    match e {
+        BackendError::AuthFailed => "auth",
+        BackendError::BadCredentials(_) => "bad_credentials",
+        BackendError::InUse(_) => "in_use",
+        BackendError::Unavailable(_) => "unavailable",
+        BackendError::Permanent(_) => "permanent",
+        BackendError::MessageGone => "message_gone",
     }
 }
 

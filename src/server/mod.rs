@@ -5,6 +5,7 @@
 //! gives sessions the grace period, then ends the rest with
 //! `-ERR [SYS/TEMP]` — and a session ended that way commits no deletions.
 
+pub mod admin;
 pub mod connection;
 pub mod limits;
 pub mod policy;
@@ -21,10 +22,13 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
 use crate::backend::imap::ImapBackend;
+use crate::backend::jmap::JmapBackend;
 use crate::backend::memory::{MemoryBackend, MemoryStore};
 use crate::backend::sizes::ExactSizes;
 use crate::backend::{BackendError, SharedBackend};
 use crate::config::{BackendConfig, Config, Limits};
+use crate::telemetry::Metrics;
+use admin::Health;
 use limits::PerAddressLimit;
 use policy::{ListenerTls, LoginPolicy};
 use stream::ClientStream;
@@ -39,12 +43,15 @@ pub struct Context {
     /// The TLS configuration of implicit-TLS and STLS connections, if any.
     pub tls: Option<Arc<rustls::ServerConfig>>,
     pub throttle: LoginThrottle,
+    pub metrics: Arc<Metrics>,
     /// Turns true when the grace period is over: sessions must end now.
     pub stop: watch::Receiver<bool>,
 }
 
 /// What one listener's connections share.
 struct ListenerContext {
+    /// The listener's address, as a metrics label.
+    label: String,
     policy: LoginPolicy,
     per_address: Arc<PerAddressLimit>,
 }
@@ -57,11 +64,14 @@ pub fn build_backend(config: &BackendConfig) -> Result<SharedBackend, BackendErr
             Arc::new(MemoryBackend::new(store))
         }
         BackendConfig::Imap(imap) => Arc::new(ImapBackend::new(imap.clone())?),
+        BackendConfig::Jmap(jmap) => Arc::new(JmapBackend::new(jmap.clone())?),
     })
 }
 
 pub struct RunningServer {
     addrs: Vec<SocketAddr>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
     certificates: Option<Arc<CertificateStore>>,
     draining: watch::Sender<bool>,
     stop: watch::Sender<bool>,
@@ -101,8 +111,10 @@ impl Server {
             sizes: ExactSizes::new(config.limits.size_cache_entries),
             tls: certificates.as_ref().map(|c| c.server_config()),
             throttle: LoginThrottle::new(config.throttle.clone()),
+            metrics: Arc::new(Metrics::new()),
             stop: stop_rx,
         });
+        let health = Health::new(context.backend.clone());
         let permits = Arc::new(Semaphore::new(config.limits.max_connections));
         let per_address = PerAddressLimit::new(config.limits.max_connections_per_address);
         let mut tasks = JoinSet::new();
@@ -111,7 +123,8 @@ impl Server {
             let addr = listener.local_addr()?;
             tracing::info!(%addr, tls = ?policy.tls, backend = context.backend.kind(), "listening");
             addrs.push(addr);
-            let listener_context = Arc::new(ListenerContext { policy, per_address: per_address.clone() });
+            let listener_context =
+                Arc::new(ListenerContext { label: addr.to_string(), policy, per_address: per_address.clone() });
             tasks.spawn(accept_loop(
                 listener,
                 context.clone(),
@@ -125,8 +138,11 @@ impl Server {
         {
             tokio::spawn(watch_certificates(Arc::downgrade(store), Duration::from_secs(config.tls.reload_check_secs)));
         }
+        health.set_listening();
         Ok(RunningServer {
             addrs,
+            metrics: context.metrics.clone(),
+            health,
             certificates,
             draining,
             stop,
@@ -158,6 +174,15 @@ impl RunningServer {
         &self.addrs
     }
 
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// Readiness, for the admin listener.
+    pub fn health(&self) -> Arc<Health> {
+        self.health.clone()
+    }
+
     /// Re-reads the certificate files (SIGHUP). Sessions in progress keep
     /// their TLS state; new handshakes get the new certificates. On error
     /// the old certificates stay.
@@ -171,6 +196,9 @@ impl RunningServer {
     /// Stops accepting, waits up to the grace period for sessions, then ends
     /// those still open.
     pub async fn shutdown(mut self) {
+        // Readiness goes false first, so a load balancer stops sending
+        // clients before the listeners close.
+        self.health.set_draining();
         let _ = self.draining.send(true);
         let grace = self.grace;
         let all_done = async { while self.tasks.join_next().await.is_some() {} };
@@ -221,11 +249,13 @@ async fn accept_loop(
         let permit = permits.clone().try_acquire_owned().ok();
         let slot = listener_context.per_address.acquire(peer.ip());
         let context = context.clone();
-        let policy = listener_context.policy.clone();
+        let listener_context = listener_context.clone();
         sessions.spawn(async move {
+            let policy = listener_context.policy.clone();
             match (permit, slot) {
                 (Some(permit), Some(slot)) => {
-                    connection::serve(ClientStream::Plain(socket), peer, policy, context).await;
+                    connection::serve(ClientStream::Plain(socket), peer, &listener_context.label, policy, context)
+                        .await;
                     drop((permit, slot));
                 }
                 // An implicit-TLS client cannot read a cleartext reply.
