@@ -1,0 +1,557 @@
+//! IMAP backend: a POP3 maildrop that is one IMAP mailbox, logged into with
+//! the POP3 client's own credentials (pass-through).
+//!
+//! Owns the IMAP configuration and everything said to the IMAP server:
+//! connecting (`transport`, `connect`), the command/response discipline
+//! (`conn`: timeouts, draining, poisoning), and the wire formats (`wire`).
+//! A message is addressed by its UID (`StoreId`), its UIDL is Dovecot's POP3
+//! default (`%08Xu%08Xv`), and it is streamed in partial FETCHes so memory
+//! never grows with message size.
+//!
+//! Must never: send a bare EXPUNGE (it would also expunge what other clients
+//! flagged \Deleted), remove anything outside `Mailbox::remove` or other
+//! than exactly the given UIDs, use a connection again after a timeout or a
+//! protocol error, mix up replies of different commands, or log a password.
+
+mod conn;
+mod connect;
+#[cfg(test)]
+mod tests;
+mod transport;
+mod wire;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_imap::imap_proto::{AttributeValue, MailboxDatum, Response, ResponseCode};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use self::conn::{Conn, Outcome};
+use self::transport::TlsSetup;
+use self::wire::{quote_mailbox, uid_sets, uidl};
+use super::{Backend, BackendError, ListedMessage, Mailbox, MessageStream, ReportedSize, StoreId};
+use crate::auth::Credentials;
+use crate::canonical::CanonicalSize;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImapTls {
+    /// Cleartext (only sensible on loopback or a trusted network).
+    None,
+    /// Cleartext, upgraded with STARTTLS before login (required to succeed).
+    Starttls,
+    /// TLS from the first byte (port 993).
+    #[default]
+    Implicit,
+}
+
+/// Whether to trust RFC822.SIZE as the POP3 size.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SizePolicy {
+    /// Measure each message's canonical size once (then cached): always exact.
+    #[default]
+    Measure,
+    /// Use RFC822.SIZE as is: no extra download, wrong if the server's
+    /// sizes are (e.g. bare CR in stored mail).
+    Trust,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImapConfig {
+    pub host: String,
+    /// 993 for implicit TLS, 143 otherwise.
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub tls: ImapTls,
+    /// The mailbox POP3 shows as its maildrop.
+    #[serde(default = "default_mailbox")]
+    pub mailbox: String,
+    /// PEM file of CA certificates to trust instead of the webpki roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Every IMAP command's time limit, in seconds.
+    #[serde(default = "default_timeout")]
+    pub timeout_secs: u64,
+    #[serde(default)]
+    pub sizes: SizePolicy,
+    /// Without UIDPLUS: UID MOVE deleted messages here instead of expunging.
+    #[serde(default)]
+    pub trash_mailbox: Option<String>,
+    /// Set \Seen on retrieved messages (BODY[] instead of BODY.PEEK[]).
+    #[serde(default)]
+    pub mark_seen: bool,
+    /// Octets per partial FETCH while streaming a message.
+    #[serde(default = "default_chunk")]
+    pub fetch_chunk_bytes: u32,
+}
+
+fn default_mailbox() -> String {
+    "INBOX".to_string()
+}
+fn default_timeout() -> u64 {
+    30
+}
+fn default_chunk() -> u32 {
+    256 * 1024
+}
+
+impl ImapConfig {
+    pub fn new(host: impl Into<String>, port: Option<u16>, tls: ImapTls) -> Self {
+        ImapConfig {
+            host: host.into(),
+            port,
+            tls,
+            mailbox: default_mailbox(),
+            ca_file: None,
+            timeout_secs: default_timeout(),
+            sizes: SizePolicy::default(),
+            trash_mailbox: None,
+            mark_seen: false,
+            fetch_chunk_bytes: default_chunk(),
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port.unwrap_or(if self.tls == ImapTls::Implicit { 993 } else { 143 })
+    }
+}
+
+/// Messages measured together in one `UID FETCH a,b,c (BODY.PEEK[])` for
+/// `canonical_sizes` add up to at most this many octets; bigger messages are
+/// streamed in chunks. async-imap buffers each FETCH response whole, so this
+/// also bounds the memory one measurement takes.
+const BATCH_BYTES: u64 = 1 << 20;
+/// Longest UID set in one command; Dovecot accepts 64 KiB command lines.
+const MAX_SET_LEN: usize = 4000;
+/// LOGOUT is a courtesy: never hold a closing session longer than this.
+const LOGOUT_LIMIT: Duration = Duration::from_secs(5);
+
+pub struct ImapBackend {
+    config: ImapConfig,
+    /// Built once: parsing the roots for every login would be wasted work.
+    tls: Option<TlsSetup>,
+}
+
+impl ImapBackend {
+    pub fn new(config: ImapConfig) -> Result<Self, BackendError> {
+        let tls = match config.tls {
+            ImapTls::None => {
+                if config.ca_file.is_some() {
+                    tracing::warn!("imap ca_file is set but tls = \"none\": it is not used");
+                }
+                None
+            }
+            ImapTls::Starttls | ImapTls::Implicit => Some(TlsSetup::new(&config.host, config.ca_file.as_deref())?),
+        };
+        // Refuse a bad mailbox name now rather than at every login.
+        quote_mailbox(&config.mailbox)?;
+        if let Some(trash) = &config.trash_mailbox {
+            quote_mailbox(trash)?;
+        }
+        Ok(ImapBackend { config, tls })
+    }
+}
+
+#[async_trait]
+impl Backend for ImapBackend {
+    fn kind(&self) -> &'static str {
+        "imap"
+    }
+
+    async fn open(&self, credentials: &Credentials) -> Result<Box<dyn Mailbox>, BackendError> {
+        let logged_in = connect::connect_and_login(&self.config, self.tls.as_ref(), credentials).await?;
+        let mut conn = Conn::new(logged_in.session, Duration::from_secs(self.config.timeout_secs));
+        match ImapMailbox::select(&mut conn, &self.config, logged_in.capabilities).await {
+            Ok(selected) => {
+                tracing::debug!(
+                    user = %credentials.user,
+                    mailbox = %self.config.mailbox,
+                    exists = conn.exists,
+                    uidvalidity = selected.uidvalidity,
+                    uidplus = selected.uidplus,
+                    r#move = selected.can_move,
+                    read_only = selected.read_only,
+                    "IMAP mailbox selected"
+                );
+                Ok(Box::new(ImapMailbox {
+                    conn,
+                    selected,
+                    chunk: self.config.fetch_chunk_bytes.max(1),
+                    mark_seen: self.config.mark_seen,
+                    sizes_policy: self.config.sizes,
+                    trash: self.config.trash_mailbox.clone(),
+                    sizes: HashMap::new(),
+                }))
+            }
+            Err(e) => {
+                let limit = conn.limit().min(LOGOUT_LIMIT);
+                conn.logout(limit).await;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// What SELECT and the capabilities told us about the mailbox.
+struct Selected {
+    uidvalidity: u32,
+    uidplus: bool,
+    can_move: bool,
+    read_only: bool,
+}
+
+struct ImapMailbox {
+    conn: Conn,
+    selected: Selected,
+    chunk: u32,
+    mark_seen: bool,
+    sizes_policy: SizePolicy,
+    trash: Option<String>,
+    /// RFC822.SIZE by UID, from the last `list`: picks the batches of
+    /// `canonical_sizes`.
+    sizes: HashMap<u32, u32>,
+}
+
+impl ImapMailbox {
+    async fn select(
+        conn: &mut Conn,
+        config: &ImapConfig,
+        capabilities: Option<HashSet<String>>,
+    ) -> Result<Selected, BackendError> {
+        let capabilities = match capabilities {
+            Some(capabilities) => capabilities,
+            None => {
+                let mut capabilities = HashSet::new();
+                conn.run("CAPABILITY", |response| {
+                    if let Response::Capabilities(list) = response {
+                        capabilities.extend(list.iter().map(capability_name));
+                    }
+                })
+                .await?
+                .ok_or_refused("CAPABILITY")?;
+                capabilities
+            }
+        };
+        let mut uidvalidity = None;
+        let reply = conn
+            .run(&format!("SELECT {}", quote_mailbox(&config.mailbox)?), |response| {
+                if let Response::Data { outcome, .. } = response
+                    && let Some(ResponseCode::UidValidity(v)) = outcome.code
+                {
+                    uidvalidity = Some(v);
+                }
+            })
+            .await?;
+        if reply.outcome == Outcome::No && reply.text.to_ascii_uppercase().contains("[NONEXISTENT]") {
+            return Err(BackendError::Permanent(format!("mailbox {:?} does not exist", config.mailbox)));
+        }
+        let reply = reply.ok_or_refused(&format!("selecting mailbox {:?}", config.mailbox))?;
+        let Some(uidvalidity) = uidvalidity else {
+            return Err(BackendError::Permanent("server sent no UIDVALIDITY: UIDLs would not be stable".into()));
+        };
+        Ok(Selected {
+            uidvalidity,
+            uidplus: capabilities.contains("UIDPLUS"),
+            can_move: capabilities.contains("MOVE"),
+            read_only: matches!(reply.code, Some(ResponseCode::ReadOnly)),
+        })
+    }
+
+    fn chunks(&mut self, uid: u32, peek: bool) -> Chunks<'_> {
+        Chunks {
+            uid,
+            item: if peek { "BODY.PEEK[]" } else { "BODY[]" },
+            chunk: self.chunk,
+            offset: 0,
+            finished: false,
+            conn: &mut self.conn,
+        }
+    }
+
+    /// Measures small messages together, one round trip per batch.
+    async fn measure_batch(&mut self, batch: &[u32]) -> Result<HashMap<u32, u64>, BackendError> {
+        let wanted: HashSet<u32> = batch.iter().copied().collect();
+        let mut measured = HashMap::new();
+        for set in uid_sets(batch, MAX_SET_LEN) {
+            self.conn
+                .run(&format!("UID FETCH {set} (UID BODY.PEEK[])"), |response| {
+                    if let Some((uid, data)) = fetched_body(response, None)
+                        && wanted.contains(&uid)
+                        && let Some(data) = data
+                    {
+                        measured.insert(uid, crate::canonical::canonical_size(data));
+                    }
+                })
+                .await?
+                .ok_or_refused("measuring messages")?;
+        }
+        Ok(measured)
+    }
+
+    /// Which of `uids` are still in the mailbox.
+    async fn still_present(&mut self, uids: &[u32]) -> Result<Vec<u32>, BackendError> {
+        let asked: HashSet<u32> = uids.iter().copied().collect();
+        let mut left = Vec::new();
+        for set in uid_sets(uids, MAX_SET_LEN) {
+            self.conn
+                .run(&format!("UID SEARCH UID {set}"), |response| {
+                    if let Response::MailboxData(MailboxDatum::Search(found)) = response {
+                        left.extend(found.iter().filter(|uid| asked.contains(uid)));
+                    }
+                })
+                .await?
+                .ok_or_refused("checking the deletion")?;
+        }
+        Ok(left)
+    }
+}
+
+fn capability_name(c: &async_imap::imap_proto::Capability<'_>) -> String {
+    use async_imap::imap_proto::Capability;
+    match c {
+        Capability::Imap4rev1 => "IMAP4REV1".into(),
+        Capability::Auth(a) => format!("AUTH={}", a.to_ascii_uppercase()),
+        Capability::Atom(a) => a.to_ascii_uppercase(),
+    }
+}
+
+fn uid_of(id: &StoreId) -> Result<u32, BackendError> {
+    // An id this backend did not issue names no message here.
+    id.0.parse().ok().filter(|&uid| uid > 0).ok_or(BackendError::MessageGone)
+}
+
+/// The UID and `BODY[]` (or `BODY[]<origin>`) data of a FETCH response, if
+/// it is one. The data is `None` for NIL.
+fn fetched_body<'r>(response: &'r Response<'_>, origin: Option<u32>) -> Option<(u32, Option<&'r [u8]>)> {
+    let Response::Fetch(_, attributes) = response else {
+        return None;
+    };
+    let uid = attributes.iter().find_map(|a| match a {
+        AttributeValue::Uid(uid) => Some(*uid),
+        _ => None,
+    })?;
+    let data = attributes.iter().find_map(|a| match a {
+        AttributeValue::BodySection { section: None, index, data } if *index == origin => Some(data.as_deref()),
+        _ => None,
+    })?;
+    Some((uid, data))
+}
+
+/// One message read as a series of partial FETCHes, each a complete command
+/// whose reply is drained before its chunk is handed out, so the reader may
+/// stop between chunks at no cost (and mid-chunk at the cost of `Conn`
+/// draining the rest). No chunk is prefetched: see `conn` on pipelining.
+struct Chunks<'a> {
+    conn: &'a mut Conn,
+    uid: u32,
+    item: &'static str,
+    chunk: u32,
+    /// Where the next partial FETCH starts.
+    offset: u64,
+    /// The end of the message was seen, or an error was returned.
+    finished: bool,
+}
+
+impl Chunks<'_> {
+    async fn next_chunk(&mut self) -> Result<Option<Bytes>, BackendError> {
+        if self.finished {
+            return Ok(None);
+        }
+        let result = self.read_next().await;
+        if result.is_err() {
+            self.finished = true;
+        }
+        result
+    }
+
+    async fn read_next(&mut self) -> Result<Option<Bytes>, BackendError> {
+        let offset = u32::try_from(self.offset)
+            .map_err(|_| BackendError::Permanent("message too large for IMAP partial FETCH".into()))?;
+        let uid = self.uid;
+        let command = format!("UID FETCH {uid} (UID {}<{offset}.{}>)", self.item, self.chunk);
+        let mut body: Option<Option<Bytes>> = None;
+        self.conn
+            .run(&command, |response| {
+                if let Some((got, data)) = fetched_body(response, Some(offset))
+                    && got == uid
+                    && body.is_none()
+                {
+                    body = Some(data.map(Bytes::copy_from_slice));
+                }
+            })
+            .await?
+            .ok_or_refused("fetching a message")?;
+        let body = match body {
+            // No FETCH at all: the message is not there (any more).
+            None => return Err(BackendError::MessageGone),
+            // NIL where the message should start: gone too.
+            Some(None) if offset == 0 => return Err(BackendError::MessageGone),
+            Some(data) => data.unwrap_or_default(),
+        };
+        if body.len() > self.chunk as usize {
+            return Err(self.conn.poison("server sent more octets than a partial FETCH asked for"));
+        }
+        // A short chunk is the last one; a full one may be too, in which
+        // case the next FETCH comes back empty.
+        self.finished = body.len() < self.chunk as usize;
+        self.offset += body.len() as u64;
+        Ok((!body.is_empty()).then_some(body))
+    }
+}
+
+#[async_trait]
+impl Mailbox for ImapMailbox {
+    async fn list(&mut self) -> Result<Vec<ListedMessage>, BackendError> {
+        let mut found = BTreeMap::new();
+        // `1:*` on an empty mailbox is an error on some servers.
+        if self.conn.exists > 0 {
+            self.conn
+                .run("UID FETCH 1:* (UID RFC822.SIZE)", |response| {
+                    if let Response::Fetch(_, attributes) = response {
+                        let uid = attributes.iter().find_map(|a| match a {
+                            AttributeValue::Uid(uid) => Some(*uid),
+                            _ => None,
+                        });
+                        let size = attributes.iter().find_map(|a| match a {
+                            AttributeValue::Rfc822Size(size) => Some(*size),
+                            _ => None,
+                        });
+                        // Unsolicited FETCHes (flag changes) carry no size.
+                        if let (Some(uid), Some(size)) = (uid, size) {
+                            found.insert(uid, size);
+                        }
+                    }
+                })
+                .await?
+                .ok_or_refused("listing messages")?;
+        }
+        self.sizes = found.iter().map(|(&uid, &size)| (uid, size)).collect();
+        let uidvalidity = self.selected.uidvalidity;
+        Ok(found
+            .into_iter()
+            .map(|(uid, size)| ListedMessage {
+                id: StoreId(uid.to_string()),
+                uidl: uidl(uid, uidvalidity),
+                size: match self.sizes_policy {
+                    SizePolicy::Measure => ReportedSize::Claimed(u64::from(size)),
+                    SizePolicy::Trust => ReportedSize::Exact(u64::from(size)),
+                },
+            })
+            .collect())
+    }
+
+    async fn fetch(&mut self, id: &StoreId) -> Result<MessageStream<'_>, BackendError> {
+        let uid = uid_of(id)?;
+        let peek = !self.mark_seen;
+        let mut chunks = self.chunks(uid, peek);
+        // The first chunk is read now, so that a missing message is an error
+        // of `fetch` itself.
+        let first = chunks.next_chunk().await?;
+        let rest = futures::stream::unfold(chunks, |mut chunks| async move {
+            match chunks.next_chunk().await {
+                Ok(Some(chunk)) => Some((Ok(chunk), chunks)),
+                Ok(None) => None,
+                Err(e) => Some((Err(e), chunks)),
+            }
+        });
+        Ok(futures::stream::iter(first.map(Ok)).chain(rest).boxed())
+    }
+
+    async fn canonical_sizes(&mut self, ids: &[StoreId]) -> Result<Vec<u64>, BackendError> {
+        let uids = ids.iter().map(uid_of).collect::<Result<Vec<_>, _>>()?;
+        let mut sizes: HashMap<u32, u64> = HashMap::new();
+
+        // Small messages: greedy batches of at most BATCH_BYTES.
+        let mut batch = Vec::new();
+        let mut batch_bytes = 0u64;
+        let mut large = Vec::new();
+        for &uid in &uids {
+            match self.sizes.get(&uid).map(|&s| u64::from(s)) {
+                Some(size) if size <= BATCH_BYTES => {
+                    if batch_bytes + size > BATCH_BYTES && !batch.is_empty() {
+                        sizes.extend(self.measure_batch(&batch).await?);
+                        batch.clear();
+                        batch_bytes = 0;
+                    }
+                    batch.push(uid);
+                    batch_bytes += size;
+                }
+                _ => large.push(uid),
+            }
+        }
+        if !batch.is_empty() {
+            sizes.extend(self.measure_batch(&batch).await?);
+        }
+
+        // Large (or unlisted) messages: streamed, never held whole. Always
+        // PEEK: measuring is not reading.
+        for uid in large {
+            if sizes.contains_key(&uid) {
+                continue;
+            }
+            let mut counter = CanonicalSize::new();
+            let mut chunks = self.chunks(uid, true);
+            while let Some(chunk) = chunks.next_chunk().await? {
+                counter.feed(&chunk);
+            }
+            sizes.insert(uid, counter.finish());
+        }
+
+        uids.iter().map(|uid| sizes.get(uid).copied().ok_or(BackendError::MessageGone)).collect()
+    }
+
+    async fn remove(&mut self, ids: &[StoreId]) -> Result<(), BackendError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let uids = ids.iter().map(uid_of).collect::<Result<Vec<_>, _>>()?;
+        if self.selected.read_only {
+            return Err(BackendError::Permanent("the mailbox is read-only".into()));
+        }
+        if self.selected.uidplus {
+            // Only the named UIDs are flagged and expunged; a bare EXPUNGE
+            // would also remove what other clients flagged \Deleted.
+            for set in uid_sets(&uids, MAX_SET_LEN) {
+                self.conn
+                    .run(&format!("UID STORE {set} +FLAGS.SILENT (\\Deleted)"), |_| {})
+                    .await?
+                    .ok_or_refused("flagging messages \\Deleted")?;
+                // The untagged EXPUNGEs carry sequence numbers: not used.
+                self.conn.run(&format!("UID EXPUNGE {set}"), |_| {}).await?.ok_or_refused("UID EXPUNGE")?;
+            }
+        } else if let (true, Some(trash)) = (self.selected.can_move, &self.trash) {
+            let trash = quote_mailbox(trash)?;
+            for set in uid_sets(&uids, MAX_SET_LEN) {
+                self.conn
+                    .run(&format!("UID MOVE {set} {trash}"), |_| {})
+                    .await?
+                    .ok_or_refused("moving messages to the trash mailbox")?;
+            }
+        } else {
+            return Err(BackendError::Permanent(
+                "server lacks UIDPLUS; configure trash_mailbox with MOVE support".into(),
+            ));
+        }
+        let left = self.still_present(&uids).await?;
+        if !left.is_empty() {
+            return Err(BackendError::Unavailable(format!(
+                "{} of {} deleted messages are still in the mailbox",
+                left.len(),
+                uids.len()
+            )));
+        }
+        Ok(())
+    }
+
+    async fn close(self: Box<Self>) {
+        let limit = self.conn.limit().min(LOGOUT_LIMIT);
+        self.conn.logout(limit).await;
+    }
+}

@@ -1,0 +1,281 @@
+//! One logged-in IMAP connection and the only way commands go over it.
+//!
+//! async-imap's typed helpers hide a tagged NO/BAD on FETCH (their streams
+//! just end) and keep nothing if a stream is dropped mid-response, so every
+//! command after login goes through `Conn`: it sends the command line, reads
+//! responses until that command's tagged completion, hands the untagged ones
+//! to the caller, and enforces three rules:
+//!
+//! - every send and every wait is bounded by the command timeout;
+//! - after a timeout, an I/O or parse error, an interrupted write, or a BYE,
+//!   the connection is poisoned: every later call is `Unavailable`;
+//! - one command at a time. The command awaiting its completion is recorded
+//!   here (not in any future), so if a caller stops waiting — a
+//!   `MessageStream` dropped mid-chunk for TOP — the next `send` first reads
+//!   the abandoned command's replies to its end and discards them, instead of
+//!   mistaking them for its own.
+//!
+//! Why not pipeline: Dovecot runs pipelined FETCHes concurrently and sends
+//! the second command's untagged FETCH before the first one's tagged OK, so
+//! untagged data cannot be attributed to a command by position. Pipelining
+//! partial FETCHes would need their replies routed by (UID, origin) instead.
+
+use std::time::Duration;
+
+use async_imap::Session;
+use async_imap::imap_proto::{MailboxDatum, RequestId, Response, ResponseCode, Status};
+use tokio::time::{Instant, timeout_at};
+
+use super::transport::Transport;
+use super::wire::{classify_refusal, truncate};
+use crate::backend::BackendError;
+
+pub type ImapSession = Session<Transport>;
+
+/// How a command ended.
+#[derive(Debug)]
+pub struct Reply {
+    pub outcome: Outcome,
+    pub code: Option<ResponseCode<'static>>,
+    /// Status, response code and text, for messages and classification.
+    pub text: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    No,
+    Bad,
+}
+
+impl Reply {
+    /// `Ok(self)` on OK; otherwise the refusal as a `BackendError`.
+    pub fn ok_or_refused(self, what: &str) -> Result<Reply, BackendError> {
+        match self.outcome {
+            Outcome::Ok => Ok(self),
+            Outcome::No => Err(classify_refusal(false, &self.text, what)),
+            Outcome::Bad => Err(classify_refusal(true, &self.text, what)),
+        }
+    }
+}
+
+pub struct Conn {
+    session: ImapSession,
+    limit: Duration,
+    /// Why this connection may not be used any more. Set once, never cleared.
+    poisoned: Option<String>,
+    /// A command line is being written: if this is still set when the next
+    /// call starts, the write was interrupted and the stream holds half a
+    /// command.
+    writing: bool,
+    /// The command sent whose tagged completion has not been read yet.
+    pending: Option<RequestId>,
+    /// The text of an untagged BYE: the server is closing the connection.
+    bye: Option<String>,
+    /// LOGOUT was sent: its BYE is expected, not news worth a warning.
+    logging_out: bool,
+    /// Messages in the selected mailbox, from EXISTS and EXPUNGE responses.
+    pub exists: u32,
+}
+
+impl Conn {
+    pub fn new(session: ImapSession, limit: Duration) -> Self {
+        Conn { session, limit, poisoned: None, writing: false, pending: None, bye: None, logging_out: false, exists: 0 }
+    }
+
+    pub fn limit(&self) -> Duration {
+        self.limit
+    }
+
+    /// Whether the connection can still carry commands.
+    pub fn usable(&self) -> bool {
+        self.poisoned.is_none() && !self.writing
+    }
+
+    /// Marks the connection unusable and returns the error to report.
+    pub fn poison(&mut self, why: impl Into<String>) -> BackendError {
+        let why = truncate(&why.into(), 300);
+        if self.poisoned.is_none() {
+            if self.logging_out {
+                tracing::debug!(reason = %why, "IMAP connection ended during LOGOUT");
+            } else {
+                tracing::warn!(reason = %why, "IMAP connection unusable");
+            }
+            self.poisoned = Some(why.clone());
+        }
+        BackendError::Unavailable(format!("IMAP connection unusable: {}", self.poisoned.as_deref().unwrap_or(&why)))
+    }
+
+    fn check(&mut self) -> Result<(), BackendError> {
+        if self.writing {
+            self.writing = false;
+            return Err(self.poison("a command was interrupted while being sent"));
+        }
+        match &self.poisoned {
+            Some(why) => Err(BackendError::Unavailable(format!("IMAP connection unusable: {why}"))),
+            None => Ok(()),
+        }
+    }
+
+    /// Sends one command line; its replies are read by `finish`. An
+    /// abandoned command's replies are read and discarded first.
+    async fn send(&mut self, command: &str) -> Result<RequestId, BackendError> {
+        self.check()?;
+        if let Some(abandoned) = self.pending.clone() {
+            self.finish(&abandoned, |_| {}).await?;
+        }
+        self.writing = true;
+        let sent = tokio::time::timeout(self.limit, self.session.run_command(command)).await;
+        match sent {
+            Ok(Ok(tag)) => {
+                self.writing = false;
+                self.pending = Some(tag.clone());
+                Ok(tag)
+            }
+            Ok(Err(e)) => {
+                self.writing = false;
+                Err(self.poison(format!("sending a command: {e}")))
+            }
+            Err(_) => {
+                self.writing = false;
+                Err(self.poison(format!("sending a command timed out after {}s", self.limit.as_secs())))
+            }
+        }
+    }
+
+    /// Reads until `tag` completes. Untagged responses are passed to
+    /// `on_data` (unsolicited ones included: the callback filters); EXISTS,
+    /// EXPUNGE and BYE are also tracked here.
+    async fn finish(
+        &mut self,
+        tag: &RequestId,
+        mut on_data: impl FnMut(&Response<'_>) + Send,
+    ) -> Result<Reply, BackendError> {
+        self.check()?;
+        if self.pending.as_ref() != Some(tag) {
+            return Err(self.poison("waited for a command that is not pending"));
+        }
+        let deadline = Instant::now() + self.limit;
+        loop {
+            let response = match timeout_at(deadline, self.session.read_response()).await {
+                Err(_) => {
+                    return Err(self.poison(format!("no reply within {}s", self.limit.as_secs())));
+                }
+                Ok(Err(e)) => return Err(self.poison(format!("reading a reply: {e}"))),
+                Ok(Ok(None)) => {
+                    let why = match self.bye.take() {
+                        Some(bye) => format!("server closed the connection: {bye}"),
+                        None => "server closed the connection".to_string(),
+                    };
+                    return Err(self.poison(why));
+                }
+                Ok(Ok(Some(response))) => response,
+            };
+            let parsed = response.parsed();
+            if let Response::Done { tag: done, status, outcome } = parsed {
+                if done != tag {
+                    return Err(self.poison(format!("reply for unknown tag {}", done.0)));
+                }
+                self.pending = None;
+                let outcome_kind = match status {
+                    Status::Ok => Outcome::Ok,
+                    Status::No => Outcome::No,
+                    Status::Bad => Outcome::Bad,
+                    other => return Err(self.poison(format!("unexpected completion status {other:?}"))),
+                };
+                let code = outcome.code.as_ref().map(code_to_owned);
+                let text = describe(status, outcome.code.as_ref(), outcome.information.as_deref());
+                if let Some(bye) = &self.bye
+                    && !self.logging_out
+                {
+                    // The command completed, but the server is going away.
+                    let why = format!("server said BYE: {bye}");
+                    self.poison(why);
+                }
+                return Ok(Reply { outcome: outcome_kind, code, text });
+            }
+            self.track(parsed);
+            on_data(parsed);
+        }
+    }
+
+    /// Sends a command and reads its replies (see `finish`).
+    pub async fn run(
+        &mut self,
+        command: &str,
+        on_data: impl FnMut(&Response<'_>) + Send,
+    ) -> Result<Reply, BackendError> {
+        let tag = self.send(command).await?;
+        self.finish(&tag, on_data).await
+    }
+
+    /// Keeps the mailbox state the backend relies on up to date. EXPUNGE
+    /// carries a sequence number, which is never used: only the count is.
+    fn track(&mut self, response: &Response<'_>) {
+        match response {
+            Response::MailboxData(MailboxDatum::Exists(n)) => self.exists = *n,
+            Response::Expunge(_) => self.exists = self.exists.saturating_sub(1),
+            Response::Data { status: Status::Bye, outcome } => {
+                self.bye = Some(truncate(outcome.information.as_deref().unwrap_or("(no text)"), 200));
+            }
+            _ => {}
+        }
+    }
+
+    /// LOGOUT within `limit`, errors ignored. The LOGOUT's own BYE is
+    /// expected and harmless.
+    pub async fn logout(mut self, limit: Duration) {
+        if !self.usable() {
+            return;
+        }
+        self.limit = limit;
+        self.logging_out = true;
+        let _ = self.run("LOGOUT", |_| {}).await;
+    }
+}
+
+/// The `'static` copy of a response code we keep after the response buffer
+/// is gone; only the codes the backend looks at are kept exactly.
+fn code_to_owned(code: &ResponseCode<'_>) -> ResponseCode<'static> {
+    match code {
+        ResponseCode::ReadOnly => ResponseCode::ReadOnly,
+        ResponseCode::ReadWrite => ResponseCode::ReadWrite,
+        ResponseCode::UidValidity(v) => ResponseCode::UidValidity(*v),
+        ResponseCode::UidNext(v) => ResponseCode::UidNext(*v),
+        ResponseCode::TryCreate => ResponseCode::TryCreate,
+        ResponseCode::Capabilities(caps) => {
+            ResponseCode::Capabilities(caps.iter().map(|c| capability_to_owned(c)).collect())
+        }
+        _ => ResponseCode::Alert, // not inspected; `Reply::text` has it
+    }
+}
+
+fn capability_to_owned(c: &async_imap::imap_proto::Capability<'_>) -> async_imap::imap_proto::Capability<'static> {
+    use async_imap::imap_proto::Capability;
+    match c {
+        Capability::Imap4rev1 => Capability::Imap4rev1,
+        Capability::Auth(a) => Capability::Auth(a.to_string().into()),
+        Capability::Atom(a) => Capability::Atom(a.to_string().into()),
+    }
+}
+
+/// `NO [CODE] text` as one line, for logs, errors and classification. Codes
+/// imap-proto does not know (INUSE, UNAVAILABLE, EXPUNGEISSUED, …) are left
+/// in the text by its parser, so they survive here too.
+pub fn describe(status: &Status, code: Option<&ResponseCode<'_>>, info: Option<&str>) -> String {
+    let status = match status {
+        Status::Ok => "OK",
+        Status::No => "NO",
+        Status::Bad => "BAD",
+        Status::PreAuth => "PREAUTH",
+        Status::Bye => "BYE",
+    };
+    let code = match code {
+        Some(ResponseCode::ReadOnly) => " [READ-ONLY]".to_string(),
+        Some(ResponseCode::TryCreate) => " [TRYCREATE]".to_string(),
+        Some(ResponseCode::Alert) => " [ALERT]".to_string(),
+        Some(other) => format!(" [{other:?}]"),
+        None => String::new(),
+    };
+    truncate(&format!("{status}{code} {}", info.unwrap_or("")), 300)
+}

@@ -1,0 +1,188 @@
+//! Opening a session: TCP, TLS or STARTTLS, the greeting, and the
+//! pass-through login with the POP3 client's own credentials.
+//!
+//! Never logs a password, and never sends credentials a server could
+//! misread: they are validated first, and non-ASCII ones go base64-encoded
+//! in `AUTHENTICATE PLAIN` rather than raw in LOGIN.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::time::Duration;
+
+use async_imap::Client;
+use async_imap::error::Error as ImapError;
+use async_imap::imap_proto::{Response, Status};
+use tokio::net::TcpStream;
+
+use super::conn::describe;
+use super::transport::{TlsSetup, Transport};
+use super::wire::{classify_login_refusal, truncate};
+use super::{ImapConfig, ImapTls};
+use crate::auth::{Credentials, Proof};
+use crate::backend::BackendError;
+
+type ImapClient = Client<Transport>;
+
+/// A logged-in session and the capabilities the server announced with it
+/// (upper-cased), if it did.
+pub struct LoggedIn {
+    pub session: async_imap::Session<Transport>,
+    pub capabilities: Option<HashSet<String>>,
+}
+
+/// Runs `step` within `limit`; a timeout or error is `Unavailable`.
+async fn within<T, E: std::fmt::Display>(
+    limit: Duration,
+    what: &str,
+    step: impl Future<Output = Result<T, E>>,
+) -> Result<T, BackendError> {
+    match tokio::time::timeout(limit, step).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(BackendError::Unavailable(format!("{what}: {}", truncate(&e.to_string(), 200)))),
+        Err(_) => Err(BackendError::Unavailable(format!("{what}: timed out after {}s", limit.as_secs()))),
+    }
+}
+
+/// Connects, secures the connection as configured and logs in.
+pub async fn connect_and_login(
+    config: &ImapConfig,
+    tls: Option<&TlsSetup>,
+    credentials: &Credentials,
+) -> Result<LoggedIn, BackendError> {
+    credentials.validate().map_err(BackendError::BadCredentials)?;
+    let limit = Duration::from_secs(config.timeout_secs);
+    let address = format!("{}:{}", config.host, config.port());
+    let tcp =
+        within(limit, &format!("connecting to {address}"), TcpStream::connect((config.host.as_str(), config.port())))
+            .await?;
+    // Commands are small and latency-bound; do not let Nagle hold them back.
+    let _ = tcp.set_nodelay(true);
+    let tls = || tls.ok_or_else(|| BackendError::Permanent("TLS requested but not configured".into()));
+
+    let client = match config.tls {
+        ImapTls::None => {
+            let mut client = Client::new(Transport::Plain(tcp));
+            greeting(&mut client, limit).await?;
+            client
+        }
+        ImapTls::Implicit => {
+            let transport = within(limit, "TLS handshake", tls()?.handshake(tcp)).await?;
+            let mut client = Client::new(transport);
+            greeting(&mut client, limit).await?;
+            client
+        }
+        ImapTls::Starttls => {
+            let mut client = Client::new(Transport::Plain(tcp));
+            greeting(&mut client, limit).await?;
+            within(limit, "STARTTLS refused", client.run_command_and_check_ok("STARTTLS", None)).await?;
+            // Whatever the server (or a man in the middle) sent after the OK
+            // was sent in clear text; `into_inner` drops async-imap's read
+            // buffer, so none of it can be taken for a protected reply.
+            let Transport::Plain(tcp) = client.into_inner() else {
+                return Err(BackendError::Unavailable("STARTTLS on a TLS connection".into()));
+            };
+            let transport = within(limit, "TLS handshake after STARTTLS", tls()?.handshake(tcp)).await?;
+            // No greeting follows STARTTLS.
+            Client::new(transport)
+        }
+    };
+    login(client, credentials, limit).await
+}
+
+/// Reads the server greeting. PREAUTH is refused: the connection would be
+/// logged in as someone without the client's credentials being checked.
+async fn greeting(client: &mut ImapClient, limit: Duration) -> Result<(), BackendError> {
+    let response = within(limit, "reading the server greeting", client.read_response()).await?;
+    let Some(response) = response else {
+        return Err(BackendError::Unavailable("server closed the connection before its greeting".into()));
+    };
+    match response.parsed() {
+        Response::Data { status: Status::Ok, .. } => Ok(()),
+        Response::Data { status: Status::PreAuth, .. } => Err(BackendError::Permanent(
+            "server pre-authenticated the connection, so the client's credentials could not be checked".into(),
+        )),
+        Response::Data { status: status @ Status::Bye, outcome } => {
+            let text = describe(status, outcome.code.as_ref(), outcome.information.as_deref());
+            Err(match classify_login_refusal(&text) {
+                in_use @ BackendError::InUse(_) => in_use,
+                _ => BackendError::Unavailable(format!("server refused the connection: {text}")),
+            })
+        }
+        other => {
+            Err(BackendError::Unavailable(format!("unexpected greeting: {}", truncate(&format!("{other:?}"), 200))))
+        }
+    }
+}
+
+/// A SASL exchange of one client message (PLAIN, XOAUTH2). async-imap
+/// base64-encodes what `process` returns.
+struct OneShot {
+    payload: Option<Vec<u8>>,
+}
+
+impl async_imap::Authenticator for OneShot {
+    type Response = Vec<u8>;
+
+    fn process(&mut self, _challenge: &[u8]) -> Vec<u8> {
+        // A second challenge is an error report (XOAUTH2 sends its JSON
+        // error that way) or a request PLAIN cannot answer: an empty reply
+        // makes the server finish with a tagged NO instead of waiting.
+        self.payload.take().unwrap_or_default()
+    }
+}
+
+async fn login(client: ImapClient, credentials: &Credentials, limit: Duration) -> Result<LoggedIn, BackendError> {
+    let user = credentials.user.as_str();
+    let (mechanism, payload) = match &credentials.proof {
+        Proof::Password(password) if user.is_ascii() && password.expose().is_ascii() => {
+            // async-imap quotes and escapes `"` and `\` itself.
+            let login = client.login_with_capabilities(user, password.expose());
+            return match tokio::time::timeout(limit, login).await {
+                Err(_) => Err(BackendError::Unavailable(format!("login timed out after {}s", limit.as_secs()))),
+                Ok(Err((error, _client))) => Err(login_error(error)),
+                Ok(Ok((session, caps))) => {
+                    Ok(LoggedIn { session, capabilities: caps.map(|caps| caps.iter().map(capability_name).collect()) })
+                }
+            };
+        }
+        // Non-ASCII would go raw in LOGIN, which servers without
+        // UTF8=ACCEPT refuse; PLAIN carries it base64-encoded.
+        Proof::Password(password) => ("PLAIN", format!("\0{user}\0{}", password.expose())),
+        // OAuth pass-through. XOAUTH2 rather than OAUTHBEARER: it is what
+        // Gmail, Outlook and Dovecot's oauth2 passdb all accept. A server
+        // without it refuses the mechanism, which reads as a failed login.
+        Proof::Bearer(token) => {
+            if user.contains('\x01') {
+                return Err(BackendError::BadCredentials("invalid user name for XOAUTH2"));
+            }
+            ("XOAUTH2", format!("user={user}\x01auth=Bearer {}\x01\x01", token.expose()))
+        }
+    };
+    let authenticator = OneShot { payload: Some(payload.into_bytes()) };
+    match tokio::time::timeout(limit, client.authenticate(mechanism, authenticator)).await {
+        Err(_) => Err(BackendError::Unavailable(format!("login timed out after {}s", limit.as_secs()))),
+        Ok(Err((error, _client))) => Err(login_error(error)),
+        Ok(Ok(session)) => Ok(LoggedIn { session, capabilities: None }),
+    }
+}
+
+/// What a failed LOGIN/AUTHENTICATE means. The error texts are the server's
+/// (async-imap formats them as `code: …, info: …`) and never contain the
+/// password.
+fn login_error(error: ImapError) -> BackendError {
+    match error {
+        ImapError::No(text) | ImapError::Bad(text) => classify_login_refusal(&text),
+        ImapError::Validate(_) => BackendError::BadCredentials("credentials contain a character IMAP cannot carry"),
+        ImapError::ConnectionLost => BackendError::Unavailable("server closed the connection during login".into()),
+        other => BackendError::Unavailable(format!("login: {}", truncate(&other.to_string(), 200))),
+    }
+}
+
+fn capability_name(c: &async_imap::types::Capability) -> String {
+    use async_imap::types::Capability;
+    match c {
+        Capability::Imap4rev1 => "IMAP4REV1".into(),
+        Capability::Auth(a) => format!("AUTH={}", a.to_ascii_uppercase()),
+        Capability::Atom(a) => a.to_ascii_uppercase(),
+    }
+}

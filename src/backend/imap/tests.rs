@@ -1,0 +1,389 @@
+//! The IMAP backend against a scripted server: exact command lines, and the
+//! failure cases a real Dovecot will not produce on demand (stalls, dropped
+//! streams, refusals with particular response codes).
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use super::*;
+use crate::auth::Credentials;
+
+/// One exchange: the server waits for a line containing `expect`, waits
+/// `delay`, then writes `reply` with `{tag}` replaced by the line's tag.
+/// `reply: None` stalls forever.
+struct Step {
+    expect: &'static str,
+    delay: Duration,
+    reply: Option<String>,
+}
+
+fn step(expect: &'static str, reply: &str) -> Step {
+    Step { expect, delay: Duration::ZERO, reply: Some(reply.to_string()) }
+}
+
+fn delayed(expect: &'static str, millis: u64, reply: &str) -> Step {
+    Step { expect, delay: Duration::from_millis(millis), reply: Some(reply.to_string()) }
+}
+
+fn stall(expect: &'static str) -> Step {
+    Step { expect, delay: Duration::ZERO, reply: None }
+}
+
+const GREETING: &str = "* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] ready\r\n";
+const LOGIN_OK: &str = "{tag} OK [CAPABILITY IMAP4rev1 UIDPLUS MOVE] Logged in\r\n";
+const SELECT_OK: &str = "* 2 EXISTS\r\n* OK [UIDVALIDITY 42] UIDs valid\r\n{tag} OK [READ-WRITE] Select completed\r\n";
+const LIST_OK: &str =
+    "* 1 FETCH (UID 3 RFC822.SIZE 6)\r\n* 2 FETCH (UID 9 RFC822.SIZE 3)\r\n{tag} OK Fetch completed\r\n";
+
+/// Serves `steps` to one client; afterwards answers LOGOUT and refuses the
+/// rest. Returns every line the client sent.
+async fn mock(greeting: &'static str, steps: Vec<Step>) -> (u16, JoinHandle<Vec<String>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(async move {
+        let (socket, _) = listener.accept().await.unwrap();
+        let (read, mut write) = socket.into_split();
+        let mut lines = BufReader::new(read).lines();
+        let mut seen = Vec::new();
+        write.write_all(greeting.as_bytes()).await.unwrap();
+        for step in steps {
+            let Ok(Some(line)) = lines.next_line().await else { return seen };
+            seen.push(line.clone());
+            assert!(line.contains(step.expect), "expected {:?}, got {line:?}", step.expect);
+            let tag = line.split(' ').next().unwrap_or("").to_string();
+            tokio::time::sleep(step.delay).await;
+            match step.reply {
+                Some(reply) => {
+                    if write.write_all(reply.replace("{tag}", &tag).as_bytes()).await.is_err() {
+                        return seen;
+                    }
+                }
+                None => std::future::pending::<()>().await,
+            }
+        }
+        while let Ok(Some(line)) = lines.next_line().await {
+            seen.push(line.clone());
+            let tag = line.split(' ').next().unwrap_or("").to_string();
+            let reply = if line.contains("LOGOUT") {
+                format!("* BYE bye\r\n{tag} OK Logout completed\r\n")
+            } else {
+                format!("{tag} BAD unexpected\r\n")
+            };
+            if write.write_all(reply.as_bytes()).await.is_err() {
+                break;
+            }
+        }
+        seen
+    });
+    (port, server)
+}
+
+fn config(port: u16) -> ImapConfig {
+    let mut config = ImapConfig::new("127.0.0.1", Some(port), ImapTls::None);
+    config.fetch_chunk_bytes = 4;
+    config.timeout_secs = 2;
+    config
+}
+
+async fn open(config: ImapConfig, user: &str, password: &str) -> Result<Box<dyn Mailbox>, BackendError> {
+    ImapBackend::new(config).unwrap().open(&Credentials::password(user, password)).await
+}
+
+fn opening(mut rest: Vec<Step>) -> Vec<Step> {
+    let mut steps = vec![step("LOGIN \"alice\" \"a\\\"b\\\\c\"", LOGIN_OK), step("SELECT \"INBOX\"", SELECT_OK)];
+    steps.append(&mut rest);
+    steps
+}
+
+async fn collect(stream: MessageStream<'_>) -> Result<Vec<Bytes>, BackendError> {
+    stream.collect::<Vec<_>>().await.into_iter().collect()
+}
+
+#[tokio::test]
+async fn lists_and_streams_in_partial_fetches() {
+    let (port, server) = mock(
+        GREETING,
+        opening(vec![
+            step("UID FETCH 1:* (UID RFC822.SIZE)", LIST_OK),
+            step("UID FETCH 3 (UID BODY.PEEK[]<0.4>)", "* 1 FETCH (UID 3 BODY[]<0> {4}\r\nab\r\n)\r\n{tag} OK\r\n"),
+            // An unsolicited flag change in between is ignored.
+            step(
+                "UID FETCH 3 (UID BODY.PEEK[]<4.4>)",
+                "* 2 FETCH (UID 9 FLAGS (\\Seen))\r\n* 1 FETCH (UID 3 BODY[]<4> {2}\r\ncd)\r\n{tag} OK\r\n",
+            ),
+            // A message whose length is a multiple of the chunk size ends
+            // with an empty partial FETCH.
+            step("UID FETCH 9 (UID BODY.PEEK[]<0.4>)", "* 2 FETCH (UID 9 BODY[]<0> {4}\r\nwxyz)\r\n{tag} OK\r\n"),
+            step("UID FETCH 9 (UID BODY.PEEK[]<4.4>)", "* 2 FETCH (UID 9 BODY[]<4> \"\")\r\n{tag} OK\r\n"),
+        ]),
+    )
+    .await;
+    let mut mailbox = open(config(port), "alice", "a\"b\\c").await.unwrap();
+    let listed = mailbox.list().await.unwrap();
+    assert_eq!(
+        listed,
+        vec![
+            ListedMessage { id: StoreId("3".into()), uidl: "000000030000002a".into(), size: ReportedSize::Claimed(6) },
+            ListedMessage { id: StoreId("9".into()), uidl: "000000090000002a".into(), size: ReportedSize::Claimed(3) },
+        ]
+    );
+    let chunks = collect(mailbox.fetch(&StoreId("3".into())).await.unwrap()).await.unwrap();
+    assert_eq!(chunks, [Bytes::from("ab\r\n"), Bytes::from("cd")]);
+    let chunks = collect(mailbox.fetch(&StoreId("9".into())).await.unwrap()).await.unwrap();
+    assert_eq!(chunks, [Bytes::from("wxyz")]);
+    mailbox.close().await;
+    let seen = server.await.unwrap();
+    assert!(seen.last().unwrap().ends_with("LOGOUT"), "{seen:?}");
+}
+
+#[tokio::test]
+async fn a_stream_dropped_mid_command_is_drained_before_the_next_command() {
+    let (port, server) = mock(
+        GREETING,
+        opening(vec![
+            step("UID FETCH 3 (UID BODY.PEEK[]<0.4>)", "* 1 FETCH (UID 3 BODY[]<0> {4}\r\nab\r\n)\r\n{tag} OK\r\n"),
+            // The reader gives up before this reply arrives.
+            delayed("UID FETCH 3 (UID BODY.PEEK[]<4.4>)", 300, "* 1 FETCH (UID 3 BODY[]<4> {2}\r\ncd)\r\n{tag} OK\r\n"),
+            step("UID FETCH 1:* (UID RFC822.SIZE)", LIST_OK),
+        ]),
+    )
+    .await;
+    let mut mailbox = open(config(port), "alice", "a\"b\\c").await.unwrap();
+    {
+        let mut stream = mailbox.fetch(&StoreId("3".into())).await.unwrap();
+        assert_eq!(stream.next().await.unwrap().unwrap(), Bytes::from("ab\r\n"));
+        assert!(tokio::time::timeout(Duration::from_millis(50), stream.next()).await.is_err());
+    }
+    // The late FETCH reply must not be taken for the listing's.
+    let listed = mailbox.list().await.unwrap();
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listed[0].size, ReportedSize::Claimed(6));
+    mailbox.close().await;
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_timeout_poisons_the_connection() {
+    let (port, _server) = mock(GREETING, opening(vec![stall("UID FETCH 1:*")])).await;
+    let mut config = config(port);
+    config.timeout_secs = 1;
+    let mut mailbox = open(config, "alice", "a\"b\\c").await.unwrap();
+    let started = std::time::Instant::now();
+    assert!(matches!(mailbox.list().await, Err(BackendError::Unavailable(_))));
+    assert!(started.elapsed() < Duration::from_secs(3));
+    // Later calls fail at once, without touching the connection.
+    let started = std::time::Instant::now();
+    assert!(matches!(mailbox.fetch(&StoreId("3".into())).await, Err(BackendError::Unavailable(_))));
+    assert!(matches!(mailbox.remove(&[StoreId("3".into())]).await, Err(BackendError::Unavailable(_))));
+    assert!(started.elapsed() < Duration::from_millis(100));
+    mailbox.close().await;
+}
+
+#[tokio::test]
+async fn opening_times_out() {
+    let (port, _server) = mock(GREETING, vec![stall("LOGIN")]).await;
+    let mut config = config(port);
+    config.timeout_secs = 1;
+    let started = std::time::Instant::now();
+    assert!(matches!(open(config, "alice", "x").await, Err(BackendError::Unavailable(_))));
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
+
+#[tokio::test]
+async fn vanished_messages_are_gone() {
+    let (port, _server) = mock(
+        GREETING,
+        opening(vec![
+            step("UID FETCH 3 (UID BODY.PEEK[]<0.4>)", "{tag} OK Fetch completed\r\n"),
+            step(
+                "UID FETCH 9 (UID BODY.PEEK[]<0.4>)",
+                "{tag} NO [EXPUNGEISSUED] Some of the requested messages no longer exist\r\n",
+            ),
+            step("UID FETCH 1:* (UID RFC822.SIZE)", LIST_OK),
+        ]),
+    )
+    .await;
+    let mut mailbox = open(config(port), "alice", "a\"b\\c").await.unwrap();
+    assert!(matches!(mailbox.fetch(&StoreId("3".into())).await.err(), Some(BackendError::MessageGone)));
+    assert!(matches!(mailbox.fetch(&StoreId("9".into())).await.err(), Some(BackendError::MessageGone)));
+    assert!(matches!(mailbox.fetch(&StoreId("x".into())).await.err(), Some(BackendError::MessageGone)));
+    // Still usable.
+    assert_eq!(mailbox.list().await.unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn login_refusals_map_to_backend_errors() {
+    type Expected = fn(&BackendError) -> bool;
+    let cases: [(&str, Expected); 4] = [
+        ("{tag} NO [AUTHENTICATIONFAILED] Authentication failed.\r\n", |e| matches!(e, BackendError::AuthFailed)),
+        ("{tag} NO [UNAVAILABLE] Temporary authentication failure.\r\n", |e| matches!(e, BackendError::Unavailable(_))),
+        (
+            "{tag} NO [LIMIT] Maximum number of connections from user+IP exceeded (mail_max_userip_connections=10)\r\n",
+            |e| matches!(e, BackendError::InUse(_)),
+        ),
+        ("* BYE going away\r\n", |e| matches!(e, BackendError::Unavailable(_))),
+    ];
+    for (reply, expected) in cases {
+        let (port, _server) = mock(GREETING, vec![step("LOGIN", reply)]).await;
+        let error = open(config(port), "alice", "secret").await.err().unwrap();
+        assert!(expected(&error), "{reply:?} gave {error:?}");
+    }
+}
+
+#[tokio::test]
+async fn bad_credentials_never_reach_the_server() {
+    let (port, server) = mock(GREETING, vec![]).await;
+    let error = open(config(port), "alice", "pass\r\nA1 DELETE INBOX").await.err().unwrap();
+    assert!(matches!(error, BackendError::BadCredentials(_)), "{error:?}");
+    // Refused before even connecting.
+    assert!(tokio::time::timeout(Duration::from_millis(100), server).await.is_err());
+}
+
+#[tokio::test]
+async fn non_ascii_credentials_use_authenticate_plain() {
+    use base64::Engine as _;
+    let expected = base64::engine::general_purpose::STANDARD.encode("\0jürgen\0pässwörd€");
+    let expected: &'static str = Box::leak(expected.into_boxed_str());
+    let (port, server) = mock(
+        GREETING,
+        vec![
+            step("AUTHENTICATE PLAIN", "+ \r\n"),
+            // The SASL response line has no tag: AUTHENTICATE was the first
+            // command, A0001.
+            step(expected, "A0001 OK Logged in\r\n"),
+            step("CAPABILITY", "* CAPABILITY IMAP4rev1 UIDPLUS\r\n{tag} OK done\r\n"),
+            step("SELECT \"INBOX\"", SELECT_OK),
+        ],
+    )
+    .await;
+    let mailbox = open(config(port), "jürgen", "pässwörd€").await.unwrap();
+    mailbox.close().await;
+    let seen = server.await.unwrap();
+    assert!(!seen.iter().any(|l| l.contains("LOGIN")), "{seen:?}");
+}
+
+#[tokio::test]
+async fn preauth_and_bye_greetings_are_refused() {
+    let (port, _server) = mock("* PREAUTH [CAPABILITY IMAP4rev1] logged in as someone\r\n", vec![]).await;
+    assert!(matches!(open(config(port), "alice", "x").await.err(), Some(BackendError::Permanent(_))));
+    let (port, _server) = mock("* BYE Too many connections\r\n", vec![]).await;
+    assert!(matches!(open(config(port), "alice", "x").await.err(), Some(BackendError::Unavailable(_))));
+}
+
+#[tokio::test]
+async fn starttls_refused_is_unavailable() {
+    let (port, server) = mock(GREETING, vec![step("STARTTLS", "{tag} BAD STARTTLS not supported\r\n")]).await;
+    let mut config = config(port);
+    config.tls = ImapTls::Starttls;
+    let error = open(config, "alice", "secret").await.err().unwrap();
+    assert!(matches!(error, BackendError::Unavailable(_)), "{error:?}");
+    // No credentials went out in clear text.
+    assert!(!server.await.unwrap().iter().any(|l| l.contains("LOGIN") || l.contains("AUTHENTICATE")));
+}
+
+#[tokio::test]
+async fn missing_mailbox_is_permanent() {
+    let (port, _server) = mock(
+        GREETING,
+        vec![
+            step("LOGIN", LOGIN_OK),
+            step("SELECT \"Print Queue\"", "{tag} NO [NONEXISTENT] Mailbox doesn't exist\r\n"),
+        ],
+    )
+    .await;
+    let mut config = config(port);
+    config.mailbox = "Print Queue".into();
+    assert!(matches!(open(config, "alice", "x").await.err(), Some(BackendError::Permanent(_))));
+}
+
+#[tokio::test]
+async fn remove_expunges_exactly_the_given_uids_and_verifies() {
+    let (port, server) = mock(
+        GREETING,
+        opening(vec![
+            step("UID STORE 1:3,7 +FLAGS.SILENT (\\Deleted)", "{tag} OK Store completed\r\n"),
+            step(
+                "UID EXPUNGE 1:3,7",
+                "* 3 EXPUNGE\r\n* 2 EXPUNGE\r\n* 1 EXPUNGE\r\n* 1 EXPUNGE\r\n{tag} OK Expunge completed\r\n",
+            ),
+            step("UID SEARCH UID 1:3,7", "* SEARCH\r\n{tag} OK Search completed\r\n"),
+            step("UID STORE 5 +FLAGS.SILENT (\\Deleted)", "{tag} OK Store completed\r\n"),
+            step("UID EXPUNGE 5", "{tag} OK Expunge completed\r\n"),
+            // Another client's EXPUNGE response does not fool the check.
+            step("UID SEARCH UID 5", "* SEARCH 5\r\n{tag} OK Search completed\r\n"),
+        ]),
+    )
+    .await;
+    let mut mailbox = open(config(port), "alice", "a\"b\\c").await.unwrap();
+    let ids: Vec<StoreId> = ["7", "2", "1", "3"].iter().map(|s| StoreId(s.to_string())).collect();
+    mailbox.remove(&ids).await.unwrap();
+    assert!(matches!(mailbox.remove(&[StoreId("5".into())]).await, Err(BackendError::Unavailable(_))));
+    mailbox.close().await;
+    let seen = server.await.unwrap();
+    assert!(!seen.iter().any(|l| l.ends_with(" EXPUNGE")), "bare EXPUNGE sent: {seen:?}");
+}
+
+#[tokio::test]
+async fn remove_without_uidplus_moves_to_trash_or_refuses() {
+    let login = "{tag} OK [CAPABILITY IMAP4rev1 MOVE] Logged in\r\n";
+    // With a trash mailbox: UID MOVE.
+    let (port, _server) = mock(
+        GREETING,
+        vec![
+            step("LOGIN", login),
+            step("SELECT", SELECT_OK),
+            step("UID MOVE 4 \"Deleted Items\"", "{tag} OK Move completed\r\n"),
+            step("UID SEARCH UID 4", "* SEARCH\r\n{tag} OK\r\n"),
+        ],
+    )
+    .await;
+    let mut with_trash = config(port);
+    with_trash.trash_mailbox = Some("Deleted Items".into());
+    let mut mailbox = open(with_trash, "alice", "x").await.unwrap();
+    mailbox.remove(&[StoreId("4".into())]).await.unwrap();
+    mailbox.close().await;
+
+    // Without one: refused, and nothing sent.
+    let (port, server) = mock(GREETING, vec![step("LOGIN", login), step("SELECT", SELECT_OK)]).await;
+    let mut mailbox = open(config(port), "alice", "x").await.unwrap();
+    let error = mailbox.remove(&[StoreId("4".into())]).await.err().unwrap();
+    assert!(matches!(&error, BackendError::Permanent(why) if why.contains("UIDPLUS")), "{error:?}");
+    mailbox.close().await;
+    let seen = server.await.unwrap();
+    assert_eq!(seen.len(), 3, "{seen:?}"); // LOGIN, SELECT, LOGOUT
+}
+
+#[tokio::test]
+async fn canonical_sizes_batch_small_messages() {
+    let (port, server) = mock(
+        GREETING,
+        opening(vec![
+            step("UID FETCH 1:* (UID RFC822.SIZE)", LIST_OK),
+            // Bare LF and a missing final line end: canonical sizes differ
+            // from the stored octets.
+            step(
+                "UID FETCH 3,9 (UID BODY.PEEK[])",
+                "* 1 FETCH (UID 3 BODY[] {6}\r\na\nb\ncd)\r\n* 2 FETCH (UID 9 BODY[] {3}\r\nxyz)\r\n{tag} OK\r\n",
+            ),
+        ]),
+    )
+    .await;
+    let mut mailbox = open(config(port), "alice", "a\"b\\c").await.unwrap();
+    mailbox.list().await.unwrap();
+    let sizes = mailbox.canonical_sizes(&[StoreId("9".into()), StoreId("3".into())]).await.unwrap();
+    assert_eq!(sizes, [5, 10]);
+    mailbox.close().await;
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn unreadable_ca_file_is_permanent() {
+    let mut config = ImapConfig::new("imap.example.com", None, ImapTls::Implicit);
+    config.ca_file = Some("/nonexistent/ca.pem".into());
+    assert!(matches!(ImapBackend::new(config).err(), Some(BackendError::Permanent(_))));
+    assert!(ImapBackend::new(ImapConfig::new("imap.example.com", None, ImapTls::Implicit)).is_ok());
+}

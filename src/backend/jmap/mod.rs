@@ -1,0 +1,669 @@
+//! JMAP backend (RFC 8620 core, RFC 8621 mail): a POP3 maildrop over one
+//! JMAP mailbox, with its `JmapConfig` beside it.
+//!
+//! A login fetches the session resource with the client's own credentials
+//! (pass-through Basic, or the password as a Bearer token) and finds the
+//! mailbox; `list` is one `Email/query` + `Email/get` round trip per page;
+//! `fetch` streams the blob from the download URL; `remove` moves the
+//! messages to the `trash` mailbox or destroys them, per `delete_policy`.
+//! `api` owns HTTP and the mapping of HTTP/JMAP failures to `BackendError`.
+//!
+//! It never changes anything except in `remove`, and there only the
+//! mailbox membership (or existence) of exactly the messages it is given:
+//! no keywords, no other mailbox. Sizes are reported as `Claimed`, because
+//! `Email.size` counts the stored octets, not the CRLF form POP3 sends.
+
+mod api;
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::sync::Semaphore;
+use url::Url;
+
+use self::api::{Api, Auth, Http, Invocation};
+use super::{Backend, BackendError, ListedMessage, Mailbox, MessageStream, ReportedSize, StoreId};
+use crate::auth::{Credentials, Proof};
+
+/// How popgate authenticates to the JMAP server.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JmapAuth {
+    /// HTTP Basic with the POP3 user name and password, passed through.
+    #[default]
+    Basic,
+    /// The POP3 password is an OAuth access token, sent as `Bearer`; the
+    /// POP3 user name only labels the session (and its request limiter).
+    Bearer,
+}
+
+/// What "delete" means when a POP3 client deletes a message.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeletePolicy {
+    /// Move it to the mailbox with role `trash` (it leaves only the POP3
+    /// mailbox; other mailboxes it is in keep it). When the POP3 mailbox is
+    /// the trash itself, the message is destroyed: there is nowhere further.
+    #[default]
+    Trash,
+    /// Destroy the Email (`Email/set` destroy): gone from every mailbox.
+    Destroy,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JmapConfig {
+    /// The JMAP session resource (`https://mail.example.com/jmap/session`),
+    /// or the server's base URL (`https://mail.example.com`), in which case
+    /// `/.well-known/jmap` is asked and its redirects followed.
+    pub url: String,
+    /// The mailbox POP3 shows: unset, the one with role `inbox`; otherwise
+    /// its name, or its path with `/` between names (`Archive/2024`).
+    #[serde(default)]
+    pub mailbox: Option<String>,
+    /// `basic` (pass the POP3 credentials through) or `bearer` (the POP3
+    /// password is an access token).
+    #[serde(default)]
+    pub auth: JmapAuth,
+    /// Time limit in seconds for each HTTP request (for a download: for the
+    /// response to start, then for each read of its body).
+    #[serde(default = "default_timeout")]
+    pub timeout_secs: u64,
+    /// `trash` (move to the `trash` mailbox) or `destroy`.
+    #[serde(default)]
+    pub delete_policy: DeletePolicy,
+    /// PEM file of CA certificates to trust instead of the webpki roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+fn default_timeout() -> u64 {
+    30
+}
+
+impl JmapConfig {
+    pub fn new(url: impl Into<String>) -> Self {
+        JmapConfig {
+            url: url.into(),
+            mailbox: None,
+            auth: JmapAuth::default(),
+            timeout_secs: default_timeout(),
+            delete_policy: DeletePolicy::default(),
+            ca_file: None,
+        }
+    }
+
+    /// The URL of the session resource: `url` itself, or the well-known
+    /// location when `url` has no path.
+    pub fn session_url(&self) -> Result<Url, String> {
+        let url = Url::parse(&self.url).map_err(|e| format!("not a URL: {e}"))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err("the scheme must be http or https".into());
+        }
+        if url.host_str().is_none_or(str::is_empty) {
+            return Err("missing host".into());
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err("credentials do not belong in the URL; clients log in with their own".into());
+        }
+        if url.path().is_empty() || url.path() == "/" {
+            return url.join("/.well-known/jmap").map_err(|e| e.to_string());
+        }
+        Ok(url)
+    }
+
+    /// Checks what serde cannot; the error names the key at fault.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        self.session_url().map_err(|why| ("backend.url", why))?;
+        if self.timeout_secs == 0 {
+            return Err(("backend.timeout_secs", "must be at least 1".into()));
+        }
+        if self.mailbox.as_deref().is_some_and(|m| m.trim_matches('/').is_empty()) {
+            return Err(("backend.mailbox", "must not be empty (leave it out for the inbox)".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Messages per `Email/query` page: bounds one response's size whatever
+/// the server's `maxObjectsInGet`.
+const PAGE_CAP: usize = 4096;
+/// Listings restarted because the mailbox changed between pages.
+const LIST_ATTEMPTS: usize = 3;
+
+pub struct JmapBackend {
+    config: JmapConfig,
+    session_url: Url,
+    http: Http,
+    /// Request permits per user name, shared by that user's concurrent POP3
+    /// sessions so that together they respect `maxConcurrentRequests`.
+    permits: Mutex<HashMap<String, Weak<Semaphore>>>,
+}
+
+impl JmapBackend {
+    pub fn new(config: JmapConfig) -> Result<Self, BackendError> {
+        config.check().map_err(|(key, why)| BackendError::Permanent(format!("{key}: {why}")))?;
+        let session_url = config.session_url().map_err(BackendError::Permanent)?;
+        let tls = tls_config(config.ca_file.as_deref())?;
+        let http = Http::new(tls, Duration::from_secs(config.timeout_secs))?;
+        Ok(JmapBackend { config, session_url, http, permits: Mutex::new(HashMap::new()) })
+    }
+
+    fn permits_for(&self, user: &str, limit: usize) -> Arc<Semaphore> {
+        let mut permits = self.permits.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(shared) = permits.get(user).and_then(Weak::upgrade) {
+            return shared;
+        }
+        permits.retain(|_, weak| weak.strong_count() > 0);
+        let shared = Arc::new(Semaphore::new(limit));
+        permits.insert(user.to_string(), Arc::downgrade(&shared));
+        shared
+    }
+
+    fn auth(&self, credentials: &Credentials) -> Result<Auth, BackendError> {
+        let token = match (&credentials.proof, self.config.auth) {
+            (Proof::Password(password), JmapAuth::Basic) => {
+                // RFC 7617: the user-id ends at the first colon.
+                if credentials.user.contains(':') {
+                    return Err(BackendError::BadCredentials("a user name with ':' cannot be sent with HTTP Basic"));
+                }
+                return Ok(Auth::Basic { user: credentials.user.clone(), password: password.clone() });
+            }
+            (Proof::Bearer(_), JmapAuth::Basic) => {
+                return Err(BackendError::BadCredentials("this server takes passwords, not bearer tokens"));
+            }
+            (Proof::Password(token) | Proof::Bearer(token), JmapAuth::Bearer) => token,
+        };
+        // RFC 6750 b64token: visible ASCII only, or the header is invalid.
+        let value = token.expose();
+        if value.is_empty() || !value.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+            return Err(BackendError::BadCredentials("the access token has characters a header cannot carry"));
+        }
+        Ok(Auth::Bearer(token.clone()))
+    }
+}
+
+#[async_trait]
+impl Backend for JmapBackend {
+    fn kind(&self) -> &'static str {
+        "jmap"
+    }
+
+    /// With `auth = "bearer"`, a token from SASL XOAUTH2/OAUTHBEARER is sent
+    /// on just like a password used as one.
+    fn accepts_bearer_tokens(&self) -> bool {
+        self.config.auth == JmapAuth::Bearer
+    }
+
+    async fn open(&self, credentials: &Credentials) -> Result<Box<dyn Mailbox>, BackendError> {
+        let auth = self.auth(credentials)?;
+        let session = self.http.session(&self.session_url, &auth).await?;
+        let limits = session.limits;
+        if limits.max_calls_in_request < 2 {
+            return Err(BackendError::Permanent(
+                "the server allows 1 method call per request; listing needs 2 (query + get)".into(),
+            ));
+        }
+        let permits = self.permits_for(&credentials.user, limits.max_concurrent_requests);
+        let api = Api::new(self.http.clone(), auth, session, permits);
+        let folders = Folders::fetch(&api).await?;
+        let mailbox_id = folders.find(self.config.mailbox.as_deref())?;
+        if self.config.delete_policy == DeletePolicy::Trash && folders.with_role("trash").is_none() {
+            tracing::warn!("no mailbox has role trash: deleting will fail (set delete_policy = \"destroy\"?)");
+        }
+        Ok(Box::new(JmapMailbox { api, mailbox_id, policy: self.config.delete_policy, blobs: HashMap::new() }))
+    }
+}
+
+/// The account's mailboxes, to find ours and the trash by name or role.
+struct Folders(Vec<Folder>);
+
+#[derive(Debug, Deserialize)]
+struct Folder {
+    id: String,
+    name: String,
+    #[serde(rename = "parentId")]
+    parent_id: Option<String>,
+    role: Option<String>,
+}
+
+impl Folders {
+    async fn fetch(api: &Api) -> Result<Folders, BackendError> {
+        let call = (
+            "Mailbox/get",
+            json!({ "accountId": api.account_id(), "ids": null, "properties": ["id", "name", "parentId", "role"] }),
+            "m".to_string(),
+        );
+        let responses = api.call(vec![call]).await?;
+        let list = responses.get("m", "Mailbox/get")?.get("list").cloned().unwrap_or(Value::Null);
+        let folders: Vec<Folder> = serde_json::from_value(list)
+            .map_err(|e| BackendError::unavailable(format!("Mailbox/get: unexpected reply: {e}")))?;
+        Ok(Folders(folders))
+    }
+
+    fn with_role(&self, role: &str) -> Option<String> {
+        self.0.iter().find(|f| f.role.as_deref() == Some(role)).map(|f| f.id.clone())
+    }
+
+    fn path(&self, folder: &Folder) -> String {
+        let mut names = vec![folder.name.as_str()];
+        let mut parent = folder.parent_id.as_deref();
+        // Bounded: a server reporting a parent cycle must not hang us.
+        while let Some(id) = parent.filter(|_| names.len() <= self.0.len()) {
+            let Some(up) = self.0.iter().find(|f| f.id == id) else { break };
+            names.push(&up.name);
+            parent = up.parent_id.as_deref();
+        }
+        names.reverse();
+        names.join("/")
+    }
+
+    /// `None`: the inbox (by role). A name: the mailbox with that path, or
+    /// else the only one with that name; "INBOX" in any case is the inbox.
+    fn find(&self, wanted: Option<&str>) -> Result<String, BackendError> {
+        let not_found = |what: String| {
+            tracing::warn!(mailbox = %what, "configured JMAP mailbox not found");
+            BackendError::Permanent(format!("no mailbox {what} in this account"))
+        };
+        let Some(wanted) = wanted.map(|w| w.trim_matches('/')) else {
+            return self.with_role("inbox").ok_or_else(|| not_found("with role inbox".into()));
+        };
+        if let Some(folder) = self.0.iter().find(|f| self.path(f) == wanted) {
+            return Ok(folder.id.clone());
+        }
+        let named: Vec<_> = self.0.iter().filter(|f| f.name == wanted).collect();
+        match named.as_slice() {
+            [one] => Ok(one.id.clone()),
+            [] if wanted.eq_ignore_ascii_case("inbox") => {
+                self.with_role("inbox").ok_or_else(|| not_found("with role inbox".into()))
+            }
+            [] => Err(not_found(format!("named {wanted:?}"))),
+            _ => Err(BackendError::Permanent(format!("several mailboxes are named {wanted:?}: give its path"))),
+        }
+    }
+}
+
+struct JmapMailbox {
+    api: Api,
+    mailbox_id: String,
+    policy: DeletePolicy,
+    /// Email id → blob id, from the last listing (downloads need the blob).
+    blobs: HashMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct ListedEmail {
+    id: String,
+    #[serde(rename = "blobId")]
+    blob_id: String,
+    size: u64,
+}
+
+/// One page of a listing: the query's answer joined with the get's.
+struct Page {
+    /// In query order.
+    emails: Vec<ListedEmail>,
+    /// How many ids the query returned (some may have vanished before the get).
+    ids: usize,
+    position: usize,
+    total: Option<usize>,
+    query_state: Option<String>,
+    /// The server's cap on `limit`, when it applied one.
+    limit: Option<usize>,
+}
+
+struct Listing {
+    emails: Vec<ListedEmail>,
+    /// The query state was the same for every page.
+    consistent: bool,
+}
+
+impl JmapMailbox {
+    fn query_calls(&self, tag: usize, position: usize, limit: usize) -> [Invocation; 2] {
+        let account = self.api.account_id();
+        let query_id = format!("q{tag}");
+        [
+            (
+                "Email/query",
+                json!({
+                    "accountId": account,
+                    "filter": { "inMailbox": self.mailbox_id },
+                    "sort": [{ "property": "receivedAt", "isAscending": true }],
+                    "position": position,
+                    "limit": limit,
+                    "calculateTotal": true,
+                }),
+                query_id.clone(),
+            ),
+            (
+                "Email/get",
+                json!({
+                    "accountId": account,
+                    "#ids": { "resultOf": query_id, "name": "Email/query", "path": "/ids" },
+                    "properties": ["id", "blobId", "size"],
+                }),
+                format!("g{tag}"),
+            ),
+        ]
+    }
+
+    fn page(responses: &api::Responses, tag: usize) -> Result<Page, BackendError> {
+        let query = responses.get(&format!("q{tag}"), "Email/query")?;
+        let got = responses.get(&format!("g{tag}"), "Email/get")?;
+        let unexpected =
+            |what: &str| BackendError::unavailable(format!("unexpected Email/query or Email/get reply: {what}"));
+        let ids: Vec<String> = query
+            .get("ids")
+            .cloned()
+            .and_then(|ids| serde_json::from_value(ids).ok())
+            .ok_or_else(|| unexpected("no ids"))?;
+        let count = |key: &str| query.get(key).and_then(Value::as_u64).map(|n| n as usize);
+        let list: Vec<ListedEmail> = got
+            .get("list")
+            .cloned()
+            .and_then(|list| serde_json::from_value(list).ok())
+            .ok_or_else(|| unexpected("no list of emails"))?;
+        // Email/get may answer in any order; the query's order is the
+        // maildrop's.
+        let mut by_id: HashMap<String, ListedEmail> = list.into_iter().map(|e| (e.id.clone(), e)).collect();
+        let emails = ids.iter().filter_map(|id| by_id.remove(id)).collect();
+        Ok(Page {
+            emails,
+            ids: ids.len(),
+            position: count("position").unwrap_or(0),
+            total: count("total"),
+            query_state: query.get("queryState").and_then(Value::as_str).map(str::to_string),
+            limit: count("limit"),
+        })
+    }
+
+    /// One pass over the mailbox, page by page, as many pages per HTTP
+    /// request as `maxCallsInRequest` allows once the total is known.
+    async fn list_once(&self) -> Result<Listing, BackendError> {
+        let limits = self.api.limits();
+        let mut page_size = limits.max_objects_in_get.min(PAGE_CAP);
+        let pages_per_request = limits.max_calls_in_request / 2;
+        let mut emails = Vec::new();
+        let mut seen = HashSet::new();
+        let mut position = 0;
+        let mut total: Option<usize> = None;
+        let mut first_state: Option<String> = None;
+        let mut consistent = true;
+        loop {
+            let pages = match total {
+                None => 1,
+                Some(total) => total.saturating_sub(position).div_ceil(page_size).clamp(1, pages_per_request),
+            };
+            let calls =
+                (0..pages).flat_map(|tag| self.query_calls(tag, position + tag * page_size, page_size)).collect();
+            let responses = self.api.call(calls).await?;
+            let mut advanced = 0;
+            for tag in 0..pages {
+                let page = Self::page(&responses, tag)?;
+                if page.position != position + advanced {
+                    return Err(BackendError::unavailable("Email/query ignored the requested position"));
+                }
+                if let Some(state) = page.query_state {
+                    match &first_state {
+                        None => first_state = Some(state),
+                        Some(first) if *first != state => consistent = false,
+                        Some(_) => {}
+                    }
+                }
+                total = page.total.or(total);
+                advanced += page.ids;
+                for email in page.emails {
+                    // A message moved between pages can be seen twice.
+                    if seen.insert(email.id.clone()) {
+                        emails.push(email);
+                    }
+                }
+                let capped = page.limit.filter(|&limit| limit > 0 && limit < page_size);
+                if let Some(limit) = capped {
+                    page_size = limit;
+                }
+                // The later pages of this request assumed a full page here:
+                // their positions are wrong; ask again from where this ended.
+                if capped.is_some() || page.ids < page_size {
+                    break;
+                }
+            }
+            position += advanced;
+            let done = match total {
+                Some(total) => position >= total,
+                None => false,
+            };
+            if advanced == 0 || done {
+                return Ok(Listing { emails, consistent });
+            }
+        }
+    }
+
+    fn keep_listing(&mut self, emails: Vec<ListedEmail>) -> Vec<ListedMessage> {
+        self.blobs = emails.iter().map(|e| (e.id.clone(), e.blob_id.clone())).collect();
+        emails
+            .into_iter()
+            .map(|e| ListedMessage { uidl: uidl_for(&e.id), id: StoreId(e.id), size: ReportedSize::Claimed(e.size) })
+            .collect()
+    }
+
+    /// The blob of a message that was not in the listing.
+    async fn blob_of(&self, id: &str) -> Result<String, BackendError> {
+        let call = (
+            "Email/get",
+            json!({ "accountId": self.api.account_id(), "ids": [id], "properties": ["id", "blobId", "size"] }),
+            "b".to_string(),
+        );
+        let responses = self.api.call(vec![call]).await?;
+        let list = responses.get("b", "Email/get")?.get("list").cloned().unwrap_or(Value::Null);
+        let emails: Vec<ListedEmail> = serde_json::from_value(list).unwrap_or_default();
+        emails.into_iter().find(|e| e.id == id).map(|e| e.blob_id).ok_or(BackendError::MessageGone)
+    }
+
+    /// Where `remove` moves messages, or `None` to destroy them. The trash
+    /// is looked up now, not at login: Cyrus 3.6 accepts a move into a
+    /// mailbox destroyed meanwhile, and the messages vanish with it.
+    async fn move_target(&self) -> Result<Option<String>, BackendError> {
+        if self.policy == DeletePolicy::Destroy {
+            return Ok(None);
+        }
+        let trash = Folders::fetch(&self.api)
+            .await?
+            .with_role("trash")
+            .ok_or_else(|| BackendError::Permanent("delete_policy is trash but no mailbox has role trash".into()))?;
+        // Deleting from the trash itself: there is nowhere further to move.
+        Ok((trash != self.mailbox_id).then_some(trash))
+    }
+
+    /// One `Email/set` over `ids`; returns how many were not removed.
+    async fn remove_batch(&self, ids: &[&str], trash: Option<&str>) -> Result<usize, BackendError> {
+        let account = self.api.account_id();
+        let arguments = match trash {
+            Some(trash) => {
+                // Patch only the two memberships: other mailboxes the
+                // message is in keep it.
+                let patch = json!({
+                    format!("mailboxIds/{}", pointer_escape(&self.mailbox_id)): null,
+                    format!("mailboxIds/{}", pointer_escape(trash)): true,
+                });
+                let update: serde_json::Map<String, Value> =
+                    ids.iter().map(|id| (id.to_string(), patch.clone())).collect();
+                json!({ "accountId": account, "update": update })
+            }
+            None => json!({ "accountId": account, "destroy": ids }),
+        };
+        let responses = self.api.call(vec![("Email/set", arguments, "s".to_string())]).await?;
+        let set = responses.get("s", "Email/set")?;
+        let done: HashSet<&str> = match trash {
+            Some(_) => set.get("updated").and_then(Value::as_object).map(|m| m.keys().map(String::as_str).collect()),
+            None => {
+                set.get("destroyed").and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).collect())
+            }
+        }
+        .unwrap_or_default();
+        let refused = set.get(if trash.is_some() { "notUpdated" } else { "notDestroyed" }).and_then(Value::as_object);
+        let mut failed = 0;
+        for id in ids {
+            if done.contains(id) {
+                continue;
+            }
+            let error = refused.and_then(|r| r.get(*id));
+            let kind = error.and_then(|e| e.get("type")).and_then(Value::as_str).unwrap_or("(not in the reply)");
+            if kind == "notFound" {
+                // Already destroyed by someone else: it is gone, as asked.
+                tracing::debug!(id, "message to remove was already gone");
+                continue;
+            }
+            let description = error.and_then(|e| e.get("description")).and_then(Value::as_str).unwrap_or("");
+            tracing::warn!(id, jmap_error = kind, description, "Email/set did not remove a message");
+            failed += 1;
+        }
+        Ok(failed)
+    }
+
+    /// Splits ids into batches that fit `maxObjectsInSet` and, with room to
+    /// spare, `maxSizeRequest`.
+    fn batches<'a>(&self, ids: &'a [StoreId], trash: Option<&str>) -> Vec<Vec<&'a str>> {
+        let limits = self.api.limits();
+        let budget = limits.max_size_request.saturating_sub(1024).max(1);
+        // Per id: the id twice over (quoted, plus the patch keys) and the
+        // mailbox ids, with JSON punctuation.
+        let per_id_overhead = 2 * (self.mailbox_id.len() + trash.map_or(0, str::len)) + 64;
+        let mut batches = vec![Vec::new()];
+        let mut size = 0;
+        for id in ids {
+            let cost = id.0.len() + per_id_overhead;
+            let current = batches.last_mut().expect("never empty");
+            if !current.is_empty() && (current.len() >= limits.max_objects_in_set || size + cost > budget) {
+                batches.push(Vec::new());
+                size = 0;
+            }
+            batches.last_mut().expect("never empty").push(id.0.as_str());
+            size += cost;
+        }
+        batches.retain(|b| !b.is_empty());
+        batches
+    }
+}
+
+#[async_trait]
+impl Mailbox for JmapMailbox {
+    async fn list(&mut self) -> Result<Vec<ListedMessage>, BackendError> {
+        let mut last = Vec::new();
+        for attempt in 1..=LIST_ATTEMPTS {
+            let listing = self.list_once().await?;
+            if listing.consistent {
+                return Ok(self.keep_listing(listing.emails));
+            }
+            tracing::debug!(attempt, "mailbox changed while it was listed; listing again");
+            last = listing.emails;
+        }
+        // Still changing: what we have is deduplicated and each message in
+        // it existed; at worst one that arrived meanwhile is missing.
+        Ok(self.keep_listing(last))
+    }
+
+    async fn fetch(&mut self, id: &StoreId) -> Result<MessageStream<'_>, BackendError> {
+        let blob = match self.blobs.get(&id.0) {
+            Some(blob) => blob.clone(),
+            None => self.blob_of(&id.0).await?,
+        };
+        self.api.download(&blob).await
+    }
+
+    async fn remove(&mut self, ids: &[StoreId]) -> Result<(), BackendError> {
+        // Every failure is reported as temporary, naming how many messages
+        // stayed: the client keeps its copy and can try again later.
+        let trash = self.move_target().await.map_err(|e| {
+            tracing::warn!(error = %e, requested = ids.len(), "cannot remove messages");
+            BackendError::Unavailable(format!("{0} of {0} messages could not be removed ({e})", ids.len()))
+        })?;
+        let trash = trash.as_deref();
+        let mut failed = 0;
+        let mut first_error = None;
+        for batch in self.batches(ids, trash) {
+            match self.remove_batch(&batch, trash).await {
+                Ok(n) => failed += n,
+                Err(e) => {
+                    tracing::warn!(error = %e, messages = batch.len(), "Email/set failed");
+                    failed += batch.len();
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if failed == 0 {
+            return Ok(());
+        }
+        let verb = if trash.is_some() { "moved to the trash" } else { "destroyed" };
+        let cause = first_error.map(|e| format!(" ({e})")).unwrap_or_default();
+        Err(BackendError::Unavailable(format!("{failed} of {} messages could not be {verb}{cause}", ids.len())))
+    }
+
+    async fn close(self: Box<Self>) {
+        // JMAP is stateless over HTTP: there is no session to log out of.
+    }
+}
+
+/// RFC 1939 wants a UIDL of 1–70 characters in 0x21..=0x7E. A JMAP id
+/// (RFC 8620: 1–255 of A-Za-z0-9-_) usually is one and is used as it is; a
+/// longer or odder one becomes `h` + the hex SHA-256 of the id (65
+/// characters) — stable, since the id is. (A server whose ids themselves
+/// look like `h` + 64 hex digits could collide with that; none is known.)
+pub fn uidl_for(id: &str) -> String {
+    if (1..=70).contains(&id.len()) && id.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+        return id.to_string();
+    }
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(id.as_bytes());
+    let mut uidl = String::with_capacity(65);
+    uidl.push('h');
+    for byte in digest {
+        uidl.push_str(&format!("{byte:02x}"));
+    }
+    uidl
+}
+
+/// RFC 6901 escaping for a path segment of a JMAP patch.
+fn pointer_escape(segment: &str) -> String {
+    segment.replace('~', "~0").replace('/', "~1")
+}
+
+/// TLS for HTTPS: ring as the one crypto provider, and the webpki roots or
+/// the configured CA file.
+fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, BackendError> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+        Some(path) => {
+            let bad = |why: String| BackendError::Permanent(format!("ca_file {}: {why}", path.display()));
+            let certs = CertificateDer::pem_file_iter(path)
+                .map_err(|e| bad(e.to_string()))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| bad(e.to_string()))?;
+            if certs.is_empty() {
+                return Err(bad("no certificates in it".into()));
+            }
+            for cert in certs {
+                roots.add(cert).map_err(|e| bad(e.to_string()))?;
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| BackendError::Permanent(format!("TLS setup: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+#[cfg(test)]
+mod tests;
