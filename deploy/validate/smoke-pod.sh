@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# Runs popgate the way the Kubernetes pod does, without Kubernetes: the
+# ConfigMap's popgate.toml, as uid/gid 65532 with no capabilities and
+# no_new_privs, in a private network namespace (nothing it binds is
+# visible outside, and no port can clash with other tests). Then it checks
+# what the manifests rely on:
+#   - /healthz and /readyz answer 200 on the admin port, /metrics is
+#     Prometheus text;
+#   - a cleartext login on the STLS port is refused (loopback_is_secure is
+#     false), STLS and implicit TLS logins work, with the certificate from
+#     the directory the Secret is mounted as;
+#   - SIGTERM: /readyz fails while a session is still open, and popgate
+#     exits 0 once it closes, within terminationGracePeriodSeconds.
+#
+#   smoke-pod.sh BINARY POPGATE_TOML WORKDIR [docker]
+#
+# Only the backend is replaced (by the demo store: no network here) and
+# the certificate paths are pointed at a self-signed certificate in
+# WORKDIR. With `docker`, the namespace gets Docker's
+# net.ipv4.ip_unprivileged_port_start=0, for the image's own configuration
+# (port 110 as a non-root user). Needs root (for the namespace and
+# setpriv), curl, openssl and ip; exits 77 when it cannot run here, 1 on a
+# failed check.
+set -euo pipefail
+binary=$(realpath "$1")
+source_toml=$2
+dir=$(realpath -m "$3")
+mode=${4:-pod}
+uid=65532
+
+for tool in unshare setpriv curl openssl ip; do
+    command -v "$tool" >/dev/null || { echo "SKIP: $tool is missing"; exit 77; }
+done
+[ "$(id -u)" -eq 0 ] || { echo "SKIP: needs root (network namespace, setpriv)"; exit 77; }
+unshare -n true 2>/dev/null || { echo "SKIP: cannot create a network namespace here"; exit 77; }
+
+rm -rf "$dir"
+mkdir -p "$dir/tls"
+chmod 0755 "$dir" "$dir/tls"
+
+# The Secret's files: kubernetes.io/tls keys, the key 0440 group 65532
+# (defaultMode 0440 with fsGroup 65532).
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+    -subj /CN=popgate.test -addext "subjectAltName=IP:127.0.0.1,DNS:localhost" \
+    -keyout "$dir/tls/tls.key" -out "$dir/tls/tls.crt" 2>/dev/null
+chgrp "$uid" "$dir/tls/tls.key" "$dir/tls/tls.crt"
+chmod 0440 "$dir/tls/tls.key" "$dir/tls/tls.crt"
+
+python3 - "$source_toml" "$dir/popgate.toml" "$dir/tls" <<'EOF'
+import re, sys
+src, dst, tls = sys.argv[1:]
+out, skip = [], False
+for line in open(src):
+    if re.match(r"\s*\[", line):
+        skip = re.match(r"\s*\[backend\]", line) is not None
+    if not skip:
+        out.append(line.replace("/etc/popgate/tls", tls))
+out.append('\n[backend]\nkind = "demo"\n')
+open(dst, "w").write("".join(out))
+EOF
+chmod 0444 "$dir/popgate.toml"
+
+# The ports, from the configuration itself.
+read -r plain pop3 pop3s admin grace < <(python3 - "$dir/popgate.toml" <<'EOF'
+import sys, tomllib
+c = tomllib.load(open(sys.argv[1], "rb"))
+def first(mode):
+    found = [l["address"].rsplit(":", 1)[1] for l in c["listener"] if l.get("tls", "none") == mode]
+    return found[0] if found else "-"
+print(first("none"), first("starttls"), first("implicit"),
+      c["admin"]["address"].rsplit(":", 1)[1], c.get("limits", {}).get("shutdown_grace_secs", 30))
+EOF
+)
+
+# Everything below runs inside the namespace (single quotes: expanded there).
+export binary dir uid plain pop3 pop3s admin grace mode
+# shellcheck disable=SC2016
+exec unshare -n bash -euo pipefail -c '
+ip link set lo up
+if [ "$mode" = docker ]; then
+    # What Docker (20.10 and later) sets in every container network namespace.
+    sysctl -q -w net.ipv4.ip_unprivileged_port_start=0
+fi
+failed=0
+check() { if "${@:2}"; then echo "  ok   $1"; else echo "  FAIL $1"; failed=1; fi; }
+url() { curl -s -o /dev/null -w "%{http_code}" --max-time 3 "http://127.0.0.1:$admin$1"; }
+
+setpriv --reuid "$uid" --regid "$uid" --clear-groups --inh-caps=-all --bounding-set=-all --no-new-privs -- \
+    "$binary" serve --config "$dir/popgate.toml" 2>"$dir/popgate.log" &
+pid=$!
+for _ in $(seq 50); do [ "$(url /healthz)" = 200 ] && break; sleep 0.2; done
+check "runs as uid $uid without capabilities: $(grep -E "^(Uid|CapEff)" /proc/$pid/status | tr -s "\t\n" "  ")" \
+    grep -qE "^Uid:\s+$uid\s" /proc/$pid/status
+check "GET /healthz -> 200" test "$(url /healthz)" = 200
+ready=000
+for _ in $(seq 25); do ready=$(url /readyz); [ "$ready" = 200 ] && break; sleep 0.2; done
+check "GET /readyz -> 200" test "$ready" = 200
+check "GET /metrics is Prometheus text with popgate_ metrics" \
+    bash -c "curl -s --max-time 3 http://127.0.0.1:$admin/metrics | grep -q \"^popgate_\""
+if [ "$pop3" != - ]; then
+    check "cleartext login on $pop3 refused (loopback_is_secure = false)" \
+        bash -c "! curl -s --max-time 5 pop3://127.0.0.1:$pop3/ -u demo:demo >/dev/null"
+    check "STLS login on $pop3 (certificate from $dir/tls)" \
+        bash -c "curl -s --max-time 5 --ssl-reqd --cacert $dir/tls/tls.crt pop3://127.0.0.1:$pop3/ -u demo:demo | grep -q \"^1 \""
+fi
+if [ "$pop3s" != - ]; then
+    check "implicit TLS login on $pop3s, RETR 1" \
+        bash -c "curl -s --max-time 5 --cacert $dir/tls/tls.crt pop3s://127.0.0.1:$pop3s/1 -u demo:demo | grep -qi \"^subject:\""
+fi
+if [ "$plain" != - ]; then
+    check "login on the cleartext listener $plain from loopback, RETR 1" \
+        bash -c "curl -s --max-time 5 pop3://127.0.0.1:$plain/1 -u demo:demo | grep -qi \"^subject:\""
+fi
+
+# SIGTERM with a session open: draining fails /readyz, the process waits
+# for the session, then exits 0.
+port=$pop3s; [ "$port" != - ] || port=$pop3; [ "$port" != - ] || port=$plain
+exec 5<>"/dev/tcp/127.0.0.1/$port"
+sleep 1
+start=$(date +%s)
+kill -TERM "$pid"
+sleep 1
+check "SIGTERM with a session open: /readyz -> 503 while draining" test "$(url /readyz)" = 503
+check "SIGTERM with a session open: still serving it" kill -0 "$pid"
+exec 5>&-
+status=0
+for _ in $(seq $(( (grace + 5) * 5 ))); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+if kill -0 "$pid" 2>/dev/null; then
+    kill -KILL "$pid"; status=killed
+else
+    wait "$pid" || status=$?
+fi
+took=$(( $(date +%s) - start ))
+check "exits 0 within shutdown_grace_secs + 5 = $((grace + 5)) s after SIGTERM (took ${took}s, status $status)" test "$status" = 0
+if [ "$failed" != 0 ]; then
+    echo "  popgate log:"; sed "s/^/    /" "$dir/popgate.log" | tail -20
+fi
+exit "$failed"
+'
