@@ -11,7 +11,7 @@ use popgate::server::admin::AdminServer;
 use popgate::server::{Server, build_backend};
 
 #[derive(Parser)]
-#[command(name = "popgate", version, about = "A POP3 gateway to IMAP mailboxes")]
+#[command(name = "popgate", version, about = "A POP3 gateway to IMAP and JMAP mailboxes")]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -35,7 +35,8 @@ struct ServeArgs {
     #[arg(long = "listen", value_name = "ADDR")]
     listen: Vec<SocketAddr>,
     /// Backend URL: imap://host:port[/mailbox], imap+starttls://…, imaps://…,
-    /// demo: or demo:DIR; replaces the configured backend.
+    /// jmap+http://host:port/path, jmap+https://…, demo: or demo:DIR;
+    /// replaces the configured backend.
     #[arg(long, value_name = "URL")]
     backend: Option<String>,
     /// Address of the admin HTTP listener (/metrics, /healthz, /readyz);

@@ -90,6 +90,12 @@ pub struct ImapConfig {
     /// Octets per partial FETCH while streaming a message.
     #[serde(default = "default_chunk")]
     pub fetch_chunk_bytes: u32,
+    /// Let POP3 clients log in with an OAuth bearer token (SASL XOAUTH2 /
+    /// OAUTHBEARER), handed to the server with AUTHENTICATE XOAUTH2. For
+    /// servers that accept OAuth (Gmail, Microsoft 365, Dovecot with an
+    /// oauth2 passdb).
+    #[serde(default)]
+    pub oauth_passthrough: bool,
 }
 
 fn default_mailbox() -> String {
@@ -115,6 +121,7 @@ impl ImapConfig {
             trash_mailbox: None,
             mark_seen: false,
             fetch_chunk_bytes: default_chunk(),
+            oauth_passthrough: false,
         }
     }
 
@@ -163,6 +170,21 @@ impl ImapBackend {
 impl Backend for ImapBackend {
     fn kind(&self) -> &'static str {
         "imap"
+    }
+
+    fn accepts_bearer_tokens(&self) -> bool {
+        self.config.oauth_passthrough
+    }
+
+    /// Reachability without a login: a TCP connection to the server.
+    async fn probe(&self) -> Result<(), BackendError> {
+        let address = (self.config.host.as_str(), self.config.port());
+        let timeout = Duration::from_secs(self.config.timeout_secs.min(5));
+        match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(address)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(BackendError::unavailable(format!("cannot connect: {e}"))),
+            Err(_) => Err(BackendError::unavailable("connect timed out")),
+        }
     }
 
     async fn open(&self, credentials: &Credentials) -> Result<Box<dyn Mailbox>, BackendError> {

@@ -225,7 +225,7 @@ impl Mailbox for MemoryMailbox {
             .iter()
             .map(|m| ListedMessage {
                 id: StoreId(m.uid.to_string()),
-                uidl: format!("{:08X}{:08X}", m.uid, UIDVALIDITY),
+                uidl: format!("{:08x}{:08x}", m.uid, UIDVALIDITY),
                 size: if claim {
                     ReportedSize::Claimed(m.content.len() as u64)
                 } else {
