@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::backend::imap::{ImapConfig, ImapTls};
 use crate::backend::jmap::JmapConfig;
 use crate::backend::memory::MemoryConfig;
+use crate::backend::pool::PoolConfig;
 use crate::server::policy::{ListenerTls, LoginPolicy};
 use crate::server::throttle::ThrottleConfig;
 use crate::server::tls::CertificateConfig;
@@ -43,6 +44,8 @@ pub struct Config {
     #[serde(default)]
     pub backend: BackendConfig,
     #[serde(default)]
+    pub backend_pool: PoolConfig,
+    #[serde(default)]
     pub log: LogConfig,
     #[serde(default)]
     pub admin: AdminConfig,
@@ -56,6 +59,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             throttle: ThrottleConfig::default(),
             backend: BackendConfig::default(),
+            backend_pool: PoolConfig::default(),
             log: LogConfig::default(),
             admin: AdminConfig::default(),
         }

@@ -97,6 +97,8 @@ pub struct Metrics {
     pub logins: Family<LoginLabels, Counter>,
     pub backend_latency: HistogramFamily,
     pub retrieved_bytes: Counter,
+    pub backend_logins: Counter,
+    pub backend_sessions_reused: Counter,
     pub deletions: Family<ResultLabels, Counter>,
     pub last_success: Family<AccountLabels, Gauge<f64, AtomicU64>>,
 }
@@ -117,6 +119,8 @@ impl Metrics {
             logins: Family::default(),
             backend_latency: Family::new_with_constructor(latency_histogram),
             retrieved_bytes: Counter::default(),
+            backend_logins: Counter::default(),
+            backend_sessions_reused: Counter::default(),
             deletions: Family::default(),
             last_success: Family::default(),
             registry: Registry::default(),
@@ -131,6 +135,12 @@ impl Metrics {
             metrics.backend_latency.clone(),
         );
         registry.register("retrieved_bytes", "Message octets sent by RETR and TOP", metrics.retrieved_bytes.clone());
+        registry.register("backend_logins", "Logins to a backend (new sessions)", metrics.backend_logins.clone());
+        registry.register(
+            "backend_sessions_reused",
+            "POP3 sessions served by a warm backend session (no backend login)",
+            metrics.backend_sessions_reused.clone(),
+        );
         registry.register("deletions", "Messages removed in the UPDATE state, by result", metrics.deletions.clone());
         registry.register(
             "account_last_success_timestamp_seconds",

@@ -205,6 +205,7 @@ impl Backend for ImapBackend {
                 Ok(Box::new(ImapMailbox {
                     conn,
                     selected,
+                    config: self.config.clone(),
                     chunk: self.config.fetch_chunk_bytes.max(1),
                     mark_seen: self.config.mark_seen,
                     sizes_policy: self.config.sizes,
@@ -223,6 +224,8 @@ impl Backend for ImapBackend {
 
 /// What SELECT and the capabilities told us about the mailbox.
 struct Selected {
+    /// The server's capabilities, kept for a re-SELECT (`reset`).
+    capabilities: HashSet<String>,
     uidvalidity: u32,
     uidplus: bool,
     can_move: bool,
@@ -232,6 +235,7 @@ struct Selected {
 struct ImapMailbox {
     conn: Conn,
     selected: Selected,
+    config: ImapConfig,
     chunk: u32,
     mark_seen: bool,
     sizes_policy: SizePolicy,
@@ -283,6 +287,7 @@ impl ImapMailbox {
             uidplus: capabilities.contains("UIDPLUS"),
             can_move: capabilities.contains("MOVE"),
             read_only: matches!(reply.code, Some(ResponseCode::ReadOnly)),
+            capabilities,
         })
     }
 
@@ -430,6 +435,15 @@ impl Chunks<'_> {
 
 #[async_trait]
 impl Mailbox for ImapMailbox {
+    /// A fresh view for a reused session: SELECT again, which re-reads
+    /// UIDVALIDITY and EXISTS and proves the connection is alive.
+    async fn reset(&mut self) -> Result<(), BackendError> {
+        let capabilities = Some(self.selected.capabilities.clone());
+        self.selected = Self::select(&mut self.conn, &self.config, capabilities).await?;
+        self.sizes.clear();
+        Ok(())
+    }
+
     async fn list(&mut self) -> Result<Vec<ListedMessage>, BackendError> {
         let mut found = BTreeMap::new();
         // `1:*` on an empty mailbox is an error on some servers.

@@ -53,6 +53,7 @@ struct StoreState {
     /// Seed for users that log in without an account (demo mode).
     demo_seed: Option<Vec<Bytes>>,
     unavailable: bool,
+    fail_next_reset: bool,
     claim_raw_sizes: bool,
     chunk_size: usize,
     logins: u64,
@@ -124,6 +125,11 @@ impl MemoryStore {
     /// Every call fails with `Unavailable` while set (a store that went down).
     pub fn set_unavailable(&self, down: bool) {
         self.lock().unavailable = down;
+    }
+
+    /// The next `Mailbox::reset` fails (a warm session that went stale).
+    pub fn fail_next_reset(&self) {
+        self.lock().fail_next_reset = true;
     }
 
     /// Report raw stored lengths as claimed sizes, as some IMAP servers do.
@@ -216,6 +222,14 @@ fn uid_of(id: &StoreId) -> Result<u32, BackendError> {
 
 #[async_trait]
 impl Mailbox for MemoryMailbox {
+    async fn reset(&mut self) -> Result<(), BackendError> {
+        let mut state = self.check()?;
+        if std::mem::take(&mut state.fail_next_reset) {
+            return Err(BackendError::unavailable("session went stale"));
+        }
+        Ok(())
+    }
+
     async fn list(&mut self) -> Result<Vec<ListedMessage>, BackendError> {
         let state = self.check()?;
         let claim = state.claim_raw_sizes;

@@ -13,6 +13,7 @@
 pub mod imap;
 pub mod jmap;
 pub mod memory;
+pub mod pool;
 pub mod sizes;
 
 use std::fmt;
@@ -81,6 +82,13 @@ pub trait Backend: Send + Sync + 'static {
 
 #[async_trait]
 pub trait Mailbox: Send {
+    /// Makes a session kept warm from an earlier POP3 session current again
+    /// (IMAP: re-SELECT). An error means the session is unusable and is
+    /// discarded; a fresh one is opened instead.
+    async fn reset(&mut self) -> Result<(), BackendError> {
+        Ok(())
+    }
+
     /// Every message in the mailbox now, oldest first.
     async fn list(&mut self) -> Result<Vec<ListedMessage>, BackendError>;
 

@@ -14,6 +14,7 @@ use tracing::Instrument;
 use super::Context;
 use super::policy::{ListenerTls, LoginPolicy};
 use super::stream::ClientStream;
+use crate::backend::pool::Lease;
 use crate::backend::{BackendError, Mailbox, StoreId};
 use crate::pop3::response::ResponseCode;
 use crate::pop3::sasl::Mechanism;
@@ -52,7 +53,14 @@ pub async fn serve(
         let mut driver = Driver::new(stream, peer, policy, &context);
         let outcome = driver.run().await;
         if let Some(mailbox) = driver.mailbox.take() {
-            mailbox.close().await;
+            // Only a session that ended as the client asked, with no backend
+            // error on the way, is kept warm for the account's next poll.
+            match driver.lease.take() {
+                Some(lease) if matches!(outcome, Outcome::Closed) && !driver.backend_failed => {
+                    context.pool.checkin(lease, mailbox).await
+                }
+                _ => mailbox.close().await,
+            }
         }
         tracing::debug!(?outcome, "disconnected");
     }
@@ -103,6 +111,10 @@ struct Driver<'a> {
     mailbox: Option<Box<dyn Mailbox>>,
     /// The user name once logged in (for the per-account metric).
     account: Option<String>,
+    /// How the backend session was obtained (to give it back warm).
+    lease: Option<Lease>,
+    /// A backend call failed: the session is not reused.
+    backend_failed: bool,
 }
 
 impl<'a> Driver<'a> {
@@ -132,6 +144,8 @@ impl<'a> Driver<'a> {
             out: Vec::with_capacity(1024),
             mailbox: None,
             account: None,
+            lease: None,
+            backend_failed: false,
         }
     }
 
@@ -230,7 +244,13 @@ impl<'a> Driver<'a> {
                     return self.close_with(reply, Outcome::ShutDown).await.map(Some);
                 };
                 let step = match opened {
-                    Ok((mailbox, maildrop)) => {
+                    Ok((mailbox, lease, maildrop)) => {
+                        if lease.reused {
+                            self.context.metrics.backend_sessions_reused.inc();
+                        } else {
+                            self.context.metrics.backend_logins.inc();
+                        }
+                        self.lease = Some(lease);
                         tracing::Span::current().record("user", credentials.user.as_str());
                         tracing::info!(messages = maildrop.stat().0, "logged in");
                         self.mailbox = Some(mailbox);
@@ -254,6 +274,7 @@ impl<'a> Driver<'a> {
                     Some(mailbox) => mailbox.remove(&ids).await.map(|()| ids.len()),
                     None => Err(BackendError::unavailable("no backend session")),
                 };
+                self.backend_failed |= result.is_err();
                 let metrics = &self.context.metrics;
                 metrics.backend_op(self.context.backend.kind(), "remove", started.elapsed());
                 metrics.deleted(result.is_ok(), ids.len() as u64);
@@ -312,6 +333,7 @@ impl<'a> Driver<'a> {
         let metrics = &self.context.metrics;
         metrics.backend_op(self.context.backend.kind(), "fetch", started.elapsed());
         metrics.retrieved_bytes.inc_by(encoder.octets());
+        self.backend_failed |= !matches!(sent, Ok(true));
         match sent {
             Err(e) => {
                 tracing::warn!(error = %e, "fetch failed");
@@ -407,19 +429,20 @@ async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-/// Logs in, lists the mailbox and makes every size exact.
+/// Logs in (or takes a warm session), lists the mailbox and makes every
+/// size exact.
 async fn open_maildrop(
     context: &Context,
     credentials: &crate::auth::Credentials,
-) -> Result<(Box<dyn Mailbox>, Maildrop), BackendError> {
+) -> Result<(Box<dyn Mailbox>, Lease, Maildrop), BackendError> {
     let kind = context.backend.kind();
     let timed = |operation: &'static str, started: std::time::Instant| {
         context.metrics.backend_op(kind, operation, started.elapsed());
     };
     let started = std::time::Instant::now();
-    let opened = context.backend.open(credentials).await;
+    let opened = context.pool.checkout(&context.backend, credentials).await;
     timed("open", started);
-    let mut mailbox = opened?;
+    let (mut mailbox, lease) = opened?;
     let started = std::time::Instant::now();
     let listed = mailbox.list().await;
     timed("list", started);
@@ -436,7 +459,7 @@ async fn open_maildrop(
         Ok(exact) => {
             let messages =
                 exact.into_iter().map(|m| Message { id: m.id, uidl: m.uidl, size: m.size.value() }).collect();
-            Ok((mailbox, Maildrop::new(messages)))
+            Ok((mailbox, lease, Maildrop::new(messages)))
         }
         Err(e) => {
             mailbox.close().await;

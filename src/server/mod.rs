@@ -24,6 +24,7 @@ use tokio::task::JoinSet;
 use crate::backend::imap::ImapBackend;
 use crate::backend::jmap::JmapBackend;
 use crate::backend::memory::{MemoryBackend, MemoryStore};
+use crate::backend::pool::SessionPool;
 use crate::backend::sizes::ExactSizes;
 use crate::backend::{BackendError, SharedBackend};
 use crate::config::{BackendConfig, Config, Limits};
@@ -44,6 +45,8 @@ pub struct Context {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     pub throttle: LoginThrottle,
     pub metrics: Arc<Metrics>,
+    /// Warm backend sessions between POP3 sessions of one account.
+    pub pool: Arc<SessionPool>,
     /// Turns true when the grace period is over: sessions must end now.
     pub stop: watch::Receiver<bool>,
 }
@@ -70,6 +73,7 @@ pub fn build_backend(config: &BackendConfig) -> Result<SharedBackend, BackendErr
 
 pub struct RunningServer {
     addrs: Vec<SocketAddr>,
+    pool: Arc<SessionPool>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     certificates: Option<Arc<CertificateStore>>,
@@ -112,8 +116,10 @@ impl Server {
             tls: certificates.as_ref().map(|c| c.server_config()),
             throttle: LoginThrottle::new(config.throttle.clone()),
             metrics: Arc::new(Metrics::new()),
+            pool: SessionPool::new(config.backend_pool.clone()),
             stop: stop_rx,
         });
+        tokio::spawn(evict_idle_sessions(Arc::downgrade(&context.pool)));
         let health = Health::new(context.backend.clone());
         let permits = Arc::new(Semaphore::new(config.limits.max_connections));
         let per_address = PerAddressLimit::new(config.limits.max_connections_per_address);
@@ -141,6 +147,7 @@ impl Server {
         health.set_listening();
         Ok(RunningServer {
             addrs,
+            pool: context.pool.clone(),
             metrics: context.metrics.clone(),
             health,
             certificates,
@@ -149,6 +156,16 @@ impl Server {
             tasks,
             grace: Duration::from_secs(config.limits.shutdown_grace_secs),
         })
+    }
+}
+
+/// Closes warm backend sessions that idled too long, until the server is gone.
+async fn evict_idle_sessions(pool: std::sync::Weak<SessionPool>) {
+    let mut ticker = tokio::time::interval(Duration::from_secs(15));
+    loop {
+        ticker.tick().await;
+        let Some(pool) = pool.upgrade() else { return };
+        pool.evict_expired().await;
     }
 }
 
@@ -172,6 +189,11 @@ async fn watch_certificates(store: std::sync::Weak<CertificateStore>, every: Dur
 impl RunningServer {
     pub fn local_addrs(&self) -> &[SocketAddr] {
         &self.addrs
+    }
+
+    /// Warm backend sessions (for tests and benchmarks).
+    pub fn pool(&self) -> Arc<SessionPool> {
+        self.pool.clone()
     }
 
     pub fn metrics(&self) -> Arc<Metrics> {
@@ -212,6 +234,7 @@ impl RunningServer {
                 self.tasks.abort_all();
             }
         }
+        self.pool.close_all().await;
         tracing::info!("shut down");
     }
 }

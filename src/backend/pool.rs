@@ -1,0 +1,286 @@
+//! Warm backend sessions for pollers.
+//!
+//! Printers poll every minute, and providers throttle logins. When a POP3
+//! session ends cleanly its authenticated backend session is kept here,
+//! keyed by backend, user and a fingerprint of the credentials (an HMAC
+//! with a per-process random key: the secret itself is never stored, and a
+//! session is never handed to someone who logged in with another password).
+//! The next POP3 session of the same account takes it, after `reset` gives
+//! it a fresh view of the mailbox (IMAP: re-SELECT), so a reused session
+//! never serves a stale maildrop. Any error discards a session. Idle
+//! sessions are closed after `idle_secs`; the pool is bounded per account
+//! and in total.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ring::hmac;
+use serde::{Deserialize, Serialize};
+
+use super::{BackendError, Mailbox, SharedBackend};
+use crate::auth::{Credentials, Proof};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    /// Keep backend sessions warm between POP3 sessions.
+    pub enabled: bool,
+    /// Seconds an unused session is kept (stay under the server's own idle
+    /// logout: IMAP servers may close after 30 minutes).
+    pub idle_secs: u64,
+    /// Warm sessions kept per account.
+    pub max_per_account: usize,
+    /// Warm sessions kept in all.
+    pub max_total: usize,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig { enabled: true, idle_secs: 240, max_per_account: 2, max_total: 1000 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Key {
+    backend: usize,
+    user: String,
+    fingerprint: Vec<u8>,
+}
+
+struct Idle {
+    mailbox: Box<dyn Mailbox>,
+    since: Instant,
+}
+
+/// What `checkout` lends: give it back with `checkin` after a clean end.
+pub struct Lease {
+    key: Key,
+    /// The session was warm (no backend login was needed).
+    pub reused: bool,
+}
+
+pub struct SessionPool {
+    config: PoolConfig,
+    secret: hmac::Key,
+    idle: Mutex<HashMap<Key, Vec<Idle>>>,
+    logins: AtomicU64,
+    reused: AtomicU64,
+}
+
+impl SessionPool {
+    pub fn new(config: PoolConfig) -> Arc<Self> {
+        let rng = ring::rand::SystemRandom::new();
+        let secret = hmac::Key::generate(hmac::HMAC_SHA256, &rng).expect("system randomness");
+        Arc::new(SessionPool {
+            config,
+            secret,
+            idle: Mutex::new(HashMap::new()),
+            logins: AtomicU64::new(0),
+            reused: AtomicU64::new(0),
+        })
+    }
+
+    fn key(&self, backend: &SharedBackend, credentials: &Credentials) -> Key {
+        let (kind, secret) = match &credentials.proof {
+            Proof::Password(p) => (b"p", p.expose()),
+            Proof::Bearer(t) => (b"b", t.expose()),
+        };
+        let mut ctx = hmac::Context::with_key(&self.secret);
+        for part in [credentials.user.as_bytes(), kind, secret.as_bytes()] {
+            ctx.update(&(part.len() as u64).to_be_bytes());
+            ctx.update(part);
+        }
+        Key {
+            backend: Arc::as_ptr(backend) as *const () as usize,
+            user: credentials.user.clone(),
+            fingerprint: ctx.sign().as_ref().to_vec(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Vec<Idle>>> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A logged-in session: a warm one made current, or a new login.
+    pub async fn checkout(
+        &self,
+        backend: &SharedBackend,
+        credentials: &Credentials,
+    ) -> Result<(Box<dyn Mailbox>, Lease), BackendError> {
+        let key = self.key(backend, credentials);
+        if self.config.enabled {
+            let ttl = Duration::from_secs(self.config.idle_secs);
+            loop {
+                let candidate = {
+                    let mut idle = self.lock();
+                    let found = idle.get_mut(&key).and_then(|list| list.pop());
+                    if idle.get(&key).is_some_and(|l| l.is_empty()) {
+                        idle.remove(&key);
+                    }
+                    found
+                };
+                let Some(candidate) = candidate else { break };
+                if candidate.since.elapsed() > ttl {
+                    candidate.mailbox.close().await;
+                    continue;
+                }
+                let mut mailbox = candidate.mailbox;
+                match mailbox.reset().await {
+                    Ok(()) => {
+                        self.reused.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!("reusing a warm backend session");
+                        return Ok((mailbox, Lease { key, reused: true }));
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "warm backend session is stale; discarding");
+                        mailbox.close().await;
+                    }
+                }
+            }
+        }
+        let mailbox = backend.open(credentials).await?;
+        self.logins.fetch_add(1, Ordering::Relaxed);
+        Ok((mailbox, Lease { key, reused: false }))
+    }
+
+    /// Keeps a session that ended cleanly for the next POP3 session of the
+    /// same account (or closes it if the pool is off or full).
+    pub async fn checkin(&self, lease: Lease, mailbox: Box<dyn Mailbox>) {
+        if !self.config.enabled {
+            return mailbox.close().await;
+        }
+        let refused = {
+            let mut idle = self.lock();
+            let total: usize = idle.values().map(Vec::len).sum();
+            let list = idle.entry(lease.key).or_default();
+            if list.len() >= self.config.max_per_account || total >= self.config.max_total {
+                Some(mailbox)
+            } else {
+                list.push(Idle { mailbox, since: Instant::now() });
+                None
+            }
+        };
+        if let Some(mailbox) = refused {
+            mailbox.close().await;
+        }
+    }
+
+    /// Closes sessions idle for longer than `idle_secs`.
+    pub async fn evict_expired(&self) {
+        let ttl = Duration::from_secs(self.config.idle_secs);
+        let expired: Vec<Idle> = {
+            let mut idle = self.lock();
+            let mut expired = Vec::new();
+            for list in idle.values_mut() {
+                let (old, keep): (Vec<Idle>, Vec<Idle>) = list.drain(..).partition(|i| i.since.elapsed() > ttl);
+                expired.extend(old);
+                *list = keep;
+            }
+            idle.retain(|_, list| !list.is_empty());
+            expired
+        };
+        for session in expired {
+            session.mailbox.close().await;
+        }
+    }
+
+    /// Closes every warm session (shutdown).
+    pub async fn close_all(&self) {
+        let all: Vec<Idle> = self.lock().drain().flat_map(|(_, list)| list).collect();
+        for session in all {
+            session.mailbox.close().await;
+        }
+    }
+
+    /// Backend logins performed (not counting reuses).
+    pub fn logins(&self) -> u64 {
+        self.logins.load(Ordering::Relaxed)
+    }
+
+    /// Warm sessions reused.
+    pub fn reused(&self) -> u64 {
+        self.reused.load(Ordering::Relaxed)
+    }
+
+    pub fn idle_count(&self) -> usize {
+        self.lock().values().map(Vec::len).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::memory::{MemoryBackend, MemoryStore};
+
+    fn backend() -> (MemoryStore, SharedBackend) {
+        let store = MemoryStore::new();
+        store.add_user("alice", "pw");
+        store.add_user("bob", "pw2");
+        (store.clone(), Arc::new(MemoryBackend::new(store)))
+    }
+
+    #[tokio::test]
+    async fn reuses_only_for_the_same_credentials() {
+        let (store, backend) = backend();
+        let pool = SessionPool::new(PoolConfig::default());
+        let alice = Credentials::password("alice", "pw");
+        let (mailbox, lease) = pool.checkout(&backend, &alice).await.unwrap();
+        pool.checkin(lease, mailbox).await;
+        assert_eq!(store.logins(), 1);
+
+        // Same user, same password: reused, and it sees mail that arrived meanwhile.
+        store.append("alice", &b"Subject: new\r\n\r\nhi\r\n"[..]);
+        let (mut mailbox, lease) = pool.checkout(&backend, &alice).await.unwrap();
+        assert_eq!(store.logins(), 1, "no new backend login");
+        assert_eq!(mailbox.list().await.unwrap().len(), 1);
+        pool.checkin(lease, mailbox).await;
+
+        // Same user, another password: never the warm session.
+        let wrong = Credentials::password("alice", "not-pw");
+        assert!(matches!(pool.checkout(&backend, &wrong).await, Err(BackendError::AuthFailed)));
+        assert_eq!(pool.idle_count(), 1);
+        // Another user: a new login.
+        let (mailbox, _) = pool.checkout(&backend, &Credentials::password("bob", "pw2")).await.unwrap();
+        mailbox.close().await;
+        assert_eq!(store.logins(), 2);
+        assert_eq!((pool.logins(), pool.reused()), (2, 1));
+    }
+
+    #[tokio::test]
+    async fn stale_sessions_are_discarded_and_replaced() {
+        let (store, backend) = backend();
+        let pool = SessionPool::new(PoolConfig::default());
+        let alice = Credentials::password("alice", "pw");
+        let (mailbox, lease) = pool.checkout(&backend, &alice).await.unwrap();
+        pool.checkin(lease, mailbox).await;
+        // The warm session fails its reset: it is dropped, a new login is made.
+        store.fail_next_reset();
+        let (_mailbox, _) = pool.checkout(&backend, &alice).await.unwrap();
+        assert_eq!(store.logins(), 2);
+        assert_eq!(pool.idle_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn bounded_and_expiring() {
+        let (_store, backend) = backend();
+        let pool = SessionPool::new(PoolConfig { max_per_account: 2, idle_secs: 0, ..PoolConfig::default() });
+        let alice = Credentials::password("alice", "pw");
+        let mut leases = Vec::new();
+        for _ in 0..3 {
+            leases.push(pool.checkout(&backend, &alice).await.unwrap());
+        }
+        for (mailbox, lease) in leases {
+            pool.checkin(lease, mailbox).await;
+        }
+        assert_eq!(pool.idle_count(), 2, "at most max_per_account kept");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        pool.evict_expired().await;
+        assert_eq!(pool.idle_count(), 0);
+        let disabled = SessionPool::new(PoolConfig { enabled: false, ..PoolConfig::default() });
+        let (mailbox, lease) = disabled.checkout(&backend, &alice).await.unwrap();
+        disabled.checkin(lease, mailbox).await;
+        assert_eq!(disabled.idle_count(), 0);
+    }
+}
