@@ -4,6 +4,8 @@
 //! are redacted), and the check that refuses credentials a backend command
 //! could be confused by. Never logs a secret.
 
+pub mod accounts;
+
 use std::fmt;
 
 /// A password, token or SASL payload. Its content is reachable only through

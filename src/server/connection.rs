@@ -115,6 +115,8 @@ struct Driver<'a> {
     lease: Option<Lease>,
     /// A backend call failed: the session is not reused.
     backend_failed: bool,
+    /// The kind of backend the login was routed to (metrics label).
+    backend_kind: &'static str,
 }
 
 impl<'a> Driver<'a> {
@@ -122,7 +124,7 @@ impl<'a> Driver<'a> {
         let limits = &context.limits;
         let tls_active = stream.is_tls();
         let mut mechanisms = vec![Mechanism::Plain, Mechanism::Login];
-        if context.backend.accepts_bearer_tokens() {
+        if context.router.accepts_bearer_tokens() {
             mechanisms.extend([Mechanism::XOAuth2, Mechanism::OAuthBearer]);
         }
         let config = SessionConfig {
@@ -146,6 +148,7 @@ impl<'a> Driver<'a> {
             account: None,
             lease: None,
             backend_failed: false,
+            backend_kind: context.backend.kind(),
         }
     }
 
@@ -244,7 +247,8 @@ impl<'a> Driver<'a> {
                     return self.close_with(reply, Outcome::ShutDown).await.map(Some);
                 };
                 let step = match opened {
-                    Ok((mailbox, lease, maildrop)) => {
+                    Ok(Opened { mailbox, lease, maildrop, account, backend_kind }) => {
+                        self.backend_kind = backend_kind;
                         if lease.reused {
                             self.context.metrics.backend_sessions_reused.inc();
                         } else {
@@ -254,7 +258,7 @@ impl<'a> Driver<'a> {
                         tracing::Span::current().record("user", credentials.user.as_str());
                         tracing::info!(messages = maildrop.stat().0, "logged in");
                         self.mailbox = Some(mailbox);
-                        self.account = Some(credentials.user.clone());
+                        self.account = Some(account);
                         self.session.login_succeeded(maildrop)
                     }
                     Err(e) => {
@@ -276,7 +280,7 @@ impl<'a> Driver<'a> {
                 };
                 self.backend_failed |= result.is_err();
                 let metrics = &self.context.metrics;
-                metrics.backend_op(self.context.backend.kind(), "remove", started.elapsed());
+                metrics.backend_op(self.backend_kind, "remove", started.elapsed());
                 metrics.deleted(result.is_ok(), ids.len() as u64);
                 match &result {
                     Ok(n) => tracing::info!(removed = n, "update committed"),
@@ -331,7 +335,7 @@ impl<'a> Driver<'a> {
             }
         };
         let metrics = &self.context.metrics;
-        metrics.backend_op(self.context.backend.kind(), "fetch", started.elapsed());
+        metrics.backend_op(self.backend_kind, "fetch", started.elapsed());
         metrics.retrieved_bytes.inc_by(encoder.octets());
         self.backend_failed |= !matches!(sent, Ok(true));
         match sent {
@@ -429,18 +433,38 @@ async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-/// Logs in (or takes a warm session), lists the mailbox and makes every
-/// size exact.
-async fn open_maildrop(
-    context: &Context,
-    credentials: &crate::auth::Credentials,
-) -> Result<(Box<dyn Mailbox>, Lease, Maildrop), BackendError> {
-    let kind = context.backend.kind();
+struct Opened {
+    mailbox: Box<dyn Mailbox>,
+    lease: Lease,
+    maildrop: Maildrop,
+    /// The backend account (metrics label; what sizes are cached under).
+    account: String,
+    backend_kind: &'static str,
+}
+
+/// Routes the login, logs in to the backend (or takes a warm session),
+/// lists the mailbox and makes every size exact.
+async fn open_maildrop(context: &Context, credentials: &crate::auth::Credentials) -> Result<Opened, BackendError> {
+    let route = context.router.route(credentials).await?;
+    let kind = route.backend.kind();
     let timed = |operation: &'static str, started: std::time::Instant| {
         context.metrics.backend_op(kind, operation, started.elapsed());
     };
     let started = std::time::Instant::now();
-    let opened = context.pool.checkout(&context.backend, credentials).await;
+    let mut opened = context.pool.checkout(&route.backend, &route.credentials).await;
+    if let Err(BackendError::AuthFailed) = opened {
+        // Credentials the router holds (an access token) were refused: one
+        // refresh and one retry. A refusal after that is the router's
+        // problem, not the client's: a temporary failure.
+        if let Some(fresh) = context.router.refresh(&route).await? {
+            opened = match context.pool.checkout(&route.backend, &fresh).await {
+                Err(BackendError::AuthFailed) => {
+                    Err(BackendError::unavailable("backend refused refreshed credentials"))
+                }
+                other => other,
+            };
+        }
+    }
     timed("open", started);
     let (mut mailbox, lease) = opened?;
     let started = std::time::Instant::now();
@@ -449,7 +473,7 @@ async fn open_maildrop(
     let listed = match listed {
         Ok(listed) => {
             let started = std::time::Instant::now();
-            let exact = context.sizes.resolve(&credentials.user, mailbox.as_mut(), listed).await;
+            let exact = context.sizes.resolve(&route.account, mailbox.as_mut(), listed).await;
             timed("measure_sizes", started);
             exact
         }
@@ -459,7 +483,7 @@ async fn open_maildrop(
         Ok(exact) => {
             let messages =
                 exact.into_iter().map(|m| Message { id: m.id, uidl: m.uidl, size: m.size.value() }).collect();
-            Ok((mailbox, lease, Maildrop::new(messages)))
+            Ok(Opened { mailbox, lease, maildrop: Maildrop::new(messages), account: route.account, backend_kind: kind })
         }
         Err(e) => {
             mailbox.close().await;

@@ -21,6 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
+use crate::auth::accounts::{PassThrough, Router};
 use crate::backend::imap::ImapBackend;
 use crate::backend::jmap::JmapBackend;
 use crate::backend::memory::{MemoryBackend, MemoryStore};
@@ -39,7 +40,10 @@ use tls::{CertificateStore, TlsError};
 /// What every connection shares.
 pub struct Context {
     pub limits: Limits,
+    /// The configured backend (routes may reach others).
     pub backend: SharedBackend,
+    /// Which backend account each login reaches.
+    pub router: Arc<dyn Router>,
     pub sizes: ExactSizes,
     /// The TLS configuration of implicit-TLS and STLS connections, if any.
     pub tls: Option<Arc<rustls::ServerConfig>>,
@@ -89,6 +93,12 @@ impl Server {
     /// Loads certificates and binds every listener (failing fast, with the
     /// file or address named), then starts serving.
     pub async fn start(config: &Config, backend: SharedBackend) -> std::io::Result<RunningServer> {
+        Self::start_with_router(config, Arc::new(PassThrough::new(backend))).await
+    }
+
+    /// Like `start`, with logins routed by `router`.
+    pub async fn start_with_router(config: &Config, router: Arc<dyn Router>) -> std::io::Result<RunningServer> {
+        let backend = router.primary_backend();
         let certificates = if config.tls.certificates.is_empty() {
             None
         } else {
@@ -112,6 +122,7 @@ impl Server {
         let context = Arc::new(Context {
             limits: config.limits.clone(),
             backend,
+            router,
             sizes: ExactSizes::new(config.limits.size_cache_entries),
             tls: certificates.as_ref().map(|c| c.server_config()),
             throttle: LoginThrottle::new(config.throttle.clone()),
