@@ -24,6 +24,8 @@ use crate::telemetry::ListenerLabels;
 /// Flush a message body to the socket whenever this much is pending.
 const WRITE_CHUNK: usize = 64 * 1024;
 const READ_CHUNK: usize = 4096;
+/// Backend chunks fetched ahead of the one being written.
+const PREFETCH_CHUNKS: usize = 2;
 
 /// Serves one accepted connection to the end.
 pub async fn serve(
@@ -331,7 +333,9 @@ impl<'a> Driver<'a> {
         let sent = match self.mailbox.as_mut() {
             None => Err(BackendError::unavailable("no backend session")),
             Some(mailbox) => {
-                stream_message(mailbox.as_mut(), &id, ok, &mut encoder, &mut self.stream, &mut self.out).await?
+                let write_timeout = Duration::from_secs(self.context.limits.idle_timeout_secs);
+                stream_message(mailbox.as_mut(), &id, ok, &mut encoder, &mut self.stream, &mut self.out, write_timeout)
+                    .await?
             }
         };
         let metrics = &self.context.metrics;
@@ -364,11 +368,17 @@ impl<'a> Driver<'a> {
     }
 
     async fn flush(&mut self) -> std::io::Result<()> {
-        if !self.out.is_empty() {
-            self.stream.write_all(&self.out).await?;
-            self.out.clear();
-        }
-        self.stream.flush().await
+        let limit = Duration::from_secs(self.context.limits.idle_timeout_secs);
+        let write = async {
+            if !self.out.is_empty() {
+                self.stream.write_all(&self.out).await?;
+                self.out.clear();
+            }
+            self.stream.flush().await
+        };
+        tokio::time::timeout(limit, write)
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "client stopped reading"))?
     }
 
     /// Queues a reply, counting it under the command it answers.
@@ -388,6 +398,11 @@ impl<'a> Driver<'a> {
 /// Streams a message through `encoder`. `Err`: nothing was written, the
 /// client may get an -ERR. `Ok(false)`: the backend failed after +OK went
 /// out. `Ok(true)`: all sent but the terminator.
+///
+/// The backend fetch and the client write overlap: the next chunks are
+/// fetched (up to `PREFETCH_CHUNKS` ahead) while the current one is written,
+/// so a large RETR runs at the slower side's speed, with memory bounded by
+/// a few chunks.
 async fn stream_message<S: AsyncWrite + Unpin>(
     mailbox: &mut dyn Mailbox,
     id: &StoreId,
@@ -395,14 +410,40 @@ async fn stream_message<S: AsyncWrite + Unpin>(
     encoder: &mut BodyEncoder,
     socket: &mut S,
     out: &mut Vec<u8>,
+    write_timeout: Duration,
 ) -> std::io::Result<Result<bool, BackendError>> {
-    let mut stream = match mailbox.fetch(id).await {
+    let stream = match mailbox.fetch(id).await {
         Ok(stream) => stream,
         Err(e) => return Ok(Err(e)),
     };
+    let (tx, rx) = tokio::sync::mpsc::channel(PREFETCH_CHUNKS);
+    let fetch = async move {
+        let mut stream = stream;
+        while let Some(item) = stream.next().await {
+            let failed = item.is_err();
+            // A closed channel means the writer is done (TOP, or the client
+            // went away): stop fetching.
+            if tx.send(item).await.is_err() || failed {
+                return;
+            }
+        }
+    };
+    let write = write_chunks(rx, ok, encoder, socket, out, write_timeout);
+    let ((), written) = tokio::join!(fetch, write);
+    written
+}
+
+async fn write_chunks<S: AsyncWrite + Unpin>(
+    mut chunks: tokio::sync::mpsc::Receiver<Result<bytes::Bytes, BackendError>>,
+    ok: Response,
+    encoder: &mut BodyEncoder,
+    socket: &mut S,
+    out: &mut Vec<u8>,
+    write_timeout: Duration,
+) -> std::io::Result<Result<bool, BackendError>> {
     // Wait for the first chunk before promising +OK: a failure now can still
     // be an -ERR.
-    let mut next = stream.next().await;
+    let mut next = chunks.recv().await;
     if let Some(Err(e)) = next {
         return Ok(Err(e));
     }
@@ -413,7 +454,11 @@ async fn stream_message<S: AsyncWrite + Unpin>(
             Some(Ok(chunk)) => {
                 encoder.push(&chunk, out);
                 if out.len() >= WRITE_CHUNK {
-                    socket.write_all(out).await?;
+                    // A client that stops reading must not hold the session
+                    // (and its backend connection) forever.
+                    tokio::time::timeout(write_timeout, socket.write_all(out))
+                        .await
+                        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "client stopped reading"))??;
                     out.clear();
                 }
                 if encoder.is_done() {
@@ -425,7 +470,7 @@ async fn stream_message<S: AsyncWrite + Unpin>(
                 return Ok(Ok(false));
             }
         }
-        next = stream.next().await;
+        next = chunks.recv().await;
     }
 }
 
