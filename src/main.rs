@@ -94,18 +94,18 @@ fn effective_config(args: &ServeArgs) -> anyhow::Result<Config> {
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = effective_config(&args)?;
-    popgate::telemetry::init(&config.log);
+    let log_reload = popgate::telemetry::init(&config.log);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         let backend = build_backend(&config.backend)?;
-        let server = Server::start(&config, backend).await?;
+        let mut server = Server::start(&config, backend).await?;
         let admin = if config.admin.enabled {
             Some(AdminServer::start(config.admin.address, server.metrics(), server.health()).await?)
         } else {
             None
         };
         tracing::info!(backend = %config.backend.describe(), "popgate ready");
-        wait_for_shutdown_signal(&server).await;
+        wait_for_shutdown_signal(&mut server, &args, &config, log_reload.as_ref()).await;
         tracing::info!(grace_secs = config.limits.shutdown_grace_secs, "shutting down");
         server.shutdown().await;
         if let Some(admin) = admin {
@@ -115,19 +115,55 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     })
 }
 
-/// Waits for SIGTERM or SIGINT; reloads certificates on SIGHUP meanwhile.
-async fn wait_for_shutdown_signal(server: &popgate::server::RunningServer) {
+/// Waits for SIGTERM or SIGINT; on SIGHUP meanwhile, re-reads the
+/// configuration and applies what can change without a restart.
+async fn wait_for_shutdown_signal(
+    server: &mut popgate::server::RunningServer,
+    args: &ServeArgs,
+    running: &Config,
+    log_reload: Option<&popgate::telemetry::LogReload>,
+) {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+    let mut current = running.clone();
     loop {
         tokio::select! {
             _ = term.recv() => return,
             _ = tokio::signal::ctrl_c() => return,
-            _ = hup.recv() => match server.reload_certificates() {
-                Ok(()) => tracing::info!("SIGHUP: certificates reloaded"),
-                Err(e) => tracing::warn!(error = %e, "SIGHUP: certificates not reloaded; keeping the old ones"),
-            },
+            _ = hup.recv() => {
+                let new = match effective_config(args) {
+                    Ok(new) => new,
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "SIGHUP: configuration invalid; nothing changed");
+                        continue;
+                    }
+                };
+                let mut changes = server.reload(&new);
+                if new.log.level != current.log.level {
+                    match log_reload.map(|r| r.set_level(&new.log.level)) {
+                        Some(Ok(())) => changes.push(format!("log.level: {} -> {}", current.log.level, new.log.level)),
+                        Some(Err(e)) => changes.push(format!("log.level NOT changed: {e}")),
+                        None => {}
+                    }
+                }
+                let needs_restart: Vec<&str> = [
+                    ("listener", new.listener != current.listener),
+                    ("backend", new.backend != current.backend),
+                    ("backend_pool", new.backend_pool != current.backend_pool),
+                    ("admin", new.admin != current.admin),
+                    ("log.format", new.log.format != current.log.format),
+                    ("tls.certificates (file list)", new.tls != current.tls),
+                ]
+                .into_iter()
+                .filter_map(|(name, changed)| changed.then_some(name))
+                .collect();
+                if !needs_restart.is_empty() {
+                    changes.push(format!("changed but need a restart: {}", needs_restart.join(", ")));
+                }
+                tracing::info!(changes = %changes.join("; "), "SIGHUP: configuration reloaded");
+                current = new;
+            }
         }
     }
 }

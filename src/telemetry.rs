@@ -37,15 +37,33 @@ pub fn filter(level: &str) -> EnvFilter {
     filter
 }
 
+/// Changes the log filter of the running process (SIGHUP).
+pub struct LogReload(Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>);
+
+impl LogReload {
+    pub fn set_level(&self, level: &str) -> Result<(), String> {
+        (self.0)(filter(level))
+    }
+}
+
 /// Installs the global subscriber; `RUST_LOG` overrides the configured level.
-pub fn init(config: &LogConfig) {
+/// `None` if a subscriber was already installed (tests).
+pub fn init(config: &LogConfig) -> Option<LogReload> {
     let builder = tracing_subscriber::fmt().with_env_filter(filter(&config.level)).with_writer(std::io::stderr);
-    let result = match config.format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
-    };
-    // A second init (tests) keeps the first subscriber.
-    let _ = result;
+    match config.format {
+        LogFormat::Text => {
+            let builder = builder.with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.try_init().ok()?;
+            Some(LogReload(Box::new(move |f| handle.reload(f).map_err(|e| e.to_string()))))
+        }
+        LogFormat::Json => {
+            let builder = builder.json().flatten_event(true).with_current_span(true).with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.try_init().ok()?;
+            Some(LogReload(Box::new(move |f| handle.reload(f).map_err(|e| e.to_string()))))
+        }
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -16,6 +16,7 @@ use super::policy::{ListenerTls, LoginPolicy};
 use super::stream::ClientStream;
 use crate::backend::pool::Lease;
 use crate::backend::{BackendError, Mailbox, StoreId};
+use crate::config::Limits;
 use crate::pop3::response::ResponseCode;
 use crate::pop3::sasl::Mechanism;
 use crate::pop3::{BodyEncoder, LineReader, Maildrop, Message, Response, Session, SessionConfig, Step};
@@ -45,7 +46,7 @@ pub async fn serve(
         tracing::debug!("connected");
         if policy.tls == ListenerTls::Implicit {
             let Some(tls) = context.tls.clone() else { return };
-            let timeout = Duration::from_secs(context.limits.login_timeout_secs);
+            let timeout = Duration::from_secs(context.limits().login_timeout_secs);
             match tokio::time::timeout(timeout, stream.upgrade(tls)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => return tracing::debug!(error = %e, "TLS handshake failed"),
@@ -104,6 +105,9 @@ enum Outcome {
 
 struct Driver<'a> {
     stream: ClientStream,
+    /// The limits in force when the connection started (a reload applies
+    /// to new connections).
+    limits: Arc<Limits>,
     peer: SocketAddr,
     policy: LoginPolicy,
     context: &'a Context,
@@ -123,7 +127,7 @@ struct Driver<'a> {
 
 impl<'a> Driver<'a> {
     fn new(stream: ClientStream, peer: SocketAddr, policy: LoginPolicy, context: &'a Context) -> Self {
-        let limits = &context.limits;
+        let limits = context.limits();
         let tls_active = stream.is_tls();
         let mut mechanisms = vec![Mechanism::Plain, Mechanism::Login];
         if context.router.accepts_bearer_tokens() {
@@ -140,6 +144,7 @@ impl<'a> Driver<'a> {
         };
         Driver {
             stream,
+            limits: limits.clone(),
             peer,
             policy,
             context,
@@ -164,8 +169,8 @@ impl<'a> Driver<'a> {
 
     async fn serve_lines(&mut self) -> std::io::Result<Outcome> {
         self.session.greeting().write_to(&mut self.out);
-        let login_deadline = Instant::now() + Duration::from_secs(self.context.limits.login_timeout_secs);
-        let idle = Duration::from_secs(self.context.limits.idle_timeout_secs);
+        let login_deadline = Instant::now() + Duration::from_secs(self.limits.login_timeout_secs);
+        let idle = Duration::from_secs(self.limits.idle_timeout_secs);
         let mut stop = self.context.stop.clone();
         let mut buf = [0u8; READ_CHUNK];
         loop {
@@ -304,7 +309,7 @@ impl<'a> Driver<'a> {
                     tracing::warn!(octets = self.reader.buffered(), "discarding plaintext pipelined after STLS");
                 }
                 self.reader.clear();
-                let timeout = Duration::from_secs(self.context.limits.login_timeout_secs);
+                let timeout = Duration::from_secs(self.limits.login_timeout_secs);
                 match tokio::time::timeout(timeout, self.stream.upgrade(tls)).await {
                     Ok(Ok(())) => {
                         let permitted = self.policy.login_permitted(self.peer.ip(), true);
@@ -333,7 +338,7 @@ impl<'a> Driver<'a> {
         let sent = match self.mailbox.as_mut() {
             None => Err(BackendError::unavailable("no backend session")),
             Some(mailbox) => {
-                let write_timeout = Duration::from_secs(self.context.limits.idle_timeout_secs);
+                let write_timeout = Duration::from_secs(self.limits.idle_timeout_secs);
                 stream_message(mailbox.as_mut(), &id, ok, &mut encoder, &mut self.stream, &mut self.out, write_timeout)
                     .await?
             }
@@ -368,7 +373,7 @@ impl<'a> Driver<'a> {
     }
 
     async fn flush(&mut self) -> std::io::Result<()> {
-        let limit = Duration::from_secs(self.context.limits.idle_timeout_secs);
+        let limit = Duration::from_secs(self.limits.idle_timeout_secs);
         let write = async {
             if !self.out.is_empty() {
                 self.stream.write_all(&self.out).await?;

@@ -4,11 +4,12 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 #[derive(Debug)]
 pub struct PerAddressLimit {
-    max: usize,
+    max: AtomicUsize,
     open: Mutex<HashMap<IpAddr, usize>>,
 }
 
@@ -19,14 +20,19 @@ pub struct AddressSlot {
 
 impl PerAddressLimit {
     pub fn new(max: usize) -> Arc<Self> {
-        Arc::new(PerAddressLimit { max, open: Mutex::new(HashMap::new()) })
+        Arc::new(PerAddressLimit { max: AtomicUsize::new(max), open: Mutex::new(HashMap::new()) })
+    }
+
+    /// Changes the limit for new connections (connections already open stay).
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Relaxed);
     }
 
     /// A slot for one more connection from `address`, if under the limit.
     pub fn acquire(self: &Arc<Self>, address: IpAddr) -> Option<AddressSlot> {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         let count = open.entry(address).or_insert(0);
-        if *count >= self.max {
+        if *count >= self.max.load(Ordering::Relaxed) {
             return None;
         }
         *count += 1;

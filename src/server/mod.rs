@@ -39,7 +39,7 @@ use tls::{CertificateStore, TlsError};
 
 /// What every connection shares.
 pub struct Context {
-    pub limits: Limits,
+    limits: std::sync::RwLock<Arc<Limits>>,
     /// The configured backend (routes may reach others).
     pub backend: SharedBackend,
     /// Which backend account each login reaches.
@@ -53,6 +53,13 @@ pub struct Context {
     pub pool: Arc<SessionPool>,
     /// Turns true when the grace period is over: sessions must end now.
     pub stop: watch::Receiver<bool>,
+}
+
+impl Context {
+    /// The limits now in force (a SIGHUP reload may change them).
+    pub fn limits(&self) -> Arc<Limits> {
+        self.limits.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 /// What one listener's connections share.
@@ -77,6 +84,9 @@ pub fn build_backend(config: &BackendConfig) -> Result<SharedBackend, BackendErr
 
 pub struct RunningServer {
     addrs: Vec<SocketAddr>,
+    context: Arc<Context>,
+    permits: Arc<Semaphore>,
+    per_address: Arc<PerAddressLimit>,
     pool: Arc<SessionPool>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
@@ -120,7 +130,7 @@ impl Server {
         let (draining, _) = watch::channel(false);
         let (stop, stop_rx) = watch::channel(false);
         let context = Arc::new(Context {
-            limits: config.limits.clone(),
+            limits: std::sync::RwLock::new(Arc::new(config.limits.clone())),
             backend,
             router,
             sizes: ExactSizes::new(config.limits.size_cache_entries),
@@ -158,6 +168,9 @@ impl Server {
         health.set_listening();
         Ok(RunningServer {
             addrs,
+            context: context.clone(),
+            permits,
+            per_address,
             pool: context.pool.clone(),
             metrics: context.metrics.clone(),
             health,
@@ -178,6 +191,18 @@ async fn evict_idle_sessions(pool: std::sync::Weak<SessionPool>) {
         let Some(pool) = pool.upgrade() else { return };
         pool.evict_expired().await;
     }
+}
+
+fn diff_limits(old: &Limits, new: &Limits) -> Vec<String> {
+    let old = toml::Value::try_from(old).ok();
+    let new = toml::Value::try_from(new).ok();
+    let (Some(toml::Value::Table(old)), Some(toml::Value::Table(new))) = (old, new) else {
+        return vec!["limits".into()];
+    };
+    new.iter()
+        .filter(|(k, v)| old.get(*k) != Some(*v))
+        .map(|(k, v)| format!("limits.{k}: {} -> {v}", old.get(k).map(|o| o.to_string()).unwrap_or_default()))
+        .collect()
 }
 
 /// Reloads certificates whose files changed, until the server is gone.
@@ -214,6 +239,43 @@ impl RunningServer {
     /// Readiness, for the admin listener.
     pub fn health(&self) -> Arc<Health> {
         self.health.clone()
+    }
+
+    /// Applies what can change without a restart (SIGHUP): limits and
+    /// throttling for new connections, and the certificates (re-read from
+    /// their files). Returns what changed, for the log; settings that need a
+    /// restart (listeners, backend, pool, cache size) are named as ignored.
+    pub fn reload(&mut self, new: &Config) -> Vec<String> {
+        let mut changes = Vec::new();
+        let old = self.context.limits();
+        if *old != new.limits {
+            changes.extend(diff_limits(&old, &new.limits));
+            if new.limits.max_connections > old.max_connections {
+                self.permits.add_permits(new.limits.max_connections - old.max_connections);
+            } else if new.limits.max_connections < old.max_connections {
+                let want = old.max_connections - new.limits.max_connections;
+                let forgotten = self.permits.forget_permits(want);
+                if forgotten < want {
+                    changes.push(format!(
+                        "limits.max_connections: {} connections above the new limit stay until they end",
+                        want - forgotten
+                    ));
+                }
+            }
+            self.per_address.set_max(new.limits.max_connections_per_address);
+            self.grace = Duration::from_secs(new.limits.shutdown_grace_secs);
+            *self.context.limits.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new.limits.clone());
+        }
+        if self.context.throttle.config() != new.throttle {
+            changes.push("throttle settings (counters restart)".into());
+            self.context.throttle.reconfigure(new.throttle.clone());
+        }
+        match self.reload_certificates() {
+            Ok(()) if self.certificates.is_some() => changes.push("certificates re-read".into()),
+            Ok(()) => {}
+            Err(e) => changes.push(format!("certificates NOT reloaded, old ones kept: {e}")),
+        }
+        changes
     }
 
     /// Re-reads the certificate files (SIGHUP). Sessions in progress keep

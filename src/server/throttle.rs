@@ -42,6 +42,10 @@ impl Default for ThrottleConfig {
 }
 
 pub struct LoginThrottle {
+    inner: std::sync::RwLock<Tables>,
+}
+
+struct Tables {
     config: ThrottleConfig,
     by_address: Cache<IpAddr, u32>,
     by_user: Cache<String, u32>,
@@ -56,7 +60,49 @@ fn table<K: Hash + Eq + Send + Sync + 'static>(config: &ThrottleConfig) -> Cache
 
 impl LoginThrottle {
     pub fn new(config: ThrottleConfig) -> Self {
-        LoginThrottle { by_address: table(&config), by_user: table(&config), config }
+        LoginThrottle { inner: std::sync::RwLock::new(Tables::new(config)) }
+    }
+
+    fn tables(&self) -> std::sync::RwLockReadGuard<'_, Tables> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn config(&self) -> ThrottleConfig {
+        self.tables().config.clone()
+    }
+
+    /// New settings (SIGHUP); the counters start afresh.
+    pub fn reconfigure(&self, config: ThrottleConfig) {
+        *self.inner.write().unwrap_or_else(|p| p.into_inner()) = Tables::new(config);
+    }
+
+    /// How long to wait before looking at a login from `address` for `user`.
+    pub fn delay(&self, address: IpAddr, user: &str) -> Duration {
+        self.tables().delay(address, user)
+    }
+
+    pub fn record_failure(&self, address: IpAddr, user: &str) {
+        self.tables().record_failure(address, user)
+    }
+
+    /// A successful login forgives the user name (not the address: one good
+    /// account must not launder an address's guessing).
+    pub fn record_success(&self, user: &str) {
+        self.tables().by_user.invalidate(user);
+    }
+
+    /// Entries held (for tests and metrics; approximate until maintenance).
+    pub fn entries(&self) -> u64 {
+        let t = self.tables();
+        t.by_address.run_pending_tasks();
+        t.by_user.run_pending_tasks();
+        t.by_address.entry_count() + t.by_user.entry_count()
+    }
+}
+
+impl Tables {
+    fn new(config: ThrottleConfig) -> Self {
+        Tables { by_address: table(&config), by_user: table(&config), config }
     }
 
     fn delay_after(&self, failures: u32) -> Duration {
@@ -67,33 +113,19 @@ impl LoginThrottle {
         Duration::from_millis(self.config.base_delay_ms.saturating_mul(factor).min(self.config.max_delay_ms))
     }
 
-    /// How long to wait before looking at a login from `address` for `user`.
-    pub fn delay(&self, address: IpAddr, user: &str) -> Duration {
+    fn delay(&self, address: IpAddr, user: &str) -> Duration {
         let by_address = self.by_address.get(&address).unwrap_or(0);
         let by_user = self.by_user.get(user).unwrap_or(0);
         self.delay_after(by_address.max(by_user))
     }
 
-    pub fn record_failure(&self, address: IpAddr, user: &str) {
+    fn record_failure(&self, address: IpAddr, user: &str) {
         // A fresh insert restarts the release timer: release counts from the
         // last failure.
         let n = self.by_address.get(&address).unwrap_or(0).saturating_add(1);
         self.by_address.insert(address, n);
         let n = self.by_user.get(user).unwrap_or(0).saturating_add(1);
         self.by_user.insert(user.to_string(), n);
-    }
-
-    /// A successful login forgives the user name (not the address: one good
-    /// account must not launder an address's guessing).
-    pub fn record_success(&self, user: &str) {
-        self.by_user.invalidate(user);
-    }
-
-    /// Entries held (for tests and metrics; approximate until maintenance).
-    pub fn entries(&self) -> u64 {
-        self.by_address.run_pending_tasks();
-        self.by_user.run_pending_tasks();
-        self.by_address.entry_count() + self.by_user.entry_count()
     }
 }
 
