@@ -1,0 +1,231 @@
+//! Real third-party POP3 clients (curl, Python's poplib, fetchmail) complete
+//! retrieve-and-delete cycles through popgate over a private Dovecot; each
+//! test then checks on the Dovecot side what is left.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use support::dovecot::{ALICE, Dovecot};
+use support::gateway::Gateway;
+use support::messages::{canonical, simple};
+use support::{IO_TIMEOUT, require_program};
+
+/// A Dovecot where alice has these messages, and popgate in front of it.
+fn setup(messages: &[Vec<u8>]) -> (Dovecot, Gateway, Vec<u32>) {
+    let dovecot = Dovecot::start();
+    let uids = dovecot.append_all(ALICE.0, messages);
+    let gateway = Gateway::url(&dovecot.imap_url());
+    (dovecot, gateway, uids)
+}
+
+/// Runs a program to completion with no stdin, killing it after the
+/// harness timeout.
+fn run(program: &str, args: &[&str], env: &[(&str, &Path)]) -> Output {
+    let path = require_program(program);
+    let mut child = Command::new(&path)
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v.as_os_str())))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("run {}: {e}", path.display()));
+    // Read the pipes on threads so a chatty child cannot block on them.
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut stdout, &mut buf).map(|_| buf)
+    });
+    let err = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut stderr, &mut buf).map(|_| buf)
+    });
+    let deadline = Instant::now() + IO_TIMEOUT * 2;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{program} {args:?} did not finish within {:?}", IO_TIMEOUT * 2);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output { status, stdout: out.join().unwrap().unwrap(), stderr: err.join().unwrap().unwrap() }
+}
+
+fn describe(output: &Output) -> String {
+    format!(
+        "exit {}\n--- stdout\n{}\n--- stderr\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+fn curl(gateway: &Gateway, path: &str, extra: &[&str]) -> Output {
+    let url = format!("pop3://{}/{path}", gateway.addr);
+    let credentials = format!("{}:{}", ALICE.0, ALICE.1);
+    let mut args = vec!["--silent", "--show-error", "--max-time", "20", "--user", &credentials];
+    args.extend_from_slice(extra);
+    args.push(&url);
+    run("curl", &args, &[])
+}
+
+#[test]
+fn curl_lists_retrieves_and_deletes() {
+    let msgs = vec![
+        simple("for curl one"),
+        b"Subject: dots for curl\r\n\r\n.\r\n..two dots\r\n.one dot\r\nend\r\n".to_vec(),
+        simple("for curl three"),
+    ];
+    let (dovecot, gateway, uids) = setup(&msgs);
+    let want: Vec<Vec<u8>> = uids.iter().map(|&u| canonical(&dovecot.fetch(ALICE.0, u))).collect();
+
+    // pop3://host/ is LIST.
+    let list = curl(&gateway, "", &[]);
+    assert!(list.status.success(), "curl LIST: {}", describe(&list));
+    let expected_list: String = want.iter().enumerate().map(|(i, m)| format!("{} {}\r\n", i + 1, m.len())).collect();
+    assert_eq!(String::from_utf8_lossy(&list.stdout), expected_list);
+
+    // pop3://host/N is RETR N; curl un-stuffs the dots itself.
+    for (i, m) in want.iter().enumerate() {
+        let retr = curl(&gateway, &(i + 1).to_string(), &[]);
+        assert!(retr.status.success(), "curl RETR {}: {}", i + 1, describe(&retr));
+        assert_eq!(String::from_utf8_lossy(&retr.stdout), String::from_utf8_lossy(m), "curl RETR {}", i + 1);
+    }
+
+    // A custom command: DELE, then curl's QUIT commits it.
+    let dele = curl(&gateway, "2", &["--request", "DELE", "--head"]);
+    assert!(dele.status.success(), "curl DELE: {}", describe(&dele));
+    support::wait_for("message 2 to leave Dovecot", Duration::from_secs(10), || {
+        (dovecot.uids(ALICE.0) == [uids[0], uids[2]]).then_some(())
+    });
+
+    let list = curl(&gateway, "", &[]);
+    assert!(list.status.success(), "{}", describe(&list));
+    assert_eq!(String::from_utf8_lossy(&list.stdout), format!("1 {}\r\n2 {}\r\n", want[0].len(), want[2].len()));
+    let retr = curl(&gateway, "2", &[]);
+    assert_eq!(retr.stdout, want[2]);
+
+    // A wrong password fails the transfer.
+    let url = format!("pop3://{}/1", gateway.addr);
+    let wrong = run("curl", &["--silent", "--max-time", "20", "--user", "alice:wrong", &url], &[]);
+    assert!(!wrong.status.success(), "curl with a wrong password: {}", describe(&wrong));
+}
+
+const POPLIB_SCRIPT: &str = r#"
+import json, poplib, sys
+host, port, user, password = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+p = poplib.POP3(host, port, timeout=20)
+out = {"welcome": p.getwelcome().decode()}
+out["capa"] = sorted(p.capa().keys())
+p.user(user)
+p.pass_(password)
+out["stat"] = list(p.stat())
+out["list"] = [l.decode() for l in p.list()[1]]
+out["uidl"] = [l.decode() for l in p.uidl()[1]]
+retrieved = []
+for n in range(1, out["stat"][0] + 1):
+    resp, lines, octets = p.retr(n)
+    retrieved.append({"lines": [l.decode("latin-1") for l in lines], "octets": octets})
+out["retr"] = retrieved
+out["top"] = [l.decode("latin-1") for l in p.top(1, 0)[1]]
+for n in range(1, out["stat"][0] + 1):
+    p.dele(n)
+out["quit"] = p.quit().decode()
+print(json.dumps(out))
+"#;
+
+#[test]
+fn python_poplib_retrieves_and_deletes_everything() {
+    let msgs = vec![
+        simple("for poplib one"),
+        b"From: x@example.com\nSubject: bare LF for poplib\n\n.starts with a dot\nend".to_vec(),
+        "Subject: 8-bit for poplib\r\n\r\ngrüße\r\n".as_bytes().to_vec(),
+    ];
+    let (dovecot, gateway, uids) = setup(&msgs);
+    let want: Vec<Vec<u8>> = uids.iter().map(|&u| canonical(&dovecot.fetch(ALICE.0, u))).collect();
+    let dovecot_uidl = dovecot.pop3_uidl(ALICE.0);
+
+    let port = gateway.addr.port().to_string();
+    let output = run("python3", &["-c", POPLIB_SCRIPT, "127.0.0.1", &port, ALICE.0, ALICE.1], &[]);
+    assert!(output.status.success(), "poplib: {}", describe(&output));
+    let text = String::from_utf8_lossy(&output.stdout);
+    let json = text.trim();
+
+    // No JSON parser among the dependencies: check the pieces as text.
+    let total: usize = want.iter().map(Vec::len).sum();
+    assert!(json.contains(&format!("\"stat\": [3, {total}]")), "{json}");
+    for (i, m) in want.iter().enumerate() {
+        assert!(json.contains(&format!("\"{} {}\"", i + 1, m.len())), "LIST entry {}: {json}", i + 1);
+        // poplib's octet count includes each line's CRLF.
+        assert!(json.contains(&format!("\"octets\": {}", m.len())), "RETR {} octets: {json}", i + 1);
+    }
+    for (n, uid) in &dovecot_uidl {
+        assert!(json.contains(&format!("\"{n} {uid}\"")), "UIDL {n} {uid}: {json}");
+    }
+    assert!(json.contains(r#"".starts with a dot""#), "un-stuffed dot line: {json}");
+    assert!(json.contains(r#""Subject: for poplib one""#), "{json}");
+    assert!(json.contains(r#""quit": "+OK"#), "{json}");
+
+    assert_eq!(dovecot.uids(ALICE.0), Vec::<u32>::new(), "poplib's DELE + QUIT must empty the mailbox");
+}
+
+#[test]
+fn fetchmail_retrieves_and_deletes_everything() {
+    let msgs = vec![simple("fetchmail one"), simple("fetchmail two"), b"Subject: fetchmail three\n\n.dot\n".to_vec()];
+    let (dovecot, gateway, _uids) = setup(&msgs);
+    let home = tempfile::Builder::new().prefix("popgate-fetchmail-").tempdir().expect("tempdir");
+    let delivered = home.path().join("delivered");
+    let rc = home.path().join("fetchmailrc");
+    std::fs::write(
+        &rc,
+        format!(
+            "set no bouncemail\n\
+             poll 127.0.0.1 protocol POP3 port {port} timeout 20 auth password\n  \
+             user \"{user}\" there with password \"{password}\" is \"root\" here\n  \
+             options nokeep fetchall mda \"cat >> {delivered}\"\n",
+            port = gateway.addr.port(),
+            user = ALICE.0,
+            password = ALICE.1,
+            delivered = delivered.display(),
+        ),
+    )
+    .expect("write rc");
+    // fetchmail refuses an rc file others can read.
+    std::fs::set_permissions(&rc, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
+
+    let output = run(
+        "fetchmail",
+        &[
+            "--fetchmailrc",
+            rc.to_str().unwrap(),
+            "--nosyslog",
+            "--verbose",
+            "--nodetach",
+            // fetchmail 6.4 tries STLS even when CAPA does not offer it;
+            // an empty protocol list turns that off.
+            "--sslproto",
+            "",
+            "--idfile",
+            home.path().join("ids").to_str().unwrap(),
+        ],
+        // Its lock and id files live in its home: keep parallel runs apart.
+        &[("HOME", home.path()), ("FETCHMAILHOME", home.path())],
+    );
+    assert!(output.status.success(), "fetchmail: {}", describe(&output));
+
+    let mail = std::fs::read(&delivered).unwrap_or_else(|e| panic!("nothing delivered ({e}): {}", describe(&output)));
+    let mail = String::from_utf8_lossy(&mail);
+    for subject in ["Subject: fetchmail one", "Subject: fetchmail two", "Subject: fetchmail three"] {
+        assert!(mail.contains(subject), "{subject} not delivered:\n{mail}");
+    }
+    assert!(mail.lines().any(|l| l.trim_end() == ".dot"), "dot line not un-stuffed:\n{mail}");
+    assert_eq!(dovecot.uids(ALICE.0), Vec::<u32>::new(), "fetchmail --nokeep must empty the mailbox");
+}

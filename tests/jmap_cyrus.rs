@@ -1,0 +1,499 @@
+//! popgate's JMAP backend against a real Cyrus 3.6 (tests/support/cyrus.rs):
+//! POP3 sessions through popgate in-process, real clients (curl, Python's
+//! poplib), and each test then checks on the Cyrus side — by its own JMAP
+//! requests — exactly what is left where.
+//!
+//! Every test has its own Cyrus on ports chosen at run time, so they run in
+//! parallel; every wait is bounded by the harness timeouts.
+
+mod support;
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use popgate::backend::jmap::{DeletePolicy, JmapConfig};
+use popgate::config::{BackendConfig, Config};
+use serde_json::Value;
+use support::cyrus::Cyrus;
+use support::gateway::Gateway;
+use support::messages::{self, Sample, canonical};
+use support::{IO_TIMEOUT, require_program};
+
+const USER: &str = "alice";
+const PASSWORD: &str = "cyrus-alice-pw";
+
+/// A Cyrus where alice exists (with an Inbox and a Trash).
+fn setup() -> Cyrus {
+    let cyrus = Cyrus::start();
+    cyrus.add_user(USER, PASSWORD);
+    cyrus
+}
+
+fn gateway_with(config: JmapConfig) -> Gateway {
+    Gateway::from_config(Config { backend: BackendConfig::Jmap(config), ..Config::default() })
+}
+
+/// `Email/import` refuses bare LF; every other hard case is stored as is.
+fn has_bare_lf(raw: &[u8]) -> bool {
+    raw.iter().enumerate().any(|(i, &b)| b == b'\n' && (i == 0 || raw[i - 1] != b'\r'))
+}
+
+/// The shared hard cases Cyrus can store (no bare LF), plus bare CRs in a
+/// body (the shared "bare CR" sample has them in its header too, which
+/// Cyrus refuses as an invalid header).
+fn cyrus_samples() -> Vec<Sample> {
+    let mut samples: Vec<Sample> =
+        messages::hard().into_iter().filter(|s| !has_bare_lf(&s.raw) && s.name != "bare CR").collect();
+    samples.push(Sample {
+        name: "bare CR in the body",
+        raw: b"From: a@example.com\r\nSubject: bare CR in the body\r\n\r\none\rtwo\r\r\nthree\r".to_vec(),
+    });
+    samples
+}
+
+fn distinct(subject: &str) -> Vec<u8> {
+    messages::simple(subject)
+}
+
+#[test]
+fn every_message_arrives_exactly_with_exact_sizes() {
+    let cyrus = setup();
+    let samples = cyrus_samples();
+    for name in ["bare CR in the body", "no final line end", "leading dots", "8-bit"] {
+        assert!(samples.iter().any(|s| s.name == name), "sample {name} must be among those Cyrus stores");
+    }
+    let ids: Vec<String> = samples.iter().map(|s| cyrus.append(USER, &s.raw)).collect();
+    let want: Vec<Vec<u8>> = samples.iter().map(|s| canonical(&s.raw)).collect();
+
+    // Cyrus keeps the octets as sent: its Email.size is not the POP3 size
+    // for the bare-CR and unterminated samples, so popgate must measure.
+    let stored = cyrus.emails(USER);
+    for (sample, email) in samples.iter().zip(&stored) {
+        assert_eq!(email.size, sample.raw.len() as u64, "{}: Cyrus stores the exact octets", sample.name);
+        assert_eq!(cyrus.download(USER, &email.blob_id), sample.raw, "{}", sample.name);
+    }
+    assert!(samples.iter().any(|s| canonical(&s.raw).len() != s.raw.len()), "some sizes must differ");
+
+    let gateway = Gateway::url(&cyrus.backend_url());
+    let mut pop = gateway.login(USER, PASSWORD);
+    let total: u64 = want.iter().map(|m| m.len() as u64).sum();
+    assert_eq!(pop.stat(), (want.len(), total));
+    let sizes: Vec<(u32, u64)> = want.iter().enumerate().map(|(i, m)| (i as u32 + 1, m.len() as u64)).collect();
+    assert_eq!(pop.list(), sizes);
+    let uidls: Vec<(u32, String)> = ids.iter().enumerate().map(|(i, id)| (i as u32 + 1, id.clone())).collect();
+    assert_eq!(pop.uidl(), uidls, "UIDL is the JMAP Email id");
+    for (i, sample) in samples.iter().enumerate() {
+        let n = i as u32 + 1;
+        let body = pop.retr(n);
+        assert_eq!(String::from_utf8_lossy(&body), String::from_utf8_lossy(&want[i]), "RETR {n} ({})", sample.name);
+        assert_eq!(pop.list_one(n), body.len() as u64, "LIST {n} == RETR octets ({})", sample.name);
+        assert_eq!(pop.top(n, 0), messages::top(&sample.raw, 0), "TOP {n} 0 ({})", sample.name);
+        assert_eq!(pop.top(n, 2), messages::top(&sample.raw, 2), "TOP {n} 2 ({})", sample.name);
+        assert_eq!(pop.uidl_one(n), ids[i]);
+    }
+    assert!(pop.quit().starts_with("+OK"));
+
+    assert_eq!(cyrus.ids_in(USER, "Inbox"), ids, "reading changes nothing");
+    assert!(cyrus.ids_in(USER, "Trash").is_empty());
+}
+
+#[test]
+fn uidls_are_stable_across_sessions() {
+    let cyrus = setup();
+    let first = [cyrus.append(USER, &distinct("stable one")), cyrus.append(USER, &distinct("stable two"))];
+    let gateway = Gateway::url(&cyrus.backend_url());
+
+    let mut pop = gateway.login(USER, PASSWORD);
+    let before = pop.uidl();
+    pop.quit();
+    assert_eq!(before.iter().map(|(_, u)| u.clone()).collect::<Vec<_>>(), first);
+
+    let third = cyrus.append(USER, &distinct("stable three"));
+    for _ in 0..2 {
+        let mut pop = gateway.login(USER, PASSWORD);
+        let after = pop.uidl();
+        pop.quit();
+        assert_eq!(after[..2], before[..], "old messages keep their UIDL");
+        assert_eq!(after.get(2), Some(&(3, third.clone())));
+    }
+}
+
+#[test]
+fn dele_and_quit_move_exactly_those_to_the_trash() {
+    let cyrus = setup();
+    let ids: Vec<String> = (1..=4).map(|i| cyrus.append(USER, &distinct(&format!("trash me {i}")))).collect();
+    let gateway = Gateway::url(&cyrus.backend_url());
+
+    let mut pop = gateway.login(USER, PASSWORD);
+    pop.ok("DELE 2");
+    pop.ok("DELE 4");
+    let reply = pop.quit();
+    assert!(reply.starts_with("+OK"), "{reply}");
+
+    assert_eq!(cyrus.ids_in(USER, "Inbox"), [ids[0].clone(), ids[2].clone()]);
+    assert_eq!(cyrus.ids_in(USER, "Trash"), [ids[1].clone(), ids[3].clone()]);
+    let emails = cyrus.emails(USER);
+    assert_eq!(emails.len(), 4, "the trash policy destroys nothing");
+    for email in &emails {
+        assert_eq!(email.mailboxes.len(), 1, "moved, not copied: {email:?}");
+    }
+
+    let mut pop = gateway.login(USER, PASSWORD);
+    assert_eq!(pop.uidl(), [(1, ids[0].clone()), (2, ids[2].clone())]);
+    pop.quit();
+}
+
+#[test]
+fn destroy_policy_destroys_exactly_those() {
+    let cyrus = setup();
+    let ids: Vec<String> = (1..=3).map(|i| cyrus.append(USER, &distinct(&format!("destroy me {i}")))).collect();
+    // The session URL itself this time, not the server base.
+    let gateway =
+        gateway_with(JmapConfig { delete_policy: DeletePolicy::Destroy, ..JmapConfig::new(cyrus.session_url()) });
+
+    let mut pop = gateway.login(USER, PASSWORD);
+    pop.ok("DELE 1");
+    assert!(pop.quit().starts_with("+OK"));
+
+    let left: Vec<String> = cyrus.emails(USER).into_iter().map(|e| e.id).collect();
+    assert_eq!(left, ids[1..], "exactly message 1 is gone from the account");
+    assert!(cyrus.ids_in(USER, "Trash").is_empty());
+}
+
+#[test]
+fn nothing_changes_without_quit_or_after_rset() {
+    let cyrus = setup();
+    let ids: Vec<String> = (1..=3).map(|i| cyrus.append(USER, &distinct(&format!("keep me {i}")))).collect();
+    let gateway = Gateway::url(&cyrus.backend_url());
+
+    let mut pop = gateway.login(USER, PASSWORD);
+    pop.ok("DELE 1");
+    pop.ok("DELE 3");
+    pop.drop_connection();
+
+    let mut pop = gateway.login(USER, PASSWORD);
+    pop.ok("DELE 2");
+    pop.ok("RSET");
+    assert!(pop.quit().starts_with("+OK"));
+
+    // Once every session has ended, nothing may have moved.
+    gateway.shutdown(IO_TIMEOUT);
+    assert_eq!(cyrus.ids_in(USER, "Inbox"), ids);
+    assert!(cyrus.ids_in(USER, "Trash").is_empty());
+    assert_eq!(cyrus.emails(USER).len(), 3);
+}
+
+#[test]
+fn a_wrong_password_is_an_auth_error() {
+    let cyrus = setup();
+    cyrus.append(USER, &distinct("private"));
+    let gateway = Gateway::url(&cyrus.backend_url());
+
+    let mut pop = gateway.connect();
+    pop.ok(&format!("USER {USER}"));
+    let reply = pop.cmd("PASS not-the-password");
+    assert!(reply.starts_with("-ERR [AUTH]"), "{reply}");
+    pop.ok("USER nobody-here");
+    let reply = pop.cmd("PASS whatever");
+    assert!(reply.starts_with("-ERR [AUTH]"), "{reply}");
+    assert!(!reply.contains("whatever"), "the reply must not echo a password: {reply}");
+
+    let mut pop = gateway.login(USER, PASSWORD);
+    assert_eq!(pop.stat().0, 1);
+    pop.quit();
+}
+
+#[test]
+fn a_named_mailbox_is_the_maildrop() {
+    let cyrus = setup();
+    cyrus.create_mailbox(USER, "Print");
+    let inbox = cyrus.append(USER, &distinct("stays in the inbox"));
+    let print: Vec<String> =
+        (1..=2).map(|i| cyrus.append_to(USER, "Print", &distinct(&format!("print job {i}")))).collect();
+    let gateway = gateway_with(JmapConfig {
+        mailbox: Some("Print".into()),
+        ..JmapConfig::new(cyrus.backend_url().replacen("jmap+", "", 1))
+    });
+
+    let mut pop = gateway.login(USER, PASSWORD);
+    assert_eq!(pop.uidl(), [(1, print[0].clone()), (2, print[1].clone())]);
+    pop.ok("DELE 1");
+    assert!(pop.quit().starts_with("+OK"));
+
+    assert_eq!(cyrus.ids_in(USER, "Print"), [print[1].clone()]);
+    assert_eq!(cyrus.ids_in(USER, "Trash"), [print[0].clone()]);
+    assert_eq!(cyrus.ids_in(USER, "Inbox"), [inbox]);
+}
+
+#[test]
+fn a_20_mb_message_streams_and_top_leaves_the_session_usable() {
+    let cyrus = setup();
+    // big() has bare LFs, which Email/import refuses: store its CRLF form.
+    let raw = canonical(&messages::big(20));
+    let small = distinct("after the big one");
+    cyrus.append(USER, &raw);
+    cyrus.append(USER, &small);
+    let gateway = Gateway::url(&cyrus.backend_url());
+
+    let started = Instant::now();
+    let mut pop = gateway.login(USER, PASSWORD);
+    assert_eq!(pop.list_one(1), raw.len() as u64);
+    // TOP drops the download early; the mailbox must still serve.
+    assert_eq!(pop.top(1, 3), messages::top(&raw, 3));
+    assert_eq!(pop.retr(2), canonical(&small));
+    let body = pop.retr(1);
+    assert!(body == raw, "RETR 1: {} octets, expected {}", body.len(), raw.len());
+    pop.quit();
+    eprintln!("20 MB message: login + TOP + 2 × RETR in {:?}", started.elapsed());
+}
+
+#[test]
+fn small_server_limits_page_the_listing_and_batch_the_removal() {
+    // 7 messages, 2 per Email/get, 4 calls per request: the listing takes
+    // 4 pages in 2 requests, and removing 5 takes 3 Email/set calls.
+    let cyrus =
+        Cyrus::start_with("jmap_max_objects_in_get: 2\njmap_max_calls_in_request: 4\njmap_max_objects_in_set: 2");
+    cyrus.add_user(USER, PASSWORD);
+    let raws: Vec<Vec<u8>> = (1..=7).map(|i| distinct(&format!("paged {i}"))).collect();
+    let ids: Vec<String> = raws.iter().map(|r| cyrus.append(USER, r)).collect();
+    let gateway = Gateway::url(&cyrus.backend_url());
+
+    let mut pop = gateway.login(USER, PASSWORD);
+    let uidls: Vec<(u32, String)> = ids.iter().enumerate().map(|(i, id)| (i as u32 + 1, id.clone())).collect();
+    assert_eq!(pop.uidl(), uidls, "every page, in order, once");
+    assert_eq!(pop.retr(7), canonical(&raws[6]));
+    for n in [1, 2, 4, 6, 7] {
+        pop.ok(&format!("DELE {n}"));
+    }
+    assert!(pop.quit().starts_with("+OK"));
+
+    assert_eq!(cyrus.ids_in(USER, "Inbox"), [ids[2].clone(), ids[4].clone()]);
+    let trashed: Vec<String> = [0, 1, 3, 5, 6].iter().map(|&i| ids[i].clone()).collect();
+    assert_eq!(cyrus.ids_in(USER, "Trash"), trashed);
+}
+
+#[test]
+fn a_stopped_cyrus_is_a_temporary_failure() {
+    let mut cyrus = setup();
+    cyrus.append(USER, &distinct("unreachable"));
+    let gateway = Gateway::url(&cyrus.backend_url());
+    cyrus.stop();
+
+    let mut pop = gateway.connect();
+    pop.ok(&format!("USER {USER}"));
+    let reply = pop.cmd(&format!("PASS {PASSWORD}"));
+    assert!(reply.starts_with("-ERR [SYS/TEMP]"), "{reply}");
+}
+
+#[test]
+fn a_message_destroyed_meanwhile_spoils_nothing_else() {
+    let cyrus = setup();
+    let gone = distinct("gone soon");
+    let ids = [cyrus.append(USER, &gone), cyrus.append(USER, &distinct("still here"))];
+    let gateway = Gateway::url(&cyrus.backend_url());
+
+    let mut pop = gateway.login(USER, PASSWORD);
+    cyrus.destroy_emails(USER, &ids[..1]);
+    // Cyrus 3.6 still serves a destroyed message's blob for a while; a
+    // server that answers 404 gets a plain -ERR for this message alone.
+    let reply = pop.cmd("RETR 1");
+    if reply.starts_with("+OK") {
+        assert_eq!(pop.body(), canonical(&gone));
+    } else {
+        assert!(reply.starts_with("-ERR") && !reply.contains("[SYS/"), "{reply}");
+    }
+    assert_eq!(pop.retr(2), canonical(&distinct("still here")));
+    // Deleting what someone else already destroyed is no failure.
+    pop.ok("DELE 1");
+    assert!(pop.quit().starts_with("+OK"));
+    assert_eq!(cyrus.ids_in(USER, "Inbox"), [ids[1].clone()]);
+}
+
+#[test]
+fn a_trash_destroyed_before_quit_is_an_error_and_nothing_moves() {
+    let cyrus = setup();
+    let ids: Vec<String> = (1..=2).map(|i| cyrus.append(USER, &distinct(&format!("unmovable {i}")))).collect();
+    let gateway = Gateway::url(&cyrus.backend_url());
+
+    let mut pop = gateway.login(USER, PASSWORD);
+    pop.ok("DELE 1");
+    pop.ok("DELE 2");
+    // Cyrus would accept a move into the destroyed mailbox, and the
+    // messages would vanish with it: popgate must look the trash up again.
+    cyrus.destroy_mailbox(USER, "Trash");
+    let reply = pop.quit();
+    assert!(reply.starts_with("-ERR [SYS/TEMP]"), "{reply}");
+    assert_eq!(cyrus.ids_in(USER, "Inbox"), ids);
+    assert_eq!(cyrus.emails(USER).len(), 2);
+}
+
+#[test]
+fn a_removal_the_server_refuses_is_a_temporary_error_and_moves_nothing() {
+    let cyrus = setup();
+    let ids: Vec<String> = (1..=2).map(|i| cyrus.append(USER, &distinct(&format!("refused {i}")))).collect();
+    let gateway = Gateway::url(&cyrus.backend_url());
+
+    let mut pop = gateway.login(USER, PASSWORD);
+    pop.ok("DELE 2");
+    // The password changes mid-session: the Email/set at QUIT gets 401.
+    cyrus.set_password(USER, "a-new-password");
+    let reply = pop.quit();
+    assert!(reply.starts_with("-ERR [SYS/TEMP]"), "{reply}");
+    cyrus.set_password(USER, PASSWORD);
+    assert_eq!(cyrus.ids_in(USER, "Inbox"), ids);
+    assert!(cyrus.ids_in(USER, "Trash").is_empty());
+}
+
+/// Runs a program to completion with no stdin, killing it after twice the
+/// harness timeout.
+fn run(program: &str, args: &[&str]) -> Output {
+    let path = require_program(program);
+    let child = Command::new(&path)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("run {}: {e}", path.display()));
+    let pid = child.id();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let output = child.wait_with_output();
+        let _ = done_tx.send(());
+        output
+    });
+    if done_rx.recv_timeout(IO_TIMEOUT * 2).is_err() {
+        support::send_signal(pid, support::Signal::Kill);
+        panic!("{program} {args:?} did not finish within {:?}", IO_TIMEOUT * 2);
+    }
+    waiter.join().expect("waiter").expect("output")
+}
+
+fn describe(output: &Output) -> String {
+    format!(
+        "exit {}\n--- stdout\n{}\n--- stderr\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+#[test]
+fn curl_retrieves_and_deletes() {
+    let cyrus = setup();
+    let raws = [
+        distinct("for curl one"),
+        b"Subject: dots and a bare CR for curl\r\n\r\n.\r\n..two\rdots\r\nend".to_vec(),
+        distinct("for curl three"),
+    ];
+    let ids: Vec<String> = raws.iter().map(|r| cyrus.append(USER, r)).collect();
+    let gateway = Gateway::url(&cyrus.backend_url());
+    let credentials = format!("{USER}:{PASSWORD}");
+    let curl = |path: &str, extra: &[&str]| {
+        let url = format!("pop3://{}/{path}", gateway.addr);
+        let mut args = vec!["--silent", "--show-error", "--max-time", "20", "--user", credentials.as_str()];
+        args.extend_from_slice(extra);
+        args.push(&url);
+        run("curl", &args)
+    };
+
+    for (i, raw) in raws.iter().enumerate() {
+        let retr = curl(&(i + 1).to_string(), &[]);
+        assert!(retr.status.success(), "curl RETR {}: {}", i + 1, describe(&retr));
+        assert_eq!(String::from_utf8_lossy(&retr.stdout), String::from_utf8_lossy(&canonical(raw)), "RETR {}", i + 1);
+    }
+    let dele = curl("2", &["--request", "DELE", "--head"]);
+    assert!(dele.status.success(), "curl DELE: {}", describe(&dele));
+    support::wait_for("message 2 to reach the trash", IO_TIMEOUT, || {
+        (cyrus.ids_in(USER, "Trash") == [ids[1].clone()]).then_some(())
+    });
+    assert_eq!(cyrus.ids_in(USER, "Inbox"), [ids[0].clone(), ids[2].clone()]);
+
+    let list = curl("", &[]);
+    assert!(list.status.success(), "{}", describe(&list));
+    let expected: String =
+        [&raws[0], &raws[2]].iter().enumerate().map(|(i, r)| format!("{} {}\r\n", i + 1, canonical(r).len())).collect();
+    assert_eq!(String::from_utf8_lossy(&list.stdout), expected);
+}
+
+const POPLIB_SCRIPT: &str = r#"
+import json, poplib, sys
+host, port, user, password = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+p = poplib.POP3(host, port, timeout=20)
+p.user(user)
+p.pass_(password)
+out = {"stat": list(p.stat()), "uidl": [l.decode() for l in p.uidl()[1]], "retr": []}
+for n in range(1, out["stat"][0] + 1):
+    resp, lines, octets = p.retr(n)
+    out["retr"].append({"text": b"".join(l + b"\r\n" for l in lines).decode("latin-1"), "octets": octets})
+    p.dele(n)
+out["quit"] = p.quit().decode()
+print(json.dumps(out))
+"#;
+
+#[test]
+fn python_poplib_retrieves_and_deletes_everything() {
+    let cyrus = setup();
+    let raws = [
+        distinct("for poplib one"),
+        b"Subject: poplib and no final CRLF\r\n\r\n.starts with a dot\r\nend".to_vec(),
+        "Subject: 8-bit for poplib\r\n\r\ngr\u{fc}\u{df}e\r\n".as_bytes().to_vec(),
+    ];
+    let ids: Vec<String> = raws.iter().map(|r| cyrus.append(USER, r)).collect();
+    let gateway = Gateway::url(&cyrus.backend_url());
+
+    let port = gateway.addr.port().to_string();
+    let output = run("python3", &["-c", POPLIB_SCRIPT, "127.0.0.1", &port, USER, PASSWORD]);
+    assert!(output.status.success(), "poplib: {}", describe(&output));
+    let out: Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{e}: {}", describe(&output)));
+
+    let want: Vec<Vec<u8>> = raws.iter().map(|r| canonical(r)).collect();
+    let total: usize = want.iter().map(Vec::len).sum();
+    assert_eq!(out["stat"], serde_json::json!([3, total]));
+    for (i, m) in want.iter().enumerate() {
+        let latin1: String = m.iter().map(|&b| b as char).collect();
+        assert_eq!(out["retr"][i]["text"], latin1, "RETR {}", i + 1);
+        assert_eq!(out["retr"][i]["octets"], m.len(), "RETR {} octets", i + 1);
+        assert_eq!(out["uidl"][i], format!("{} {}", i + 1, ids[i]));
+    }
+    assert!(out["quit"].as_str().is_some_and(|q| q.starts_with("+OK")), "{out}");
+
+    assert!(cyrus.ids_in(USER, "Inbox").is_empty(), "poplib's DELE + QUIT must empty the inbox");
+    assert_eq!(cyrus.ids_in(USER, "Trash"), ids);
+}
+
+/// The test binary must leave no Cyrus process behind: dropping a `Cyrus`
+/// ends master and every process in its group.
+#[test]
+fn a_dropped_cyrus_leaves_no_process() {
+    let cyrus = setup();
+    cyrus.append(USER, &distinct("so that httpd has forked"));
+    let group = cyrus.master_pid().expect("master running");
+    assert!(!processes_in_group(group).is_empty(), "master's group must be visible while it runs");
+    drop(cyrus);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = processes_in_group(group);
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "Cyrus processes still running after drop: {left:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Live (not zombie) processes whose process group is `group`.
+fn processes_in_group(group: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        // pid (comm) state ppid pgrp …; comm may contain spaces: split after ')'.
+        let Some((_, rest)) = stat.rsplit_once(')') else { continue };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        if fields.first() != Some(&"Z") && fields.get(2).and_then(|g| g.parse::<u32>().ok()) == Some(group) {
+            found.push(pid);
+        }
+    }
+    found
+}

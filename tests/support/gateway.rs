@@ -1,0 +1,276 @@
+//! popgate under test: in-process (`Gateway`, its own tokio runtime on its
+//! own thread, so tests stay plain blocking code) or as the real binary
+//! (`GatewayProcess`, for the CLI and signals).
+
+use std::fs;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use popgate::backend::SharedBackend;
+use popgate::backend::memory::{MemoryBackend, MemoryStore};
+use popgate::config::{BackendConfig, Config, Limits};
+use popgate::server::{Server, build_backend};
+use tokio::sync::oneshot;
+
+use super::pop3::Pop3;
+use super::{IO_TIMEOUT, Signal, free_port, send_signal};
+
+enum Stop {
+    /// `RunningServer::shutdown`: stop accepting, grace period, then end
+    /// sessions.
+    Graceful,
+    /// Drop everything now (test teardown).
+    Abort,
+}
+
+/// popgate running in this process on 127.0.0.1 and a kernel-chosen port.
+pub struct Gateway {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<Stop>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Gateway {
+    /// Over a `MemoryStore` the test keeps a handle to, default limits.
+    pub fn memory(store: &MemoryStore) -> Gateway {
+        Gateway::memory_with(store, |_| {})
+    }
+
+    /// Over a `MemoryStore`, with limits adjusted by `limits`.
+    pub fn memory_with(store: &MemoryStore, limits: impl FnOnce(&mut Limits)) -> Gateway {
+        let mut config = Config::default();
+        limits(&mut config.limits);
+        Gateway::start(config, std::sync::Arc::new(MemoryBackend::new(store.clone())))
+    }
+
+    /// Over a backend URL (`imap://127.0.0.1:PORT`, `demo:`), default limits.
+    pub fn url(backend_url: &str) -> Gateway {
+        Gateway::url_with(backend_url, |_| {})
+    }
+
+    pub fn url_with(backend_url: &str, limits: impl FnOnce(&mut Limits)) -> Gateway {
+        let mut config = Config {
+            backend: BackendConfig::from_url(backend_url).unwrap_or_else(|e| panic!("{e}")),
+            ..Config::default()
+        };
+        limits(&mut config.limits);
+        Gateway::from_config(config)
+    }
+
+    /// From a whole configuration; its first listener moves to 127.0.0.1:0
+    /// and the others are dropped.
+    pub fn from_config(config: Config) -> Gateway {
+        let backend = build_backend(&config.backend).unwrap_or_else(|e| panic!("building the backend: {e}"));
+        Gateway::start(config, backend)
+    }
+
+    pub fn start(mut config: Config, backend: SharedBackend) -> Gateway {
+        init_logging();
+        // Keep the first listener's policy; only its address changes.
+        config.listener.truncate(1);
+        config.listener.first_mut().expect("a listener in the test configuration").address =
+            "127.0.0.1:0".parse().unwrap();
+        config.check().unwrap_or_else(|e| panic!("test configuration: {e}"));
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let thread = std::thread::Builder::new()
+            .name("popgate-under-test".into())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                runtime.block_on(async move {
+                    let server = match Server::start(&config, backend).await {
+                        Ok(server) => server,
+                        Err(e) => {
+                            let _ = addr_tx.send(Err(e.to_string()));
+                            return;
+                        }
+                    };
+                    let _ = addr_tx.send(Ok(server.local_addrs()[0]));
+                    match stop_rx.await {
+                        Ok(Stop::Graceful) => server.shutdown().await,
+                        Ok(Stop::Abort) | Err(_) => drop(server),
+                    }
+                });
+                runtime.shutdown_timeout(Duration::from_secs(2));
+            })
+            .expect("spawn the gateway thread");
+        let addr = match addr_rx.recv_timeout(IO_TIMEOUT) {
+            Ok(Ok(addr)) => addr,
+            Ok(Err(e)) => panic!("popgate did not start: {e}"),
+            Err(e) => panic!("popgate did not start within {IO_TIMEOUT:?}: {e}"),
+        };
+        Gateway { addr, stop: Some(stop_tx), thread: Some(thread) }
+    }
+
+    pub fn connect(&self) -> Pop3 {
+        Pop3::connect(self.addr)
+    }
+
+    pub fn login(&self, user: &str, password: &str) -> Pop3 {
+        Pop3::login(self.addr, user, password)
+    }
+
+    /// Graceful shutdown; returns once every session has ended. Panics if
+    /// that takes longer than `limit`.
+    pub fn shutdown(mut self, limit: Duration) {
+        self.finish(Stop::Graceful, limit);
+    }
+
+    fn finish(&mut self, how: Stop, limit: Duration) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(how);
+        }
+        if let Some(thread) = self.thread.take() {
+            let deadline = Instant::now() + limit;
+            while !thread.is_finished() {
+                assert!(Instant::now() < deadline, "popgate did not shut down within {limit:?}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if let Err(panic) = thread.join() {
+                std::panic::resume_unwind(panic);
+            }
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            if let Some(stop) = self.stop.take() {
+                let _ = stop.send(Stop::Abort);
+            }
+            return;
+        }
+        self.finish(Stop::Abort, IO_TIMEOUT);
+    }
+}
+
+/// Logs of the gateway under test, shown with a failing test's output.
+/// `RUST_LOG` chooses the level (default: popgate=debug).
+fn init_logging() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("popgate=debug"));
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+    });
+}
+
+/// The `popgate` binary, serving on 127.0.0.1 and a port chosen at run time.
+pub struct GatewayProcess {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    /// The admin HTTP listener (/metrics, /healthz, /readyz).
+    pub admin_addr: SocketAddr,
+    dir: tempfile::TempDir,
+}
+
+impl GatewayProcess {
+    /// `popgate serve --listen 127.0.0.1:PORT --admin 127.0.0.1:PORT2 ARGS…`,
+    /// once it answers (the admin default, a fixed port, would clash between
+    /// tests running in parallel).
+    pub fn start(args: &[&str]) -> GatewayProcess {
+        let mut dir = tempfile::Builder::new().prefix("popgate-bin-").tempdir().expect("tempdir");
+        for _attempt in 0..5 {
+            let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            let admin_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            let log = fs::File::create(dir.path().join("popgate.log")).expect("log file");
+            let child = Command::new(env!("CARGO_BIN_EXE_popgate"))
+                .arg("serve")
+                .arg("--listen")
+                .arg(addr.to_string())
+                .arg("--admin")
+                .arg(admin_addr.to_string())
+                .args(args)
+                .env("RUST_LOG", "popgate=debug")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("dup"))
+                .stderr(log)
+                .spawn()
+                .expect("run popgate");
+            let mut process = GatewayProcess { child: Some(child), addr, admin_addr, dir };
+            match process.wait_until_ready() {
+                Ok(()) => return process,
+                Err(log) if log.contains("cannot listen") => {
+                    dir = process.take_dir();
+                    continue;
+                }
+                Err(log) => panic!("popgate did not start:\n{log}"),
+            }
+        }
+        panic!(
+            "popgate: no free port after 5 attempts:\n{}",
+            std::fs::read_to_string(dir.path().join("popgate.log")).unwrap_or_default()
+        );
+    }
+
+    fn wait_until_ready(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + IO_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().expect("try_wait") {
+                return Err(format!("popgate exited ({status}):\n{}", self.log()));
+            }
+            if let Ok(stream) = std::net::TcpStream::connect_timeout(&self.addr, Duration::from_secs(1)) {
+                drop(stream);
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("popgate did not listen on {} within {IO_TIMEOUT:?}:\n{}", self.addr, self.log());
+    }
+
+    fn take_dir(mut self) -> tempfile::TempDir {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let placeholder = tempfile::tempdir().expect("tempdir");
+        std::mem::replace(&mut self.dir, placeholder)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    pub fn terminate(&self) {
+        assert!(send_signal(self.pid(), Signal::Term), "SIGTERM to popgate");
+    }
+
+    /// Waits for the process to exit, at most `limit`.
+    pub fn wait(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        let child = self.child.as_mut().expect("running");
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "popgate still running after {limit:?}:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Everything the process wrote (stdout and stderr).
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("popgate.log")).unwrap_or_default()
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
