@@ -181,6 +181,12 @@ impl<'a> Driver<'a> {
                 if let Some(outcome) = self.perform(step).await? {
                     return Ok(outcome);
                 }
+                // Replies to a long pipelined burst go out as they grow, so
+                // the buffer stays bounded (the socket's back-pressure then
+                // slows the client down).
+                if self.out.len() >= WRITE_CHUNK {
+                    self.flush().await?;
+                }
             }
             self.flush().await?;
             let deadline = if self.session.is_authenticated() {
