@@ -24,17 +24,17 @@ use tracing_subscriber::EnvFilter;
 use crate::config::{LogConfig, LogFormat};
 
 /// Libraries that log raw protocol bytes (an IMAP LOGIN line, an HTTP
-/// Authorization header) at trace level: capped whatever the filter says.
+/// Authorization header) at trace level: capped at `info` whatever the
+/// filter says, even a filter that names one of their modules.
 const WIRE_LOGGERS: &[&str] = &["async_imap", "imap_proto", "hyper", "hyper_util", "h2", "reqwest", "rustls"];
 
-/// The filter actually used: the configured (or RUST_LOG) one with the wire
-/// loggers capped at `info`, so no level ever shows credentials.
+fn is_wire_logger(target: &str) -> bool {
+    WIRE_LOGGERS.iter().any(|w| target == *w || target.strip_prefix(w).is_some_and(|rest| rest.starts_with("::")))
+}
+
+/// The configured (or RUST_LOG) filter.
 pub fn filter(level: &str) -> EnvFilter {
-    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    for target in WIRE_LOGGERS {
-        filter = filter.add_directive(format!("{target}=info").parse().expect("valid directive"));
-    }
-    filter
+    EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level))
 }
 
 /// Changes the log filter of the running process (SIGHUP).
@@ -49,21 +49,29 @@ impl LogReload {
 /// Installs the global subscriber; `RUST_LOG` overrides the configured level.
 /// `None` if a subscriber was already installed (tests).
 pub fn init(config: &LogConfig) -> Option<LogReload> {
-    let builder = tracing_subscriber::fmt().with_env_filter(filter(&config.level)).with_writer(std::io::stderr);
-    match config.format {
-        LogFormat::Text => {
-            let builder = builder.with_filter_reloading();
-            let handle = builder.reload_handle();
-            builder.try_init().ok()?;
-            Some(LogReload(Box::new(move |f| handle.reload(f).map_err(|e| e.to_string()))))
-        }
-        LogFormat::Json => {
-            let builder = builder.json().flatten_event(true).with_current_span(true).with_filter_reloading();
-            let handle = builder.reload_handle();
-            builder.try_init().ok()?;
-            Some(LogReload(Box::new(move |f| handle.reload(f).map_err(|e| e.to_string()))))
-        }
-    }
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter(&config.level));
+    // A separate filter on the output layer: whatever the user's filter lets
+    // through, the wire loggers never get past `info` — that is where
+    // credentials would appear.
+    let cap = tracing_subscriber::filter::filter_fn(|meta| {
+        !(is_wire_logger(meta.target()) && *meta.level() > tracing::Level::INFO)
+    });
+    let output = match config.format {
+        LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(cap).boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_writer(std::io::stderr)
+            .with_filter(cap)
+            .boxed(),
+    };
+    tracing_subscriber::registry().with(filter).with(output).try_init().ok()?;
+    Some(LogReload(Box::new(move |f| handle.reload(f).map_err(|e| e.to_string()))))
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -99,6 +107,15 @@ pub struct AccountLabels {
     pub account: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OAuthRefreshLabels {
+    /// A configured account name (bounded by the configuration).
+    pub account: String,
+    /// "ok", "invalid_grant", "refused", "unavailable", "invalid_response",
+    /// "store_failed", "config".
+    pub result: String,
+}
+
 type HistogramFamily = Family<BackendLabels, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -119,6 +136,8 @@ pub struct Metrics {
     pub backend_sessions_reused: Counter,
     pub deletions: Family<ResultLabels, Counter>,
     pub last_success: Family<AccountLabels, Gauge<f64, AtomicU64>>,
+    pub oauth_refreshes: Family<OAuthRefreshLabels, Counter>,
+    pub oauth_token_expiry: Family<AccountLabels, Gauge<f64, AtomicU64>>,
 }
 
 impl Default for Metrics {
@@ -141,6 +160,8 @@ impl Metrics {
             backend_sessions_reused: Counter::default(),
             deletions: Family::default(),
             last_success: Family::default(),
+            oauth_refreshes: Family::default(),
+            oauth_token_expiry: Family::default(),
             registry: Registry::default(),
         };
         registry.register("sessions_active", "POP3 sessions open now", metrics.sessions_active.clone());
@@ -164,6 +185,16 @@ impl Metrics {
             "account_last_success_timestamp_seconds",
             "Unix time of the last session that ended well, per account (alert when a device stops polling)",
             metrics.last_success.clone(),
+        );
+        registry.register(
+            "oauth_refreshes",
+            "OAuth access token refreshes (and client-credentials requests) per mapped account, by result",
+            metrics.oauth_refreshes.clone(),
+        );
+        registry.register(
+            "oauth_token_expiry_timestamp_seconds",
+            "Unix time the access token popgate holds for an account expires",
+            metrics.oauth_token_expiry.clone(),
         );
         registry.register(
             "build",
@@ -198,6 +229,16 @@ impl Metrics {
         self.last_success.get_or_create(&AccountLabels { account: account.to_string() }).set(now);
     }
 
+    pub fn oauth_refresh(&self, account: &str, result: &str) {
+        self.oauth_refreshes
+            .get_or_create(&OAuthRefreshLabels { account: account.into(), result: result.into() })
+            .inc();
+    }
+
+    pub fn oauth_token_expires(&self, account: &str, unix_secs: u64) {
+        self.oauth_token_expiry.get_or_create(&AccountLabels { account: account.into() }).set(unix_secs as f64);
+    }
+
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -211,6 +252,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn wire_loggers_are_recognized_with_their_modules() {
+        for target in ["async_imap", "async_imap::imap_stream", "hyper::proto::h1", "rustls::server"] {
+            assert!(is_wire_logger(target), "{target}");
+        }
+        for target in ["popgate", "popgate::server", "async_imapx", "hyperlocal"] {
+            assert!(!is_wire_logger(target), "{target}");
+        }
+    }
+
+    #[test]
     fn exposition_has_every_family() {
         let m = Metrics::new();
         m.command("RETR", true);
@@ -218,6 +269,8 @@ mod tests {
         m.backend_op("imap", "fetch", Duration::from_millis(3));
         m.deleted(true, 2);
         m.account_succeeded("printer-3");
+        m.oauth_refresh("scans", "invalid_grant");
+        m.oauth_token_expires("scans", 1_900_000_000);
         m.retrieved_bytes.inc_by(10);
         m.sessions_total.get_or_create(&ListenerLabels { listener: "127.0.0.1:1110".into() }).inc();
         let text = m.encode();
@@ -227,6 +280,8 @@ mod tests {
             "popgate_backend_operation_duration_seconds_bucket{le=\"0.004\",backend=\"imap\",operation=\"fetch\"} 1",
             "popgate_deletions_total{result=\"committed\"} 2",
             "popgate_account_last_success_timestamp_seconds{account=\"printer-3\"}",
+            "popgate_oauth_refreshes_total{account=\"scans\",result=\"invalid_grant\"} 1",
+            "popgate_oauth_token_expiry_timestamp_seconds{account=\"scans\"} 1900000000",
             "popgate_retrieved_bytes_total 10",
             "popgate_sessions_total{listener=\"127.0.0.1:1110\"} 1",
             "popgate_build_info{version=",

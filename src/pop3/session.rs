@@ -154,6 +154,12 @@ impl Session {
     pub fn tls_started(&mut self, login_permitted: bool) {
         self.config.stls_offered = false;
         self.config.login_permitted = login_permitted;
+        // Nothing said before TLS counts after it (RFC 2595 4): a USER sent in
+        // the clear could have been injected.
+        if let State::Authorization { user, sasl } = &mut self.state {
+            *user = None;
+            *sasl = None;
+        }
     }
 
     /// Answers one framed line.

@@ -171,8 +171,15 @@ fn load_one(config: &CertificateConfig, provider: &CryptoProvider) -> Result<(Ce
     } else {
         config.names.clone()
     };
-    let certified = CertifiedKey::from_der(chain, key, provider)
-        .map_err(|e| TlsError::KeyMismatch { path: config.cert.display().to_string(), why: e.to_string() })?;
+    // A key that cannot be used at all is the key file's fault; a usable key
+    // that belongs to another certificate is a mismatch.
+    let signing_key = provider.key_provider.load_private_key(key).map_err(|e| file_error(&config.key, e))?;
+    let certified = CertifiedKey::new(chain, signing_key);
+    match certified.keys_match() {
+        // Unknown: the key type does not expose its public half; accept.
+        Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
+        Err(e) => return Err(TlsError::KeyMismatch { path: config.cert.display().to_string(), why: e.to_string() }),
+    }
     Ok((certified, names))
 }
 

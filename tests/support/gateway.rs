@@ -26,10 +26,17 @@ enum Stop {
     Abort,
 }
 
+/// What a test can ask of a running in-process gateway.
+enum Control {
+    /// `RunningServer::reload_certificates` (what SIGHUP does to them).
+    ReloadCertificates(std::sync::mpsc::Sender<Result<(), String>>),
+}
+
 /// popgate running in this process on 127.0.0.1 and a kernel-chosen port.
 pub struct Gateway {
     pub addr: SocketAddr,
     stop: Option<oneshot::Sender<Stop>>,
+    control: tokio::sync::mpsc::UnboundedSender<Control>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -75,7 +82,8 @@ impl Gateway {
             "127.0.0.1:0".parse().unwrap();
         config.check().unwrap_or_else(|e| panic!("test configuration: {e}"));
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-        let (stop_tx, stop_rx) = oneshot::channel();
+        let (stop_tx, mut stop_rx) = oneshot::channel();
+        let (control_tx, mut control_rx) = tokio::sync::mpsc::unbounded_channel();
         let thread = std::thread::Builder::new()
             .name("popgate-under-test".into())
             .spawn(move || {
@@ -93,7 +101,17 @@ impl Gateway {
                         }
                     };
                     let _ = addr_tx.send(Ok(server.local_addrs()[0]));
-                    match stop_rx.await {
+                    let stop = loop {
+                        tokio::select! {
+                            stop = &mut stop_rx => break stop,
+                            Some(control) = control_rx.recv() => match control {
+                                Control::ReloadCertificates(reply) => {
+                                    let _ = reply.send(server.reload_certificates().map_err(|e| e.to_string()));
+                                }
+                            },
+                        }
+                    };
+                    match stop {
                         Ok(Stop::Graceful) => server.shutdown().await,
                         Ok(Stop::Abort) | Err(_) => drop(server),
                     }
@@ -106,7 +124,14 @@ impl Gateway {
             Ok(Err(e)) => panic!("popgate did not start: {e}"),
             Err(e) => panic!("popgate did not start within {IO_TIMEOUT:?}: {e}"),
         };
-        Gateway { addr, stop: Some(stop_tx), thread: Some(thread) }
+        Gateway { addr, stop: Some(stop_tx), control: control_tx, thread: Some(thread) }
+    }
+
+    /// Re-reads the certificate files now, as SIGHUP does.
+    pub fn reload_certificates(&self) -> Result<(), String> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.control.send(Control::ReloadCertificates(tx)).expect("gateway running");
+        rx.recv_timeout(IO_TIMEOUT).expect("reload_certificates answered")
     }
 
     pub fn connect(&self) -> Pop3 {
@@ -167,6 +192,8 @@ fn init_logging() {
 pub struct GatewayProcess {
     child: Option<Child>,
     pub addr: SocketAddr,
+    /// Every listener's address (`addr` is the first).
+    pub addrs: Vec<SocketAddr>,
     /// The admin HTTP listener (/metrics, /healthz, /readyz).
     pub admin_addr: SocketAddr,
     dir: tempfile::TempDir,
@@ -195,7 +222,7 @@ impl GatewayProcess {
                 .stderr(log)
                 .spawn()
                 .expect("run popgate");
-            let mut process = GatewayProcess { child: Some(child), addr, admin_addr, dir };
+            let mut process = GatewayProcess { child: Some(child), addr, addrs: vec![addr], admin_addr, dir };
             match process.wait_until_ready() {
                 Ok(()) => return process,
                 Err(log) if log.contains("cannot listen") => {
@@ -209,6 +236,74 @@ impl GatewayProcess {
             "popgate: no free port after 5 attempts:\n{}",
             std::fs::read_to_string(dir.path().join("popgate.log")).unwrap_or_default()
         );
+    }
+
+    /// `popgate serve --config FILE --admin 127.0.0.1:PORT`, where FILE holds
+    /// `config(addrs)` for `listeners` addresses on 127.0.0.1 chosen at run
+    /// time (retried with others if one is taken). `RUST_LOG` is not
+    /// inherited: the configuration's `[log]` decides, unless `env` sets it.
+    pub fn start_with_config(
+        listeners: usize,
+        env: &[(&str, &str)],
+        config: impl Fn(&[SocketAddr]) -> String,
+    ) -> GatewayProcess {
+        assert!(listeners > 0);
+        let mut dir = tempfile::Builder::new().prefix("popgate-bin-").tempdir().expect("tempdir");
+        for _attempt in 0..5 {
+            let addrs: Vec<SocketAddr> =
+                (0..listeners).map(|_| SocketAddr::from(([127, 0, 0, 1], free_port()))).collect();
+            let admin_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            let config_path = dir.path().join("popgate.toml");
+            fs::write(&config_path, config(&addrs)).expect("write popgate.toml");
+            let log = fs::File::create(dir.path().join("popgate.log")).expect("log file");
+            let child = Command::new(env!("CARGO_BIN_EXE_popgate"))
+                .arg("serve")
+                .arg("--config")
+                .arg(&config_path)
+                .arg("--admin")
+                .arg(admin_addr.to_string())
+                .env_remove("RUST_LOG")
+                .envs(env.iter().copied())
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("dup"))
+                .stderr(log)
+                .spawn()
+                .expect("run popgate");
+            let mut process = GatewayProcess { child: Some(child), addr: addrs[0], addrs, admin_addr, dir };
+            match process.wait_until_ready() {
+                Ok(()) => return process,
+                Err(log) if log.contains("cannot listen") => {
+                    dir = process.take_dir();
+                    continue;
+                }
+                Err(log) => panic!("popgate did not start:\n{log}"),
+            }
+        }
+        panic!(
+            "popgate: no free port after 5 attempts:\n{}",
+            std::fs::read_to_string(dir.path().join("popgate.log")).unwrap_or_default()
+        );
+    }
+
+    /// SIGHUP: re-read the configuration and the certificates.
+    pub fn hangup(&self) {
+        let status = Command::new("kill")
+            .arg("-HUP")
+            .arg(self.pid().to_string())
+            .stdin(Stdio::null())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -HUP {}", self.pid());
+    }
+
+    /// Resident memory of the process (VmRSS), in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("/proc/PID/status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/PID/status")
     }
 
     fn wait_until_ready(&mut self) -> Result<(), String> {

@@ -12,6 +12,8 @@
 //!   (CRLF) form they must reach a POP3 client in — computed here, not by
 //!   popgate's own code, so the tests do not share its bugs.
 //! - `proxy`: a recording TCP proxy, to see what popgate sends its backend.
+//! - `tls`: a test CA and server certificates made at run time, and a POP3
+//!   client for cleartext, STLS and implicit TLS from any 127.0.0.0/8 address.
 //!
 //! Everything is per test (no fixed ports, no shared directories), so tests
 //! run in parallel. Nothing here skips: a missing Dovecot or client program
@@ -26,6 +28,7 @@ pub mod imap;
 pub mod messages;
 pub mod pop3;
 pub mod proxy;
+pub mod tls;
 
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
