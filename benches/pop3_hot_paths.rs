@@ -1,6 +1,11 @@
 //! Hot paths of a POP3 session: command parsing and the response writer
 //! (dot-stuffing and CRLF normalization). Throughput is reported in bytes, so
 //! criterion prints GB/s. Run: `cargo bench --bench pop3_hot_paths`.
+//!
+//! `retr_encode/reference_naive_*` is a same-run reference, not popgate code:
+//! the textbook byte-at-a-time encoder (`reference_naive_encode` below) doing
+//! the same job — CRLF line ends, dot-stuffing, the final `.` line — so the
+//! figures of popgate's `BodyEncoder` are read side by side with it.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use popgate::canonical::CanonicalSize;
@@ -36,22 +41,132 @@ fn message(size: usize, line_end: &str) -> Vec<u8> {
     m.into_bytes()
 }
 
+/// REFERENCE, not popgate code: the naive encoder a first implementation
+/// would write — one byte at a time, one `Vec::push` per byte. Same rules as
+/// `BodyEncoder::whole`: CRLF, bare LF and bare CR each end a line and become
+/// CRLF, a missing final line end is added, a line starting with `.` gets
+/// another `.`, and `.` CRLF ends the body.
+struct NaiveEncoder {
+    at_line_start: bool,
+    pending_cr: bool,
+    started: bool,
+}
+
+impl NaiveEncoder {
+    fn new() -> Self {
+        NaiveEncoder { at_line_start: true, pending_cr: false, started: false }
+    }
+
+    fn line_end(&mut self, out: &mut Vec<u8>) {
+        out.push(b'\r');
+        out.push(b'\n');
+        self.at_line_start = true;
+    }
+
+    fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
+        for &byte in chunk {
+            self.started = true;
+            if self.pending_cr {
+                self.pending_cr = false;
+                self.line_end(out);
+                if byte == b'\n' {
+                    continue;
+                }
+            }
+            match byte {
+                b'\r' => self.pending_cr = true,
+                b'\n' => self.line_end(out),
+                _ => {
+                    if self.at_line_start && byte == b'.' {
+                        out.push(b'.');
+                    }
+                    out.push(byte);
+                    self.at_line_start = false;
+                }
+            }
+        }
+    }
+
+    fn finish(&mut self, out: &mut Vec<u8>) {
+        if self.pending_cr || (self.started && !self.at_line_start) {
+            self.pending_cr = false;
+            self.line_end(out);
+        }
+        out.extend_from_slice(b".\r\n");
+    }
+}
+
+fn reference_naive_encode(msg: &[u8], out: &mut Vec<u8>) {
+    let mut encoder = NaiveEncoder::new();
+    for chunk in msg.chunks(256 * 1024) {
+        encoder.push(chunk, out);
+    }
+    encoder.finish(out);
+}
+
+/// REFERENCE, not popgate code: the canonical (CRLF) size, byte at a time.
+fn reference_naive_size(msg: &[u8]) -> u64 {
+    let (mut octets, mut pending_cr, mut at_line_start) = (0u64, false, true);
+    for &byte in msg {
+        if pending_cr {
+            pending_cr = false;
+            octets += 2;
+            at_line_start = true;
+            if byte == b'\n' {
+                continue;
+            }
+        }
+        match byte {
+            b'\r' => pending_cr = true,
+            b'\n' => {
+                octets += 2;
+                at_line_start = true;
+            }
+            _ => {
+                octets += 1;
+                at_line_start = false;
+            }
+        }
+    }
+    if pending_cr || (!msg.is_empty() && !at_line_start) {
+        octets += 2;
+    }
+    octets
+}
+
+fn popgate_encode(msg: &[u8], out: &mut Vec<u8>) {
+    let mut encoder = BodyEncoder::whole();
+    // 256 KiB chunks, as the IMAP backend delivers them.
+    for chunk in msg.chunks(256 * 1024) {
+        encoder.push(chunk, out);
+    }
+    encoder.finish(out);
+}
+
 fn encode(c: &mut Criterion) {
     let mut group = c.benchmark_group("retr_encode");
     for (name, line_end) in [("crlf", "\r\n"), ("bare_lf", "\n")] {
         for size in [20 * 1024, 1024 * 1024] {
             let msg = message(size, line_end);
+            // The reference must do exactly popgate's job to be a reference.
+            let (mut ours, mut naive) = (Vec::new(), Vec::new());
+            popgate_encode(&msg, &mut ours);
+            reference_naive_encode(&msg, &mut naive);
+            assert!(ours == naive, "the naive reference encodes {name}/{size} differently from BodyEncoder");
             group.throughput(Throughput::Bytes(msg.len() as u64));
             group.bench_with_input(BenchmarkId::new(name, size), &msg, |b, msg| {
                 let mut out = Vec::with_capacity(msg.len() * 2);
                 b.iter(|| {
                     out.clear();
-                    let mut encoder = BodyEncoder::whole();
-                    // 256 KiB chunks, as the IMAP backend delivers them.
-                    for chunk in msg.chunks(256 * 1024) {
-                        encoder.push(black_box(chunk), &mut out);
-                    }
-                    encoder.finish(&mut out);
+                    popgate_encode(black_box(msg), &mut out);
+                    black_box(out.len())
+                })
+            });
+            group.bench_with_input(BenchmarkId::new(format!("reference_naive_{name}"), size), &msg, |b, msg| {
+                let mut out = Vec::with_capacity(msg.len() * 2);
+                b.iter(|| {
+                    out.clear();
+                    reference_naive_encode(black_box(msg), &mut out);
                     black_box(out.len())
                 })
             });
@@ -69,6 +184,11 @@ fn encode(c: &mut Criterion) {
             counter.finish()
         })
     });
+    // REFERENCE, not popgate code: the same count, byte at a time.
+    let mut counter = CanonicalSize::new();
+    counter.feed(&msg);
+    assert_eq!(counter.finish(), reference_naive_size(&msg), "the naive size reference disagrees");
+    group.bench_function("reference_naive_bare_lf_1MiB", |b| b.iter(|| reference_naive_size(black_box(&msg))));
     group.finish();
 }
 

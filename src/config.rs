@@ -4,11 +4,16 @@
 //! Unknown keys are errors, so a typo never silently falls back to a default.
 //! `check` validates what serde cannot (ranges, combinations).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::auth::routing::{AccountConfig, DEFAULT_BACKEND, check_accounts};
+use crate::auth::tokens::TokenStoreConfig;
+use crate::backend::gmail::GmailConfig;
+use crate::backend::graph::GraphConfig;
 use crate::backend::imap::{ImapConfig, ImapTls};
 use crate::backend::jmap::JmapConfig;
 use crate::backend::memory::MemoryConfig;
@@ -25,6 +30,10 @@ pub enum ConfigError {
     Parse { path: String, message: String },
     #[error("invalid value for `{key}`: {why}")]
     Invalid { key: &'static str, why: String },
+    #[error("invalid value for `{key}`: {why}")]
+    InvalidAt { key: String, why: String },
+    #[error("invalid [[account]]: {0}")]
+    Account(String),
     #[error("invalid backend URL `{url}`: {why}")]
     BackendUrl { url: String, why: String },
 }
@@ -49,6 +58,17 @@ pub struct Config {
     pub log: LogConfig,
     #[serde(default)]
     pub admin: AdminConfig,
+    /// More backends by name (`[backends.NAME]`, same keys as `[backend]`),
+    /// for accounts to route to; `[backend]` is the one named "default".
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub backends: BTreeMap<String, BackendConfig>,
+    /// Accounts: pass-through routes by user name or domain, and mapped
+    /// device users. None: every login passes through to `[backend]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub account: Vec<AccountConfig>,
+    /// Where OAuth tokens of mapped accounts are kept (encrypted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_store: Option<TokenStoreConfig>,
 }
 
 impl Default for Config {
@@ -62,6 +82,9 @@ impl Default for Config {
             backend_pool: PoolConfig::default(),
             log: LogConfig::default(),
             admin: AdminConfig::default(),
+            backends: BTreeMap::new(),
+            account: Vec::new(),
+            token_store: None,
         }
     }
 }
@@ -177,6 +200,10 @@ pub enum BackendConfig {
     Imap(ImapConfig),
     /// A JMAP server (RFC 8620/8621).
     Jmap(JmapConfig),
+    /// The Gmail API (OAuth2 bearer tokens).
+    Gmail(GmailConfig),
+    /// Microsoft Graph mail (OAuth2 bearer tokens).
+    Graph(GraphConfig),
 }
 
 impl Default for BackendConfig {
@@ -270,32 +297,95 @@ impl Config {
         if self.throttle.max_delay_ms < self.throttle.base_delay_ms {
             return invalid("throttle.max_delay_ms", "must be at least throttle.base_delay_ms");
         }
-        if let BackendConfig::Jmap(jmap) = &self.backend {
-            jmap.check().map_err(|(key, why)| ConfigError::Invalid { key, why })?;
+        check_backend("backend", &self.backend)?;
+        for (name, backend) in &self.backends {
+            if name == DEFAULT_BACKEND
+                || name.is_empty()
+                || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+            {
+                return Err(ConfigError::InvalidAt {
+                    key: format!("backends.{name}"),
+                    why: "names use letters, digits, `.`, `_`, `-`; \"default\" is [backend]".into(),
+                });
+            }
+            check_backend(&format!("backends.{name}"), backend)?;
         }
-        if let BackendConfig::Imap(imap) = &self.backend {
-            if imap.host.is_empty() {
-                return invalid("backend.host", "must not be empty");
-            }
-            if imap.timeout_secs == 0 {
-                return invalid("backend.timeout_secs", "must be at least 1");
-            }
-            if imap.fetch_chunk_bytes < 1024 {
-                return invalid("backend.fetch_chunk_bytes", "must be at least 1024");
-            }
+        let lookup = |name: &str| match name {
+            DEFAULT_BACKEND => Some(self.backend.clone()),
+            other => self.backends.get(other).cloned(),
+        };
+        check_accounts(&self.account, lookup, self.token_store.as_ref()).map_err(ConfigError::Account)?;
+        if let Some(store) = &self.token_store {
+            store.key_source().map_err(|why| invalid_at("token_store.key_env", why.to_string()))?;
         }
         Ok(())
     }
 }
 
+fn invalid_at(key: impl Into<String>, why: impl Into<String>) -> ConfigError {
+    ConfigError::InvalidAt { key: key.into(), why: why.into() }
+}
+
+/// What serde cannot check in one backend table (`prefix`: where it is).
+fn check_backend(prefix: &str, backend: &BackendConfig) -> Result<(), ConfigError> {
+    match backend {
+        BackendConfig::Jmap(jmap) => jmap.check().map_err(|(key, why)| match prefix {
+            "backend" => ConfigError::Invalid { key, why },
+            _ => invalid_at(key.replacen("backend", prefix, 1), why),
+        }),
+        BackendConfig::Imap(imap) => {
+            if imap.host.is_empty() {
+                return Err(invalid_at(format!("{prefix}.host"), "must not be empty"));
+            }
+            if imap.timeout_secs == 0 {
+                return Err(invalid_at(format!("{prefix}.timeout_secs"), "must be at least 1"));
+            }
+            if imap.fetch_chunk_bytes < 1024 {
+                return Err(invalid_at(format!("{prefix}.fetch_chunk_bytes"), "must be at least 1024"));
+            }
+            Ok(())
+        }
+        BackendConfig::Gmail(gmail) => gmail.check().map_err(|(key, why)| match prefix {
+            "backend" => ConfigError::Invalid { key, why },
+            _ => invalid_at(key.replacen("backend", prefix, 1), why),
+        }),
+        BackendConfig::Graph(graph) => graph.check().map_err(|(key, why)| match prefix {
+            "backend" => ConfigError::Invalid { key, why },
+            _ => invalid_at(key.replacen("backend", prefix, 1), why),
+        }),
+        BackendConfig::Demo(_) => Ok(()),
+    }
+}
+
 impl BackendConfig {
     /// Parses a backend URL: `imap://host[:port][/mailbox]`,
-    /// `imap+starttls://…`, `imaps://…`, `demo:` or `demo:DIR`.
+    /// `imap+starttls://…`, `imaps://…`, `jmap+https://…`, `demo:` or
+    /// `demo:DIR`, `gmail:` or `gmail:LABEL`, `graph:` or `graph:FOLDER`.
     pub fn from_url(url: &str) -> Result<BackendConfig, ConfigError> {
         let bad = |why: &str| ConfigError::BackendUrl { url: url.to_string(), why: why.to_string() };
         if let Some(dir) = url.strip_prefix("demo:") {
             let dir = dir.trim_start_matches("//");
             return Ok(BackendConfig::Demo(MemoryConfig { messages_dir: (!dir.is_empty()).then(|| dir.into()) }));
+        }
+        // `gmail:LABEL` / `graph:FOLDER`: the name, %-escaped; the API is
+        // the provider's own (set `api_base` in a file to change it).
+        let named = |prefix: &str| -> Result<Option<Option<String>>, ConfigError> {
+            let Some(rest) =
+                url.get(..prefix.len()).filter(|p| p.eq_ignore_ascii_case(prefix)).map(|_| &url[prefix.len()..])
+            else {
+                return Ok(None);
+            };
+            if rest.starts_with('/') {
+                return Err(bad("no host here: `gmail:` or `gmail:LABEL`, `graph:` or `graph:FOLDER`"));
+            }
+            let name = percent_decode(rest).map_err(bad)?;
+            Ok(Some((!name.trim().is_empty()).then_some(name)))
+        };
+        if let Some(label) = named("gmail:")? {
+            return Ok(BackendConfig::Gmail(GmailConfig::with_label(label)));
+        }
+        if let Some(folder) = named("graph:")? {
+            return Ok(BackendConfig::Graph(GraphConfig::with_folder(folder)));
         }
         let (scheme, rest) = url.split_once("://").ok_or_else(|| bad("expected scheme://host"))?;
         let lowercase = scheme.to_ascii_lowercase();
@@ -330,6 +420,13 @@ impl BackendConfig {
             BackendConfig::Demo(_) => "demo".into(),
             BackendConfig::Imap(c) => format!("imap {}:{} ({:?}) {}", c.host, c.port(), c.tls, c.mailbox),
             BackendConfig::Jmap(c) => format!("jmap {} {}", c.url, c.mailbox.as_deref().unwrap_or("(inbox)")),
+            BackendConfig::Gmail(c) => format!(
+                "gmail {} label {} query {}",
+                c.api_base,
+                c.label.as_deref().unwrap_or(if c.query.is_some() { "(none)" } else { "INBOX" }),
+                c.query.as_deref().unwrap_or("(none)")
+            ),
+            BackendConfig::Graph(c) => format!("graph {} user {} folder {}", c.api_base, c.user, c.folder),
         }
     }
 }
@@ -421,6 +518,40 @@ mod tests {
     }
 
     #[test]
+    fn gmail_and_graph_backend_urls() {
+        use crate::backend::gmail::GmailDeletePolicy;
+        match BackendConfig::from_url("gmail:").unwrap() {
+            BackendConfig::Gmail(c) => assert_eq!(c, GmailConfig::default()),
+            other => panic!("{other:?}"),
+        }
+        match BackendConfig::from_url("GMAIL:Printers%2FScans").unwrap() {
+            BackendConfig::Gmail(c) => assert_eq!(c.label.as_deref(), Some("Printers/Scans")),
+            other => panic!("{other:?}"),
+        }
+        match BackendConfig::from_url("graph:").unwrap() {
+            BackendConfig::Graph(c) => assert_eq!(c, GraphConfig::default()),
+            other => panic!("{other:?}"),
+        }
+        match BackendConfig::from_url("graph:archive").unwrap() {
+            BackendConfig::Graph(c) => assert_eq!((c.folder.as_str(), c.user.as_str()), ("archive", "me")),
+            other => panic!("{other:?}"),
+        }
+        for bad in ["gmail://host", "graph:%zz", "gmailx:"] {
+            assert!(BackendConfig::from_url(bad).is_err(), "{bad}");
+        }
+        let config =
+            Config::from_toml("[backend]\nkind = \"gmail\"\nlabel = \"Scans\"\ndelete_policy = \"delete\"\n", "t.toml")
+                .unwrap();
+        assert!(matches!(&config.backend, BackendConfig::Gmail(c) if c.delete_policy == GmailDeletePolicy::Delete));
+        let e = Config::from_toml("[backend]\nkind = \"graph\"\nmax_concurrent_requests = 9\n", "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("backend.max_concurrent_requests"), "{e}");
+        let e = Config::from_toml("[backend]\nkind = \"gmail\"\nlabels = \"x\"\n", "t.toml").unwrap_err().to_string();
+        assert!(e.contains("labels"), "{e}");
+    }
+
+    #[test]
     fn unknown_and_invalid_keys_are_named() {
         let e = Config::from_toml("[limits]\ncommand_lines = 300\n", "t.toml").unwrap_err().to_string();
         assert!(e.contains("command_lines"), "{e}");
@@ -429,6 +560,26 @@ mod tests {
         let e = Config::from_toml("[backend]\nkind = \"imap\"\nhots = \"x\"\n", "t.toml").unwrap_err().to_string();
         assert!(e.contains("hots"), "{e}");
         assert_eq!(Config::from_toml("", "t.toml").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn accounts_backends_and_token_store_are_checked() {
+        let named = "[backends.corp]\nkind = \"imap\"\nhost = \"mail.example.com\"\n";
+        let route = "[[account]]\nname = \"staff\"\nmode = \"passthrough\"\nusers = [\"*@example.com\"]\n";
+        let config = Config::from_toml(&format!("{named}{route}backend = \"corp\"\n"), "t.toml").unwrap();
+        assert_eq!(config.account[0].backend, "corp");
+        let e = Config::from_toml(&format!("{route}backend = \"nope\"\n"), "t.toml").unwrap_err().to_string();
+        assert!(e.contains("account `staff`") && e.contains("nope"), "{e}");
+        let e = Config::from_toml("[backends.default]\nkind = \"demo\"\n", "t.toml").unwrap_err().to_string();
+        assert!(e.contains("backends.default"), "{e}");
+        let e = Config::from_toml("[backends.x]\nkind = \"imap\"\nhost = \"\"\n", "t.toml").unwrap_err().to_string();
+        assert!(e.contains("backends.x.host"), "{e}");
+        let e = Config::from_toml("[token_store]\npath = \"/t\"\n", "t.toml").unwrap_err().to_string();
+        assert!(e.contains("token_store.key_env"), "{e}");
+        let e = Config::from_toml("[[account]]\nname = \"a\"\nmode = \"mapped\"\npassword = \"inline\"\n", "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `password`"), "a secret inline is refused: {e}");
     }
 
     /// Every example under config/ parses and passes `check`.

@@ -1,14 +1,24 @@
-//! The `popgate` command: `serve` (the default) and `check-config`.
+//! The `popgate` command: `serve` (the default), `check-config`, `passwd`
+//! (a device password's hash) and `oauth` (`login`, `status`, `keygen`).
 
+use std::io::{BufRead, IsTerminal, Write};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use popgate::auth::oauth::commands::{self, LoginMethod};
+use popgate::auth::routing::AccountRouter;
 use popgate::config::{BackendConfig, Config, ListenerConfig};
 use popgate::server::admin::AdminServer;
 use popgate::server::{Server, build_backend};
+use popgate::telemetry::Metrics;
+
+/// Where `oauth` subcommands look for the configuration by default.
+const DEFAULT_CONFIG: &str = "/etc/popgate/popgate.toml";
 
 #[derive(Parser)]
 #[command(name = "popgate", version, about = "A POP3 gateway to IMAP and JMAP mailboxes")]
@@ -24,6 +34,42 @@ enum Command {
     Serve(ServeArgs),
     /// Validate a configuration file and print the effective configuration.
     CheckConfig { file: PathBuf },
+    /// Read a device password (without echo on a terminal; one line from
+    /// standard input otherwise) and print its Argon2id hash for
+    /// `password_hash`.
+    Passwd,
+    /// OAuth tokens of mapped accounts.
+    #[command(subcommand)]
+    Oauth(OauthCommand),
+}
+
+#[derive(Subcommand)]
+enum OauthCommand {
+    /// Sign in once for ACCOUNT and store its token: prints an address to
+    /// open in any browser, then reads the address the browser was sent to
+    /// (works over SSH and `kubectl exec`).
+    Login {
+        account: String,
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Receive the browser's redirect on 127.0.0.1 instead (a browser
+        /// on this machine; redirect_uri must be http://localhost or
+        /// http://127.0.0.1).
+        #[arg(long, conflicts_with = "device")]
+        listen: bool,
+        /// Device code flow (RFC 8628): enter a short code on any device
+        /// (Microsoft; not Google for Gmail).
+        #[arg(long)]
+        device: bool,
+    },
+    /// Show each OAuth account's token state and expiry (never the token).
+    Status {
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Write a new random token store key to FILE (mode 0600; refuses to
+    /// overwrite).
+    Keygen { file: PathBuf },
 }
 
 #[derive(clap::Args, Default)]
@@ -53,6 +99,8 @@ fn main() -> ExitCode {
     let result = match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
         Command::Serve(args) => serve(args),
         Command::CheckConfig { file } => check_config(&file),
+        Command::Passwd => passwd(),
+        Command::Oauth(command) => oauth(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -67,6 +115,68 @@ fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
     let config = Config::load(file)?;
     println!("{}", toml::to_string_pretty(&config).context("printing the configuration")?);
     eprintln!("{}: OK", file.display());
+    Ok(())
+}
+
+fn passwd() -> anyhow::Result<()> {
+    let password = if std::io::stdin().is_terminal() {
+        let first = rpassword::prompt_password("Device password: ").context("reading the password")?;
+        let again = rpassword::prompt_password("Again: ").context("reading the password")?;
+        if first != again {
+            anyhow::bail!("the two passwords differ");
+        }
+        first
+    } else {
+        let mut line = String::new();
+        std::io::stdin().lock().read_line(&mut line).context("reading the password from standard input")?;
+        line.trim_end_matches(['\r', '\n']).to_string()
+    };
+    if password.is_empty() {
+        anyhow::bail!("empty password");
+    }
+    if password.bytes().any(|b| matches!(b, 0 | b'\r' | b'\n')) {
+        anyhow::bail!("a POP3 password cannot contain NUL, CR or LF");
+    }
+    println!("{}", popgate::auth::passwords::hash_password(&password)?);
+    Ok(())
+}
+
+fn oauth(command: OauthCommand) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    match command {
+        OauthCommand::Login { account, config, listen, device } => {
+            let config = Config::load(&config)?;
+            let method = match (listen, device) {
+                (true, _) => LoginMethod::Listen,
+                (_, true) => LoginMethod::Device,
+                _ => LoginMethod::Paste,
+            };
+            let stdin = std::io::BufReader::new(std::io::stdin());
+            let mut stdout = std::io::stdout();
+            runtime.block_on(commands::login(&config, &account, method, stdin, &mut stdout))
+        }
+        OauthCommand::Status { config } => {
+            let config = Config::load(&config)?;
+            runtime.block_on(commands::status(&config, &mut std::io::stdout()))
+        }
+        OauthCommand::Keygen { file } => keygen(&file),
+    }
+}
+
+fn keygen(file: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(file)
+        .with_context(|| format!("creating {}", file.display()))?;
+    writeln!(out, "{}", popgate::auth::tokens::StoreKey::generate_text())?;
+    out.sync_all()?;
+    eprintln!(
+        "Wrote a new token store key to {} (mode 0600). Back it up: without it the stored tokens are lost.",
+        file.display()
+    );
     Ok(())
 }
 
@@ -97,14 +207,33 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let log_reload = popgate::telemetry::init(&config.log);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
-        let backend = build_backend(&config.backend)?;
-        let mut server = Server::start(&config, backend).await?;
+        let (mut server, router) = if config.account.is_empty() {
+            (Server::start(&config, build_backend(&config.backend)?).await?, None)
+        } else {
+            let router = AccountRouter::new(
+                &config.account,
+                &config.backend,
+                &config.backends,
+                config.token_store.as_ref(),
+                Arc::new(Metrics::new()),
+                build_backend,
+            )?;
+            let server = Server::start_with_router(&config, router.clone()).await?;
+            // Token refreshes count into the registry the admin listener
+            // exports.
+            router.use_metrics(server.metrics());
+            router.spawn_token_upkeep(Duration::from_secs(30));
+            (server, Some(router))
+        };
         let admin = if config.admin.enabled {
             Some(AdminServer::start(config.admin.address, server.metrics(), server.health()).await?)
         } else {
             None
         };
-        tracing::info!(backend = %config.backend.describe(), "popgate ready");
+        match &router {
+            None => tracing::info!(backend = %config.backend.describe(), "popgate ready"),
+            Some(_) => tracing::info!(accounts = config.account.len(), "popgate ready"),
+        }
         wait_for_shutdown_signal(&mut server, &args, &config, log_reload.as_ref()).await;
         tracing::info!(grace_secs = config.limits.shutdown_grace_secs, "shutting down");
         server.shutdown().await;
@@ -150,6 +279,9 @@ async fn wait_for_shutdown_signal(
                 let needs_restart: Vec<&str> = [
                     ("listener", new.listener != current.listener),
                     ("backend", new.backend != current.backend),
+                    ("backends", new.backends != current.backends),
+                    ("account", new.account != current.account),
+                    ("token_store", new.token_store != current.token_store),
                     ("backend_pool", new.backend_pool != current.backend_pool),
                     ("admin", new.admin != current.admin),
                     ("log.format", new.log.format != current.log.format),

@@ -1,7 +1,10 @@
 //! popgate's JMAP backend against a real Cyrus 3.6 (tests/support/cyrus.rs):
 //! POP3 sessions through popgate in-process, real clients (curl, Python's
 //! poplib), and each test then checks on the Cyrus side — by its own JMAP
-//! requests — exactly what is left where.
+//! requests — exactly what is left where: the Trash or nowhere (delete
+//! policies), a named mailbox, paging, messages and mailboxes that vanish.
+//! The POP3 behaviour every store shares is in the battery (tests/battery/),
+//! which runs against Cyrus too.
 //!
 //! Every test has its own Cyrus on ports chosen at run time, so they run in
 //! parallel; every wait is bounded by the harness timeouts.
@@ -55,8 +58,12 @@ fn distinct(subject: &str) -> Vec<u8> {
     messages::simple(subject)
 }
 
+/// Cyrus keeps the octets as sent, so its `Email.size` is not the POP3 size
+/// of a bare CR or a missing final CRLF: LIST must announce the measured
+/// size. UIDL is the JMAP Email id. (RETR and TOP of these messages, and of
+/// the others Cyrus can store, are in the battery: tests/battery/.)
 #[test]
-fn every_message_arrives_exactly_with_exact_sizes() {
+fn cyrus_keeps_the_octets_list_measures_them_and_uidl_is_the_email_id() {
     let cyrus = setup();
     let samples = cyrus_samples();
     for name in ["bare CR in the body", "no final line end", "leading dots", "8-bit"] {
@@ -84,38 +91,13 @@ fn every_message_arrives_exactly_with_exact_sizes() {
     assert_eq!(pop.uidl(), uidls, "UIDL is the JMAP Email id");
     for (i, sample) in samples.iter().enumerate() {
         let n = i as u32 + 1;
-        let body = pop.retr(n);
-        assert_eq!(String::from_utf8_lossy(&body), String::from_utf8_lossy(&want[i]), "RETR {n} ({})", sample.name);
-        assert_eq!(pop.list_one(n), body.len() as u64, "LIST {n} == RETR octets ({})", sample.name);
-        assert_eq!(pop.top(n, 0), messages::top(&sample.raw, 0), "TOP {n} 0 ({})", sample.name);
-        assert_eq!(pop.top(n, 2), messages::top(&sample.raw, 2), "TOP {n} 2 ({})", sample.name);
-        assert_eq!(pop.uidl_one(n), ids[i]);
+        assert_eq!(pop.list_one(n), want[i].len() as u64, "LIST {n} ({})", sample.name);
+        assert_eq!(pop.uidl_one(n), ids[i], "UIDL {n} ({})", sample.name);
     }
     assert!(pop.quit().starts_with("+OK"));
 
     assert_eq!(cyrus.ids_in(USER, "Inbox"), ids, "reading changes nothing");
     assert!(cyrus.ids_in(USER, "Trash").is_empty());
-}
-
-#[test]
-fn uidls_are_stable_across_sessions() {
-    let cyrus = setup();
-    let first = [cyrus.append(USER, &distinct("stable one")), cyrus.append(USER, &distinct("stable two"))];
-    let gateway = Gateway::url(&cyrus.backend_url());
-
-    let mut pop = gateway.login(USER, PASSWORD);
-    let before = pop.uidl();
-    pop.quit();
-    assert_eq!(before.iter().map(|(_, u)| u.clone()).collect::<Vec<_>>(), first);
-
-    let third = cyrus.append(USER, &distinct("stable three"));
-    for _ in 0..2 {
-        let mut pop = gateway.login(USER, PASSWORD);
-        let after = pop.uidl();
-        pop.quit();
-        assert_eq!(after[..2], before[..], "old messages keep their UIDL");
-        assert_eq!(after.get(2), Some(&(3, third.clone())));
-    }
 }
 
 #[test]
@@ -184,26 +166,6 @@ fn nothing_changes_without_quit_or_after_rset() {
 }
 
 #[test]
-fn a_wrong_password_is_an_auth_error() {
-    let cyrus = setup();
-    cyrus.append(USER, &distinct("private"));
-    let gateway = Gateway::url(&cyrus.backend_url());
-
-    let mut pop = gateway.connect();
-    pop.ok(&format!("USER {USER}"));
-    let reply = pop.cmd("PASS not-the-password");
-    assert!(reply.starts_with("-ERR [AUTH]"), "{reply}");
-    pop.ok("USER nobody-here");
-    let reply = pop.cmd("PASS whatever");
-    assert!(reply.starts_with("-ERR [AUTH]"), "{reply}");
-    assert!(!reply.contains("whatever"), "the reply must not echo a password: {reply}");
-
-    let mut pop = gateway.login(USER, PASSWORD);
-    assert_eq!(pop.stat().0, 1);
-    pop.quit();
-}
-
-#[test]
 fn a_named_mailbox_is_the_maildrop() {
     let cyrus = setup();
     cyrus.create_mailbox(USER, "Print");
@@ -223,28 +185,6 @@ fn a_named_mailbox_is_the_maildrop() {
     assert_eq!(cyrus.ids_in(USER, "Print"), [print[1].clone()]);
     assert_eq!(cyrus.ids_in(USER, "Trash"), [print[0].clone()]);
     assert_eq!(cyrus.ids_in(USER, "Inbox"), [inbox]);
-}
-
-#[test]
-fn a_20_mb_message_streams_and_top_leaves_the_session_usable() {
-    let cyrus = setup();
-    // big() has bare LFs, which Email/import refuses: store its CRLF form.
-    let raw = canonical(&messages::big(20));
-    let small = distinct("after the big one");
-    cyrus.append(USER, &raw);
-    cyrus.append(USER, &small);
-    let gateway = Gateway::url(&cyrus.backend_url());
-
-    let started = Instant::now();
-    let mut pop = gateway.login(USER, PASSWORD);
-    assert_eq!(pop.list_one(1), raw.len() as u64);
-    // TOP drops the download early; the mailbox must still serve.
-    assert_eq!(pop.top(1, 3), messages::top(&raw, 3));
-    assert_eq!(pop.retr(2), canonical(&small));
-    let body = pop.retr(1);
-    assert!(body == raw, "RETR 1: {} octets, expected {}", body.len(), raw.len());
-    pop.quit();
-    eprintln!("20 MB message: login + TOP + 2 × RETR in {:?}", started.elapsed());
 }
 
 #[test]
@@ -270,19 +210,6 @@ fn small_server_limits_page_the_listing_and_batch_the_removal() {
     assert_eq!(cyrus.ids_in(USER, "Inbox"), [ids[2].clone(), ids[4].clone()]);
     let trashed: Vec<String> = [0, 1, 3, 5, 6].iter().map(|&i| ids[i].clone()).collect();
     assert_eq!(cyrus.ids_in(USER, "Trash"), trashed);
-}
-
-#[test]
-fn a_stopped_cyrus_is_a_temporary_failure() {
-    let mut cyrus = setup();
-    cyrus.append(USER, &distinct("unreachable"));
-    let gateway = Gateway::url(&cyrus.backend_url());
-    cyrus.stop();
-
-    let mut pop = gateway.connect();
-    pop.ok(&format!("USER {USER}"));
-    let reply = pop.cmd(&format!("PASS {PASSWORD}"));
-    assert!(reply.starts_with("-ERR [SYS/TEMP]"), "{reply}");
 }
 
 #[test]

@@ -1,6 +1,9 @@
 //! Whole POP3 sessions against popgate in-process over the `MemoryStore`:
-//! the protocol (RFC 1939, RFC 2449 CAPA, RFC 5034 AUTH), limits, and what
-//! the store holds afterwards.
+//! the protocol (RFC 1939, RFC 2449 CAPA, RFC 5034 AUTH), limits, and the
+//! store's own knobs (chunk sizes, wrong claimed sizes). The sessions every
+//! store must serve alike (DELE/QUIT/RSET, snapshots, pipelining, hard
+//! messages, a store going down) are in the battery (tests/battery/), which
+//! runs them against the memory store too.
 
 mod support;
 
@@ -34,55 +37,6 @@ fn contents(store: &MemoryStore) -> Vec<Vec<u8>> {
 
 fn octets(messages: &[Vec<u8>]) -> u64 {
     messages.iter().map(|m| canonical(m).len() as u64).sum()
-}
-
-#[test]
-fn full_rfc1939_session() {
-    let msgs = three();
-    let store = store_with(&msgs);
-    let gateway = Gateway::memory(&store);
-
-    let mut c = gateway.connect();
-    assert!(c.greeting.starts_with("+OK"));
-    c.ok(&format!("USER {USER}"));
-    let login = c.ok(&format!("PASS {PASS}"));
-    assert!(login.starts_with("+OK"), "{login}");
-
-    assert_eq!(c.stat(), (3, octets(&msgs)));
-    let list = c.list();
-    assert_eq!(list, (1..=3).map(|n| (n, canonical(&msgs[n as usize - 1]).len() as u64)).collect::<Vec<_>>());
-    assert_eq!(c.list_one(2), list[1].1);
-    let uidl = c.uidl();
-    assert_eq!(uidl.iter().map(|(n, _)| *n).collect::<Vec<_>>(), vec![1, 2, 3]);
-    let mut ids: Vec<&String> = uidl.iter().map(|(_, u)| u).collect();
-    ids.dedup();
-    assert_eq!(ids.len(), 3, "unique ids must differ: {uidl:?}");
-    assert_eq!(c.uidl_one(3), uidl[2].1);
-
-    for n in 1..=3u32 {
-        assert_eq!(c.retr(n), canonical(&msgs[n as usize - 1]), "RETR {n}");
-    }
-    assert_eq!(c.top(2, 0), top(&msgs[1], 0));
-    assert_eq!(c.top(2, 1), top(&msgs[1], 1));
-    c.ok("NOOP");
-
-    c.ok("DELE 1");
-    assert_eq!(c.stat(), (2, octets(&msgs[1..])));
-    c.ok("RSET");
-    assert_eq!(c.stat(), (3, octets(&msgs)));
-    c.ok("DELE 2");
-    let bye = c.quit();
-    assert!(bye.starts_with("+OK"), "{bye}");
-
-    assert_eq!(contents(&store), vec![msgs[0].clone(), msgs[2].clone()]);
-
-    // The unique ids of what is left did not change with the deletion.
-    let mut c = gateway.login(USER, PASS);
-    assert_eq!(c.stat(), (2, octets(&[msgs[0].clone(), msgs[2].clone()])));
-    let again: Vec<String> = c.uidl().into_iter().map(|(_, u)| u).collect();
-    assert_eq!(again, vec![uidl[0].1.clone(), uidl[2].1.clone()]);
-    assert_eq!(c.retr(2), canonical(&msgs[2]));
-    c.quit();
 }
 
 #[test]
@@ -209,43 +163,6 @@ fn auth_cancel_wrong_password_and_bad_base64() {
 }
 
 #[test]
-fn pipelined_commands_get_replies_in_order() {
-    let msgs = three();
-    let store = store_with(&msgs);
-    let gateway = Gateway::memory(&store);
-    let mut c = gateway.connect();
-    c.send_raw(
-        format!(
-            "CAPA\r\nUSER {USER}\r\nPASS {PASS}\r\nSTAT\r\nLIST\r\nUIDL\r\nRETR 1\r\nTOP 2 0\r\nLIST 9\r\n\
-             DELE 1\r\nSTAT\r\nRSET\r\nDELE 3\r\nNOOP\r\nQUIT\r\n"
-        )
-        .as_bytes(),
-    );
-    assert!(c.line().starts_with("+OK"));
-    assert!(c.body_text().iter().any(|l| l == "PIPELINING"));
-    assert!(c.line().starts_with("+OK")); // USER
-    assert!(c.line().starts_with("+OK")); // PASS
-    assert_eq!(support::pop3::parse_stat(&c.line()), (3, octets(&msgs)));
-    assert!(c.line().starts_with("+OK"));
-    assert_eq!(c.body_lines().len(), 3);
-    assert!(c.line().starts_with("+OK"));
-    assert_eq!(c.body_lines().len(), 3);
-    assert!(c.line().starts_with("+OK"));
-    assert_eq!(c.body(), canonical(&msgs[0]));
-    assert!(c.line().starts_with("+OK"));
-    assert_eq!(c.body(), top(&msgs[1], 0));
-    assert!(c.line().starts_with("-ERR")); // LIST 9
-    assert!(c.line().starts_with("+OK")); // DELE 1
-    assert_eq!(support::pop3::parse_stat(&c.line()), (2, octets(&msgs[1..])));
-    assert!(c.line().starts_with("+OK")); // RSET
-    assert!(c.line().starts_with("+OK")); // DELE 3
-    assert!(c.line().starts_with("+OK")); // NOOP
-    assert!(c.line().starts_with("+OK")); // QUIT
-    c.expect_closed();
-    assert_eq!(contents(&store), msgs[..2].to_vec());
-}
-
-#[test]
 fn over_long_lines_get_err_and_the_session_goes_on() {
     let store = store_with(&three());
     let gateway = Gateway::memory(&store);
@@ -346,84 +263,12 @@ fn login_timeout_does_not_apply_after_login() {
 }
 
 #[test]
-fn the_maildrop_is_a_snapshot_taken_at_login() {
-    let msgs = three();
-    let store = store_with(&msgs);
-    let gateway = Gateway::memory(&store);
-    let mut c = gateway.login(USER, PASS);
-    let uidl = c.uidl();
-
-    let late = simple("arrived during the session");
-    store.append(USER, late.clone());
-    assert_eq!(c.stat(), (3, octets(&msgs)));
-    assert_eq!(c.list().len(), 3);
-    assert_eq!(c.uidl(), uidl);
-    c.err("RETR 4");
-    c.err("LIST 4");
-    assert_eq!(c.retr(3), canonical(&msgs[2]));
-
-    // Another session removes message 1 meanwhile: numbers here stay put.
-    let mut other = gateway.login(USER, PASS);
-    assert_eq!(other.stat().0, 4);
-    other.ok("DELE 1");
-    assert!(other.quit().starts_with("+OK"));
-    assert_eq!(c.retr(2), canonical(&msgs[1]));
-    let gone = c.cmd("RETR 1");
-    assert!(gone.starts_with("-ERR"), "{gone}");
-    c.ok("DELE 3");
-    c.quit();
-    assert_eq!(contents(&store), vec![msgs[1].clone(), late.clone()]);
-
-    let mut c = gateway.login(USER, PASS);
-    assert_eq!(c.stat(), (2, octets(&[msgs[1].clone(), late])));
-    c.quit();
-}
-
-#[test]
-fn dele_hides_a_message_and_rset_restores_it() {
-    let msgs = three();
-    let store = store_with(&msgs);
-    let gateway = Gateway::memory(&store);
-    let mut c = gateway.login(USER, PASS);
-    let list = c.list();
-    let uidl = c.uidl();
-
-    c.ok("DELE 2");
-    assert_eq!(c.stat(), (2, octets(&[msgs[0].clone(), msgs[2].clone()])));
-    assert_eq!(c.list(), vec![list[0], list[2]]);
-    assert_eq!(c.uidl(), vec![uidl[0].clone(), uidl[2].clone()]);
-
-    let rset = c.ok("RSET");
-    assert!(rset.starts_with("+OK"));
-    assert_eq!(c.stat(), (3, octets(&msgs)));
-    assert_eq!(c.list(), list);
-    assert_eq!(c.uidl(), uidl);
-    assert_eq!(c.retr(2), canonical(&msgs[1]));
-    assert!(c.quit().starts_with("+OK"));
-    assert_eq!(contents(&store), msgs);
-}
-
-#[test]
 fn quit_before_login_deletes_nothing() {
     let msgs = three();
     let store = store_with(&msgs);
     let gateway = Gateway::memory(&store);
     let mut c = gateway.connect();
     assert!(c.quit().starts_with("+OK"));
-    assert_eq!(contents(&store), msgs);
-}
-
-#[test]
-fn dele_then_dropped_connection_deletes_nothing() {
-    let msgs = three();
-    let store = store_with(&msgs);
-    let gateway = Gateway::memory(&store);
-    let mut c = gateway.login(USER, PASS);
-    c.ok("DELE 1");
-    c.ok("DELE 3");
-    c.drop_connection();
-    // Graceful shutdown returns once every session has ended.
-    gateway.shutdown(Duration::from_secs(10));
     assert_eq!(contents(&store), msgs);
 }
 
@@ -445,26 +290,6 @@ fn backend_down_at_login_is_sys_temp_and_not_a_failed_login() {
     c.user_pass(USER, PASS);
     assert_eq!(c.stat().0, 3);
     c.quit();
-}
-
-#[test]
-fn backend_down_mid_session_is_sys_temp_and_deletes_nothing() {
-    let msgs = three();
-    let store = store_with(&msgs);
-    let gateway = Gateway::memory(&store);
-    let mut c = gateway.login(USER, PASS);
-    c.ok("DELE 1");
-    store.set_unavailable(true);
-    let retr = c.cmd("RETR 2");
-    assert!(retr.starts_with("-ERR [SYS/TEMP]"), "{retr}");
-    let top = c.cmd("TOP 3 0");
-    assert!(top.starts_with("-ERR [SYS/TEMP]"), "{top}");
-    // The snapshot still answers.
-    assert_eq!(c.stat().0, 2);
-    let quit = c.quit();
-    assert!(quit.starts_with("-ERR [SYS/TEMP]"), "QUIT with the store down: {quit}");
-    store.set_unavailable(false);
-    assert_eq!(contents(&store), msgs);
 }
 
 /// LIST and STAT announce exactly the octets RETR sends, whatever the stored

@@ -10,6 +10,9 @@
 //! merely claims; `sizes::ExactSizes` turns the latter into exact sizes, the
 //! same way for every backend.
 
+pub mod gmail;
+pub mod graph;
+pub mod http;
 pub mod imap;
 pub mod jmap;
 pub mod memory;

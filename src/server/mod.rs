@@ -22,6 +22,8 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
 use crate::auth::accounts::{PassThrough, Router};
+use crate::backend::gmail::GmailBackend;
+use crate::backend::graph::GraphBackend;
 use crate::backend::imap::ImapBackend;
 use crate::backend::jmap::JmapBackend;
 use crate::backend::memory::{MemoryBackend, MemoryStore};
@@ -79,6 +81,8 @@ pub fn build_backend(config: &BackendConfig) -> Result<SharedBackend, BackendErr
         }
         BackendConfig::Imap(imap) => Arc::new(ImapBackend::new(imap.clone())?),
         BackendConfig::Jmap(jmap) => Arc::new(JmapBackend::new(jmap.clone())?),
+        BackendConfig::Gmail(gmail) => Arc::new(GmailBackend::new(gmail.clone())?),
+        BackendConfig::Graph(graph) => Arc::new(GraphBackend::new(graph.clone())?),
     })
 }
 

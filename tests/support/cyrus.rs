@@ -89,22 +89,7 @@ impl Cyrus {
             write_config(dir.path(), http, lmtp, extra_imapd_conf);
             lint(dir.path());
             chown_to_cyrus(dir.path());
-            let log = fs::File::create(dir.path().join("master.log")).expect("log file");
-            let child = Command::new(&master_bin)
-                .arg("-C")
-                .arg(dir.path().join("imapd.conf"))
-                .arg("-M")
-                .arg(dir.path().join("cyrus.conf"))
-                .arg("-p")
-                .arg(dir.path().join("master.pid"))
-                // Its own process group, so that stopping it can reach
-                // every service process it forked, whatever master does.
-                .process_group(0)
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().expect("dup"))
-                .stderr(log)
-                .spawn()
-                .expect("run Cyrus master");
+            let child = spawn_master(dir.path());
             let mut cyrus = Cyrus {
                 dir,
                 master: Some(child),
@@ -125,6 +110,17 @@ impl Cyrus {
             }
         }
         panic!("Cyrus did not start after 5 attempts: {last_failure}");
+    }
+
+    /// Starts master again after `stop`, on the same directory and ports:
+    /// the accounts and their mail are as they were.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.master = Some(spawn_master(self.dir.path()));
+        if let Err(why) = self.wait_until_ready() {
+            self.stop();
+            panic!("Cyrus did not restart: {why}");
+        }
     }
 
     fn wait_until_ready(&mut self) -> Result<(), String> {
@@ -452,6 +448,27 @@ fn write_config(dir: &Path, http: SocketAddr, lmtp: SocketAddr, extra: &str) {
          EVENTS {{\n  checkpoint cmd=\"ctl_cyrusdb -C {c} -c\" period=30\n}}\n"
     );
     fs::write(dir.join("cyrus.conf"), cyrus).expect("write cyrus.conf");
+}
+
+/// master in the foreground on the configuration in `dir`, logging to
+/// `dir/master.log` (appended to, so a restart keeps what came before).
+fn spawn_master(dir: &Path) -> Child {
+    let log = fs::OpenOptions::new().create(true).append(true).open(dir.join("master.log")).expect("log file");
+    Command::new(Path::new(CYRUS_BIN).join("master"))
+        .arg("-C")
+        .arg(dir.join("imapd.conf"))
+        .arg("-M")
+        .arg(dir.join("cyrus.conf"))
+        .arg("-p")
+        .arg(dir.join("master.pid"))
+        // Its own process group, so that stopping it can reach every service
+        // process it forked, whatever master does.
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("dup"))
+        .stderr(log)
+        .spawn()
+        .expect("run Cyrus master")
 }
 
 /// A bad imapd.conf makes master exit 78 with nothing said: check it first.

@@ -12,6 +12,10 @@
 //!   (CRLF) form they must reach a POP3 client in — computed here, not by
 //!   popgate's own code, so the tests do not share its bugs.
 //! - `proxy`: a recording TCP proxy, to see what popgate sends its backend.
+//! - `gmail_api`, `graph_api`: stand-ins for the Gmail API and Microsoft
+//!   Graph mail on run-time ports, with messages in memory.
+//! - `token_router`: a router handing out OAuth bearer tokens (and fresh
+//!   ones on refresh), and popgate in-process with it.
 //! - `tls`: a test CA and server certificates made at run time, and a POP3
 //!   client for cleartext, STLS and implicit TLS from any 127.0.0.0/8 address.
 //!
@@ -23,12 +27,17 @@
 
 pub mod cyrus;
 pub mod dovecot;
+pub mod dovecot_oauth;
 pub mod gateway;
+pub mod gmail_api;
+pub mod graph_api;
 pub mod imap;
 pub mod messages;
+pub mod oauth_server;
 pub mod pop3;
 pub mod proxy;
 pub mod tls;
+pub mod token_router;
 
 use std::net::TcpListener;
 use std::time::{Duration, Instant};

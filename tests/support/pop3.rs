@@ -119,18 +119,26 @@ impl Pop3 {
     /// without its CRLF.
     pub fn body_lines(&mut self) -> Vec<Vec<u8>> {
         let mut lines = Vec::new();
+        self.body_each_line(|line| lines.push(line.to_vec()));
+        lines
+    }
+
+    /// Reads a multi-line body up to the "." line, handing each line
+    /// (un-stuffed, without its CRLF) to `each` and keeping none: for
+    /// messages too big to hold while measuring memory.
+    pub fn body_each_line(&mut self, mut each: impl FnMut(&[u8])) {
         loop {
             let line = self.line_bytes();
             if line == b"." {
-                return lines;
+                return;
             }
-            lines.push(match line.strip_prefix(b".") {
+            match line.strip_prefix(b".") {
                 Some(rest) => {
                     assert!(!rest.is_empty(), "unreachable: '.' alone ends the body");
-                    rest.to_vec()
+                    each(rest)
                 }
-                None => line,
-            });
+                None => each(&line),
+            }
         }
     }
 

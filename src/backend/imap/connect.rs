@@ -1,9 +1,12 @@
-//! Opening a session: TCP, TLS or STARTTLS, the greeting, and the
-//! pass-through login with the POP3 client's own credentials.
+//! Opening a session: TCP, TLS or STARTTLS, the greeting, and the login
+//! with the credentials the router chose (the POP3 client's own, or those
+//! popgate holds for a mapped account).
 //!
-//! Never logs a password, and never sends credentials a server could
-//! misread: they are validated first, and non-ASCII ones go base64-encoded
-//! in `AUTHENTICATE PLAIN` rather than raw in LOGIN.
+//! Never logs a password or token, and never sends credentials a server
+//! could misread: they are validated first, and non-ASCII ones go
+//! base64-encoded in `AUTHENTICATE PLAIN` rather than raw in LOGIN. Bearer
+//! tokens go in XOAUTH2, or in OAUTHBEARER (RFC 7628) to a server that
+//! offers only that.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -59,17 +62,19 @@ pub async fn connect_and_login(
     let _ = tcp.set_nodelay(true);
     let tls = || tls.ok_or_else(|| BackendError::Permanent("TLS requested but not configured".into()));
 
-    let client = match config.tls {
+    // The greeting's capabilities are trusted only on a connection that is
+    // already what it will be for the login (not before STARTTLS).
+    let (client, greeted) = match config.tls {
         ImapTls::None => {
             let mut client = Client::new(Transport::Plain(tcp));
-            greeting(&mut client, limit).await?;
-            client
+            let caps = greeting(&mut client, limit).await?;
+            (client, caps)
         }
         ImapTls::Implicit => {
             let transport = within(limit, "TLS handshake", tls()?.handshake(tcp)).await?;
             let mut client = Client::new(transport);
-            greeting(&mut client, limit).await?;
-            client
+            let caps = greeting(&mut client, limit).await?;
+            (client, caps)
         }
         ImapTls::Starttls => {
             let mut client = Client::new(Transport::Plain(tcp));
@@ -83,21 +88,28 @@ pub async fn connect_and_login(
             };
             let transport = within(limit, "TLS handshake after STARTTLS", tls()?.handshake(tcp)).await?;
             // No greeting follows STARTTLS.
-            Client::new(transport)
+            (Client::new(transport), None)
         }
     };
-    login(client, credentials, limit).await
+    login(client, credentials, limit, greeted.as_ref()).await
 }
 
-/// Reads the server greeting. PREAUTH is refused: the connection would be
-/// logged in as someone without the client's credentials being checked.
-async fn greeting(client: &mut ImapClient, limit: Duration) -> Result<(), BackendError> {
+/// Reads the server greeting; returns the capabilities it announced (in a
+/// `[CAPABILITY …]` code), upper-cased, if any. PREAUTH is refused: the
+/// connection would be logged in as someone without the client's
+/// credentials being checked.
+async fn greeting(client: &mut ImapClient, limit: Duration) -> Result<Option<HashSet<String>>, BackendError> {
     let response = within(limit, "reading the server greeting", client.read_response()).await?;
     let Some(response) = response else {
         return Err(BackendError::Unavailable("server closed the connection before its greeting".into()));
     };
     match response.parsed() {
-        Response::Data { status: Status::Ok, .. } => Ok(()),
+        Response::Data { status: Status::Ok, outcome } => Ok(match &outcome.code {
+            Some(async_imap::imap_proto::ResponseCode::Capabilities(caps)) => {
+                Some(caps.iter().map(greeting_capability_name).collect())
+            }
+            _ => None,
+        }),
         Response::Data { status: Status::PreAuth, .. } => Err(BackendError::Permanent(
             "server pre-authenticated the connection, so the client's credentials could not be checked".into(),
         )),
@@ -114,26 +126,43 @@ async fn greeting(client: &mut ImapClient, limit: Duration) -> Result<(), Backen
     }
 }
 
-/// A SASL exchange of one client message (PLAIN, XOAUTH2). async-imap
-/// base64-encodes what `process` returns.
+/// A SASL exchange of one client message (PLAIN, XOAUTH2, OAUTHBEARER).
+/// async-imap base64-encodes what `process` returns.
 struct OneShot {
     payload: Option<Vec<u8>>,
+    /// The answer to any further challenge.
+    after: &'static [u8],
 }
 
 impl async_imap::Authenticator for OneShot {
     type Response = Vec<u8>;
 
     fn process(&mut self, _challenge: &[u8]) -> Vec<u8> {
-        // A second challenge is an error report (XOAUTH2 sends its JSON
-        // error that way) or a request PLAIN cannot answer: an empty reply
-        // makes the server finish with a tagged NO instead of waiting.
-        self.payload.take().unwrap_or_default()
+        // A second challenge is an error report (XOAUTH2 and OAUTHBEARER
+        // send their JSON error that way) or a request PLAIN cannot answer:
+        // the answer makes the server finish with a tagged NO instead of
+        // waiting — an empty line for XOAUTH2, a lone %x01 for OAUTHBEARER
+        // (RFC 7628 §3.2.3).
+        match self.payload.take() {
+            Some(payload) => payload,
+            None => self.after.to_vec(),
+        }
     }
 }
 
-async fn login(client: ImapClient, credentials: &Credentials, limit: Duration) -> Result<LoggedIn, BackendError> {
+/// RFC 5801 `saslname` escaping for the OAUTHBEARER GS2 header.
+fn gs2_escape(user: &str) -> String {
+    user.replace('=', "=3D").replace(',', "=2C")
+}
+
+async fn login(
+    client: ImapClient,
+    credentials: &Credentials,
+    limit: Duration,
+    greeted: Option<&HashSet<String>>,
+) -> Result<LoggedIn, BackendError> {
     let user = credentials.user.as_str();
-    let (mechanism, payload) = match &credentials.proof {
+    let (mechanism, payload, after): (_, _, &'static [u8]) = match &credentials.proof {
         Proof::Password(password) if user.is_ascii() && password.expose().is_ascii() => {
             // async-imap quotes and escapes `"` and `\` itself.
             let login = client.login_with_capabilities(user, password.expose());
@@ -147,18 +176,25 @@ async fn login(client: ImapClient, credentials: &Credentials, limit: Duration) -
         }
         // Non-ASCII would go raw in LOGIN, which servers without
         // UTF8=ACCEPT refuse; PLAIN carries it base64-encoded.
-        Proof::Password(password) => ("PLAIN", format!("\0{user}\0{}", password.expose())),
-        // OAuth pass-through. XOAUTH2 rather than OAUTHBEARER: it is what
-        // Gmail, Outlook and Dovecot's oauth2 passdb all accept. A server
-        // without it refuses the mechanism, which reads as a failed login.
+        Proof::Password(password) => ("PLAIN", format!("\0{user}\0{}", password.expose()), b""),
+        // XOAUTH2 by default: it is what Gmail, Outlook and Dovecot's oauth2
+        // passdb all accept. OAUTHBEARER when the server announced it and
+        // not XOAUTH2. A server with neither refuses the mechanism, which
+        // reads as a failed login.
         Proof::Bearer(token) => {
             if user.contains('\x01') {
                 return Err(BackendError::BadCredentials("invalid user name for XOAUTH2"));
             }
-            ("XOAUTH2", format!("user={user}\x01auth=Bearer {}\x01\x01", token.expose()))
+            let offers = |m: &str| greeted.is_some_and(|caps| caps.contains(&format!("AUTH={m}")));
+            if offers("OAUTHBEARER") && !offers("XOAUTH2") {
+                let payload = format!("n,a={},\x01auth=Bearer {}\x01\x01", gs2_escape(user), token.expose());
+                ("OAUTHBEARER", payload, b"\x01")
+            } else {
+                ("XOAUTH2", format!("user={user}\x01auth=Bearer {}\x01\x01", token.expose()), b"")
+            }
         }
     };
-    let authenticator = OneShot { payload: Some(payload.into_bytes()) };
+    let authenticator = OneShot { payload: Some(payload.into_bytes()), after };
     match tokio::time::timeout(limit, client.authenticate(mechanism, authenticator)).await {
         Err(_) => Err(BackendError::Unavailable(format!("login timed out after {}s", limit.as_secs()))),
         Ok(Err((error, _client))) => Err(login_error(error)),
@@ -178,11 +214,34 @@ fn login_error(error: ImapError) -> BackendError {
     }
 }
 
+fn greeting_capability_name(c: &async_imap::imap_proto::Capability<'_>) -> String {
+    use async_imap::imap_proto::Capability;
+    match c {
+        Capability::Imap4rev1 => "IMAP4REV1".into(),
+        Capability::Auth(a) => format!("AUTH={}", a.to_ascii_uppercase()),
+        Capability::Atom(a) => a.to_ascii_uppercase(),
+    }
+}
+
 fn capability_name(c: &async_imap::types::Capability) -> String {
     use async_imap::types::Capability;
     match c {
         Capability::Imap4rev1 => "IMAP4REV1".into(),
         Capability::Auth(a) => format!("AUTH={}", a.to_ascii_uppercase()),
         Capability::Atom(a) => a.to_ascii_uppercase(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oauthbearer_user_names_are_gs2_escaped() {
+        assert_eq!(gs2_escape("a,b=c@example.com"), "a=2Cb=3Dc@example.com");
+        let mut oneshot = OneShot { payload: Some(b"first".to_vec()), after: b"\x01" };
+        use async_imap::Authenticator as _;
+        assert_eq!(oneshot.process(b""), b"first");
+        assert_eq!(oneshot.process(b"{\"status\":\"invalid_token\"}"), b"\x01");
     }
 }

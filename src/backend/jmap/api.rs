@@ -19,6 +19,7 @@ use tokio::sync::Semaphore;
 use url::Url;
 
 use crate::auth::Secret;
+use crate::backend::http::{self, transport_error};
 use crate::backend::{BackendError, MessageStream};
 
 /// The capabilities every request declares.
@@ -163,18 +164,11 @@ pub struct Http {
 }
 
 impl Http {
-    pub fn new(tls: rustls::ClientConfig, timeout: Duration) -> Result<Http, BackendError> {
-        let client = reqwest::Client::builder()
-            .use_preconfigured_tls(tls)
-            .http1_only()
-            .connect_timeout(timeout)
-            // Bounds every read, so a stalled download ends even though a
-            // message body as a whole may take longer than `timeout`.
-            .read_timeout(timeout)
-            .redirect(reqwest::redirect::Policy::limited(5))
-            .user_agent(concat!("popgate/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| BackendError::Permanent(format!("cannot build the HTTP client: {}", chain(&e))))?;
+    /// `timeout` bounds each request; a download's body is bounded read by
+    /// read instead, however large it is. Redirects are followed (session
+    /// discovery through `/.well-known/jmap`).
+    pub fn new(ca_file: Option<&std::path::Path>, timeout: Duration) -> Result<Http, BackendError> {
+        let client = http::client(ca_file, timeout, reqwest::redirect::Policy::limited(5))?;
         Ok(Http { client, timeout })
     }
 
@@ -369,26 +363,6 @@ fn status_error(what: &str, status: StatusCode, headers: &HeaderMap, problem: Op
             }
         }
     }
-}
-
-/// Network trouble and timeouts: transient.
-fn transport_error(what: &str, error: &reqwest::Error) -> BackendError {
-    if error.is_timeout() {
-        return BackendError::Unavailable(format!("{what}: timed out"));
-    }
-    BackendError::Unavailable(format!("{what}: {}", chain(error)))
-}
-
-/// An error with its causes ("error sending request: connection refused"):
-/// reqwest's own message alone rarely says what went wrong.
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let _ = write!(text, ": {cause}");
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -16,8 +16,8 @@
 mod api;
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, Weak};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -27,6 +27,7 @@ use tokio::sync::Semaphore;
 use url::Url;
 
 use self::api::{Api, Auth, Http, Invocation};
+use super::http::AccountPermits;
 use super::{Backend, BackendError, ListedMessage, Mailbox, MessageStream, ReportedSize, StoreId};
 use crate::auth::{Credentials, Proof};
 
@@ -142,27 +143,19 @@ pub struct JmapBackend {
     http: Http,
     /// Request permits per user name, shared by that user's concurrent POP3
     /// sessions so that together they respect `maxConcurrentRequests`.
-    permits: Mutex<HashMap<String, Weak<Semaphore>>>,
+    permits: AccountPermits,
 }
 
 impl JmapBackend {
     pub fn new(config: JmapConfig) -> Result<Self, BackendError> {
         config.check().map_err(|(key, why)| BackendError::Permanent(format!("{key}: {why}")))?;
         let session_url = config.session_url().map_err(BackendError::Permanent)?;
-        let tls = tls_config(config.ca_file.as_deref())?;
-        let http = Http::new(tls, Duration::from_secs(config.timeout_secs))?;
-        Ok(JmapBackend { config, session_url, http, permits: Mutex::new(HashMap::new()) })
+        let http = Http::new(config.ca_file.as_deref(), Duration::from_secs(config.timeout_secs))?;
+        Ok(JmapBackend { config, session_url, http, permits: AccountPermits::new() })
     }
 
     fn permits_for(&self, user: &str, limit: usize) -> Arc<Semaphore> {
-        let mut permits = self.permits.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(shared) = permits.get(user).and_then(Weak::upgrade) {
-            return shared;
-        }
-        permits.retain(|_, weak| weak.strong_count() > 0);
-        let shared = Arc::new(Semaphore::new(limit));
-        permits.insert(user.to_string(), Arc::downgrade(&shared));
-        shared
+        self.permits.for_account(user, limit)
     }
 
     fn auth(&self, credentials: &Credentials) -> Result<Auth, BackendError> {
@@ -179,12 +172,7 @@ impl JmapBackend {
             }
             (Proof::Password(token) | Proof::Bearer(token), JmapAuth::Bearer) => token,
         };
-        // RFC 6750 b64token: visible ASCII only, or the header is invalid.
-        let value = token.expose();
-        if value.is_empty() || !value.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
-            return Err(BackendError::BadCredentials("the access token has characters a header cannot carry"));
-        }
-        Ok(Auth::Bearer(token.clone()))
+        Ok(Auth::Bearer(super::http::bearer_token(token)?))
     }
 }
 
@@ -631,38 +619,6 @@ pub fn uidl_for(id: &str) -> String {
 /// RFC 6901 escaping for a path segment of a JMAP patch.
 fn pointer_escape(segment: &str) -> String {
     segment.replace('~', "~0").replace('/', "~1")
-}
-
-/// TLS for HTTPS: ring as the one crypto provider, and the webpki roots or
-/// the configured CA file.
-fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, BackendError> {
-    use rustls_pki_types::CertificateDer;
-    use rustls_pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    match ca_file {
-        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-        Some(path) => {
-            let bad = |why: String| BackendError::Permanent(format!("ca_file {}: {why}", path.display()));
-            let certs = CertificateDer::pem_file_iter(path)
-                .map_err(|e| bad(e.to_string()))?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| bad(e.to_string()))?;
-            if certs.is_empty() {
-                return Err(bad("no certificates in it".into()));
-            }
-            for cert in certs {
-                roots.add(cert).map_err(|e| bad(e.to_string()))?;
-            }
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| BackendError::Permanent(format!("TLS setup: {e}")))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(config)
 }
 
 #[cfg(test)]

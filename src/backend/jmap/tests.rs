@@ -4,6 +4,7 @@
 //! silence, method errors, partial `Email/set` refusals, 404 downloads).
 
 use super::*;
+use std::sync::Mutex;
 
 #[test]
 fn uidls_are_ids_when_they_fit() {
@@ -86,16 +87,6 @@ fn mailboxes_by_role_name_and_path() {
 #[test]
 fn patch_paths_are_escaped() {
     assert_eq!(pointer_escape("a/b~c"), "a~1b~0c");
-}
-
-#[test]
-fn tls_uses_ring_and_reads_ca_files() {
-    assert!(tls_config(None).is_ok());
-    let dir = tempfile::tempdir().unwrap();
-    let empty = dir.path().join("empty.pem");
-    std::fs::write(&empty, "").unwrap();
-    assert!(matches!(tls_config(Some(&empty)), Err(BackendError::Permanent(m)) if m.contains("no certificates")));
-    assert!(tls_config(Some(&dir.path().join("missing.pem"))).is_err());
 }
 
 /// A request as the fake server saw it.

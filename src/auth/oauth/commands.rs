@@ -1,0 +1,273 @@
+//! `popgate oauth login ACCOUNT` and `popgate oauth status`: the operator's
+//! side of OAuth accounts.
+//!
+//! `login` gets an account's first token — authorization code with PKCE
+//! (the redirected address pasted back, or a loopback listener), device
+//! code, or client credentials, as the account is configured — and stores
+//! it. `status` shows each account's token state and expiry. Neither ever
+//! prints a token, a code or a secret.
+
+use std::io::{BufRead, Write};
+use std::time::Duration;
+
+use super::Grant;
+use super::client::OAuthClient;
+use super::flows::{self, FlowError, Pkce};
+use crate::auth::routing::{AccountConfig, AccountMode};
+use crate::auth::tokens::{StoredToken, TokenStore, unix_now};
+use crate::config::Config;
+
+/// How `login` gets the authorization code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoginMethod {
+    /// Print the URL; read the redirected address from the input.
+    Paste,
+    /// Print the URL; receive the redirect on a loopback listener.
+    Listen,
+    /// RFC 8628 device code.
+    Device,
+}
+
+/// How long a person has to sign in.
+const SIGN_IN_TIME: Duration = Duration::from_secs(15 * 60);
+
+fn oauth_account<'a>(config: &'a Config, name: &str) -> anyhow::Result<&'a AccountConfig> {
+    let account = config.account.iter().find(|a| a.name == name).ok_or_else(|| {
+        let names: Vec<_> = config.account.iter().filter(|a| a.oauth.is_some()).map(|a| a.name.as_str()).collect();
+        anyhow::anyhow!("no account `{name}` in the configuration (OAuth accounts: {})", names.join(", "))
+    })?;
+    if account.mode != AccountMode::Mapped || account.oauth.is_none() {
+        anyhow::bail!("account `{name}` does not use OAuth (it needs mode = \"mapped\" and an [account.oauth] table)");
+    }
+    Ok(account)
+}
+
+/// Gets and stores a token for `name`. Prompts go to `out`; a pasted
+/// address is read from `input`.
+pub async fn login(
+    config: &Config,
+    name: &str,
+    method: LoginMethod,
+    input: impl BufRead + Send + 'static,
+    out: &mut (impl Write + Send),
+) -> anyhow::Result<()> {
+    let account = oauth_account(config, name)?;
+    let oauth = account.oauth.as_ref().expect("checked");
+    let store_config =
+        config.token_store.as_ref().ok_or_else(|| anyhow::anyhow!("no [token_store] in the configuration"))?;
+    let store = store_config.open()?;
+    let client = OAuthClient::new(oauth)?;
+    let previous = store.load(name).await.ok().flatten();
+
+    let response = match (client.grant, method) {
+        (Grant::ClientCredentials, _) => {
+            writeln!(out, "Requesting an app-only token for `{name}` (client credentials)…")?;
+            client.client_credentials().await?
+        }
+        (Grant::AuthorizationCode, LoginMethod::Device) => {
+            let device = client.device_authorization().await?;
+            match &device.message {
+                Some(message) => writeln!(out, "{message}")?,
+                None => writeln!(
+                    out,
+                    "On any device, open {} and enter the code {}",
+                    device.verification_uri, device.user_code
+                )?,
+            }
+            if let Some(complete) = &device.verification_uri_complete {
+                writeln!(out, "(or open {complete})")?;
+            }
+            if let Some(login) = &account.login {
+                writeln!(out, "Sign in as {login}.")?;
+            }
+            writeln!(out, "Waiting for the sign-in (up to {} minutes)…", device.expires_in / 60)?;
+            out.flush()?;
+            flows::poll_device_flow(&client, &device).await?
+        }
+        (Grant::AuthorizationCode, LoginMethod::Paste | LoginMethod::Listen) => {
+            let pkce = Pkce::new();
+            let state = flows::new_state();
+            let (redirect_uri, listener) = if method == LoginMethod::Listen {
+                let configured = url::Url::parse(&oauth.redirect_uri)?;
+                let port = configured.port().unwrap_or(0);
+                let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+                    .await
+                    .map_err(|e| anyhow::anyhow!("cannot listen on 127.0.0.1:{port} for the redirect: {e}"))?;
+                let port = listener.local_addr()?.port();
+                (flows::loopback_redirect_uri(&oauth.redirect_uri, port)?, Some(listener))
+            } else {
+                (oauth.redirect_uri.clone(), None)
+            };
+            let url = flows::authorization_url(
+                &client.endpoints,
+                client.client_id(),
+                &redirect_uri,
+                &state,
+                &pkce,
+                account.login.as_deref(),
+            )?;
+            writeln!(
+                out,
+                "Open this address in a browser and sign in as {}:",
+                account.login.as_deref().unwrap_or("the mailbox's user")
+            )?;
+            writeln!(out)?;
+            writeln!(out, "{url}")?;
+            writeln!(out)?;
+            let code = match listener {
+                Some(listener) => {
+                    writeln!(out, "Waiting for the browser to come back to {redirect_uri} …")?;
+                    out.flush()?;
+                    flows::receive_redirect(listener, &state, SIGN_IN_TIME).await?
+                }
+                None => {
+                    writeln!(
+                        out,
+                        "The browser is then sent to {redirect_uri}…; that page may fail to load, which is fine.\nPaste the whole address from the browser's address bar here and press Enter:"
+                    )?;
+                    out.flush()?;
+                    let pasted = read_line(input).await?;
+                    flows::code_from_redirect(&pasted, &state)?
+                }
+            };
+            client.exchange_code(&code, &pkce.verifier, &redirect_uri).await?
+        }
+    };
+
+    let kept_refresh = previous.as_ref().and_then(|p| p.refresh_token.as_ref());
+    let had_refresh = response.refresh_token.is_some();
+    let token = response.into_stored(if client.grant == Grant::ClientCredentials { None } else { kept_refresh });
+    if client.grant == Grant::AuthorizationCode && !had_refresh {
+        writeln!(
+            out,
+            "Warning: the provider issued no refresh token, so popgate cannot renew this token. Google issues one only with consent (revoke popgate's access in the Google account and sign in again); Microsoft needs the offline_access scope."
+        )?;
+    }
+    store.save(name, &token).await?;
+    writeln!(out, "Stored a token for `{name}` in {}: {}.", store.path().display(), describe(&token, unix_now()))?;
+    out.flush()?;
+    Ok(())
+}
+
+async fn read_line(input: impl BufRead + Send + 'static) -> Result<String, FlowError> {
+    tokio::task::spawn_blocking(move || {
+        let mut input = input;
+        let mut line = String::new();
+        input.read_line(&mut line).map(|_| line)
+    })
+    .await
+    .map_err(|e| FlowError::Io(std::io::Error::other(e)))?
+    .map_err(FlowError::Io)
+}
+
+/// "valid, expires in 52 min (…)", without anything secret.
+fn describe(token: &StoredToken, now: u64) -> String {
+    let expiry = match (token.expires_at, token.remaining_secs(now)) {
+        (Some(at), Some(left)) if left > 0 => {
+            format!("valid, expires in {} ({})", duration(left as u64), format_utc(at))
+        }
+        (Some(at), Some(left)) => format!("expired {} ago ({})", duration((-left) as u64), format_utc(at)),
+        _ => "valid until refused (no expiry given)".into(),
+    };
+    let refresh = if token.refresh_token.is_some() { "refresh token held" } else { "no refresh token" };
+    format!("{expiry}; {refresh}")
+}
+
+fn duration(secs: u64) -> String {
+    match secs {
+        0..=119 => format!("{secs} s"),
+        120..=7199 => format!("{} min", secs / 60),
+        7200..=172_799 => format!("{} h", secs / 3600),
+        _ => format!("{} days", secs / 86_400),
+    }
+}
+
+/// `YYYY-MM-DD HH:MM:SS UTC` (no time zone database needed).
+pub fn format_utc(unix: u64) -> String {
+    let days = (unix / 86_400) as i64;
+    let secs = unix % 86_400;
+    // Howard Hinnant's days-to-civil.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC", secs / 3600, secs / 60 % 60, secs % 60)
+}
+
+/// Prints every OAuth account's token state. Fails only if the store
+/// cannot be read (e.g. a wrong key).
+pub async fn status(config: &Config, out: &mut impl Write) -> anyhow::Result<()> {
+    let accounts: Vec<&AccountConfig> = config.account.iter().filter(|a| a.oauth.is_some()).collect();
+    if accounts.is_empty() {
+        writeln!(out, "No OAuth accounts are configured.")?;
+        return Ok(());
+    }
+    let store_config =
+        config.token_store.as_ref().ok_or_else(|| anyhow::anyhow!("no [token_store] in the configuration"))?;
+    let store = store_config.open()?;
+    let mut tokens = store.load_all().await?;
+    let now = unix_now();
+    writeln!(
+        out,
+        "Token store: {} ({})",
+        store.path().display(),
+        if store_config.refresh { "this process refreshes" } else { "read-only replica" }
+    )?;
+    for account in accounts {
+        let oauth = account.oauth.as_ref().expect("filtered");
+        let state = match tokens.remove(&account.name) {
+            Some(token) => format!("{}; obtained {}", describe(&token, now), format_utc(token.obtained_at)),
+            None if oauth.grant == Grant::ClientCredentials => "no token yet (requested at first use)".into(),
+            None => format!("NO TOKEN: run `popgate oauth login {}`", account.name),
+        };
+        let grant = match oauth.grant {
+            Grant::AuthorizationCode => "authorization code",
+            Grant::ClientCredentials => "client credentials",
+        };
+        let devices = account.device.iter().filter(|d| d.enabled).count();
+        writeln!(
+            out,
+            "{}: {} ({grant}) as {}, {devices} enabled device(s): {state}",
+            account.name,
+            oauth.provider.name(),
+            account.login.as_deref().unwrap_or("?")
+        )?;
+    }
+    for (name, token) in tokens {
+        writeln!(out, "{name}: (not configured) {}", describe(&token, now))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Secret;
+
+    #[test]
+    fn utc_dates() {
+        assert_eq!(format_utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(format_utc(951_782_400), "2000-02-29 00:00:00 UTC");
+        assert_eq!(format_utc(1_700_000_000), "2023-11-14 22:13:20 UTC");
+        assert_eq!(format_utc(4_102_444_799), "2099-12-31 23:59:59 UTC");
+    }
+
+    #[test]
+    fn descriptions_hide_the_token() {
+        let token = StoredToken {
+            access_token: Secret::new("SECRET-A"),
+            refresh_token: Some(Secret::new("SECRET-R")),
+            expires_at: Some(1_000 + 3_120),
+            obtained_at: 1_000,
+            scope: None,
+        };
+        let text = describe(&token, 1_000);
+        assert_eq!(text, "valid, expires in 52 min (1970-01-01 01:08:40 UTC); refresh token held");
+        assert!(describe(&token, 10_000).starts_with("expired 98 min ago"), "{}", describe(&token, 10_000));
+    }
+}

@@ -1,0 +1,197 @@
+//! OAuth tokens popgate holds for mapped accounts: what is stored, where
+//! (`TokenStore`, by default an encrypted file), and the per-account
+//! `TokenSource` that hands out access tokens and refreshes them.
+//!
+//! Never logs, formats or deletes a token: `StoredToken`'s Debug is
+//! redacted, and nothing here removes an account's token — a refused
+//! refresh or a device's wrong password leaves the store as it was.
+
+mod file_store;
+mod source;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+pub use file_store::{EncryptedFileStore, StoreKey};
+pub use source::{MetricsSlot, TokenSource, TokenSourceError, TokenSourceSettings};
+
+use super::Secret;
+use super::passwords::SecretSource;
+
+/// Seconds since the Unix epoch, now.
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_secs()
+}
+
+/// One account's tokens as stored.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoredToken {
+    pub access_token: Secret,
+    /// Absent for the client-credentials grant (a new token is requested
+    /// instead) and for providers that issue none.
+    pub refresh_token: Option<Secret>,
+    /// Unix seconds; `None` when the provider did not say (the token is then
+    /// used until a backend refuses it).
+    pub expires_at: Option<u64>,
+    /// Unix seconds when it was issued to popgate.
+    pub obtained_at: u64,
+    /// The scopes granted, as the provider reported them.
+    pub scope: Option<String>,
+}
+
+impl StoredToken {
+    /// Seconds until expiry (negative once expired); `None` if unknown.
+    pub fn remaining_secs(&self, now: u64) -> Option<i64> {
+        self.expires_at.map(|at| at as i64 - now as i64)
+    }
+
+    pub fn is_expired(&self, now: u64) -> bool {
+        self.remaining_secs(now).is_some_and(|r| r <= 0)
+    }
+
+    /// Expired, or expiring within `margin`.
+    pub fn is_due(&self, now: u64, margin: Duration) -> bool {
+        self.remaining_secs(now).is_some_and(|r| r <= margin.as_secs() as i64)
+    }
+}
+
+impl fmt::Debug for StoredToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoredToken")
+            .field("access_token", &self.access_token)
+            .field("refresh_token", &self.refresh_token.as_ref().map(|_| "<redacted>"))
+            .field("expires_at", &self.expires_at)
+            .field("obtained_at", &self.obtained_at)
+            .field("scope", &self.scope)
+            .finish()
+    }
+}
+
+/// The stored form (inside the encryption).
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenRecord {
+    access_token: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    refresh_token: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    expires_at: Option<u64>,
+    obtained_at: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    scope: Option<String>,
+}
+
+impl From<&StoredToken> for TokenRecord {
+    fn from(t: &StoredToken) -> Self {
+        TokenRecord {
+            access_token: t.access_token.expose().to_string(),
+            refresh_token: t.refresh_token.as_ref().map(|r| r.expose().to_string()),
+            expires_at: t.expires_at,
+            obtained_at: t.obtained_at,
+            scope: t.scope.clone(),
+        }
+    }
+}
+
+impl From<TokenRecord> for StoredToken {
+    fn from(r: TokenRecord) -> Self {
+        StoredToken {
+            access_token: Secret::new(r.access_token),
+            refresh_token: r.refresh_token.map(Secret::new),
+            expires_at: r.expires_at,
+            obtained_at: r.obtained_at,
+            scope: r.scope,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("token store {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    /// Wrong key, or the file was damaged: it is left as it is.
+    #[error("token store {0}: cannot decrypt it (wrong key, or the file is damaged); it is left untouched")]
+    Decrypt(String),
+    #[error("token store {path}: {why}")]
+    Format { path: String, why: String },
+    #[error("token store key: {0}")]
+    Key(String),
+    #[error("token store: {0}")]
+    Other(String),
+}
+
+/// Where tokens live. One implementation per kind of store: the encrypted
+/// file (default), or a store several replicas share (see docs/ACCOUNTS.md).
+///
+/// `save` must be atomic (a reader sees the old or the new token, never a
+/// mix) and durable when it returns: a rotated refresh token is used only
+/// after `save` succeeded.
+#[async_trait]
+pub trait TokenStore: Send + Sync {
+    async fn load(&self, account: &str) -> Result<Option<StoredToken>, StoreError>;
+    async fn save(&self, account: &str, token: &StoredToken) -> Result<(), StoreError>;
+    async fn load_all(&self) -> Result<BTreeMap<String, StoredToken>, StoreError>;
+}
+
+/// `[token_store]`: the encrypted token file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenStoreConfig {
+    /// The encrypted file (created mode 0600 on first save).
+    pub path: PathBuf,
+    /// The 32-byte key, base64 or hex, in this environment variable…
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_env: Option<String>,
+    /// …or in this file (base64, hex, or 32 raw bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    /// This process refreshes tokens (true), or only reads what another
+    /// replica refreshed and stored (false).
+    #[serde(default = "yes")]
+    pub refresh: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl TokenStoreConfig {
+    pub fn key_source(&self) -> Result<SecretSource, &'static str> {
+        SecretSource::from_keys(self.key_env.as_ref(), self.key_file.as_ref())?
+            .ok_or("set key_env or key_file: the token store is always encrypted")
+    }
+
+    pub fn open(&self) -> Result<EncryptedFileStore, StoreError> {
+        let source = self.key_source().map_err(|why| StoreError::Key(why.to_string()))?;
+        let key = StoreKey::read(&source)?;
+        Ok(EncryptedFileStore::new(self.path.clone(), key))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_do_not_print() {
+        let t = StoredToken {
+            access_token: Secret::new("ya29.secret-access"),
+            refresh_token: Some(Secret::new("1//secret-refresh")),
+            expires_at: Some(100),
+            obtained_at: 40,
+            scope: Some("https://mail.google.com/".into()),
+        };
+        let shown = format!("{t:?}");
+        assert!(!shown.contains("secret"), "{shown}");
+        assert_eq!(t.remaining_secs(90), Some(10));
+        assert!(t.is_due(90, Duration::from_secs(10)));
+        assert!(!t.is_due(89, Duration::from_secs(10)));
+        assert!(!t.is_expired(99));
+        assert!(t.is_expired(100));
+    }
+}

@@ -1,0 +1,436 @@
+//! One OAuth account's access token: handed out while it is fresh,
+//! refreshed before it expires — once, however many devices ask at the same
+//! moment (one async lock per account is held across the refresh, so the
+//! others wait for its result instead of refreshing too).
+//!
+//! Order of a refresh: ask the provider; store the answer (a rotated
+//! refresh token replaces the old one durably); only then use the new
+//! access token. If the store cannot be written, the new token is kept in
+//! memory, not used, and the save is retried first on the next request.
+//!
+//! Failure: the device gets `-ERR [SYS/TEMP]` (unless the old access token
+//! is still valid), one clear log line says what to do, the refreshes
+//! metric counts it, and the provider is not asked again for
+//! `retry_after_failure_secs`. The stored token is never deleted.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Mutex;
+
+use super::{StoreError, StoredToken, TokenStore, unix_now};
+use crate::auth::Secret;
+use crate::auth::oauth::Grant;
+use crate::auth::oauth::client::{OAuthClient, TokenError};
+use crate::telemetry::Metrics;
+
+/// The metrics registry token sources count into; replaceable once the
+/// server (which owns the exported registry) has started.
+pub struct MetricsSlot(std::sync::RwLock<Arc<Metrics>>);
+
+impl MetricsSlot {
+    pub fn new(metrics: Arc<Metrics>) -> Arc<MetricsSlot> {
+        Arc::new(MetricsSlot(std::sync::RwLock::new(metrics)))
+    }
+
+    pub fn get(&self) -> Arc<Metrics> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn set(&self, metrics: Arc<Metrics>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = metrics;
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenSourceError {
+    #[error("no OAuth token stored for account {0}: run `popgate oauth login {0}`")]
+    Missing(String),
+    #[error("account {account}: the stored token has no refresh token: run `popgate oauth login {account}`")]
+    NoRefreshToken { account: String },
+    #[error("account {account}: token refresh failed: {why}")]
+    RefreshFailed { account: String, why: String },
+    #[error("account {account}: {source}")]
+    Store { account: String, source: StoreError },
+    #[error(
+        "account {0}: the access token expired and this replica does not refresh (token_store.refresh = false); waiting for the one that does"
+    )]
+    WaitingForRefresher(String),
+    #[error("account {0}: the backend refuses a token issued moments ago (wrong account, scope or permissions?)")]
+    FreshTokenRefused(String),
+}
+
+pub struct TokenSourceSettings {
+    pub may_refresh: bool,
+    pub margin: Duration,
+    pub retry_after: Duration,
+}
+
+pub struct TokenSource {
+    account: String,
+    client: OAuthClient,
+    store: Arc<dyn TokenStore>,
+    settings: TokenSourceSettings,
+    metrics: Arc<MetricsSlot>,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// The token in use; it is in the store.
+    current: Option<StoredToken>,
+    /// A refreshed token the store did not take yet: not used until it does.
+    unsaved: Option<StoredToken>,
+    /// The last refresh failure, and what it was.
+    failed: Option<(Instant, String)>,
+    /// "No token" was logged once already.
+    missing_reported: bool,
+}
+
+impl TokenSource {
+    pub fn new(
+        account: String,
+        client: OAuthClient,
+        store: Arc<dyn TokenStore>,
+        settings: TokenSourceSettings,
+        metrics: Arc<MetricsSlot>,
+    ) -> Self {
+        TokenSource { account, client, store, settings, metrics, state: Mutex::new(State::default()) }
+    }
+
+    pub fn account(&self) -> &str {
+        &self.account
+    }
+
+    /// A fresh access token, refreshed first if it expires within the
+    /// margin.
+    pub async fn access_token(&self) -> Result<Secret, TokenSourceError> {
+        let mut state = self.state.lock().await;
+        self.fresh(&mut state, None).await
+    }
+
+    /// The backend refused `refused`: a new token, unless another request
+    /// already replaced it (then that one).
+    pub async fn after_refusal(&self, refused: &Secret) -> Result<Secret, TokenSourceError> {
+        let mut state = self.state.lock().await;
+        self.fresh(&mut state, Some(refused)).await
+    }
+
+    /// Background upkeep: refreshes a token that is due, so devices that
+    /// poll rarely find a fresh one and refresh tokens do not lapse from
+    /// disuse. Quiet when there is no token yet.
+    pub async fn maintain(&self) {
+        let mut state = self.state.lock().await;
+        if state.current.is_none() && self.client.grant == Grant::AuthorizationCode {
+            match self.store.load(&self.account).await {
+                Ok(Some(_)) => {}
+                Ok(None) => return self.report_missing(&mut state),
+                Err(e) => return tracing::warn!(account = %self.account, error = %e, "cannot read the token store"),
+            }
+        }
+        let _ = self.fresh(&mut state, None).await;
+    }
+
+    fn report_missing(&self, state: &mut State) {
+        if !state.missing_reported {
+            state.missing_reported = true;
+            tracing::error!(
+                account = %self.account,
+                "no OAuth token stored for this account: run `popgate oauth login {}`; its devices get -ERR [SYS/TEMP] until then",
+                self.account
+            );
+        }
+    }
+
+    fn usable(&self, token: &StoredToken, refused: Option<&Secret>, now: u64) -> bool {
+        !token.is_due(now, self.settings.margin) && refused != Some(&token.access_token)
+    }
+
+    /// Still valid (not expired) and not the refused one: usable as a last
+    /// resort while refreshing fails.
+    fn still_valid(token: &StoredToken, refused: Option<&Secret>, now: u64) -> bool {
+        !token.is_expired(now) && refused != Some(&token.access_token)
+    }
+
+    fn adopt(&self, state: &mut State, token: StoredToken) {
+        if let Some(at) = token.expires_at {
+            self.metrics.get().oauth_token_expires(&self.account, at);
+        }
+        state.current = Some(token);
+        state.failed = None;
+        state.missing_reported = false;
+    }
+
+    async fn fresh(&self, state: &mut State, refused: Option<&Secret>) -> Result<Secret, TokenSourceError> {
+        let account = &self.account;
+        // A refreshed token the store has not taken: store it before anything.
+        if let Some(pending) = state.unsaved.take() {
+            match self.store.save(account, &pending).await {
+                Ok(()) => {
+                    tracing::info!(account = %account, "stored the refreshed token (after an earlier failure)");
+                    self.adopt(state, pending);
+                }
+                Err(source) => {
+                    state.unsaved = Some(pending);
+                    self.metrics.get().oauth_refresh(account, "store_failed");
+                    tracing::error!(account = %account, error = %source, "still cannot store the refreshed token; not using it");
+                    return Err(TokenSourceError::Store { account: account.clone(), source });
+                }
+            }
+        }
+        let now = unix_now();
+        if let Some(current) = &state.current
+            && self.usable(current, refused, now)
+        {
+            return Ok(current.access_token.clone());
+        }
+
+        // Another process (`popgate oauth login`, the replica that
+        // refreshes) may have stored a newer token: look before refreshing,
+        // which would otherwise spend a refresh token someone rotated.
+        match self.store.load(account).await {
+            Ok(Some(stored)) => {
+                let newer = match &state.current {
+                    None => true,
+                    Some(current) => stored.obtained_at >= current.obtained_at && stored != *current,
+                };
+                if newer {
+                    tracing::debug!(account = %account, "using the token found in the store");
+                    self.adopt(state, stored);
+                }
+            }
+            Ok(None) => {}
+            Err(source) => {
+                tracing::warn!(account = %account, error = %source, "cannot read the token store");
+                if state.current.is_none() {
+                    return Err(TokenSourceError::Store { account: account.clone(), source });
+                }
+            }
+        }
+        if let Some(current) = &state.current
+            && self.usable(current, refused, now)
+        {
+            return Ok(current.access_token.clone());
+        }
+
+        let current = state.current.clone();
+        if current.is_none() && self.client.grant == Grant::AuthorizationCode {
+            self.report_missing(state);
+            return Err(TokenSourceError::Missing(account.clone()));
+        }
+        let last_resort =
+            current.as_ref().filter(|c| Self::still_valid(c, refused, now)).map(|c| c.access_token.clone());
+
+        if !self.settings.may_refresh {
+            return last_resort.ok_or_else(|| TokenSourceError::WaitingForRefresher(account.clone()));
+        }
+        if let Some(current) = &current
+            && refused == Some(&current.access_token)
+            && now.saturating_sub(current.obtained_at) < self.settings.retry_after.as_secs()
+        {
+            // Refreshing again would only make the provider rate-limit us.
+            tracing::warn!(account = %account, "the backend refuses a token issued moments ago; not refreshing again yet");
+            return Err(TokenSourceError::FreshTokenRefused(account.clone()));
+        }
+        if let Some((at, why)) = &state.failed
+            && at.elapsed() < self.settings.retry_after
+        {
+            return last_resort
+                .ok_or_else(|| TokenSourceError::RefreshFailed { account: account.clone(), why: why.clone() });
+        }
+
+        let previous_refresh = current.as_ref().and_then(|c| c.refresh_token.clone());
+        let requested = match self.client.grant {
+            Grant::ClientCredentials => self.client.client_credentials().await,
+            Grant::AuthorizationCode => match &previous_refresh {
+                Some(refresh_token) => self.client.refresh(refresh_token).await,
+                None => return Err(TokenSourceError::NoRefreshToken { account: account.clone() }),
+            },
+        };
+        let metrics = self.metrics.get();
+        match requested {
+            Ok(response) => {
+                let fresh = response.into_stored(previous_refresh.as_ref());
+                let rotated = previous_refresh.is_some() && fresh.refresh_token != previous_refresh;
+                // Durably stored before the new access token is used: with
+                // rotation the old refresh token may be dead already.
+                if let Err(source) = self.store.save(account, &fresh).await {
+                    metrics.oauth_refresh(account, "store_failed");
+                    tracing::error!(
+                        account = %account, error = %source,
+                        "refreshed the token but cannot store it; not using it until it is stored"
+                    );
+                    state.unsaved = Some(fresh);
+                    return Err(TokenSourceError::Store { account: account.clone(), source });
+                }
+                metrics.oauth_refresh(account, "ok");
+                tracing::info!(
+                    account = %account,
+                    rotated,
+                    expires_in_secs = fresh.remaining_secs(unix_now()),
+                    "access token refreshed"
+                );
+                let access = fresh.access_token.clone();
+                self.adopt(state, fresh);
+                Ok(access)
+            }
+            Err(e) => {
+                metrics.oauth_refresh(account, e.metric_result());
+                let still = if last_resort.is_some() {
+                    "; the current access token is still valid and stays in use"
+                } else {
+                    "; devices get -ERR [SYS/TEMP]"
+                };
+                match &e {
+                    TokenError::Refused { .. } if e.is_invalid_grant() => tracing::error!(
+                        account = %account, error = %e,
+                        "the provider refused the refresh token (revoked, expired, or its password changed): run `popgate oauth login {account}`; the stored token is kept{still}"
+                    ),
+                    _ => tracing::error!(
+                        account = %account, error = %e,
+                        "token refresh failed; retrying in {}s{still}", self.settings.retry_after.as_secs()
+                    ),
+                }
+                state.failed = Some((Instant::now(), e.to_string()));
+                last_resort
+                    .ok_or_else(|| TokenSourceError::RefreshFailed { account: account.clone(), why: e.to_string() })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    use async_trait::async_trait;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::auth::oauth::OAuthConfig;
+
+    /// A store whose saves fail while `failing` is set.
+    #[derive(Default)]
+    struct FlakyStore {
+        tokens: std::sync::Mutex<BTreeMap<String, StoredToken>>,
+        failing: AtomicBool,
+    }
+
+    #[async_trait]
+    impl TokenStore for FlakyStore {
+        async fn load(&self, account: &str) -> Result<Option<StoredToken>, StoreError> {
+            Ok(self.tokens.lock().unwrap().get(account).cloned())
+        }
+        async fn save(&self, account: &str, token: &StoredToken) -> Result<(), StoreError> {
+            if self.failing.load(Ordering::SeqCst) {
+                return Err(StoreError::Other("disk full".into()));
+            }
+            self.tokens.lock().unwrap().insert(account.into(), token.clone());
+            Ok(())
+        }
+        async fn load_all(&self) -> Result<BTreeMap<String, StoredToken>, StoreError> {
+            Ok(self.tokens.lock().unwrap().clone())
+        }
+    }
+
+    /// A token endpoint that issues `a1`/`r1`, `a2`/`r2`, … after `delay`.
+    async fn token_endpoint(delay: Duration) -> (String, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/token", listener.local_addr().unwrap());
+        let count = Arc::new(AtomicUsize::new(0));
+        let issued = count.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut socket, _)) = listener.accept().await else { return };
+                let issued = issued.clone();
+                tokio::spawn(async move {
+                    let mut request = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !String::from_utf8_lossy(&request).contains("grant_type=") {
+                        let n = socket.read(&mut buf).await.unwrap();
+                        if n == 0 {
+                            return;
+                        }
+                        request.extend_from_slice(&buf[..n]);
+                    }
+                    tokio::time::sleep(delay).await;
+                    let n = issued.fetch_add(1, Ordering::SeqCst) + 1;
+                    let body = format!(
+                        r#"{{"access_token":"a{n}","refresh_token":"r{n}","expires_in":3600,"token_type":"Bearer"}}"#
+                    );
+                    let response = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = socket.write_all(response.as_bytes()).await;
+                });
+            }
+        });
+        (url, count)
+    }
+
+    async fn source(delay: Duration) -> (Arc<TokenSource>, Arc<FlakyStore>, Arc<AtomicUsize>) {
+        let (url, count) = token_endpoint(delay).await;
+        let config: OAuthConfig = toml::from_str(&format!(
+            "provider = \"generic\"\nclient_id = \"c\"\ntoken_url = \"{url}\"\nscopes = [\"mail\"]"
+        ))
+        .unwrap();
+        let store = Arc::new(FlakyStore::default());
+        let expired = StoredToken {
+            access_token: Secret::new("a0"),
+            refresh_token: Some(Secret::new("r0")),
+            expires_at: Some(unix_now() - 1),
+            obtained_at: unix_now() - 3600,
+            scope: None,
+        };
+        store.save("acct", &expired).await.unwrap();
+        let settings = TokenSourceSettings {
+            may_refresh: true,
+            margin: Duration::from_secs(60),
+            retry_after: Duration::from_secs(30),
+        };
+        let metrics = MetricsSlot::new(Arc::new(Metrics::new()));
+        let source =
+            TokenSource::new("acct".into(), OAuthClient::new(&config).unwrap(), store.clone(), settings, metrics);
+        (Arc::new(source), store, count)
+    }
+
+    #[tokio::test]
+    async fn concurrent_requests_share_one_refresh() {
+        let (source, store, count) = source(Duration::from_millis(200)).await;
+        let tasks: Vec<_> = (0..50)
+            .map(|_| {
+                let source = source.clone();
+                tokio::spawn(async move { source.access_token().await.unwrap() })
+            })
+            .collect();
+        for task in tasks {
+            assert_eq!(task.await.unwrap().expose(), "a1");
+        }
+        assert_eq!(count.load(Ordering::SeqCst), 1);
+        let stored = store.load("acct").await.unwrap().unwrap();
+        assert_eq!(stored.refresh_token.unwrap().expose(), "r1");
+        // A refusal of the old token gets the new one, without a refresh.
+        assert_eq!(source.after_refusal(&Secret::new("a0")).await.unwrap().expose(), "a1");
+        assert_eq!(count.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_refreshed_token_is_used_only_once_it_is_stored() {
+        let (source, store, count) = source(Duration::ZERO).await;
+        store.failing.store(true, Ordering::SeqCst);
+        let e = source.access_token().await.unwrap_err();
+        assert!(matches!(e, TokenSourceError::Store { .. }), "{e}");
+        assert!(!e.to_string().contains("a1"));
+        assert_eq!(store.load("acct").await.unwrap().unwrap().refresh_token.unwrap().expose(), "r0");
+        // Still failing: the pending token is not used, and not refreshed
+        // again (its refresh token may be the only live one).
+        assert!(source.access_token().await.is_err());
+        assert_eq!(count.load(Ordering::SeqCst), 1);
+        store.failing.store(false, Ordering::SeqCst);
+        assert_eq!(source.access_token().await.unwrap().expose(), "a1");
+        assert_eq!(count.load(Ordering::SeqCst), 1);
+        assert_eq!(store.load("acct").await.unwrap().unwrap().refresh_token.unwrap().expose(), "r1");
+    }
+}

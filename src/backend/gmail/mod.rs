@@ -1,0 +1,710 @@
+//! The Gmail API backend (REST v1): a POP3 maildrop over one Gmail label or
+//! search, with its `GmailConfig` beside it.
+//!
+//! A login checks the OAuth access token with `users.labels.list` (1 quota
+//! unit; a 401 there is `AuthFailed`, so a router can refresh the token and
+//! retry) and resolves the configured label. `list` pages through
+//! `users.messages.list` (newest first, 500 ids a page) and orders the
+//! snapshot oldest first by `internalDate`, which it gets with
+//! `messages.get?format=minimal` through the batch endpoint, 50 messages a
+//! request, and keeps per message id (ids and dates never change), so only
+//! messages new to this process cost anything. `fetch` streams
+//! `messages.get?format=raw`, decoding the base64url as it arrives. Sizes are
+//! `Claimed` (`sizeEstimate` is an estimate); `canonical_sizes` measures by
+//! downloading, `max_concurrent_requests` at a time.
+//!
+//! It never changes anything except in `remove`, and there only the labels
+//! (or, with `delete_policy = "delete"`, the existence) of exactly the
+//! messages it is given. Throttling (429, or 403 `rateLimitExceeded` /
+//! `userRateLimitExceeded`) is retried after `Retry-After` or a backoff,
+//! `max_retries` times. A 401 after login is `Unavailable`: the token expired
+//! mid-session, and the client should simply come back.
+
+mod wire;
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::{StreamExt, TryStreamExt};
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use url::Url;
+
+use self::wire::{BatchPart, RawExtractor};
+use super::http::{self, AccountPermits, Requester, RetryPolicy, Verdict};
+use super::{Backend, BackendError, ListedMessage, Mailbox, MessageStream, ReportedSize, StoreId};
+use crate::auth::{Credentials, Proof, Secret};
+
+/// What "delete" means when a POP3 client deletes a message.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GmailDeletePolicy {
+    /// Add the TRASH label and remove the maildrop's label (INBOX by
+    /// default): Gmail empties its trash after 30 days.
+    #[default]
+    Trash,
+    /// Only remove the maildrop's label (INBOX by default): the message
+    /// stays in All Mail.
+    Archive,
+    /// `messages.batchDelete`: gone at once, not recoverable. Needs the
+    /// full `https://mail.google.com/` scope.
+    Delete,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GmailConfig {
+    /// Where the API is; tests point this at a stand-in.
+    #[serde(default = "default_api_base")]
+    pub api_base: String,
+    /// The label POP3 shows, by id (`INBOX`, `Label_12`) or name
+    /// (`Printers/Scans`). Unset: INBOX, unless `query` is set.
+    #[serde(default)]
+    pub label: Option<String>,
+    /// A Gmail search (`q`, as in the search box): POP3 shows what matches
+    /// (and carries `label`, when both are set).
+    #[serde(default)]
+    pub query: Option<String>,
+    /// `trash` (default), `archive` or `delete`.
+    #[serde(default)]
+    pub delete_policy: GmailDeletePolicy,
+    /// Time limit in seconds for each HTTP request (for a download: for the
+    /// response to start, then for each read of its body).
+    #[serde(default = "default_timeout")]
+    pub timeout_secs: u64,
+    /// Requests in flight at once per account, across its POP3 sessions;
+    /// also how many messages are measured at once at a first login.
+    #[serde(default = "default_concurrency")]
+    pub max_concurrent_requests: usize,
+    /// Retries of a throttled request (429, rateLimitExceeded, 5xx).
+    #[serde(default = "default_retries")]
+    pub max_retries: u32,
+    /// The longest wait before a retry; a longer `Retry-After` ends the
+    /// attempt with `-ERR [SYS/TEMP]` instead.
+    #[serde(default = "default_max_wait")]
+    pub max_retry_wait_secs: u64,
+    /// PEM file of CA certificates to trust instead of the webpki roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+fn default_api_base() -> String {
+    "https://gmail.googleapis.com".into()
+}
+
+fn default_timeout() -> u64 {
+    30
+}
+
+fn default_concurrency() -> usize {
+    4
+}
+
+fn default_retries() -> u32 {
+    3
+}
+
+fn default_max_wait() -> u64 {
+    30
+}
+
+impl Default for GmailConfig {
+    fn default() -> Self {
+        GmailConfig {
+            api_base: default_api_base(),
+            label: None,
+            query: None,
+            delete_policy: GmailDeletePolicy::default(),
+            timeout_secs: default_timeout(),
+            max_concurrent_requests: default_concurrency(),
+            max_retries: default_retries(),
+            max_retry_wait_secs: default_max_wait(),
+            ca_file: None,
+        }
+    }
+}
+
+impl GmailConfig {
+    /// `gmail:` (INBOX) or `gmail:LABEL`.
+    pub fn with_label(label: Option<String>) -> Self {
+        GmailConfig { label, ..GmailConfig::default() }
+    }
+
+    /// Checks what serde cannot; the error names the key at fault.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        http::api_base(&self.api_base).map_err(|why| ("backend.api_base", why))?;
+        if self.timeout_secs == 0 {
+            return Err(("backend.timeout_secs", "must be at least 1".into()));
+        }
+        if !(1..=16).contains(&self.max_concurrent_requests) {
+            return Err(("backend.max_concurrent_requests", "must be between 1 and 16".into()));
+        }
+        if self.max_retry_wait_secs == 0 {
+            return Err(("backend.max_retry_wait_secs", "must be at least 1".into()));
+        }
+        if self.label.as_deref().is_some_and(|l| l.trim().is_empty()) {
+            return Err(("backend.label", "must not be empty (leave it out for INBOX)".into()));
+        }
+        if self.query.as_deref().is_some_and(|q| q.trim().is_empty()) {
+            return Err(("backend.query", "must not be empty (leave it out)".into()));
+        }
+        Ok(())
+    }
+
+    fn retry(&self) -> RetryPolicy {
+        RetryPolicy { retries: self.max_retries, max_wait: Duration::from_secs(self.max_retry_wait_secs) }
+    }
+}
+
+/// Message ids per `users.messages.list` page (the API's maximum).
+const LIST_PAGE: usize = 500;
+/// Requests per batch: Google allows 100 and advises at most 50.
+const BATCH: usize = 50;
+/// Ids per `batchModify` / `batchDelete` (the API's limit).
+const MODIFY_BATCH: usize = 1000;
+/// Listing bodies are read only this far (a page of 500 ids is ~30 KB).
+const JSON_LIMIT: usize = 8 * 1024 * 1024;
+/// Orders remembered (message id → internalDate), across accounts.
+const ORDER_CACHE: u64 = 1_000_000;
+
+/// What the listing needs of a message and keeps: it never changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Arrival {
+    /// Milliseconds since the epoch, Gmail's `internalDate`.
+    internal_date: i64,
+    size_estimate: u64,
+}
+
+pub struct GmailBackend {
+    config: GmailConfig,
+    base: Url,
+    requester: Requester,
+    permits: AccountPermits,
+    /// (account, message id) → arrival, so that a warm mailbox is listed
+    /// with `messages.list` alone.
+    arrivals: moka::sync::Cache<(String, String), Arrival>,
+}
+
+impl GmailBackend {
+    pub fn new(config: GmailConfig) -> Result<Self, BackendError> {
+        config.check().map_err(|(key, why)| BackendError::Permanent(format!("{key}: {why}")))?;
+        let base = http::api_base(&config.api_base).map_err(BackendError::Permanent)?;
+        let timeout = Duration::from_secs(config.timeout_secs);
+        let client = http::client(config.ca_file.as_deref(), timeout, reqwest::redirect::Policy::none())?;
+        let requester = Requester { client, timeout, retry: config.retry() };
+        let arrivals = moka::sync::Cache::builder()
+            .max_capacity(ORDER_CACHE)
+            .time_to_idle(Duration::from_secs(7 * 24 * 3600))
+            .build();
+        Ok(GmailBackend { config, base, requester, permits: AccountPermits::new(), arrivals })
+    }
+}
+
+#[async_trait]
+impl Backend for GmailBackend {
+    fn kind(&self) -> &'static str {
+        "gmail"
+    }
+
+    fn accepts_bearer_tokens(&self) -> bool {
+        true
+    }
+
+    async fn probe(&self) -> Result<(), BackendError> {
+        http::probe(&self.requester, &self.base).await
+    }
+
+    async fn open(&self, credentials: &Credentials) -> Result<Box<dyn Mailbox>, BackendError> {
+        let token = match &credentials.proof {
+            Proof::Bearer(token) => http::bearer_token(token)?,
+            Proof::Password(_) => {
+                return Err(BackendError::Permanent(
+                    "the Gmail API backend needs OAuth2: log in with SASL XOAUTH2 or OAUTHBEARER, or map accounts to \
+                     tokens"
+                        .into(),
+                ));
+            }
+        };
+        let permits = self.permits.for_account(&credentials.user, self.config.max_concurrent_requests);
+        let api = Api { requester: self.requester.clone(), base: self.base.clone(), token, permits };
+        let labels = api.labels().await?;
+        let label = match (&self.config.label, &self.config.query) {
+            (Some(wanted), _) => Some(find_label(&labels, wanted)?),
+            (None, Some(_)) => None,
+            (None, None) => Some("INBOX".to_string()),
+        };
+        Ok(Box::new(GmailMailbox {
+            api,
+            account: credentials.user.clone(),
+            label,
+            query: self.config.query.clone(),
+            policy: self.config.delete_policy,
+            arrivals: self.arrivals.clone(),
+            concurrency: self.config.max_concurrent_requests,
+        }))
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct Label {
+    id: String,
+    name: String,
+}
+
+/// A label by id, or else by name (Gmail's names are unique, compared
+/// without case as Gmail does).
+fn find_label(labels: &[Label], wanted: &str) -> Result<String, BackendError> {
+    let wanted = wanted.trim();
+    if let Some(label) = labels.iter().find(|l| l.id == wanted) {
+        return Ok(label.id.clone());
+    }
+    if let Some(label) = labels.iter().find(|l| l.name.eq_ignore_ascii_case(wanted)) {
+        return Ok(label.id.clone());
+    }
+    tracing::warn!(label = wanted, "configured Gmail label not found");
+    Err(BackendError::Permanent(format!("no Gmail label {wanted:?} in this account")))
+}
+
+/// HTTP to one account's mailbox.
+struct Api {
+    requester: Requester,
+    base: Url,
+    token: Secret,
+    permits: Arc<Semaphore>,
+}
+
+impl Api {
+    /// `{base}/gmail/v1/users/me/{segments…}`.
+    fn url(&self, segments: &[&str]) -> Url {
+        let mut url = self.base.clone();
+        url.path_segments_mut()
+            .expect("http(s) URLs have paths")
+            .pop_if_empty()
+            .extend(["gmail", "v1", "users", "me"])
+            .extend(segments);
+        url
+    }
+
+    fn auth(&self) -> HeaderValue {
+        http::bearer_header(&self.token)
+    }
+
+    async fn permit(&self) -> Result<OwnedSemaphorePermit, BackendError> {
+        self.permits.clone().acquire_owned().await.map_err(|_| BackendError::unavailable("request limiter closed"))
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(&self, what: &str, url: Url) -> Result<T, BackendError> {
+        let _permit = self.permit().await?;
+        let build = || {
+            self.requester.client.get(url.clone()).header(AUTHORIZATION, self.auth()).timeout(self.requester.timeout)
+        };
+        let response = self.requester.send(what, build, |status, body| wire::judge(what, status, body)).await?;
+        self.requester.json(what, response, JSON_LIMIT).await
+    }
+
+    async fn labels(&self) -> Result<Vec<Label>, BackendError> {
+        #[derive(Deserialize)]
+        struct Labels {
+            #[serde(default)]
+            labels: Vec<Label>,
+        }
+        let labels: Labels = self.get_json("users.labels.list", self.url(&["labels"])).await.map_err(not_a_message)?;
+        Ok(labels.labels)
+    }
+
+    /// One page of ids, newest first, and the token of the next.
+    async fn list_page(
+        &self,
+        label: Option<&str>,
+        query: Option<&str>,
+        page: Option<&str>,
+    ) -> Result<(Vec<String>, Option<String>), BackendError> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Page {
+            #[serde(default)]
+            messages: Vec<Id>,
+            next_page_token: Option<String>,
+        }
+        #[derive(Deserialize)]
+        struct Id {
+            id: String,
+        }
+        let mut url = self.url(&["messages"]);
+        {
+            let mut pairs = url.query_pairs_mut();
+            pairs.append_pair("maxResults", &LIST_PAGE.to_string());
+            if let Some(label) = label {
+                pairs.append_pair("labelIds", label);
+                if matches!(label, "TRASH" | "SPAM") {
+                    pairs.append_pair("includeSpamTrash", "true");
+                }
+            }
+            if let Some(query) = query {
+                pairs.append_pair("q", query);
+            }
+            if let Some(page) = page {
+                pairs.append_pair("pageToken", page);
+            }
+        }
+        let page: Page = self.get_json("users.messages.list", url).await.map_err(not_a_message)?;
+        Ok((page.messages.into_iter().map(|m| m.id).collect(), page.next_page_token.filter(|t| !t.is_empty())))
+    }
+
+    /// Arrival dates and size estimates of `ids` (`format=minimal`), 50 per
+    /// batch request. A message deleted meanwhile is simply absent.
+    async fn arrivals(&self, ids: &[String]) -> Result<HashMap<String, Arrival>, BackendError> {
+        let mut found = HashMap::with_capacity(ids.len());
+        for chunk in ids.chunks(BATCH) {
+            let mut pending: Vec<&String> = chunk.iter().collect();
+            let mut attempt = 0;
+            while !pending.is_empty() {
+                let paths: Vec<String> = pending
+                    .iter()
+                    .map(|id| {
+                        let mut url = self.url(&["messages", id]);
+                        url.query_pairs_mut()
+                            .append_pair("format", "minimal")
+                            .append_pair("fields", "id,internalDate,sizeEstimate");
+                        inner_path(&url)
+                    })
+                    .collect();
+                let parts = self.batch(&paths).await?;
+                let mut retry = Vec::new();
+                let mut asked = None;
+                for part in parts {
+                    let Some(&id) = pending.get(part.item) else { continue };
+                    match part.status {
+                        200 => {
+                            let arrival = parse_arrival(&part.body)
+                                .map_err(|e| BackendError::unavailable(format!("messages.get {id}: {e}")))?;
+                            found.insert(id.clone(), arrival);
+                        }
+                        404 => tracing::debug!(id, "message deleted while listing"),
+                        status => {
+                            let what = "messages.get (batched)";
+                            let code = reqwest::StatusCode::from_u16(status)
+                                .unwrap_or(reqwest::StatusCode::INTERNAL_SERVER_ERROR);
+                            match wire::judge(what, code, &part.body) {
+                                Verdict::Retry => {
+                                    retry.push(id);
+                                    asked = asked.max(part.retry_after.map(Duration::from_secs));
+                                }
+                                Verdict::Fail(e) => return Err(e),
+                            }
+                        }
+                    }
+                }
+                if !retry.is_empty() {
+                    let wait = self.requester.wait_before_retry("messages.get (batched)", 429, attempt, asked)?;
+                    tokio::time::sleep(wait).await;
+                    attempt += 1;
+                }
+                pending = retry;
+            }
+        }
+        Ok(found)
+    }
+
+    /// One request to the batch endpoint; its parts, each checked to answer
+    /// one of `paths`.
+    async fn batch(&self, paths: &[String]) -> Result<Vec<BatchPart>, BackendError> {
+        let what = "batch";
+        let boundary = format!("popgate_batch_{}", http::random_hex(12));
+        let body = wire::batch_body(&boundary, paths);
+        let mut url = self.base.clone();
+        url.path_segments_mut().expect("http(s) URLs have paths").pop_if_empty().extend(["batch", "gmail", "v1"]);
+        let _permit = self.permit().await?;
+        let build = || {
+            self.requester
+                .client
+                .post(url.clone())
+                .header(AUTHORIZATION, self.auth())
+                .header(CONTENT_TYPE, format!("multipart/mixed; boundary={boundary}"))
+                .timeout(self.requester.timeout)
+                .body(body.clone())
+        };
+        let response = self.requester.send(what, build, |status, body| wire::judge(what, status, body)).await?;
+        let content_type = response.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+        let reply_boundary = wire::boundary_of(&content_type)
+            .ok_or_else(|| BackendError::unavailable(format!("batch: unexpected content type {content_type:?}")))?;
+        let body = http::read_limited(response, JSON_LIMIT, self.requester.timeout).await?;
+        let parts =
+            wire::parse_batch(&reply_boundary, &body).map_err(|e| BackendError::unavailable(format!("batch: {e}")))?;
+        let mut seen = HashSet::new();
+        if parts.len() != paths.len() || !parts.iter().all(|p| p.item < paths.len() && seen.insert(p.item)) {
+            return Err(BackendError::unavailable("batch: the response does not answer each request once"));
+        }
+        Ok(parts)
+    }
+
+    /// The message's RFC 5322 octets, decoded from `format=raw` as they
+    /// arrive. The permit is held until the stream ends or is dropped.
+    async fn raw(&self, id: &str) -> Result<MessageStream<'static>, BackendError> {
+        let what = "messages.get raw";
+        let mut url = self.url(&["messages", id]);
+        url.query_pairs_mut().append_pair("format", "raw").append_pair("fields", "raw");
+        let permit = self.permit().await?;
+        let build = || self.requester.client.get(url.clone()).header(AUTHORIZATION, self.auth());
+        let response = self.requester.send(what, build, |status, body| wire::judge(what, status, body)).await?;
+        let body = response.bytes_stream().map_err(|e| http::transport_error(what, &e));
+        let state = (body.boxed(), RawExtractor::new(), Some(permit));
+        let stream = futures::stream::try_unfold(state, move |(mut body, mut extractor, mut permit)| async move {
+            loop {
+                if extractor.is_done() || permit.is_none() {
+                    return Ok(None);
+                }
+                match body.next().await {
+                    Some(chunk) => {
+                        let decoded =
+                            extractor.feed(&chunk?).map_err(|e| BackendError::unavailable(format!("{what}: {e}")))?;
+                        if !decoded.is_empty() {
+                            return Ok(Some((decoded, (body, extractor, permit))));
+                        }
+                    }
+                    None => {
+                        extractor.finish().map_err(|e| BackendError::unavailable(format!("{what}: {e}")))?;
+                        permit = None;
+                    }
+                }
+            }
+        });
+        Ok(stream.boxed())
+    }
+
+    /// `batchModify` or `batchDelete` of at most 1000 ids.
+    async fn modify(&self, ids: &[&str], change: &Change) -> Result<(), BackendError> {
+        let (what, url, body) = match change {
+            Change::Labels { add, remove } => (
+                "messages.batchModify",
+                self.url(&["messages", "batchModify"]),
+                json!({ "ids": ids, "addLabelIds": add, "removeLabelIds": remove }),
+            ),
+            Change::Delete => ("messages.batchDelete", self.url(&["messages", "batchDelete"]), json!({ "ids": ids })),
+        };
+        let body = serde_json::to_vec(&body).map_err(|e| BackendError::Permanent(format!("JSON: {e}")))?;
+        let _permit = self.permit().await?;
+        let build = || {
+            self.requester
+                .client
+                .post(url.clone())
+                .header(AUTHORIZATION, self.auth())
+                .header(CONTENT_TYPE, "application/json")
+                .timeout(self.requester.timeout)
+                .body(body.clone())
+        };
+        self.requester.send(what, build, |status, body| wire::judge(what, status, body)).await?;
+        Ok(())
+    }
+}
+
+/// A 404 from a call that names no message: the account or label is gone.
+fn not_a_message(error: BackendError) -> BackendError {
+    match error {
+        BackendError::MessageGone => {
+            BackendError::Permanent("the Gmail API answered 404 (no such user or label)".into())
+        }
+        other => other,
+    }
+}
+
+/// The path and query of a URL, as an inner batch request names it.
+fn inner_path(url: &Url) -> String {
+    match url.query() {
+        Some(query) => format!("{}?{query}", url.path()),
+        None => url.path().to_string(),
+    }
+}
+
+fn parse_arrival(body: &[u8]) -> Result<Arrival, String> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Minimal {
+        internal_date: serde_json::Value,
+        #[serde(default)]
+        size_estimate: u64,
+    }
+    let minimal: Minimal = serde_json::from_slice(body).map_err(|e| format!("unexpected reply: {e}"))?;
+    // int64 travels as a JSON string in Google's APIs; accept a number too.
+    let internal_date = match &minimal.internal_date {
+        serde_json::Value::String(s) => s.parse().ok(),
+        serde_json::Value::Number(n) => n.as_i64(),
+        _ => None,
+    }
+    .ok_or("no internalDate")?;
+    Ok(Arrival { internal_date, size_estimate: minimal.size_estimate })
+}
+
+enum Change {
+    Labels { add: Vec<String>, remove: Vec<String> },
+    Delete,
+}
+
+struct GmailMailbox {
+    api: Api,
+    account: String,
+    /// The label listed (`None`: the query alone selects).
+    label: Option<String>,
+    query: Option<String>,
+    policy: GmailDeletePolicy,
+    arrivals: moka::sync::Cache<(String, String), Arrival>,
+    concurrency: usize,
+}
+
+/// After login a refused token means it expired meanwhile: a temporary
+/// failure, not a wrong password.
+fn in_session(error: BackendError) -> BackendError {
+    match error {
+        BackendError::AuthFailed => BackendError::unavailable("the access token was refused mid-session (expired?)"),
+        other => other,
+    }
+}
+
+impl GmailMailbox {
+    async fn list_ids(&self) -> Result<Vec<String>, BackendError> {
+        let mut ids = Vec::new();
+        let mut seen = HashSet::new();
+        let mut page: Option<String> = None;
+        loop {
+            let (page_ids, next) =
+                self.api.list_page(self.label.as_deref(), self.query.as_deref(), page.as_deref()).await?;
+            let fresh = page_ids.len();
+            // A message that arrives while paging shifts the pages: the same
+            // id can come twice.
+            ids.extend(page_ids.into_iter().filter(|id| seen.insert(id.clone())));
+            match next {
+                Some(next) if fresh > 0 && Some(&next) != page.as_ref() => page = Some(next),
+                _ => return Ok(ids),
+            }
+        }
+    }
+
+    fn change(&self) -> Change {
+        let label = self.label.clone().unwrap_or_else(|| "INBOX".into());
+        match self.policy {
+            GmailDeletePolicy::Trash => {
+                let remove = if label == "TRASH" { Vec::new() } else { vec![label] };
+                Change::Labels { add: vec!["TRASH".into()], remove }
+            }
+            GmailDeletePolicy::Archive => Change::Labels { add: Vec::new(), remove: vec![label] },
+            GmailDeletePolicy::Delete => Change::Delete,
+        }
+    }
+}
+
+#[async_trait]
+impl Mailbox for GmailMailbox {
+    /// A warm session checks that its token still works (1 quota unit), so
+    /// an expired one is discarded and the login refreshes it.
+    async fn reset(&mut self) -> Result<(), BackendError> {
+        self.api.labels().await.map(|_| ())
+    }
+
+    async fn list(&mut self) -> Result<Vec<ListedMessage>, BackendError> {
+        let ids = self.list_ids().await.map_err(in_session)?;
+        let key = |id: &String| (self.account.clone(), id.clone());
+        let unknown: Vec<String> = ids.iter().filter(|id| !self.arrivals.contains_key(&key(id))).cloned().collect();
+        if !unknown.is_empty() {
+            tracing::debug!(messages = unknown.len(), "asking Gmail for arrival dates");
+            for (id, arrival) in self.api.arrivals(&unknown).await.map_err(in_session)? {
+                self.arrivals.insert((self.account.clone(), id), arrival);
+            }
+        }
+        let mut listed: Vec<(Arrival, String)> =
+            ids.into_iter().filter_map(|id| self.arrivals.get(&key(&id)).map(|arrival| (arrival, id))).collect();
+        listed.sort_by(|(a, a_id), (b, b_id)| a.internal_date.cmp(&b.internal_date).then_with(|| a_id.cmp(b_id)));
+        Ok(listed
+            .into_iter()
+            .map(|(arrival, id)| ListedMessage {
+                uidl: uidl_for(&id),
+                id: StoreId(id),
+                size: ReportedSize::Claimed(arrival.size_estimate),
+            })
+            .collect())
+    }
+
+    async fn fetch(&mut self, id: &StoreId) -> Result<MessageStream<'_>, BackendError> {
+        self.api.raw(&id.0).await.map_err(in_session)
+    }
+
+    /// Downloads `max_concurrent_requests` messages at a time. A message
+    /// deleted meanwhile measures 0: RETR will then say it is gone.
+    async fn canonical_sizes(&mut self, ids: &[StoreId]) -> Result<Vec<u64>, BackendError> {
+        let api = &self.api;
+        http::measure_all(ids, self.concurrency, |id| async move {
+            match api.raw(&id.0).await {
+                Err(BackendError::MessageGone) => {
+                    tracing::debug!(id = %id.0, "message deleted before it was measured");
+                    Ok(http::once(bytes::Bytes::new()))
+                }
+                other => other,
+            }
+        })
+        .await
+        .map_err(in_session)
+    }
+
+    async fn remove(&mut self, ids: &[StoreId]) -> Result<(), BackendError> {
+        let change = self.change();
+        let verb = match self.policy {
+            GmailDeletePolicy::Trash => "moved to the trash",
+            GmailDeletePolicy::Archive => "archived",
+            GmailDeletePolicy::Delete => "deleted",
+        };
+        // (messages not removed, why) per failed call.
+        let mut failures: Vec<(usize, BackendError)> = Vec::new();
+        for (n, chunk) in ids.chunks(MODIFY_BATCH).enumerate() {
+            let chunk: Vec<&str> = chunk.iter().map(|id| id.0.as_str()).collect();
+            match self.api.modify(&chunk, &change).await {
+                Ok(()) => {}
+                // Some id is gone and the call applied to none: one by one,
+                // where a message already gone is done.
+                Err(BackendError::MessageGone) => {
+                    for id in &chunk {
+                        match self.api.modify(&[id], &change).await {
+                            Ok(()) | Err(BackendError::MessageGone) => {}
+                            Err(e) => failures.push((1, e)),
+                        }
+                    }
+                }
+                Err(e) => failures.push((chunk.len(), e)),
+            }
+            // E.g. no scope for `delete`: the same request would fail again.
+            // Said as such ([SYS/PERM]), never hidden.
+            if let Some((_, BackendError::Permanent(why))) = failures.last() {
+                let untried = ids.len().saturating_sub((n + 1) * MODIFY_BATCH);
+                let failed = failures.iter().map(|(count, _)| count).sum::<usize>() + untried;
+                tracing::warn!(failed, why, "Gmail refused to remove messages");
+                return Err(BackendError::Permanent(format!(
+                    "{failed} of {} messages could not be {verb}: {why}",
+                    ids.len()
+                )));
+            }
+        }
+        let failed: usize = failures.iter().map(|(n, _)| n).sum();
+        let first_error = failures.into_iter().next().map(|(_, e)| e);
+        if failed == 0 {
+            return Ok(());
+        }
+        let cause = first_error.map(|e| format!(" ({})", in_session(e))).unwrap_or_default();
+        Err(BackendError::Unavailable(format!("{failed} of {} messages could not be {verb}{cause}", ids.len())))
+    }
+
+    async fn close(self: Box<Self>) {
+        // Stateless over HTTP: nothing to log out of.
+    }
+}
+
+/// Gmail message ids are short hex strings and used as they are; anything
+/// that is no valid UIDL (none is known) is hashed (`http::hashed_uidl`).
+pub fn uidl_for(id: &str) -> String {
+    if http::is_valid_uidl(id) { id.to_string() } else { http::hashed_uidl(id) }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,440 @@
+//! The Gmail API's wire formats that need more than serde: Google's error
+//! body and what each error means for POP3, the `multipart/mixed` batch
+//! endpoint (many GETs in one HTTP request), and the `format=raw` message
+//! resource, whose base64url `raw` field is decoded as it arrives.
+//!
+//! No I/O here, and never a credential: these functions see bodies only.
+
+use base64::Engine as _;
+use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+use bytes::Bytes;
+use reqwest::StatusCode;
+use serde::Deserialize;
+
+use crate::backend::BackendError;
+use crate::backend::http::Verdict;
+
+/// `{"error":{"code":403,"message":…,"status":"PERMISSION_DENIED",
+/// "errors":[{"reason":"insufficientPermissions","domain":"global",…}]}}`.
+#[derive(Debug, Default, Deserialize)]
+pub struct GoogleError {
+    #[serde(default)]
+    pub message: String,
+    #[serde(default)]
+    pub status: String,
+    #[serde(default)]
+    pub errors: Vec<ErrorItem>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct ErrorItem {
+    #[serde(default)]
+    pub reason: String,
+}
+
+impl GoogleError {
+    pub fn parse(body: &[u8]) -> GoogleError {
+        #[derive(Deserialize)]
+        struct Envelope {
+            error: GoogleError,
+        }
+        serde_json::from_slice::<Envelope>(body).map(|e| e.error).unwrap_or_default()
+    }
+
+    fn has_reason(&self, reasons: &[&str]) -> bool {
+        self.errors.iter().any(|e| reasons.contains(&e.reason.as_str()))
+    }
+
+    /// The first reason, or the status, for logs and error texts.
+    pub fn reason(&self) -> &str {
+        self.errors.first().map(|e| e.reason.as_str()).filter(|r| !r.is_empty()).unwrap_or(if self.status.is_empty() {
+            "(no reason)"
+        } else {
+            &self.status
+        })
+    }
+}
+
+/// What an error answer from the Gmail API means for POP3.
+pub fn judge(what: &str, status: StatusCode, body: &[u8]) -> Verdict {
+    let error = GoogleError::parse(body);
+    let reason = error.reason();
+    let throttled = error.has_reason(&["rateLimitExceeded", "userRateLimitExceeded", "concurrentLimitExceeded"]);
+    match status.as_u16() {
+        401 => Verdict::Fail(BackendError::AuthFailed),
+        429 => Verdict::Retry,
+        403 if throttled => Verdict::Retry,
+        // Google asks clients to retry these with backoff.
+        500 | 502 | 503 | 504 => Verdict::Retry,
+        404 => Verdict::Fail(BackendError::MessageGone),
+        403 if error.has_reason(&["insufficientPermissions"])
+            || error.message.contains("insufficient authentication scopes") =>
+        {
+            tracing::warn!(what, reason, message = %error.message, "the access token lacks the OAuth scope this needs");
+            Verdict::Fail(BackendError::Permanent(format!(
+                "{what}: the access token lacks the OAuth scope this needs ({reason})"
+            )))
+        }
+        code => {
+            tracing::warn!(what, status = code, reason, message = %error.message, "Gmail API refused the request");
+            Verdict::Fail(BackendError::Permanent(format!("{what}: HTTP {code} {reason}")))
+        }
+    }
+}
+
+/// One inner request of a batch: a GET of a path (with query) on the API's
+/// host, named by `Content-ID: <item-N>`.
+pub fn batch_body(boundary: &str, paths: &[String]) -> Vec<u8> {
+    let mut body = String::with_capacity(paths.len() * 160);
+    for (i, path) in paths.iter().enumerate() {
+        body.push_str(&format!(
+            "--{boundary}\r\nContent-Type: application/http\r\nContent-ID: <item-{i}>\r\n\r\nGET {path} HTTP/1.1\r\n\r\n"
+        ));
+    }
+    body.push_str(&format!("--{boundary}--\r\n"));
+    body.into_bytes()
+}
+
+/// One inner response of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchPart {
+    /// The index of the request it answers (`<response-item-N>`).
+    pub item: usize,
+    pub status: u16,
+    /// The inner `Retry-After`, in seconds, if any.
+    pub retry_after: Option<u64>,
+    pub body: Vec<u8>,
+}
+
+/// The boundary of a `multipart/mixed; boundary=…` content type.
+pub fn boundary_of(content_type: &str) -> Option<String> {
+    let (kind, params) = content_type.split_once(';')?;
+    if !kind.trim().eq_ignore_ascii_case("multipart/mixed") {
+        return None;
+    }
+    params.split(';').find_map(|param| {
+        let (name, value) = param.split_once('=')?;
+        (name.trim().eq_ignore_ascii_case("boundary")).then(|| value.trim().trim_matches('"').to_string())
+    })
+}
+
+/// Splits a batch response into its parts. Google may answer in any order:
+/// the Content-ID pairs each part with its request. Parts without one, or
+/// that are no HTTP response, are an error.
+pub fn parse_batch(boundary: &str, body: &[u8]) -> Result<Vec<BatchPart>, String> {
+    let delimiter = format!("--{boundary}");
+    let text = body;
+    let mut parts = Vec::new();
+    let mut rest = text;
+    // Skip the preamble up to the first delimiter.
+    let Some(first) = find(rest, delimiter.as_bytes()) else {
+        return Err("no boundary in the batch response".into());
+    };
+    rest = &rest[first + delimiter.len()..];
+    loop {
+        if rest.starts_with(b"--") {
+            break; // the close delimiter
+        }
+        let next = find(rest, delimiter.as_bytes()).ok_or("batch response ends without its close delimiter")?;
+        let part = trim_line_end(&rest[..next]);
+        parts.push(parse_part(skip_line_end(part))?);
+        rest = &rest[next + delimiter.len()..];
+    }
+    Ok(parts)
+}
+
+fn parse_part(part: &[u8]) -> Result<BatchPart, String> {
+    let (headers, http) = split_head(part).ok_or("a batch part without headers")?;
+    let headers = String::from_utf8_lossy(headers);
+    let content_id = header(&headers, "content-id").ok_or("a batch part without Content-ID")?;
+    let item = content_id
+        .trim_matches(|c| c == '<' || c == '>')
+        .rsplit('-')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| format!("unexpected Content-ID {content_id:?}"))?;
+    let (head, body) = split_head(http).unwrap_or((http, b""));
+    let head = String::from_utf8_lossy(head);
+    let status_line = head.lines().next().unwrap_or("");
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("a batch part without an HTTP status line: {status_line:?}"))?;
+    let retry_after = header(&head, "retry-after").and_then(|v| v.trim().parse().ok());
+    Ok(BatchPart { item, status, retry_after, body: body.to_vec() })
+}
+
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(n, _)| n.trim().eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.trim())
+}
+
+/// Headers and the rest, split at the first empty line (CRLF or LF).
+fn split_head(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
+    if let Some(at) = find(bytes, b"\r\n\r\n") {
+        return Some((&bytes[..at], &bytes[at + 4..]));
+    }
+    find(bytes, b"\n\n").map(|at| (&bytes[..at], &bytes[at + 2..]))
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    memchr::memmem::find(haystack, needle)
+}
+
+fn skip_line_end(bytes: &[u8]) -> &[u8] {
+    bytes.strip_prefix(b"\r\n").or_else(|| bytes.strip_prefix(b"\n")).unwrap_or(bytes)
+}
+
+fn trim_line_end(bytes: &[u8]) -> &[u8] {
+    bytes.strip_suffix(b"\r\n").or_else(|| bytes.strip_suffix(b"\n")).unwrap_or(bytes)
+}
+
+/// Base64url with or without padding, as Google writes it.
+const BASE64URL: GeneralPurpose = GeneralPurpose::new(
+    &base64::alphabet::URL_SAFE,
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
+
+/// Pulls the decoded `raw` field out of a `users.messages.get?format=raw`
+/// response as its bytes arrive: a small JSON tokenizer finds the top-level
+/// key `raw` (a string inside another value cannot fool it), and the value's
+/// base64url is decoded four characters at a time. Memory stays bounded by
+/// the chunks fed, whatever the message size.
+#[derive(Debug, Default)]
+pub struct RawExtractor {
+    depth: u32,
+    in_string: bool,
+    escaped: bool,
+    /// The string being read at depth 1 (a key candidate), if short.
+    current: Option<Vec<u8>>,
+    /// The last string closed at depth 1.
+    last_string: Option<Vec<u8>>,
+    /// A `:` followed `"raw"`: the next value is the message.
+    value_is_raw: bool,
+    state: RawState,
+    /// Base64 characters not yet decoded (fewer than 4).
+    carry: Vec<u8>,
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+enum RawState {
+    #[default]
+    Searching,
+    Decoding,
+    Done,
+}
+
+impl RawExtractor {
+    pub fn new() -> Self {
+        RawExtractor::default()
+    }
+
+    /// True once the whole `raw` value has been decoded.
+    pub fn is_done(&self) -> bool {
+        self.state == RawState::Done
+    }
+
+    /// Feeds response bytes; returns the message octets they complete.
+    pub fn feed(&mut self, input: &[u8]) -> Result<Bytes, String> {
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < input.len() {
+            match self.state {
+                RawState::Done => break,
+                RawState::Decoding => {
+                    let end = memchr::memchr2(b'"', b'\\', &input[i..]).map(|n| i + n);
+                    let chunk = &input[i..end.unwrap_or(input.len())];
+                    self.decode(chunk, &mut out)?;
+                    match end {
+                        None => i = input.len(),
+                        Some(at) if input[at] == b'\\' => {
+                            return Err("an escape in the base64url of `raw`".into());
+                        }
+                        Some(at) => {
+                            self.finish_value(&mut out)?;
+                            i = at + 1;
+                        }
+                    }
+                }
+                RawState::Searching => {
+                    self.scan(input[i])?;
+                    i += 1;
+                }
+            }
+        }
+        Ok(Bytes::from(out))
+    }
+
+    /// The end of the response: an error if no complete `raw` was in it.
+    pub fn finish(&self) -> Result<(), String> {
+        match self.state {
+            RawState::Done => Ok(()),
+            RawState::Decoding => Err("the response ended inside `raw`".into()),
+            RawState::Searching => Err("the message resource has no `raw` field".into()),
+        }
+    }
+
+    fn scan(&mut self, byte: u8) -> Result<(), String> {
+        if self.in_string {
+            if self.escaped {
+                self.escaped = false;
+            } else if byte == b'\\' {
+                self.escaped = true;
+            } else if byte == b'"' {
+                self.in_string = false;
+                self.last_string = self.current.take();
+                return Ok(());
+            }
+            if let Some(current) = &mut self.current {
+                if current.len() < 16 {
+                    current.push(byte);
+                } else {
+                    self.current = None;
+                }
+            }
+            return Ok(());
+        }
+        match byte {
+            b'"' if self.depth == 1 && self.value_is_raw => {
+                self.value_is_raw = false;
+                self.state = RawState::Decoding;
+            }
+            b'"' => {
+                self.in_string = true;
+                self.current = (self.depth == 1).then(Vec::new);
+            }
+            b':' if self.depth == 1 => {
+                self.value_is_raw = self.last_string.take().as_deref() == Some(b"raw".as_slice());
+            }
+            b'{' | b'[' => {
+                self.depth += 1;
+                self.value_is_raw = false;
+            }
+            b'}' | b']' => {
+                self.depth = self.depth.checked_sub(1).ok_or("unbalanced JSON")?;
+            }
+            b' ' | b'\t' | b'\r' | b'\n' => {}
+            _ => {
+                self.value_is_raw = false;
+                self.last_string = None;
+            }
+        }
+        Ok(())
+    }
+
+    fn decode(&mut self, chunk: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
+        self.carry.extend_from_slice(chunk);
+        let whole = self.carry.len() - self.carry.len() % 4;
+        if whole > 0 {
+            BASE64URL.decode_vec(&self.carry[..whole], out).map_err(|e| format!("`raw` is not base64url: {e}"))?;
+            self.carry.drain(..whole);
+        }
+        Ok(())
+    }
+
+    fn finish_value(&mut self, out: &mut Vec<u8>) -> Result<(), String> {
+        if !self.carry.is_empty() {
+            BASE64URL.decode_vec(&self.carry, out).map_err(|e| format!("`raw` is not base64url: {e}"))?;
+            self.carry.clear();
+        }
+        self.state = RawState::Done;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn extract(json: &[u8], chunk: usize) -> Result<Vec<u8>, String> {
+        let mut extractor = RawExtractor::new();
+        let mut out = Vec::new();
+        for piece in json.chunks(chunk) {
+            out.extend_from_slice(&extractor.feed(piece)?);
+        }
+        extractor.finish()?;
+        Ok(out)
+    }
+
+    #[test]
+    fn raw_is_decoded_at_every_chunk_size() {
+        let message = b"From: a@example.com\r\nSubject: x\r\n\r\nbody \xff\xfe with 8-bit\nand a bare LF".to_vec();
+        for engine in [&base64::engine::general_purpose::URL_SAFE, &base64::engine::general_purpose::URL_SAFE_NO_PAD] {
+            let raw = engine.encode(&message);
+            // A decoy: the text `"raw":"…"` inside another string.
+            let json = format!(
+                "{{\"id\":\"18c\",\"snippet\":\"he wrote \\\"raw\\\":\\\"AAAA\\\" \\\\\",\"labelIds\":[\"INBOX\",\"raw\"],\
+                 \"payload\":{{\"raw\":\"QUJD\"}},\"sizeEstimate\":123,\"raw\" : \"{raw}\",\"internalDate\":\"1700000000000\"}}"
+            );
+            for chunk in 1..=json.len().min(80) {
+                assert_eq!(extract(json.as_bytes(), chunk).unwrap(), message, "chunk size {chunk}");
+            }
+        }
+    }
+
+    #[test]
+    fn missing_or_broken_raw_is_an_error() {
+        assert!(extract(br#"{"id":"1","sizeEstimate":3}"#, 7).unwrap_err().contains("no `raw`"));
+        assert!(extract(br#"{"raw":"QUJD"#, 7).unwrap_err().contains("ended inside"));
+        assert!(extract(br#"{"raw":"QU!D"}"#, 7).unwrap_err().contains("base64url"));
+        assert!(extract(br#"{"raw":"QU\u0044"}"#, 7).unwrap_err().contains("escape"));
+        assert_eq!(extract(br#"{"raw":""}"#, 3).unwrap(), b"");
+    }
+
+    #[test]
+    fn batch_requests_and_responses() {
+        let body = batch_body("b0", &["/gmail/v1/users/me/messages/a?format=minimal".into(), "/x".into()]);
+        let text = String::from_utf8(body).unwrap();
+        assert!(text.starts_with("--b0\r\nContent-Type: application/http\r\nContent-ID: <item-0>\r\n\r\nGET /gmail/v1/users/me/messages/a?format=minimal HTTP/1.1\r\n\r\n--b0\r\n"), "{text}");
+        assert!(text.ends_with("--b0--\r\n"));
+
+        assert_eq!(boundary_of("multipart/mixed; boundary=batch_X-y"), Some("batch_X-y".into()));
+        assert_eq!(boundary_of("multipart/mixed; charset=x; boundary=\"q\""), Some("q".into()));
+        assert_eq!(boundary_of("application/json"), None);
+
+        let response = "--batch_z\r\nContent-Type: application/http\r\nContent-ID: <response-item-1>\r\n\r\n\
+            HTTP/1.1 404 Not Found\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n{\"error\":{\"code\":404}}\r\n\
+            --batch_z\r\nContent-Type: application/http\r\nContent-ID: <response-item-0>\r\n\r\n\
+            HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{\"id\":\"a\",\"internalDate\":\"5\"}\r\n\
+            --batch_z\r\nContent-Type: application/http\r\nContent-ID: <response-item-2>\r\n\r\n\
+            HTTP/1.1 429 Too Many Requests\r\nRetry-After: 3\r\n\r\n\r\n--batch_z--\r\n";
+        let parts = parse_batch("batch_z", response.as_bytes()).unwrap();
+        assert_eq!(parts.len(), 3);
+        assert_eq!((parts[0].item, parts[0].status), (1, 404));
+        assert_eq!((parts[1].item, parts[1].status), (0, 200));
+        assert_eq!(parts[1].body, b"{\"id\":\"a\",\"internalDate\":\"5\"}");
+        assert_eq!((parts[2].item, parts[2].status, parts[2].retry_after), (2, 429, Some(3)));
+        assert!(parse_batch("other", response.as_bytes()).is_err());
+        assert!(
+            parse_batch(
+                "batch_z",
+                b"--batch_z\r\nContent-Type: application/http\r\n\r\nHTTP/1.1 200 OK\r\n\r\n{}\r\n--batch_z--"
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn errors_map_to_pop3_meanings() {
+        let body = |status: &str, reason: &str| {
+            format!(
+                r#"{{"error":{{"code":0,"message":"m","status":"{status}","errors":[{{"reason":"{reason}","domain":"global"}}]}}}}"#
+            )
+        };
+        let v = |code: u16, b: String| judge("t", StatusCode::from_u16(code).unwrap(), b.as_bytes());
+        assert!(matches!(v(401, body("UNAUTHENTICATED", "authError")), Verdict::Fail(BackendError::AuthFailed)));
+        assert!(matches!(v(429, body("RESOURCE_EXHAUSTED", "rateLimitExceeded")), Verdict::Retry));
+        assert!(matches!(v(403, body("PERMISSION_DENIED", "userRateLimitExceeded")), Verdict::Retry));
+        assert!(matches!(v(403, body("PERMISSION_DENIED", "rateLimitExceeded")), Verdict::Retry));
+        assert!(matches!(v(503, String::new()), Verdict::Retry));
+        assert!(matches!(v(404, body("NOT_FOUND", "notFound")), Verdict::Fail(BackendError::MessageGone)));
+        let scope = v(403, body("PERMISSION_DENIED", "insufficientPermissions"));
+        assert!(matches!(&scope, Verdict::Fail(BackendError::Permanent(m)) if m.contains("scope")), "{scope:?}");
+        let bad = v(400, body("INVALID_ARGUMENT", "invalidArgument"));
+        assert!(matches!(&bad, Verdict::Fail(BackendError::Permanent(m)) if m.contains("invalidArgument")), "{bad:?}");
+        assert!(matches!(v(403, "not json".into()), Verdict::Fail(BackendError::Permanent(_))));
+    }
+}

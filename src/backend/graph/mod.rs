@@ -1,0 +1,615 @@
+//! The Microsoft Graph backend (v1.0 mail API): a POP3 maildrop over one
+//! Outlook mail folder, with its `GraphConfig` beside it.
+//!
+//! Every request says `Prefer: IdType="ImmutableId"`, so a message keeps its
+//! id when it is moved and the UIDL (a hash of the id) stays stable. A login
+//! checks the OAuth access token by reading the folder (a 401 there is
+//! `AuthFailed`, so a router can refresh the token and retry); `list` pages
+//! through `mailFolders/{id}/messages?$select=id,receivedDateTime&$orderby=
+//! receivedDateTime` by `@odata.nextLink`; `fetch` streams `$value` (the
+//! MIME octets). Graph reports no sizes, so every size is `Claimed(0)` and
+//! measured once by downloading. `remove` moves to Deleted Items or deletes
+//! permanently with JSON `$batch` requests of 20.
+//!
+//! Outlook allows 4 concurrent requests per mailbox and app: the requests of
+//! all POP3 sessions reaching one mailbox share `max_concurrent_requests`
+//! (at most 4) permits. 429/503 are retried after `Retry-After`. It never
+//! changes anything except in `remove`, and there exactly the messages it is
+//! given; a message it could not remove is reported, never hidden.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::{StreamExt, TryStreamExt};
+use reqwest::StatusCode;
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use url::Url;
+
+use super::http::{self, AccountPermits, Requester, RetryPolicy, Verdict};
+use super::{Backend, BackendError, ListedMessage, Mailbox, MessageStream, ReportedSize, StoreId};
+use crate::auth::{Credentials, Proof, Secret};
+
+/// What "delete" means when a POP3 client deletes a message.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GraphDeletePolicy {
+    /// `POST /messages/{id}/move` to the well-known folder `deleteditems`.
+    #[default]
+    Move,
+    /// `POST /messages/{id}/permanentDelete`: gone, not recoverable by the
+    /// user (Exchange may keep it for retention).
+    PermanentDelete,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GraphConfig {
+    /// Where the API is (the version root); tests point this at a stand-in.
+    #[serde(default = "default_api_base")]
+    pub api_base: String,
+    /// `me` (delegated tokens: the signed-in user's mailbox) or a user
+    /// principal name / object id (app-only tokens: `/users/{user}`).
+    #[serde(default = "default_user")]
+    pub user: String,
+    /// The folder POP3 shows: a well-known name (`inbox`, `archive`, …) or
+    /// a folder id.
+    #[serde(default = "default_folder")]
+    pub folder: String,
+    /// `move` (to Deleted Items, default) or `permanent_delete`.
+    #[serde(default)]
+    pub delete_policy: GraphDeletePolicy,
+    /// Time limit in seconds for each HTTP request (for a download: for the
+    /// response to start, then for each read of its body).
+    #[serde(default = "default_timeout")]
+    pub timeout_secs: u64,
+    /// Requests in flight at once per mailbox, across its POP3 sessions
+    /// (Outlook allows 4); also how many messages are measured at once.
+    #[serde(default = "default_concurrency")]
+    pub max_concurrent_requests: usize,
+    /// Retries of a throttled request (429, 503, 5xx).
+    #[serde(default = "default_retries")]
+    pub max_retries: u32,
+    /// The longest wait before a retry; a longer `Retry-After` ends the
+    /// attempt with `-ERR [SYS/TEMP]` instead.
+    #[serde(default = "default_max_wait")]
+    pub max_retry_wait_secs: u64,
+    /// PEM file of CA certificates to trust instead of the webpki roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+fn default_api_base() -> String {
+    "https://graph.microsoft.com/v1.0".into()
+}
+
+fn default_user() -> String {
+    "me".into()
+}
+
+fn default_folder() -> String {
+    "inbox".into()
+}
+
+fn default_timeout() -> u64 {
+    30
+}
+
+fn default_concurrency() -> usize {
+    4
+}
+
+fn default_retries() -> u32 {
+    3
+}
+
+fn default_max_wait() -> u64 {
+    30
+}
+
+impl Default for GraphConfig {
+    fn default() -> Self {
+        GraphConfig {
+            api_base: default_api_base(),
+            user: default_user(),
+            folder: default_folder(),
+            delete_policy: GraphDeletePolicy::default(),
+            timeout_secs: default_timeout(),
+            max_concurrent_requests: default_concurrency(),
+            max_retries: default_retries(),
+            max_retry_wait_secs: default_max_wait(),
+            ca_file: None,
+        }
+    }
+}
+
+impl GraphConfig {
+    /// `graph:` (the inbox) or `graph:FOLDER`.
+    pub fn with_folder(folder: Option<String>) -> Self {
+        GraphConfig { folder: folder.unwrap_or_else(default_folder), ..GraphConfig::default() }
+    }
+
+    /// Checks what serde cannot; the error names the key at fault.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        http::api_base(&self.api_base).map_err(|why| ("backend.api_base", why))?;
+        if self.user.trim().is_empty() {
+            return Err(("backend.user", "must not be empty (\"me\" for delegated tokens)".into()));
+        }
+        if self.folder.trim().is_empty() {
+            return Err(("backend.folder", "must not be empty (leave it out for the inbox)".into()));
+        }
+        if self.timeout_secs == 0 {
+            return Err(("backend.timeout_secs", "must be at least 1".into()));
+        }
+        if !(1..=4).contains(&self.max_concurrent_requests) {
+            return Err(("backend.max_concurrent_requests", "must be between 1 and 4 (Outlook's limit)".into()));
+        }
+        if self.max_retry_wait_secs == 0 {
+            return Err(("backend.max_retry_wait_secs", "must be at least 1".into()));
+        }
+        if self.delete_policy == GraphDeletePolicy::Move && self.folder.eq_ignore_ascii_case("deleteditems") {
+            return Err((
+                "backend.delete_policy",
+                "moving out of deleteditems into deleteditems removes nothing: use \"permanent_delete\"".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn retry(&self) -> RetryPolicy {
+        RetryPolicy { retries: self.max_retries, max_wait: Duration::from_secs(self.max_retry_wait_secs) }
+    }
+}
+
+/// Messages per listing page.
+const PAGE: usize = 500;
+/// Requests per `$batch` (Graph's limit).
+const BATCH: usize = 20;
+/// Listing and batch bodies are read only this far.
+const JSON_LIMIT: usize = 16 * 1024 * 1024;
+const PREFER_IMMUTABLE: &str = "IdType=\"ImmutableId\"";
+
+pub struct GraphBackend {
+    config: GraphConfig,
+    base: Url,
+    requester: Requester,
+    permits: AccountPermits,
+}
+
+impl GraphBackend {
+    pub fn new(config: GraphConfig) -> Result<Self, BackendError> {
+        config.check().map_err(|(key, why)| BackendError::Permanent(format!("{key}: {why}")))?;
+        let base = http::api_base(&config.api_base).map_err(BackendError::Permanent)?;
+        let timeout = Duration::from_secs(config.timeout_secs);
+        let client = http::client(config.ca_file.as_deref(), timeout, reqwest::redirect::Policy::none())?;
+        let requester = Requester { client, timeout, retry: config.retry() };
+        Ok(GraphBackend { config, base, requester, permits: AccountPermits::new() })
+    }
+}
+
+#[async_trait]
+impl Backend for GraphBackend {
+    fn kind(&self) -> &'static str {
+        "graph"
+    }
+
+    fn accepts_bearer_tokens(&self) -> bool {
+        true
+    }
+
+    async fn probe(&self) -> Result<(), BackendError> {
+        http::probe(&self.requester, &self.base).await
+    }
+
+    async fn open(&self, credentials: &Credentials) -> Result<Box<dyn Mailbox>, BackendError> {
+        let token = match &credentials.proof {
+            Proof::Bearer(token) => http::bearer_token(token)?,
+            Proof::Password(_) => {
+                return Err(BackendError::Permanent(
+                    "the Microsoft Graph backend needs OAuth2: log in with SASL XOAUTH2 or OAUTHBEARER, or map \
+                     accounts to tokens"
+                        .into(),
+                ));
+            }
+        };
+        // Outlook counts concurrent requests per mailbox: with app-only
+        // access many logins may reach the same one.
+        let mailbox_key = if self.config.user == "me" { credentials.user.as_str() } else { self.config.user.as_str() };
+        let permits = self.permits.for_account(mailbox_key, self.config.max_concurrent_requests);
+        let api = Api {
+            requester: self.requester.clone(),
+            base: self.base.clone(),
+            user: self.config.user.clone(),
+            token,
+            permits,
+        };
+        let folder_id = api.folder_id(&self.config.folder).await?;
+        Ok(Box::new(GraphMailbox {
+            api,
+            folder: self.config.folder.clone(),
+            folder_id,
+            policy: self.config.delete_policy,
+            concurrency: self.config.max_concurrent_requests,
+        }))
+    }
+}
+
+/// `{"error":{"code":"InvalidAuthenticationToken","message":…}}`.
+fn error_code(body: &[u8]) -> (String, String) {
+    let value: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let field = |key: &str| value["error"][key].as_str().unwrap_or("").to_string();
+    (field("code"), field("message"))
+}
+
+/// What an error answer from Graph means for POP3.
+fn judge(what: &str, status: StatusCode, body: &[u8]) -> Verdict {
+    let (code, message) = error_code(body);
+    match status.as_u16() {
+        401 => Verdict::Fail(BackendError::AuthFailed),
+        429 | 500 | 502 | 503 | 504 => Verdict::Retry,
+        404 => Verdict::Fail(BackendError::MessageGone),
+        status => {
+            tracing::warn!(what, status, code, message, "Microsoft Graph refused the request");
+            let code = if code.is_empty() { "(no code)" } else { code.as_str() };
+            Verdict::Fail(BackendError::Permanent(format!("{what}: HTTP {status} {code}")))
+        }
+    }
+}
+
+/// HTTP to one mailbox.
+struct Api {
+    requester: Requester,
+    base: Url,
+    /// `me`, or the user of `/users/{user}`.
+    user: String,
+    token: Secret,
+    permits: Arc<Semaphore>,
+}
+
+impl Api {
+    /// `{base}/me/{segments…}` or `{base}/users/{user}/{segments…}`.
+    fn url(&self, segments: &[&str]) -> Url {
+        let mut url = self.base.clone();
+        {
+            let mut path = url.path_segments_mut().expect("http(s) URLs have paths");
+            path.pop_if_empty();
+            if self.user == "me" {
+                path.push("me");
+            } else {
+                path.extend(["users", self.user.as_str()]);
+            }
+            path.extend(segments);
+        }
+        url
+    }
+
+    /// A URL as a `$batch` request names it: relative to the version root.
+    fn relative(&self, url: &Url) -> String {
+        let root = self.base.path().trim_end_matches('/');
+        let path = url.path().strip_prefix(root).unwrap_or(url.path());
+        match url.query() {
+            Some(query) => format!("{path}?{query}"),
+            None => path.to_string(),
+        }
+    }
+
+    fn auth(&self) -> HeaderValue {
+        http::bearer_header(&self.token)
+    }
+
+    fn get(&self, url: &Url) -> reqwest::RequestBuilder {
+        self.requester.client.get(url.clone()).header(AUTHORIZATION, self.auth()).header("Prefer", PREFER_IMMUTABLE)
+    }
+
+    async fn permit(&self) -> Result<OwnedSemaphorePermit, BackendError> {
+        self.permits.clone().acquire_owned().await.map_err(|_| BackendError::unavailable("request limiter closed"))
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(&self, what: &str, url: &Url) -> Result<T, BackendError> {
+        let _permit = self.permit().await?;
+        let build = || self.get(url).timeout(self.requester.timeout);
+        let response = self.requester.send(what, build, |status, body| judge(what, status, body)).await?;
+        self.requester.json(what, response, JSON_LIMIT).await
+    }
+
+    async fn folder_id(&self, folder: &str) -> Result<String, BackendError> {
+        #[derive(Deserialize)]
+        struct Folder {
+            id: String,
+        }
+        let mut url = self.url(&["mailFolders", folder]);
+        url.query_pairs_mut().append_pair("$select", "id,displayName");
+        match self.get_json::<Folder>("mailFolders get", &url).await {
+            Ok(found) => Ok(found.id),
+            Err(BackendError::MessageGone) => {
+                tracing::warn!(folder, user = %self.user, "configured Graph mail folder (or user) not found");
+                Err(BackendError::Permanent(format!("no mail folder {folder:?} for user {:?}", self.user)))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A next link is followed only back to the API itself: the token must
+    /// not go anywhere else.
+    fn check_next_link(&self, link: &str) -> Result<Url, BackendError> {
+        let url = Url::parse(link).map_err(|e| BackendError::unavailable(format!("bad @odata.nextLink: {e}")))?;
+        let same_origin = url.scheme() == self.base.scheme()
+            && url.host_str() == self.base.host_str()
+            && url.port_or_known_default() == self.base.port_or_known_default()
+            && url.path().starts_with(self.base.path().trim_end_matches('/'));
+        if !same_origin {
+            tracing::warn!(next = %url.origin().ascii_serialization(), "@odata.nextLink leaves the API; not followed");
+            return Err(BackendError::unavailable("@odata.nextLink points outside the API"));
+        }
+        Ok(url)
+    }
+
+    async fn message_ids(&self, folder_id: &str) -> Result<Vec<String>, BackendError> {
+        #[derive(Deserialize)]
+        struct Page {
+            #[serde(default)]
+            value: Vec<Listed>,
+            #[serde(rename = "@odata.nextLink")]
+            next_link: Option<String>,
+        }
+        #[derive(Deserialize)]
+        struct Listed {
+            id: String,
+        }
+        let mut url = self.url(&["mailFolders", folder_id, "messages"]);
+        url.query_pairs_mut()
+            .append_pair("$select", "id,receivedDateTime")
+            .append_pair("$orderby", "receivedDateTime")
+            .append_pair("$top", &PAGE.to_string());
+        let mut ids = Vec::new();
+        let mut seen = HashSet::new();
+        loop {
+            let page: Page = self.get_json("messages list", &url).await.map_err(|e| match e {
+                BackendError::MessageGone => BackendError::Permanent("the mail folder is gone".into()),
+                other => other,
+            })?;
+            let fresh = page.value.len();
+            // A message arriving while paging shifts $skip: drop repeats.
+            ids.extend(page.value.into_iter().map(|m| m.id).filter(|id| seen.insert(id.clone())));
+            match page.next_link {
+                Some(next) if fresh > 0 => url = self.check_next_link(&next)?,
+                _ => return Ok(ids),
+            }
+        }
+    }
+
+    /// The MIME octets (`$value`) as they arrive; the permit is held until
+    /// the stream ends or is dropped.
+    async fn content(&self, id: &str) -> Result<MessageStream<'static>, BackendError> {
+        let what = "message $value";
+        let url = self.url(&["messages", id, "$value"]);
+        let permit = self.permit().await?;
+        let response = self.requester.send(what, || self.get(&url), |status, body| judge(what, status, body)).await?;
+        let body = response.bytes_stream().map_err(|e| http::transport_error(what, &e));
+        Ok(body
+            .map(move |chunk| {
+                let _held = &permit;
+                chunk
+            })
+            .boxed())
+    }
+
+    /// One `$batch` of at most 20 POSTs; the answers by request index.
+    async fn batch(&self, requests: &[Value]) -> Result<Vec<(usize, u16, Option<u64>, Value)>, BackendError> {
+        #[derive(Deserialize)]
+        struct Answers {
+            responses: Vec<Answer>,
+        }
+        #[derive(Deserialize)]
+        struct Answer {
+            id: String,
+            status: u16,
+            #[serde(default)]
+            headers: serde_json::Map<String, Value>,
+            #[serde(default)]
+            body: Value,
+        }
+        let what = "$batch";
+        let mut url = self.base.clone();
+        url.path_segments_mut().expect("http(s) URLs have paths").pop_if_empty().push("$batch");
+        let body = serde_json::to_vec(&json!({ "requests": requests }))
+            .map_err(|e| BackendError::Permanent(format!("JSON: {e}")))?;
+        let _permit = self.permit().await?;
+        let build = || {
+            self.requester
+                .client
+                .post(url.clone())
+                .header(AUTHORIZATION, self.auth())
+                .header("Prefer", PREFER_IMMUTABLE)
+                .header(CONTENT_TYPE, "application/json")
+                .timeout(self.requester.timeout)
+                .body(body.clone())
+        };
+        let response = self.requester.send(what, build, |status, body| judge(what, status, body)).await?;
+        let answers: Answers = self.requester.json(what, response, JSON_LIMIT).await?;
+        let mut seen = HashSet::new();
+        let mut out = Vec::with_capacity(answers.responses.len());
+        for answer in answers.responses {
+            let index: usize =
+                answer.id.parse().ok().filter(|&i| i < requests.len() && seen.insert(i)).ok_or_else(|| {
+                    BackendError::unavailable(format!("$batch: unexpected response id {:?}", answer.id))
+                })?;
+            let retry_after = answer
+                .headers
+                .iter()
+                .find(|(name, _)| name.eq_ignore_ascii_case("retry-after"))
+                .and_then(|(_, v)| v.as_str().and_then(|s| s.trim().parse().ok()).or_else(|| v.as_u64()));
+            out.push((index, answer.status, retry_after, answer.body));
+        }
+        if out.len() != requests.len() {
+            return Err(BackendError::unavailable("$batch: not every request was answered"));
+        }
+        Ok(out)
+    }
+}
+
+struct GraphMailbox {
+    api: Api,
+    /// As configured (for messages), and as Graph names it.
+    folder: String,
+    folder_id: String,
+    policy: GraphDeletePolicy,
+    concurrency: usize,
+}
+
+/// After login a refused token means it expired meanwhile: a temporary
+/// failure, not a wrong password.
+fn in_session(error: BackendError) -> BackendError {
+    match error {
+        BackendError::AuthFailed => BackendError::unavailable("the access token was refused mid-session (expired?)"),
+        other => other,
+    }
+}
+
+impl GraphMailbox {
+    fn removal(&self, id: &str, index: usize) -> Value {
+        let headers = json!({ "Content-Type": "application/json", "Prefer": PREFER_IMMUTABLE });
+        match self.policy {
+            GraphDeletePolicy::Move => json!({
+                "id": index.to_string(),
+                "method": "POST",
+                "url": self.api.relative(&self.api.url(&["messages", id, "move"])),
+                "headers": headers,
+                "body": { "destinationId": "deleteditems" },
+            }),
+            GraphDeletePolicy::PermanentDelete => json!({
+                "id": index.to_string(),
+                "method": "POST",
+                "url": self.api.relative(&self.api.url(&["messages", id, "permanentDelete"])),
+                "headers": { "Prefer": PREFER_IMMUTABLE },
+            }),
+        }
+    }
+
+    /// Removes one batch' worth, retrying throttled items; returns how many
+    /// could not be removed and why.
+    async fn remove_batch(&self, ids: &[&str]) -> (usize, Option<BackendError>) {
+        let mut pending: Vec<&str> = ids.to_vec();
+        let mut failed = 0;
+        let mut why = None;
+        let mut attempt = 0;
+        while !pending.is_empty() {
+            let requests: Vec<Value> = pending.iter().enumerate().map(|(i, id)| self.removal(id, i)).collect();
+            let answers = match self.api.batch(&requests).await {
+                Ok(answers) => answers,
+                Err(e) => return (failed + pending.len(), Some(in_session(e))),
+            };
+            let mut retry = Vec::new();
+            let mut asked: Option<u64> = None;
+            for (index, status, retry_after, body) in answers {
+                let id = pending[index];
+                match status {
+                    200..=299 => {}
+                    // Already gone (deleted by someone else): done, as asked.
+                    404 => tracing::debug!(id, "message to remove was already gone"),
+                    429 | 500 | 502 | 503 | 504 => {
+                        retry.push(id);
+                        asked = asked.max(retry_after);
+                    }
+                    status => {
+                        let (code, message) = error_code(&serde_json::to_vec(&body).unwrap_or_default());
+                        tracing::warn!(status, code, message, "Graph did not remove a message");
+                        failed += 1;
+                        why.get_or_insert_with(|| BackendError::Unavailable(format!("HTTP {status} {code}")));
+                    }
+                }
+            }
+            if !retry.is_empty() {
+                let wait =
+                    self.api.requester.wait_before_retry("$batch item", 429, attempt, asked.map(Duration::from_secs));
+                match wait {
+                    Ok(wait) => tokio::time::sleep(wait).await,
+                    Err(e) => return (failed + retry.len(), Some(e)),
+                }
+                attempt += 1;
+            }
+            pending = retry;
+        }
+        (failed, why)
+    }
+}
+
+#[async_trait]
+impl Mailbox for GraphMailbox {
+    /// A warm session checks that its token still works, so an expired one
+    /// is discarded and the login refreshes it.
+    async fn reset(&mut self) -> Result<(), BackendError> {
+        self.api.folder_id(&self.folder).await.map(|_| ())
+    }
+
+    async fn list(&mut self) -> Result<Vec<ListedMessage>, BackendError> {
+        let ids = self.api.message_ids(&self.folder_id).await.map_err(in_session)?;
+        Ok(ids
+            .into_iter()
+            .map(|id| ListedMessage { uidl: uidl_for(&id), id: StoreId(id), size: ReportedSize::Claimed(0) })
+            .collect())
+    }
+
+    async fn fetch(&mut self, id: &StoreId) -> Result<MessageStream<'_>, BackendError> {
+        self.api.content(&id.0).await.map_err(in_session)
+    }
+
+    /// Downloads `max_concurrent_requests` messages at a time. A message
+    /// deleted meanwhile measures 0: RETR will then say it is gone.
+    async fn canonical_sizes(&mut self, ids: &[StoreId]) -> Result<Vec<u64>, BackendError> {
+        let api = &self.api;
+        http::measure_all(ids, self.concurrency, |id| async move {
+            match api.content(&id.0).await {
+                Err(BackendError::MessageGone) => {
+                    tracing::debug!("message deleted before it was measured");
+                    Ok(http::once(bytes::Bytes::new()))
+                }
+                other => other,
+            }
+        })
+        .await
+        .map_err(in_session)
+    }
+
+    async fn remove(&mut self, ids: &[StoreId]) -> Result<(), BackendError> {
+        let mut failed = 0;
+        let mut first_error = None;
+        for chunk in ids.chunks(BATCH) {
+            let chunk: Vec<&str> = chunk.iter().map(|id| id.0.as_str()).collect();
+            let (n, why) = self.remove_batch(&chunk).await;
+            failed += n;
+            if let Some(why) = why {
+                first_error.get_or_insert(why);
+            }
+        }
+        if failed == 0 {
+            return Ok(());
+        }
+        let verb = match self.policy {
+            GraphDeletePolicy::Move => "moved to Deleted Items",
+            GraphDeletePolicy::PermanentDelete => "deleted",
+        };
+        let cause = first_error.map(|e| format!(" ({e})")).unwrap_or_default();
+        tracing::warn!(failed, requested = ids.len(), "Graph removal incomplete");
+        Err(BackendError::Unavailable(format!("{failed} of {} messages could not be {verb}{cause}", ids.len())))
+    }
+
+    async fn close(self: Box<Self>) {
+        // Stateless over HTTP: nothing to log out of.
+    }
+}
+
+/// Graph's immutable ids are ~150 characters, longer than a UIDL may be:
+/// the UIDL is the lowercase hex SHA-256 of the id (64 characters,
+/// `http::hashed_uidl`). The same id always gives the same UIDL.
+pub fn uidl_for(id: &str) -> String {
+    http::hashed_uidl(id)
+}
+
+#[cfg(test)]
+mod tests;

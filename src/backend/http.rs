@@ -1,0 +1,520 @@
+//! What the HTTP mail backends (JMAP, the Gmail API, Microsoft Graph) share:
+//! the TLS setup (ring as the one crypto provider), the client's timeouts,
+//! the mapping of transport failures, per-account request limits, retries
+//! of throttled requests that honour `Retry-After`, bounded body reads and
+//! measuring many messages with bounded concurrency.
+//!
+//! Nothing here knows a provider's URLs or error bodies: each backend judges
+//! its own failures (`Verdict`). Nothing here ever formats a credential: the
+//! Authorization header is built by the caller from a `Secret` at the last
+//! moment, and URLs never carry credentials.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::future::Future;
+use std::path::Path;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use reqwest::StatusCode;
+use reqwest::header::{HeaderMap, RETRY_AFTER};
+use tokio::sync::Semaphore;
+use url::Url;
+
+use super::{BackendError, MessageStream};
+use crate::auth::Secret;
+
+/// TLS for HTTPS: ring as the one crypto provider, and the webpki roots or
+/// the configured CA file.
+pub fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, BackendError> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+        Some(path) => {
+            let bad = |why: String| BackendError::Permanent(format!("ca_file {}: {why}", path.display()));
+            let certs = CertificateDer::pem_file_iter(path)
+                .map_err(|e| bad(e.to_string()))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| bad(e.to_string()))?;
+            if certs.is_empty() {
+                return Err(bad("no certificates in it".into()));
+            }
+            for cert in certs {
+                roots.add(cert).map_err(|e| bad(e.to_string()))?;
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| BackendError::Permanent(format!("TLS setup: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// An HTTP/1.1 client over `tls_config`. `timeout` bounds connecting and
+/// every single read, so a stalled download ends even though a message body
+/// as a whole may take longer.
+pub fn client(
+    ca_file: Option<&Path>,
+    timeout: Duration,
+    redirects: reqwest::redirect::Policy,
+) -> Result<reqwest::Client, BackendError> {
+    reqwest::Client::builder()
+        .use_preconfigured_tls(tls_config(ca_file)?)
+        .http1_only()
+        .connect_timeout(timeout)
+        .read_timeout(timeout)
+        .redirect(redirects)
+        .user_agent(concat!("popgate/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| BackendError::Permanent(format!("cannot build the HTTP client: {}", chain(&e))))
+}
+
+/// An API base URL: http(s), a host, no credentials.
+pub fn api_base(text: &str) -> Result<Url, String> {
+    let url = Url::parse(text).map_err(|e| format!("not a URL: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err("the scheme must be http or https".into());
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err("missing host".into());
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("credentials do not belong in the URL".into());
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err("no query or fragment, please".into());
+    }
+    Ok(url)
+}
+
+/// Network trouble and timeouts: transient.
+pub fn transport_error(what: &str, error: &reqwest::Error) -> BackendError {
+    if error.is_timeout() {
+        return BackendError::Unavailable(format!("{what}: timed out"));
+    }
+    BackendError::Unavailable(format!("{what}: {}", chain(error)))
+}
+
+/// An error with its causes ("error sending request: connection refused"):
+/// reqwest's own message alone rarely says what went wrong.
+pub fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let _ = write!(text, ": {cause}");
+        source = cause.source();
+    }
+    text
+}
+
+/// Checks an OAuth access token can go in an `Authorization: Bearer` header
+/// (RFC 6750 b64token: visible ASCII only).
+pub fn bearer_token(token: &Secret) -> Result<Secret, BackendError> {
+    let value = token.expose();
+    if value.is_empty() || !value.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+        return Err(BackendError::BadCredentials("the access token has characters a header cannot carry"));
+    }
+    Ok(token.clone())
+}
+
+/// The `Authorization` header for a bearer token, marked sensitive (never
+/// shown by reqwest's or hyper's debug output).
+pub fn bearer_header(token: &Secret) -> reqwest::header::HeaderValue {
+    let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", token.expose()))
+        .unwrap_or_else(|_| reqwest::header::HeaderValue::from_static("Bearer -"));
+    value.set_sensitive(true);
+    value
+}
+
+/// Readiness: the API answers at all (any HTTP status will do; no
+/// credentials are sent).
+pub async fn probe(requester: &Requester, url: &Url) -> Result<(), BackendError> {
+    let request = requester.client.get(url.clone()).timeout(requester.timeout.min(Duration::from_secs(5)));
+    request.send().await.map(|_| ()).map_err(|e| transport_error("probe", &e))
+}
+
+/// Request permits per account, shared by all of that account's POP3
+/// sessions, so that together they stay under a provider's concurrency
+/// limit. An entry lives as long as some session holds it.
+#[derive(Default)]
+pub struct AccountPermits {
+    by_account: Mutex<HashMap<String, Weak<Semaphore>>>,
+}
+
+impl AccountPermits {
+    pub fn new() -> Self {
+        AccountPermits::default()
+    }
+
+    pub fn for_account(&self, account: &str, limit: usize) -> Arc<Semaphore> {
+        let mut map = self.by_account.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(shared) = map.get(account).and_then(Weak::upgrade) {
+            return shared;
+        }
+        map.retain(|_, weak| weak.strong_count() > 0);
+        let shared = Arc::new(Semaphore::new(limit.max(1)));
+        map.insert(account.to_string(), Arc::downgrade(&shared));
+        shared
+    }
+}
+
+/// How throttled requests are retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Retries after the first attempt.
+    pub retries: u32,
+    /// The longest single wait. A server asking for more (`Retry-After`)
+    /// gets no retry: the POP3 client is told to come back later instead.
+    pub max_wait: Duration,
+}
+
+impl RetryPolicy {
+    /// The wait before retry number `attempt` (0-based) when the server did
+    /// not say: 1 s, 2 s, 4 s, … plus up to 50 % jitter, at most `max_wait`.
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let base = Duration::from_millis(1000u64.saturating_mul(1 << attempt.min(10)));
+        let jitter = base.mul_f64(f64::from(random_u32() % 500) / 1000.0);
+        (base + jitter).min(self.max_wait)
+    }
+}
+
+fn random_u32() -> u32 {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 4];
+    // Jitter only: a failure of the system RNG just means no jitter.
+    let _ = ring::rand::SystemRandom::new().fill(&mut bytes);
+    u32::from_le_bytes(bytes)
+}
+
+/// `bytes` random octets in lowercase hex (multipart boundaries).
+pub fn random_hex(bytes: usize) -> String {
+    use ring::rand::SecureRandom;
+    let mut random = vec![0u8; bytes];
+    // Uniqueness, not secrecy: on an RNG failure the zeros still work for
+    // boundaries, which must only differ from the content they enclose.
+    let _ = ring::rand::SystemRandom::new().fill(&mut random);
+    random.iter().fold(String::with_capacity(2 * bytes), |mut hex, byte| {
+        let _ = write!(hex, "{byte:02x}");
+        hex
+    })
+}
+
+/// `Retry-After` in delta-seconds (RFC 9110 §10.2.3; both Google and
+/// Microsoft send seconds). An HTTP-date is not understood and yields
+/// `None`: the exponential backoff applies instead.
+pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    value.parse::<u64>().ok().map(Duration::from_secs)
+}
+
+/// What a backend makes of a failed response.
+#[derive(Debug)]
+pub enum Verdict {
+    /// Throttled or briefly down: wait (`Retry-After`, else backoff) and retry.
+    Retry,
+    /// Give up with this error.
+    Fail(BackendError),
+}
+
+/// Error bodies are read only this far (they are small JSON objects).
+const ERROR_BODY_LIMIT: usize = 64 * 1024;
+
+/// One HTTP client with its per-request timeout and retry policy.
+#[derive(Clone)]
+pub struct Requester {
+    pub client: reqwest::Client,
+    pub timeout: Duration,
+    pub retry: RetryPolicy,
+}
+
+impl Requester {
+    /// Sends the request `build` makes until it succeeds, retrying answers
+    /// `judge` calls `Verdict::Retry` within `retry`. Only the wait for the
+    /// response head is bounded here; the caller bounds the body (a JSON
+    /// body by `timeout` on the builder, a download read by read).
+    pub async fn send(
+        &self,
+        what: &str,
+        build: impl Fn() -> reqwest::RequestBuilder,
+        judge: impl Fn(StatusCode, &[u8]) -> Verdict,
+    ) -> Result<reqwest::Response, BackendError> {
+        let mut attempt = 0;
+        loop {
+            let response = match tokio::time::timeout(self.timeout, build().send()).await {
+                Err(_) => return Err(BackendError::Unavailable(format!("{what}: timed out waiting for the server"))),
+                Ok(sent) => sent.map_err(|e| transport_error(what, &e))?,
+            };
+            let status = response.status();
+            if status.is_success() {
+                return Ok(response);
+            }
+            let asked = retry_after(response.headers());
+            let body = read_limited(response, ERROR_BODY_LIMIT, self.timeout).await.unwrap_or_default();
+            if let Verdict::Fail(e) = judge(status, &body) {
+                return Err(e);
+            }
+            let wait = self.wait_before_retry(what, status.as_u16(), attempt, asked)?;
+            tokio::time::sleep(wait).await;
+            attempt += 1;
+        }
+    }
+
+    /// How long to wait before retry `attempt` (0-based) after a throttled
+    /// answer, or the error that ends the retries.
+    pub fn wait_before_retry(
+        &self,
+        what: &str,
+        status: u16,
+        attempt: u32,
+        asked: Option<Duration>,
+    ) -> Result<Duration, BackendError> {
+        let wait = asked.unwrap_or_else(|| self.retry.backoff(attempt));
+        let asked_secs = asked.map(|d| d.as_secs());
+        if attempt >= self.retry.retries || wait > self.retry.max_wait {
+            tracing::warn!(what, status, attempt, retry_after_secs = asked_secs, "throttled; giving up");
+            let mut message = format!("{what}: throttled (HTTP {status})");
+            if let Some(secs) = asked_secs {
+                let _ = write!(message, " (Retry-After: {secs})");
+            }
+            return Err(BackendError::Unavailable(message));
+        }
+        tracing::info!(what, status, attempt, wait_ms = wait.as_millis() as u64, "throttled; waiting to retry");
+        Ok(wait)
+    }
+
+    /// A JSON body, read within `timeout` and at most `limit` octets.
+    pub async fn json<T: serde::de::DeserializeOwned>(
+        &self,
+        what: &str,
+        response: reqwest::Response,
+        limit: usize,
+    ) -> Result<T, BackendError> {
+        let body = read_limited(response, limit, self.timeout).await.map_err(|e| match e {
+            BackendError::Unavailable(why) => BackendError::Unavailable(format!("{what}: {why}")),
+            other => other,
+        })?;
+        serde_json::from_slice(&body).map_err(|e| BackendError::Unavailable(format!("{what}: unexpected reply: {e}")))
+    }
+}
+
+/// Reads a whole body of at most `limit` octets within `timeout`.
+pub async fn read_limited(
+    response: reqwest::Response,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Vec<u8>, BackendError> {
+    let read = async {
+        let mut body = Vec::new();
+        let mut stream = response.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| transport_error("response body", &e))?;
+            if body.len() + chunk.len() > limit {
+                return Err(BackendError::Unavailable(format!("response larger than {limit} octets")));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .unwrap_or_else(|_| Err(BackendError::Unavailable("response body: timed out".into())))
+}
+
+/// Canonical (CRLF) sizes of many messages, `concurrency` downloads at a
+/// time, in the order of `ids`. Each message is streamed through
+/// `CanonicalSize`: nothing is kept but the count.
+pub async fn measure_all<'a, I, F, Fut>(ids: &'a [I], concurrency: usize, fetch: F) -> Result<Vec<u64>, BackendError>
+where
+    F: Fn(&'a I) -> Fut,
+    Fut: Future<Output = Result<MessageStream<'static>, BackendError>> + 'a,
+{
+    let mut sizes = vec![0; ids.len()];
+    let mut in_flight = futures::stream::FuturesUnordered::new();
+    let mut next = 0;
+    loop {
+        while in_flight.len() < concurrency.max(1) && next < ids.len() {
+            in_flight.push(measure_one(next, fetch(&ids[next])));
+            next += 1;
+        }
+        match in_flight.next().await {
+            None => return Ok(sizes),
+            // The first failure ends it: the other downloads are dropped.
+            Some((index, size)) => sizes[index] = size?,
+        }
+    }
+}
+
+async fn measure_one(
+    index: usize,
+    opened: impl Future<Output = Result<MessageStream<'static>, BackendError>>,
+) -> (usize, Result<u64, BackendError>) {
+    let measured = async {
+        let mut counter = crate::canonical::CanonicalSize::new();
+        let mut stream = opened.await?;
+        while let Some(chunk) = stream.next().await {
+            counter.feed(&chunk?);
+        }
+        Ok(counter.finish())
+    };
+    (index, measured.await)
+}
+
+/// A UIDL for an id that is no valid UIDL as it is (too long, or with
+/// characters RFC 1939 does not allow): the lowercase hex SHA-256 of the id,
+/// 64 characters. The same id always gives the same UIDL; two ids giving
+/// the same one would need a SHA-256 collision.
+pub fn hashed_uidl(id: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(id.as_bytes());
+    let mut uidl = String::with_capacity(64);
+    for byte in digest {
+        let _ = write!(uidl, "{byte:02x}");
+    }
+    uidl
+}
+
+/// True for a string RFC 1939 accepts as a UIDL: 1–70 of 0x21..=0x7E.
+pub fn is_valid_uidl(id: &str) -> bool {
+    (1..=70).contains(&id.len()) && id.bytes().all(|b| (0x21..=0x7e).contains(&b))
+}
+
+/// A stream of one chunk (tests and small bodies).
+pub fn once(bytes: Bytes) -> MessageStream<'static> {
+    futures::stream::once(async move { Ok(bytes) }).boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_uses_ring_and_reads_ca_files() {
+        assert!(tls_config(None).is_ok());
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        assert!(matches!(tls_config(Some(&empty)), Err(BackendError::Permanent(m)) if m.contains("no certificates")));
+        assert!(tls_config(Some(&dir.path().join("missing.pem"))).is_err());
+    }
+
+    #[test]
+    fn retry_after_is_seconds() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(retry_after(&headers), None);
+        headers.insert(RETRY_AFTER, "7".parse().unwrap());
+        assert_eq!(retry_after(&headers), Some(Duration::from_secs(7)));
+        headers.insert(RETRY_AFTER, "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap());
+        assert_eq!(retry_after(&headers), None);
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let policy = RetryPolicy { retries: 5, max_wait: Duration::from_secs(5) };
+        let first = policy.backoff(0);
+        assert!(first >= Duration::from_secs(1) && first < Duration::from_millis(1500), "{first:?}");
+        let third = policy.backoff(2);
+        assert!(third >= Duration::from_secs(4) && third <= Duration::from_secs(5), "{third:?}");
+        assert_eq!(policy.backoff(30), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn waits_longer_than_allowed_end_the_retries() {
+        let requester = Requester {
+            client: client(None, Duration::from_secs(1), reqwest::redirect::Policy::none()).unwrap(),
+            timeout: Duration::from_secs(1),
+            retry: RetryPolicy { retries: 2, max_wait: Duration::from_secs(10) },
+        };
+        assert_eq!(requester.wait_before_retry("x", 429, 0, Some(Duration::from_secs(3))).unwrap().as_secs(), 3);
+        let e = requester.wait_before_retry("x", 429, 0, Some(Duration::from_secs(60))).unwrap_err();
+        assert!(matches!(&e, BackendError::Unavailable(m) if m.contains("Retry-After: 60")), "{e:?}");
+        assert!(requester.wait_before_retry("x", 503, 2, None).is_err(), "retries exhausted");
+    }
+
+    #[test]
+    fn uidls_from_ids() {
+        assert!(is_valid_uidl("18c2f0a1b2c3d4e5"));
+        assert!(!is_valid_uidl(""));
+        assert!(!is_valid_uidl(&"x".repeat(71)));
+        assert!(!is_valid_uidl("a b"));
+        let id = "AAMkAGI2TG93AAA=".repeat(10);
+        let uidl = hashed_uidl(&id);
+        assert_eq!(uidl.len(), 64);
+        assert!(is_valid_uidl(&uidl));
+        assert_eq!(uidl, hashed_uidl(&id));
+        assert_ne!(uidl, hashed_uidl(&id[1..]));
+        // SHA-256("abc"), FIPS 180-2 appendix B.1.
+        assert_eq!(hashed_uidl("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+    }
+
+    #[test]
+    fn permits_are_shared_per_account() {
+        let permits = AccountPermits::new();
+        let a = permits.for_account("alice", 4);
+        let again = permits.for_account("alice", 4);
+        assert!(Arc::ptr_eq(&a, &again));
+        let b = permits.for_account("bob", 4);
+        assert!(!Arc::ptr_eq(&a, &b));
+        drop((a, again));
+        assert_eq!(permits.for_account("alice", 2).available_permits(), 2, "a fresh one once unused");
+    }
+
+    #[test]
+    fn bearer_tokens_must_fit_a_header() {
+        assert!(bearer_token(&Secret::new("ya29.a0AfH6")).is_ok());
+        assert!(matches!(bearer_token(&Secret::new("two words")), Err(BackendError::BadCredentials(_))));
+        assert!(bearer_token(&Secret::new("")).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_probe_needs_an_answer_not_a_success() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let requester = Requester {
+            client: client(None, Duration::from_secs(2), reqwest::redirect::Policy::none()).unwrap(),
+            timeout: Duration::from_secs(2),
+            retry: RetryPolicy { retries: 0, max_wait: Duration::from_secs(1) },
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = Url::parse(&format!("http://{}/", listener.local_addr().unwrap())).unwrap();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = socket.read(&mut buf).await;
+            let _ = socket.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n").await;
+        });
+        probe(&requester, &url).await.unwrap();
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let url = Url::parse(&format!("http://{closed}/")).unwrap();
+        assert!(matches!(probe(&requester, &url).await, Err(BackendError::Unavailable(_))));
+    }
+
+    #[tokio::test]
+    async fn measuring_keeps_order_and_bounds_concurrency() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let active = Arc::new(AtomicUsize::new(0));
+        let peak = Arc::new(AtomicUsize::new(0));
+        let ids: Vec<usize> = (1..=12).collect();
+        let sizes = measure_all(&ids, 3, |&n| {
+            let (active, peak) = (active.clone(), peak.clone());
+            async move {
+                let now = active.fetch_add(1, Ordering::SeqCst) + 1;
+                peak.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(10 * (13 - n as u64))).await;
+                active.fetch_sub(1, Ordering::SeqCst);
+                // n lines of "x\n": canonical size 3n.
+                Ok(once(Bytes::from("x\n".repeat(n))))
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(sizes, ids.iter().map(|&n| 3 * n as u64).collect::<Vec<_>>());
+        assert!(peak.load(Ordering::SeqCst) <= 3, "peak {}", peak.load(Ordering::SeqCst));
+    }
+}

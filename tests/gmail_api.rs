@@ -1,0 +1,612 @@
+//! popgate's Gmail API backend against the stand-in API
+//! (tests/support/gmail_api.rs): POP3 sessions through popgate in-process —
+//! mostly with a router that maps a device login to OAuth access tokens
+//! and refreshes them, as mapped accounts do — and real clients (curl with
+//! a bearer token, Python's poplib). Each test then checks in the stand-in
+//! exactly which labels changed.
+//!
+//! Every test has its own stand-in and gateway on ports chosen at run time,
+//! so they run in parallel; every wait is bounded by the harness timeouts.
+
+mod support;
+
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use popgate::backend::gmail::{GmailBackend, GmailConfig, GmailDeletePolicy};
+use popgate::config::{BackendConfig, Config};
+use serde_json::Value;
+use support::gateway::Gateway;
+use support::gmail_api::{GmailApi, Scope, Throttle};
+use support::messages::{self, canonical};
+use support::token_router::{RoutedGateway, TokenRouter};
+use support::{IO_TIMEOUT, require_program};
+
+const DEVICE: (&str, &str) = ("printer", "device-secret");
+const ACCOUNT: &str = "alice@example.com";
+
+struct Setup {
+    api: GmailApi,
+    gateway: RoutedGateway,
+    router: Arc<TokenRouter>,
+}
+
+fn config_for(api: &GmailApi) -> GmailConfig {
+    GmailConfig { api_base: api.base_url.clone(), max_retry_wait_secs: 5, ..GmailConfig::default() }
+}
+
+/// A stand-in and a gateway whose device login maps to `ACCOUNT` with a
+/// token of `scope`.
+fn setup_with(scope: Scope, change: impl FnOnce(&mut GmailConfig)) -> Setup {
+    let api = GmailApi::start();
+    let mut config = config_for(&api);
+    change(&mut config);
+    let backend = Arc::new(GmailBackend::new(config).unwrap_or_else(|e| panic!("{e}")));
+    let router = TokenRouter::new(backend, DEVICE, ACCOUNT, api.issue_token(scope), api.issuer(scope));
+    let gateway = RoutedGateway::start(Config::default(), router.clone());
+    Setup { api, gateway, router }
+}
+
+fn setup() -> Setup {
+    setup_with(Scope::Full, |_| {})
+}
+
+impl Setup {
+    fn login(&self) -> support::pop3::Pop3 {
+        self.gateway.login(DEVICE.0, DEVICE.1)
+    }
+}
+
+fn labels(api: &GmailApi, id: &str) -> Vec<String> {
+    api.labels_of(id).unwrap_or_else(|| panic!("message {id} is gone")).into_iter().collect()
+}
+
+#[test]
+fn every_message_arrives_exactly_with_exact_sizes() {
+    let s = setup();
+    let samples = messages::hard();
+    for name in ["bare LF", "no final line end", "leading dots", "bare CR"] {
+        assert!(samples.iter().any(|x| x.name == name), "{name}");
+    }
+    let ids: Vec<String> = samples.iter().map(|x| s.api.add(&x.raw)).collect();
+    let want: Vec<Vec<u8>> = samples.iter().map(|x| canonical(&x.raw)).collect();
+
+    let mut pop = s.login();
+    let total: u64 = want.iter().map(|m| m.len() as u64).sum();
+    assert_eq!(pop.stat(), (want.len(), total));
+    let sizes: Vec<(u32, u64)> = want.iter().enumerate().map(|(i, m)| (i as u32 + 1, m.len() as u64)).collect();
+    assert_eq!(pop.list(), sizes, "LIST: exact CRLF sizes, not Gmail's sizeEstimate");
+    let uidls: Vec<(u32, String)> = ids.iter().enumerate().map(|(i, id)| (i as u32 + 1, id.clone())).collect();
+    assert_eq!(pop.uidl(), uidls, "UIDL is the Gmail message id, oldest first");
+    for (i, sample) in samples.iter().enumerate() {
+        let n = i as u32 + 1;
+        let body = pop.retr(n);
+        assert_eq!(String::from_utf8_lossy(&body), String::from_utf8_lossy(&want[i]), "RETR {n} ({})", sample.name);
+        assert_eq!(pop.list_one(n), body.len() as u64, "LIST {n} == RETR octets ({})", sample.name);
+        assert_eq!(pop.top(n, 0), messages::top(&sample.raw, 0), "TOP {n} 0 ({})", sample.name);
+        assert_eq!(pop.top(n, 2), messages::top(&sample.raw, 2), "TOP {n} 2 ({})", sample.name);
+    }
+    assert!(pop.quit().starts_with("+OK"));
+    for id in &ids {
+        assert_eq!(labels(&s.api, id), ["INBOX", "UNREAD"], "reading changes no label");
+    }
+}
+
+#[test]
+fn the_snapshot_is_oldest_first_and_a_warm_login_costs_two_calls() {
+    let s = setup();
+    let base = 1_710_000_000_000;
+    let late = s.api.add_with(&messages::simple("late"), base + 3_000, &["INBOX"]);
+    let early = s.api.add_with(&messages::simple("early"), base + 1_000, &["INBOX"]);
+    let middle = s.api.add_with(&messages::simple("middle"), base + 2_000, &["INBOX"]);
+    let other = s.api.add_with(&messages::simple("not in the inbox"), base, &["SENT"]);
+
+    let mut pop = s.login();
+    let got: Vec<String> = pop.uidl().into_iter().map(|(_, u)| u).collect();
+    assert_eq!(got, [early.clone(), middle, late], "ordered by internalDate, whatever the list order");
+    assert_eq!(pop.retr(1), canonical(&messages::simple("early")));
+    pop.quit();
+    assert!(!got.contains(&other));
+    let seen = s.api.seen();
+    assert!(s.api.batches().iter().all(|&n| n <= 50) && !s.api.batches().is_empty(), "{:?}", s.api.batches());
+    assert!(
+        seen.iter().filter(|r| r.in_batch).all(|r| r.query.contains("format=minimal")),
+        "arrival dates come from format=minimal, batched"
+    );
+
+    // Known messages: no batch, no download, only the token check and the list.
+    s.api.forget_seen();
+    let mut pop = s.login();
+    assert_eq!(pop.stat().0, 3);
+    pop.quit();
+    let paths: Vec<String> = s.api.seen().iter().map(|r| r.path.clone()).collect();
+    assert_eq!(paths, ["/gmail/v1/users/me/labels", "/gmail/v1/users/me/messages"], "warm login");
+}
+
+#[test]
+fn uidls_are_stable_across_sessions() {
+    let s = setup();
+    let first = [s.api.add(&messages::simple("one")), s.api.add(&messages::simple("two"))];
+    let mut pop = s.login();
+    let before = pop.uidl();
+    pop.quit();
+    assert_eq!(before.iter().map(|(_, u)| u.clone()).collect::<Vec<_>>(), first);
+    let third = s.api.add(&messages::simple("three"));
+    for _ in 0..2 {
+        let mut pop = s.login();
+        let after = pop.uidl();
+        pop.quit();
+        assert_eq!(after[..2], before[..], "old messages keep their UIDL");
+        assert_eq!(after.get(2), Some(&(3, third.clone())));
+    }
+}
+
+#[test]
+fn the_listing_follows_every_page() {
+    let s = setup();
+    s.api.set_page_cap(3);
+    let raws: Vec<Vec<u8>> = (1..=8).map(|i| messages::simple(&format!("paged {i}"))).collect();
+    let ids: Vec<String> = raws.iter().map(|r| s.api.add(r)).collect();
+    let mut pop = s.login();
+    let uidls: Vec<(u32, String)> = ids.iter().enumerate().map(|(i, id)| (i as u32 + 1, id.clone())).collect();
+    assert_eq!(pop.uidl(), uidls, "every page, once, oldest first");
+    assert_eq!(pop.retr(8), canonical(&raws[7]));
+    pop.quit();
+    let lists: Vec<_> = s.api.seen().into_iter().filter(|r| r.path.ends_with("/messages")).collect();
+    assert_eq!(lists.len(), 3, "8 messages at 3 a page");
+    assert!(lists[1].query.contains("pageToken=") && lists[2].query.contains("pageToken="));
+}
+
+#[test]
+fn dele_and_quit_move_exactly_those_to_the_trash() {
+    let s = setup();
+    let ids: Vec<String> = (1..=4).map(|i| s.api.add(&messages::simple(&format!("trash me {i}")))).collect();
+    let mut pop = s.login();
+    pop.ok("DELE 2");
+    pop.ok("DELE 4");
+    let reply = pop.quit();
+    assert!(reply.starts_with("+OK"), "{reply}");
+    assert_eq!(s.api.ids_with("INBOX"), [ids[0].clone(), ids[2].clone()]);
+    assert_eq!(s.api.ids_with("TRASH"), [ids[1].clone(), ids[3].clone()]);
+    assert_eq!(labels(&s.api, &ids[1]), ["TRASH", "UNREAD"]);
+    assert_eq!(s.api.all_ids().len(), 4, "the trash policy deletes nothing");
+    let mut pop = s.login();
+    assert_eq!(pop.uidl(), [(1, ids[0].clone()), (2, ids[2].clone())]);
+    pop.quit();
+}
+
+#[test]
+fn the_archive_policy_only_removes_the_inbox_label() {
+    let s = setup_with(Scope::Modify, |c| c.delete_policy = GmailDeletePolicy::Archive);
+    let ids: Vec<String> = (1..=3).map(|i| s.api.add(&messages::simple(&format!("archive me {i}")))).collect();
+    let mut pop = s.login();
+    pop.ok("DELE 1");
+    pop.ok("DELE 3");
+    assert!(pop.quit().starts_with("+OK"));
+    assert_eq!(s.api.ids_with("INBOX"), [ids[1].clone()]);
+    assert_eq!(labels(&s.api, &ids[0]), ["UNREAD"]);
+    assert!(s.api.ids_with("TRASH").is_empty());
+    assert_eq!(s.api.all_ids().len(), 3);
+}
+
+#[test]
+fn the_delete_policy_deletes_with_the_full_scope() {
+    let s = setup_with(Scope::Full, |c| c.delete_policy = GmailDeletePolicy::Delete);
+    let ids: Vec<String> = (1..=3).map(|i| s.api.add(&messages::simple(&format!("delete me {i}")))).collect();
+    let mut pop = s.login();
+    pop.ok("DELE 2");
+    assert!(pop.quit().starts_with("+OK"));
+    assert_eq!(s.api.all_ids(), [ids[0].clone(), ids[2].clone()]);
+    assert!(s.api.seen().iter().any(|r| r.path.ends_with("/messages/batchDelete") && r.status == 204));
+}
+
+#[test]
+fn the_delete_policy_without_the_full_scope_is_a_permanent_error() {
+    let s = setup_with(Scope::Modify, |c| c.delete_policy = GmailDeletePolicy::Delete);
+    let ids: Vec<String> = (1..=2).map(|i| s.api.add(&messages::simple(&format!("keep me {i}")))).collect();
+    let mut pop = s.login();
+    pop.ok("DELE 1");
+    pop.ok("DELE 2");
+    let reply = pop.quit();
+    assert!(reply.starts_with("-ERR [SYS/PERM]"), "{reply}");
+    assert_eq!(s.api.ids_with("INBOX"), ids, "nothing removed");
+    assert!(s.api.seen().iter().any(|r| r.path.ends_with("/batchDelete") && r.status == 403));
+}
+
+#[test]
+fn dele_then_a_dropped_connection_changes_nothing() {
+    let s = setup();
+    let ids: Vec<String> = (1..=3).map(|i| s.api.add(&messages::simple(&format!("stay {i}")))).collect();
+    let mut pop = s.login();
+    pop.ok("DELE 1");
+    pop.ok("DELE 3");
+    pop.drop_connection();
+    let mut pop = s.login();
+    pop.ok("DELE 2");
+    pop.ok("RSET");
+    assert!(pop.quit().starts_with("+OK"));
+    // The dropped session may still be ending: give it a moment, then check.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(s.api.ids_with("INBOX"), ids);
+    assert!(s.api.seen().iter().all(|r| !r.path.contains("batchModify")), "no label changed");
+}
+
+#[test]
+fn an_expired_token_is_refreshed_once_and_the_login_retried() {
+    let s = setup();
+    let id = s.api.add(&messages::simple("behind an expired token"));
+    let mut pop = s.login();
+    assert_eq!(pop.stat().0, 1);
+    pop.quit();
+    // The router's token expires between two polls.
+    s.api.expire(&s.router_token());
+    let mut pop = s.login();
+    assert_eq!(pop.uidl(), [(1, id)]);
+    pop.quit();
+    assert_eq!(s.router.refreshes(), 1, "one refresh");
+    assert!(s.api.seen().iter().any(|r| r.status == 401), "the expired token was refused");
+}
+
+#[test]
+fn a_failed_refresh_is_a_temporary_error() {
+    let s = setup();
+    s.api.add(&messages::simple("unreachable"));
+    s.api.expire(&s.router_token());
+    s.api.refuse_refresh();
+    let mut pop = s.gateway.connect();
+    pop.ok(&format!("USER {}", DEVICE.0));
+    let reply = pop.cmd(&format!("PASS {}", DEVICE.1));
+    assert!(reply.starts_with("-ERR [SYS/TEMP]"), "{reply}");
+    assert_eq!(s.router.refreshes(), 1);
+}
+
+#[test]
+fn a_token_expiring_mid_session_is_a_temporary_error_and_deletes_nothing() {
+    let s = setup();
+    let ids = [s.api.add(&messages::simple("first")), s.api.add(&messages::simple("second"))];
+    let mut pop = s.login();
+    assert_eq!(pop.stat().0, 2);
+    s.api.expire(&s.router_token());
+    let reply = pop.cmd("RETR 1");
+    assert!(reply.starts_with("-ERR [SYS/TEMP]"), "{reply}");
+    pop.ok("DELE 2");
+    let reply = pop.quit();
+    assert!(reply.starts_with("-ERR [SYS/TEMP]"), "{reply}");
+    assert_eq!(s.api.ids_with("INBOX"), ids);
+}
+
+/// The gap between the throttled request and the next one like it.
+fn gap_after_throttle(api: &GmailApi, status: u16, path_part: &str) -> Duration {
+    let seen = api.seen();
+    let at = seen.iter().position(|r| r.status == status).expect("a throttled request");
+    let retry = seen[at + 1..]
+        .iter()
+        .find(|r| format!("{}?{}", r.path, r.query).contains(path_part))
+        .expect("a retry after the throttled request");
+    retry.at.duration_since(seen[at].at)
+}
+
+#[test]
+fn throttling_is_retried_after_retry_after() {
+    let s = setup();
+    let raws = [messages::simple("throttled one"), messages::simple("throttled two")];
+    for raw in &raws {
+        s.api.add(raw);
+    }
+    s.api.throttle(Throttle { path_contains: "/messages?".into(), status: 429, retry_after: Some(1), in_batch: false });
+    let started = Instant::now();
+    let mut pop = s.login();
+    assert_eq!(pop.stat().0, 2);
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    let gap = gap_after_throttle(&s.api, 429, "/messages?");
+    assert!(gap >= Duration::from_millis(1000), "retried after {gap:?}, before Retry-After");
+
+    // 403 userRateLimitExceeded (Gmail's other throttling answer), on a
+    // download, with Retry-After.
+    s.api.forget_seen();
+    s.api.throttle(Throttle { path_contains: "format=raw".into(), status: 403, retry_after: Some(1), in_batch: false });
+    assert_eq!(pop.retr(2), canonical(&raws[1]));
+    let gap = gap_after_throttle(&s.api, 403, "format=raw");
+    assert!(gap >= Duration::from_millis(1000), "retried after {gap:?}");
+    pop.quit();
+}
+
+#[test]
+fn a_throttled_batch_item_is_retried() {
+    let s = setup();
+    let ids: Vec<String> = (1..=3).map(|i| s.api.add(&messages::simple(&format!("batched {i}")))).collect();
+    s.api.throttle(Throttle {
+        path_contains: "format=minimal".into(),
+        status: 429,
+        retry_after: Some(1),
+        in_batch: true,
+    });
+    let mut pop = s.login();
+    let uidls: Vec<String> = pop.uidl().into_iter().map(|(_, u)| u).collect();
+    assert_eq!(uidls, ids);
+    pop.quit();
+    assert_eq!(s.api.batches().len(), 2, "the throttled item went again in a second batch");
+    assert_eq!(s.api.batches()[1], 1);
+}
+
+#[test]
+fn a_retry_after_beyond_the_limit_is_a_temporary_error() {
+    let s = setup();
+    s.api.add(&messages::simple("later"));
+    s.api.throttle(Throttle { path_contains: "/labels".into(), status: 429, retry_after: Some(3600), in_batch: false });
+    let started = Instant::now();
+    let mut pop = s.gateway.connect();
+    pop.ok(&format!("USER {}", DEVICE.0));
+    let reply = pop.cmd(&format!("PASS {}", DEVICE.1));
+    assert!(reply.starts_with("-ERR [SYS/TEMP]"), "{reply}");
+    assert!(started.elapsed() < Duration::from_secs(5), "no hour-long wait: {:?}", started.elapsed());
+}
+
+#[test]
+fn a_label_by_name_is_the_maildrop() {
+    let s = setup_with(Scope::Full, |c| c.label = Some("Scans".into()));
+    let label = s.api.create_label("Scans");
+    let inbox = s.api.add(&messages::simple("stays in the inbox"));
+    let scans: Vec<String> = (1..=2)
+        .map(|i| s.api.add_with(&messages::simple(&format!("scan {i}")), 1_720_000_000_000 + i, &[&label]))
+        .collect();
+    let mut pop = s.login();
+    assert_eq!(pop.uidl(), [(1, scans[0].clone()), (2, scans[1].clone())]);
+    pop.ok("DELE 1");
+    assert!(pop.quit().starts_with("+OK"));
+    assert_eq!(labels(&s.api, &scans[0]), ["TRASH"], "the label is removed, TRASH added");
+    assert_eq!(s.api.ids_with(&label), [scans[1].clone()]);
+    assert_eq!(s.api.ids_with("INBOX"), [inbox]);
+}
+
+#[test]
+fn a_query_selects_the_maildrop() {
+    let s = setup_with(Scope::Full, |c| c.query = Some("subject:invoice".into()));
+    s.api.add(&messages::simple("holiday photos"));
+    let invoice = s.api.add(&messages::simple("Invoice 42"));
+    let mut pop = s.login();
+    assert_eq!(pop.uidl(), [(1, invoice)]);
+    pop.quit();
+    assert!(s.api.seen().iter().any(|r| r.query.contains("q=subject%3Ainvoice") && !r.query.contains("labelIds")));
+}
+
+#[test]
+fn a_big_message_streams_and_top_leaves_the_session_usable() {
+    let s = setup();
+    let raw = messages::big(8);
+    let small = messages::simple("after the big one");
+    s.api.add(&raw);
+    s.api.add(&small);
+    let mut pop = s.login();
+    let want = canonical(&raw);
+    assert_eq!(pop.list_one(1), want.len() as u64);
+    assert_eq!(pop.top(1, 3), messages::top(&raw, 3));
+    assert_eq!(pop.retr(2), canonical(&small));
+    let body = pop.retr(1);
+    assert!(body == want, "RETR 1: {} octets, expected {}", body.len(), want.len());
+    pop.quit();
+}
+
+#[test]
+fn a_message_deleted_meanwhile_spoils_nothing_else() {
+    let s = setup();
+    let ids = [s.api.add(&messages::simple("gone soon")), s.api.add(&messages::simple("still here"))];
+    let mut pop = s.login();
+    s.api.delete(&ids[0]);
+    let reply = pop.cmd("RETR 1");
+    assert!(reply.starts_with("-ERR") && !reply.contains("[SYS/"), "{reply}");
+    assert_eq!(pop.retr(2), canonical(&messages::simple("still here")));
+    pop.ok("DELE 1");
+    pop.ok("DELE 2");
+    assert!(pop.quit().starts_with("+OK"), "deleting what is already gone is no failure");
+    assert!(s.api.ids_with("INBOX").is_empty());
+    assert_eq!(s.api.ids_with("TRASH"), [ids[1].clone()]);
+}
+
+/// Cold: nothing known yet, so every message is listed, dated (batched)
+/// and downloaded once to measure it. Warm: the list alone. The figures
+/// are printed for docs/BACKENDS.md.
+#[test]
+fn a_cold_mailbox_of_1000_messages() {
+    let s = setup();
+    for i in 0..1000 {
+        let mut raw = messages::simple(&format!("message {i}"));
+        raw.extend(std::iter::repeat_n(b"a line of a typical small message body\r\n".as_slice(), 50).flatten());
+        s.api.add(&raw);
+    }
+    let started = Instant::now();
+    let mut pop = s.login();
+    let cold = started.elapsed();
+    assert_eq!(pop.stat().0, 1000);
+    pop.quit();
+    let seen = s.api.seen();
+    let raw_gets = seen.iter().filter(|r| r.query.contains("format=raw")).count();
+    let batches = s.api.batches().len();
+    let lists = seen.iter().filter(|r| r.path.ends_with("/messages")).count();
+    assert_eq!((raw_gets, batches, lists), (1000, 20, 2), "1000 downloads, 20 batches of 50, 2 pages of 500");
+
+    s.api.forget_seen();
+    let started = Instant::now();
+    let mut pop = s.login();
+    let warm = started.elapsed();
+    assert_eq!(pop.stat().0, 1000);
+    pop.quit();
+    assert!(s.api.seen().iter().all(|r| !r.query.contains("format=")), "warm: nothing fetched");
+    eprintln!(
+        "gmail cold 1000-message login: {cold:?} ({raw_gets} raw downloads, {batches} batches, {lists} list pages); \
+         warm login: {warm:?}"
+    );
+}
+
+impl Setup {
+    /// The token the router hands out now.
+    fn router_token(&self) -> String {
+        let route = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+            use popgate::auth::accounts::Router as _;
+            self.router.route(&popgate::auth::Credentials::password(DEVICE.0, DEVICE.1)).await
+        });
+        match route.ok().map(|r| r.credentials.proof) {
+            Some(popgate::auth::Proof::Bearer(token)) => token.expose().to_string(),
+            other => panic!("the router hands out bearer tokens, not {other:?}"),
+        }
+    }
+}
+
+/// Pass-through: the client's own token (SASL XOAUTH2), no router.
+fn pass_through(api: &GmailApi) -> Gateway {
+    Gateway::from_config(Config { backend: BackendConfig::Gmail(config_for(api)), ..Config::default() })
+}
+
+#[test]
+fn pass_through_takes_bearer_tokens_and_refuses_passwords() {
+    let api = GmailApi::start();
+    let id = api.add(&messages::simple("by token"));
+    let token = api.issue_token(Scope::Modify);
+    let gateway = pass_through(&api);
+    let mut pop = gateway.connect();
+    let capa = pop.capa();
+    assert!(capa.iter().any(|l| l.starts_with("SASL") && l.contains("XOAUTH2")), "{capa:?}");
+    pop.ok(&format!("USER {ACCOUNT}"));
+    let reply = pop.cmd("PASS an-app-password");
+    assert!(reply.starts_with("-ERR [SYS/PERM]"), "a password cannot reach the Gmail API: {reply}");
+    assert!(!reply.contains("an-app-password"));
+
+    let xoauth2 = |token: &str| {
+        base64::engine::general_purpose::STANDARD.encode(format!("user={ACCOUNT}\x01auth=Bearer {token}\x01\x01"))
+    };
+    let mut pop = gateway.connect();
+    let reply = pop.cmd(&format!("AUTH XOAUTH2 {}", xoauth2("not-a-valid-token")));
+    assert!(reply.starts_with("-ERR") || reply.starts_with("+ "), "{reply}");
+    let mut pop = gateway.connect();
+    pop.ok(&format!("AUTH XOAUTH2 {}", xoauth2(&token)));
+    assert_eq!(pop.uidl(), [(1, id)]);
+    pop.quit();
+}
+
+/// Runs a program to completion with no stdin, killing it after twice the
+/// harness timeout.
+fn run(program: &str, args: &[&str]) -> Output {
+    let path = require_program(program);
+    let child = Command::new(&path)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("run {}: {e}", path.display()));
+    let pid = child.id();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let output = child.wait_with_output();
+        let _ = done_tx.send(());
+        output
+    });
+    if done_rx.recv_timeout(IO_TIMEOUT * 2).is_err() {
+        support::send_signal(pid, support::Signal::Kill);
+        panic!("{program} {args:?} did not finish within {:?}", IO_TIMEOUT * 2);
+    }
+    waiter.join().expect("waiter").expect("output")
+}
+
+fn describe(output: &Output) -> String {
+    format!(
+        "exit {}\n--- stdout\n{}\n--- stderr\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+#[test]
+fn curl_retrieves_and_deletes_with_a_bearer_token() {
+    let api = GmailApi::start();
+    let raws = [
+        messages::simple("for curl one"),
+        b"Subject: dots and a bare LF for curl\n\n.\n..two\ndots\nend".to_vec(),
+        messages::simple("for curl three"),
+    ];
+    let ids: Vec<String> = raws.iter().map(|r| api.add(r)).collect();
+    let token = api.issue_token(Scope::Modify);
+    let gateway = pass_through(&api);
+    let user = format!("{ACCOUNT}:");
+    let curl = |path: &str, extra: &[&str]| {
+        let url = format!("pop3://{}/{path}", gateway.addr);
+        let mut args = vec![
+            "--silent",
+            "--show-error",
+            "--max-time",
+            "20",
+            "--user",
+            user.as_str(),
+            "--oauth2-bearer",
+            token.as_str(),
+        ];
+        args.extend_from_slice(extra);
+        args.push(&url);
+        run("curl", &args)
+    };
+    let uidl = curl("", &["--request", "UIDL"]);
+    assert!(uidl.status.success(), "curl UIDL: {}", describe(&uidl));
+    let expected: String = ids.iter().enumerate().map(|(i, id)| format!("{} {id}\r\n", i + 1)).collect();
+    assert_eq!(String::from_utf8_lossy(&uidl.stdout), expected);
+    for (i, raw) in raws.iter().enumerate() {
+        let retr = curl(&(i + 1).to_string(), &[]);
+        assert!(retr.status.success(), "curl RETR {}: {}", i + 1, describe(&retr));
+        assert_eq!(String::from_utf8_lossy(&retr.stdout), String::from_utf8_lossy(&canonical(raw)), "RETR {}", i + 1);
+    }
+    let dele = curl("2", &["--request", "DELE", "--head"]);
+    assert!(dele.status.success(), "curl DELE: {}", describe(&dele));
+    support::wait_for("message 2 to reach the trash", IO_TIMEOUT, || {
+        (api.ids_with("TRASH") == [ids[1].clone()]).then_some(())
+    });
+    assert_eq!(api.ids_with("INBOX"), [ids[0].clone(), ids[2].clone()]);
+    let list = curl("", &[]);
+    assert!(list.status.success(), "{}", describe(&list));
+    let expected: String =
+        [&raws[0], &raws[2]].iter().enumerate().map(|(i, r)| format!("{} {}\r\n", i + 1, canonical(r).len())).collect();
+    assert_eq!(String::from_utf8_lossy(&list.stdout), expected);
+}
+
+const POPLIB_SCRIPT: &str = r#"
+import json, poplib, sys
+host, port, user, password = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+p = poplib.POP3(host, port, timeout=20)
+p.user(user)
+p.pass_(password)
+out = {"stat": list(p.stat()), "uidl": [l.decode() for l in p.uidl()[1]], "retr": []}
+for n in range(1, out["stat"][0] + 1):
+    resp, lines, octets = p.retr(n)
+    out["retr"].append({"text": b"".join(l + b"\r\n" for l in lines).decode("latin-1"), "octets": octets})
+    p.dele(n)
+out["quit"] = p.quit().decode()
+print(json.dumps(out))
+"#;
+
+#[test]
+fn python_poplib_retrieves_and_deletes_everything() {
+    let s = setup();
+    let raws = [
+        messages::simple("for poplib one"),
+        b"Subject: poplib and no final CRLF\r\n\r\n.starts with a dot\r\nend".to_vec(),
+        "Subject: 8-bit for poplib\n\ngr\u{fc}\u{df}e\n".as_bytes().to_vec(),
+    ];
+    let ids: Vec<String> = raws.iter().map(|r| s.api.add(r)).collect();
+    let port = s.gateway.addr.port().to_string();
+    let output = run("python3", &["-c", POPLIB_SCRIPT, "127.0.0.1", &port, DEVICE.0, DEVICE.1]);
+    assert!(output.status.success(), "poplib: {}", describe(&output));
+    let out: Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{e}: {}", describe(&output)));
+    let want: Vec<Vec<u8>> = raws.iter().map(|r| canonical(r)).collect();
+    let total: usize = want.iter().map(Vec::len).sum();
+    assert_eq!(out["stat"], serde_json::json!([3, total]));
+    for (i, m) in want.iter().enumerate() {
+        let latin1: String = m.iter().map(|&b| b as char).collect();
+        assert_eq!(out["retr"][i]["text"], latin1, "RETR {}", i + 1);
+        assert_eq!(out["retr"][i]["octets"], m.len(), "RETR {} octets", i + 1);
+        assert_eq!(out["uidl"][i], format!("{} {}", i + 1, ids[i]));
+    }
+    assert!(out["quit"].as_str().is_some_and(|q| q.starts_with("+OK")), "{out}");
+    assert!(s.api.ids_with("INBOX").is_empty(), "poplib's DELE + QUIT must empty the inbox");
+    assert_eq!(s.api.ids_with("TRASH"), ids);
+}

@@ -1,0 +1,602 @@
+//! popgate's Microsoft Graph backend against the stand-in API
+//! (tests/support/graph_api.rs): POP3 sessions through popgate in-process —
+//! mostly with a router that maps a device login to OAuth access tokens
+//! and refreshes them, as mapped accounts do — and real clients (curl with
+//! a bearer token, Python's poplib). Each test then checks in the stand-in
+//! exactly what is left in which folder.
+//!
+//! Every test has its own stand-in and gateway on ports chosen at run time,
+//! so they run in parallel; every wait is bounded by the harness timeouts.
+
+mod support;
+
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use popgate::backend::graph::{GraphBackend, GraphConfig, GraphDeletePolicy};
+use popgate::config::{BackendConfig, Config};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use support::gateway::Gateway;
+use support::graph_api::{GraphApi, Throttle, TokenKind, UPN};
+use support::messages::{self, canonical};
+use support::token_router::{RoutedGateway, TokenRouter};
+use support::{IO_TIMEOUT, require_program};
+
+const DEVICE: (&str, &str) = ("scanner", "device-secret");
+
+struct Setup {
+    api: GraphApi,
+    gateway: RoutedGateway,
+    router: Arc<TokenRouter>,
+}
+
+fn config_for(api: &GraphApi) -> GraphConfig {
+    GraphConfig { api_base: api.base_url.clone(), max_retry_wait_secs: 5, ..GraphConfig::default() }
+}
+
+fn setup_with(kind: TokenKind, change: impl FnOnce(&mut GraphConfig)) -> Setup {
+    let api = GraphApi::start();
+    let mut config = config_for(&api);
+    change(&mut config);
+    let backend = Arc::new(GraphBackend::new(config).unwrap_or_else(|e| panic!("{e}")));
+    let router = TokenRouter::new(backend, DEVICE, UPN, api.issue_token(kind), api.issuer(kind));
+    let gateway = RoutedGateway::start(Config::default(), router.clone());
+    Setup { api, gateway, router }
+}
+
+fn setup() -> Setup {
+    setup_with(TokenKind::Delegated, |_| {})
+}
+
+impl Setup {
+    fn login(&self) -> support::pop3::Pop3 {
+        self.gateway.login(DEVICE.0, DEVICE.1)
+    }
+
+    fn router_token(&self) -> String {
+        let route = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+            use popgate::auth::accounts::Router as _;
+            self.router.route(&popgate::auth::Credentials::password(DEVICE.0, DEVICE.1)).await
+        });
+        match route.ok().map(|r| r.credentials.proof) {
+            Some(popgate::auth::Proof::Bearer(token)) => token.expose().to_string(),
+            other => panic!("the router hands out bearer tokens, not {other:?}"),
+        }
+    }
+}
+
+/// The documented UIDL of a Graph immutable id: hex SHA-256, computed here
+/// independently of popgate.
+fn uidl(id: &str) -> String {
+    Sha256::digest(id.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn numbered(ids: &[String]) -> Vec<(u32, String)> {
+    ids.iter().enumerate().map(|(i, id)| (i as u32 + 1, uidl(id))).collect()
+}
+
+#[test]
+fn every_message_arrives_exactly_with_exact_sizes() {
+    let s = setup();
+    let samples = messages::hard();
+    let ids: Vec<String> = samples.iter().map(|x| s.api.add(&x.raw)).collect();
+    assert!(ids.iter().all(|id| id.len() > 70), "Graph ids are too long to be UIDLs");
+    let want: Vec<Vec<u8>> = samples.iter().map(|x| canonical(&x.raw)).collect();
+
+    let mut pop = s.login();
+    let total: u64 = want.iter().map(|m| m.len() as u64).sum();
+    assert_eq!(pop.stat(), (want.len(), total));
+    let sizes: Vec<(u32, u64)> = want.iter().enumerate().map(|(i, m)| (i as u32 + 1, m.len() as u64)).collect();
+    assert_eq!(pop.list(), sizes);
+    assert_eq!(pop.uidl(), numbered(&ids), "UIDL: hex SHA-256 of the immutable id, oldest first");
+    for (i, sample) in samples.iter().enumerate() {
+        let n = i as u32 + 1;
+        let body = pop.retr(n);
+        assert_eq!(String::from_utf8_lossy(&body), String::from_utf8_lossy(&want[i]), "RETR {n} ({})", sample.name);
+        assert_eq!(pop.list_one(n), body.len() as u64, "LIST {n} == RETR octets ({})", sample.name);
+        assert_eq!(pop.top(n, 0), messages::top(&sample.raw, 0), "TOP {n} 0 ({})", sample.name);
+        assert_eq!(pop.top(n, 2), messages::top(&sample.raw, 2), "TOP {n} 2 ({})", sample.name);
+    }
+    assert!(pop.quit().starts_with("+OK"));
+    assert_eq!(s.api.ids_in("inbox"), ids, "reading moves nothing");
+}
+
+#[test]
+fn every_request_prefers_immutable_ids() {
+    let s = setup();
+    for i in 1..=3 {
+        s.api.add(&messages::simple(&format!("immutable {i}")));
+    }
+    let mut pop = s.login();
+    pop.retr(1);
+    pop.ok("DELE 2");
+    assert!(pop.quit().starts_with("+OK"));
+    let seen = s.api.seen();
+    assert!(seen.iter().any(|r| r.in_batch), "the move went through $batch");
+    let without: Vec<_> = seen.iter().filter(|r| !r.immutable_ids).collect();
+    assert!(without.is_empty(), "requests without Prefer: IdType=\"ImmutableId\": {without:?}");
+}
+
+#[test]
+fn uidls_are_stable_across_sessions_and_moves() {
+    let s = setup();
+    let ids = [s.api.add(&messages::simple("one")), s.api.add(&messages::simple("two"))];
+    let mut pop = s.login();
+    let before = pop.uidl();
+    pop.quit();
+    assert_eq!(before, numbered(&ids));
+    // Another client files message 1 away and back: same immutable id.
+    s.api.move_message(&ids[0], "archive");
+    s.api.move_message(&ids[0], "inbox");
+    let third = s.api.add(&messages::simple("three"));
+    let mut pop = s.login();
+    let after = pop.uidl();
+    pop.quit();
+    assert_eq!(after[..2], before[..], "old messages keep their UIDL");
+    assert_eq!(after[2], (3, uidl(&third)));
+}
+
+#[test]
+fn the_listing_follows_every_next_link() {
+    let s = setup();
+    s.api.set_page_cap(3);
+    let raws: Vec<Vec<u8>> = (1..=8).map(|i| messages::simple(&format!("paged {i}"))).collect();
+    let ids: Vec<String> = raws.iter().map(|r| s.api.add(r)).collect();
+    let mut pop = s.login();
+    assert_eq!(pop.uidl(), numbered(&ids), "every page, once, oldest first");
+    assert_eq!(pop.retr(8), canonical(&raws[7]));
+    pop.quit();
+    let lists: Vec<_> = s.api.seen().into_iter().filter(|r| r.path.ends_with("/messages")).collect();
+    assert_eq!(lists.len(), 3, "8 messages at 3 a page");
+    assert!(lists[0].query.contains("orderby=receivedDateTime") && lists[2].query.contains("skip=6"), "{lists:?}");
+}
+
+#[test]
+fn dele_and_quit_move_exactly_those_to_deleted_items_in_one_batch() {
+    let s = setup();
+    let ids: Vec<String> = (1..=4).map(|i| s.api.add(&messages::simple(&format!("move me {i}")))).collect();
+    let mut pop = s.login();
+    pop.ok("DELE 2");
+    pop.ok("DELE 4");
+    let reply = pop.quit();
+    assert!(reply.starts_with("+OK"), "{reply}");
+    assert_eq!(s.api.ids_in("inbox"), [ids[0].clone(), ids[2].clone()]);
+    assert_eq!(s.api.ids_in("deleteditems"), [ids[1].clone(), ids[3].clone()]);
+    assert_eq!(s.api.batches(), [2], "one $batch for both moves");
+    let mut pop = s.login();
+    assert_eq!(pop.uidl(), numbered(&[ids[0].clone(), ids[2].clone()]));
+    pop.quit();
+}
+
+#[test]
+fn many_deletions_go_twenty_to_a_batch() {
+    let s = setup();
+    let ids: Vec<String> = (1..=25).map(|i| s.api.add(&messages::simple(&format!("bulk {i}")))).collect();
+    let mut pop = s.login();
+    for n in 1..=25 {
+        pop.ok(&format!("DELE {n}"));
+    }
+    assert!(pop.quit().starts_with("+OK"));
+    assert_eq!(s.api.batches(), [20, 5]);
+    assert!(s.api.ids_in("inbox").is_empty());
+    assert_eq!(s.api.ids_in("deleteditems"), ids);
+}
+
+#[test]
+fn the_permanent_delete_policy_deletes() {
+    let s = setup_with(TokenKind::Delegated, |c| c.delete_policy = GraphDeletePolicy::PermanentDelete);
+    let ids: Vec<String> = (1..=3).map(|i| s.api.add(&messages::simple(&format!("delete me {i}")))).collect();
+    let mut pop = s.login();
+    pop.ok("DELE 1");
+    pop.ok("DELE 3");
+    assert!(pop.quit().starts_with("+OK"));
+    assert_eq!(s.api.all_ids(), [ids[1].clone()]);
+    assert!(s.api.ids_in("deleteditems").is_empty());
+    assert!(s.api.seen().iter().any(|r| r.in_batch && r.path.ends_with("/permanentDelete") && r.status == 204));
+}
+
+#[test]
+fn a_move_graph_refuses_is_reported_and_the_others_are_done() {
+    let s = setup();
+    let ids: Vec<String> = (1..=3).map(|i| s.api.add(&messages::simple(&format!("refused {i}")))).collect();
+    s.api.refuse_moving(&ids[1]);
+    let mut pop = s.login();
+    for n in 1..=3 {
+        pop.ok(&format!("DELE {n}"));
+    }
+    let reply = pop.quit();
+    assert!(reply.starts_with("-ERR [SYS/TEMP]"), "a refused move is never hidden: {reply}");
+    assert_eq!(s.api.ids_in("inbox"), [ids[1].clone()]);
+    assert_eq!(s.api.ids_in("deleteditems"), [ids[0].clone(), ids[2].clone()]);
+}
+
+#[test]
+fn dele_then_a_dropped_connection_changes_nothing() {
+    let s = setup();
+    let ids: Vec<String> = (1..=3).map(|i| s.api.add(&messages::simple(&format!("stay {i}")))).collect();
+    let mut pop = s.login();
+    pop.ok("DELE 1");
+    pop.ok("DELE 3");
+    pop.drop_connection();
+    let mut pop = s.login();
+    pop.ok("DELE 2");
+    pop.ok("RSET");
+    assert!(pop.quit().starts_with("+OK"));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(s.api.ids_in("inbox"), ids);
+    assert!(s.api.batches().is_empty(), "no $batch, no move");
+}
+
+#[test]
+fn an_expired_token_is_refreshed_once_and_the_login_retried() {
+    let s = setup();
+    let id = s.api.add(&messages::simple("behind an expired token"));
+    let mut pop = s.login();
+    assert_eq!(pop.stat().0, 1);
+    pop.quit();
+    s.api.expire(&s.router_token());
+    let mut pop = s.login();
+    assert_eq!(pop.uidl(), numbered(&[id]));
+    pop.quit();
+    assert_eq!(s.router.refreshes(), 1);
+    assert!(s.api.seen().iter().any(|r| r.status == 401));
+}
+
+#[test]
+fn a_failed_refresh_is_a_temporary_error() {
+    let s = setup();
+    s.api.add(&messages::simple("unreachable"));
+    s.api.expire(&s.router_token());
+    s.api.refuse_refresh();
+    let mut pop = s.gateway.connect();
+    pop.ok(&format!("USER {}", DEVICE.0));
+    let reply = pop.cmd(&format!("PASS {}", DEVICE.1));
+    assert!(reply.starts_with("-ERR [SYS/TEMP]"), "{reply}");
+    assert_eq!(s.router.refreshes(), 1);
+}
+
+#[test]
+fn a_token_expiring_mid_session_is_a_temporary_error_and_moves_nothing() {
+    let s = setup();
+    let ids = [s.api.add(&messages::simple("first")), s.api.add(&messages::simple("second"))];
+    let mut pop = s.login();
+    assert_eq!(pop.stat().0, 2);
+    s.api.expire(&s.router_token());
+    let reply = pop.cmd("RETR 1");
+    assert!(reply.starts_with("-ERR [SYS/TEMP]"), "{reply}");
+    pop.ok("DELE 2");
+    let reply = pop.quit();
+    assert!(reply.starts_with("-ERR [SYS/TEMP]"), "{reply}");
+    assert_eq!(s.api.ids_in("inbox"), ids);
+}
+
+fn gap_after(api: &GraphApi, status: u16, path_part: &str) -> Duration {
+    let seen = api.seen();
+    let at = seen.iter().position(|r| r.status == status).expect("a throttled request");
+    let retry = seen[at + 1..]
+        .iter()
+        .find(|r| format!("{}?{}", r.path, r.query).contains(path_part))
+        .expect("a retry after the throttled request");
+    retry.at.duration_since(seen[at].at)
+}
+
+#[test]
+fn throttling_is_retried_after_retry_after() {
+    let s = setup();
+    let raws = [messages::simple("throttled one"), messages::simple("throttled two")];
+    for raw in &raws {
+        s.api.add(raw);
+    }
+    s.api.throttle(Throttle { path_contains: "/messages?".into(), status: 429, retry_after: Some(1), in_batch: false });
+    let mut pop = s.login();
+    assert_eq!(pop.stat().0, 2);
+    let gap = gap_after(&s.api, 429, "/messages?");
+    assert!(gap >= Duration::from_millis(1000), "retried after {gap:?}, before Retry-After");
+
+    s.api.forget_seen();
+    s.api.throttle(Throttle { path_contains: "$value".into(), status: 503, retry_after: Some(1), in_batch: false });
+    assert_eq!(pop.retr(2), canonical(&raws[1]));
+    let gap = gap_after(&s.api, 503, "$value");
+    assert!(gap >= Duration::from_millis(1000), "retried after {gap:?}");
+
+    // A move throttled inside the $batch goes again, after its Retry-After.
+    s.api.forget_seen();
+    s.api.throttle(Throttle { path_contains: "/move".into(), status: 429, retry_after: Some(1), in_batch: true });
+    pop.ok("DELE 1");
+    assert!(pop.quit().starts_with("+OK"));
+    assert_eq!(s.api.batches(), [1, 1]);
+    let gap = gap_after(&s.api, 429, "/move");
+    assert!(gap >= Duration::from_millis(1000), "retried after {gap:?}");
+    assert_eq!(s.api.ids_in("deleteditems").len(), 1);
+}
+
+#[test]
+fn at_most_four_requests_are_in_flight_per_mailbox() {
+    let s = setup();
+    for i in 0..24 {
+        s.api.add(&messages::simple(&format!("concurrent {i}")));
+    }
+    s.api.set_value_delay(Duration::from_millis(40));
+    // Two devices log in to the same mailbox at once, both cold.
+    let logins: Vec<_> = (0..2)
+        .map(|_| {
+            let addr = s.gateway.addr;
+            std::thread::spawn(move || {
+                let mut pop = support::pop3::Pop3::login(addr, DEVICE.0, DEVICE.1);
+                let stat = pop.stat();
+                pop.quit();
+                stat
+            })
+        })
+        .collect();
+    for login in logins {
+        assert_eq!(login.join().expect("login thread").0, 24);
+    }
+    let peak = s.api.max_in_flight();
+    assert!((2..=4).contains(&peak), "peak of {peak} requests in flight (measuring runs 4 at a time, never more)");
+    assert!(s.api.seen().iter().all(|r| r.status != 429), "never over Outlook's limit");
+}
+
+#[test]
+fn app_only_access_names_the_user() {
+    let s = setup_with(TokenKind::AppOnly, |c| c.user = UPN.into());
+    let id = s.api.add(&messages::simple("for an app"));
+    let mut pop = s.login();
+    assert_eq!(pop.uidl(), numbered(&[id]));
+    pop.ok("DELE 1");
+    assert!(pop.quit().starts_with("+OK"));
+    assert!(
+        s.api
+            .seen()
+            .iter()
+            .filter(|r| !r.path.ends_with("$batch"))
+            .all(|r| r.path.starts_with(&format!("/v1.0/users/{UPN}/")))
+    );
+    assert_eq!(s.api.ids_in("deleteditems").len(), 1);
+
+    // An app-only token cannot use /me: a configuration error, said so.
+    let s = setup_with(TokenKind::AppOnly, |_| {});
+    let mut pop = s.gateway.connect();
+    pop.ok(&format!("USER {}", DEVICE.0));
+    let reply = pop.cmd(&format!("PASS {}", DEVICE.1));
+    assert!(reply.starts_with("-ERR [SYS/PERM]"), "{reply}");
+}
+
+#[test]
+fn a_folder_by_well_known_name_or_id_is_the_maildrop() {
+    let s = setup_with(TokenKind::Delegated, |c| c.folder = "archive".into());
+    let inbox = s.api.add(&messages::simple("stays in the inbox"));
+    let archived = s.api.add_to("archive", &messages::simple("archived"), 1_710_000_000);
+    let mut pop = s.login();
+    assert_eq!(pop.uidl(), numbered(std::slice::from_ref(&archived)));
+    pop.ok("DELE 1");
+    assert!(pop.quit().starts_with("+OK"));
+    assert_eq!(s.api.ids_in("deleteditems"), [archived]);
+    assert_eq!(s.api.ids_in("inbox"), [inbox]);
+
+    let api = GraphApi::start();
+    let folder = api.create_folder("Scans");
+    let scans: Vec<String> =
+        (1..=2).map(|i| api.add_to(&folder, &messages::simple(&format!("scan {i}")), 1_720_000_000 + i)).collect();
+    let backend = Arc::new(GraphBackend::new(GraphConfig { folder: folder.clone(), ..config_for(&api) }).unwrap());
+    let kind = TokenKind::Delegated;
+    let router = TokenRouter::new(backend, DEVICE, UPN, api.issue_token(kind), api.issuer(kind));
+    let gateway = RoutedGateway::start(Config::default(), router);
+    let mut pop = gateway.login(DEVICE.0, DEVICE.1);
+    assert_eq!(pop.uidl(), numbered(&scans));
+    pop.quit();
+
+    let missing = setup_with(TokenKind::Delegated, |c| c.folder = "AQMkADAwATM0MDAAMS1uo-such-folder".into());
+    let mut pop = missing.gateway.connect();
+    pop.ok(&format!("USER {}", DEVICE.0));
+    let reply = pop.cmd(&format!("PASS {}", DEVICE.1));
+    assert!(reply.starts_with("-ERR [SYS/PERM]"), "{reply}");
+}
+
+#[test]
+fn a_message_deleted_meanwhile_spoils_nothing_else() {
+    let s = setup();
+    let ids = [s.api.add(&messages::simple("gone soon")), s.api.add(&messages::simple("still here"))];
+    let mut pop = s.login();
+    s.api.delete(&ids[0]);
+    let reply = pop.cmd("RETR 1");
+    assert!(reply.starts_with("-ERR") && !reply.contains("[SYS/"), "{reply}");
+    assert_eq!(pop.retr(2), canonical(&messages::simple("still here")));
+    pop.ok("DELE 1");
+    pop.ok("DELE 2");
+    assert!(pop.quit().starts_with("+OK"), "moving what is already gone is no failure");
+    assert_eq!(s.api.ids_in("deleteditems"), [ids[1].clone()]);
+}
+
+#[test]
+fn a_big_message_streams_and_top_leaves_the_session_usable() {
+    let s = setup();
+    let raw = messages::big(8);
+    let small = messages::simple("after the big one");
+    s.api.add(&raw);
+    s.api.add(&small);
+    let mut pop = s.login();
+    let want = canonical(&raw);
+    assert_eq!(pop.list_one(1), want.len() as u64);
+    assert_eq!(pop.top(1, 3), messages::top(&raw, 3));
+    assert_eq!(pop.retr(2), canonical(&small));
+    let body = pop.retr(1);
+    assert!(body == want, "RETR 1: {} octets, expected {}", body.len(), want.len());
+    pop.quit();
+}
+
+#[test]
+fn a_cold_mailbox_of_1000_messages() {
+    let s = setup();
+    for i in 0..1000 {
+        let mut raw = messages::simple(&format!("message {i}"));
+        raw.extend(std::iter::repeat_n(b"a line of a typical small message body\r\n".as_slice(), 50).flatten());
+        s.api.add(&raw);
+    }
+    let started = Instant::now();
+    let mut pop = s.login();
+    let cold = started.elapsed();
+    assert_eq!(pop.stat().0, 1000);
+    pop.quit();
+    let seen = s.api.seen();
+    let downloads = seen.iter().filter(|r| r.path.ends_with("$value")).count();
+    let lists = seen.iter().filter(|r| r.path.ends_with("/messages")).count();
+    assert_eq!((downloads, lists), (1000, 2), "1000 downloads, 2 pages of 500");
+    assert!(s.api.max_in_flight() <= 4);
+
+    s.api.forget_seen();
+    let started = Instant::now();
+    let mut pop = s.login();
+    let warm = started.elapsed();
+    assert_eq!(pop.stat().0, 1000);
+    pop.quit();
+    assert!(s.api.seen().iter().all(|r| !r.path.ends_with("$value")), "warm: nothing downloaded");
+    eprintln!(
+        "graph cold 1000-message login: {cold:?} ({downloads} downloads, {lists} list pages); warm login: {warm:?}"
+    );
+}
+
+/// Pass-through: the client's own token (SASL XOAUTH2), no router.
+fn pass_through(api: &GraphApi) -> Gateway {
+    Gateway::from_config(Config { backend: BackendConfig::Graph(config_for(api)), ..Config::default() })
+}
+
+#[test]
+fn pass_through_takes_bearer_tokens_and_refuses_passwords() {
+    let api = GraphApi::start();
+    let id = api.add(&messages::simple("by token"));
+    let token = api.issue_token(TokenKind::Delegated);
+    let gateway = pass_through(&api);
+    let mut pop = gateway.connect();
+    pop.ok(&format!("USER {UPN}"));
+    let reply = pop.cmd("PASS a-password");
+    assert!(reply.starts_with("-ERR [SYS/PERM]"), "{reply}");
+    let xoauth2 =
+        base64::engine::general_purpose::STANDARD.encode(format!("user={UPN}\x01auth=Bearer {token}\x01\x01"));
+    let mut pop = gateway.connect();
+    pop.ok(&format!("AUTH XOAUTH2 {xoauth2}"));
+    assert_eq!(pop.uidl(), numbered(&[id]));
+    pop.quit();
+}
+
+fn run(program: &str, args: &[&str]) -> Output {
+    let path = require_program(program);
+    let child = Command::new(&path)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("run {}: {e}", path.display()));
+    let pid = child.id();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let output = child.wait_with_output();
+        let _ = done_tx.send(());
+        output
+    });
+    if done_rx.recv_timeout(IO_TIMEOUT * 2).is_err() {
+        support::send_signal(pid, support::Signal::Kill);
+        panic!("{program} {args:?} did not finish within {:?}", IO_TIMEOUT * 2);
+    }
+    waiter.join().expect("waiter").expect("output")
+}
+
+fn describe(output: &Output) -> String {
+    format!(
+        "exit {}\n--- stdout\n{}\n--- stderr\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+#[test]
+fn curl_retrieves_and_deletes_with_a_bearer_token() {
+    let api = GraphApi::start();
+    let raws = [
+        messages::simple("for curl one"),
+        b"Subject: dots and a bare LF for curl\n\n.\n..two\ndots\nend".to_vec(),
+        messages::simple("for curl three"),
+    ];
+    let ids: Vec<String> = raws.iter().map(|r| api.add(r)).collect();
+    let token = api.issue_token(TokenKind::Delegated);
+    let gateway = pass_through(&api);
+    let user = format!("{UPN}:");
+    let curl = |path: &str, extra: &[&str]| {
+        let url = format!("pop3://{}/{path}", gateway.addr);
+        let mut args = vec![
+            "--silent",
+            "--show-error",
+            "--max-time",
+            "20",
+            "--user",
+            user.as_str(),
+            "--oauth2-bearer",
+            token.as_str(),
+        ];
+        args.extend_from_slice(extra);
+        args.push(&url);
+        run("curl", &args)
+    };
+    let listing = curl("", &["--request", "UIDL"]);
+    assert!(listing.status.success(), "curl UIDL: {}", describe(&listing));
+    let expected: String = numbered(&ids).iter().map(|(n, u)| format!("{n} {u}\r\n")).collect();
+    assert_eq!(String::from_utf8_lossy(&listing.stdout), expected);
+    for (i, raw) in raws.iter().enumerate() {
+        let retr = curl(&(i + 1).to_string(), &[]);
+        assert!(retr.status.success(), "curl RETR {}: {}", i + 1, describe(&retr));
+        assert_eq!(String::from_utf8_lossy(&retr.stdout), String::from_utf8_lossy(&canonical(raw)), "RETR {}", i + 1);
+    }
+    let dele = curl("2", &["--request", "DELE", "--head"]);
+    assert!(dele.status.success(), "curl DELE: {}", describe(&dele));
+    support::wait_for("message 2 to reach Deleted Items", IO_TIMEOUT, || {
+        (api.ids_in("deleteditems") == [ids[1].clone()]).then_some(())
+    });
+    assert_eq!(api.ids_in("inbox"), [ids[0].clone(), ids[2].clone()]);
+}
+
+const POPLIB_SCRIPT: &str = r#"
+import json, poplib, sys
+host, port, user, password = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+p = poplib.POP3(host, port, timeout=20)
+p.user(user)
+p.pass_(password)
+out = {"stat": list(p.stat()), "uidl": [l.decode() for l in p.uidl()[1]], "retr": []}
+for n in range(1, out["stat"][0] + 1):
+    resp, lines, octets = p.retr(n)
+    out["retr"].append({"text": b"".join(l + b"\r\n" for l in lines).decode("latin-1"), "octets": octets})
+    p.dele(n)
+out["quit"] = p.quit().decode()
+print(json.dumps(out))
+"#;
+
+#[test]
+fn python_poplib_retrieves_and_deletes_everything() {
+    let s = setup();
+    let raws = [
+        messages::simple("for poplib one"),
+        b"Subject: poplib and no final CRLF\r\n\r\n.starts with a dot\r\nend".to_vec(),
+        "Subject: 8-bit for poplib\n\ngr\u{fc}\u{df}e\n".as_bytes().to_vec(),
+    ];
+    let ids: Vec<String> = raws.iter().map(|r| s.api.add(r)).collect();
+    let port = s.gateway.addr.port().to_string();
+    let output = run("python3", &["-c", POPLIB_SCRIPT, "127.0.0.1", &port, DEVICE.0, DEVICE.1]);
+    assert!(output.status.success(), "poplib: {}", describe(&output));
+    let out: Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{e}: {}", describe(&output)));
+    let want: Vec<Vec<u8>> = raws.iter().map(|r| canonical(r)).collect();
+    let total: usize = want.iter().map(Vec::len).sum();
+    assert_eq!(out["stat"], serde_json::json!([3, total]));
+    for (i, m) in want.iter().enumerate() {
+        let latin1: String = m.iter().map(|&b| b as char).collect();
+        assert_eq!(out["retr"][i]["text"], latin1, "RETR {}", i + 1);
+        assert_eq!(out["retr"][i]["octets"], m.len(), "RETR {} octets", i + 1);
+        assert_eq!(out["uidl"][i], format!("{} {}", i + 1, uidl(&ids[i])));
+    }
+    assert!(out["quit"].as_str().is_some_and(|q| q.starts_with("+OK")), "{out}");
+    assert!(s.api.ids_in("inbox").is_empty(), "poplib's DELE + QUIT must empty the inbox");
+    assert_eq!(s.api.ids_in("deleteditems"), ids);
+}

@@ -1,0 +1,658 @@
+//! A stand-in for the Gmail API (REST v1) on 127.0.0.1 and a run-time port,
+//! written from Google's reference documentation: `users.labels.list`,
+//! `users.messages.list` (newest first, `labelIds`, a small `q`,
+//! `maxResults` ≤ 500, opaque `pageToken`, no `messages` key when empty),
+//! `users.messages.get` (`format=minimal|metadata|raw`, `internalDate` as a
+//! string, base64url `raw` with padding), `batchModify` / `batchDelete`
+//! (≤ 1000 ids, empty 204 answers), the `multipart/mixed` batch endpoint
+//! (`/batch/gmail/v1`, ≤ 100 parts, `Content-ID: <response-…>`), and
+//! Google's error bodies (`{"error":{"code","message","errors":[{reason,
+//! domain}],"status"}}`): 401 `UNAUTHENTICATED` for an unknown or revoked
+//! token, 403 `insufficientPermissions` for `batchDelete` without the full
+//! mail scope, 404 `notFound`, and — on demand — 429 `rateLimitExceeded` or
+//! 403 `userRateLimitExceeded` with `Retry-After`.
+//!
+//! What it does not reproduce: quota accounting (throttling happens only
+//! when a test asks for it), threads (each message is its own thread),
+//! `historyId` semantics, the `fields` partial-response parameter (ignored:
+//! whole resources are sent), `q` beyond `label:`, `in:` and `subject:`,
+//! `metadata` headers, HTTP/2, gzip, and what `batchModify` does with an
+//! unknown id (undocumented; here a 404 for the whole call).
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::response::Response;
+use base64::Engine;
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+use super::IO_TIMEOUT;
+
+/// What an access token lets its bearer do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// `https://mail.google.com/`: everything, `batchDelete` included.
+    Full,
+    /// `https://www.googleapis.com/auth/gmail.modify`: no permanent delete.
+    Modify,
+}
+
+/// An injected failure for the next request whose path and query contain
+/// `path_contains`.
+#[derive(Debug, Clone)]
+pub struct Throttle {
+    pub path_contains: String,
+    /// 429 (`rateLimitExceeded`) or 403 (`userRateLimitExceeded`).
+    pub status: u16,
+    pub retry_after: Option<u64>,
+    /// Applies to an inner request of a batch instead of a top-level one.
+    pub in_batch: bool,
+}
+
+/// A request as the stand-in saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub query: String,
+    pub at: Instant,
+    pub status: u16,
+    /// An inner request of a batch.
+    pub in_batch: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Message {
+    id: String,
+    raw: Vec<u8>,
+    internal_date: i64,
+    labels: BTreeSet<String>,
+}
+
+#[derive(Default)]
+struct StandIn {
+    messages: Vec<Message>,
+    /// User labels: (id, name).
+    user_labels: Vec<(String, String)>,
+    tokens: HashMap<String, Scope>,
+    page_cap: usize,
+    next_id: u64,
+    next_date: i64,
+    throttles: VecDeque<Throttle>,
+    seen: Vec<Seen>,
+    /// Parts per batch request.
+    batches: Vec<usize>,
+    refusing_refresh: bool,
+}
+
+const SYSTEM_LABELS: [&str; 10] =
+    ["INBOX", "SENT", "TRASH", "SPAM", "DRAFT", "UNREAD", "STARRED", "IMPORTANT", "CATEGORY_PERSONAL", "CHAT"];
+
+pub struct GmailApi {
+    /// `http://127.0.0.1:PORT`, the `api_base` to configure.
+    pub base_url: String,
+    state: Arc<Mutex<StandIn>>,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl GmailApi {
+    pub fn start() -> GmailApi {
+        let state = Arc::new(Mutex::new(StandIn {
+            page_cap: 500,
+            next_id: 0x18c2_f0a1_0000_0000,
+            next_date: 1_700_000_000_000,
+            ..StandIn::default()
+        }));
+        let shared = state.clone();
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel::<SocketAddr>();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("gmail-stand-in".into())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                runtime.block_on(async move {
+                    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+                    addr_tx.send(listener.local_addr().expect("addr")).expect("report address");
+                    let app = axum::Router::new().fallback(serve).with_state(shared);
+                    let _ = axum::serve(listener, app)
+                        .with_graceful_shutdown(async {
+                            let _ = stop_rx.await;
+                        })
+                        .await;
+                });
+                runtime.shutdown_timeout(Duration::from_secs(1));
+            })
+            .expect("spawn the stand-in");
+        let addr = addr_rx.recv_timeout(IO_TIMEOUT).expect("the Gmail stand-in started");
+        GmailApi { base_url: format!("http://{addr}"), state, stop: Some(stop_tx), thread: Some(thread) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, StandIn> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A new valid access token.
+    pub fn issue_token(&self, scope: Scope) -> String {
+        let mut state = self.lock();
+        let token = format!("ya29.stand-in-{}-{}", state.tokens.len() + 1, std::process::id());
+        state.tokens.insert(token.clone(), scope);
+        token
+    }
+
+    /// A token source for a router's refresh: each call issues a fresh token,
+    /// until `refuse_refresh`.
+    pub fn issuer(&self, scope: Scope) -> Arc<dyn Fn() -> Result<String, String> + Send + Sync> {
+        let state = self.state.clone();
+        Arc::new(move || {
+            let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
+            if state.refusing_refresh {
+                return Err("invalid_grant: Token has been expired or revoked.".into());
+            }
+            let token = format!("ya29.refreshed-{}-{}", state.tokens.len() + 1, std::process::id());
+            state.tokens.insert(token.clone(), scope);
+            Ok(token)
+        })
+    }
+
+    /// From now on `issuer` fails, as with a revoked refresh token.
+    pub fn refuse_refresh(&self) {
+        self.lock().refusing_refresh = true;
+    }
+
+    /// The token expires: from now on it gets 401.
+    pub fn expire(&self, token: &str) {
+        self.lock().tokens.remove(token);
+    }
+
+    /// Stores a message in INBOX, received a minute after the previous one.
+    pub fn add(&self, raw: &[u8]) -> String {
+        let date = {
+            let mut state = self.lock();
+            state.next_date += 60_000;
+            state.next_date
+        };
+        self.add_with(raw, date, &["INBOX", "UNREAD"])
+    }
+
+    /// Stores a message with this `internalDate` (ms) and these label ids.
+    pub fn add_with(&self, raw: &[u8], internal_date: i64, labels: &[&str]) -> String {
+        let mut state = self.lock();
+        state.next_id += 0x1_2345;
+        let id = format!("{:016x}", state.next_id);
+        let labels = labels.iter().map(|l| l.to_string()).collect();
+        state.messages.push(Message { id: id.clone(), raw: raw.to_vec(), internal_date, labels });
+        id
+    }
+
+    /// Creates a user label; returns its id (`Label_N`).
+    pub fn create_label(&self, name: &str) -> String {
+        let mut state = self.lock();
+        let id = format!("Label_{}", state.user_labels.len() + 1);
+        state.user_labels.push((id.clone(), name.to_string()));
+        id
+    }
+
+    /// The labels of a message, or `None` once it is deleted.
+    pub fn labels_of(&self, id: &str) -> Option<BTreeSet<String>> {
+        self.lock().messages.iter().find(|m| m.id == id).map(|m| m.labels.clone())
+    }
+
+    /// Ids of messages with this label, oldest first.
+    pub fn ids_with(&self, label: &str) -> Vec<String> {
+        let state = self.lock();
+        let mut found: Vec<&Message> = state.messages.iter().filter(|m| m.labels.contains(label)).collect();
+        found.sort_by_key(|m| (m.internal_date, m.id.clone()));
+        found.into_iter().map(|m| m.id.clone()).collect()
+    }
+
+    /// Ids of every message that exists.
+    pub fn all_ids(&self) -> Vec<String> {
+        self.lock().messages.iter().map(|m| m.id.clone()).collect()
+    }
+
+    /// Someone else deletes a message.
+    pub fn delete(&self, id: &str) {
+        self.lock().messages.retain(|m| m.id != id);
+    }
+
+    /// At most `n` ids per list page, whatever `maxResults` asks.
+    pub fn set_page_cap(&self, n: usize) {
+        self.lock().page_cap = n;
+    }
+
+    pub fn throttle(&self, throttle: Throttle) {
+        self.lock().throttles.push_back(throttle);
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.lock().seen.clone()
+    }
+
+    /// Parts of each batch request so far.
+    pub fn batches(&self) -> Vec<usize> {
+        self.lock().batches.clone()
+    }
+
+    pub fn forget_seen(&self) {
+        let mut state = self.lock();
+        state.seen.clear();
+        state.batches.clear();
+    }
+}
+
+impl Drop for GmailApi {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let deadline = Instant::now() + IO_TIMEOUT;
+            while !thread.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if thread.is_finished() {
+                let _ = thread.join();
+            }
+        }
+    }
+}
+
+/// An HTTP answer before it becomes a `Response` (batch parts need it too).
+struct Answer {
+    status: u16,
+    headers: Vec<(&'static str, String)>,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn json(status: u16, value: Value) -> Answer {
+        Answer {
+            status,
+            headers: vec![("Content-Type", "application/json; charset=UTF-8".into())],
+            body: serde_json::to_vec(&value).expect("JSON"),
+        }
+    }
+
+    fn empty() -> Answer {
+        Answer { status: 204, headers: Vec::new(), body: Vec::new() }
+    }
+
+    fn error(status: u16, google_status: &str, reason: &str, domain: &str, message: &str) -> Answer {
+        Answer::json(
+            status,
+            json!({ "error": {
+                "code": status,
+                "message": message,
+                "errors": [{ "message": message, "domain": domain, "reason": reason }],
+                "status": google_status,
+            }}),
+        )
+    }
+
+    fn unauthenticated() -> Answer {
+        let mut answer = Answer::error(
+            401,
+            "UNAUTHENTICATED",
+            "authError",
+            "global",
+            "Request had invalid authentication credentials. Expected OAuth 2 access token, login cookie or other \
+             valid authentication credential. See https://developers.google.com/identity/sign-in/web/devconsole-project.",
+        );
+        answer.headers.push((
+            "WWW-Authenticate",
+            "Bearer realm=\"https://accounts.google.com/\", error=\"invalid_token\"".into(),
+        ));
+        answer
+    }
+
+    fn not_found() -> Answer {
+        Answer::error(404, "NOT_FOUND", "notFound", "global", "Requested entity was not found.")
+    }
+
+    fn bad_request(message: &str) -> Answer {
+        Answer::error(400, "INVALID_ARGUMENT", "invalidArgument", "global", message)
+    }
+
+    fn throttled(throttle: &Throttle) -> Answer {
+        let mut answer = if throttle.status == 429 {
+            Answer::error(
+                429,
+                "RESOURCE_EXHAUSTED",
+                "rateLimitExceeded",
+                "global",
+                "Too many concurrent requests for user",
+            )
+        } else {
+            Answer::error(
+                403,
+                "PERMISSION_DENIED",
+                "userRateLimitExceeded",
+                "usageLimits",
+                "User-rate limit exceeded. Retry after 2024-01-01T00:00:01.000Z",
+            )
+        };
+        if let Some(secs) = throttle.retry_after {
+            answer.headers.push(("Retry-After", secs.to_string()));
+        }
+        answer
+    }
+
+    fn into_response(self) -> Response {
+        let mut response = Response::builder().status(StatusCode::from_u16(self.status).expect("status"));
+        for (name, value) in self.headers {
+            response = response.header(name, value);
+        }
+        response.body(Body::from(self.body)).expect("response")
+    }
+
+    /// As the HTTP/1.1 text inside a batch part.
+    fn to_http(&self) -> Vec<u8> {
+        let reason = StatusCode::from_u16(self.status).ok().and_then(|s| s.canonical_reason()).unwrap_or("");
+        let mut text = format!("HTTP/1.1 {} {reason}\r\n", self.status);
+        for (name, value) in &self.headers {
+            text.push_str(&format!("{name}: {value}\r\n"));
+        }
+        text.push_str(&format!("Content-Length: {}\r\n\r\n", self.body.len()));
+        let mut out = text.into_bytes();
+        out.extend_from_slice(&self.body);
+        out
+    }
+}
+
+type Shared = Arc<Mutex<StandIn>>;
+
+async fn serve(State(state): State<Shared>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let body = axum::body::to_bytes(body, 64 * 1024 * 1024).await.unwrap_or_default();
+    let path = parts.uri.path().to_string();
+    let query = parts.uri.query().unwrap_or("").to_string();
+    let token = bearer(&parts.headers);
+    let answer = if parts.method == Method::POST && path == "/batch/gmail/v1" {
+        batch(&state, token.as_deref(), &parts.headers, &body)
+    } else {
+        handle(&state, token.as_deref(), &parts.method, &path, &query, &body, false)
+    };
+    answer.into_response()
+}
+
+fn bearer(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get("authorization")?.to_str().ok()?;
+    value.strip_prefix("Bearer ").map(str::to_string)
+}
+
+fn handle(
+    state: &Shared,
+    token: Option<&str>,
+    method: &Method,
+    path: &str,
+    query: &str,
+    body: &[u8],
+    in_batch: bool,
+) -> Answer {
+    let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
+    let answer = route(&mut state, token, method, path, query, body, in_batch);
+    state.seen.push(Seen {
+        method: method.to_string(),
+        path: path.to_string(),
+        query: query.to_string(),
+        at: Instant::now(),
+        status: answer.status,
+        in_batch,
+    });
+    answer
+}
+
+fn route(
+    state: &mut StandIn,
+    token: Option<&str>,
+    method: &Method,
+    path: &str,
+    query: &str,
+    body: &[u8],
+    in_batch: bool,
+) -> Answer {
+    let Some(scope) = token.and_then(|t| state.tokens.get(t).copied()) else {
+        return Answer::unauthenticated();
+    };
+    let target = format!("{path}?{query}");
+    if let Some(at) = state.throttles.iter().position(|t| t.in_batch == in_batch && target.contains(&t.path_contains)) {
+        let throttle = state.throttles.remove(at).expect("present");
+        return Answer::throttled(&throttle);
+    }
+    let params: HashMap<String, Vec<String>> =
+        url::form_urlencoded::parse(query.as_bytes()).into_owned().fold(HashMap::new(), |mut map, (k, v)| {
+            map.entry(k).or_default().push(v);
+            map
+        });
+    let param = |name: &str| params.get(name).and_then(|v| v.first()).map(String::as_str);
+    let Some(rest) = path.strip_prefix("/gmail/v1/users/me/") else {
+        return Answer::not_found();
+    };
+    let segments: Vec<&str> = rest.split('/').collect();
+    match (method.as_str(), segments.as_slice()) {
+        ("GET", ["labels"]) => {
+            let mut labels: Vec<Value> =
+                SYSTEM_LABELS.iter().map(|l| json!({ "id": l, "name": l, "type": "system" })).collect();
+            labels.extend(state.user_labels.iter().map(|(id, name)| {
+                json!({ "id": id, "name": name, "type": "user", "messageListVisibility": "show",
+                        "labelListVisibility": "labelShow" })
+            }));
+            Answer::json(200, json!({ "labels": labels }))
+        }
+        ("GET", ["profile"]) => Answer::json(
+            200,
+            json!({ "emailAddress": "alice@example.com", "messagesTotal": state.messages.len(),
+                    "threadsTotal": state.messages.len(), "historyId": "4242" }),
+        ),
+        ("GET", ["messages"]) => list(state, &params),
+        ("GET", ["messages", id]) => {
+            let Some(message) = state.messages.iter().find(|m| m.id == *id) else {
+                return Answer::not_found();
+            };
+            let mut resource = json!({
+                "id": message.id,
+                "threadId": message.id,
+                "labelIds": message.labels,
+                "snippet": "Hello, this is a \"snippet\" with \"raw\":\"AAAA\" in it",
+                // An estimate, as Gmail's: not the POP3 size.
+                "sizeEstimate": message.raw.len() + 17,
+                "historyId": "4242",
+                "internalDate": message.internal_date.to_string(),
+            });
+            match param("format").unwrap_or("full") {
+                "minimal" | "metadata" => {}
+                "raw" => {
+                    resource["raw"] = json!(base64::engine::general_purpose::URL_SAFE.encode(&message.raw));
+                }
+                other => return Answer::bad_request(&format!("format {other} is not reproduced by the stand-in")),
+            }
+            Answer::json(200, resource)
+        }
+        ("POST", ["messages", "batchModify"]) => {
+            let request: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+            let ids = strings(&request["ids"]);
+            if ids.is_empty() || ids.len() > 1000 {
+                return Answer::bad_request("ids must hold 1 to 1000 ids");
+            }
+            if ids.iter().any(|id| !state.messages.iter().any(|m| &m.id == id)) {
+                return Answer::not_found();
+            }
+            let (add, remove) = (strings(&request["addLabelIds"]), strings(&request["removeLabelIds"]));
+            for message in state.messages.iter_mut().filter(|m| ids.contains(&m.id)) {
+                message.labels.extend(add.iter().cloned());
+                for label in &remove {
+                    message.labels.remove(label);
+                }
+            }
+            Answer::empty()
+        }
+        ("POST", ["messages", "batchDelete"]) => {
+            if scope != Scope::Full {
+                return Answer::error(
+                    403,
+                    "PERMISSION_DENIED",
+                    "insufficientPermissions",
+                    "global",
+                    "Request had insufficient authentication scopes.",
+                );
+            }
+            let request: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+            let ids = strings(&request["ids"]);
+            if ids.is_empty() || ids.len() > 1000 {
+                return Answer::bad_request("ids must hold 1 to 1000 ids");
+            }
+            state.messages.retain(|m| !ids.contains(&m.id));
+            Answer::empty()
+        }
+        _ => Answer::not_found(),
+    }
+}
+
+fn strings(value: &Value) -> Vec<String> {
+    value.as_array().map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect()).unwrap_or_default()
+}
+
+/// `users.messages.list`: newest first (internalDate, then id).
+fn list(state: &StandIn, params: &HashMap<String, Vec<String>>) -> Answer {
+    let label_ids = params.get("labelIds").cloned().unwrap_or_default();
+    let include_spam_trash = params.get("includeSpamTrash").and_then(|v| v.first()).is_some_and(|v| v == "true");
+    let query = params.get("q").and_then(|v| v.first()).cloned().unwrap_or_default();
+    let mut terms = Vec::new();
+    for term in query.split_whitespace() {
+        let Some((key, value)) = term.split_once(':') else {
+            return Answer::bad_request(&format!("the stand-in does not reproduce the query term {term:?}"));
+        };
+        match key {
+            "label" | "in" => {
+                let id = state
+                    .user_labels
+                    .iter()
+                    .find(|(_, name)| name.eq_ignore_ascii_case(value))
+                    .map(|(id, _)| id.clone())
+                    .unwrap_or_else(|| value.to_ascii_uppercase());
+                terms.push((true, id));
+            }
+            "subject" => terms.push((false, value.to_ascii_lowercase())),
+            _ => return Answer::bad_request(&format!("the stand-in does not reproduce the query term {term:?}")),
+        }
+    }
+    let max = params
+        .get("maxResults")
+        .and_then(|v| v.first())
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(100)
+        .clamp(1, 500)
+        .min(state.page_cap);
+    let offset = match params.get("pageToken").and_then(|v| v.first()) {
+        None => 0,
+        Some(token) => match token.strip_prefix("CgP").and_then(|t| usize::from_str_radix(t, 16).ok()) {
+            Some(offset) => offset,
+            None => return Answer::bad_request("Invalid pageToken"),
+        },
+    };
+    let mut matching: Vec<&Message> = state
+        .messages
+        .iter()
+        .filter(|m| include_spam_trash || !(m.labels.contains("TRASH") || m.labels.contains("SPAM")))
+        .filter(|m| label_ids.iter().all(|l| m.labels.contains(l)))
+        .filter(|m| {
+            terms.iter().all(|(is_label, value)| {
+                if *is_label {
+                    m.labels.contains(value)
+                } else {
+                    subject(&m.raw).to_ascii_lowercase().contains(value.as_str())
+                }
+            })
+        })
+        .collect();
+    matching.sort_by(|a, b| b.internal_date.cmp(&a.internal_date).then_with(|| b.id.cmp(&a.id)));
+    let page: Vec<Value> =
+        matching.iter().skip(offset).take(max).map(|m| json!({ "id": m.id, "threadId": m.id })).collect();
+    let mut answer = json!({ "resultSizeEstimate": matching.len() });
+    if !page.is_empty() {
+        answer["messages"] = json!(page);
+    }
+    if offset + max < matching.len() {
+        answer["nextPageToken"] = json!(format!("CgP{:x}", offset + max));
+    }
+    Answer::json(200, answer)
+}
+
+fn subject(raw: &[u8]) -> String {
+    String::from_utf8_lossy(raw)
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .find_map(|l| l.strip_prefix("Subject:").map(|s| s.trim().to_string()))
+        .unwrap_or_default()
+}
+
+/// `POST /batch/gmail/v1`: each part an HTTP request, answered in a part
+/// named after its Content-ID.
+fn batch(state: &Shared, token: Option<&str>, headers: &HeaderMap, body: &[u8]) -> Answer {
+    if token.is_none_or(|t| !state.lock().unwrap_or_else(|p| p.into_inner()).tokens.contains_key(t)) {
+        return Answer::unauthenticated();
+    }
+    let content_type = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("");
+    let Some(boundary) = content_type.split("boundary=").nth(1).map(|b| b.trim_matches('"').to_string()) else {
+        return Answer::bad_request("a batch request must be multipart/mixed with a boundary");
+    };
+    let text = String::from_utf8_lossy(body).to_string();
+    let delimiter = format!("--{boundary}");
+    let mut requests = Vec::new();
+    for part in text.split(&delimiter).skip(1) {
+        if part.starts_with("--") {
+            break;
+        }
+        let Some((part_headers, http)) = part.trim_start_matches("\r\n").split_once("\r\n\r\n") else {
+            return Answer::bad_request("a batch part without headers");
+        };
+        let content_id = part_headers
+            .lines()
+            .find_map(|l| l.strip_prefix("Content-ID:").or_else(|| l.strip_prefix("Content-Id:")))
+            .map(|v| v.trim().trim_matches(|c| c == '<' || c == '>').to_string())
+            .unwrap_or_else(|| format!("generated-{}", requests.len()));
+        let request_line = http.lines().next().unwrap_or("");
+        let mut words = request_line.split_whitespace();
+        let (Some(method), Some(target)) = (words.next(), words.next()) else {
+            return Answer::bad_request("a batch part without a request line");
+        };
+        requests.push((content_id, method.to_string(), target.to_string()));
+    }
+    if requests.is_empty() || requests.len() > 100 {
+        return Answer::bad_request("a batch holds 1 to 100 requests");
+    }
+    state.lock().unwrap_or_else(|p| p.into_inner()).batches.push(requests.len());
+    let reply_boundary = "batch_Zx9bYAhcQ6kAAEAc7ERnGU";
+    let mut out = Vec::new();
+    // Google answers in any order: answer in reverse, the Content-IDs pair them.
+    for (content_id, method, target) in requests.iter().rev() {
+        let (path, query) = target.split_once('?').unwrap_or((target, ""));
+        let method = Method::from_bytes(method.as_bytes()).unwrap_or(Method::GET);
+        let answer = handle(state, token, &method, path, query, b"", true);
+        out.extend_from_slice(
+            format!(
+                "--{reply_boundary}\r\nContent-Type: application/http\r\nContent-ID: <response-{content_id}>\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        out.extend_from_slice(&answer.to_http());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(format!("--{reply_boundary}--\r\n").as_bytes());
+    Answer {
+        status: 200,
+        headers: vec![("Content-Type", format!("multipart/mixed; boundary={reply_boundary}"))],
+        body: out,
+    }
+}
