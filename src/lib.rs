@@ -4,12 +4,16 @@
 //! - `pop3`: the protocol, sans I/O — command parser, response writer,
 //!   session state machine, maildrop snapshot.
 //! - `canonical`: the CRLF form of a message, shared by sizing and sending.
-//! - `backend`: the `Backend`/`Mailbox` traits and one file per store (IMAP,
-//!   demo memory store), plus exact-size resolution common to all.
-//! - `server`: listeners, the per-connection driver, shutdown.
-//! - `auth`: client credentials and the secret type that never prints.
+//! - `backend`: the `Backend`/`Mailbox` traits and one module per store
+//!   (IMAP, JMAP, Gmail API, Microsoft Graph, the demo memory store), shared
+//!   HTTP helpers, exact-size resolution and warm sessions common to all.
+//! - `server`: listeners (TLS, STLS, login policy), limits and throttling,
+//!   the per-connection driver, the admin listener, reload and shutdown.
+//! - `auth`: client credentials and the secret type that never prints;
+//!   routing of logins to backend accounts (pass-through or mapped device
+//!   users), OAuth2 flows and the encrypted token store.
 //! - `config`: the TOML configuration and `check-config`.
-//! - `telemetry`: logging.
+//! - `telemetry`: logging and Prometheus metrics.
 
 pub mod auth;
 pub mod backend;

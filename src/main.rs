@@ -21,7 +21,7 @@ use popgate::telemetry::Metrics;
 const DEFAULT_CONFIG: &str = "/etc/popgate/popgate.toml";
 
 #[derive(Parser)]
-#[command(name = "popgate", version, about = "A POP3 gateway to IMAP and JMAP mailboxes")]
+#[command(name = "popgate", version, about = "A POP3 gateway to IMAP, JMAP, Gmail API and Microsoft Graph mailboxes")]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -81,8 +81,8 @@ struct ServeArgs {
     #[arg(long = "listen", value_name = "ADDR")]
     listen: Vec<SocketAddr>,
     /// Backend URL: imap://host:port[/mailbox], imap+starttls://…, imaps://…,
-    /// jmap+http://host:port/path, jmap+https://…, demo: or demo:DIR;
-    /// replaces the configured backend.
+    /// jmap+http://host:port/path, jmap+https://…, gmail:[LABEL],
+    /// graph:[FOLDER], demo: or demo:DIR; replaces the configured backend.
     #[arg(long, value_name = "URL")]
     backend: Option<String>,
     /// Address of the admin HTTP listener (/metrics, /healthz, /readyz);
