@@ -24,8 +24,8 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use super::accounts::{Route, Router};
-use super::oauth::OAuthConfig;
 use super::oauth::client::OAuthClient;
+use super::oauth::{MailApi, OAuthConfig};
 use super::passwords::{DeviceHash, SecretSource};
 use super::tokens::{MetricsSlot, TokenSource, TokenSourceSettings, TokenStore, TokenStoreConfig};
 use super::{Credentials, Proof, Secret};
@@ -349,6 +349,8 @@ impl AccountRouter {
                 AccountMode::Mapped => {
                     let held = match &config.oauth {
                         Some(oauth) => {
+                            let api = MailApi::of(&lookup(&config.backend).expect("checked"));
+                            let oauth = &oauth.for_api(api);
                             let client = OAuthClient::new(oauth).map_err(|e| bad(e.to_string()))?;
                             let settings = TokenSourceSettings {
                                 may_refresh: token_store.is_none_or(|s| s.refresh),

@@ -56,6 +56,11 @@ pub async fn login(
     let store_config =
         config.token_store.as_ref().ok_or_else(|| anyhow::anyhow!("no [token_store] in the configuration"))?;
     let store = store_config.open()?;
+    let backend = match account.backend.as_str() {
+        crate::auth::routing::DEFAULT_BACKEND => Some(&config.backend),
+        other => config.backends.get(other),
+    };
+    let oauth = &oauth.for_api(backend.map(super::MailApi::of).unwrap_or(super::MailApi::Imap));
     let client = OAuthClient::new(oauth)?;
     let previous = store.load(name).await.ok().flatten();
 

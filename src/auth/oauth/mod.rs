@@ -56,6 +56,31 @@ pub const GOOGLE_SCOPES: &[&str] = &["https://mail.google.com/"];
 pub const MICROSOFT_SCOPES: &[&str] = &["https://outlook.office.com/IMAP.AccessAsUser.All", "offline_access"];
 /// Microsoft 365 app-only IMAP (client credentials).
 pub const MICROSOFT_APP_SCOPES: &[&str] = &["https://outlook.office365.com/.default"];
+/// Microsoft Graph mail (the `graph` backend), delegated.
+pub const GRAPH_SCOPES: &[&str] = &["https://graph.microsoft.com/Mail.ReadWrite", "offline_access"];
+/// Microsoft Graph mail, app-only (client credentials).
+pub const GRAPH_APP_SCOPES: &[&str] = &["https://graph.microsoft.com/.default"];
+
+/// Which API the tokens are for: the preset scopes differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MailApi {
+    /// IMAP (and JMAP, whose scopes are the server's business).
+    Imap,
+    /// The Gmail API: `https://mail.google.com/` covers it too.
+    GmailApi,
+    /// Microsoft Graph: `Mail.ReadWrite`.
+    Graph,
+}
+
+impl MailApi {
+    pub fn of(backend: &crate::config::BackendConfig) -> MailApi {
+        match backend {
+            crate::config::BackendConfig::Gmail(_) => MailApi::GmailApi,
+            crate::config::BackendConfig::Graph(_) => MailApi::Graph,
+            _ => MailApi::Imap,
+        }
+    }
+}
 
 /// `[account.oauth]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -202,6 +227,17 @@ impl OAuthConfig {
         Ok(())
     }
 
+    /// This configuration with the preset scopes for `api` when none are
+    /// configured (Microsoft Graph needs other scopes than IMAP).
+    pub fn for_api(&self, api: MailApi) -> OAuthConfig {
+        let mut config = self.clone();
+        if config.scopes.is_none() && self.provider == Provider::Microsoft && api == MailApi::Graph {
+            let scopes = if self.grant == Grant::ClientCredentials { GRAPH_APP_SCOPES } else { GRAPH_SCOPES };
+            config.scopes = Some(scopes.iter().map(|s| s.to_string()).collect());
+        }
+        config
+    }
+
     pub fn endpoints(&self) -> Result<Endpoints, String> {
         let parse = |what: &str, url: &str| Url::parse(url).map_err(|e| format!("{what} `{url}`: {e}"));
         let tenant = self.tenant.as_deref().unwrap_or("common");
@@ -294,6 +330,17 @@ mod tests {
         );
         app.check().unwrap();
         assert_eq!(app.endpoints().unwrap().scopes, ["https://outlook.office365.com/.default"]);
+        // The Graph backend gets Graph's scopes; IMAP keeps IMAP's; an
+        // explicit list always wins; Google's scope covers the Gmail API.
+        let microsoft = config("microsoft", "");
+        let graph = microsoft.for_api(MailApi::Graph).endpoints().unwrap();
+        assert_eq!(graph.scopes, ["https://graph.microsoft.com/Mail.ReadWrite", "offline_access"]);
+        assert_eq!(app.for_api(MailApi::Graph).endpoints().unwrap().scopes, ["https://graph.microsoft.com/.default"]);
+        assert_eq!(microsoft.for_api(MailApi::Imap), microsoft);
+        let explicit = config("microsoft", "scopes = [\"x\"]");
+        assert_eq!(explicit.for_api(MailApi::Graph), explicit);
+        let google = config("google", "");
+        assert_eq!(google.for_api(MailApi::GmailApi).endpoints().unwrap().scopes, ["https://mail.google.com/"]);
     }
 
     #[test]
