@@ -30,6 +30,10 @@ pub struct PoolConfig {
     /// Seconds an unused session is kept (stay under the server's own idle
     /// logout: IMAP servers may close after 30 minutes).
     pub idle_secs: u64,
+    /// Seconds after its backend login that a session is no longer kept:
+    /// reuse skips the backend's password check, so a password changed or
+    /// revoked at the provider must stop working through popgate soon.
+    pub max_age_secs: u64,
     /// Warm sessions kept per account.
     pub max_per_account: usize,
     /// Warm sessions kept in all.
@@ -38,7 +42,7 @@ pub struct PoolConfig {
 
 impl Default for PoolConfig {
     fn default() -> Self {
-        PoolConfig { enabled: true, idle_secs: 240, max_per_account: 2, max_total: 1000 }
+        PoolConfig { enabled: true, idle_secs: 240, max_age_secs: 900, max_per_account: 2, max_total: 1000 }
     }
 }
 
@@ -52,11 +56,14 @@ struct Key {
 struct Idle {
     mailbox: Box<dyn Mailbox>,
     since: Instant,
+    /// When the backend login happened.
+    opened: Instant,
 }
 
 /// What `checkout` lends: give it back with `checkin` after a clean end.
 pub struct Lease {
     key: Key,
+    opened: Instant,
     /// The session was warm (no backend login was needed).
     pub reused: bool,
 }
@@ -126,12 +133,13 @@ impl SessionPool {
                     candidate.mailbox.close().await;
                     continue;
                 }
+                let candidate_opened = candidate.opened;
                 let mut mailbox = candidate.mailbox;
                 match mailbox.reset().await {
                     Ok(()) => {
                         self.reused.fetch_add(1, Ordering::Relaxed);
                         tracing::debug!("reusing a warm backend session");
-                        return Ok((mailbox, Lease { key, reused: true }));
+                        return Ok((mailbox, Lease { key, reused: true, opened: candidate_opened }));
                     }
                     Err(e) => {
                         tracing::debug!(error = %e, "warm backend session is stale; discarding");
@@ -142,13 +150,13 @@ impl SessionPool {
         }
         let mailbox = backend.open(credentials).await?;
         self.logins.fetch_add(1, Ordering::Relaxed);
-        Ok((mailbox, Lease { key, reused: false }))
+        Ok((mailbox, Lease { key, reused: false, opened: Instant::now() }))
     }
 
     /// Keeps a session that ended cleanly for the next POP3 session of the
     /// same account (or closes it if the pool is off or full).
     pub async fn checkin(&self, lease: Lease, mailbox: Box<dyn Mailbox>) {
-        if !self.config.enabled {
+        if !self.config.enabled || lease.opened.elapsed() > Duration::from_secs(self.config.max_age_secs) {
             return mailbox.close().await;
         }
         let refused = {
@@ -158,7 +166,7 @@ impl SessionPool {
             if list.len() >= self.config.max_per_account || total >= self.config.max_total {
                 Some(mailbox)
             } else {
-                list.push(Idle { mailbox, since: Instant::now() });
+                list.push(Idle { mailbox, since: Instant::now(), opened: lease.opened });
                 None
             }
         };
@@ -278,6 +286,12 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(5)).await;
         pool.evict_expired().await;
         assert_eq!(pool.idle_count(), 0);
+        // A session past its maximum age is not kept, however recently used.
+        let aged = SessionPool::new(PoolConfig { max_age_secs: 0, ..PoolConfig::default() });
+        let (mailbox, lease) = aged.checkout(&backend, &alice).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        aged.checkin(lease, mailbox).await;
+        assert_eq!(aged.idle_count(), 0);
         let disabled = SessionPool::new(PoolConfig { enabled: false, ..PoolConfig::default() });
         let (mailbox, lease) = disabled.checkout(&backend, &alice).await.unwrap();
         disabled.checkin(lease, mailbox).await;
