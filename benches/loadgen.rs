@@ -172,7 +172,11 @@ fn main() {
     let raw: Vec<String> = std::env::args().skip(1).collect();
     if !raw.iter().any(|a| a == "--target") {
         // `cargo test --all-targets` and `cargo bench` run every bench
-        // target; this one is a tool driven by scripts/bench.
+        // target; this one is a tool driven by scripts/bench. Asked for its
+        // test list (nextest, `-- --list`), it has none.
+        if raw.iter().any(|a| a == "--list") {
+            return;
+        }
         println!("loadgen: the POP3 load client of scripts/bench; nothing to do without --target");
         println!("{USAGE}");
         return;

@@ -104,8 +104,11 @@ fn default_mailbox() -> String {
 fn default_timeout() -> u64 {
     30
 }
+/// 1 MiB: fewer partial FETCHes are much cheaper for the server (Dovecot
+/// spends 198 ms of CPU on a 100 MiB message in 256 KiB partials, 147 ms in
+/// 1 MiB ones), while popgate's memory stays a few MiB (docs/BENCHMARKS.md).
 fn default_chunk() -> u32 {
-    256 * 1024
+    1024 * 1024
 }
 
 impl ImapConfig {

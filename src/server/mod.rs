@@ -126,8 +126,7 @@ impl Server {
                     l.address
                 )));
             }
-            let listener = TcpListener::bind(l.address)
-                .await
+            let listener = bind(l.address)
                 .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {}: {e}", l.address)))?;
             listeners.push((listener, l.policy()));
         }
@@ -185,6 +184,19 @@ impl Server {
             grace: Duration::from_secs(config.limits.shutdown_grace_secs),
         })
     }
+}
+
+/// Connections the kernel queues before popgate accepts them. tokio's
+/// `TcpListener::bind` uses 128, which a fleet of devices polling at the same
+/// minute overflows: the overflowing clients then wait for a greeting that
+/// never comes.
+const LISTEN_BACKLOG: u32 = 4096;
+
+fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if address.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Closes warm backend sessions that idled too long, until the server is gone.
