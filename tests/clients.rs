@@ -4,14 +4,22 @@
 
 mod support;
 
+use support::program::{describe, run_with};
+
+/// Runs a program to completion with no stdin and these environment
+/// variables, killing it after the harness time limit.
+fn run(program: &str, args: &[&str], env: &[(&str, &Path)]) -> Output {
+    let env: Vec<(&str, &std::ffi::OsStr)> = env.iter().map(|(k, v)| (*k, v.as_os_str())).collect();
+    run_with(program, args, &env, None)
+}
+
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Output;
+use std::time::Duration;
 
 use support::dovecot::{ALICE, Dovecot};
 use support::gateway::Gateway;
 use support::messages::{canonical, simple};
-use support::{IO_TIMEOUT, require_program};
 
 /// A Dovecot where alice has these messages, and popgate in front of it.
 fn setup(messages: &[Vec<u8>]) -> (Dovecot, Gateway, Vec<u32>) {
@@ -19,53 +27,6 @@ fn setup(messages: &[Vec<u8>]) -> (Dovecot, Gateway, Vec<u32>) {
     let uids = dovecot.append_all(ALICE.0, messages);
     let gateway = Gateway::url(&dovecot.imap_url());
     (dovecot, gateway, uids)
-}
-
-/// Runs a program to completion with no stdin, killing it after the
-/// harness timeout.
-fn run(program: &str, args: &[&str], env: &[(&str, &Path)]) -> Output {
-    let path = require_program(program);
-    let mut child = Command::new(&path)
-        .args(args)
-        .envs(env.iter().map(|(k, v)| (k, v.as_os_str())))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("run {}: {e}", path.display()));
-    // Read the pipes on threads so a chatty child cannot block on them.
-    let mut stdout = child.stdout.take().unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let out = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        std::io::Read::read_to_end(&mut stdout, &mut buf).map(|_| buf)
-    });
-    let err = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        std::io::Read::read_to_end(&mut stderr, &mut buf).map(|_| buf)
-    });
-    let deadline = Instant::now() + IO_TIMEOUT * 2;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{program} {args:?} did not finish within {:?}", IO_TIMEOUT * 2);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Output { status, stdout: out.join().unwrap().unwrap(), stderr: err.join().unwrap().unwrap() }
-}
-
-fn describe(output: &Output) -> String {
-    format!(
-        "exit {}\n--- stdout\n{}\n--- stderr\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
 }
 
 fn curl(gateway: &Gateway, path: &str, extra: &[&str]) -> Output {

@@ -21,9 +21,17 @@
 
 mod support;
 
+use support::program::describe;
+
+/// Runs a program to completion with `input` on stdin, killing it after the
+/// harness time limit.
+fn run(program: &str, args: &[&str], input: &[u8]) -> Output {
+    support::program::run_with(program, args, &[], Some(input))
+}
+
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -37,7 +45,7 @@ use support::gateway::{Gateway, GatewayProcess};
 use support::messages::{canonical, simple};
 use support::pop3::{Pop3, plain_response};
 use support::tls::{Client, ServerCert, TestCa, has_capability, sasl_mechanisms, tcp, tcp_from};
-use support::{IO_TIMEOUT, require_program, wait_for};
+use support::wait_for;
 
 const USER: &str = "alice";
 const PASS: &str = "door-Pass-4711";
@@ -87,59 +95,6 @@ fn two_certificates() -> (TestCa, ServerCert, ServerCert) {
 
 // ---------------------------------------------------------------------------
 // Running real clients
-
-/// Runs a program to completion (stdin from `input`), killing it after
-/// twice the harness timeout.
-fn run(program: &str, args: &[&str], input: &[u8]) -> Output {
-    let path = require_program(program);
-    let mut child = Command::new(&path)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("run {}: {e}", path.display()));
-    let mut stdin = child.stdin.take().unwrap();
-    let input = input.to_vec();
-    let feeder = std::thread::spawn(move || {
-        let _ = stdin.write_all(&input);
-    });
-    let mut stdout = child.stdout.take().unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let out = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = stdout.read_to_end(&mut buf);
-        buf
-    });
-    let err = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = stderr.read_to_end(&mut buf);
-        buf
-    });
-    let deadline = Instant::now() + IO_TIMEOUT * 2;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{program} {args:?} did not finish within {:?}", IO_TIMEOUT * 2);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let _ = feeder.join();
-    Output { status, stdout: out.join().unwrap(), stderr: err.join().unwrap() }
-}
-
-fn describe(output: &Output) -> String {
-    format!(
-        "exit {}\n--- stdout\n{}\n--- stderr\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
 
 fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()

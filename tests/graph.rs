@@ -10,7 +10,8 @@
 
 mod support;
 
-use std::process::{Command, Output, Stdio};
+use support::program::{describe, run};
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,11 +20,11 @@ use popgate::backend::graph::{GraphBackend, GraphConfig, GraphDeletePolicy};
 use popgate::config::{BackendConfig, Config};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+use support::IO_TIMEOUT;
 use support::gateway::Gateway;
 use support::graph_api::{GraphApi, Throttle, TokenKind, UPN};
 use support::messages::{self, canonical};
 use support::token_router::{RoutedGateway, TokenRouter};
-use support::{IO_TIMEOUT, require_program};
 
 const DEVICE: (&str, &str) = ("scanner", "device-secret");
 
@@ -480,38 +481,6 @@ fn pass_through_takes_bearer_tokens_and_refuses_passwords() {
     pop.ok(&format!("AUTH XOAUTH2 {xoauth2}"));
     assert_eq!(pop.uidl(), numbered(&[id]));
     pop.quit();
-}
-
-fn run(program: &str, args: &[&str]) -> Output {
-    let path = require_program(program);
-    let child = Command::new(&path)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("run {}: {e}", path.display()));
-    let pid = child.id();
-    let (done_tx, done_rx) = std::sync::mpsc::channel();
-    let waiter = std::thread::spawn(move || {
-        let output = child.wait_with_output();
-        let _ = done_tx.send(());
-        output
-    });
-    if done_rx.recv_timeout(IO_TIMEOUT * 2).is_err() {
-        support::send_signal(pid, support::Signal::Kill);
-        panic!("{program} {args:?} did not finish within {:?}", IO_TIMEOUT * 2);
-    }
-    waiter.join().expect("waiter").expect("output")
-}
-
-fn describe(output: &Output) -> String {
-    format!(
-        "exit {}\n--- stdout\n{}\n--- stderr\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
 }
 
 #[test]

@@ -11,16 +11,17 @@
 
 mod support;
 
-use std::process::{Command, Output, Stdio};
+use support::program::{describe, run};
+
 use std::time::{Duration, Instant};
 
 use popgate::backend::jmap::{DeletePolicy, JmapConfig};
 use popgate::config::{BackendConfig, Config};
 use serde_json::Value;
+use support::IO_TIMEOUT;
 use support::cyrus::Cyrus;
 use support::gateway::Gateway;
 use support::messages::{self, Sample, canonical};
-use support::{IO_TIMEOUT, require_program};
 
 const USER: &str = "alice";
 const PASSWORD: &str = "cyrus-alice-pw";
@@ -269,40 +270,6 @@ fn a_removal_the_server_refuses_is_a_temporary_error_and_moves_nothing() {
     cyrus.set_password(USER, PASSWORD);
     assert_eq!(cyrus.ids_in(USER, "Inbox"), ids);
     assert!(cyrus.ids_in(USER, "Trash").is_empty());
-}
-
-/// Runs a program to completion with no stdin, killing it after twice the
-/// harness timeout.
-fn run(program: &str, args: &[&str]) -> Output {
-    let path = require_program(program);
-    let child = Command::new(&path)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("run {}: {e}", path.display()));
-    let pid = child.id();
-    let (done_tx, done_rx) = std::sync::mpsc::channel();
-    let waiter = std::thread::spawn(move || {
-        let output = child.wait_with_output();
-        let _ = done_tx.send(());
-        output
-    });
-    if done_rx.recv_timeout(IO_TIMEOUT * 2).is_err() {
-        support::send_signal(pid, support::Signal::Kill);
-        panic!("{program} {args:?} did not finish within {:?}", IO_TIMEOUT * 2);
-    }
-    waiter.join().expect("waiter").expect("output")
-}
-
-fn describe(output: &Output) -> String {
-    format!(
-        "exit {}\n--- stdout\n{}\n--- stderr\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
 }
 
 #[test]

@@ -12,6 +12,7 @@
 //!   (CRLF) form they must reach a POP3 client in — computed here, not by
 //!   popgate's own code, so the tests do not share its bugs.
 //! - `proxy`: a recording TCP proxy, to see what popgate sends its backend.
+//! - `program`: real client programs run to completion with a time limit.
 //! - `gmail_api`, `graph_api`: stand-ins for the Gmail API and Microsoft
 //!   Graph mail on run-time ports, with messages in memory.
 //! - `token_router`: a router handing out OAuth bearer tokens (and fresh
@@ -35,6 +36,7 @@ pub mod imap;
 pub mod messages;
 pub mod oauth_server;
 pub mod pop3;
+pub mod program;
 pub mod proxy;
 pub mod tls;
 pub mod token_router;
