@@ -23,14 +23,14 @@ use support::IO_TIMEOUT;
 use support::gateway::Gateway;
 use support::gmail_api::{GmailApi, Scope, Throttle};
 use support::messages::{self, canonical};
-use support::token_router::{RoutedGateway, TokenRouter};
+use support::token_router::TokenRouter;
 
 const DEVICE: (&str, &str) = ("printer", "device-secret");
 const ACCOUNT: &str = "alice@example.com";
 
 struct Setup {
     api: GmailApi,
-    gateway: RoutedGateway,
+    gateway: Gateway,
     router: Arc<TokenRouter>,
 }
 
@@ -46,7 +46,7 @@ fn setup_with(scope: Scope, change: impl FnOnce(&mut GmailConfig)) -> Setup {
     change(&mut config);
     let backend = Arc::new(GmailBackend::new(config).unwrap_or_else(|e| panic!("{e}")));
     let router = TokenRouter::new(backend, DEVICE, ACCOUNT, api.issue_token(scope), api.issuer(scope));
-    let gateway = RoutedGateway::start(Config::default(), router.clone());
+    let gateway = Gateway::routed(Config::default(), router.clone());
     Setup { api, gateway, router }
 }
 

@@ -24,13 +24,13 @@ use support::IO_TIMEOUT;
 use support::gateway::Gateway;
 use support::graph_api::{GraphApi, Throttle, TokenKind, UPN};
 use support::messages::{self, canonical};
-use support::token_router::{RoutedGateway, TokenRouter};
+use support::token_router::TokenRouter;
 
 const DEVICE: (&str, &str) = ("scanner", "device-secret");
 
 struct Setup {
     api: GraphApi,
-    gateway: RoutedGateway,
+    gateway: Gateway,
     router: Arc<TokenRouter>,
 }
 
@@ -44,7 +44,7 @@ fn setup_with(kind: TokenKind, change: impl FnOnce(&mut GraphConfig)) -> Setup {
     change(&mut config);
     let backend = Arc::new(GraphBackend::new(config).unwrap_or_else(|e| panic!("{e}")));
     let router = TokenRouter::new(backend, DEVICE, UPN, api.issue_token(kind), api.issuer(kind));
-    let gateway = RoutedGateway::start(Config::default(), router.clone());
+    let gateway = Gateway::routed(Config::default(), router.clone());
     Setup { api, gateway, router }
 }
 
@@ -385,7 +385,7 @@ fn a_folder_by_well_known_name_or_id_is_the_maildrop() {
     let backend = Arc::new(GraphBackend::new(GraphConfig { folder: folder.clone(), ..config_for(&api) }).unwrap());
     let kind = TokenKind::Delegated;
     let router = TokenRouter::new(backend, DEVICE, UPN, api.issue_token(kind), api.issuer(kind));
-    let gateway = RoutedGateway::start(Config::default(), router);
+    let gateway = Gateway::routed(Config::default(), router);
     let mut pop = gateway.login(DEVICE.0, DEVICE.1);
     assert_eq!(pop.uidl(), numbered(&scans));
     pop.quit();

@@ -34,7 +34,7 @@ fn serve<F: Fixture>(store: &F) -> Popgate {
 fn serve_with<F: Fixture>(store: &F, limits: impl FnOnce(&mut Limits)) -> Popgate {
     let mut config = Config { backend: store.backend_config(), ..Config::default() };
     limits(&mut config.limits);
-    Popgate::start(config, store.router())
+    crate::gateway::start(config, store.router())
 }
 
 /// A fresh store holding `messages`, and popgate in front of it.

@@ -9,6 +9,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
+use popgate::auth::accounts::{PassThrough, Router};
 use popgate::backend::SharedBackend;
 use popgate::backend::memory::{MemoryBackend, MemoryStore};
 use popgate::config::{BackendConfig, Config, Limits};
@@ -74,7 +75,19 @@ impl Gateway {
         Gateway::start(config, backend)
     }
 
-    pub fn start(mut config: Config, backend: SharedBackend) -> Gateway {
+    pub fn start(config: Config, backend: SharedBackend) -> Gateway {
+        Gateway::routed(config, std::sync::Arc::new(PassThrough::new(backend)))
+    }
+
+    /// With logins routed by `router` (mapped accounts, OAuth tokens).
+    pub fn routed(config: Config, router: std::sync::Arc<dyn Router>) -> Gateway {
+        Gateway::routed_with_hook(config, router, || {})
+    }
+
+    /// Like `routed`; `on_thread_start` runs on the gateway's thread and on
+    /// every thread of its runtime (the battery marks them to count only
+    /// popgate's allocations).
+    pub fn routed_with_hook(mut config: Config, router: std::sync::Arc<dyn Router>, on_thread_start: fn()) -> Gateway {
         init_logging();
         // Keep the first listener's policy; only its address changes.
         config.listener.truncate(1);
@@ -87,13 +100,15 @@ impl Gateway {
         let thread = std::thread::Builder::new()
             .name("popgate-under-test".into())
             .spawn(move || {
+                on_thread_start();
                 let runtime = tokio::runtime::Builder::new_multi_thread()
                     .worker_threads(2)
+                    .on_thread_start(on_thread_start)
                     .enable_all()
                     .build()
                     .expect("runtime");
                 runtime.block_on(async move {
-                    let server = match Server::start(&config, backend).await {
+                    let server = match Server::start_with_router(&config, router).await {
                         Ok(server) => server,
                         Err(e) => {
                             let _ = addr_tx.send(Err(e.to_string()));
