@@ -16,7 +16,7 @@ use crate::backend::gmail::GmailConfig;
 use crate::backend::graph::GraphConfig;
 use crate::backend::imap::{ImapConfig, ImapTls};
 use crate::backend::jmap::JmapConfig;
-use crate::backend::memory::MemoryConfig;
+use crate::backend::demo::DemoConfig;
 use crate::backend::pool::PoolConfig;
 use crate::server::policy::{ListenerTls, LoginPolicy};
 use crate::server::throttle::ThrottleConfig;
@@ -196,7 +196,7 @@ impl Default for Limits {
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum BackendConfig {
     /// The built-in demo store (any user, any password).
-    Demo(MemoryConfig),
+    Demo(DemoConfig),
     Imap(ImapConfig),
     /// A JMAP server (RFC 8620/8621).
     Jmap(JmapConfig),
@@ -208,7 +208,7 @@ pub enum BackendConfig {
 
 impl Default for BackendConfig {
     fn default() -> Self {
-        BackendConfig::Demo(MemoryConfig::default())
+        BackendConfig::Demo(DemoConfig::default())
     }
 }
 
@@ -365,7 +365,7 @@ impl BackendConfig {
         let bad = |why: &str| ConfigError::BackendUrl { url: url.to_string(), why: why.to_string() };
         if let Some(dir) = url.strip_prefix("demo:") {
             let dir = dir.trim_start_matches("//");
-            return Ok(BackendConfig::Demo(MemoryConfig { messages_dir: (!dir.is_empty()).then(|| dir.into()) }));
+            return Ok(BackendConfig::Demo(DemoConfig { messages_dir: (!dir.is_empty()).then(|| dir.into()) }));
         }
         // `gmail:LABEL` / `graph:FOLDER`: the name, %-escaped; the API is
         // the provider's own (set `api_base` in a file to change it).
@@ -483,10 +483,10 @@ mod tests {
         assert_eq!((c.port(), c.tls, c.mailbox.as_str()), (1143, ImapTls::Starttls, "Print Queue"));
         let c = imap("imap://[::1]:143/Archive");
         assert_eq!((c.host.as_str(), c.mailbox.as_str()), ("::1", "Archive"));
-        assert_eq!(BackendConfig::from_url("demo:").unwrap(), BackendConfig::Demo(MemoryConfig::default()));
+        assert_eq!(BackendConfig::from_url("demo:").unwrap(), BackendConfig::Demo(DemoConfig::default()));
         assert_eq!(
             BackendConfig::from_url("demo:/srv/mail").unwrap(),
-            BackendConfig::Demo(MemoryConfig { messages_dir: Some("/srv/mail".into()) })
+            BackendConfig::Demo(DemoConfig { messages_dir: Some("/srv/mail".into()) })
         );
         for bad in ["pop3://x", "imap://", "imap://h:99999", "imap://u:p@h", "nothing", "imap://h/%zz"] {
             assert!(BackendConfig::from_url(bad).is_err(), "{bad}");

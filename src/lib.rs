@@ -1,6 +1,8 @@
 //! popgate: a POP3 server whose maildrop lives in a remote mail store.
 //!
 //! # Layout
+//! - `mail`: the shared words (credentials, secrets, message ids, failure
+//!   classes); imports nothing else of the crate.
 //! - `pop3`: the protocol, sans I/O — command parser, response writer,
 //!   session state machine, maildrop snapshot.
 //! - `canonical`: the CRLF form of a message, shared by sizing and sending.
@@ -15,10 +17,13 @@
 //! - `config`: the TOML configuration and `check-config`.
 //! - `telemetry`: logging and Prometheus metrics.
 
+#![forbid(unsafe_code)]
+
 pub mod auth;
 pub mod backend;
 pub mod canonical;
 pub mod config;
+pub mod mail;
 pub mod pop3;
 pub mod server;
 pub mod telemetry;

@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use popgate::backend::memory::{MemoryBackend, MemoryStore};
+use popgate::backend::demo::{DemoBackend, DemoStore};
 use popgate::config::{Config, ListenerConfig};
 use popgate::server::policy::ListenerTls;
 use support::gateway::{Gateway, GatewayProcess};
@@ -62,8 +62,8 @@ fn home() -> IpAddr {
 }
 
 /// A store where alice (password `PASS`) has two messages.
-fn store() -> MemoryStore {
-    let store = MemoryStore::new();
+fn store() -> DemoStore {
+    let store = DemoStore::new();
     store.add_user(USER, PASS);
     store.add_user("bob", "bob-pass");
     store.append(USER, simple("first"));
@@ -81,8 +81,8 @@ fn config(tls: ListenerTls, certs: &[&ServerCert]) -> Config {
     config
 }
 
-fn start(config: Config, store: &MemoryStore) -> Gateway {
-    Gateway::start(config, Arc::new(MemoryBackend::new(store.clone())))
+fn start(config: Config, store: &DemoStore) -> Gateway {
+    Gateway::start(config, Arc::new(DemoBackend::new(store.clone())))
 }
 
 /// A CA, a certificate for pop.a.test (the default) and one for pop.b.test.
@@ -832,7 +832,7 @@ fn failed_logins_are_throttled_growing_capped_per_session_and_released() {
     config.throttle.base_delay_ms = 200;
     config.throttle.max_delay_ms = 800;
     config.throttle.release_after_secs = 2;
-    let gateway = Gateway::start(config, Arc::new(MemoryBackend::new(store.clone())));
+    let gateway = Gateway::start(config, Arc::new(DemoBackend::new(store.clone())));
     let addr = gateway.addr;
 
     // 127.0.0.1 guesses victim's password: three connections of three.

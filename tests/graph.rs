@@ -60,10 +60,10 @@ impl Setup {
     fn router_token(&self) -> String {
         let route = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
             use popgate::auth::accounts::Router as _;
-            self.router.route(&popgate::auth::Credentials::password(DEVICE.0, DEVICE.1)).await
+            self.router.route(&popgate::mail::Credentials::password(DEVICE.0, DEVICE.1)).await
         });
         match route.ok().map(|r| r.credentials.proof) {
-            Some(popgate::auth::Proof::Bearer(token)) => token.expose().to_string(),
+            Some(popgate::mail::Proof::Bearer(token)) => token.expose().to_string(),
             other => panic!("the router hands out bearer tokens, not {other:?}"),
         }
     }

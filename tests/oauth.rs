@@ -24,10 +24,10 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use popgate::auth::Secret;
 use popgate::auth::passwords::{SecretSource, hash_password};
 use popgate::auth::tokens::{EncryptedFileStore, StoreKey, StoredToken, TokenStore, unix_now};
 use popgate::config::{BackendConfig, Config};
+use popgate::mail::Secret;
 use support::IO_TIMEOUT;
 use support::dovecot_oauth::OAuthDovecot;
 use support::gateway::{Gateway, GatewayProcess};

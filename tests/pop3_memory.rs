@@ -1,4 +1,4 @@
-//! Whole POP3 sessions against popgate in-process over the `MemoryStore`:
+//! Whole POP3 sessions against popgate in-process over the `DemoStore`:
 //! the protocol (RFC 1939, RFC 2449 CAPA, RFC 5034 AUTH), limits, and the
 //! store's own knobs (chunk sizes, wrong claimed sizes). The sessions every
 //! store must serve alike (DELE/QUIT/RSET, snapshots, pipelining, hard
@@ -9,7 +9,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use popgate::backend::memory::MemoryStore;
+use popgate::backend::demo::DemoStore;
 use support::gateway::Gateway;
 use support::messages::{self, canonical, simple, top};
 use support::pop3::{Pop3, plain_response};
@@ -18,8 +18,8 @@ const USER: &str = "alice";
 const PASS: &str = "alice secret \"quoted\" \\";
 
 /// A store where alice (password `PASS`) has these messages.
-fn store_with(messages: &[Vec<u8>]) -> MemoryStore {
-    let store = MemoryStore::new();
+fn store_with(messages: &[Vec<u8>]) -> DemoStore {
+    let store = DemoStore::new();
     store.add_user(USER, PASS);
     for m in messages {
         store.append(USER, m.clone());
@@ -31,7 +31,7 @@ fn three() -> Vec<Vec<u8>> {
     vec![simple("first"), simple("second"), simple("third")]
 }
 
-fn contents(store: &MemoryStore) -> Vec<Vec<u8>> {
+fn contents(store: &DemoStore) -> Vec<Vec<u8>> {
     store.contents(USER).iter().map(|m| m.to_vec()).collect()
 }
 

@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use popgate::backend::StoreId;
+use popgate::mail::StoreId;
 use popgate::pop3::{Line, Maildrop, Message, Session, SessionConfig, Step};
 
 fn maildrop() -> Maildrop {

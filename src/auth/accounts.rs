@@ -7,8 +7,8 @@
 
 use async_trait::async_trait;
 
-use crate::auth::Credentials;
-use crate::backend::{BackendError, SharedBackend};
+use crate::backend::SharedBackend;
+use crate::mail::{BackendError, Credentials};
 
 /// Where a login goes.
 pub struct Route {

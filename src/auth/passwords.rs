@@ -11,7 +11,7 @@ use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, Salt
 use argon2::{Algorithm, Argon2, Params, Version};
 use serde::{Deserialize, Serialize};
 
-use super::Secret;
+use crate::mail::Secret;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PasswordError {

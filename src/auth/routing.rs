@@ -28,9 +28,9 @@ use super::oauth::client::OAuthClient;
 use super::oauth::{MailApi, OAuthConfig};
 use super::passwords::{DeviceHash, SecretSource};
 use super::tokens::{MetricsSlot, TokenSource, TokenSourceSettings, TokenStore, TokenStoreConfig};
-use super::{Credentials, Proof, Secret};
-use crate::backend::{BackendError, SharedBackend};
+use crate::backend::SharedBackend;
 use crate::config::BackendConfig;
+use crate::mail::{BackendError, Credentials, Proof, Secret};
 use crate::telemetry::Metrics;
 
 /// The name of the `[backend]` table among the named backends.
@@ -548,7 +548,7 @@ impl Router for AccountRouter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::memory::{MemoryBackend, MemoryConfig, MemoryStore};
+    use crate::backend::demo::{DemoBackend, DemoConfig, DemoStore};
 
     fn hash(password: &str) -> String {
         crate::auth::passwords::hash_password(password).unwrap()
@@ -563,13 +563,13 @@ mod tests {
     }
 
     fn demo() -> BackendConfig {
-        BackendConfig::Demo(MemoryConfig::default())
+        BackendConfig::Demo(DemoConfig::default())
     }
 
     fn router(toml_text: &str) -> Arc<AccountRouter> {
-        let store = MemoryStore::from_config(&MemoryConfig::default()).unwrap();
+        let store = DemoStore::from_config(&DemoConfig::default()).unwrap();
         AccountRouter::new(&accounts(toml_text), &demo(), &BTreeMap::new(), None, Arc::new(Metrics::new()), |_| {
-            Ok(Arc::new(MemoryBackend::new(store.clone())) as SharedBackend)
+            Ok(Arc::new(DemoBackend::new(store.clone())) as SharedBackend)
         })
         .unwrap()
     }

@@ -23,8 +23,8 @@ use reqwest::header::{HeaderMap, RETRY_AFTER};
 use tokio::sync::Semaphore;
 use url::Url;
 
-use super::{BackendError, MessageStream};
-use crate::auth::Secret;
+use super::MessageStream;
+use crate::mail::{BackendError, Secret};
 
 /// TLS for HTTPS: ring as the one crypto provider, and the webpki roots or
 /// the configured CA file.

@@ -15,23 +15,17 @@ pub mod graph;
 pub mod http;
 pub mod imap;
 pub mod jmap;
-pub mod memory;
+pub mod demo;
 pub mod pool;
 pub mod sizes;
 
-use std::fmt;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 
-use crate::auth::Credentials;
-
-/// How a message is addressed in its store (IMAP UID, JMAP id, …). Opaque to
-/// everything but the backend that issued it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct StoreId(pub String);
+use crate::mail::{BackendError, Credentials, StoreId};
 
 /// A message as listed when the maildrop is opened.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -125,32 +119,3 @@ pub trait Mailbox: Send {
 }
 
 pub type SharedBackend = Arc<dyn Backend>;
-
-/// Why a backend call failed, in terms a POP3 reply can be chosen from.
-#[derive(Debug, thiserror::Error)]
-pub enum BackendError {
-    /// The store refused these credentials.
-    #[error("authentication failed")]
-    AuthFailed,
-    /// The credentials cannot be sent to this store (e.g. NUL or CR/LF in them).
-    #[error("credentials rejected before reaching the backend: {0}")]
-    BadCredentials(&'static str),
-    /// The mailbox is locked or too many sessions are open for this account.
-    #[error("mailbox in use: {0}")]
-    InUse(String),
-    /// Transient: network, timeout, server down, throttled. Try again later.
-    #[error("backend unavailable: {0}")]
-    Unavailable(String),
-    /// A permanent problem with this account or configuration.
-    #[error("backend refused: {0}")]
-    Permanent(String),
-    /// The message no longer exists in the store.
-    #[error("message no longer exists")]
-    MessageGone,
-}
-
-impl BackendError {
-    pub fn unavailable(what: impl fmt::Display) -> Self {
-        BackendError::Unavailable(what.to_string())
-    }
-}

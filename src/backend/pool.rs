@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use ring::hmac;
 use serde::{Deserialize, Serialize};
 
-use super::{BackendError, Mailbox, SharedBackend};
-use crate::auth::{Credentials, Proof};
+use super::{Mailbox, SharedBackend};
+use crate::mail::{BackendError, Credentials, Proof};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -220,13 +220,13 @@ impl SessionPool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::memory::{MemoryBackend, MemoryStore};
+    use crate::backend::demo::{DemoBackend, DemoStore};
 
-    fn backend() -> (MemoryStore, SharedBackend) {
-        let store = MemoryStore::new();
+    fn backend() -> (DemoStore, SharedBackend) {
+        let store = DemoStore::new();
         store.add_user("alice", "pw");
         store.add_user("bob", "pw2");
-        (store.clone(), Arc::new(MemoryBackend::new(store)))
+        (store.clone(), Arc::new(DemoBackend::new(store)))
     }
 
     #[tokio::test]

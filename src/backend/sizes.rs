@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use moka::future::Cache;
 
-use super::{BackendError, ListedMessage, Mailbox, ReportedSize};
+use super::{ListedMessage, Mailbox, ReportedSize};
+use crate::mail::BackendError;
 
 #[derive(Clone)]
 pub struct ExactSizes {

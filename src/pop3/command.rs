@@ -6,7 +6,7 @@
 //! Bytes after a complete line stay buffered, which is what makes PIPELINING
 //! work. No I/O here.
 
-use crate::auth::Secret;
+use crate::mail::Secret;
 
 /// One framed line, without its line end.
 #[derive(Debug, PartialEq, Eq)]

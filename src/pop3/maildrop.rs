@@ -4,7 +4,7 @@
 //! session; mail that arrives later is not in it. DELE only marks an entry;
 //! nothing is removed from the store until the UPDATE state.
 
-use crate::backend::StoreId;
+use crate::mail::StoreId;
 use crate::pop3::command::MessageNumber;
 
 #[derive(Debug, Clone, PartialEq, Eq)]

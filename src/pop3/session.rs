@@ -7,8 +7,7 @@
 //! never touches the store itself. Each state carries only the data valid in
 //! it, so a maildrop exists only in TRANSACTION.
 
-use crate::auth::{Credentials, Proof};
-use crate::backend::{BackendError, StoreId};
+use crate::mail::{BackendError, Credentials, Proof, StoreId};
 use crate::pop3::command::{Command, Line, ParseError};
 use crate::pop3::maildrop::{Lookup, Maildrop};
 use crate::pop3::response::{BodyEncoder, Response, ResponseCode};
@@ -223,7 +222,7 @@ impl Session {
                 Command::Pass(password) => match user.take() {
                     None => Step::Reply(Response::err("USER first")),
                     Some(name) => {
-                        self.begin_login(Credentials { user: name, proof: crate::auth::Proof::Password(password) })
+                        self.begin_login(Credentials { user: name, proof: crate::mail::Proof::Password(password) })
                     }
                 },
                 Command::Auth { mechanism: None, .. } => Step::Reply(

@@ -56,8 +56,8 @@ impl Harness {
                 let step = if self.backend_down {
                     self.session.login_failed(&BackendError::unavailable("down"))
                 } else if c.user == "alice"
-                    && (c.proof == crate::auth::Proof::Password(crate::auth::Secret::new("s3cr3t"))
-                        || c.proof == crate::auth::Proof::Bearer(crate::auth::Secret::new("good-token")))
+                    && (c.proof == crate::mail::Proof::Password(crate::mail::Secret::new("s3cr3t"))
+                        || c.proof == crate::mail::Proof::Bearer(crate::mail::Secret::new("good-token")))
                 {
                     self.session.login_succeeded(Self::maildrop())
                 } else {

@@ -14,9 +14,10 @@ use tracing::Instrument;
 use super::Context;
 use super::policy::{ListenerTls, LoginPolicy};
 use super::stream::ClientStream;
+use crate::backend::Mailbox;
 use crate::backend::pool::Lease;
-use crate::backend::{BackendError, Mailbox, StoreId};
 use crate::config::Limits;
+use crate::mail::{BackendError, StoreId};
 use crate::pop3::response::ResponseCode;
 use crate::pop3::sasl::Mechanism;
 use crate::pop3::{BodyEncoder, LineReader, Maildrop, Message, Response, Session, SessionConfig, Step};
@@ -500,7 +501,7 @@ struct Opened {
 
 /// Routes the login, logs in to the backend (or takes a warm session),
 /// lists the mailbox and makes every size exact.
-async fn open_maildrop(context: &Context, credentials: &crate::auth::Credentials) -> Result<Opened, BackendError> {
+async fn open_maildrop(context: &Context, credentials: &crate::mail::Credentials) -> Result<Opened, BackendError> {
     let route = context.router.route(credentials).await?;
     let kind = route.backend.kind();
     let timed = |operation: &'static str, started: std::time::Instant| {

@@ -22,15 +22,16 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
 use crate::auth::accounts::{PassThrough, Router};
+use crate::backend::SharedBackend;
 use crate::backend::gmail::GmailBackend;
 use crate::backend::graph::GraphBackend;
 use crate::backend::imap::ImapBackend;
 use crate::backend::jmap::JmapBackend;
-use crate::backend::memory::{MemoryBackend, MemoryStore};
+use crate::backend::demo::{DemoBackend, DemoStore};
 use crate::backend::pool::SessionPool;
 use crate::backend::sizes::ExactSizes;
-use crate::backend::{BackendError, SharedBackend};
 use crate::config::{BackendConfig, Config, Limits};
+use crate::mail::BackendError;
 use crate::telemetry::Metrics;
 use admin::Health;
 use limits::PerAddressLimit;
@@ -75,9 +76,9 @@ struct ListenerContext {
 pub fn build_backend(config: &BackendConfig) -> Result<SharedBackend, BackendError> {
     Ok(match config {
         BackendConfig::Demo(demo) => {
-            let store = MemoryStore::from_config(demo)
+            let store = DemoStore::from_config(demo)
                 .map_err(|e| BackendError::Permanent(format!("cannot load demo messages: {e}")))?;
-            Arc::new(MemoryBackend::new(store))
+            Arc::new(DemoBackend::new(store))
         }
         BackendConfig::Imap(imap) => Arc::new(ImapBackend::new(imap.clone())?),
         BackendConfig::Jmap(jmap) => Arc::new(JmapBackend::new(jmap.clone())?),

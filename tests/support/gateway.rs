@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use popgate::auth::accounts::{PassThrough, Router};
 use popgate::backend::SharedBackend;
-use popgate::backend::memory::{MemoryBackend, MemoryStore};
+use popgate::backend::demo::{DemoBackend, DemoStore};
 use popgate::config::{BackendConfig, Config, Limits};
 use popgate::server::{Server, build_backend};
 use tokio::sync::oneshot;
@@ -42,16 +42,16 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Over a `MemoryStore` the test keeps a handle to, default limits.
-    pub fn memory(store: &MemoryStore) -> Gateway {
+    /// Over a `DemoStore` the test keeps a handle to, default limits.
+    pub fn memory(store: &DemoStore) -> Gateway {
         Gateway::memory_with(store, |_| {})
     }
 
-    /// Over a `MemoryStore`, with limits adjusted by `limits`.
-    pub fn memory_with(store: &MemoryStore, limits: impl FnOnce(&mut Limits)) -> Gateway {
+    /// Over a `DemoStore`, with limits adjusted by `limits`.
+    pub fn memory_with(store: &DemoStore, limits: impl FnOnce(&mut Limits)) -> Gateway {
         let mut config = Config::default();
         limits(&mut config.limits);
-        Gateway::start(config, std::sync::Arc::new(MemoryBackend::new(store.clone())))
+        Gateway::start(config, std::sync::Arc::new(DemoBackend::new(store.clone())))
     }
 
     /// Over a backend URL (`imap://127.0.0.1:PORT`, `demo:`), default limits.

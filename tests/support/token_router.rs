@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use popgate::auth::accounts::{Route, Router};
-use popgate::auth::{Credentials, Proof, Secret};
-use popgate::backend::{BackendError, SharedBackend};
+use popgate::backend::SharedBackend;
+use popgate::mail::{BackendError, Credentials, Proof, Secret};
 
 /// Where fresh access tokens come from: `Err` is a failed refresh (say, a
 /// revoked refresh token).

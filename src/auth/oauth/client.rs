@@ -13,8 +13,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::{Endpoints, Grant, OAuthConfig};
-use crate::auth::Secret;
 use crate::auth::tokens::{StoredToken, unix_now};
+use crate::mail::Secret;
 
 /// The longest answer read from a provider.
 const MAX_BODY: usize = 64 * 1024;

@@ -252,7 +252,7 @@ pub async fn status(config: &Config, out: &mut impl Write) -> anyhow::Result<()>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::Secret;
+    use crate::mail::Secret;
 
     #[test]
     fn utc_dates() {

@@ -23,7 +23,7 @@ use url::Url;
 
 use super::Endpoints;
 use super::client::{DeviceAuthorization, OAuthClient, TokenError, TokenResponse};
-use crate::auth::Secret;
+use crate::mail::Secret;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FlowError {

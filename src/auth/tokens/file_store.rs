@@ -274,7 +274,7 @@ impl TokenStore for EncryptedFileStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::Secret;
+    use crate::mail::Secret;
 
     fn token(access: &str, refresh: &str) -> StoredToken {
         StoredToken {

@@ -20,8 +20,8 @@ use serde::{Deserialize, Serialize};
 pub use file_store::{EncryptedFileStore, StoreKey};
 pub use source::{MetricsSlot, TokenSource, TokenSourceError, TokenSourceSettings};
 
-use super::Secret;
 use super::passwords::SecretSource;
+use crate::mail::Secret;
 
 /// Seconds since the Unix epoch, now.
 pub fn unix_now() -> u64 {

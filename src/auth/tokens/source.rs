@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
 
 use super::{StoreError, StoredToken, TokenStore, unix_now};
-use crate::auth::Secret;
 use crate::auth::oauth::Grant;
 use crate::auth::oauth::client::{OAuthClient, TokenError};
+use crate::mail::Secret;
 use crate::telemetry::Metrics;
 
 /// The metrics registry token sources count into; replaceable once the

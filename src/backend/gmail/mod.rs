@@ -37,8 +37,8 @@ use url::Url;
 
 use self::wire::{BatchPart, RawExtractor};
 use super::http::{self, AccountPermits, Requester, RetryPolicy, Verdict};
-use super::{Backend, BackendError, ListedMessage, Mailbox, MessageStream, ReportedSize, StoreId};
-use crate::auth::{Credentials, Proof, Secret};
+use super::{Backend, ListedMessage, Mailbox, MessageStream, ReportedSize};
+use crate::mail::{BackendError, Credentials, Proof, Secret, StoreId};
 
 /// What "delete" means when a POP3 client deletes a message.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

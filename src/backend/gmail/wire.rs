@@ -11,8 +11,8 @@ use bytes::Bytes;
 use reqwest::StatusCode;
 use serde::Deserialize;
 
-use crate::backend::BackendError;
 use crate::backend::http::Verdict;
+use crate::mail::BackendError;
 
 /// `{"error":{"code":403,"message":…,"status":"PERMISSION_DENIED",
 /// "errors":[{"reason":"insufficientPermissions","domain":"global",…}]}}`.

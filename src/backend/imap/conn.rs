@@ -28,7 +28,7 @@ use tokio::time::{Instant, timeout_at};
 
 use super::transport::Transport;
 use super::wire::{classify_refusal, truncate};
-use crate::backend::BackendError;
+use crate::mail::BackendError;
 
 pub type ImapSession = Session<Transport>;
 

@@ -21,8 +21,7 @@ use super::conn::describe;
 use super::transport::{TlsSetup, Transport};
 use super::wire::{classify_login_refusal, truncate};
 use super::{ImapConfig, ImapTls};
-use crate::auth::{Credentials, Proof};
-use crate::backend::BackendError;
+use crate::mail::{BackendError, Credentials, Proof};
 
 type ImapClient = Client<Transport>;
 

@@ -10,7 +10,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use super::*;
-use crate::auth::Credentials;
+use crate::mail::Credentials;
 
 /// One exchange: the server waits for a line containing `expect`, waits
 /// `delay`, then writes `reply` with `{tag}` replaced by the line's tag.

@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
-use crate::backend::BackendError;
+use crate::mail::BackendError;
 
 /// A connection to the IMAP server, encrypted or not.
 pub enum Transport {

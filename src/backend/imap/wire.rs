@@ -7,7 +7,7 @@ use base64::alphabet::IMAP_MUTF7;
 use base64::engine::GeneralPurpose;
 use base64::engine::general_purpose::NO_PAD;
 
-use crate::backend::BackendError;
+use crate::mail::BackendError;
 
 /// The POP3 UIDL of an IMAP message: byte-identical to Dovecot's POP3 default
 /// `pop3_uidl_format = %08Xu%08Xv`, so clients that switch between Dovecot's

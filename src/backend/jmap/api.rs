@@ -18,9 +18,9 @@ use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use url::Url;
 
-use crate::auth::Secret;
+use crate::backend::MessageStream;
 use crate::backend::http::{self, transport_error};
-use crate::backend::{BackendError, MessageStream};
+use crate::mail::{BackendError, Secret};
 
 /// The capabilities every request declares.
 pub const USING: [&str; 2] = ["urn:ietf:params:jmap:core", "urn:ietf:params:jmap:mail"];

@@ -28,8 +28,8 @@ use url::Url;
 
 use self::api::{Api, Auth, Http, Invocation};
 use super::http::AccountPermits;
-use super::{Backend, BackendError, ListedMessage, Mailbox, MessageStream, ReportedSize, StoreId};
-use crate::auth::{Credentials, Proof};
+use super::{Backend, ListedMessage, Mailbox, MessageStream, ReportedSize};
+use crate::mail::{BackendError, Credentials, Proof, StoreId};
 
 /// How popgate authenticates to the JMAP server.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

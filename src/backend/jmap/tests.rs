@@ -294,7 +294,7 @@ async fn bearer_tokens_are_sent_as_such() {
     let backend = backend(&format!("{url}/jmap"), |c| c.auth = JmapAuth::Bearer);
     assert!(backend.accepts_bearer_tokens());
     backend.open(&Credentials::password("alice", "tok-123")).await.unwrap();
-    let bearer = Credentials { user: "alice".into(), proof: Proof::Bearer(crate::auth::Secret::new("tok-456")) };
+    let bearer = Credentials { user: "alice".into(), proof: Proof::Bearer(crate::mail::Secret::new("tok-456")) };
     backend.open(&bearer).await.unwrap();
     let seen = seen.lock().unwrap().clone();
     assert_eq!(seen[0].authorization.as_deref(), Some("Bearer tok-123"));
@@ -309,7 +309,7 @@ async fn basic_refuses_a_colon_in_the_user_name_and_bearer_proofs() {
     assert!(!backend.accepts_bearer_tokens());
     let colon = backend.open(&Credentials::password("a:b", "pw")).await;
     assert!(matches!(colon, Err(BackendError::BadCredentials(_))));
-    let bearer = Credentials { user: "alice".into(), proof: Proof::Bearer(crate::auth::Secret::new("t")) };
+    let bearer = Credentials { user: "alice".into(), proof: Proof::Bearer(crate::mail::Secret::new("t")) };
     assert!(matches!(backend.open(&bearer).await, Err(BackendError::BadCredentials(_))));
 }
 

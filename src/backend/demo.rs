@@ -1,7 +1,7 @@
 //! The in-memory store: the demo backend and the reference every other
 //! backend is tested against.
 //!
-//! Accounts and messages live in a shared `MemoryStore`; the demo loads a
+//! Accounts and messages live in a shared `DemoStore`; the demo loads a
 //! folder of `.eml` files and gives each user name its own copy on first
 //! login. Test knobs (`set_unavailable`, `claim_raw_sizes`) reproduce the
 //! failures real stores have. Nothing is persisted.
@@ -14,12 +14,12 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::{Backend, BackendError, ListedMessage, Mailbox, MessageStream, ReportedSize, StoreId};
-use crate::auth::{Credentials, Proof};
+use super::{Backend, ListedMessage, Mailbox, MessageStream, ReportedSize};
+use crate::mail::{BackendError, Credentials, Proof, StoreId};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct MemoryConfig {
+pub struct DemoConfig {
     /// A folder of .eml files every demo user starts with; the built-in
     /// samples when unset.
     #[serde(default)]
@@ -59,18 +59,18 @@ struct StoreState {
     logins: u64,
 }
 
-/// A store shared by every session of a `MemoryBackend` (and by tests, which
+/// A store shared by every session of a `DemoBackend` (and by tests, which
 /// use it to put mail in and look at what is left).
 #[derive(Debug, Clone, Default)]
-pub struct MemoryStore {
+pub struct DemoStore {
     state: Arc<Mutex<StoreState>>,
 }
 
 const UIDVALIDITY: u32 = 1;
 
-impl MemoryStore {
+impl DemoStore {
     pub fn new() -> Self {
-        let store = MemoryStore::default();
+        let store = DemoStore::default();
         store.lock().chunk_size = 64 * 1024;
         store
     }
@@ -78,17 +78,17 @@ impl MemoryStore {
     /// A demo store: any user name logs in with any password and finds its own
     /// copy of these messages.
     pub fn demo(messages: Vec<Bytes>) -> Self {
-        let store = MemoryStore::new();
+        let store = DemoStore::new();
         store.lock().demo_seed = Some(messages);
         store
     }
 
-    pub fn from_config(config: &MemoryConfig) -> std::io::Result<Self> {
+    pub fn from_config(config: &DemoConfig) -> std::io::Result<Self> {
         let messages = match &config.messages_dir {
             None => BUILTIN.iter().map(|m| Bytes::from_static(m)).collect(),
             Some(dir) => load_eml_dir(dir)?,
         };
-        Ok(MemoryStore::demo(messages))
+        Ok(DemoStore::demo(messages))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, StoreState> {
@@ -156,18 +156,18 @@ fn load_eml_dir(dir: &Path) -> std::io::Result<Vec<Bytes>> {
     paths.into_iter().map(|p| std::fs::read(p).map(Bytes::from)).collect()
 }
 
-pub struct MemoryBackend {
-    store: MemoryStore,
+pub struct DemoBackend {
+    store: DemoStore,
 }
 
-impl MemoryBackend {
-    pub fn new(store: MemoryStore) -> Self {
-        MemoryBackend { store }
+impl DemoBackend {
+    pub fn new(store: DemoStore) -> Self {
+        DemoBackend { store }
     }
 }
 
 #[async_trait]
-impl Backend for MemoryBackend {
+impl Backend for DemoBackend {
     fn kind(&self) -> &'static str {
         "demo"
     }
@@ -202,7 +202,7 @@ impl Backend for MemoryBackend {
 }
 
 struct MemoryMailbox {
-    store: MemoryStore,
+    store: DemoStore,
     user: String,
 }
 

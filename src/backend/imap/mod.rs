@@ -33,9 +33,9 @@ use serde::{Deserialize, Serialize};
 use self::conn::{Conn, Outcome};
 use self::transport::TlsSetup;
 use self::wire::{quote_mailbox, uid_sets, uidl};
-use super::{Backend, BackendError, ListedMessage, Mailbox, MessageStream, ReportedSize, StoreId};
-use crate::auth::Credentials;
+use super::{Backend, ListedMessage, Mailbox, MessageStream, ReportedSize};
 use crate::canonical::CanonicalSize;
+use crate::mail::{BackendError, Credentials, StoreId};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
