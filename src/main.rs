@@ -10,11 +10,14 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use popgate::auth::accounts::router::AccountRouter;
+use popgate::auth::accounts::{PassThrough, Router};
 use popgate::auth::oauth::commands::{self, LoginMethod};
-use popgate::auth::routing::AccountRouter;
-use popgate::config::{BackendConfig, Config, ListenerConfig};
+use popgate::backend::select::BackendConfig;
+use popgate::config::Config;
+use popgate::server::Server;
 use popgate::server::admin::AdminServer;
-use popgate::server::{Server, build_backend};
+use popgate::server::config::ListenerConfig;
 use popgate::telemetry::Metrics;
 
 /// Where `oauth` subcommands look for the configuration by default.
@@ -153,11 +156,11 @@ fn oauth(command: OauthCommand) -> anyhow::Result<()> {
             };
             let stdin = std::io::BufReader::new(std::io::stdin());
             let mut stdout = std::io::stdout();
-            runtime.block_on(commands::login(&config, &account, method, stdin, &mut stdout))
+            runtime.block_on(commands::login(config.accounts(), &account, method, stdin, &mut stdout))
         }
         OauthCommand::Status { config } => {
             let config = Config::load(&config)?;
-            runtime.block_on(commands::status(&config, &mut std::io::stdout()))
+            runtime.block_on(commands::status(config.accounts(), &mut std::io::stdout()))
         }
         OauthCommand::Keygen { file } => keygen(&file),
     }
@@ -207,30 +210,21 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let log_reload = popgate::telemetry::init(&config.log);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
-        let (mut server, router) = if config.account.is_empty() {
-            (Server::start(&config, build_backend(&config.backend)?).await?, None)
+        let metrics = Arc::new(Metrics::new());
+        let (router, accounts): (Arc<dyn Router>, _) = if config.account.is_empty() {
+            (Arc::new(PassThrough::new(config.backend.build()?)), None)
         } else {
-            let router = AccountRouter::new(
-                &config.account,
-                &config.backend,
-                &config.backends,
-                config.token_store.as_ref(),
-                Arc::new(Metrics::new()),
-                build_backend,
-            )?;
-            let server = Server::start_with_router(&config, router.clone()).await?;
-            // Token refreshes count into the registry the admin listener
-            // exports.
-            router.use_metrics(server.metrics());
+            let router = AccountRouter::new(config.accounts(), metrics.clone(), BackendConfig::build)?;
             router.spawn_token_upkeep(Duration::from_secs(30));
-            (server, Some(router))
+            (router.clone(), Some(router))
         };
+        let mut server = Server::start(&config, router, metrics).await?;
         let admin = if config.admin.enabled {
             Some(AdminServer::start(config.admin.address, server.metrics(), server.health()).await?)
         } else {
             None
         };
-        match &router {
+        match &accounts {
             None => tracing::info!(backend = %config.backend.describe(), "popgate ready"),
             Some(_) => tracing::info!(accounts = config.account.len(), "popgate ready"),
         }

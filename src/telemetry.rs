@@ -18,10 +18,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
 use std::sync::atomic::AtomicU64;
 use tracing_subscriber::EnvFilter;
-
-use crate::config::{LogConfig, LogFormat};
 
 /// Libraries that log raw protocol bytes (an IMAP LOGIN line, an HTTP
 /// Authorization header) at trace level: capped at `info` whatever the
@@ -30,6 +29,28 @@ const WIRE_LOGGERS: &[&str] = &["async_imap", "imap_proto", "hyper", "hyper_util
 
 fn is_wire_logger(target: &str) -> bool {
     WIRE_LOGGERS.iter().any(|w| target == *w || target.strip_prefix(w).is_some_and(|rest| rest.starts_with("::")))
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter: "info", "popgate=debug", … (RUST_LOG overrides it).
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { level: "info".into(), format: LogFormat::Text }
+    }
 }
 
 /// The configured (or RUST_LOG) filter.

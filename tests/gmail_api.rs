@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use popgate::backend::gmail::{GmailBackend, GmailConfig, GmailDeletePolicy};
-use popgate::config::{BackendConfig, Config};
+use popgate::backend::select::BackendConfig;
+use popgate::config::Config;
 use serde_json::Value;
 use support::IO_TIMEOUT;
 use support::gateway::Gateway;

@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use popgate::backend::graph::{GraphBackend, GraphConfig, GraphDeletePolicy};
-use popgate::config::{BackendConfig, Config};
+use popgate::backend::select::BackendConfig;
+use popgate::config::Config;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use support::IO_TIMEOUT;

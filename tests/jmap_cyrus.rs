@@ -16,7 +16,8 @@ use support::program::{describe, run};
 use std::time::{Duration, Instant};
 
 use popgate::backend::jmap::{DeletePolicy, JmapConfig};
-use popgate::config::{BackendConfig, Config};
+use popgate::backend::select::BackendConfig;
+use popgate::config::Config;
 use serde_json::Value;
 use support::IO_TIMEOUT;
 use support::cyrus::Cyrus;

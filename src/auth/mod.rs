@@ -1,13 +1,11 @@
-//! Client credentials as they travel from the POP3 session to a backend,
-//! and the accounts they reach.
+//! Who logs in and which backend account that reaches: routing, device
+//! users, OAuth2 and the token store. The credentials themselves are shared
+//! words (`crate::mail`). Never logs a secret.
 //!
-//! Owns the `Secret` type, which never prints its content (Debug and Display
-//! are redacted), and the check that refuses credentials a backend command
-//! could be confused by. Never logs a secret.
-//!
-//! - `accounts`: the `Router` seam (which backend account a login reaches).
-//! - `routing`: `[[account]]` configuration and the `AccountRouter`
-//!   (pass-through by user or domain; mapped device users).
+//! - `accounts`: the `Router` seam (which backend account a login reaches);
+//!   `accounts::config`, the `[[account]]` tables and their checks;
+//!   `accounts::router`, the `AccountRouter` (pass-through by user or
+//!   domain; mapped device users).
 //! - `passwords`: Argon2id device password hashes; secrets from environment
 //!   variables or files.
 //! - `oauth`: providers, the token endpoint client, `popgate oauth login`
@@ -17,5 +15,4 @@
 pub mod accounts;
 pub mod oauth;
 pub mod passwords;
-pub mod routing;
 pub mod tokens;

@@ -10,13 +10,14 @@
 //! merely claims; `sizes::ExactSizes` turns the latter into exact sizes, the
 //! same way for every backend.
 
+pub mod demo;
 pub mod gmail;
 pub mod graph;
 pub mod http;
 pub mod imap;
 pub mod jmap;
-pub mod demo;
 pub mod pool;
+pub mod select;
 pub mod sizes;
 
 use std::sync::Arc;

@@ -12,15 +12,16 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::Context;
+use super::config::Limits;
+use super::login::{self, LoggedIn};
 use super::policy::{ListenerTls, LoginPolicy};
 use super::stream::ClientStream;
 use crate::backend::Mailbox;
 use crate::backend::pool::Lease;
-use crate::config::Limits;
 use crate::mail::{BackendError, StoreId};
 use crate::pop3::response::ResponseCode;
 use crate::pop3::sasl::Mechanism;
-use crate::pop3::{BodyEncoder, LineReader, Maildrop, Message, Response, Session, SessionConfig, Step};
+use crate::pop3::{BodyEncoder, LineReader, Response, Session, SessionConfig, Step};
 use crate::telemetry::ListenerLabels;
 
 /// Flush a message body to the socket whenever this much is pending.
@@ -172,7 +173,6 @@ impl<'a> Driver<'a> {
         self.session.greeting().write_to(&mut self.out);
         let login_deadline = Instant::now() + Duration::from_secs(self.limits.login_timeout_secs);
         let idle = Duration::from_secs(self.limits.idle_timeout_secs);
-        let mut stop = self.context.stop.clone();
         let mut buf = [0u8; READ_CHUNK];
         loop {
             // Answer every complete line already received (pipelining) before
@@ -197,7 +197,7 @@ impl<'a> Driver<'a> {
             };
             let read = tokio::select! {
                 biased;
-                _ = stopped(&mut stop) => None,
+                _ = self.context.stopped() => None,
                 read = tokio::time::timeout_at(deadline, self.stream.read(&mut buf)) => Some(read),
             };
             match read {
@@ -230,55 +230,19 @@ impl<'a> Driver<'a> {
             }
             Step::Login(credentials) => {
                 self.flush().await?;
-                let throttle = &self.context.throttle;
-                let delay = throttle.delay(self.peer.ip(), &credentials.user);
-                let mut stop = self.context.stop.clone();
-                let opened = tokio::select! {
-                    _ = stopped(&mut stop) => None,
-                    opened = async {
-                        if !delay.is_zero() {
-                            tracing::debug!(delay_ms = delay.as_millis() as u64, "throttling login after failures");
-                            tokio::time::sleep(delay).await;
-                        }
-                        open_maildrop(self.context, &credentials).await
-                    } => Some(opened),
-                };
-                let metrics = &self.context.metrics;
-                match &opened {
-                    Some(Ok(_)) => {
-                        throttle.record_success(&credentials.user);
-                        metrics.login("success", "ok");
+                let step = match login::log_in(self.context, self.peer.ip(), &credentials).await {
+                    None => {
+                        let reply = self.session.shutting_down();
+                        return self.close_with(reply, Outcome::ShutDown).await.map(Some);
                     }
-                    Some(Err(e @ (BackendError::AuthFailed | BackendError::BadCredentials(_)))) => {
-                        throttle.record_failure(self.peer.ip(), &credentials.user);
-                        metrics.login("failure", error_reason(e));
-                    }
-                    Some(Err(e)) => metrics.login("failure", error_reason(e)),
-                    None => {}
-                }
-                let Some(opened) = opened else {
-                    let reply = self.session.shutting_down();
-                    return self.close_with(reply, Outcome::ShutDown).await.map(Some);
-                };
-                let step = match opened {
-                    Ok(Opened { mailbox, lease, maildrop, account, backend_kind }) => {
+                    Some(Ok(LoggedIn { mailbox, lease, maildrop, account, backend_kind })) => {
                         self.backend_kind = backend_kind;
-                        if lease.reused {
-                            self.context.metrics.backend_sessions_reused.inc();
-                        } else {
-                            self.context.metrics.backend_logins.inc();
-                        }
                         self.lease = Some(lease);
-                        tracing::Span::current().record("user", credentials.user.as_str());
-                        tracing::info!(messages = maildrop.stat().0, "logged in");
                         self.mailbox = Some(mailbox);
                         self.account = Some(account);
                         self.session.login_succeeded(maildrop)
                     }
-                    Err(e) => {
-                        tracing::info!(user = %credentials.user, error = %e, "login failed");
-                        self.session.login_failed(&e)
-                    }
+                    Some(Err(e)) => self.session.login_failed(&e),
                 };
                 return Box::pin(self.perform(step)).await;
             }
@@ -483,81 +447,6 @@ async fn write_chunks<S: AsyncWrite + Unpin>(
             }
         }
         next = chunks.recv().await;
-    }
-}
-
-async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
-}
-
-struct Opened {
-    mailbox: Box<dyn Mailbox>,
-    lease: Lease,
-    maildrop: Maildrop,
-    /// The backend account (metrics label; what sizes are cached under).
-    account: String,
-    backend_kind: &'static str,
-}
-
-/// Routes the login, logs in to the backend (or takes a warm session),
-/// lists the mailbox and makes every size exact.
-async fn open_maildrop(context: &Context, credentials: &crate::mail::Credentials) -> Result<Opened, BackendError> {
-    let route = context.router.route(credentials).await?;
-    let kind = route.backend.kind();
-    let timed = |operation: &'static str, started: std::time::Instant| {
-        context.metrics.backend_op(kind, operation, started.elapsed());
-    };
-    let started = std::time::Instant::now();
-    let mut opened = context.pool.checkout(&route.backend, &route.credentials).await;
-    if let Err(BackendError::AuthFailed) = opened {
-        // Credentials the router holds (an access token) were refused: one
-        // refresh and one retry. A refusal after that is the router's
-        // problem, not the client's: a temporary failure.
-        if let Some(fresh) = context.router.refresh(&route).await? {
-            opened = match context.pool.checkout(&route.backend, &fresh).await {
-                Err(BackendError::AuthFailed) => {
-                    Err(BackendError::unavailable("backend refused refreshed credentials"))
-                }
-                other => other,
-            };
-        }
-    }
-    timed("open", started);
-    let (mut mailbox, lease) = opened?;
-    let started = std::time::Instant::now();
-    let listed = mailbox.list().await;
-    timed("list", started);
-    let listed = match listed {
-        Ok(listed) => {
-            let started = std::time::Instant::now();
-            let exact = context.sizes.resolve(&route.account, mailbox.as_mut(), listed).await;
-            timed("measure_sizes", started);
-            exact
-        }
-        Err(e) => Err(e),
-    };
-    match listed {
-        Ok(exact) => {
-            let messages =
-                exact.into_iter().map(|m| Message { id: m.id, uidl: m.uidl, size: m.size.value() }).collect();
-            Ok(Opened { mailbox, lease, maildrop: Maildrop::new(messages), account: route.account, backend_kind: kind })
-        }
-        Err(e) => {
-            mailbox.close().await;
-            Err(e)
-        }
-    }
-}
-
-/// A short, bounded word for the logins metric.
-fn error_reason(e: &BackendError) -> &'static str {
-    match e {
-        BackendError::AuthFailed => "auth",
-        BackendError::BadCredentials(_) => "bad_credentials",
-        BackendError::InUse(_) => "in_use",
-        BackendError::Unavailable(_) => "unavailable",
-        BackendError::Permanent(_) => "permanent",
-        BackendError::MessageGone => "message_gone",
     }
 }
 

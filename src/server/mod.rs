@@ -6,8 +6,10 @@
 //! `-ERR [SYS/TEMP]` — and a session ended that way commits no deletions.
 
 pub mod admin;
+pub mod config;
 pub mod connection;
 pub mod limits;
+pub mod login;
 pub mod policy;
 pub mod stream;
 pub mod throttle;
@@ -21,19 +23,14 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
-use crate::auth::accounts::{PassThrough, Router};
+use crate::auth::accounts::Router;
 use crate::backend::SharedBackend;
-use crate::backend::gmail::GmailBackend;
-use crate::backend::graph::GraphBackend;
-use crate::backend::imap::ImapBackend;
-use crate::backend::jmap::JmapBackend;
-use crate::backend::demo::{DemoBackend, DemoStore};
 use crate::backend::pool::SessionPool;
 use crate::backend::sizes::ExactSizes;
-use crate::config::{BackendConfig, Config, Limits};
-use crate::mail::BackendError;
+use crate::config::Config;
 use crate::telemetry::Metrics;
 use admin::Health;
+use config::Limits;
 use limits::PerAddressLimit;
 use policy::{ListenerTls, LoginPolicy};
 use stream::ClientStream;
@@ -63,6 +60,11 @@ impl Context {
     pub fn limits(&self) -> Arc<Limits> {
         self.limits.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
+
+    /// Resolves once the grace period is over and sessions must end.
+    pub async fn stopped(&self) {
+        let _ = self.stop.clone().wait_for(|s| *s).await;
+    }
 }
 
 /// What one listener's connections share.
@@ -71,20 +73,6 @@ struct ListenerContext {
     label: String,
     policy: LoginPolicy,
     per_address: Arc<PerAddressLimit>,
-}
-
-pub fn build_backend(config: &BackendConfig) -> Result<SharedBackend, BackendError> {
-    Ok(match config {
-        BackendConfig::Demo(demo) => {
-            let store = DemoStore::from_config(demo)
-                .map_err(|e| BackendError::Permanent(format!("cannot load demo messages: {e}")))?;
-            Arc::new(DemoBackend::new(store))
-        }
-        BackendConfig::Imap(imap) => Arc::new(ImapBackend::new(imap.clone())?),
-        BackendConfig::Jmap(jmap) => Arc::new(JmapBackend::new(jmap.clone())?),
-        BackendConfig::Gmail(gmail) => Arc::new(GmailBackend::new(gmail.clone())?),
-        BackendConfig::Graph(graph) => Arc::new(GraphBackend::new(graph.clone())?),
-    })
 }
 
 pub struct RunningServer {
@@ -106,13 +94,13 @@ pub struct Server;
 
 impl Server {
     /// Loads certificates and binds every listener (failing fast, with the
-    /// file or address named), then starts serving.
-    pub async fn start(config: &Config, backend: SharedBackend) -> std::io::Result<RunningServer> {
-        Self::start_with_router(config, Arc::new(PassThrough::new(backend))).await
-    }
-
-    /// Like `start`, with logins routed by `router`.
-    pub async fn start_with_router(config: &Config, router: Arc<dyn Router>) -> std::io::Result<RunningServer> {
+    /// file or address named), then starts serving, with logins routed by
+    /// `router` and counted into `metrics`.
+    pub async fn start(
+        config: &Config,
+        router: Arc<dyn Router>,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<RunningServer> {
         let backend = router.primary_backend();
         let certificates = if config.tls.certificates.is_empty() {
             None
@@ -140,7 +128,7 @@ impl Server {
             sizes: ExactSizes::new(config.limits.size_cache_entries),
             tls: certificates.as_ref().map(|c| c.server_config()),
             throttle: LoginThrottle::new(config.throttle.clone()),
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             pool: SessionPool::new(config.backend_pool.clone()),
             stop: stop_rx,
         });

@@ -14,6 +14,8 @@ use std::time::Duration;
 use moka::sync::Cache;
 use serde::{Deserialize, Serialize};
 
+use crate::mail::InvalidSetting;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ThrottleConfig {
@@ -27,6 +29,16 @@ pub struct ThrottleConfig {
     pub release_after_secs: u64,
     /// Addresses and user names remembered at most (each table).
     pub max_entries: u64,
+}
+
+impl ThrottleConfig {
+    /// What serde cannot check; keys relative to `[throttle]`.
+    pub fn check(&self) -> Result<(), InvalidSetting> {
+        if self.max_delay_ms < self.base_delay_ms {
+            return Err(InvalidSetting::new("max_delay_ms", "must be at least throttle.base_delay_ms"));
+        }
+        Ok(())
+    }
 }
 
 impl Default for ThrottleConfig {

@@ -11,7 +11,8 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
-use popgate::config::{Config, Limits};
+use popgate::config::Config;
+use popgate::server::config::Limits;
 
 use crate::fixture::{Capability, Fixture, Login, MessageId, without_bare_lf};
 use crate::gateway::Popgate;

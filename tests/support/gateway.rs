@@ -12,8 +12,10 @@ use std::time::{Duration, Instant};
 use popgate::auth::accounts::{PassThrough, Router};
 use popgate::backend::SharedBackend;
 use popgate::backend::demo::{DemoBackend, DemoStore};
-use popgate::config::{BackendConfig, Config, Limits};
-use popgate::server::{Server, build_backend};
+use popgate::backend::select::BackendConfig;
+use popgate::config::Config;
+use popgate::server::Server;
+use popgate::server::config::Limits;
 use tokio::sync::oneshot;
 
 use super::pop3::Pop3;
@@ -71,7 +73,7 @@ impl Gateway {
     /// From a whole configuration; its first listener moves to 127.0.0.1:0
     /// and the others are dropped.
     pub fn from_config(config: Config) -> Gateway {
-        let backend = build_backend(&config.backend).unwrap_or_else(|e| panic!("building the backend: {e}"));
+        let backend = config.backend.build().unwrap_or_else(|e| panic!("building the backend: {e}"));
         Gateway::start(config, backend)
     }
 
@@ -108,13 +110,16 @@ impl Gateway {
                     .build()
                     .expect("runtime");
                 runtime.block_on(async move {
-                    let server = match Server::start_with_router(&config, router).await {
-                        Ok(server) => server,
-                        Err(e) => {
-                            let _ = addr_tx.send(Err(e.to_string()));
-                            return;
-                        }
-                    };
+                    let server =
+                        match Server::start(&config, router, std::sync::Arc::new(popgate::telemetry::Metrics::new()))
+                            .await
+                        {
+                            Ok(server) => server,
+                            Err(e) => {
+                                let _ = addr_tx.send(Err(e.to_string()));
+                                return;
+                            }
+                        };
                     let _ = addr_tx.send(Ok(server.local_addrs()[0]));
                     let stop = loop {
                         tokio::select! {

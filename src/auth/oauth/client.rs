@@ -238,8 +238,9 @@ impl OAuthClient {
             form.push(("client_secret", secret.expose()));
         }
         let body = self.post(url, &form).await?;
-        let raw: RawDeviceAuthorization = serde_json::from_slice(&body)
-            .map_err(|e| TokenError::Invalid(format!("device authorization: {}", json_error(&e))))?;
+        let raw: RawDeviceAuthorization = serde_json::from_slice(&body).map_err(|e| {
+            TokenError::Invalid(format!("device authorization: {}", crate::auth::tokens::json_error(&e)))
+        })?;
         Ok(DeviceAuthorization {
             device_code: Secret::new(raw.device_code),
             user_code: raw.user_code,
@@ -260,7 +261,7 @@ impl OAuthClient {
         }
         let body = self.post(self.endpoints.token.clone(), &form).await?;
         let raw: RawTokenResponse = serde_json::from_slice(&body)
-            .map_err(|e| TokenError::Invalid(format!("token response: {}", json_error(&e))))?;
+            .map_err(|e| TokenError::Invalid(format!("token response: {}", crate::auth::tokens::json_error(&e))))?;
         if let Some(kind) = &raw.token_type
             && !kind.eq_ignore_ascii_case("bearer")
         {
@@ -328,12 +329,6 @@ fn describe(error: &reqwest::Error) -> String {
         source = cause.source();
     }
     text
-}
-
-/// Where a JSON answer is malformed, without serde's excerpt of the value
-/// (which could be a token).
-pub(crate) fn json_error(e: &serde_json::Error) -> String {
-    format!("{:?} JSON error at line {} column {}", e.classify(), e.line(), e.column())
 }
 
 /// Provider text made safe for a log line.

@@ -13,9 +13,8 @@ use std::time::Duration;
 use super::Grant;
 use super::client::OAuthClient;
 use super::flows::{self, FlowError, Pkce};
-use crate::auth::routing::{AccountConfig, AccountMode};
+use crate::auth::accounts::config::{AccountConfig, AccountMode, AccountsSetup};
 use crate::auth::tokens::{StoredToken, TokenStore, unix_now};
-use crate::config::Config;
 
 /// How `login` gets the authorization code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,9 +30,9 @@ pub enum LoginMethod {
 /// How long a person has to sign in.
 const SIGN_IN_TIME: Duration = Duration::from_secs(15 * 60);
 
-fn oauth_account<'a>(config: &'a Config, name: &str) -> anyhow::Result<&'a AccountConfig> {
-    let account = config.account.iter().find(|a| a.name == name).ok_or_else(|| {
-        let names: Vec<_> = config.account.iter().filter(|a| a.oauth.is_some()).map(|a| a.name.as_str()).collect();
+fn oauth_account<'a>(config: AccountsSetup<'a>, name: &str) -> anyhow::Result<&'a AccountConfig> {
+    let account = config.accounts.iter().find(|a| a.name == name).ok_or_else(|| {
+        let names: Vec<_> = config.accounts.iter().filter(|a| a.oauth.is_some()).map(|a| a.name.as_str()).collect();
         anyhow::anyhow!("no account `{name}` in the configuration (OAuth accounts: {})", names.join(", "))
     })?;
     if account.mode != AccountMode::Mapped || account.oauth.is_none() {
@@ -45,7 +44,7 @@ fn oauth_account<'a>(config: &'a Config, name: &str) -> anyhow::Result<&'a Accou
 /// Gets and stores a token for `name`. Prompts go to `out`; a pasted
 /// address is read from `input`.
 pub async fn login(
-    config: &Config,
+    config: AccountsSetup<'_>,
     name: &str,
     method: LoginMethod,
     input: impl BufRead + Send + 'static,
@@ -53,14 +52,10 @@ pub async fn login(
 ) -> anyhow::Result<()> {
     let account = oauth_account(config, name)?;
     let oauth = account.oauth.as_ref().expect("checked");
-    let store_config =
-        config.token_store.as_ref().ok_or_else(|| anyhow::anyhow!("no [token_store] in the configuration"))?;
+    let store_config = config.token_store.ok_or_else(|| anyhow::anyhow!("no [token_store] in the configuration"))?;
     let store = store_config.open()?;
-    let backend = match account.backend.as_str() {
-        crate::auth::routing::DEFAULT_BACKEND => Some(&config.backend),
-        other => config.backends.get(other),
-    };
-    let oauth = &oauth.for_api(backend.map(super::MailApi::of).unwrap_or(super::MailApi::Imap));
+    let api = config.backend_named(&account.backend).map_or(super::MailApi::Imap, |b| b.mail_api());
+    let oauth = &oauth.for_api(api);
     let client = OAuthClient::new(oauth)?;
     let previous = store.load(name).await.ok().flatten();
 
@@ -206,14 +201,13 @@ pub fn format_utc(unix: u64) -> String {
 
 /// Prints every OAuth account's token state. Fails only if the store
 /// cannot be read (e.g. a wrong key).
-pub async fn status(config: &Config, out: &mut impl Write) -> anyhow::Result<()> {
-    let accounts: Vec<&AccountConfig> = config.account.iter().filter(|a| a.oauth.is_some()).collect();
+pub async fn status(config: AccountsSetup<'_>, out: &mut impl Write) -> anyhow::Result<()> {
+    let accounts: Vec<&AccountConfig> = config.accounts.iter().filter(|a| a.oauth.is_some()).collect();
     if accounts.is_empty() {
         writeln!(out, "No OAuth accounts are configured.")?;
         return Ok(());
     }
-    let store_config =
-        config.token_store.as_ref().ok_or_else(|| anyhow::anyhow!("no [token_store] in the configuration"))?;
+    let store_config = config.token_store.ok_or_else(|| anyhow::anyhow!("no [token_store] in the configuration"))?;
     let store = store_config.open()?;
     let mut tokens = store.load_all().await?;
     let now = unix_now();

@@ -61,26 +61,7 @@ pub const GRAPH_SCOPES: &[&str] = &["https://graph.microsoft.com/Mail.ReadWrite"
 /// Microsoft Graph mail, app-only (client credentials).
 pub const GRAPH_APP_SCOPES: &[&str] = &["https://graph.microsoft.com/.default"];
 
-/// Which API the tokens are for: the preset scopes differ.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MailApi {
-    /// IMAP (and JMAP, whose scopes are the server's business).
-    Imap,
-    /// The Gmail API: `https://mail.google.com/` covers it too.
-    GmailApi,
-    /// Microsoft Graph: `Mail.ReadWrite`.
-    Graph,
-}
-
-impl MailApi {
-    pub fn of(backend: &crate::config::BackendConfig) -> MailApi {
-        match backend {
-            crate::config::BackendConfig::Gmail(_) => MailApi::GmailApi,
-            crate::config::BackendConfig::Graph(_) => MailApi::Graph,
-            _ => MailApi::Imap,
-        }
-    }
-}
+pub use crate::backend::select::MailApi;
 
 /// `[account.oauth]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

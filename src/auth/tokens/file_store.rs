@@ -170,7 +170,7 @@ impl Inner {
             .map_err(|_| StoreError::Decrypt(self.shown()))?;
         let contents: Contents = serde_json::from_slice(plain).map_err(|e| StoreError::Format {
             path: self.shown(),
-            why: format!("damaged contents: {}", crate::auth::oauth::client::json_error(&e)),
+            why: format!("damaged contents: {}", super::json_error(&e)),
         })?;
         if contents.version != 1 {
             return Err(StoreError::Format {

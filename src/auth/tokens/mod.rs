@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 pub use file_store::{EncryptedFileStore, StoreKey};
-pub use source::{MetricsSlot, TokenSource, TokenSourceError, TokenSourceSettings};
+pub use source::{TokenSource, TokenSourceError, TokenSourceSettings};
 
 use super::passwords::SecretSource;
 use crate::mail::Secret;
@@ -171,6 +171,12 @@ impl TokenStoreConfig {
         let key = StoreKey::read(&source)?;
         Ok(EncryptedFileStore::new(self.path.clone(), key))
     }
+}
+
+/// Where a JSON answer is malformed, without serde's excerpt of the value
+/// (which could be a token).
+pub(crate) fn json_error(e: &serde_json::Error) -> String {
+    format!("{:?} JSON error at line {} column {}", e.classify(), e.line(), e.column())
 }
 
 #[cfg(test)]

@@ -24,24 +24,6 @@ use crate::auth::oauth::client::{OAuthClient, TokenError};
 use crate::mail::Secret;
 use crate::telemetry::Metrics;
 
-/// The metrics registry token sources count into; replaceable once the
-/// server (which owns the exported registry) has started.
-pub struct MetricsSlot(std::sync::RwLock<Arc<Metrics>>);
-
-impl MetricsSlot {
-    pub fn new(metrics: Arc<Metrics>) -> Arc<MetricsSlot> {
-        Arc::new(MetricsSlot(std::sync::RwLock::new(metrics)))
-    }
-
-    pub fn get(&self) -> Arc<Metrics> {
-        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    pub fn set(&self, metrics: Arc<Metrics>) {
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = metrics;
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum TokenSourceError {
     #[error("no OAuth token stored for account {0}: run `popgate oauth login {0}`")]
@@ -71,7 +53,7 @@ pub struct TokenSource {
     client: OAuthClient,
     store: Arc<dyn TokenStore>,
     settings: TokenSourceSettings,
-    metrics: Arc<MetricsSlot>,
+    metrics: Arc<Metrics>,
     state: Mutex<State>,
 }
 
@@ -93,7 +75,7 @@ impl TokenSource {
         client: OAuthClient,
         store: Arc<dyn TokenStore>,
         settings: TokenSourceSettings,
-        metrics: Arc<MetricsSlot>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         TokenSource { account, client, store, settings, metrics, state: Mutex::new(State::default()) }
     }
@@ -154,7 +136,7 @@ impl TokenSource {
 
     fn adopt(&self, state: &mut State, token: StoredToken) {
         if let Some(at) = token.expires_at {
-            self.metrics.get().oauth_token_expires(&self.account, at);
+            self.metrics.oauth_token_expires(&self.account, at);
         }
         state.current = Some(token);
         state.failed = None;
@@ -172,7 +154,7 @@ impl TokenSource {
                 }
                 Err(source) => {
                     state.unsaved = Some(pending);
-                    self.metrics.get().oauth_refresh(account, "store_failed");
+                    self.metrics.oauth_refresh(account, "store_failed");
                     tracing::error!(account = %account, error = %source, "still cannot store the refreshed token; not using it");
                     return Err(TokenSourceError::Store { account: account.clone(), source });
                 }
@@ -247,7 +229,7 @@ impl TokenSource {
                 None => return Err(TokenSourceError::NoRefreshToken { account: account.clone() }),
             },
         };
-        let metrics = self.metrics.get();
+        let metrics = &self.metrics;
         match requested {
             Ok(response) => {
                 let fresh = response.into_stored(previous_refresh.as_ref());
@@ -390,7 +372,7 @@ mod tests {
             margin: Duration::from_secs(60),
             retry_after: Duration::from_secs(30),
         };
-        let metrics = MetricsSlot::new(Arc::new(Metrics::new()));
+        let metrics = Arc::new(Metrics::new());
         let source =
             TokenSource::new("acct".into(), OAuthClient::new(&config).unwrap(), store.clone(), settings, metrics);
         (Arc::new(source), store, count)

@@ -38,7 +38,7 @@ use url::Url;
 use self::wire::{BatchPart, RawExtractor};
 use super::http::{self, AccountPermits, Requester, RetryPolicy, Verdict};
 use super::{Backend, ListedMessage, Mailbox, MessageStream, ReportedSize};
-use crate::mail::{BackendError, Credentials, Proof, Secret, StoreId};
+use crate::mail::{BackendError, Credentials, InvalidSetting, Proof, Secret, StoreId};
 
 /// What "delete" means when a POP3 client deletes a message.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -136,22 +136,22 @@ impl GmailConfig {
     }
 
     /// Checks what serde cannot; the error names the key at fault.
-    pub fn check(&self) -> Result<(), (&'static str, String)> {
-        http::api_base(&self.api_base).map_err(|why| ("backend.api_base", why))?;
+    pub fn check(&self) -> Result<(), InvalidSetting> {
+        http::api_base(&self.api_base).map_err(|why| InvalidSetting::new("api_base", why))?;
         if self.timeout_secs == 0 {
-            return Err(("backend.timeout_secs", "must be at least 1".into()));
+            return Err(InvalidSetting::new("timeout_secs", "must be at least 1"));
         }
         if !(1..=16).contains(&self.max_concurrent_requests) {
-            return Err(("backend.max_concurrent_requests", "must be between 1 and 16".into()));
+            return Err(InvalidSetting::new("max_concurrent_requests", "must be between 1 and 16"));
         }
         if self.max_retry_wait_secs == 0 {
-            return Err(("backend.max_retry_wait_secs", "must be at least 1".into()));
+            return Err(InvalidSetting::new("max_retry_wait_secs", "must be at least 1"));
         }
         if self.label.as_deref().is_some_and(|l| l.trim().is_empty()) {
-            return Err(("backend.label", "must not be empty (leave it out for INBOX)".into()));
+            return Err(InvalidSetting::new("label", "must not be empty (leave it out for INBOX)"));
         }
         if self.query.as_deref().is_some_and(|q| q.trim().is_empty()) {
-            return Err(("backend.query", "must not be empty (leave it out)".into()));
+            return Err(InvalidSetting::new("query", "must not be empty (leave it out)"));
         }
         Ok(())
     }
@@ -192,7 +192,7 @@ pub struct GmailBackend {
 
 impl GmailBackend {
     pub fn new(config: GmailConfig) -> Result<Self, BackendError> {
-        config.check().map_err(|(key, why)| BackendError::Permanent(format!("{key}: {why}")))?;
+        config.check().map_err(|e| BackendError::Permanent(e.to_string()))?;
         let base = http::api_base(&config.api_base).map_err(BackendError::Permanent)?;
         let timeout = Duration::from_secs(config.timeout_secs);
         let client = http::client(config.ca_file.as_deref(), timeout, reqwest::redirect::Policy::none())?;

@@ -24,15 +24,15 @@ fn config_defaults_and_checks() {
     let bad = |change: fn(&mut GmailConfig)| {
         let mut config = GmailConfig::default();
         change(&mut config);
-        config.check().unwrap_err().0
+        config.check().unwrap_err().key
     };
-    assert_eq!(bad(|c| c.api_base = "ftp://x".into()), "backend.api_base");
-    assert_eq!(bad(|c| c.api_base = "https://u:p@x".into()), "backend.api_base");
-    assert_eq!(bad(|c| c.timeout_secs = 0), "backend.timeout_secs");
-    assert_eq!(bad(|c| c.max_concurrent_requests = 0), "backend.max_concurrent_requests");
-    assert_eq!(bad(|c| c.label = Some(" ".into())), "backend.label");
-    assert_eq!(bad(|c| c.query = Some(String::new())), "backend.query");
-    assert_eq!(bad(|c| c.max_retry_wait_secs = 0), "backend.max_retry_wait_secs");
+    assert_eq!(bad(|c| c.api_base = "ftp://x".into()), "api_base");
+    assert_eq!(bad(|c| c.api_base = "https://u:p@x".into()), "api_base");
+    assert_eq!(bad(|c| c.timeout_secs = 0), "timeout_secs");
+    assert_eq!(bad(|c| c.max_concurrent_requests = 0), "max_concurrent_requests");
+    assert_eq!(bad(|c| c.label = Some(" ".into())), "label");
+    assert_eq!(bad(|c| c.query = Some(String::new())), "query");
+    assert_eq!(bad(|c| c.max_retry_wait_secs = 0), "max_retry_wait_secs");
 }
 
 #[test]

@@ -33,7 +33,7 @@ use url::Url;
 
 use super::http::{self, AccountPermits, Requester, RetryPolicy, Verdict};
 use super::{Backend, ListedMessage, Mailbox, MessageStream, ReportedSize};
-use crate::mail::{BackendError, Credentials, Proof, Secret, StoreId};
+use crate::mail::{BackendError, Credentials, InvalidSetting, Proof, Secret, StoreId};
 
 /// What "delete" means when a POP3 client deletes a message.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -135,27 +135,27 @@ impl GraphConfig {
     }
 
     /// Checks what serde cannot; the error names the key at fault.
-    pub fn check(&self) -> Result<(), (&'static str, String)> {
-        http::api_base(&self.api_base).map_err(|why| ("backend.api_base", why))?;
+    pub fn check(&self) -> Result<(), InvalidSetting> {
+        http::api_base(&self.api_base).map_err(|why| InvalidSetting::new("api_base", why))?;
         if self.user.trim().is_empty() {
-            return Err(("backend.user", "must not be empty (\"me\" for delegated tokens)".into()));
+            return Err(InvalidSetting::new("user", "must not be empty (\"me\" for delegated tokens)"));
         }
         if self.folder.trim().is_empty() {
-            return Err(("backend.folder", "must not be empty (leave it out for the inbox)".into()));
+            return Err(InvalidSetting::new("folder", "must not be empty (leave it out for the inbox)"));
         }
         if self.timeout_secs == 0 {
-            return Err(("backend.timeout_secs", "must be at least 1".into()));
+            return Err(InvalidSetting::new("timeout_secs", "must be at least 1"));
         }
         if !(1..=4).contains(&self.max_concurrent_requests) {
-            return Err(("backend.max_concurrent_requests", "must be between 1 and 4 (Outlook's limit)".into()));
+            return Err(InvalidSetting::new("max_concurrent_requests", "must be between 1 and 4 (Outlook's limit)"));
         }
         if self.max_retry_wait_secs == 0 {
-            return Err(("backend.max_retry_wait_secs", "must be at least 1".into()));
+            return Err(InvalidSetting::new("max_retry_wait_secs", "must be at least 1"));
         }
         if self.delete_policy == GraphDeletePolicy::Move && self.folder.eq_ignore_ascii_case("deleteditems") {
-            return Err((
-                "backend.delete_policy",
-                "moving out of deleteditems into deleteditems removes nothing: use \"permanent_delete\"".into(),
+            return Err(InvalidSetting::new(
+                "delete_policy",
+                "moving out of deleteditems into deleteditems removes nothing: use \"permanent_delete\"",
             ));
         }
         Ok(())
@@ -183,7 +183,7 @@ pub struct GraphBackend {
 
 impl GraphBackend {
     pub fn new(config: GraphConfig) -> Result<Self, BackendError> {
-        config.check().map_err(|(key, why)| BackendError::Permanent(format!("{key}: {why}")))?;
+        config.check().map_err(|e| BackendError::Permanent(e.to_string()))?;
         let base = http::api_base(&config.api_base).map_err(BackendError::Permanent)?;
         let timeout = Duration::from_secs(config.timeout_secs);
         let client = http::client(config.ca_file.as_deref(), timeout, reqwest::redirect::Policy::none())?;

@@ -22,14 +22,14 @@ fn config_defaults_and_checks() {
     let bad = |change: fn(&mut GraphConfig)| {
         let mut config = GraphConfig::default();
         change(&mut config);
-        config.check().unwrap_err().0
+        config.check().unwrap_err().key
     };
-    assert_eq!(bad(|c| c.api_base = "graph.microsoft.com".into()), "backend.api_base");
-    assert_eq!(bad(|c| c.user = String::new()), "backend.user");
-    assert_eq!(bad(|c| c.folder = " ".into()), "backend.folder");
-    assert_eq!(bad(|c| c.max_concurrent_requests = 5), "backend.max_concurrent_requests");
-    assert_eq!(bad(|c| c.timeout_secs = 0), "backend.timeout_secs");
-    assert_eq!(bad(|c| c.folder = "DeletedItems".into()), "backend.delete_policy");
+    assert_eq!(bad(|c| c.api_base = "graph.microsoft.com".into()), "api_base");
+    assert_eq!(bad(|c| c.user = String::new()), "user");
+    assert_eq!(bad(|c| c.folder = " ".into()), "folder");
+    assert_eq!(bad(|c| c.max_concurrent_requests = 5), "max_concurrent_requests");
+    assert_eq!(bad(|c| c.timeout_secs = 0), "timeout_secs");
+    assert_eq!(bad(|c| c.folder = "DeletedItems".into()), "delete_policy");
     let mut ok = GraphConfig::with_folder(Some("deleteditems".into()));
     ok.delete_policy = GraphDeletePolicy::PermanentDelete;
     assert!(ok.check().is_ok());

@@ -35,7 +35,7 @@ use self::transport::TlsSetup;
 use self::wire::{quote_mailbox, uid_sets, uidl};
 use super::{Backend, ListedMessage, Mailbox, MessageStream, ReportedSize};
 use crate::canonical::CanonicalSize;
-use crate::mail::{BackendError, Credentials, StoreId};
+use crate::mail::{BackendError, Credentials, InvalidSetting, StoreId};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -130,6 +130,20 @@ impl ImapConfig {
 
     pub fn port(&self) -> u16 {
         self.port.unwrap_or(if self.tls == ImapTls::Implicit { 993 } else { 143 })
+    }
+
+    /// What serde cannot check; keys relative to the backend's table.
+    pub fn check(&self) -> Result<(), InvalidSetting> {
+        if self.host.is_empty() {
+            return Err(InvalidSetting::new("host", "must not be empty"));
+        }
+        if self.timeout_secs == 0 {
+            return Err(InvalidSetting::new("timeout_secs", "must be at least 1"));
+        }
+        if self.fetch_chunk_bytes < 1024 {
+            return Err(InvalidSetting::new("fetch_chunk_bytes", "must be at least 1024"));
+        }
+        Ok(())
     }
 }
 

@@ -29,7 +29,7 @@ use url::Url;
 use self::api::{Api, Auth, Http, Invocation};
 use super::http::AccountPermits;
 use super::{Backend, ListedMessage, Mailbox, MessageStream, ReportedSize};
-use crate::mail::{BackendError, Credentials, Proof, StoreId};
+use crate::mail::{BackendError, Credentials, InvalidSetting, Proof, StoreId};
 
 /// How popgate authenticates to the JMAP server.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,13 +119,13 @@ impl JmapConfig {
     }
 
     /// Checks what serde cannot; the error names the key at fault.
-    pub fn check(&self) -> Result<(), (&'static str, String)> {
-        self.session_url().map_err(|why| ("backend.url", why))?;
+    pub fn check(&self) -> Result<(), InvalidSetting> {
+        self.session_url().map_err(|why| InvalidSetting::new("url", why))?;
         if self.timeout_secs == 0 {
-            return Err(("backend.timeout_secs", "must be at least 1".into()));
+            return Err(InvalidSetting::new("timeout_secs", "must be at least 1"));
         }
         if self.mailbox.as_deref().is_some_and(|m| m.trim_matches('/').is_empty()) {
-            return Err(("backend.mailbox", "must not be empty (leave it out for the inbox)".into()));
+            return Err(InvalidSetting::new("mailbox", "must not be empty (leave it out for the inbox)"));
         }
         Ok(())
     }
@@ -148,7 +148,7 @@ pub struct JmapBackend {
 
 impl JmapBackend {
     pub fn new(config: JmapConfig) -> Result<Self, BackendError> {
-        config.check().map_err(|(key, why)| BackendError::Permanent(format!("{key}: {why}")))?;
+        config.check().map_err(|e| BackendError::Permanent(e.to_string()))?;
         let session_url = config.session_url().map_err(BackendError::Permanent)?;
         let http = Http::new(config.ca_file.as_deref(), Duration::from_secs(config.timeout_secs))?;
         Ok(JmapBackend { config, session_url, http, permits: AccountPermits::new() })

@@ -47,10 +47,10 @@ fn config_defaults_and_checks() {
     assert!(toml::from_str::<JmapConfig>("url = \"https://h\"\ntimeout = 5").is_err());
     let mut zero = JmapConfig::new("https://h");
     zero.timeout_secs = 0;
-    assert_eq!(zero.check().unwrap_err().0, "backend.timeout_secs");
+    assert_eq!(zero.check().unwrap_err().key, "timeout_secs");
     let mut empty = JmapConfig::new("https://h");
     empty.mailbox = Some("/".into());
-    assert_eq!(empty.check().unwrap_err().0, "backend.mailbox");
+    assert_eq!(empty.check().unwrap_err().key, "mailbox");
 }
 
 fn folders() -> Folders {

@@ -1,5 +1,4 @@
-//! Accounts (`[[account]]`) and the `AccountRouter` that picks one for each
-//! POP3 login.
+//! The `AccountRouter`: picks the account for each POP3 login.
 //!
 //! Two modes share one routing table, over any backend kind:
 //! - `passthrough`: user names matched exactly, by `*@domain`, or by `*`
@@ -15,227 +14,21 @@
 //! failed device login changes nothing: not the stored token, not the other
 //! devices of the account.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::PathBuf;
+use std::collections::HashMap;
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde::{Deserialize, Serialize};
 
-use super::accounts::{Route, Router};
-use super::oauth::client::OAuthClient;
-use super::oauth::{MailApi, OAuthConfig};
-use super::passwords::{DeviceHash, SecretSource};
-use super::tokens::{MetricsSlot, TokenSource, TokenSourceSettings, TokenStore, TokenStoreConfig};
+use super::config::{AccountMode, AccountsSetup, DEFAULT_BACKEND, Pattern};
+use super::{Route, Router};
+use crate::auth::oauth::client::OAuthClient;
+use crate::auth::passwords::{DeviceHash, SecretSource};
+use crate::auth::tokens::{TokenSource, TokenSourceSettings, TokenStore};
 use crate::backend::SharedBackend;
-use crate::config::BackendConfig;
+use crate::backend::select::BackendConfig;
 use crate::mail::{BackendError, Credentials, Proof, Secret};
 use crate::telemetry::Metrics;
-
-/// The name of the `[backend]` table among the named backends.
-pub const DEFAULT_BACKEND: &str = "default";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AccountMode {
-    /// Clients log in with the backend's own credentials.
-    Passthrough,
-    /// Device users with local passwords; popgate holds the backend's.
-    Mapped,
-}
-
-/// `[[account]]`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AccountConfig {
-    /// Letters, digits, `.`, `_`, `-`; unique. Used by `popgate oauth login
-    /// NAME`, in logs and in metrics.
-    pub name: String,
-    pub mode: AccountMode,
-    /// A backend: "default" (the `[backend]` table) or a `[backends.NAME]`.
-    #[serde(default = "default_backend")]
-    pub backend: String,
-    /// passthrough: the user names routed here — exact names, `*@domain`,
-    /// or `*` for every user no other account takes.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub users: Vec<String>,
-    /// mapped: the user name popgate logs in to the backend with (the
-    /// mailbox address for OAuth).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub login: Option<String>,
-    /// mapped, with a password or app password: from this environment
-    /// variable…
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub password_env: Option<String>,
-    /// …or this file.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub password_file: Option<PathBuf>,
-    /// mapped, with OAuth 2.0.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub oauth: Option<OAuthConfig>,
-    /// mapped: the device users.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub device: Vec<DeviceConfig>,
-}
-
-fn default_backend() -> String {
-    DEFAULT_BACKEND.into()
-}
-
-/// `[[account.device]]`: one POP3 user of a mapped account.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DeviceConfig {
-    /// The POP3 user name (unique across accounts).
-    pub user: String,
-    /// Argon2id PHC string, from `popgate passwd`.
-    pub password_hash: String,
-    /// `false` refuses this device's logins; the others are not affected.
-    #[serde(default = "yes")]
-    pub enabled: bool,
-}
-
-fn yes() -> bool {
-    true
-}
-
-fn valid_user_name(user: &str) -> bool {
-    !user.is_empty() && user.len() <= 255 && !user.chars().any(|c| c.is_whitespace() || c.is_control())
-}
-
-/// Checks the accounts against each other and the configured backends.
-/// `Err((where, why))`.
-pub fn check_accounts(
-    accounts: &[AccountConfig],
-    backend: impl Fn(&str) -> Option<BackendConfig>,
-    token_store: Option<&TokenStoreConfig>,
-) -> Result<(), String> {
-    let mut names = HashSet::new();
-    let mut device_users: HashMap<&str, &str> = HashMap::new();
-    let mut patterns: HashMap<String, &str> = HashMap::new();
-    for account in accounts {
-        let name = &account.name;
-        let fail = |why: String| Err(format!("account `{name}`: {why}"));
-        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) {
-            return Err(format!("account name `{name}`: use letters, digits, `.`, `_` and `-`"));
-        }
-        if !names.insert(name.as_str()) {
-            return Err(format!("account `{name}` is defined twice"));
-        }
-        let Some(backend_config) = backend(&account.backend) else {
-            return fail(format!("backend `{}` is not configured ([backends.{}])", account.backend, account.backend));
-        };
-        match account.mode {
-            AccountMode::Passthrough => {
-                if account.users.is_empty() {
-                    return fail("a passthrough account needs `users` (names, `*@domain` or `*`)".into());
-                }
-                if account.login.is_some()
-                    || account.password_env.is_some()
-                    || account.password_file.is_some()
-                    || account.oauth.is_some()
-                    || !account.device.is_empty()
-                {
-                    return fail("login, password_*, oauth and device are for mapped accounts".into());
-                }
-                for pattern in &account.users {
-                    let key = match Pattern::parse(pattern) {
-                        Some(p) => p.key(),
-                        None => return fail(format!("`{pattern}` is not a user name, `*@domain` or `*`")),
-                    };
-                    if let Some(other) = patterns.insert(key, name) {
-                        return fail(format!("`{pattern}` is also routed by account `{other}`"));
-                    }
-                }
-            }
-            AccountMode::Mapped => {
-                if !account.users.is_empty() {
-                    return fail("`users` is for passthrough accounts; mapped accounts list [[account.device]]".into());
-                }
-                match &account.login {
-                    Some(login) if valid_user_name(login) => {}
-                    _ => return fail("a mapped account needs `login`, the backend user name".into()),
-                }
-                let password = SecretSource::from_keys(account.password_env.as_ref(), account.password_file.as_ref())
-                    .map_err(|why| format!("account `{name}`: password: {why}"))?;
-                match (&password, &account.oauth) {
-                    (Some(_), Some(_)) => return fail("set a password or oauth, not both".into()),
-                    (None, None) => {
-                        return fail("a mapped account needs password_env, password_file or [account.oauth]".into());
-                    }
-                    _ => {}
-                }
-                if let Some(oauth) = &account.oauth {
-                    oauth.check().map_err(|(key, why)| format!("account `{name}`: oauth.{key}: {why}"))?;
-                    if token_store.is_none() {
-                        return fail("OAuth accounts need a [token_store]".into());
-                    }
-                    // IMAP sends the token with XOAUTH2/OAUTHBEARER; HTTP
-                    // backends as a Bearer header.
-                    match &backend_config {
-                        BackendConfig::Jmap(jmap) if jmap.auth != crate::backend::jmap::JmapAuth::Bearer => {
-                            return fail("an OAuth account on JMAP needs auth = \"bearer\"".into());
-                        }
-                        BackendConfig::Demo(_) => {
-                            return fail("the demo backend takes passwords, not OAuth tokens".into());
-                        }
-                        _ => {}
-                    }
-                }
-                if account.device.is_empty() {
-                    return fail("a mapped account needs at least one [[account.device]]".into());
-                }
-                for device in &account.device {
-                    if !valid_user_name(&device.user) {
-                        return fail(format!("device user `{}` is not a valid user name", device.user));
-                    }
-                    if let Some(other) = device_users.insert(&device.user, name) {
-                        return fail(format!("device user `{}` is also in account `{other}`", device.user));
-                    }
-                    DeviceHash::parse(&device.password_hash)
-                        .map_err(|e| format!("account `{name}`: device `{}`: password_hash: {e}", device.user))?;
-                }
-            }
-        }
-    }
-    for (user, account) in &device_users {
-        if let Some(other) = patterns.get(&Pattern::Exact(user.to_string()).key()) {
-            return Err(format!("device user `{user}` (account `{account}`) is also a passthrough user of `{other}`"));
-        }
-    }
-    Ok(())
-}
-
-/// A passthrough `users` entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Pattern {
-    Exact(String),
-    /// Lower-cased.
-    Domain(String),
-    Any,
-}
-
-impl Pattern {
-    fn parse(text: &str) -> Option<Pattern> {
-        if text == "*" {
-            return Some(Pattern::Any);
-        }
-        if let Some(domain) = text.strip_prefix("*@") {
-            let ok = !domain.is_empty() && !domain.contains(['@', '*']) && valid_user_name(domain);
-            return ok.then(|| Pattern::Domain(domain.to_ascii_lowercase()));
-        }
-        (valid_user_name(text) && !text.contains('*')).then(|| Pattern::Exact(text.to_string()))
-    }
-
-    fn key(&self) -> String {
-        match self {
-            Pattern::Exact(u) => format!("user:{u}"),
-            Pattern::Domain(d) => format!("domain:{d}"),
-            Pattern::Any => "*".into(),
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RouterError {
@@ -283,7 +76,6 @@ pub struct AccountRouter {
     domains: HashMap<String, usize>,
     any: Option<usize>,
     primary: SharedBackend,
-    metrics: Arc<MetricsSlot>,
 }
 
 impl AccountRouter {
@@ -292,22 +84,16 @@ impl AccountRouter {
     /// store. Fails on anything missing, so a bad setup stops at startup
     /// rather than at a device's first poll.
     pub fn new(
-        accounts: &[AccountConfig],
-        default_backend: &BackendConfig,
-        backends: &BTreeMap<String, BackendConfig>,
-        token_store: Option<&TokenStoreConfig>,
+        setup: AccountsSetup<'_>,
         metrics: Arc<Metrics>,
         build: impl Fn(&BackendConfig) -> Result<SharedBackend, BackendError>,
     ) -> Result<Arc<AccountRouter>, RouterError> {
-        let lookup = |name: &str| match name {
-            DEFAULT_BACKEND => Some(default_backend.clone()),
-            other => backends.get(other).cloned(),
-        };
-        check_accounts(accounts, lookup, token_store).map_err(RouterError::Config)?;
+        let AccountsSetup { accounts, token_store, .. } = setup;
+        let lookup = |name: &str| setup.backend_named(name);
+        setup.check().map_err(|e| RouterError::Config(e.why))?;
         if accounts.is_empty() {
             return Err(RouterError::Config("no accounts configured".into()));
         }
-        let metrics = MetricsSlot::new(metrics);
         let store: Option<Arc<dyn TokenStore>> = match token_store {
             Some(config) if accounts.iter().any(|a| a.oauth.is_some()) => {
                 let store = config.open().map_err(|e| RouterError::Config(e.to_string()))?;
@@ -328,7 +114,7 @@ impl AccountRouter {
                 Some(b) => b.clone(),
                 None => {
                     let backend_config = lookup(&config.backend).expect("checked");
-                    let backend = build(&backend_config)
+                    let backend = build(backend_config)
                         .map_err(|source| RouterError::Backend { name: config.backend.clone(), source })?;
                     built.insert(config.backend.clone(), backend.clone());
                     backend
@@ -349,7 +135,7 @@ impl AccountRouter {
                 AccountMode::Mapped => {
                     let held = match &config.oauth {
                         Some(oauth) => {
-                            let api = MailApi::of(&lookup(&config.backend).expect("checked"));
+                            let api = lookup(&config.backend).expect("checked").mail_api();
                             let oauth = &oauth.for_api(api);
                             let client = OAuthClient::new(oauth).map_err(|e| bad(e.to_string()))?;
                             let settings = TokenSourceSettings {
@@ -388,13 +174,7 @@ impl AccountRouter {
         // Readiness probes the [backend] if an account uses it, else the
         // first account's.
         let primary = built.get(DEFAULT_BACKEND).cloned().unwrap_or_else(|| list[0].backend.clone());
-        Ok(Arc::new(AccountRouter { accounts: list, by_name, devices, exact, domains, any, primary, metrics }))
-    }
-
-    /// Counts into `metrics` from now on (the server's exported registry,
-    /// once it exists).
-    pub fn use_metrics(&self, metrics: Arc<Metrics>) {
-        self.metrics.set(metrics);
+        Ok(Arc::new(AccountRouter { accounts: list, by_name, devices, exact, domains, any, primary }))
     }
 
     fn token_sources(&self) -> impl Iterator<Item = &Arc<TokenSource>> {
@@ -547,7 +327,12 @@ impl Router for AccountRouter {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
+    use serde::Deserialize;
+
     use super::*;
+    use crate::auth::accounts::config::AccountConfig;
     use crate::backend::demo::{DemoBackend, DemoConfig, DemoStore};
 
     fn hash(password: &str) -> String {
@@ -568,7 +353,9 @@ mod tests {
 
     fn router(toml_text: &str) -> Arc<AccountRouter> {
         let store = DemoStore::from_config(&DemoConfig::default()).unwrap();
-        AccountRouter::new(&accounts(toml_text), &demo(), &BTreeMap::new(), None, Arc::new(Metrics::new()), |_| {
+        let (accounts, demo, none) = (accounts(toml_text), demo(), BTreeMap::new());
+        let setup = AccountsSetup { accounts: &accounts, backend: &demo, backends: &none, token_store: None };
+        AccountRouter::new(setup, Arc::new(Metrics::new()), |_| {
             Ok(Arc::new(DemoBackend::new(store.clone())) as SharedBackend)
         })
         .unwrap()
@@ -667,7 +454,9 @@ users = ["*"]
     #[test]
     fn configuration_mistakes_are_named() {
         let check = |text: &str| {
-            check_accounts(&accounts(text), |n| (n == "default").then(demo), None).err().unwrap_or_default()
+            let (accounts, demo, none) = (accounts(text), demo(), BTreeMap::new());
+            let setup = AccountsSetup { accounts: &accounts, backend: &demo, backends: &none, token_store: None };
+            setup.check().err().map(|e| e.why).unwrap_or_default()
         };
         let h = hash("x");
         let device = format!("[[account.device]]\nuser = \"d\"\npassword_hash = \"{h}\"\n");

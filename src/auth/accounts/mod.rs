@@ -5,6 +5,9 @@
 //! default, `PassThrough`, hands the client's credentials to the one
 //! configured backend unchanged. Never logs a secret.
 
+pub mod config;
+pub mod router;
+
 use async_trait::async_trait;
 
 use crate::backend::SharedBackend;

@@ -1,0 +1,244 @@
+//! `[[account]]`: pass-through routes and mapped accounts with their device
+//! users, and the checks that tie them to the configured backends and the
+//! token store. The `AccountRouter` (`router.rs`) is built from these.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::auth::oauth::OAuthConfig;
+use crate::auth::passwords::{DeviceHash, SecretSource};
+use crate::auth::tokens::TokenStoreConfig;
+use crate::backend::select::BackendConfig;
+use crate::mail::InvalidSetting;
+
+/// The name of the `[backend]` table among the named backends.
+pub const DEFAULT_BACKEND: &str = "default";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccountMode {
+    /// Clients log in with the backend's own credentials.
+    Passthrough,
+    /// Device users with local passwords; popgate holds the backend's.
+    Mapped,
+}
+
+/// `[[account]]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountConfig {
+    /// Letters, digits, `.`, `_`, `-`; unique. Used by `popgate oauth login
+    /// NAME`, in logs and in metrics.
+    pub name: String,
+    pub mode: AccountMode,
+    /// A backend: "default" (the `[backend]` table) or a `[backends.NAME]`.
+    #[serde(default = "default_backend")]
+    pub backend: String,
+    /// passthrough: the user names routed here — exact names, `*@domain`,
+    /// or `*` for every user no other account takes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub users: Vec<String>,
+    /// mapped: the user name popgate logs in to the backend with (the
+    /// mailbox address for OAuth).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub login: Option<String>,
+    /// mapped, with a password or app password: from this environment
+    /// variable…
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_env: Option<String>,
+    /// …or this file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// mapped, with OAuth 2.0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oauth: Option<OAuthConfig>,
+    /// mapped: the device users.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub device: Vec<DeviceConfig>,
+}
+
+fn default_backend() -> String {
+    DEFAULT_BACKEND.into()
+}
+
+/// `[[account.device]]`: one POP3 user of a mapped account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceConfig {
+    /// The POP3 user name (unique across accounts).
+    pub user: String,
+    /// Argon2id PHC string, from `popgate passwd`.
+    pub password_hash: String,
+    /// `false` refuses this device's logins; the others are not affected.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn valid_user_name(user: &str) -> bool {
+    !user.is_empty() && user.len() <= 255 && !user.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
+/// The accounts with what they refer to: the `[backend]` table, the named
+/// `[backends.NAME]` and the `[token_store]`.
+#[derive(Debug, Clone, Copy)]
+pub struct AccountsSetup<'a> {
+    pub accounts: &'a [AccountConfig],
+    pub backend: &'a BackendConfig,
+    pub backends: &'a BTreeMap<String, BackendConfig>,
+    pub token_store: Option<&'a TokenStoreConfig>,
+}
+
+impl<'a> AccountsSetup<'a> {
+    /// The backend an account names: "default" or a `[backends.NAME]`.
+    pub fn backend_named(&self, name: &str) -> Option<&'a BackendConfig> {
+        match name {
+            DEFAULT_BACKEND => Some(self.backend),
+            other => self.backends.get(other),
+        }
+    }
+
+    /// Checks the accounts against each other, the backends they name and
+    /// the token store.
+    pub fn check(&self) -> Result<(), InvalidSetting> {
+        check_accounts(self.accounts, |name| self.backend_named(name), self.token_store)
+            .map_err(|why| InvalidSetting::new("account", why))
+    }
+}
+
+/// `Err(why)`, naming the account.
+fn check_accounts<'a>(
+    accounts: &[AccountConfig],
+    backend: impl Fn(&str) -> Option<&'a BackendConfig>,
+    token_store: Option<&TokenStoreConfig>,
+) -> Result<(), String> {
+    let mut names = HashSet::new();
+    let mut device_users: HashMap<&str, &str> = HashMap::new();
+    let mut patterns: HashMap<String, &str> = HashMap::new();
+    for account in accounts {
+        let name = &account.name;
+        let fail = |why: String| Err(format!("account `{name}`: {why}"));
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) {
+            return Err(format!("account name `{name}`: use letters, digits, `.`, `_` and `-`"));
+        }
+        if !names.insert(name.as_str()) {
+            return Err(format!("account `{name}` is defined twice"));
+        }
+        let Some(backend_config) = backend(&account.backend) else {
+            return fail(format!("backend `{}` is not configured ([backends.{}])", account.backend, account.backend));
+        };
+        match account.mode {
+            AccountMode::Passthrough => {
+                if account.users.is_empty() {
+                    return fail("a passthrough account needs `users` (names, `*@domain` or `*`)".into());
+                }
+                if account.login.is_some()
+                    || account.password_env.is_some()
+                    || account.password_file.is_some()
+                    || account.oauth.is_some()
+                    || !account.device.is_empty()
+                {
+                    return fail("login, password_*, oauth and device are for mapped accounts".into());
+                }
+                for pattern in &account.users {
+                    let key = match Pattern::parse(pattern) {
+                        Some(p) => p.key(),
+                        None => return fail(format!("`{pattern}` is not a user name, `*@domain` or `*`")),
+                    };
+                    if let Some(other) = patterns.insert(key, name) {
+                        return fail(format!("`{pattern}` is also routed by account `{other}`"));
+                    }
+                }
+            }
+            AccountMode::Mapped => {
+                if !account.users.is_empty() {
+                    return fail("`users` is for passthrough accounts; mapped accounts list [[account.device]]".into());
+                }
+                match &account.login {
+                    Some(login) if valid_user_name(login) => {}
+                    _ => return fail("a mapped account needs `login`, the backend user name".into()),
+                }
+                let password = SecretSource::from_keys(account.password_env.as_ref(), account.password_file.as_ref())
+                    .map_err(|why| format!("account `{name}`: password: {why}"))?;
+                match (&password, &account.oauth) {
+                    (Some(_), Some(_)) => return fail("set a password or oauth, not both".into()),
+                    (None, None) => {
+                        return fail("a mapped account needs password_env, password_file or [account.oauth]".into());
+                    }
+                    _ => {}
+                }
+                if let Some(oauth) = &account.oauth {
+                    oauth.check().map_err(|(key, why)| format!("account `{name}`: oauth.{key}: {why}"))?;
+                    if token_store.is_none() {
+                        return fail("OAuth accounts need a [token_store]".into());
+                    }
+                    // IMAP sends the token with XOAUTH2/OAUTHBEARER; HTTP
+                    // backends as a Bearer header.
+                    match &backend_config {
+                        BackendConfig::Jmap(jmap) if jmap.auth != crate::backend::jmap::JmapAuth::Bearer => {
+                            return fail("an OAuth account on JMAP needs auth = \"bearer\"".into());
+                        }
+                        BackendConfig::Demo(_) => {
+                            return fail("the demo backend takes passwords, not OAuth tokens".into());
+                        }
+                        _ => {}
+                    }
+                }
+                if account.device.is_empty() {
+                    return fail("a mapped account needs at least one [[account.device]]".into());
+                }
+                for device in &account.device {
+                    if !valid_user_name(&device.user) {
+                        return fail(format!("device user `{}` is not a valid user name", device.user));
+                    }
+                    if let Some(other) = device_users.insert(&device.user, name) {
+                        return fail(format!("device user `{}` is also in account `{other}`", device.user));
+                    }
+                    DeviceHash::parse(&device.password_hash)
+                        .map_err(|e| format!("account `{name}`: device `{}`: password_hash: {e}", device.user))?;
+                }
+            }
+        }
+    }
+    for (user, account) in &device_users {
+        if let Some(other) = patterns.get(&Pattern::Exact(user.to_string()).key()) {
+            return Err(format!("device user `{user}` (account `{account}`) is also a passthrough user of `{other}`"));
+        }
+    }
+    Ok(())
+}
+
+/// A passthrough `users` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Pattern {
+    Exact(String),
+    /// Lower-cased.
+    Domain(String),
+    Any,
+}
+
+impl Pattern {
+    pub(super) fn parse(text: &str) -> Option<Pattern> {
+        if text == "*" {
+            return Some(Pattern::Any);
+        }
+        if let Some(domain) = text.strip_prefix("*@") {
+            let ok = !domain.is_empty() && !domain.contains(['@', '*']) && valid_user_name(domain);
+            return ok.then(|| Pattern::Domain(domain.to_ascii_lowercase()));
+        }
+        (valid_user_name(text) && !text.contains('*')).then(|| Pattern::Exact(text.to_string()))
+    }
+
+    fn key(&self) -> String {
+        match self {
+            Pattern::Exact(u) => format!("user:{u}"),
+            Pattern::Domain(d) => format!("domain:{d}"),
+            Pattern::Any => "*".into(),
+        }
+    }
+}

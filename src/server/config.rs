@@ -1,0 +1,160 @@
+//! The server's own configuration: listeners and their login policy, the
+//! certificates, the limits on connections and sessions, and the admin
+//! listener. `config.rs` assembles these tables into the file; the rules
+//! that tie them together (a TLS listener needs a certificate) are checked
+//! here, with keys named as the file spells them.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use super::policy::{ListenerTls, LoginPolicy};
+use super::tls::CertificateConfig;
+use crate::mail::InvalidSetting;
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub address: SocketAddr,
+    /// "none" (cleartext), "starttls" (cleartext + STLS) or "implicit" (995).
+    #[serde(default)]
+    pub tls: ListenerTls,
+    /// Accept USER/PASS and AUTH without TLS (devices that cannot do TLS).
+    #[serde(default)]
+    pub allow_cleartext_login: bool,
+    /// With `allow_cleartext_login`: only from these networks (CIDR).
+    #[serde(default)]
+    pub cleartext_networks: Vec<ipnet::IpNet>,
+    /// Loopback clients count as secure without TLS.
+    #[serde(default = "yes")]
+    pub loopback_is_secure: bool,
+}
+
+impl ListenerConfig {
+    /// A cleartext listener with the default policy (`--listen ADDR`).
+    pub fn plain(address: SocketAddr) -> Self {
+        ListenerConfig {
+            address,
+            tls: ListenerTls::None,
+            allow_cleartext_login: false,
+            cleartext_networks: Vec::new(),
+            loopback_is_secure: true,
+        }
+    }
+
+    pub fn policy(&self) -> LoginPolicy {
+        LoginPolicy {
+            tls: self.tls,
+            allow_cleartext_login: self.allow_cleartext_login,
+            cleartext_networks: self.cleartext_networks.clone(),
+            loopback_is_secure: self.loopback_is_secure,
+        }
+    }
+}
+
+/// Certificates for the TLS listeners (implicit TLS and STLS).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// The first is the default; others are chosen by SNI.
+    pub certificates: Vec<CertificateConfig>,
+    /// Seconds between checks of the files for changes (0: only on SIGHUP).
+    pub reload_check_secs: u64,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig { certificates: Vec::new(), reload_check_secs: 60 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Longest command line in octets, CRLF included (RFC 2449: at least 255).
+    pub command_line: usize,
+    /// Longest SASL response line (OAuth tokens need a few KiB).
+    pub auth_line: usize,
+    /// Failed logins on one connection before it is closed.
+    pub max_failed_logins: u32,
+    /// Seconds a client has from connecting to finish logging in.
+    pub login_timeout_secs: u64,
+    /// Seconds of silence after login before autologout (RFC 1939: ≥ 600).
+    pub idle_timeout_secs: u64,
+    /// Connections served at once; more get `-ERR [SYS/TEMP]` and are closed.
+    pub max_connections: usize,
+    /// Connections from one client address at once.
+    pub max_connections_per_address: usize,
+    /// On SIGTERM/SIGINT, seconds sessions may take to finish.
+    pub shutdown_grace_secs: u64,
+    /// Exact message sizes remembered across sessions (entries).
+    pub size_cache_entries: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            command_line: 255,
+            auth_line: 8192,
+            max_failed_logins: 3,
+            login_timeout_secs: 60,
+            idle_timeout_secs: 600,
+            max_connections: 1000,
+            max_connections_per_address: 100,
+            shutdown_grace_secs: 30,
+            size_cache_entries: 1_000_000,
+        }
+    }
+}
+
+/// The admin HTTP listener: /metrics, /healthz, /readyz.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub enabled: bool,
+    /// Keep it on loopback or a management network: it is not authenticated.
+    pub address: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig { enabled: true, address: "127.0.0.1:9110".parse().expect("valid address") }
+    }
+}
+
+/// Checks `[[listener]]`, `[tls]` and `[limits]` together.
+pub fn check(listeners: &[ListenerConfig], tls: &TlsConfig, l: &Limits) -> Result<(), InvalidSetting> {
+    let invalid = |key: &str, why: &str| Err(InvalidSetting::new(key, why));
+    if listeners.is_empty() {
+        return invalid("listener", "at least one listener is needed");
+    }
+    if !(255..=65536).contains(&l.command_line) {
+        return invalid("limits.command_line", "must be between 255 (RFC 2449) and 65536");
+    }
+    if !(255..=1_048_576).contains(&l.auth_line) {
+        return invalid("limits.auth_line", "must be between 255 and 1048576");
+    }
+    if l.max_failed_logins == 0 {
+        return invalid("limits.max_failed_logins", "must be at least 1");
+    }
+    if l.login_timeout_secs == 0 {
+        return invalid("limits.login_timeout_secs", "must be at least 1");
+    }
+    if l.idle_timeout_secs < 600 {
+        return invalid("limits.idle_timeout_secs", "RFC 1939 requires at least 600 seconds");
+    }
+    if l.max_connections == 0 {
+        return invalid("limits.max_connections", "must be at least 1");
+    }
+    if l.max_connections_per_address == 0 {
+        return invalid("limits.max_connections_per_address", "must be at least 1");
+    }
+    if listeners.iter().any(|l| l.tls != ListenerTls::None) && tls.certificates.is_empty() {
+        return invalid("tls.certificates", "a listener uses TLS but no certificate is configured");
+    }
+    Ok(())
+}

@@ -1,0 +1,136 @@
+//! Logging in, outside the socket driver: the throttle's delay, the router
+//! (which account, which credentials), a warm or fresh backend session with
+//! one refresh-and-retry when routed credentials are refused, the listing,
+//! and exact sizes. The driver hands over the client's credentials and gets
+//! back a ready maildrop or the failure to answer with.
+
+use std::net::IpAddr;
+use std::time::Instant;
+
+use super::Context;
+use crate::backend::Mailbox;
+use crate::backend::pool::Lease;
+use crate::mail::{BackendError, Credentials};
+use crate::pop3::{Maildrop, Message};
+
+/// A maildrop opened for one POP3 session.
+pub struct LoggedIn {
+    pub mailbox: Box<dyn Mailbox>,
+    /// How the backend session was obtained (to give it back warm).
+    pub lease: Lease,
+    pub maildrop: Maildrop,
+    /// The backend account (metrics label; what sizes are cached under).
+    pub account: String,
+    pub backend_kind: &'static str,
+}
+
+/// Logs `credentials` in, after the throttle's delay for this address and
+/// user. `None`: the server is shutting down and the login was abandoned.
+pub async fn log_in(
+    context: &Context,
+    peer: IpAddr,
+    credentials: &Credentials,
+) -> Option<Result<LoggedIn, BackendError>> {
+    let throttle = &context.throttle;
+    let delay = throttle.delay(peer, &credentials.user);
+    let opened = tokio::select! {
+        _ = context.stopped() => return None,
+        opened = async {
+            if !delay.is_zero() {
+                tracing::debug!(delay_ms = delay.as_millis() as u64, "throttling login after failures");
+                tokio::time::sleep(delay).await;
+            }
+            open_maildrop(context, credentials).await
+        } => opened,
+    };
+    let metrics = &context.metrics;
+    match &opened {
+        Ok(logged_in) => {
+            throttle.record_success(&credentials.user);
+            metrics.login("success", "ok");
+            if logged_in.lease.reused {
+                metrics.backend_sessions_reused.inc();
+            } else {
+                metrics.backend_logins.inc();
+            }
+            tracing::Span::current().record("user", credentials.user.as_str());
+            tracing::info!(messages = logged_in.maildrop.stat().0, "logged in");
+        }
+        Err(e) => {
+            if matches!(e, BackendError::AuthFailed | BackendError::BadCredentials(_)) {
+                throttle.record_failure(peer, &credentials.user);
+            }
+            metrics.login("failure", error_reason(e));
+            tracing::info!(user = %credentials.user, error = %e, "login failed");
+        }
+    }
+    Some(opened)
+}
+
+/// Routes the login, logs in to the backend (or takes a warm session),
+/// lists the mailbox and makes every size exact.
+async fn open_maildrop(context: &Context, credentials: &Credentials) -> Result<LoggedIn, BackendError> {
+    let route = context.router.route(credentials).await?;
+    let kind = route.backend.kind();
+    let timed = |operation: &'static str, started: Instant| {
+        context.metrics.backend_op(kind, operation, started.elapsed());
+    };
+    let started = Instant::now();
+    let mut opened = context.pool.checkout(&route.backend, &route.credentials).await;
+    if let Err(BackendError::AuthFailed) = opened {
+        // Credentials the router holds (an access token) were refused: one
+        // refresh and one retry. A refusal after that is the router's
+        // problem, not the client's: a temporary failure.
+        if let Some(fresh) = context.router.refresh(&route).await? {
+            opened = match context.pool.checkout(&route.backend, &fresh).await {
+                Err(BackendError::AuthFailed) => {
+                    Err(BackendError::unavailable("backend refused refreshed credentials"))
+                }
+                other => other,
+            };
+        }
+    }
+    timed("open", started);
+    let (mut mailbox, lease) = opened?;
+    let started = Instant::now();
+    let listed = mailbox.list().await;
+    timed("list", started);
+    let listed = match listed {
+        Ok(listed) => {
+            let started = Instant::now();
+            let exact = context.sizes.resolve(&route.account, mailbox.as_mut(), listed).await;
+            timed("measure_sizes", started);
+            exact
+        }
+        Err(e) => Err(e),
+    };
+    match listed {
+        Ok(exact) => {
+            let messages =
+                exact.into_iter().map(|m| Message { id: m.id, uidl: m.uidl, size: m.size.value() }).collect();
+            Ok(LoggedIn {
+                mailbox,
+                lease,
+                maildrop: Maildrop::new(messages),
+                account: route.account,
+                backend_kind: kind,
+            })
+        }
+        Err(e) => {
+            mailbox.close().await;
+            Err(e)
+        }
+    }
+}
+
+/// A short, bounded word for the logins metric.
+fn error_reason(e: &BackendError) -> &'static str {
+    match e {
+        BackendError::AuthFailed => "auth",
+        BackendError::BadCredentials(_) => "bad_credentials",
+        BackendError::InUse(_) => "in_use",
+        BackendError::Unavailable(_) => "unavailable",
+        BackendError::Permanent(_) => "permanent",
+        BackendError::MessageGone => "message_gone",
+    }
+}
