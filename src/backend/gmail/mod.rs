@@ -620,8 +620,7 @@ impl Mailbox for GmailMailbox {
         if failed == 0 {
             return Ok(());
         }
-        let cause = first_error.map(|e| format!(" ({})", in_session(e))).unwrap_or_default();
-        Err(BackendError::Unavailable(format!("{failed} of {} messages could not be {verb}{cause}", ids.len())))
+        Err(http::api::not_removed(failed, ids.len(), verb, first_error.map(in_session)))
     }
 
     async fn close(self: Box<Self>) {

@@ -514,9 +514,8 @@ impl Mailbox for GraphMailbox {
             GraphDeletePolicy::Move => "moved to Deleted Items",
             GraphDeletePolicy::PermanentDelete => "deleted",
         };
-        let cause = first_error.map(|e| format!(" ({e})")).unwrap_or_default();
         tracing::warn!(failed, requested = ids.len(), "Graph removal incomplete");
-        Err(BackendError::Unavailable(format!("{failed} of {} messages could not be {verb}{cause}", ids.len())))
+        Err(http::api::not_removed(failed, ids.len(), verb, first_error))
     }
 
     async fn close(self: Box<Self>) {

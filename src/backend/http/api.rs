@@ -140,6 +140,14 @@ where
     .map_err(in_session)
 }
 
+/// What `Mailbox::remove` says when `failed` of `requested` messages are
+/// still there: temporary, so the client keeps its copies and tries again,
+/// with the first cause seen.
+pub fn not_removed(failed: usize, requested: usize, verb: &str, first_error: Option<BackendError>) -> BackendError {
+    let cause = first_error.map(|e| format!(" ({e})")).unwrap_or_default();
+    BackendError::Unavailable(format!("{failed} of {requested} messages could not be {verb}{cause}"))
+}
+
 /// HTTP to one account: every request carries its Authorization, and all
 /// but bare `send`s hold one of its permits while they run.
 pub struct AccountApi {

@@ -583,8 +583,7 @@ impl Mailbox for JmapMailbox {
             return Ok(());
         }
         let verb = if trash.is_some() { "moved to the trash" } else { "destroyed" };
-        let cause = first_error.map(|e| format!(" ({e})")).unwrap_or_default();
-        Err(BackendError::Unavailable(format!("{failed} of {} messages could not be {verb}{cause}", ids.len())))
+        Err(http::api::not_removed(failed, ids.len(), verb, first_error))
     }
 
     async fn close(self: Box<Self>) {
