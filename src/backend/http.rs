@@ -6,8 +6,11 @@
 //!
 //! Nothing here knows a provider's URLs or error bodies: each backend judges
 //! its own failures (`Verdict`). Nothing here ever formats a credential: the
-//! Authorization header is built by the caller from a `Secret` at the last
-//! moment, and URLs never carry credentials.
+//! Authorization header is built from a `Secret` at the last moment and
+//! marked sensitive, and URLs never carry credentials. `api` holds what one
+//! account's requests share (Authorization, permits, JSON, downloads).
+
+pub mod api;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -77,8 +80,9 @@ pub fn client(
         .map_err(|e| BackendError::Permanent(format!("cannot build the HTTP client: {}", chain(&e))))
 }
 
-/// An API base URL: http(s), a host, no credentials.
-pub fn api_base(text: &str) -> Result<Url, String> {
+/// A URL a backend may send credentials to: http(s), a host, and no
+/// credentials of its own (every client logs in with its own).
+pub fn server_url(text: &str) -> Result<Url, String> {
     let url = Url::parse(text).map_err(|e| format!("not a URL: {e}"))?;
     if !matches!(url.scheme(), "http" | "https") {
         return Err("the scheme must be http or https".into());
@@ -87,8 +91,15 @@ pub fn api_base(text: &str) -> Result<Url, String> {
         return Err("missing host".into());
     }
     if !url.username().is_empty() || url.password().is_some() {
-        return Err("credentials do not belong in the URL".into());
+        return Err("credentials do not belong in the URL; clients log in with their own".into());
     }
+    Ok(url)
+}
+
+/// An API base URL: a `server_url` that paths are appended to, so without
+/// query or fragment.
+pub fn api_base(text: &str) -> Result<Url, String> {
+    let url = server_url(text)?;
     if url.query().is_some() || url.fragment().is_some() {
         return Err("no query or fragment, please".into());
     }
@@ -130,6 +141,17 @@ pub fn bearer_token(token: &Secret) -> Result<Secret, BackendError> {
 pub fn bearer_header(token: &Secret) -> reqwest::header::HeaderValue {
     let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", token.expose()))
         .unwrap_or_else(|_| reqwest::header::HeaderValue::from_static("Bearer -"));
+    value.set_sensitive(true);
+    value
+}
+
+/// The `Authorization` header for RFC 7617 Basic, marked sensitive like
+/// `bearer_header`.
+pub fn basic_header(user: &str, password: &Secret) -> reqwest::header::HeaderValue {
+    use base64::Engine as _;
+    let pair = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{}", password.expose()));
+    let mut value = reqwest::header::HeaderValue::from_str(&format!("Basic {pair}"))
+        .unwrap_or_else(|_| reqwest::header::HeaderValue::from_static("Basic -"));
     value.set_sensitive(true);
     value
 }
@@ -236,6 +258,17 @@ pub struct Requester {
 }
 
 impl Requester {
+    /// A `client` with `timeout` for every request and `retry` for throttled
+    /// ones.
+    pub fn new(
+        ca_file: Option<&Path>,
+        timeout: Duration,
+        retry: RetryPolicy,
+        redirects: reqwest::redirect::Policy,
+    ) -> Result<Requester, BackendError> {
+        Ok(Requester { client: client(ca_file, timeout, redirects)?, timeout, retry })
+    }
+
     /// Sends the request `build` makes until it succeeds, retrying answers
     /// `judge` calls `Verdict::Retry` within `retry`. Only the wait for the
     /// response head is bounded here; the caller bounds the body (a JSON

@@ -24,21 +24,22 @@ mod wire;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::{StreamExt, TryStreamExt};
-use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use futures::StreamExt;
+use reqwest::header::CONTENT_TYPE;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use url::Url;
 
 use self::wire::{BatchPart, RawExtractor};
-use super::http::{self, AccountPermits, Requester, RetryPolicy, Verdict};
+use super::http::api::{
+    AccountApi, Endpoint, default_concurrency, default_max_wait, default_retries, default_timeout, in_session,
+};
+use super::http::{self, RetryPolicy, Verdict};
 use super::{Backend, ListedMessage, Mailbox, MessageStream, ReportedSize};
-use crate::mail::{BackendError, Credentials, InvalidSetting, Proof, Secret, StoreId};
+use crate::mail::{BackendError, Credentials, InvalidSetting, StoreId};
 
 /// What "delete" means when a POP3 client deletes a message.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,22 +98,6 @@ fn default_api_base() -> String {
     "https://gmail.googleapis.com".into()
 }
 
-fn default_timeout() -> u64 {
-    30
-}
-
-fn default_concurrency() -> usize {
-    4
-}
-
-fn default_retries() -> u32 {
-    3
-}
-
-fn default_max_wait() -> u64 {
-    30
-}
-
 impl Default for GmailConfig {
     fn default() -> Self {
         GmailConfig {
@@ -155,10 +140,6 @@ impl GmailConfig {
         }
         Ok(())
     }
-
-    fn retry(&self) -> RetryPolicy {
-        RetryPolicy { retries: self.max_retries, max_wait: Duration::from_secs(self.max_retry_wait_secs) }
-    }
 }
 
 /// Message ids per `users.messages.list` page (the API's maximum).
@@ -182,9 +163,7 @@ struct Arrival {
 
 pub struct GmailBackend {
     config: GmailConfig,
-    base: Url,
-    requester: Requester,
-    permits: AccountPermits,
+    endpoint: Endpoint,
     /// (account, message id) → arrival, so that a warm mailbox is listed
     /// with `messages.list` alone.
     arrivals: moka::sync::Cache<(String, String), Arrival>,
@@ -192,16 +171,15 @@ pub struct GmailBackend {
 
 impl GmailBackend {
     pub fn new(config: GmailConfig) -> Result<Self, BackendError> {
-        config.check().map_err(|e| BackendError::Permanent(e.to_string()))?;
-        let base = http::api_base(&config.api_base).map_err(BackendError::Permanent)?;
-        let timeout = Duration::from_secs(config.timeout_secs);
-        let client = http::client(config.ca_file.as_deref(), timeout, reqwest::redirect::Policy::none())?;
-        let requester = Requester { client, timeout, retry: config.retry() };
+        config.check().map_err(http::api::config_error)?;
+        let retry =
+            RetryPolicy { retries: config.max_retries, max_wait: Duration::from_secs(config.max_retry_wait_secs) };
+        let endpoint = Endpoint::new(&config.api_base, config.ca_file.as_deref(), config.timeout_secs, retry)?;
         let arrivals = moka::sync::Cache::builder()
             .max_capacity(ORDER_CACHE)
             .time_to_idle(Duration::from_secs(7 * 24 * 3600))
             .build();
-        Ok(GmailBackend { config, base, requester, permits: AccountPermits::new(), arrivals })
+        Ok(GmailBackend { config, endpoint, arrivals })
     }
 }
 
@@ -216,22 +194,14 @@ impl Backend for GmailBackend {
     }
 
     async fn probe(&self) -> Result<(), BackendError> {
-        http::probe(&self.requester, &self.base).await
+        self.endpoint.probe().await
     }
 
     async fn open(&self, credentials: &Credentials) -> Result<Box<dyn Mailbox>, BackendError> {
-        let token = match &credentials.proof {
-            Proof::Bearer(token) => http::bearer_token(token)?,
-            Proof::Password(_) => {
-                return Err(BackendError::Permanent(
-                    "the Gmail API backend needs OAuth2: log in with SASL XOAUTH2 or OAUTHBEARER, or map accounts to \
-                     tokens"
-                        .into(),
-                ));
-            }
-        };
-        let permits = self.permits.for_account(&credentials.user, self.config.max_concurrent_requests);
-        let api = Api { requester: self.requester.clone(), base: self.base.clone(), token, permits };
+        let token = http::api::bearer_only(credentials, "the Gmail API backend")?;
+        let account =
+            self.endpoint.account(&credentials.user, self.config.max_concurrent_requests, &token, wire::judge);
+        let api = Api { account, base: self.endpoint.base.clone() };
         let labels = api.labels().await?;
         let label = match (&self.config.label, &self.config.query) {
             (Some(wanted), _) => Some(find_label(&labels, wanted)?),
@@ -272,10 +242,8 @@ fn find_label(labels: &[Label], wanted: &str) -> Result<String, BackendError> {
 
 /// HTTP to one account's mailbox.
 struct Api {
-    requester: Requester,
+    account: AccountApi,
     base: Url,
-    token: Secret,
-    permits: Arc<Semaphore>,
 }
 
 impl Api {
@@ -290,21 +258,8 @@ impl Api {
         url
     }
 
-    fn auth(&self) -> HeaderValue {
-        http::bearer_header(&self.token)
-    }
-
-    async fn permit(&self) -> Result<OwnedSemaphorePermit, BackendError> {
-        self.permits.clone().acquire_owned().await.map_err(|_| BackendError::unavailable("request limiter closed"))
-    }
-
     async fn get_json<T: serde::de::DeserializeOwned>(&self, what: &str, url: Url) -> Result<T, BackendError> {
-        let _permit = self.permit().await?;
-        let build = || {
-            self.requester.client.get(url.clone()).header(AUTHORIZATION, self.auth()).timeout(self.requester.timeout)
-        };
-        let response = self.requester.send(what, build, |status, body| wire::judge(what, status, body)).await?;
-        self.requester.json(what, response, JSON_LIMIT).await
+        self.account.json(what, JSON_LIMIT, || self.account.get(&url)).await
     }
 
     async fn labels(&self) -> Result<Vec<Label>, BackendError> {
@@ -401,7 +356,8 @@ impl Api {
                     }
                 }
                 if !retry.is_empty() {
-                    let wait = self.requester.wait_before_retry("messages.get (batched)", 429, attempt, asked)?;
+                    let wait =
+                        self.account.requester.wait_before_retry("messages.get (batched)", 429, attempt, asked)?;
                     tokio::time::sleep(wait).await;
                     attempt += 1;
                 }
@@ -419,21 +375,19 @@ impl Api {
         let body = wire::batch_body(&boundary, paths);
         let mut url = self.base.clone();
         url.path_segments_mut().expect("http(s) URLs have paths").pop_if_empty().extend(["batch", "gmail", "v1"]);
-        let _permit = self.permit().await?;
+        let _permit = self.account.permit().await?;
         let build = || {
-            self.requester
-                .client
-                .post(url.clone())
-                .header(AUTHORIZATION, self.auth())
+            self.account
+                .post(&url)
                 .header(CONTENT_TYPE, format!("multipart/mixed; boundary={boundary}"))
-                .timeout(self.requester.timeout)
+                .timeout(self.account.requester.timeout)
                 .body(body.clone())
         };
-        let response = self.requester.send(what, build, |status, body| wire::judge(what, status, body)).await?;
+        let response = self.account.send(what, build).await?;
         let content_type = response.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
         let reply_boundary = wire::boundary_of(&content_type)
             .ok_or_else(|| BackendError::unavailable(format!("batch: unexpected content type {content_type:?}")))?;
-        let body = http::read_limited(response, JSON_LIMIT, self.requester.timeout).await?;
+        let body = http::read_limited(response, JSON_LIMIT, self.account.requester.timeout).await?;
         let parts =
             wire::parse_batch(&reply_boundary, &body).map_err(|e| BackendError::unavailable(format!("batch: {e}")))?;
         let mut seen = HashSet::new();
@@ -449,14 +403,11 @@ impl Api {
         let what = "messages.get raw";
         let mut url = self.url(&["messages", id]);
         url.query_pairs_mut().append_pair("format", "raw").append_pair("fields", "raw");
-        let permit = self.permit().await?;
-        let build = || self.requester.client.get(url.clone()).header(AUTHORIZATION, self.auth());
-        let response = self.requester.send(what, build, |status, body| wire::judge(what, status, body)).await?;
-        let body = response.bytes_stream().map_err(|e| http::transport_error(what, &e));
-        let state = (body.boxed(), RawExtractor::new(), Some(permit));
-        let stream = futures::stream::try_unfold(state, move |(mut body, mut extractor, mut permit)| async move {
+        let body = self.account.download(what, || self.account.get(&url)).await?;
+        let state = (body, RawExtractor::new(), false);
+        let stream = futures::stream::try_unfold(state, move |(mut body, mut extractor, mut ended)| async move {
             loop {
-                if extractor.is_done() || permit.is_none() {
+                if extractor.is_done() || ended {
                     return Ok(None);
                 }
                 match body.next().await {
@@ -464,12 +415,12 @@ impl Api {
                         let decoded =
                             extractor.feed(&chunk?).map_err(|e| BackendError::unavailable(format!("{what}: {e}")))?;
                         if !decoded.is_empty() {
-                            return Ok(Some((decoded, (body, extractor, permit))));
+                            return Ok(Some((decoded, (body, extractor, ended))));
                         }
                     }
                     None => {
                         extractor.finish().map_err(|e| BackendError::unavailable(format!("{what}: {e}")))?;
-                        permit = None;
+                        ended = true;
                     }
                 }
             }
@@ -488,17 +439,15 @@ impl Api {
             Change::Delete => ("messages.batchDelete", self.url(&["messages", "batchDelete"]), json!({ "ids": ids })),
         };
         let body = serde_json::to_vec(&body).map_err(|e| BackendError::Permanent(format!("JSON: {e}")))?;
-        let _permit = self.permit().await?;
+        let _permit = self.account.permit().await?;
         let build = || {
-            self.requester
-                .client
-                .post(url.clone())
-                .header(AUTHORIZATION, self.auth())
+            self.account
+                .post(&url)
                 .header(CONTENT_TYPE, "application/json")
-                .timeout(self.requester.timeout)
+                .timeout(self.account.requester.timeout)
                 .body(body.clone())
         };
-        self.requester.send(what, build, |status, body| wire::judge(what, status, body)).await?;
+        self.account.send(what, build).await?;
         Ok(())
     }
 }
@@ -554,15 +503,6 @@ struct GmailMailbox {
     policy: GmailDeletePolicy,
     arrivals: moka::sync::Cache<(String, String), Arrival>,
     concurrency: usize,
-}
-
-/// After login a refused token means it expired meanwhile: a temporary
-/// failure, not a wrong password.
-fn in_session(error: BackendError) -> BackendError {
-    match error {
-        BackendError::AuthFailed => BackendError::unavailable("the access token was refused mid-session (expired?)"),
-        other => other,
-    }
 }
 
 impl GmailMailbox {
@@ -632,21 +572,10 @@ impl Mailbox for GmailMailbox {
         self.api.raw(&id.0).await.map_err(in_session)
     }
 
-    /// Downloads `max_concurrent_requests` messages at a time. A message
-    /// deleted meanwhile measures 0: RETR will then say it is gone.
+    /// Downloads `max_concurrent_requests` messages at a time.
     async fn canonical_sizes(&mut self, ids: &[StoreId]) -> Result<Vec<u64>, BackendError> {
         let api = &self.api;
-        http::measure_all(ids, self.concurrency, |id| async move {
-            match api.raw(&id.0).await {
-                Err(BackendError::MessageGone) => {
-                    tracing::debug!(id = %id.0, "message deleted before it was measured");
-                    Ok(http::once(bytes::Bytes::new()))
-                }
-                other => other,
-            }
-        })
-        .await
-        .map_err(in_session)
+        http::api::measure_downloads(ids, self.concurrency, |id| api.raw(&id.0)).await
     }
 
     async fn remove(&mut self, ids: &[StoreId]) -> Result<(), BackendError> {
@@ -691,8 +620,7 @@ impl Mailbox for GmailMailbox {
         if failed == 0 {
             return Ok(());
         }
-        let cause = first_error.map(|e| format!(" ({})", in_session(e))).unwrap_or_default();
-        Err(BackendError::Unavailable(format!("{failed} of {} messages could not be {verb}{cause}", ids.len())))
+        Err(http::api::not_removed(failed, ids.len(), verb, first_error.map(in_session)))
     }
 
     async fn close(self: Box<Self>) {

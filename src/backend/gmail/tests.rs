@@ -61,17 +61,12 @@ fn arrivals_parse_strings_and_numbers() {
 }
 
 fn mailbox(label: Option<&str>, policy: GmailDeletePolicy) -> GmailMailbox {
-    let requester = Requester {
-        client: http::client(None, Duration::from_secs(1), reqwest::redirect::Policy::none()).unwrap(),
-        timeout: Duration::from_secs(1),
-        retry: RetryPolicy { retries: 0, max_wait: Duration::from_secs(1) },
-    };
+    let retry = RetryPolicy { retries: 0, max_wait: Duration::from_secs(1) };
+    let endpoint = Endpoint::new("http://127.0.0.1:9/prefix/", None, 1, retry).unwrap();
     GmailMailbox {
         api: Api {
-            requester,
-            base: Url::parse("http://127.0.0.1:9/prefix/").unwrap(),
-            token: Secret::new("t"),
-            permits: Arc::new(Semaphore::new(1)),
+            account: endpoint.account("alice", 1, &crate::mail::Secret::new("t"), wire::judge),
+            base: endpoint.base.clone(),
         },
         account: "alice".into(),
         label: label.map(Into::into),
@@ -113,6 +108,7 @@ async fn passwords_are_refused_and_tokens_checked() {
     assert!(backend.accepts_bearer_tokens());
     let e = backend.open(&Credentials::password("alice", "hunter2")).await.err().unwrap();
     assert!(matches!(&e, BackendError::Permanent(m) if m.contains("OAuth2") && !m.contains("hunter2")), "{e:?}");
+    use crate::mail::{Proof, Secret};
     let bad = Credentials { user: "alice".into(), proof: Proof::Bearer(Secret::new("a b")) };
     assert!(matches!(backend.open(&bad).await, Err(BackendError::BadCredentials(_))));
 }

@@ -19,21 +19,21 @@
 
 use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::{StreamExt, TryStreamExt};
 use reqwest::StatusCode;
-use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use reqwest::header::CONTENT_TYPE;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use url::Url;
 
-use super::http::{self, AccountPermits, Requester, RetryPolicy, Verdict};
+use super::http::api::{
+    AccountApi, Endpoint, default_concurrency, default_max_wait, default_retries, default_timeout, in_session,
+};
+use super::http::{self, RetryPolicy, Verdict};
 use super::{Backend, ListedMessage, Mailbox, MessageStream, ReportedSize};
-use crate::mail::{BackendError, Credentials, InvalidSetting, Proof, Secret, StoreId};
+use crate::mail::{BackendError, Credentials, InvalidSetting, StoreId};
 
 /// What "delete" means when a POP3 client deletes a message.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,22 +96,6 @@ fn default_folder() -> String {
     "inbox".into()
 }
 
-fn default_timeout() -> u64 {
-    30
-}
-
-fn default_concurrency() -> usize {
-    4
-}
-
-fn default_retries() -> u32 {
-    3
-}
-
-fn default_max_wait() -> u64 {
-    30
-}
-
 impl Default for GraphConfig {
     fn default() -> Self {
         GraphConfig {
@@ -160,10 +144,6 @@ impl GraphConfig {
         }
         Ok(())
     }
-
-    fn retry(&self) -> RetryPolicy {
-        RetryPolicy { retries: self.max_retries, max_wait: Duration::from_secs(self.max_retry_wait_secs) }
-    }
 }
 
 /// Messages per listing page.
@@ -176,19 +156,16 @@ const PREFER_IMMUTABLE: &str = "IdType=\"ImmutableId\"";
 
 pub struct GraphBackend {
     config: GraphConfig,
-    base: Url,
-    requester: Requester,
-    permits: AccountPermits,
+    endpoint: Endpoint,
 }
 
 impl GraphBackend {
     pub fn new(config: GraphConfig) -> Result<Self, BackendError> {
-        config.check().map_err(|e| BackendError::Permanent(e.to_string()))?;
-        let base = http::api_base(&config.api_base).map_err(BackendError::Permanent)?;
-        let timeout = Duration::from_secs(config.timeout_secs);
-        let client = http::client(config.ca_file.as_deref(), timeout, reqwest::redirect::Policy::none())?;
-        let requester = Requester { client, timeout, retry: config.retry() };
-        Ok(GraphBackend { config, base, requester, permits: AccountPermits::new() })
+        config.check().map_err(http::api::config_error)?;
+        let retry =
+            RetryPolicy { retries: config.max_retries, max_wait: Duration::from_secs(config.max_retry_wait_secs) };
+        let endpoint = Endpoint::new(&config.api_base, config.ca_file.as_deref(), config.timeout_secs, retry)?;
+        Ok(GraphBackend { config, endpoint })
     }
 }
 
@@ -203,31 +180,16 @@ impl Backend for GraphBackend {
     }
 
     async fn probe(&self) -> Result<(), BackendError> {
-        http::probe(&self.requester, &self.base).await
+        self.endpoint.probe().await
     }
 
     async fn open(&self, credentials: &Credentials) -> Result<Box<dyn Mailbox>, BackendError> {
-        let token = match &credentials.proof {
-            Proof::Bearer(token) => http::bearer_token(token)?,
-            Proof::Password(_) => {
-                return Err(BackendError::Permanent(
-                    "the Microsoft Graph backend needs OAuth2: log in with SASL XOAUTH2 or OAUTHBEARER, or map \
-                     accounts to tokens"
-                        .into(),
-                ));
-            }
-        };
+        let token = http::api::bearer_only(credentials, "the Microsoft Graph backend")?;
         // Outlook counts concurrent requests per mailbox: with app-only
         // access many logins may reach the same one.
         let mailbox_key = if self.config.user == "me" { credentials.user.as_str() } else { self.config.user.as_str() };
-        let permits = self.permits.for_account(mailbox_key, self.config.max_concurrent_requests);
-        let api = Api {
-            requester: self.requester.clone(),
-            base: self.base.clone(),
-            user: self.config.user.clone(),
-            token,
-            permits,
-        };
+        let account = self.endpoint.account(mailbox_key, self.config.max_concurrent_requests, &token, judge);
+        let api = Api { account, base: self.endpoint.base.clone(), user: self.config.user.clone() };
         let folder_id = api.folder_id(&self.config.folder).await?;
         Ok(Box::new(GraphMailbox {
             api,
@@ -263,12 +225,10 @@ fn judge(what: &str, status: StatusCode, body: &[u8]) -> Verdict {
 
 /// HTTP to one mailbox.
 struct Api {
-    requester: Requester,
+    account: AccountApi,
     base: Url,
     /// `me`, or the user of `/users/{user}`.
     user: String,
-    token: Secret,
-    permits: Arc<Semaphore>,
 }
 
 impl Api {
@@ -298,23 +258,12 @@ impl Api {
         }
     }
 
-    fn auth(&self) -> HeaderValue {
-        http::bearer_header(&self.token)
-    }
-
     fn get(&self, url: &Url) -> reqwest::RequestBuilder {
-        self.requester.client.get(url.clone()).header(AUTHORIZATION, self.auth()).header("Prefer", PREFER_IMMUTABLE)
-    }
-
-    async fn permit(&self) -> Result<OwnedSemaphorePermit, BackendError> {
-        self.permits.clone().acquire_owned().await.map_err(|_| BackendError::unavailable("request limiter closed"))
+        self.account.get(url).header("Prefer", PREFER_IMMUTABLE)
     }
 
     async fn get_json<T: serde::de::DeserializeOwned>(&self, what: &str, url: &Url) -> Result<T, BackendError> {
-        let _permit = self.permit().await?;
-        let build = || self.get(url).timeout(self.requester.timeout);
-        let response = self.requester.send(what, build, |status, body| judge(what, status, body)).await?;
-        self.requester.json(what, response, JSON_LIMIT).await
+        self.account.json(what, JSON_LIMIT, || self.get(url)).await
     }
 
     async fn folder_id(&self, folder: &str) -> Result<String, BackendError> {
@@ -388,15 +337,7 @@ impl Api {
     async fn content(&self, id: &str) -> Result<MessageStream<'static>, BackendError> {
         let what = "message $value";
         let url = self.url(&["messages", id, "$value"]);
-        let permit = self.permit().await?;
-        let response = self.requester.send(what, || self.get(&url), |status, body| judge(what, status, body)).await?;
-        let body = response.bytes_stream().map_err(|e| http::transport_error(what, &e));
-        Ok(body
-            .map(move |chunk| {
-                let _held = &permit;
-                chunk
-            })
-            .boxed())
+        self.account.download(what, || self.get(&url)).await
     }
 
     /// One `$batch` of at most 20 POSTs; the answers by request index.
@@ -419,19 +360,14 @@ impl Api {
         url.path_segments_mut().expect("http(s) URLs have paths").pop_if_empty().push("$batch");
         let body = serde_json::to_vec(&json!({ "requests": requests }))
             .map_err(|e| BackendError::Permanent(format!("JSON: {e}")))?;
-        let _permit = self.permit().await?;
         let build = || {
-            self.requester
-                .client
-                .post(url.clone())
-                .header(AUTHORIZATION, self.auth())
+            self.account
+                .post(&url)
                 .header("Prefer", PREFER_IMMUTABLE)
                 .header(CONTENT_TYPE, "application/json")
-                .timeout(self.requester.timeout)
                 .body(body.clone())
         };
-        let response = self.requester.send(what, build, |status, body| judge(what, status, body)).await?;
-        let answers: Answers = self.requester.json(what, response, JSON_LIMIT).await?;
+        let answers: Answers = self.account.json(what, JSON_LIMIT, build).await?;
         let mut seen = HashSet::new();
         let mut out = Vec::with_capacity(answers.responses.len());
         for answer in answers.responses {
@@ -460,15 +396,6 @@ struct GraphMailbox {
     folder_id: String,
     policy: GraphDeletePolicy,
     concurrency: usize,
-}
-
-/// After login a refused token means it expired meanwhile: a temporary
-/// failure, not a wrong password.
-fn in_session(error: BackendError) -> BackendError {
-    match error {
-        BackendError::AuthFailed => BackendError::unavailable("the access token was refused mid-session (expired?)"),
-        other => other,
-    }
 }
 
 impl GraphMailbox {
@@ -525,8 +452,12 @@ impl GraphMailbox {
                 }
             }
             if !retry.is_empty() {
-                let wait =
-                    self.api.requester.wait_before_retry("$batch item", 429, attempt, asked.map(Duration::from_secs));
+                let wait = self.api.account.requester.wait_before_retry(
+                    "$batch item",
+                    429,
+                    attempt,
+                    asked.map(Duration::from_secs),
+                );
                 match wait {
                     Ok(wait) => tokio::time::sleep(wait).await,
                     Err(e) => return (failed + retry.len(), Some(e)),
@@ -559,21 +490,10 @@ impl Mailbox for GraphMailbox {
         self.api.content(&id.0).await.map_err(in_session)
     }
 
-    /// Downloads `max_concurrent_requests` messages at a time. A message
-    /// deleted meanwhile measures 0: RETR will then say it is gone.
+    /// Downloads `max_concurrent_requests` messages at a time.
     async fn canonical_sizes(&mut self, ids: &[StoreId]) -> Result<Vec<u64>, BackendError> {
         let api = &self.api;
-        http::measure_all(ids, self.concurrency, |id| async move {
-            match api.content(&id.0).await {
-                Err(BackendError::MessageGone) => {
-                    tracing::debug!("message deleted before it was measured");
-                    Ok(http::once(bytes::Bytes::new()))
-                }
-                other => other,
-            }
-        })
-        .await
-        .map_err(in_session)
+        http::api::measure_downloads(ids, self.concurrency, |id| api.content(&id.0)).await
     }
 
     async fn remove(&mut self, ids: &[StoreId]) -> Result<(), BackendError> {
@@ -594,9 +514,8 @@ impl Mailbox for GraphMailbox {
             GraphDeletePolicy::Move => "moved to Deleted Items",
             GraphDeletePolicy::PermanentDelete => "deleted",
         };
-        let cause = first_error.map(|e| format!(" ({e})")).unwrap_or_default();
         tracing::warn!(failed, requested = ids.len(), "Graph removal incomplete");
-        Err(BackendError::Unavailable(format!("{failed} of {} messages could not be {verb}{cause}", ids.len())))
+        Err(http::api::not_removed(failed, ids.len(), verb, first_error))
     }
 
     async fn close(self: Box<Self>) {

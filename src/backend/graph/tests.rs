@@ -36,16 +36,12 @@ fn config_defaults_and_checks() {
 }
 
 fn api(user: &str, base: &str) -> Api {
+    let retry = RetryPolicy { retries: 0, max_wait: Duration::from_secs(1) };
+    let endpoint = Endpoint::new(base, None, 1, retry).unwrap();
     Api {
-        requester: Requester {
-            client: http::client(None, Duration::from_secs(1), reqwest::redirect::Policy::none()).unwrap(),
-            timeout: Duration::from_secs(1),
-            retry: RetryPolicy { retries: 0, max_wait: Duration::from_secs(1) },
-        },
+        account: endpoint.account(user, 1, &crate::mail::Secret::new("t"), judge),
         base: Url::parse(base).unwrap(),
         user: user.into(),
-        token: Secret::new("t"),
-        permits: Arc::new(Semaphore::new(1)),
     }
 }
 

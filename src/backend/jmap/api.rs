@@ -1,6 +1,8 @@
 //! JMAP over HTTP (RFC 8620): the session resource, API requests, blob
 //! downloads, and the translation of every HTTP and JMAP failure into a
-//! `BackendError`.
+//! `BackendError`. The requests themselves go through the shared HTTP layer
+//! (`http::Requester`, `http::api::AccountApi`): its time limits, its
+//! retries of 429/503 after `Retry-After`, its request permits.
 //!
 //! It knows nothing of mailboxes or POP3: `mod.rs` builds the method calls.
 //! It never puts a credential in a log line or an error message: the
@@ -9,17 +11,16 @@
 
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::time::Duration;
 
-use futures::{StreamExt, TryStreamExt};
 use reqwest::StatusCode;
-use reqwest::header::{HeaderMap, RETRY_AFTER};
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use url::Url;
 
 use crate::backend::MessageStream;
-use crate::backend::http::{self, transport_error};
+use crate::backend::http::api::AccountApi;
+use crate::backend::http::{self, Requester, Verdict};
 use crate::mail::{BackendError, Secret};
 
 /// The capabilities every request declares.
@@ -36,13 +37,21 @@ pub enum Auth {
 }
 
 impl Auth {
-    fn apply(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+    /// The `Authorization` header, marked sensitive.
+    fn header(&self) -> HeaderValue {
         match self {
-            Auth::Basic { user, password } => request.basic_auth(user, Some(password.expose())),
-            Auth::Bearer(token) => request.bearer_auth(token.expose()),
+            Auth::Basic { user, password } => http::basic_header(user, password),
+            Auth::Bearer(token) => http::bearer_header(token),
         }
     }
 }
+
+/// A session resource is a small JSON object; one this large is not one.
+const SESSION_LIMIT: usize = 4 * 1024 * 1024;
+/// API responses are read only this far: a listing request carries up to
+/// `maxCallsInRequest / 2` pages of up to 4096 emails' ids, blob ids and
+/// sizes, a few MB at most.
+const RESPONSE_LIMIT: usize = 64 * 1024 * 1024;
 
 /// The limits from the session's core capability that shape our requests.
 /// Defaults are used only when a server leaves one out (RFC 8620 makes them
@@ -156,53 +165,30 @@ pub fn expand_template(template: &str, values: &[(&str, &str)]) -> String {
     out
 }
 
-/// One HTTP client per backend (connection pool, TLS configuration).
-#[derive(Clone)]
-pub struct Http {
-    client: reqwest::Client,
-    timeout: Duration,
-}
-
-impl Http {
-    /// `timeout` bounds each request; a download's body is bounded read by
-    /// read instead, however large it is. Redirects are followed (session
-    /// discovery through `/.well-known/jmap`).
-    pub fn new(ca_file: Option<&std::path::Path>, timeout: Duration) -> Result<Http, BackendError> {
-        let client = http::client(ca_file, timeout, reqwest::redirect::Policy::limited(5))?;
-        Ok(Http { client, timeout })
-    }
-
-    /// GETs and parses the session resource.
-    pub async fn session(&self, url: &Url, auth: &Auth) -> Result<Session, BackendError> {
-        let request = auth.apply(self.client.get(url.clone())).timeout(self.timeout);
-        let response = request.send().await.map_err(|e| transport_error("session", &e))?;
-        if !response.status().is_success() {
-            return Err(status_error("session", response.status(), response.headers(), None));
-        }
-        let session_url = response.url().clone();
-        let body: Value = response.json().await.map_err(|e| {
-            if e.is_decode() {
-                tracing::warn!(url = %session_url, "the JMAP session resource is not JSON");
-                BackendError::Permanent(format!("session resource at {session_url} is not JSON"))
-            } else {
-                transport_error("session", &e)
-            }
-        })?;
-        Session::parse(session_url.clone(), &body).map_err(|why| {
-            tracing::warn!(url = %session_url, why, "unusable JMAP session resource");
-            BackendError::Permanent(format!("unusable JMAP session resource: {why}"))
-        })
-    }
+/// GETs and parses the session resource. `requester` follows redirects
+/// (session discovery through `/.well-known/jmap`).
+pub async fn session(requester: &Requester, url: &Url, auth: &Auth) -> Result<Session, BackendError> {
+    let what = "session";
+    let build = || requester.client.get(url.clone()).header(AUTHORIZATION, auth.header()).timeout(requester.timeout);
+    let response = requester.send(what, build, |status, body| judge(what, status, body)).await?;
+    let session_url = response.url().clone();
+    let body = http::read_limited(response, SESSION_LIMIT, requester.timeout).await?;
+    let body: Value = serde_json::from_slice(&body).map_err(|_| {
+        tracing::warn!(url = %session_url, "the JMAP session resource is not JSON");
+        BackendError::Permanent(format!("session resource at {session_url} is not JSON"))
+    })?;
+    Session::parse(session_url.clone(), &body).map_err(|why| {
+        tracing::warn!(url = %session_url, why, "unusable JMAP session resource");
+        BackendError::Permanent(format!("unusable JMAP session resource: {why}"))
+    })
 }
 
 /// An authenticated JMAP session: API calls and downloads for one account.
 pub struct Api {
-    http: Http,
-    auth: Auth,
+    /// Its permits are shared by every POP3 session of this user, so that
+    /// together they never exceed the server's `maxConcurrentRequests`.
+    account: AccountApi,
     pub session: Session,
-    /// Shared by every POP3 session of this user, so that together they
-    /// never exceed the server's `maxConcurrentRequests`.
-    permits: Arc<Semaphore>,
 }
 
 /// One method call: name, arguments, call id.
@@ -213,8 +199,8 @@ pub type Invocation = (&'static str, Value, String);
 pub struct Responses(Vec<(String, Value, String)>);
 
 impl Api {
-    pub fn new(http: Http, auth: Auth, session: Session, permits: Arc<Semaphore>) -> Api {
-        Api { http, auth, session, permits }
+    pub fn new(requester: Requester, auth: &Auth, session: Session, permits: Arc<Semaphore>) -> Api {
+        Api { account: AccountApi::new(requester, auth.header(), permits, judge), session }
     }
 
     pub fn account_id(&self) -> &str {
@@ -238,27 +224,10 @@ impl Api {
                 self.session.limits.max_size_request
             )));
         }
-        let _permit = self.permits.acquire().await.map_err(|_| BackendError::unavailable("request limiter closed"))?;
-        let request = self
-            .auth
-            .apply(self.http.client.post(self.session.api_url.clone()))
-            .timeout(self.http.timeout)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body);
-        let response = request.send().await.map_err(|e| transport_error("API request", &e))?;
-        let status = response.status();
-        if !status.is_success() {
-            let headers = response.headers().clone();
-            // A request-level error (RFC 8620 §3.6.1) is a problem-details
-            // JSON object; read it (bounded by the request timeout) to log its type.
-            let problem = if status == StatusCode::BAD_REQUEST || status == StatusCode::PAYLOAD_TOO_LARGE {
-                response.json::<Value>().await.ok()
-            } else {
-                None
-            };
-            return Err(status_error("API request", status, &headers, problem.as_ref()));
-        }
-        let value: Value = response.json().await.map_err(|e| transport_error("API response", &e))?;
+        let body = bytes::Bytes::from(body);
+        let build =
+            || self.account.post(&self.session.api_url).header(CONTENT_TYPE, "application/json").body(body.clone());
+        let value: Value = self.account.json("API request", RESPONSE_LIMIT, build).await?;
         let responses = value
             .get("methodResponses")
             .cloned()
@@ -269,21 +238,19 @@ impl Api {
 
     /// Streams a blob's octets. Memory stays bounded whatever its size: the
     /// body is passed on chunk by chunk as it arrives.
+    /// Downloads take no request permit: `maxConcurrentRequests` counts
+    /// API requests, and a slow POP3 client must not hold one up.
     pub async fn download(&self, blob_id: &str) -> Result<MessageStream<'static>, BackendError> {
+        let what = "download";
         let url = self.session.download_url(blob_id)?;
-        let request = self.auth.apply(self.http.client.get(url));
         // Only the wait for the headers is bounded as a whole; the body's
         // reads are bounded one by one (`read_timeout`), however large it is.
-        let response = match tokio::time::timeout(self.http.timeout, request.send()).await {
-            Err(_) => return Err(BackendError::unavailable("download: timed out waiting for the server")),
-            Ok(sent) => sent.map_err(|e| transport_error("download", &e))?,
+        let judge_download = |status, body: &[u8]| match status {
+            StatusCode::NOT_FOUND | StatusCode::GONE => Verdict::Fail(BackendError::MessageGone),
+            status => judge(what, status, body),
         };
-        match response.status() {
-            status if status.is_success() => {}
-            StatusCode::NOT_FOUND | StatusCode::GONE => return Err(BackendError::MessageGone),
-            status => return Err(status_error("download", status, response.headers(), None)),
-        }
-        Ok(response.bytes_stream().map_err(|e| transport_error("download", &e)).boxed())
+        let response = self.account.requester.send(what, || self.account.get(&url), judge_download).await?;
+        Ok(http::api::body_stream(what, response))
     }
 }
 
@@ -322,18 +289,29 @@ pub fn method_error(method: &str, error: &Value) -> BackendError {
     }
 }
 
+/// What a failed answer means: throttling (429) and a server briefly down
+/// (503) are retried by the shared requester, after `Retry-After` when the
+/// server says; anything else is mapped by `status_error`. A request-level
+/// error (RFC 8620 §3.6.1) is a problem-details JSON object, read for its
+/// type.
+fn judge(what: &str, status: StatusCode, body: &[u8]) -> Verdict {
+    match status {
+        StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => Verdict::Retry,
+        StatusCode::BAD_REQUEST | StatusCode::PAYLOAD_TOO_LARGE => {
+            let problem = serde_json::from_slice::<Value>(body).ok();
+            Verdict::Fail(status_error(what, status, problem.as_ref()))
+        }
+        status => Verdict::Fail(status_error(what, status, None)),
+    }
+}
+
 /// Maps an HTTP status that is not success.
-fn status_error(what: &str, status: StatusCode, headers: &HeaderMap, problem: Option<&Value>) -> BackendError {
+fn status_error(what: &str, status: StatusCode, problem: Option<&Value>) -> BackendError {
     match status {
         StatusCode::UNAUTHORIZED => BackendError::AuthFailed,
         StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => {
-            let retry_after = headers.get(RETRY_AFTER).and_then(|v| v.to_str().ok()).unwrap_or("");
-            tracing::warn!(what, status = status.as_u16(), retry_after, "JMAP server is throttling or down");
-            let mut message = format!("{what}: HTTP {status}");
-            if !retry_after.is_empty() {
-                let _ = write!(message, " (Retry-After: {retry_after})");
-            }
-            BackendError::Unavailable(message)
+            tracing::warn!(what, status = status.as_u16(), "JMAP server is throttling or down");
+            BackendError::Unavailable(format!("{what}: HTTP {status}"))
         }
         _ => {
             if let Some(problem) = problem {
@@ -430,17 +408,16 @@ mod tests {
         assert!(matches!(transient, BackendError::Unavailable(_)), "{transient:?}");
         let permanent = method_error("Email/get", &json!({ "type": "accountNotFound" }));
         assert!(matches!(permanent, BackendError::Permanent(ref m) if m.contains("accountNotFound")), "{permanent:?}");
-        let headers = HeaderMap::new();
-        assert!(matches!(status_error("x", StatusCode::UNAUTHORIZED, &headers, None), BackendError::AuthFailed));
+        assert!(matches!(status_error("x", StatusCode::UNAUTHORIZED, None), BackendError::AuthFailed));
         for status in [StatusCode::TOO_MANY_REQUESTS, StatusCode::SERVICE_UNAVAILABLE, StatusCode::BAD_GATEWAY] {
-            assert!(matches!(status_error("x", status, &headers, None), BackendError::Unavailable(_)), "{status}");
+            assert!(matches!(status_error("x", status, None), BackendError::Unavailable(_)), "{status}");
         }
-        assert!(matches!(status_error("x", StatusCode::FORBIDDEN, &headers, None), BackendError::Permanent(_)));
+        assert!(matches!(status_error("x", StatusCode::FORBIDDEN, None), BackendError::Permanent(_)));
         let limit = json!({ "type": "urn:ietf:params:jmap:error:limit", "limit": "maxConcurrentRequests" });
-        let e = status_error("x", StatusCode::BAD_REQUEST, &headers, Some(&limit));
+        let e = status_error("x", StatusCode::BAD_REQUEST, Some(&limit));
         assert!(matches!(e, BackendError::Unavailable(ref m) if m.contains("maxConcurrentRequests")), "{e:?}");
         let not_json = json!({ "type": "urn:ietf:params:jmap:error:notJSON" });
-        let e = status_error("x", StatusCode::BAD_REQUEST, &headers, Some(&not_json));
+        let e = status_error("x", StatusCode::BAD_REQUEST, Some(&not_json));
         assert!(matches!(e, BackendError::Permanent(_)), "{e:?}");
     }
 }

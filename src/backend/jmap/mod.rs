@@ -26,8 +26,9 @@ use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use url::Url;
 
-use self::api::{Api, Auth, Http, Invocation};
-use super::http::AccountPermits;
+use self::api::{Api, Auth, Invocation};
+use super::http::api::{config_error, default_retries, default_timeout};
+use super::http::{self, AccountPermits, Requester, RetryPolicy};
 use super::{Backend, ListedMessage, Mailbox, MessageStream, ReportedSize};
 use crate::mail::{BackendError, Credentials, InvalidSetting, Proof, StoreId};
 
@@ -83,10 +84,6 @@ pub struct JmapConfig {
     pub ca_file: Option<PathBuf>,
 }
 
-fn default_timeout() -> u64 {
-    30
-}
-
 impl JmapConfig {
     pub fn new(url: impl Into<String>) -> Self {
         JmapConfig {
@@ -102,16 +99,7 @@ impl JmapConfig {
     /// The URL of the session resource: `url` itself, or the well-known
     /// location when `url` has no path.
     pub fn session_url(&self) -> Result<Url, String> {
-        let url = Url::parse(&self.url).map_err(|e| format!("not a URL: {e}"))?;
-        if !matches!(url.scheme(), "http" | "https") {
-            return Err("the scheme must be http or https".into());
-        }
-        if url.host_str().is_none_or(str::is_empty) {
-            return Err("missing host".into());
-        }
-        if !url.username().is_empty() || url.password().is_some() {
-            return Err("credentials do not belong in the URL; clients log in with their own".into());
-        }
+        let url = http::server_url(&self.url)?;
         if url.path().is_empty() || url.path() == "/" {
             return url.join("/.well-known/jmap").map_err(|e| e.to_string());
         }
@@ -140,7 +128,8 @@ const LIST_ATTEMPTS: usize = 3;
 pub struct JmapBackend {
     config: JmapConfig,
     session_url: Url,
-    http: Http,
+    /// Follows redirects (session discovery), unlike the bearer-token APIs'.
+    requester: Requester,
     /// Request permits per user name, shared by that user's concurrent POP3
     /// sessions so that together they respect `maxConcurrentRequests`.
     permits: AccountPermits,
@@ -148,10 +137,16 @@ pub struct JmapBackend {
 
 impl JmapBackend {
     pub fn new(config: JmapConfig) -> Result<Self, BackendError> {
-        config.check().map_err(|e| BackendError::Permanent(e.to_string()))?;
+        config.check().map_err(config_error)?;
         let session_url = config.session_url().map_err(BackendError::Permanent)?;
-        let http = Http::new(config.ca_file.as_deref(), Duration::from_secs(config.timeout_secs))?;
-        Ok(JmapBackend { config, session_url, http, permits: AccountPermits::new() })
+        let timeout = Duration::from_secs(config.timeout_secs);
+        // The config has no retry settings: a throttled request is retried
+        // as often as the other APIs' by default, waiting at most as long as
+        // a request may take.
+        let retry = RetryPolicy { retries: default_retries(), max_wait: timeout };
+        let redirects = reqwest::redirect::Policy::limited(5);
+        let requester = Requester::new(config.ca_file.as_deref(), timeout, retry, redirects)?;
+        Ok(JmapBackend { config, session_url, requester, permits: AccountPermits::new() })
     }
 
     fn permits_for(&self, user: &str, limit: usize) -> Arc<Semaphore> {
@@ -172,7 +167,7 @@ impl JmapBackend {
             }
             (Proof::Password(token) | Proof::Bearer(token), JmapAuth::Bearer) => token,
         };
-        Ok(Auth::Bearer(super::http::bearer_token(token)?))
+        Ok(Auth::Bearer(http::bearer_token(token)?))
     }
 }
 
@@ -190,7 +185,7 @@ impl Backend for JmapBackend {
 
     async fn open(&self, credentials: &Credentials) -> Result<Box<dyn Mailbox>, BackendError> {
         let auth = self.auth(credentials)?;
-        let session = self.http.session(&self.session_url, &auth).await?;
+        let session = api::session(&self.requester, &self.session_url, &auth).await?;
         let limits = session.limits;
         if limits.max_calls_in_request < 2 {
             return Err(BackendError::Permanent(
@@ -198,7 +193,7 @@ impl Backend for JmapBackend {
             ));
         }
         let permits = self.permits_for(&credentials.user, limits.max_concurrent_requests);
-        let api = Api::new(self.http.clone(), auth, session, permits);
+        let api = Api::new(self.requester.clone(), &auth, session, permits);
         let folders = Folders::fetch(&api).await?;
         let mailbox_id = folders.find(self.config.mailbox.as_deref())?;
         if self.config.delete_policy == DeletePolicy::Trash && folders.with_role("trash").is_none() {
@@ -588,8 +583,7 @@ impl Mailbox for JmapMailbox {
             return Ok(());
         }
         let verb = if trash.is_some() { "moved to the trash" } else { "destroyed" };
-        let cause = first_error.map(|e| format!(" ({e})")).unwrap_or_default();
-        Err(BackendError::Unavailable(format!("{failed} of {} messages could not be {verb}{cause}", ids.len())))
+        Err(http::api::not_removed(failed, ids.len(), verb, first_error))
     }
 
     async fn close(self: Box<Self>) {
@@ -599,21 +593,13 @@ impl Mailbox for JmapMailbox {
 
 /// RFC 1939 wants a UIDL of 1–70 characters in 0x21..=0x7E. A JMAP id
 /// (RFC 8620: 1–255 of A-Za-z0-9-_) usually is one and is used as it is; a
-/// longer or odder one becomes `h` + the hex SHA-256 of the id (65
-/// characters) — stable, since the id is. (A server whose ids themselves
-/// look like `h` + 64 hex digits could collide with that; none is known.)
+/// longer or odder one becomes `h` + the hex SHA-256 of the id
+/// (`http::hashed_uidl`, 65 characters) — stable, since the id is. The `h`
+/// stays: UIDLs handed out before must not change. (A server whose ids
+/// themselves look like `h` + 64 hex digits could collide with that; none
+/// is known.)
 pub fn uidl_for(id: &str) -> String {
-    if (1..=70).contains(&id.len()) && id.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
-        return id.to_string();
-    }
-    use sha2::{Digest, Sha256};
-    let digest = Sha256::digest(id.as_bytes());
-    let mut uidl = String::with_capacity(65);
-    uidl.push('h');
-    for byte in digest {
-        uidl.push_str(&format!("{byte:02x}"));
-    }
-    uidl
+    if http::is_valid_uidl(id) { id.to_string() } else { format!("h{}", http::hashed_uidl(id)) }
 }
 
 /// RFC 6901 escaping for a path segment of a JMAP patch.

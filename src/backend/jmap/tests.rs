@@ -405,3 +405,23 @@ async fn downloads_stream_in_bounded_chunks() {
     // Passed on as it arrives, never gathered whole.
     assert!(chunks > 8 && largest <= 1024 * 1024, "{chunks} chunks, largest {largest}");
 }
+
+#[tokio::test]
+async fn a_throttled_request_is_retried_after_retry_after() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let throttled = Arc::new(AtomicUsize::new(0));
+    let count = throttled.clone();
+    let (url, seen) = fake_server(Arc::new(move |seen: &Seen| {
+        if seen.method == "POST" && count.fetch_add(1, Ordering::SeqCst) == 0 {
+            return Reply::Raw(429, vec![("Retry-After", "1")], Vec::new());
+        }
+        mail_server(seen)
+    }))
+    .await;
+    let backend = backend(&format!("{url}/jmap"), |_| {});
+    let started = std::time::Instant::now();
+    backend.open(&Credentials::password("alice", "pw")).await.unwrap();
+    assert!(started.elapsed() >= Duration::from_secs(1), "waited as asked");
+    let posts = seen.lock().unwrap().iter().filter(|r| r.method == "POST").count();
+    assert_eq!((posts, throttled.load(Ordering::SeqCst)), (2, 2), "the same request, sent again once");
+}

@@ -1,0 +1,263 @@
+//! One account's requests to an HTTP mail API (Gmail, Graph, JMAP): its
+//! Authorization header, its share of the account's request permits, the
+//! backend's judgement of failed answers, JSON replies and downloads; and
+//! what the bearer-token backends share around it (the API root with its
+//! client and permits, the defaults of their configs, the login check, what
+//! a refused token means mid-session, measuring by downloading).
+//!
+//! Each backend keeps its own config struct and its own URLs; only the
+//! plumbing is here, so that a fix to it (a timeout, a retry, a permit held
+//! too long) reaches every backend at once.
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{StreamExt, TryStreamExt};
+use reqwest::StatusCode;
+use reqwest::header::{AUTHORIZATION, HeaderValue};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use url::Url;
+
+use super::{AccountPermits, Requester, RetryPolicy, Verdict};
+use crate::backend::MessageStream;
+use crate::mail::{BackendError, Credentials, InvalidSetting, Proof, Secret, StoreId};
+
+// The defaults of the settings every API backend's config has, by the names
+// its serde attributes use.
+
+/// `timeout_secs`.
+pub fn default_timeout() -> u64 {
+    30
+}
+
+/// `max_concurrent_requests`: what Outlook allows per mailbox, and well
+/// within Google's limits.
+pub fn default_concurrency() -> usize {
+    4
+}
+
+/// `max_retries`.
+pub fn default_retries() -> u32 {
+    3
+}
+
+/// `max_retry_wait_secs`.
+pub fn default_max_wait() -> u64 {
+    30
+}
+
+/// A config's `check()` error as the error a constructor returns.
+pub fn config_error(invalid: InvalidSetting) -> BackendError {
+    BackendError::Permanent(invalid.to_string())
+}
+
+/// What a backend makes of a failed answer: `(what, status, body)`.
+pub type Judge = fn(&str, StatusCode, &[u8]) -> Verdict;
+
+/// A bearer-token API as a backend reaches it: its root, one client, and
+/// the request permits of every account it serves.
+pub struct Endpoint {
+    pub base: Url,
+    pub requester: Requester,
+    permits: AccountPermits,
+}
+
+impl Endpoint {
+    /// Redirects are not followed: the token must go nowhere but `api_base`.
+    pub fn new(
+        api_base: &str,
+        ca_file: Option<&Path>,
+        timeout_secs: u64,
+        retry: RetryPolicy,
+    ) -> Result<Endpoint, BackendError> {
+        let base = super::api_base(api_base).map_err(BackendError::Permanent)?;
+        let timeout = Duration::from_secs(timeout_secs);
+        let requester = Requester::new(ca_file, timeout, retry, reqwest::redirect::Policy::none())?;
+        Ok(Endpoint { base, requester, permits: AccountPermits::new() })
+    }
+
+    /// Readiness: the API answers at all.
+    pub async fn probe(&self) -> Result<(), BackendError> {
+        super::probe(&self.requester, &self.base).await
+    }
+
+    /// Requests for one account with `token`, sharing `limit` permits with
+    /// every other session of `account` (whatever the provider counts
+    /// concurrent requests by).
+    pub fn account(&self, account: &str, limit: usize, token: &Secret, judge: Judge) -> AccountApi {
+        let permits = self.permits.for_account(account, limit);
+        AccountApi::new(self.requester.clone(), super::bearer_header(token), permits, judge)
+    }
+}
+
+/// The bearer token of a login, checked to fit a header; a password is
+/// refused, naming `backend` ("the Gmail API backend").
+pub fn bearer_only(credentials: &Credentials, backend: &str) -> Result<Secret, BackendError> {
+    match &credentials.proof {
+        Proof::Bearer(token) => super::bearer_token(token),
+        Proof::Password(_) => Err(BackendError::Permanent(format!(
+            "{backend} needs OAuth2: log in with SASL XOAUTH2 or OAUTHBEARER, or map accounts to tokens"
+        ))),
+    }
+}
+
+/// After login a refused token means it expired meanwhile: a temporary
+/// failure, not a wrong password.
+pub fn in_session(error: BackendError) -> BackendError {
+    match error {
+        BackendError::AuthFailed => BackendError::unavailable("the access token was refused mid-session (expired?)"),
+        other => other,
+    }
+}
+
+/// Canonical sizes by downloading, `concurrency` messages at a time
+/// (`super::measure_all`). A message deleted meanwhile measures 0: RETR
+/// will then say it is gone.
+pub async fn measure_downloads<'a, F, Fut>(
+    ids: &'a [StoreId],
+    concurrency: usize,
+    download: F,
+) -> Result<Vec<u64>, BackendError>
+where
+    F: Fn(&'a StoreId) -> Fut,
+    Fut: Future<Output = Result<MessageStream<'static>, BackendError>> + 'a,
+{
+    super::measure_all(ids, concurrency, |id| {
+        let opened = download(id);
+        async move {
+            match opened.await {
+                Err(BackendError::MessageGone) => {
+                    tracing::debug!(id = %id.0, "message deleted before it was measured");
+                    Ok(super::once(bytes::Bytes::new()))
+                }
+                other => other,
+            }
+        }
+    })
+    .await
+    .map_err(in_session)
+}
+
+/// What `Mailbox::remove` says when `failed` of `requested` messages are
+/// still there: temporary, so the client keeps its copies and tries again,
+/// with the first cause seen.
+pub fn not_removed(failed: usize, requested: usize, verb: &str, first_error: Option<BackendError>) -> BackendError {
+    let cause = first_error.map(|e| format!(" ({e})")).unwrap_or_default();
+    BackendError::Unavailable(format!("{failed} of {requested} messages could not be {verb}{cause}"))
+}
+
+/// HTTP to one account: every request carries its Authorization, and all
+/// but bare `send`s hold one of its permits while they run.
+pub struct AccountApi {
+    pub requester: Requester,
+    /// Marked sensitive: never in debug output.
+    authorization: HeaderValue,
+    permits: Arc<Semaphore>,
+    judge: Judge,
+}
+
+impl AccountApi {
+    pub fn new(requester: Requester, authorization: HeaderValue, permits: Arc<Semaphore>, judge: Judge) -> AccountApi {
+        AccountApi { requester, authorization, permits, judge }
+    }
+
+    pub fn get(&self, url: &Url) -> reqwest::RequestBuilder {
+        self.requester.client.get(url.clone()).header(AUTHORIZATION, self.authorization.clone())
+    }
+
+    pub fn post(&self, url: &Url) -> reqwest::RequestBuilder {
+        self.requester.client.post(url.clone()).header(AUTHORIZATION, self.authorization.clone())
+    }
+
+    /// One of the account's permits, for a request the caller sends itself.
+    pub async fn permit(&self) -> Result<OwnedSemaphorePermit, BackendError> {
+        self.permits.clone().acquire_owned().await.map_err(|_| BackendError::unavailable("request limiter closed"))
+    }
+
+    /// `Requester::send` with this account's judge; the caller holds a
+    /// permit and bounds the body.
+    pub async fn send(
+        &self,
+        what: &str,
+        build: impl Fn() -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, BackendError> {
+        let judge = self.judge;
+        self.requester.send(what, build, |status, body| judge(what, status, body)).await
+    }
+
+    /// A JSON reply of at most `limit` octets, the whole exchange within the
+    /// request timeout, under a permit.
+    pub async fn json<T: serde::de::DeserializeOwned>(
+        &self,
+        what: &str,
+        limit: usize,
+        build: impl Fn() -> reqwest::RequestBuilder,
+    ) -> Result<T, BackendError> {
+        let _permit = self.permit().await?;
+        let response = self.send(what, || build().timeout(self.requester.timeout)).await?;
+        self.requester.json(what, response, limit).await
+    }
+
+    /// A body as it arrives, however large (each read is bounded, not the
+    /// whole). The permit is held until the body ends or is dropped.
+    pub async fn download(
+        &self,
+        what: &str,
+        build: impl Fn() -> reqwest::RequestBuilder,
+    ) -> Result<MessageStream<'static>, BackendError> {
+        let permit = self.permit().await?;
+        let response = self.send(what, build).await?;
+        Ok(hold_until_end(body_stream(what, response), permit))
+    }
+}
+
+/// A response body as a `MessageStream`, transport failures named `what`.
+pub fn body_stream(what: &str, response: reqwest::Response) -> MessageStream<'static> {
+    let what = what.to_string();
+    response.bytes_stream().map_err(move |e| super::transport_error(&what, &e)).boxed()
+}
+
+/// `stream`, keeping `permit` until its last chunk (not until the consumer
+/// drops it: a POP3 client may be slow to send its next command).
+fn hold_until_end(stream: MessageStream<'static>, permit: OwnedSemaphorePermit) -> MessageStream<'static> {
+    futures::stream::try_unfold((stream, permit), |(mut stream, permit)| async move {
+        match stream.next().await {
+            Some(chunk) => Ok(Some((chunk?, (stream, permit)))),
+            None => Ok(None),
+        }
+    })
+    .boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_refused_by_name() {
+        let e = bearer_only(&Credentials::password("alice", "hunter2"), "the X backend").unwrap_err();
+        assert!(matches!(&e, BackendError::Permanent(m) if m.starts_with("the X backend needs OAuth2")), "{e:?}");
+        assert!(!e.to_string().contains("hunter2"));
+        let token = Credentials { user: "alice".into(), proof: Proof::Bearer(Secret::new("ya29.x")) };
+        assert_eq!(bearer_only(&token, "the X backend").unwrap().expose(), "ya29.x");
+    }
+
+    #[test]
+    fn refused_tokens_mid_session_are_temporary() {
+        assert!(matches!(in_session(BackendError::AuthFailed), BackendError::Unavailable(_)));
+        assert!(matches!(in_session(BackendError::MessageGone), BackendError::MessageGone));
+    }
+
+    #[tokio::test]
+    async fn downloads_release_their_permit_at_the_end() {
+        let permits = Arc::new(Semaphore::new(1));
+        let permit = permits.clone().acquire_owned().await.unwrap();
+        let mut stream = hold_until_end(super::super::once(bytes::Bytes::from_static(b"x")), permit);
+        assert_eq!(stream.next().await.unwrap().unwrap(), "x");
+        assert_eq!(permits.available_permits(), 0, "held while the body lasts");
+        assert!(stream.next().await.is_none());
+        assert_eq!(permits.available_permits(), 1, "released at its end, before the stream is dropped");
+    }
+}
