@@ -120,6 +120,7 @@ impl Config {
     pub fn check(&self) -> Result<(), InvalidSetting> {
         crate::server::config::check(&self.listener, &self.tls, &self.limits)?;
         self.throttle.check().map_err(|e| e.within("throttle"))?;
+        self.backend_pool.check().map_err(|e| e.within("backend_pool"))?;
         self.backend.check().map_err(|e| e.within("backend"))?;
         for (name, backend) in &self.backends {
             let key = format!("backends.{name}");

@@ -124,6 +124,21 @@ impl InvalidSetting {
         InvalidSetting { key: key.into(), why: why.into() }
     }
 
+    /// `Ok` when `value` lies in `bounds`; otherwise names `key` and the
+    /// bounds. Every numeric setting goes through this, so no value the
+    /// checks accept can overflow a timer or a cache downstream.
+    pub fn bounded<T: PartialOrd + fmt::Display>(
+        key: &str,
+        value: T,
+        bounds: std::ops::RangeInclusive<T>,
+    ) -> Result<(), InvalidSetting> {
+        if bounds.contains(&value) {
+            return Ok(());
+        }
+        let (low, high) = bounds.into_inner();
+        Err(InvalidSetting::new(key, format!("must be between {low} and {high} (is {value})")))
+    }
+
     /// The same problem, with the key inside the table `prefix`.
     pub fn within(self, prefix: &str) -> Self {
         let key = if self.key.is_empty() { prefix.to_string() } else { format!("{prefix}.{}", self.key) };

@@ -20,7 +20,7 @@ use ring::hmac;
 use serde::{Deserialize, Serialize};
 
 use super::{Mailbox, SharedBackend};
-use crate::mail::{BackendError, Credentials, Proof};
+use crate::mail::{BackendError, Credentials, InvalidSetting, Proof};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -38,6 +38,16 @@ pub struct PoolConfig {
     pub max_per_account: usize,
     /// Warm sessions kept in all.
     pub max_total: usize,
+}
+
+impl PoolConfig {
+    /// Keys relative to `[backend_pool]`.
+    pub fn check(&self) -> Result<(), InvalidSetting> {
+        InvalidSetting::bounded("idle_secs", self.idle_secs, 1..=86_400)?;
+        InvalidSetting::bounded("max_age_secs", self.max_age_secs, 1..=86_400)?;
+        InvalidSetting::bounded("max_per_account", self.max_per_account, 0..=1_000)?;
+        InvalidSetting::bounded("max_total", self.max_total, 0..=1_000_000)
+    }
 }
 
 impl Default for PoolConfig {

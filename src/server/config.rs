@@ -126,35 +126,29 @@ impl Default for AdminConfig {
     }
 }
 
-/// Checks `[[listener]]`, `[tls]` and `[limits]` together.
+/// The longest any timer may be set to: a day. Far beyond any sensible
+/// setting, and far from where `Instant + Duration` overflows.
+pub const MAX_TIMER_SECS: u64 = 86_400;
+
+/// Checks `[[listener]]`, `[tls]` and `[limits]` together. The bounds are
+/// documented in config/popgate.toml and docs/RELIABILITY.md.
 pub fn check(listeners: &[ListenerConfig], tls: &TlsConfig, l: &Limits) -> Result<(), InvalidSetting> {
-    let invalid = |key: &str, why: &str| Err(InvalidSetting::new(key, why));
     if listeners.is_empty() {
-        return invalid("listener", "at least one listener is needed");
+        return Err(InvalidSetting::new("listener", "at least one listener is needed"));
     }
-    if !(255..=65536).contains(&l.command_line) {
-        return invalid("limits.command_line", "must be between 255 (RFC 2449) and 65536");
-    }
-    if !(255..=1_048_576).contains(&l.auth_line) {
-        return invalid("limits.auth_line", "must be between 255 and 1048576");
-    }
-    if l.max_failed_logins == 0 {
-        return invalid("limits.max_failed_logins", "must be at least 1");
-    }
-    if l.login_timeout_secs == 0 {
-        return invalid("limits.login_timeout_secs", "must be at least 1");
-    }
-    if l.idle_timeout_secs < 600 {
-        return invalid("limits.idle_timeout_secs", "RFC 1939 requires at least 600 seconds");
-    }
-    if l.max_connections == 0 {
-        return invalid("limits.max_connections", "must be at least 1");
-    }
-    if l.max_connections_per_address == 0 {
-        return invalid("limits.max_connections_per_address", "must be at least 1");
-    }
+    InvalidSetting::bounded("limits.command_line", l.command_line, 255..=65_536)?;
+    InvalidSetting::bounded("limits.auth_line", l.auth_line, 255..=1_048_576)?;
+    InvalidSetting::bounded("limits.max_failed_logins", l.max_failed_logins, 1..=100)?;
+    InvalidSetting::bounded("limits.login_timeout_secs", l.login_timeout_secs, 1..=3_600)?;
+    // RFC 1939: the autologout timer is at least 10 minutes.
+    InvalidSetting::bounded("limits.idle_timeout_secs", l.idle_timeout_secs, 600..=MAX_TIMER_SECS)?;
+    InvalidSetting::bounded("limits.max_connections", l.max_connections, 1..=1_000_000)?;
+    InvalidSetting::bounded("limits.max_connections_per_address", l.max_connections_per_address, 1..=1_000_000)?;
+    InvalidSetting::bounded("limits.shutdown_grace_secs", l.shutdown_grace_secs, 0..=3_600)?;
+    InvalidSetting::bounded("limits.size_cache_entries", l.size_cache_entries, 0..=100_000_000)?;
+    InvalidSetting::bounded("tls.reload_check_secs", tls.reload_check_secs, 0..=MAX_TIMER_SECS)?;
     if listeners.iter().any(|l| l.tls != ListenerTls::None) && tls.certificates.is_empty() {
-        return invalid("tls.certificates", "a listener uses TLS but no certificate is configured");
+        return Err(InvalidSetting::new("tls.certificates", "a listener uses TLS but no certificate is configured"));
     }
     Ok(())
 }

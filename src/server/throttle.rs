@@ -34,6 +34,11 @@ pub struct ThrottleConfig {
 impl ThrottleConfig {
     /// What serde cannot check; keys relative to `[throttle]`.
     pub fn check(&self) -> Result<(), InvalidSetting> {
+        InvalidSetting::bounded("free_failures", self.free_failures, 0..=1_000)?;
+        InvalidSetting::bounded("base_delay_ms", self.base_delay_ms, 0..=60_000)?;
+        InvalidSetting::bounded("max_delay_ms", self.max_delay_ms, 0..=600_000)?;
+        InvalidSetting::bounded("release_after_secs", self.release_after_secs, 1..=7 * 86_400)?;
+        InvalidSetting::bounded("max_entries", self.max_entries, 1..=10_000_000)?;
         if self.max_delay_ms < self.base_delay_ms {
             return Err(InvalidSetting::new("max_delay_ms", "must be at least throttle.base_delay_ms"));
         }

@@ -149,6 +149,13 @@ impl OAuthConfig {
         if self.client_id.is_empty() {
             return Err(("client_id", "must not be empty".into()));
         }
+        for (key, value, bounds) in [
+            ("refresh_margin_secs", self.refresh_margin_secs, 0..=86_400),
+            ("retry_after_failure_secs", self.retry_after_failure_secs, 1..=86_400),
+            ("timeout_secs", self.timeout_secs, 1..=3_600),
+        ] {
+            crate::mail::InvalidSetting::bounded(key, value, bounds).map_err(|e| (key, e.why))?;
+        }
         let secret = self.client_secret_source().map_err(|why| ("client_secret_env", why.to_string()))?;
         if self.grant == Grant::ClientCredentials {
             if secret.is_none() {

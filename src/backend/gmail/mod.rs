@@ -123,15 +123,12 @@ impl GmailConfig {
     /// Checks what serde cannot; the error names the key at fault.
     pub fn check(&self) -> Result<(), InvalidSetting> {
         http::api_base(&self.api_base).map_err(|why| InvalidSetting::new("api_base", why))?;
-        if self.timeout_secs == 0 {
-            return Err(InvalidSetting::new("timeout_secs", "must be at least 1"));
-        }
+        InvalidSetting::bounded("timeout_secs", self.timeout_secs, 1..=3_600)?;
         if !(1..=16).contains(&self.max_concurrent_requests) {
             return Err(InvalidSetting::new("max_concurrent_requests", "must be between 1 and 16"));
         }
-        if self.max_retry_wait_secs == 0 {
-            return Err(InvalidSetting::new("max_retry_wait_secs", "must be at least 1"));
-        }
+        InvalidSetting::bounded("max_retry_wait_secs", self.max_retry_wait_secs, 1..=3_600)?;
+        InvalidSetting::bounded("max_retries", self.max_retries, 0..=10)?;
         if self.label.as_deref().is_some_and(|l| l.trim().is_empty()) {
             return Err(InvalidSetting::new("label", "must not be empty (leave it out for INBOX)"));
         }

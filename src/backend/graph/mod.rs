@@ -127,15 +127,12 @@ impl GraphConfig {
         if self.folder.trim().is_empty() {
             return Err(InvalidSetting::new("folder", "must not be empty (leave it out for the inbox)"));
         }
-        if self.timeout_secs == 0 {
-            return Err(InvalidSetting::new("timeout_secs", "must be at least 1"));
-        }
+        InvalidSetting::bounded("timeout_secs", self.timeout_secs, 1..=3_600)?;
         if !(1..=4).contains(&self.max_concurrent_requests) {
             return Err(InvalidSetting::new("max_concurrent_requests", "must be between 1 and 4 (Outlook's limit)"));
         }
-        if self.max_retry_wait_secs == 0 {
-            return Err(InvalidSetting::new("max_retry_wait_secs", "must be at least 1"));
-        }
+        InvalidSetting::bounded("max_retry_wait_secs", self.max_retry_wait_secs, 1..=3_600)?;
+        InvalidSetting::bounded("max_retries", self.max_retries, 0..=10)?;
         if self.delete_policy == GraphDeletePolicy::Move && self.folder.eq_ignore_ascii_case("deleteditems") {
             return Err(InvalidSetting::new(
                 "delete_policy",

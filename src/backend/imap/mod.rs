@@ -137,12 +137,8 @@ impl ImapConfig {
         if self.host.is_empty() {
             return Err(InvalidSetting::new("host", "must not be empty"));
         }
-        if self.timeout_secs == 0 {
-            return Err(InvalidSetting::new("timeout_secs", "must be at least 1"));
-        }
-        if self.fetch_chunk_bytes < 1024 {
-            return Err(InvalidSetting::new("fetch_chunk_bytes", "must be at least 1024"));
-        }
+        InvalidSetting::bounded("timeout_secs", self.timeout_secs, 1..=3_600)?;
+        InvalidSetting::bounded("fetch_chunk_bytes", self.fetch_chunk_bytes, 1024..=64 << 20)?;
         Ok(())
     }
 }

@@ -109,9 +109,7 @@ impl JmapConfig {
     /// Checks what serde cannot; the error names the key at fault.
     pub fn check(&self) -> Result<(), InvalidSetting> {
         self.session_url().map_err(|why| InvalidSetting::new("url", why))?;
-        if self.timeout_secs == 0 {
-            return Err(InvalidSetting::new("timeout_secs", "must be at least 1"));
-        }
+        InvalidSetting::bounded("timeout_secs", self.timeout_secs, 1..=3_600)?;
         if self.mailbox.as_deref().is_some_and(|m| m.trim_matches('/').is_empty()) {
             return Err(InvalidSetting::new("mailbox", "must not be empty (leave it out for the inbox)"));
         }
