@@ -428,7 +428,11 @@ async fn write_chunks<S: AsyncWrite + Unpin>(
         match next {
             None => return Ok(Ok(true)),
             Some(Ok(chunk)) => {
-                encoder.push(&chunk, out);
+                // Write what is pending only once more of the message has
+                // come: the last chunk's octets stay in `out`, so the
+                // terminating ".CRLF" goes out with them, never in a write
+                // (a TLS record) of its own that clients splitting replies
+                // by network chunk misread.
                 if out.len() >= WRITE_CHUNK {
                     // A client that stops reading must not hold the session
                     // (and its backend connection) forever.
@@ -437,6 +441,7 @@ async fn write_chunks<S: AsyncWrite + Unpin>(
                         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "client stopped reading"))??;
                     out.clear();
                 }
+                encoder.push(&chunk, out);
                 if encoder.is_done() {
                     return Ok(Ok(true));
                 }
@@ -453,4 +458,40 @@ async fn write_chunks<S: AsyncWrite + Unpin>(
 fn is_disconnect(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;
     matches!(e.kind(), BrokenPipe | ConnectionReset | ConnectionAborted | UnexpectedEof)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whatever the chunking, the terminator is never left to a write of
+    /// its own: after the body, `out` still holds the last octets, and the
+    /// ".CRLF" is appended to them.
+    #[tokio::test]
+    async fn the_terminator_goes_out_with_the_last_octets() {
+        for sizes in [vec![WRITE_CHUNK - 2], vec![1000, WRITE_CHUNK - 1002], vec![WRITE_CHUNK * 2 - 2], vec![10]] {
+            let (tx, rx) = tokio::sync::mpsc::channel(sizes.len());
+            for size in &sizes {
+                let mut chunk = vec![b'a'; *size];
+                chunk.extend_from_slice(b"\r\n");
+                tx.send(Ok(bytes::Bytes::from(chunk))).await.unwrap();
+            }
+            drop(tx);
+            let mut socket = Vec::new();
+            let mut out = Vec::new();
+            let mut encoder = BodyEncoder::whole();
+            let ok = Response::ok("message follows");
+            let sent = write_chunks(rx, ok, &mut encoder, &mut socket, &mut out, Duration::from_secs(5)).await;
+            assert!(matches!(sent, Ok(Ok(true))));
+            encoder.finish(&mut out);
+            assert!(
+                out.len() > 3 && out.ends_with(b"\r\n.\r\n"),
+                "{sizes:?}: the terminator alone ({} octets)",
+                out.len()
+            );
+            socket.extend_from_slice(&out);
+            let body_octets: usize = sizes.iter().map(|s| s + 2).sum();
+            assert_eq!(socket.len(), "+OK message follows\r\n".len() + body_octets + 3, "{sizes:?}");
+        }
+    }
 }
