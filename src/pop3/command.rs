@@ -56,7 +56,9 @@ impl LineReader {
     }
 
     /// The next complete line, if any. `limit` counts the line's octets
-    /// including its CRLF, as RFC 2449 does.
+    /// including its CRLF, as RFC 2449 does; a bare LF counts as the CRLF it
+    /// stands for, so a line's content may never exceed `limit - 2` octets
+    /// whichever line end the client used.
     pub fn next_line(&mut self, limit: usize) -> Option<Line> {
         let Some(i) = memchr::memchr(b'\n', &self.buf[self.scanned..]) else {
             if self.discarding || self.buf.len() > limit {
@@ -70,12 +72,12 @@ impl LineReader {
         let end = self.scanned + i + 1;
         let mut line: Vec<u8> = self.buf.drain(..end).collect();
         self.scanned = 0;
-        if std::mem::take(&mut self.discarding) || line.len() > limit {
-            return Some(Line::TooLong);
-        }
         line.pop();
         if line.last() == Some(&b'\r') {
             line.pop();
+        }
+        if std::mem::take(&mut self.discarding) || line.len() + 2 > limit {
+            return Some(Line::TooLong);
         }
         Some(Line::Complete(line))
     }
@@ -338,6 +340,14 @@ TOP 1 5\r\nRETR 1\r\nDELE 1\r\nRSET\r\nNOOP\r\nAUTH PLAIN AGFsaWNlAHg=\r\nSTLS\r
         assert!(matches!(frame_all(&at, 1000, 255)[0], Line::Complete(_)));
         let over = [vec![b'x'; 254], b"\r\n".to_vec()].concat();
         assert_eq!(frame_all(&over, 1000, 255)[0], Line::TooLong);
+        // A bare LF stands for CRLF: 253 octets + LF is fine, 254 + LF (255
+        // octets sent, 256 as CRLF) is not, at every chunk size.
+        for chunk in [1, 2, 253, 254, 255, 1000] {
+            let at = [vec![b'x'; 253], b"\n".to_vec()].concat();
+            assert_eq!(frame_all(&at, chunk, 255), vec![Line::Complete(vec![b'x'; 253])], "chunk {chunk}");
+            let over = [vec![b'x'; 254], b"\nNOOP\n".to_vec()].concat();
+            assert_eq!(frame_all(&over, chunk, 255), vec![Line::TooLong, Line::Complete(b"NOOP".to_vec())]);
+        }
     }
 
     #[test]
