@@ -163,7 +163,20 @@ impl Command {
                 _ => Err(ParseError::Syntax("PASS needs a password")),
             };
         }
-        let args: Vec<&str> = rest.map(|r| r.split(' ').filter(|a| !a.is_empty()).collect()).unwrap_or_default();
+        // RFC 1939 3: keywords and arguments are each separated by a single
+        // space. Trailing spaces after a bare keyword are tolerated; an empty
+        // argument (two spaces, or a space after the last argument) is noise,
+        // which Dovecot refuses too ("LIST 1 ": "Noise after message number").
+        // `USER  alice` is thus refused rather than read as `alice` (or as
+        // " alice": arguments are printable ASCII and a space separates them).
+        let args: Vec<&str> = match rest {
+            None => Vec::new(),
+            Some(r) if r.bytes().all(|b| b == b' ') => Vec::new(),
+            Some(r) => r.split(' ').collect(),
+        };
+        if args.iter().any(|a| a.is_empty()) {
+            return Err(ParseError::Syntax("noise after the arguments: separate them by one space"));
+        }
         let none = |cmd: Command| {
             if args.is_empty() { Ok(cmd) } else { Err(ParseError::Syntax("no arguments expected")) }
         };
@@ -247,6 +260,8 @@ mod tests {
             ("sTaT", Command::Stat),
             ("LIST", Command::List(None)),
             ("LIST 3", Command::List(Some(3))),
+            ("LIST ", Command::List(None)),
+            ("STAT  ", Command::Stat),
             ("LIST 0", Command::List(Some(0))),
             ("LIST 99999999999", Command::List(Some(u32::MAX))),
             ("RETR 1", Command::Retr(1)),
@@ -285,6 +300,12 @@ mod tests {
             ("PASS", ParseError::Syntax("PASS needs a password")),
             ("USER", ParseError::Syntax("USER needs a name")),
             ("USER a b", ParseError::Syntax("USER takes one name")),
+            ("LIST 1 ", ParseError::Syntax("noise after the arguments: separate them by one space")),
+            ("RETR 1 ", ParseError::Syntax("noise after the arguments: separate them by one space")),
+            ("TOP 1  2", ParseError::Syntax("noise after the arguments: separate them by one space")),
+            ("USER  alice", ParseError::Syntax("noise after the arguments: separate them by one space")),
+            ("USER alice ", ParseError::Syntax("noise after the arguments: separate them by one space")),
+            ("AUTH PLAIN  AGFsaWNlAHg=", ParseError::Syntax("noise after the arguments: separate them by one space")),
         ];
         for (line, want) in bad {
             assert_eq!(Command::parse(line.as_bytes()).as_ref(), Err(want), "{line:?}");
