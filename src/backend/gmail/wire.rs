@@ -172,12 +172,17 @@ fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v.trim())
 }
 
-/// Headers and the rest, split at the first empty line (CRLF or LF).
+/// Headers and the rest, split at the first empty line (CRLF or LF): the
+/// earlier of the two, so that a CRLF CRLF in the body of an LF-only part is
+/// not taken for the end of its headers.
 fn split_head(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
-    if let Some(at) = find(bytes, b"\r\n\r\n") {
-        return Some((&bytes[..at], &bytes[at + 4..]));
-    }
-    find(bytes, b"\n\n").map(|at| (&bytes[..at], &bytes[at + 2..]))
+    let crlf = find(bytes, b"\r\n\r\n").map(|at| (at, 4));
+    let lf = find(bytes, b"\n\n").map(|at| (at, 2));
+    let (at, len) = match (crlf, lf) {
+        (Some(c), Some(l)) => c.min(l),
+        (c, l) => c.or(l)?,
+    };
+    Some((&bytes[..at], &bytes[at + len..]))
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
@@ -602,6 +607,12 @@ mod tests {
         assert_eq!(parts[1].body, b"{\"id\":\"a\",\"internalDate\":\"5\"}");
         assert_eq!((parts[2].item, parts[2].status, parts[2].retry_after), (2, 429, Some(3)));
         assert!(parse_batch("other", response.as_bytes()).is_err());
+        // An LF-only part whose body holds a CRLF CRLF: its headers end at
+        // the first empty line, not inside the body.
+        let lf = "--b\nContent-ID: <response-item-4>\n\nHTTP/1.1 200 OK\n\nbody\r\n\r\nmore\r\n--b--\r\n";
+        let parts = parse_batch("b", lf.as_bytes()).unwrap();
+        assert_eq!((parts[0].item, parts[0].status), (4, 200));
+        assert_eq!(parts[0].body, b"body\r\n\r\nmore");
         assert!(
             parse_batch(
                 "batch_z",
