@@ -18,7 +18,9 @@ fn assert_clean(c: &Credentials) {
     assert!(!c.user.is_empty() && !forbidden(&c.user), "user name {:?} reached a login", c.user);
     match &c.proof {
         Proof::Password(p) => assert!(!forbidden(p.expose()), "a password with NUL, CR or LF reached a login"),
-        Proof::Bearer(t) => assert!(!forbidden(t.expose()) && !t.expose().contains('\x01'), "a bad token reached a login"),
+        Proof::Bearer(t) => {
+            assert!(!forbidden(t.expose()) && !t.expose().contains('\x01'), "a bad token reached a login")
+        }
     }
 }
 
