@@ -42,10 +42,10 @@ fuzz_target!(|input: (u8, &[u8], &[u8])| {
     let (which, first, second) = input;
     // The decoders alone: whatever they accept is what validation sees.
     let _ = std::str::from_utf8(first).map(sasl::decode_response);
-    if let Ok(c) = sasl::plain(first) {
-        if c.validate().is_ok() {
-            assert_clean(&c);
-        }
+    if let Ok(c) = sasl::plain(first)
+        && c.validate().is_ok()
+    {
+        assert_clean(&c);
     }
     for token in [sasl::xoauth2(first), sasl::oauthbearer(first)].into_iter().flatten() {
         let c = Credentials { user: token.user, proof: Proof::Bearer(token.token) };
@@ -73,11 +73,11 @@ fuzz_target!(|input: (u8, &[u8], &[u8])| {
         }
     }
     // USER/PASS with the raw octets (a line carries no CR or LF, but NUL).
-    if let (Ok(user), Ok(pass)) = (std::str::from_utf8(first), std::str::from_utf8(second)) {
-        if !user.contains(['\r', '\n']) && !pass.contains(['\r', '\n']) {
-            if let Some(c) = login_of(&[format!("USER {user}").into_bytes(), format!("PASS {pass}").into_bytes()]) {
-                assert_clean(&c);
-            }
-        }
+    if let (Ok(user), Ok(pass)) = (std::str::from_utf8(first), std::str::from_utf8(second))
+        && !user.contains(['\r', '\n'])
+        && !pass.contains(['\r', '\n'])
+        && let Some(c) = login_of(&[format!("USER {user}").into_bytes(), format!("PASS {pass}").into_bytes()])
+    {
+        assert_clean(&c);
     }
 });
