@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Writes the hand-made seeds of the session and sasl targets into
-fuzz/seeds/<target>/: the client side of every transcript in
+fuzz/seeds/<target>/ (which also holds, for every target, the corpus of the
+long run minimised with `-merge=1 -use_counters=0 -max_len=256` (session:
+512): the same coverage edges in a few hundred small files): the client side of every transcript in
 src/pop3/session_tests.rs (a new seed at each greeting; continued runs of the
 same harness stay in the same seed), plus one session per SASL mechanism,
 DELE/RSET/QUIT and STLS paths. Run from anywhere; re-running rewrites them.
