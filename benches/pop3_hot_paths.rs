@@ -3,12 +3,13 @@
 //! criterion prints GB/s. Run: `cargo bench --bench pop3_hot_paths`.
 //!
 //! `retr_encode/reference_naive_*` is a same-run reference, not popgate code:
-//! the textbook byte-at-a-time encoder (`reference_naive_encode` below) doing
-//! the same job — CRLF line ends, dot-stuffing, the final `.` line — so the
+//! the textbook byte-at-a-time encoder (`popgate::canonical::reference`,
+//! shared with the fuzz targets) doing the same job — CRLF line ends, dot-stuffing, the final `.` line — so the
 //! figures of popgate's `BodyEncoder` are read side by side with it.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use popgate::canonical::CanonicalSize;
+use popgate::canonical::reference::{NaiveEncoder, naive_size as reference_naive_size};
 use popgate::pop3::{BodyEncoder, Command, LineReader};
 use std::hint::black_box;
 
@@ -41,97 +42,12 @@ fn message(size: usize, line_end: &str) -> Vec<u8> {
     m.into_bytes()
 }
 
-/// REFERENCE, not popgate code: the naive encoder a first implementation
-/// would write — one byte at a time, one `Vec::push` per byte. Same rules as
-/// `BodyEncoder::whole`: CRLF, bare LF and bare CR each end a line and become
-/// CRLF, a missing final line end is added, a line starting with `.` gets
-/// another `.`, and `.` CRLF ends the body.
-struct NaiveEncoder {
-    at_line_start: bool,
-    pending_cr: bool,
-    started: bool,
-}
-
-impl NaiveEncoder {
-    fn new() -> Self {
-        NaiveEncoder { at_line_start: true, pending_cr: false, started: false }
-    }
-
-    fn line_end(&mut self, out: &mut Vec<u8>) {
-        out.push(b'\r');
-        out.push(b'\n');
-        self.at_line_start = true;
-    }
-
-    fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
-        for &byte in chunk {
-            self.started = true;
-            if self.pending_cr {
-                self.pending_cr = false;
-                self.line_end(out);
-                if byte == b'\n' {
-                    continue;
-                }
-            }
-            match byte {
-                b'\r' => self.pending_cr = true,
-                b'\n' => self.line_end(out),
-                _ => {
-                    if self.at_line_start && byte == b'.' {
-                        out.push(b'.');
-                    }
-                    out.push(byte);
-                    self.at_line_start = false;
-                }
-            }
-        }
-    }
-
-    fn finish(&mut self, out: &mut Vec<u8>) {
-        if self.pending_cr || (self.started && !self.at_line_start) {
-            self.pending_cr = false;
-            self.line_end(out);
-        }
-        out.extend_from_slice(b".\r\n");
-    }
-}
-
 fn reference_naive_encode(msg: &[u8], out: &mut Vec<u8>) {
-    let mut encoder = NaiveEncoder::new();
+    let mut encoder = NaiveEncoder::whole();
     for chunk in msg.chunks(256 * 1024) {
         encoder.push(chunk, out);
     }
     encoder.finish(out);
-}
-
-/// REFERENCE, not popgate code: the canonical (CRLF) size, byte at a time.
-fn reference_naive_size(msg: &[u8]) -> u64 {
-    let (mut octets, mut pending_cr, mut at_line_start) = (0u64, false, true);
-    for &byte in msg {
-        if pending_cr {
-            pending_cr = false;
-            octets += 2;
-            at_line_start = true;
-            if byte == b'\n' {
-                continue;
-            }
-        }
-        match byte {
-            b'\r' => pending_cr = true,
-            b'\n' => {
-                octets += 2;
-                at_line_start = true;
-            }
-            _ => {
-                octets += 1;
-                at_line_start = false;
-            }
-        }
-    }
-    if pending_cr || (!msg.is_empty() && !at_line_start) {
-        octets += 2;
-    }
-    octets
 }
 
 fn popgate_encode(msg: &[u8], out: &mut Vec<u8>) {

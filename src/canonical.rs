@@ -167,6 +167,123 @@ pub fn canonicalize(message: &[u8]) -> Vec<u8> {
     out
 }
 
+/// REFERENCE, not popgate code: the textbook byte-at-a-time encoder a first
+/// implementation would write, independent of `LineEnds` and `BodyEncoder`,
+/// against which the benchmarks compare speed and the fuzz targets compare
+/// output. Same rules: CRLF, a bare LF and a bare CR each end a line and
+/// become CRLF, a missing final line end is added, a line starting with `.`
+/// gets another `.`, `.` CRLF ends the body; TOP n sends the header, the
+/// blank line and n body lines.
+#[doc(hidden)]
+pub mod reference {
+    /// One byte at a time, one `Vec::push` per byte.
+    #[derive(Debug)]
+    pub struct NaiveEncoder {
+        at_line_start: bool,
+        pending_cr: bool,
+        started: bool,
+        /// TOP: `Some((in_header, body lines still to send))`.
+        top: Option<(bool, u64)>,
+        done: bool,
+    }
+
+    impl NaiveEncoder {
+        /// RETR.
+        pub fn whole() -> Self {
+            NaiveEncoder { at_line_start: true, pending_cr: false, started: false, top: None, done: false }
+        }
+
+        /// TOP with this many body lines.
+        pub fn top(lines: u64) -> Self {
+            NaiveEncoder { top: Some((true, lines)), ..Self::whole() }
+        }
+
+        fn line_end(&mut self, out: &mut Vec<u8>) {
+            if self.done {
+                return;
+            }
+            out.push(b'\r');
+            out.push(b'\n');
+            let blank = self.at_line_start;
+            self.at_line_start = true;
+            match &mut self.top {
+                Some((in_header @ true, lines)) if blank => {
+                    *in_header = false;
+                    self.done = *lines == 0;
+                }
+                Some((false, lines)) => {
+                    *lines -= 1;
+                    self.done = *lines == 0;
+                }
+                _ => {}
+            }
+        }
+
+        pub fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
+            for &byte in chunk {
+                self.started = true;
+                if self.pending_cr {
+                    self.pending_cr = false;
+                    self.line_end(out);
+                    if byte == b'\n' {
+                        continue;
+                    }
+                }
+                match byte {
+                    b'\r' => self.pending_cr = true,
+                    b'\n' => self.line_end(out),
+                    _ if self.done => {}
+                    _ => {
+                        if self.at_line_start && byte == b'.' {
+                            out.push(b'.');
+                        }
+                        out.push(byte);
+                        self.at_line_start = false;
+                    }
+                }
+            }
+        }
+
+        pub fn finish(&mut self, out: &mut Vec<u8>) {
+            if self.pending_cr || (self.started && !self.at_line_start) {
+                self.pending_cr = false;
+                self.line_end(out);
+            }
+            out.extend_from_slice(b".\r\n");
+        }
+    }
+
+    /// The canonical (CRLF) size, byte at a time.
+    pub fn naive_size(msg: &[u8]) -> u64 {
+        let (mut octets, mut pending_cr, mut at_line_start) = (0u64, false, true);
+        for &byte in msg {
+            if pending_cr {
+                pending_cr = false;
+                octets += 2;
+                at_line_start = true;
+                if byte == b'\n' {
+                    continue;
+                }
+            }
+            match byte {
+                b'\r' => pending_cr = true,
+                b'\n' => {
+                    octets += 2;
+                    at_line_start = true;
+                }
+                _ => {
+                    octets += 1;
+                    at_line_start = false;
+                }
+            }
+        }
+        if pending_cr || (!msg.is_empty() && !at_line_start) {
+            octets += 2;
+        }
+        octets
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -204,6 +321,7 @@ mod tests {
                 counter.feed(chunk);
             }
             prop_assert_eq!(counter.finish(), whole.len() as u64);
+            prop_assert_eq!(reference::naive_size(&raw), whole.len() as u64);
             // The canonical form is a fixed point: canonical bytes stay as they are.
             prop_assert_eq!(canonicalize(&whole), whole.clone());
             // No bare CR or LF remains.

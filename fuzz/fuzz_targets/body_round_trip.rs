@@ -1,33 +1,68 @@
-//! Any stored message, in any chunking: what a client decodes from RETR is
-//! exactly the canonical form, whose length is the size LIST announced.
+//! Any stored message, at two chunk sizes: RETR's octets equal those of the
+//! independent byte-at-a-time reference (`canonical::reference`), their
+//! count is the size LIST announced (counted by the reference too), and a
+//! client decodes the canonical form; TOP n equals the reference's TOP n and
+//! is a prefix of RETR.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use popgate::canonical::reference::{NaiveEncoder, naive_size};
 use popgate::canonical::{canonical_size, canonicalize};
 use popgate::pop3::BodyEncoder;
 
-fuzz_target!(|input: (u8, &[u8])| {
-    let (chunk, message) = input;
-    let mut encoder = BodyEncoder::whole();
+/// As the server streams: stops reading once a TOP has all it needs.
+fn encode(mut encoder: BodyEncoder, message: &[u8], chunk: usize) -> (Vec<u8>, u64) {
     let mut wire = Vec::new();
-    for piece in message.chunks(usize::from(chunk).max(1)) {
+    for piece in message.chunks(chunk.max(1)) {
         encoder.push(piece, &mut wire);
+        if encoder.is_done() {
+            break;
+        }
     }
     encoder.finish(&mut wire);
-    assert_eq!(encoder.octets(), canonical_size(message));
-    // Decode as a client: split at CRLF, stop at ".", un-stuff.
+    (wire, encoder.octets())
+}
+
+fn reference(mut encoder: NaiveEncoder, message: &[u8]) -> Vec<u8> {
+    let mut wire = Vec::new();
+    encoder.push(message, &mut wire);
+    encoder.finish(&mut wire);
+    wire
+}
+
+/// What a client does: split at CRLF, stop at ".", un-stuff.
+fn client_decode(wire: &[u8]) -> Vec<u8> {
     let mut decoded = Vec::new();
-    let mut rest = &wire[..];
+    let mut rest = wire;
     loop {
         let i = rest.windows(2).position(|w| w == b"\r\n").expect("CRLF lines");
         let line = &rest[..i];
         rest = &rest[i + 2..];
         if line == b"." {
             assert!(rest.is_empty());
-            break;
+            return decoded;
         }
         decoded.extend_from_slice(line.strip_prefix(b".").unwrap_or(line));
         decoded.extend_from_slice(b"\r\n");
     }
-    assert_eq!(decoded, canonicalize(message));
+}
+
+fuzz_target!(|input: (u8, u8, u8, &[u8])| {
+    let (chunk_a, chunk_b, top_lines, message) = input;
+    let size = naive_size(message);
+    assert_eq!(canonical_size(message), size);
+    let want = reference(NaiveEncoder::whole(), message);
+    let canonical = canonicalize(message);
+    assert_eq!(client_decode(&want), canonical);
+    assert_eq!(canonical.len() as u64, size);
+    let top_lines = u64::from(top_lines % 8);
+    let want_top = reference(NaiveEncoder::top(top_lines), message);
+    for chunk in [usize::from(chunk_a), usize::from(chunk_b) * 37 + 1] {
+        let (wire, octets) = encode(BodyEncoder::whole(), message, chunk);
+        assert!(wire == want, "RETR differs from the reference at chunk size {chunk}");
+        assert_eq!(octets, size);
+        let (top, _) = encode(BodyEncoder::top(top_lines), message, chunk);
+        assert!(top == want_top, "TOP {top_lines} differs from the reference at chunk size {chunk}");
+        assert!(canonical.starts_with(&client_decode(&top)));
+    }
 });

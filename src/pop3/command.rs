@@ -56,7 +56,9 @@ impl LineReader {
     }
 
     /// The next complete line, if any. `limit` counts the line's octets
-    /// including its CRLF, as RFC 2449 does.
+    /// including its CRLF, as RFC 2449 does; a bare LF counts as the CRLF it
+    /// stands for, so a line's content may never exceed `limit - 2` octets
+    /// whichever line end the client used.
     pub fn next_line(&mut self, limit: usize) -> Option<Line> {
         let Some(i) = memchr::memchr(b'\n', &self.buf[self.scanned..]) else {
             if self.discarding || self.buf.len() > limit {
@@ -70,12 +72,12 @@ impl LineReader {
         let end = self.scanned + i + 1;
         let mut line: Vec<u8> = self.buf.drain(..end).collect();
         self.scanned = 0;
-        if std::mem::take(&mut self.discarding) || line.len() > limit {
-            return Some(Line::TooLong);
-        }
         line.pop();
         if line.last() == Some(&b'\r') {
             line.pop();
+        }
+        if std::mem::take(&mut self.discarding) || line.len() + 2 > limit {
+            return Some(Line::TooLong);
         }
         Some(Line::Complete(line))
     }
@@ -161,7 +163,20 @@ impl Command {
                 _ => Err(ParseError::Syntax("PASS needs a password")),
             };
         }
-        let args: Vec<&str> = rest.map(|r| r.split(' ').filter(|a| !a.is_empty()).collect()).unwrap_or_default();
+        // RFC 1939 3: keywords and arguments are each separated by a single
+        // space. Trailing spaces after a bare keyword are tolerated; an empty
+        // argument (two spaces, or a space after the last argument) is noise,
+        // which Dovecot refuses too ("LIST 1 ": "Noise after message number").
+        // `USER  alice` is thus refused rather than read as `alice` (or as
+        // " alice": arguments are printable ASCII and a space separates them).
+        let args: Vec<&str> = match rest {
+            None => Vec::new(),
+            Some(r) if r.bytes().all(|b| b == b' ') => Vec::new(),
+            Some(r) => r.split(' ').collect(),
+        };
+        if args.iter().any(|a| a.is_empty()) {
+            return Err(ParseError::Syntax("noise after the arguments: separate them by one space"));
+        }
         let none = |cmd: Command| {
             if args.is_empty() { Ok(cmd) } else { Err(ParseError::Syntax("no arguments expected")) }
         };
@@ -245,6 +260,8 @@ mod tests {
             ("sTaT", Command::Stat),
             ("LIST", Command::List(None)),
             ("LIST 3", Command::List(Some(3))),
+            ("LIST ", Command::List(None)),
+            ("STAT  ", Command::Stat),
             ("LIST 0", Command::List(Some(0))),
             ("LIST 99999999999", Command::List(Some(u32::MAX))),
             ("RETR 1", Command::Retr(1)),
@@ -283,6 +300,12 @@ mod tests {
             ("PASS", ParseError::Syntax("PASS needs a password")),
             ("USER", ParseError::Syntax("USER needs a name")),
             ("USER a b", ParseError::Syntax("USER takes one name")),
+            ("LIST 1 ", ParseError::Syntax("noise after the arguments: separate them by one space")),
+            ("RETR 1 ", ParseError::Syntax("noise after the arguments: separate them by one space")),
+            ("TOP 1  2", ParseError::Syntax("noise after the arguments: separate them by one space")),
+            ("USER  alice", ParseError::Syntax("noise after the arguments: separate them by one space")),
+            ("USER alice ", ParseError::Syntax("noise after the arguments: separate them by one space")),
+            ("AUTH PLAIN  AGFsaWNlAHg=", ParseError::Syntax("noise after the arguments: separate them by one space")),
         ];
         for (line, want) in bad {
             assert_eq!(Command::parse(line.as_bytes()).as_ref(), Err(want), "{line:?}");
@@ -338,6 +361,14 @@ TOP 1 5\r\nRETR 1\r\nDELE 1\r\nRSET\r\nNOOP\r\nAUTH PLAIN AGFsaWNlAHg=\r\nSTLS\r
         assert!(matches!(frame_all(&at, 1000, 255)[0], Line::Complete(_)));
         let over = [vec![b'x'; 254], b"\r\n".to_vec()].concat();
         assert_eq!(frame_all(&over, 1000, 255)[0], Line::TooLong);
+        // A bare LF stands for CRLF: 253 octets + LF is fine, 254 + LF (255
+        // octets sent, 256 as CRLF) is not, at every chunk size.
+        for chunk in [1, 2, 253, 254, 255, 1000] {
+            let at = [vec![b'x'; 253], b"\n".to_vec()].concat();
+            assert_eq!(frame_all(&at, chunk, 255), vec![Line::Complete(vec![b'x'; 253])], "chunk {chunk}");
+            let over = [vec![b'x'; 254], b"\nNOOP\n".to_vec()].concat();
+            assert_eq!(frame_all(&over, chunk, 255), vec![Line::TooLong, Line::Complete(b"NOOP".to_vec())]);
+        }
     }
 
     #[test]

@@ -507,3 +507,51 @@ fn oauth_mechanisms_pass_the_token_and_answer_errors_per_rfc_7628() {
     "
     ));
 }
+
+#[test]
+fn noise_after_arguments_is_refused() {
+    // RFC 1939 3: one space separates keyword and arguments. Dovecot answers
+    // "LIST 1 " with "-ERR Noise after message number"; `USER  alice` must
+    // not log in as `alice`.
+    let h = run("
+        S: +OK popgate ready
+        C: USER  alice
+        S: -ERR noise after the arguments: separate them by one space
+        C: PASS s3cr3t
+        S: -ERR USER first
+        C: USER alice
+        S: +OK send PASS
+        C: PASS s3cr3t
+        S: +OK maildrop has 3 messages (100 octets)
+        C: LIST 1 
+        S: -ERR noise after the arguments: separate them by one space
+        C: RETR 1 
+        S: -ERR noise after the arguments: separate them by one space
+        C: DELE 1 
+        S: -ERR noise after the arguments: separate them by one space
+        C: QUIT
+        S: +OK popgate signing off
+    ");
+    assert!(h.removed.is_empty());
+}
+
+#[test]
+fn an_unsupported_mechanism_is_no_credentials_problem() {
+    // RFC 5034 4: an unsupported mechanism gets a negative response; RFC 3206
+    // 5-6 reserve [AUTH] for problems with the user's credentials, so no
+    // [AUTH] here, and it is not counted as a failed login.
+    let h = run("
+        S: +OK popgate ready
+        C: AUTH CRAM-MD5
+        S: -ERR unsupported SASL mechanism
+        C: AUTH CRAM-MD5
+        S: -ERR unsupported SASL mechanism
+        C: AUTH CRAM-MD5
+        S: -ERR unsupported SASL mechanism
+        C: USER alice
+        S: +OK send PASS
+        C: PASS s3cr3t
+        S: +OK maildrop has 3 messages (100 octets)
+    ");
+    assert!(!h.closed);
+}

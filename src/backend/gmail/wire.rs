@@ -172,12 +172,17 @@ fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v.trim())
 }
 
-/// Headers and the rest, split at the first empty line (CRLF or LF).
+/// Headers and the rest, split at the first empty line (CRLF or LF): the
+/// earlier of the two, so that a CRLF CRLF in the body of an LF-only part is
+/// not taken for the end of its headers.
 fn split_head(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
-    if let Some(at) = find(bytes, b"\r\n\r\n") {
-        return Some((&bytes[..at], &bytes[at + 4..]));
-    }
-    find(bytes, b"\n\n").map(|at| (&bytes[..at], &bytes[at + 2..]))
+    let crlf = find(bytes, b"\r\n\r\n").map(|at| (at, 4));
+    let lf = find(bytes, b"\n\n").map(|at| (at, 2));
+    let (at, len) = match (crlf, lf) {
+        (Some(c), Some(l)) => c.min(l),
+        (c, l) => c.or(l)?,
+    };
+    Some((&bytes[..at], &bytes[at + len..]))
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
@@ -200,14 +205,16 @@ const BASE64URL: GeneralPurpose = GeneralPurpose::new(
 
 /// Pulls the decoded `raw` field out of a `users.messages.get?format=raw`
 /// response as its bytes arrive: a small JSON tokenizer finds the top-level
-/// key `raw` (a string inside another value cannot fool it), and the value's
-/// base64url is decoded four characters at a time. Memory stays bounded by
-/// the chunks fed, whatever the message size.
+/// key `raw` (a string inside another value cannot fool it), every string's
+/// escapes are decoded as JSON defines them (Google writes `=` as `\u003d`,
+/// `/` as `\/`), and the value's base64url is decoded four characters at a
+/// time. Memory stays bounded by the chunks fed, whatever the message size,
+/// and the result never depends on where the chunks were cut.
 #[derive(Debug, Default)]
 pub struct RawExtractor {
     depth: u32,
-    in_string: bool,
-    escaped: bool,
+    /// Inside a string: its decoder.
+    string: Option<JsonString>,
     /// The string being read at depth 1 (a key candidate), if short.
     current: Option<Vec<u8>>,
     /// The last string closed at depth 1.
@@ -215,8 +222,7 @@ pub struct RawExtractor {
     /// A `:` followed `"raw"`: the next value is the message.
     value_is_raw: bool,
     state: RawState,
-    /// Base64 characters not yet decoded (fewer than 4).
-    carry: Vec<u8>,
+    raw: Base64Stream,
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -226,6 +232,9 @@ enum RawState {
     Decoding,
     Done,
 }
+
+/// Longest key kept for comparison with `raw`.
+const KEY_LIMIT: usize = 16;
 
 impl RawExtractor {
     pub fn new() -> Self {
@@ -245,24 +254,39 @@ impl RawExtractor {
             match self.state {
                 RawState::Done => break,
                 RawState::Decoding => {
-                    let end = memchr::memchr2(b'"', b'\\', &input[i..]).map(|n| i + n);
-                    let chunk = &input[i..end.unwrap_or(input.len())];
-                    self.decode(chunk, &mut out)?;
-                    match end {
-                        None => i = input.len(),
-                        Some(at) if input[at] == b'\\' => {
-                            return Err("an escape in the base64url of `raw`".into());
-                        }
-                        Some(at) => {
-                            self.finish_value(&mut out)?;
-                            i = at + 1;
-                        }
+                    let string = self.string.get_or_insert_with(JsonString::default);
+                    let raw = &mut self.raw;
+                    let (used, closed) = string.feed(&input[i..], &mut |text| raw.push(text, &mut out))?;
+                    i += used;
+                    if closed {
+                        self.string = None;
+                        self.raw.finish(&mut out)?;
+                        self.state = RawState::Done;
                     }
                 }
-                RawState::Searching => {
-                    self.scan(input[i])?;
-                    i += 1;
-                }
+                RawState::Searching => match &mut self.string {
+                    Some(string) => {
+                        let current = &mut self.current;
+                        let (used, closed) = string.feed(&input[i..], &mut |text| {
+                            if current.as_ref().is_some_and(|c| c.len() + text.len() > KEY_LIMIT) {
+                                *current = None;
+                            }
+                            if let Some(c) = current {
+                                c.extend_from_slice(text);
+                            }
+                            Ok(())
+                        })?;
+                        i += used;
+                        if closed {
+                            self.string = None;
+                            self.last_string = self.current.take();
+                        }
+                    }
+                    None => {
+                        self.scan(input[i])?;
+                        i += 1;
+                    }
+                },
             }
         }
         Ok(Bytes::from(out))
@@ -277,33 +301,15 @@ impl RawExtractor {
         }
     }
 
+    /// One byte outside any string.
     fn scan(&mut self, byte: u8) -> Result<(), String> {
-        if self.in_string {
-            if self.escaped {
-                self.escaped = false;
-            } else if byte == b'\\' {
-                self.escaped = true;
-            } else if byte == b'"' {
-                self.in_string = false;
-                self.last_string = self.current.take();
-                return Ok(());
-            }
-            if let Some(current) = &mut self.current {
-                if current.len() < 16 {
-                    current.push(byte);
-                } else {
-                    self.current = None;
-                }
-            }
-            return Ok(());
-        }
         match byte {
             b'"' if self.depth == 1 && self.value_is_raw => {
                 self.value_is_raw = false;
                 self.state = RawState::Decoding;
             }
             b'"' => {
-                self.in_string = true;
+                self.string = Some(JsonString::default());
                 self.current = (self.depth == 1).then(Vec::new);
             }
             b':' if self.depth == 1 => {
@@ -324,10 +330,155 @@ impl RawExtractor {
         }
         Ok(())
     }
+}
 
-    fn decode(&mut self, chunk: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
-        self.carry.extend_from_slice(chunk);
-        let whole = self.carry.len() - self.carry.len() % 4;
+/// Streaming decoder of one JSON string's content (RFC 8259 7), fed from
+/// just after its opening quote: runs without escapes pass through as they
+/// are, escapes (`\"`, `\\`, `\/`, `\b`, `\f`, `\n`, `\r`, `\t`, `\uXXXX`
+/// with surrogate pairs) become the octets they stand for, in UTF-8. An
+/// escape may be cut anywhere between two chunks.
+#[derive(Debug, Default, Clone)]
+pub struct JsonString {
+    escape: Escape,
+    /// A high surrogate waiting for its low half.
+    high: Option<u16>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Escape {
+    #[default]
+    None,
+    /// After a backslash.
+    Backslash,
+    /// Inside `\u`: this many hex digits read so far, and their value.
+    Hex(u8, u16),
+}
+
+impl JsonString {
+    /// Decodes from `input`, handing decoded octets to `sink`. Returns how
+    /// many bytes of `input` were used, and whether the closing quote was
+    /// among them (then the string is complete and nothing after it used).
+    pub fn feed(
+        &mut self,
+        input: &[u8],
+        sink: &mut impl FnMut(&[u8]) -> Result<(), String>,
+    ) -> Result<(usize, bool), String> {
+        const LONE: &str = "a lone UTF-16 surrogate in a JSON string";
+        let mut i = 0;
+        while i < input.len() {
+            match self.escape {
+                Escape::None if self.high.is_some() => {
+                    // Only the `\u` of a low surrogate may follow a high one.
+                    if input[i] != b'\\' {
+                        return Err(LONE.into());
+                    }
+                    self.escape = Escape::Backslash;
+                    i += 1;
+                }
+                Escape::None => {
+                    let run = input[i..].iter().position(|&b| b == b'"' || b == b'\\' || b < 0x20);
+                    let end = run.map_or(input.len(), |n| i + n);
+                    if end > i {
+                        sink(&input[i..end])?;
+                    }
+                    i = end;
+                    match input.get(i) {
+                        None => {}
+                        Some(b'"') => return Ok((i + 1, true)),
+                        Some(b'\\') => {
+                            self.escape = Escape::Backslash;
+                            i += 1;
+                        }
+                        Some(_) => return Err("a control character in a JSON string".into()),
+                    }
+                }
+                Escape::Backslash => {
+                    let byte = input[i];
+                    i += 1;
+                    let decoded = match byte {
+                        b'u' => {
+                            self.escape = Escape::Hex(0, 0);
+                            continue;
+                        }
+                        b'"' | b'\\' | b'/' => byte,
+                        b'b' => 0x08,
+                        b'f' => 0x0c,
+                        b'n' => b'\n',
+                        b'r' => b'\r',
+                        b't' => b'\t',
+                        _ => return Err("an invalid escape in a JSON string".into()),
+                    };
+                    if self.high.is_some() {
+                        return Err(LONE.into());
+                    }
+                    self.escape = Escape::None;
+                    sink(&[decoded])?;
+                }
+                Escape::Hex(digits, value) => {
+                    let digit = char::from(input[i]).to_digit(16).ok_or("an invalid \\u escape in a JSON string")?;
+                    i += 1;
+                    let value = value << 4 | digit as u16;
+                    if digits < 3 {
+                        self.escape = Escape::Hex(digits + 1, value);
+                        continue;
+                    }
+                    self.escape = Escape::None;
+                    let c = match (self.high.take(), value) {
+                        (None, 0xD800..=0xDBFF) => {
+                            self.high = Some(value);
+                            continue;
+                        }
+                        (Some(high), 0xDC00..=0xDFFF) => {
+                            char::from_u32(0x10000 + ((u32::from(high) - 0xD800) << 10) + (u32::from(value) - 0xDC00))
+                        }
+                        (None, unit) => char::from_u32(u32::from(unit)),
+                        (Some(_), _) => None,
+                    };
+                    let c = c.ok_or(LONE)?;
+                    sink(c.encode_utf8(&mut [0; 4]).as_bytes())?;
+                }
+            }
+        }
+        Ok((input.len(), false))
+    }
+}
+
+/// Base64url decoded as it arrives, whole quads at a time. Padding ends the
+/// data: anything after a padded quad is an error however the text was cut
+/// (decoding `AA==` and `AAAA` separately would otherwise accept what
+/// `AA==AAAA` in one piece refuses).
+#[derive(Debug, Default)]
+struct Base64Stream {
+    /// Characters not yet decoded (an incomplete quad, or one waiting for the
+    /// rest of its padding).
+    carry: Vec<u8>,
+    /// A padded quad was decoded: the data has ended.
+    padded: bool,
+}
+
+impl Base64Stream {
+    fn push(&mut self, text: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
+        if text.is_empty() {
+            return Ok(());
+        }
+        if self.padded {
+            return Err("`raw` is not base64url: data after the padding".into());
+        }
+        self.carry.extend_from_slice(text);
+        let whole = match memchr::memchr(b'=', &self.carry) {
+            Some(at) => {
+                let quad_end = (at / 4 + 1) * 4;
+                if self.carry.len() > quad_end {
+                    return Err("`raw` is not base64url: data after the padding".into());
+                }
+                if self.carry.len() < quad_end {
+                    return Ok(()); // the rest of the padded quad is to come
+                }
+                self.padded = true;
+                quad_end
+            }
+            None => self.carry.len() - self.carry.len() % 4,
+        };
         if whole > 0 {
             BASE64URL.decode_vec(&self.carry[..whole], out).map_err(|e| format!("`raw` is not base64url: {e}"))?;
             self.carry.drain(..whole);
@@ -335,12 +486,11 @@ impl RawExtractor {
         Ok(())
     }
 
-    fn finish_value(&mut self, out: &mut Vec<u8>) -> Result<(), String> {
+    fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), String> {
         if !self.carry.is_empty() {
             BASE64URL.decode_vec(&self.carry, out).map_err(|e| format!("`raw` is not base64url: {e}"))?;
             self.carry.clear();
         }
-        self.state = RawState::Done;
         Ok(())
     }
 }
@@ -380,8 +530,57 @@ mod tests {
         assert!(extract(br#"{"id":"1","sizeEstimate":3}"#, 7).unwrap_err().contains("no `raw`"));
         assert!(extract(br#"{"raw":"QUJD"#, 7).unwrap_err().contains("ended inside"));
         assert!(extract(br#"{"raw":"QU!D"}"#, 7).unwrap_err().contains("base64url"));
-        assert!(extract(br#"{"raw":"QU\u0044"}"#, 7).unwrap_err().contains("escape"));
+        assert!(extract(br#"{"raw":"QU\x44"}"#, 7).unwrap_err().contains("escape"));
+        assert!(extract(br#"{"raw":"QU\uD800"}"#, 7).unwrap_err().contains("surrogate"));
+        assert!(extract(br#"{"raw":"QU\u00e9"}"#, 7).unwrap_err().contains("base64url"));
         assert_eq!(extract(br#"{"raw":""}"#, 3).unwrap(), b"");
+        // Padding ends the data, whether the text arrives whole or cut after it.
+        for chunk in 1..=16 {
+            let err = extract(br#"{"raw":"AA==AAAA"}"#, chunk).unwrap_err();
+            assert!(err.contains("after the padding"), "chunk {chunk}: {err}");
+            assert!(extract(br#"{"raw":"AA\u003d\u003dAAAA"}"#, chunk).is_err(), "chunk {chunk}");
+            assert_eq!(extract(br#"{"raw":"AA=="}"#, chunk).unwrap(), b"\0", "chunk {chunk}");
+        }
+    }
+
+    /// Real Gmail responses escape `=`, `<`, `>` and `/` in JSON strings.
+    #[test]
+    fn json_escapes_are_decoded_at_every_chunk_size() {
+        let message = b"<html>a/b</html> ~~~ \xff?>!".to_vec();
+        let raw = base64::engine::general_purpose::URL_SAFE.encode(&message);
+        assert!(raw.ends_with("==") && raw.contains('-') && raw.contains('_'), "{raw}");
+        let escaped = raw.replace('=', "\\u003d").replace('-', "\\u002D").replace('_', "\\u005f");
+        let json = format!(
+            "{{\"snippet\":\"\\u003chtml\\u003e a\\/b \\\"\\\\\",\"r\\u0061w\":\"{escaped}\",\"raw\":\"QUJD\"}}"
+        );
+        for chunk in 1..=json.len() {
+            assert_eq!(extract(json.as_bytes(), chunk).unwrap(), message, "chunk size {chunk}");
+        }
+        // Every escape form, decoded by the string decoder alone.
+        let text = br#"a\"b\\c\/d\b\f\n\r\t\u0041\u00e9\u20ac\ud83d\ude00" tail"#;
+        for chunk in 1..=text.len() {
+            let mut decoder = JsonString::default();
+            let mut decoded = Vec::new();
+            let mut used_total = 0;
+            for piece in text.chunks(chunk) {
+                let (used, closed) = decoder
+                    .feed(piece, &mut |t| {
+                        decoded.extend_from_slice(t);
+                        Ok(())
+                    })
+                    .unwrap();
+                used_total += used;
+                if closed {
+                    break;
+                }
+            }
+            assert_eq!(String::from_utf8(decoded).unwrap(), "a\"b\\c/d\u{8}\u{c}\n\r\tAé€😀", "chunk {chunk}");
+            assert_eq!(used_total, text.len() - " tail".len(), "chunk {chunk}");
+        }
+        for bad in [&br#"\ud800x""#[..], br#"\udc00""#, br#"\ud800\n""#, br#"\q""#, br#"\u12G4""#, b"a\x01b\""] {
+            let result = JsonString::default().feed(bad, &mut |_| Ok(()));
+            assert!(result.is_err(), "{:?} decoded", String::from_utf8_lossy(bad));
+        }
     }
 
     #[test]
@@ -408,6 +607,12 @@ mod tests {
         assert_eq!(parts[1].body, b"{\"id\":\"a\",\"internalDate\":\"5\"}");
         assert_eq!((parts[2].item, parts[2].status, parts[2].retry_after), (2, 429, Some(3)));
         assert!(parse_batch("other", response.as_bytes()).is_err());
+        // An LF-only part whose body holds a CRLF CRLF: its headers end at
+        // the first empty line, not inside the body.
+        let lf = "--b\nContent-ID: <response-item-4>\n\nHTTP/1.1 200 OK\n\nbody\r\n\r\nmore\r\n--b--\r\n";
+        let parts = parse_batch("b", lf.as_bytes()).unwrap();
+        assert_eq!((parts[0].item, parts[0].status), (4, 200));
+        assert_eq!(parts[0].body, b"body\r\n\r\nmore");
         assert!(
             parse_batch(
                 "batch_z",
