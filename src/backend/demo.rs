@@ -56,6 +56,8 @@ struct StoreState {
     fail_next_reset: bool,
     claim_raw_sizes: bool,
     chunk_size: usize,
+    /// `remove` takes this long first (a slow backend in UPDATE).
+    remove_delay: std::time::Duration,
     logins: u64,
 }
 
@@ -135,6 +137,12 @@ impl DemoStore {
     /// Report raw stored lengths as claimed sizes, as some IMAP servers do.
     pub fn claim_raw_sizes(&self, claim: bool) {
         self.lock().claim_raw_sizes = claim;
+    }
+
+    /// Every `Mailbox::remove` waits this long before removing (a backend
+    /// slow to commit, for shutdown tests).
+    pub fn delay_removals(&self, delay: std::time::Duration) {
+        self.lock().remove_delay = delay;
     }
 
     pub fn set_chunk_size(&self, bytes: usize) {
@@ -269,6 +277,10 @@ impl Mailbox for MemoryMailbox {
 
     async fn remove(&mut self, ids: &[StoreId]) -> Result<(), BackendError> {
         let uids = ids.iter().map(uid_of).collect::<Result<Vec<_>, _>>()?;
+        let delay = self.check()?.remove_delay;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
         let mut state = self.check()?;
         let account = state.accounts.get_mut(&self.user).ok_or(BackendError::MessageGone)?;
         account.messages.retain(|m| !uids.contains(&m.uid));

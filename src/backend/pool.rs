@@ -205,10 +205,14 @@ impl SessionPool {
     }
 
     /// Closes every warm session (shutdown).
-    pub async fn close_all(&self) {
+    /// Closes every warm session at once, all within `deadline`: a thousand
+    /// sessions on a server that stopped answering must not hold a shutdown
+    /// for a thousand logout timeouts. Closing never removes anything.
+    pub async fn close_all(&self, deadline: std::time::Duration) {
         let all: Vec<Idle> = self.lock().drain().flat_map(|(_, list)| list).collect();
-        for session in all {
-            session.mailbox.close().await;
+        let closing = futures::future::join_all(all.into_iter().map(|session| session.mailbox.close()));
+        if tokio::time::timeout(deadline, closing).await.is_err() {
+            tracing::warn!(?deadline, "warm backend sessions still closing at the deadline; dropped");
         }
     }
 

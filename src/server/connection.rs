@@ -252,6 +252,7 @@ impl<'a> Driver<'a> {
             Step::Update(ids) => {
                 self.flush().await?;
                 let started = std::time::Instant::now();
+                let committing = self.context.updates.enter();
                 let result = match self.mailbox.as_mut() {
                     Some(mailbox) => mailbox.remove(&ids).await.map(|()| ids.len()),
                     None => Err(BackendError::unavailable("no backend session")),
@@ -265,7 +266,10 @@ impl<'a> Driver<'a> {
                     Err(e) => tracing::warn!(error = %e, requested = ids.len(), "update failed"),
                 }
                 let reply = self.session.update_finished(result);
-                return Box::pin(self.perform(Step::Close(reply))).await;
+                let closed = Box::pin(self.perform(Step::Close(reply))).await;
+                // Shutdown waits for this session until its reply is out.
+                drop(committing);
+                return closed;
             }
             Step::StartTls(reply) => {
                 let Some(tls) = self.context.tls.clone() else {

@@ -53,7 +53,60 @@ pub struct Context {
     pub pool: Arc<SessionPool>,
     /// Turns true when the grace period is over: sessions must end now.
     pub stop: watch::Receiver<bool>,
+    /// Sessions committing deletions right now (UPDATE).
+    pub updates: Arc<Updates>,
 }
+
+/// Counts sessions inside UPDATE, so that shutdown lets them finish: a
+/// session ended between IMAP's `UID STORE +FLAGS (\Deleted)` and its
+/// `UID EXPUNGE` would leave flags set and the client without a reply.
+#[derive(Default)]
+pub struct Updates {
+    running: std::sync::atomic::AtomicUsize,
+    settled: tokio::sync::Notify,
+}
+
+/// Held while one session's UPDATE runs.
+pub struct UpdateRunning(Arc<Updates>);
+
+impl Updates {
+    pub fn enter(self: &Arc<Self>) -> UpdateRunning {
+        self.running.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        UpdateRunning(self.clone())
+    }
+
+    pub fn running(&self) -> usize {
+        self.running.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Resolves when no session is inside UPDATE.
+    pub async fn settled(&self) {
+        loop {
+            let notified = self.settled.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.running() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for UpdateRunning {
+    fn drop(&mut self) {
+        if self.0.running.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+            self.0.settled.notify_waiters();
+        }
+    }
+}
+
+/// After the grace period, sessions inside UPDATE get this long more to
+/// finish (their backend calls have timeouts of their own) before the rest
+/// are ended: a commit half done is worse than a late exit.
+const UPDATE_FINISH_LIMIT: Duration = Duration::from_secs(600);
+/// Warm backend sessions all get this long, together, to log out.
+const POOL_CLOSE_LIMIT: Duration = Duration::from_secs(5);
 
 impl Context {
     /// The limits now in force (a SIGHUP reload may change them).
@@ -131,6 +184,7 @@ impl Server {
             metrics,
             pool: SessionPool::new(config.backend_pool.clone()),
             stop: stop_rx,
+            updates: Arc::new(Updates::default()),
         });
         tokio::spawn(evict_idle_sessions(Arc::downgrade(&context.pool)));
         let health = Health::new(context.backend.clone());
@@ -309,10 +363,17 @@ impl RunningServer {
                 .await
                 .is_err()
             {
+                let updates = self.context.updates.clone();
+                if updates.running() > 0 {
+                    tracing::info!(sessions = updates.running(), "letting sessions inside UPDATE finish their commit");
+                    if tokio::time::timeout(UPDATE_FINISH_LIMIT, updates.settled()).await.is_err() {
+                        tracing::error!("sessions still inside UPDATE after the limit; ending them");
+                    }
+                }
                 self.tasks.abort_all();
             }
         }
-        self.pool.close_all().await;
+        self.pool.close_all(POOL_CLOSE_LIMIT).await;
         tracing::info!("shut down");
     }
 }
