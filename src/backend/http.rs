@@ -364,12 +364,16 @@ pub async fn read_limited(
 /// Canonical (CRLF) sizes of many messages, `concurrency` downloads at a
 /// time, in the order of `ids`. Each message is streamed through
 /// `CanonicalSize`: nothing is kept but the count.
-pub async fn measure_all<'a, I, F, Fut>(ids: &'a [I], concurrency: usize, fetch: F) -> Result<Vec<u64>, BackendError>
+pub async fn measure_all<'a, I, F, Fut>(
+    ids: &'a [I],
+    concurrency: usize,
+    fetch: F,
+) -> Result<Vec<Option<u64>>, BackendError>
 where
     F: Fn(&'a I) -> Fut,
     Fut: Future<Output = Result<MessageStream<'static>, BackendError>> + 'a,
 {
-    let mut sizes = vec![0; ids.len()];
+    let mut sizes = vec![None; ids.len()];
     let mut in_flight = futures::stream::FuturesUnordered::new();
     let mut next = 0;
     loop {
@@ -379,8 +383,11 @@ where
         }
         match in_flight.next().await {
             None => return Ok(sizes),
-            // The first failure ends it: the other downloads are dropped.
-            Some((index, size)) => sizes[index] = size?,
+            // A message gone since the listing is left out (never measured
+            // as 0, which LIST would then promise); the first other failure
+            // ends it: the other downloads are dropped.
+            Some((_, Err(BackendError::MessageGone))) => {}
+            Some((index, size)) => sizes[index] = Some(size?),
         }
     }
 }
@@ -547,7 +554,7 @@ mod tests {
         })
         .await
         .unwrap();
-        assert_eq!(sizes, ids.iter().map(|&n| 3 * n as u64).collect::<Vec<_>>());
+        assert_eq!(sizes, ids.iter().map(|&n| Some(3 * n as u64)).collect::<Vec<_>>());
         assert!(peak.load(Ordering::SeqCst) <= 3, "peak {}", peak.load(Ordering::SeqCst));
     }
 }

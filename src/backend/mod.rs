@@ -95,18 +95,26 @@ pub trait Mailbox: Send {
     /// `BackendError::Unavailable` on its next call.
     async fn fetch(&mut self, id: &StoreId) -> Result<MessageStream<'_>, BackendError>;
 
-    /// The canonical sizes of the given messages, in order. The default
-    /// streams each message; a backend may do it in fewer round trips.
-    async fn canonical_sizes(&mut self, ids: &[StoreId]) -> Result<Vec<u64>, BackendError> {
+    /// The canonical sizes of the given messages, in order; `None` for a
+    /// message that is gone (expunged since the listing), which the session
+    /// then leaves out. The default streams each message; a backend may do
+    /// it in fewer round trips.
+    async fn canonical_sizes(&mut self, ids: &[StoreId]) -> Result<Vec<Option<u64>>, BackendError> {
         use futures::StreamExt;
         let mut sizes = Vec::with_capacity(ids.len());
         for id in ids {
             let mut counter = crate::canonical::CanonicalSize::new();
-            let mut stream = self.fetch(id).await?;
+            let mut stream = match self.fetch(id).await {
+                Err(BackendError::MessageGone) => {
+                    sizes.push(None);
+                    continue;
+                }
+                other => other?,
+            };
             while let Some(chunk) = stream.next().await {
                 counter.feed(&chunk?);
             }
-            sizes.push(counter.finish());
+            sizes.push(Some(counter.finish()));
         }
         Ok(sizes)
     }

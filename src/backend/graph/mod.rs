@@ -488,7 +488,7 @@ impl Mailbox for GraphMailbox {
     }
 
     /// Downloads `max_concurrent_requests` messages at a time.
-    async fn canonical_sizes(&mut self, ids: &[StoreId]) -> Result<Vec<u64>, BackendError> {
+    async fn canonical_sizes(&mut self, ids: &[StoreId]) -> Result<Vec<Option<u64>>, BackendError> {
         let api = &self.api;
         http::api::measure_downloads(ids, self.concurrency, |id| api.content(&id.0)).await
     }

@@ -113,31 +113,17 @@ pub fn in_session(error: BackendError) -> BackendError {
 }
 
 /// Canonical sizes by downloading, `concurrency` messages at a time
-/// (`super::measure_all`). A message deleted meanwhile measures 0: RETR
-/// will then say it is gone.
+/// (`super::measure_all`); `None` for a message deleted meanwhile.
 pub async fn measure_downloads<'a, F, Fut>(
     ids: &'a [StoreId],
     concurrency: usize,
     download: F,
-) -> Result<Vec<u64>, BackendError>
+) -> Result<Vec<Option<u64>>, BackendError>
 where
     F: Fn(&'a StoreId) -> Fut,
     Fut: Future<Output = Result<MessageStream<'static>, BackendError>> + 'a,
 {
-    super::measure_all(ids, concurrency, |id| {
-        let opened = download(id);
-        async move {
-            match opened.await {
-                Err(BackendError::MessageGone) => {
-                    tracing::debug!(id = %id.0, "message deleted before it was measured");
-                    Ok(super::once(bytes::Bytes::new()))
-                }
-                other => other,
-            }
-        }
-    })
-    .await
-    .map_err(in_session)
+    super::measure_all(ids, concurrency, download).await.map_err(in_session)
 }
 
 /// What `Mailbox::remove` says when `failed` of `requested` messages are

@@ -513,7 +513,7 @@ impl Mailbox for ImapMailbox {
         Ok(futures::stream::iter(first.map(Ok)).chain(rest).boxed())
     }
 
-    async fn canonical_sizes(&mut self, ids: &[StoreId]) -> Result<Vec<u64>, BackendError> {
+    async fn canonical_sizes(&mut self, ids: &[StoreId]) -> Result<Vec<Option<u64>>, BackendError> {
         let uids = ids.iter().map(uid_of).collect::<Result<Vec<_>, _>>()?;
         let mut sizes: HashMap<u32, u64> = HashMap::new();
 
@@ -547,13 +547,21 @@ impl Mailbox for ImapMailbox {
             }
             let mut counter = CanonicalSize::new();
             let mut chunks = self.chunks(uid, true);
-            while let Some(chunk) = chunks.next_chunk().await? {
-                counter.feed(&chunk);
+            loop {
+                match chunks.next_chunk().await {
+                    Ok(Some(chunk)) => counter.feed(&chunk),
+                    Ok(None) => {
+                        sizes.insert(uid, counter.finish());
+                        break;
+                    }
+                    // Expunged since the listing: left out, not an error.
+                    Err(BackendError::MessageGone) => break,
+                    Err(e) => return Err(e),
+                }
             }
-            sizes.insert(uid, counter.finish());
         }
 
-        uids.iter().map(|uid| sizes.get(uid).copied().ok_or(BackendError::MessageGone)).collect()
+        Ok(uids.iter().map(|uid| sizes.get(uid).copied()).collect())
     }
 
     async fn remove(&mut self, ids: &[StoreId]) -> Result<(), BackendError> {

@@ -375,7 +375,27 @@ async fn canonical_sizes_batch_small_messages() {
     let mut mailbox = open(config(port), "alice", "a\"b\\c").await.unwrap();
     mailbox.list().await.unwrap();
     let sizes = mailbox.canonical_sizes(&[StoreId("9".into()), StoreId("3".into())]).await.unwrap();
-    assert_eq!(sizes, [5, 10]);
+    assert_eq!(sizes, [Some(5), Some(10)]);
+    mailbox.close().await;
+    server.await.unwrap();
+}
+
+/// A message expunged by another client between the listing and the
+/// measuring is left out (`None`), not a failed login.
+#[tokio::test]
+async fn a_message_expunged_before_measuring_is_left_out() {
+    let (port, server) = mock(
+        GREETING,
+        opening(vec![
+            step("UID FETCH 1:* (UID RFC822.SIZE)", LIST_OK),
+            step("UID FETCH 3,9 (UID BODY.PEEK[])", "* 1 FETCH (UID 3 BODY[] {6}\r\na\nb\ncd)\r\n{tag} OK\r\n"),
+        ]),
+    )
+    .await;
+    let mut mailbox = open(config(port), "alice", "a\"b\\c").await.unwrap();
+    mailbox.list().await.unwrap();
+    let sizes = mailbox.canonical_sizes(&[StoreId("9".into()), StoreId("3".into())]).await.unwrap();
+    assert_eq!(sizes, [None, Some(10)]);
     mailbox.close().await;
     server.await.unwrap();
 }
