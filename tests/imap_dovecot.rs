@@ -150,3 +150,30 @@ fn nul_in_a_password_is_refused_without_reaching_dovecot() {
     assert_eq!(proxy.connections(), 1);
     assert!(!proxy.sent().contains(&0), "a raw NUL went to the backend");
 }
+
+/// `mark_seen = true` marks a message `\Seen` when RETR sends it whole, as
+/// Dovecot's own POP3 does — and never on TOP.
+#[test]
+fn mark_seen_marks_on_retr_and_never_on_top() {
+    let dovecot = Dovecot::start();
+    let uids = dovecot.append_all(ALICE.0, &marked(2));
+    let mut config = popgate::config::Config {
+        backend: popgate::backend::select::BackendConfig::from_url(&dovecot.imap_url()).unwrap(),
+        ..popgate::config::Config::default()
+    };
+    let popgate::backend::select::BackendConfig::Imap(imap) = &mut config.backend else { unreachable!() };
+    imap.mark_seen = true;
+    let gateway = Gateway::from_config(config);
+    let seen = |uid: u32| {
+        let stored = dovecot.messages(ALICE.0).into_iter().find(|m| m.uid == uid).expect("still there");
+        stored.flags.iter().any(|f| f.eq_ignore_ascii_case("\\Seen"))
+    };
+    let mut c = login(&gateway);
+    c.top(1, 0);
+    c.top(2, 3);
+    assert!(!seen(uids[0]) && !seen(uids[1]), "TOP marked a message read");
+    c.retr(2);
+    assert!(seen(uids[1]), "RETR with mark_seen marks the message read");
+    assert!(!seen(uids[0]));
+    c.ok("QUIT");
+}

@@ -119,6 +119,13 @@ pub trait Mailbox: Send {
         Ok(sizes)
     }
 
+    /// The client retrieved this message whole (POP3 RETR, not TOP): a store
+    /// configured to mark retrieved mail read does it now. `fetch` itself
+    /// never changes a message.
+    async fn retrieved(&mut self, _id: &StoreId) -> Result<(), BackendError> {
+        Ok(())
+    }
+
     /// Removes exactly these messages (the POP3 UPDATE state). Either every
     /// one is gone when this returns `Ok`, or an error says what was not done.
     async fn remove(&mut self, ids: &[StoreId]) -> Result<(), BackendError>;

@@ -57,7 +57,9 @@ pub enum Step {
     Login(Credentials),
     /// Send a message: fetch `id`, write `ok` once the first octets are at
     /// hand, then stream through `encoder`. On a fetch error before anything
-    /// was written, write `fetch_failed`'s reply; after, close.
+    /// was written, write `fetch_failed`'s reply; after, close. `expected_octets`
+    /// is the LIST size, for RETR only: a whole retrieval, which the store
+    /// may mark read; TOP (`None`) never marks anything.
     Send { id: StoreId, ok: Response, encoder: BodyEncoder, expected_octets: Option<u64> },
     /// UPDATE state: remove exactly these messages, then call
     /// `update_finished` and close.

@@ -337,6 +337,16 @@ impl<'a> Driver<'a> {
             Ok(true) => {
                 metrics.command(self.session.last_command(), true);
                 encoder.finish(&mut self.out);
+                // A whole retrieval (RETR: the session expects its octets)
+                // may mark the message read; TOP never does. Failing to
+                // mark it is no reason to fail what the client already has.
+                if expected_octets.is_some()
+                    && let Some(mailbox) = self.mailbox.as_mut()
+                    && let Err(e) = mailbox.retrieved(&id).await
+                {
+                    tracing::warn!(error = %e, "could not mark the retrieved message read");
+                    self.backend_failed = true;
+                }
                 if let Some(expected) = expected_octets
                     && encoder.octets() != expected
                 {

@@ -84,7 +84,7 @@ pub struct ImapConfig {
     /// Without UIDPLUS: UID MOVE deleted messages here instead of expunging.
     #[serde(default)]
     pub trash_mailbox: Option<String>,
-    /// Set \Seen on retrieved messages (BODY[] instead of BODY.PEEK[]).
+    /// Set \Seen on messages RETR sends whole (never on TOP).
     #[serde(default)]
     pub mark_seen: bool,
     /// Octets per partial FETCH while streaming a message.
@@ -498,8 +498,9 @@ impl Mailbox for ImapMailbox {
 
     async fn fetch(&mut self, id: &StoreId) -> Result<MessageStream<'_>, BackendError> {
         let uid = uid_of(id)?;
-        let peek = !self.mark_seen;
-        let mut chunks = self.chunks(uid, peek);
+        // Always PEEK: a TOP must not mark the message read; RETR marks it
+        // afterwards (`retrieved`), as Dovecot's own POP3 does.
+        let mut chunks = self.chunks(uid, true);
         // The first chunk is read now, so that a missing message is an error
         // of `fetch` itself.
         let first = chunks.next_chunk().await?;
@@ -562,6 +563,18 @@ impl Mailbox for ImapMailbox {
         }
 
         Ok(uids.iter().map(|uid| sizes.get(uid).copied()).collect())
+    }
+
+    async fn retrieved(&mut self, id: &StoreId) -> Result<(), BackendError> {
+        if !self.mark_seen || self.selected.read_only {
+            return Ok(());
+        }
+        let uid = uid_of(id)?;
+        self.conn
+            .run(&format!("UID STORE {uid} +FLAGS.SILENT (\\Seen)"), |_| {})
+            .await?
+            .ok_or_refused("flagging a message \\Seen")?;
+        Ok(())
     }
 
     async fn remove(&mut self, ids: &[StoreId]) -> Result<(), BackendError> {
