@@ -304,6 +304,25 @@ impl ImapMailbox {
         })
     }
 
+    /// Selects the mailbox again and refuses to go on if its UIDVALIDITY
+    /// changed since the listing: the UIDs this session marked would then
+    /// name other messages (RFC 3501 2.3.1.1). Nothing is deleted; the
+    /// client gets a temporary error and its next session lists afresh.
+    async fn check_uidvalidity(&mut self) -> Result<(), BackendError> {
+        let listed = self.selected.uidvalidity;
+        let capabilities = Some(self.selected.capabilities.clone());
+        self.selected = Self::select(&mut self.conn, &self.config, capabilities).await?;
+        if self.selected.uidvalidity != listed {
+            tracing::warn!(
+                listed,
+                now = self.selected.uidvalidity,
+                "UIDVALIDITY changed during the session; nothing deleted"
+            );
+            return Err(BackendError::unavailable("the mailbox's UIDVALIDITY changed; nothing was deleted"));
+        }
+        Ok(())
+    }
+
     fn chunks(&mut self, uid: u32, peek: bool) -> Chunks<'_> {
         Chunks {
             uid,
@@ -585,6 +604,13 @@ impl Mailbox for ImapMailbox {
         if self.selected.read_only {
             return Err(BackendError::Permanent("the mailbox is read-only".into()));
         }
+        let can_move_to_trash = self.selected.can_move && self.trash.is_some();
+        if !self.selected.uidplus && !can_move_to_trash {
+            return Err(BackendError::Permanent(
+                "server lacks UIDPLUS; configure trash_mailbox with MOVE support".into(),
+            ));
+        }
+        self.check_uidvalidity().await?;
         if self.selected.uidplus {
             // Only the named UIDs are flagged and expunged; a bare EXPUNGE
             // would also remove what other clients flagged \Deleted.
@@ -596,7 +622,7 @@ impl Mailbox for ImapMailbox {
                 // The untagged EXPUNGEs carry sequence numbers: not used.
                 self.conn.run(&format!("UID EXPUNGE {set}"), |_| {}).await?.ok_or_refused("UID EXPUNGE")?;
             }
-        } else if let (true, Some(trash)) = (self.selected.can_move, &self.trash) {
+        } else if let Some(trash) = &self.trash {
             let trash = quote_mailbox(trash)?;
             for set in uid_sets(&uids, MAX_SET_LEN) {
                 self.conn
@@ -604,10 +630,6 @@ impl Mailbox for ImapMailbox {
                     .await?
                     .ok_or_refused("moving messages to the trash mailbox")?;
             }
-        } else {
-            return Err(BackendError::Permanent(
-                "server lacks UIDPLUS; configure trash_mailbox with MOVE support".into(),
-            ));
         }
         let left = self.still_present(&uids).await?;
         if !left.is_empty() {

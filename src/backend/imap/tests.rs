@@ -305,12 +305,15 @@ async fn remove_expunges_exactly_the_given_uids_and_verifies() {
     let (port, server) = mock(
         GREETING,
         opening(vec![
+            // UIDVALIDITY is checked again before anything is flagged.
+            step("SELECT \"INBOX\"", SELECT_OK),
             step("UID STORE 1:3,7 +FLAGS.SILENT (\\Deleted)", "{tag} OK Store completed\r\n"),
             step(
                 "UID EXPUNGE 1:3,7",
                 "* 3 EXPUNGE\r\n* 2 EXPUNGE\r\n* 1 EXPUNGE\r\n* 1 EXPUNGE\r\n{tag} OK Expunge completed\r\n",
             ),
             step("UID SEARCH UID 1:3,7", "* SEARCH\r\n{tag} OK Search completed\r\n"),
+            step("SELECT \"INBOX\"", SELECT_OK),
             step("UID STORE 5 +FLAGS.SILENT (\\Deleted)", "{tag} OK Store completed\r\n"),
             step("UID EXPUNGE 5", "{tag} OK Expunge completed\r\n"),
             // Another client's EXPUNGE response does not fool the check.
@@ -327,6 +330,26 @@ async fn remove_expunges_exactly_the_given_uids_and_verifies() {
     assert!(!seen.iter().any(|l| l.ends_with(" EXPUNGE")), "bare EXPUNGE sent: {seen:?}");
 }
 
+/// A UIDVALIDITY that changed since the listing means the marked UIDs may
+/// name other messages: nothing is flagged, and the error is temporary.
+#[tokio::test]
+async fn remove_refuses_when_uidvalidity_changed() {
+    let (port, server) = mock(
+        GREETING,
+        opening(vec![step(
+            "SELECT \"INBOX\"",
+            "* 2 EXISTS\r\n* OK [UIDVALIDITY 43] UIDs valid\r\n{tag} OK [READ-WRITE] Select completed\r\n",
+        )]),
+    )
+    .await;
+    let mut mailbox = open(config(port), "alice", "a\"b\\c").await.unwrap();
+    let error = mailbox.remove(&[StoreId("3".into())]).await.err();
+    assert!(matches!(&error, Some(BackendError::Unavailable(why)) if why.contains("UIDVALIDITY")), "{error:?}");
+    mailbox.close().await;
+    let seen = server.await.unwrap();
+    assert!(!seen.iter().any(|l| l.contains("STORE") || l.contains("EXPUNGE") || l.contains("MOVE")), "{seen:?}");
+}
+
 #[tokio::test]
 async fn remove_without_uidplus_moves_to_trash_or_refuses() {
     let login = "{tag} OK [CAPABILITY IMAP4rev1 MOVE] Logged in\r\n";
@@ -335,6 +358,7 @@ async fn remove_without_uidplus_moves_to_trash_or_refuses() {
         GREETING,
         vec![
             step("LOGIN", login),
+            step("SELECT", SELECT_OK),
             step("SELECT", SELECT_OK),
             step("UID MOVE 4 \"Deleted Items\"", "{tag} OK Move completed\r\n"),
             step("UID SEARCH UID 4", "* SEARCH\r\n{tag} OK\r\n"),
