@@ -195,7 +195,7 @@ impl Backend for JmapBackend {
         let folders = Folders::fetch(&api).await?;
         let mailbox_id = folders.find(self.config.mailbox.as_deref())?;
         if self.config.delete_policy == DeletePolicy::Trash && folders.with_role("trash").is_none() {
-            tracing::warn!("no mailbox has role trash: deleting will fail (set delete_policy = \"destroy\"?)");
+            tracing::info!("no mailbox has role trash yet: the first deletion creates one (\"Trash\")");
         }
         Ok(Box::new(JmapMailbox { api, mailbox_id, policy: self.config.delete_policy, blobs: HashMap::new() }))
     }
@@ -453,12 +453,41 @@ impl JmapMailbox {
         if self.policy == DeletePolicy::Destroy {
             return Ok(None);
         }
-        let trash = Folders::fetch(&self.api)
-            .await?
-            .with_role("trash")
-            .ok_or_else(|| BackendError::Permanent("delete_policy is trash but no mailbox has role trash".into()))?;
+        let trash = match Folders::fetch(&self.api).await?.with_role("trash") {
+            Some(trash) => trash,
+            None => self.create_trash().await?,
+        };
         // Deleting from the trash itself: there is nowhere further to move.
         Ok((trash != self.mailbox_id).then_some(trash))
+    }
+
+    /// Creates the mailbox with role `trash`, as JMAP clients do for an
+    /// account that has none (a fresh Cyrus account has only its Inbox). A
+    /// refusal is permanent: retrying cannot make the server accept it.
+    async fn create_trash(&self) -> Result<String, BackendError> {
+        let create = json!({
+            "accountId": self.api.account_id(),
+            "create": { "trash": { "name": "Trash", "role": "trash", "parentId": null } },
+        });
+        let responses = self.api.call(vec![("Mailbox/set", create, "t".to_string())]).await?;
+        let set = responses.get("t", "Mailbox/set")?;
+        if let Some(id) = set.pointer("/created/trash/id").and_then(Value::as_str) {
+            tracing::info!(mailbox = id, "created the trash mailbox (role trash) for delete_policy = \"trash\"");
+            return Ok(id.to_string());
+        }
+        let why = set
+            .pointer("/notCreated/trash")
+            .map(|e| {
+                let kind = e.get("type").and_then(Value::as_str).unwrap_or("refused");
+                let description = e.get("description").and_then(Value::as_str).unwrap_or("");
+                format!("{kind} {description}")
+            })
+            .unwrap_or_else(|| "no answer".into());
+        Err(BackendError::Permanent(format!(
+            "delete_policy is trash, no mailbox has role trash and the server refused to create one ({}); \
+             create it or set delete_policy = \"destroy\"",
+            why.chars().filter(|c| !c.is_control()).take(200).collect::<String>().trim()
+        )))
     }
 
     /// One `Email/set` over `ids`; returns how many were not removed.
@@ -562,7 +591,12 @@ impl Mailbox for JmapMailbox {
         // stayed: the client keeps its copy and can try again later.
         let trash = self.move_target().await.map_err(|e| {
             tracing::warn!(error = %e, requested = ids.len(), "cannot remove messages");
-            BackendError::Unavailable(format!("{0} of {0} messages could not be removed ({e})", ids.len()))
+            match e {
+                // A configuration the server will never accept: said as
+                // such, so a device does not retry forever.
+                BackendError::Permanent(why) => BackendError::Permanent(why),
+                e => BackendError::Unavailable(format!("{0} of {0} messages could not be removed ({e})", ids.len())),
+            }
         })?;
         let trash = trash.as_deref();
         let mut failed = 0;
