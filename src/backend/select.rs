@@ -187,7 +187,10 @@ fn percent_decode(s: &str) -> Result<String, &'static str> {
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%' {
-            let hex = s.get(i + 1..i + 3).ok_or("bad % escape in mailbox")?;
+            // Two hex digits exactly: `u8::from_str_radix` alone would take
+            // a sign (`%+f`).
+            let hex = s.get(i + 1..i + 3).filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit()));
+            let hex = hex.ok_or("bad % escape in mailbox")?;
             out.push(u8::from_str_radix(hex, 16).map_err(|_| "bad % escape in mailbox")?);
             i += 3;
         } else {
@@ -221,7 +224,16 @@ mod tests {
             BackendConfig::from_url("demo:/srv/mail").unwrap(),
             BackendConfig::Demo(DemoConfig { messages_dir: Some("/srv/mail".into()) })
         );
-        for bad in ["pop3://x", "imap://", "imap://h:99999", "imap://u:p@h", "nothing", "imap://h/%zz"] {
+        for bad in [
+            "pop3://x",
+            "imap://",
+            "imap://h:99999",
+            "imap://u:p@h",
+            "nothing",
+            "imap://h/%zz",
+            "imap://h/%+f",
+            "gmail:%-1",
+        ] {
             assert!(BackendConfig::from_url(bad).is_err(), "{bad}");
         }
     }
