@@ -11,8 +11,10 @@
 //! - `messages`: messages that are hard to get right, and the canonical
 //!   (CRLF) form they must reach a POP3 client in — computed here, not by
 //!   popgate's own code, so the tests do not share its bugs.
+//! - `fake_imap`: a minimal IMAP server that answers instantly, for load.
 //! - `proxy`: a recording TCP proxy, to see what popgate sends its backend.
-//! - `program`: real client programs run to completion with a time limit.
+//! - `program`: real client programs run to completion with a time limit,
+//!   and the ways the tests drive them (openssl s_client, curl, poplib).
 //! - `gmail_api`, `graph_api`: stand-ins for the Gmail API and Microsoft
 //!   Graph mail on run-time ports, with messages in memory.
 //! - `token_router`: a router handing out OAuth bearer tokens (and fresh
@@ -29,6 +31,7 @@
 pub mod cyrus;
 pub mod dovecot;
 pub mod dovecot_oauth;
+pub mod fake_imap;
 pub mod gateway;
 pub mod gmail_api;
 pub mod graph_api;
