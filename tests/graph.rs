@@ -10,7 +10,8 @@
 
 mod support;
 
-use support::program::{describe, run};
+use support::bearer::{self, Bearer, BearerApi};
+use support::program::{curl_pop3, curl_retrieves_each, describe, poplib_retrieves_and_deletes};
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,7 +20,6 @@ use base64::Engine;
 use popgate::backend::graph::{GraphBackend, GraphConfig, GraphDeletePolicy};
 use popgate::backend::select::BackendConfig;
 use popgate::config::Config;
-use serde_json::Value;
 use sha2::{Digest, Sha256};
 use support::IO_TIMEOUT;
 use support::gateway::Gateway;
@@ -58,15 +58,29 @@ impl Setup {
         self.gateway.login(DEVICE.0, DEVICE.1)
     }
 
-    fn router_token(&self) -> String {
-        let route = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
-            use popgate::auth::accounts::Router as _;
-            self.router.route(&popgate::mail::Credentials::password(DEVICE.0, DEVICE.1)).await
-        });
-        match route.ok().map(|r| r.credentials.proof) {
-            Some(popgate::mail::Proof::Bearer(token)) => token.expose().to_string(),
-            other => panic!("the router hands out bearer tokens, not {other:?}"),
-        }
+    fn bearer(&self) -> Bearer<'_, GraphApi> {
+        Bearer { api: &self.api, gateway: &self.gateway, router: &self.router, device: DEVICE }
+    }
+}
+
+impl BearerApi for GraphApi {
+    fn add(&self, raw: &[u8]) -> String {
+        GraphApi::add(self, raw)
+    }
+    fn expire(&self, token: &str) {
+        GraphApi::expire(self, token)
+    }
+    fn refuse_refresh(&self) {
+        GraphApi::refuse_refresh(self)
+    }
+    fn statuses(&self) -> Vec<u16> {
+        self.seen().iter().map(|r| r.status).collect()
+    }
+    fn maildrop(&self) -> Vec<String> {
+        self.ids_in("inbox")
+    }
+    fn uidl(&self, id: &str) -> String {
+        uidl(id)
     }
 }
 
@@ -234,45 +248,17 @@ fn dele_then_a_dropped_connection_changes_nothing() {
 
 #[test]
 fn an_expired_token_is_refreshed_once_and_the_login_retried() {
-    let s = setup();
-    let id = s.api.add(&messages::simple("behind an expired token"));
-    let mut pop = s.login();
-    assert_eq!(pop.stat().0, 1);
-    pop.quit();
-    s.api.expire(&s.router_token());
-    let mut pop = s.login();
-    assert_eq!(pop.uidl(), numbered(&[id]));
-    pop.quit();
-    assert_eq!(s.router.refreshes(), 1);
-    assert!(s.api.seen().iter().any(|r| r.status == 401));
+    bearer::an_expired_token_is_refreshed_once_and_the_login_retried(&setup().bearer());
 }
 
 #[test]
 fn a_failed_refresh_is_a_temporary_error() {
-    let s = setup();
-    s.api.add(&messages::simple("unreachable"));
-    s.api.expire(&s.router_token());
-    s.api.refuse_refresh();
-    let mut pop = s.gateway.connect();
-    pop.ok(&format!("USER {}", DEVICE.0));
-    let reply = pop.cmd(&format!("PASS {}", DEVICE.1));
-    assert!(reply.starts_with("-ERR [SYS/TEMP]"), "{reply}");
-    assert_eq!(s.router.refreshes(), 1);
+    bearer::a_failed_refresh_is_a_temporary_error(&setup().bearer());
 }
 
 #[test]
 fn a_token_expiring_mid_session_is_a_temporary_error_and_moves_nothing() {
-    let s = setup();
-    let ids = [s.api.add(&messages::simple("first")), s.api.add(&messages::simple("second"))];
-    let mut pop = s.login();
-    assert_eq!(pop.stat().0, 2);
-    s.api.expire(&s.router_token());
-    let reply = pop.cmd("RETR 1");
-    assert!(reply.starts_with("-ERR [SYS/TEMP]"), "{reply}");
-    pop.ok("DELE 2");
-    let reply = pop.quit();
-    assert!(reply.starts_with("-ERR [SYS/TEMP]"), "{reply}");
-    assert_eq!(s.api.ids_in("inbox"), ids);
+    bearer::a_token_expiring_mid_session_is_a_temporary_error_and_removes_nothing(&setup().bearer());
 }
 
 fn gap_after(api: &GraphApi, status: u16, path_part: &str) -> Duration {
@@ -496,53 +482,20 @@ fn curl_retrieves_and_deletes_with_a_bearer_token() {
     let token = api.issue_token(TokenKind::Delegated);
     let gateway = pass_through(&api);
     let user = format!("{UPN}:");
-    let curl = |path: &str, extra: &[&str]| {
-        let url = format!("pop3://{}/{path}", gateway.addr);
-        let mut args = vec![
-            "--silent",
-            "--show-error",
-            "--max-time",
-            "20",
-            "--user",
-            user.as_str(),
-            "--oauth2-bearer",
-            token.as_str(),
-        ];
-        args.extend_from_slice(extra);
-        args.push(&url);
-        run("curl", &args)
-    };
-    let listing = curl("", &["--request", "UIDL"]);
+    let auth = ["--user", user.as_str(), "--oauth2-bearer", token.as_str()];
+    let addr = gateway.addr;
+    let listing = curl_pop3(addr, "", &auth, &["--request", "UIDL"]);
     assert!(listing.status.success(), "curl UIDL: {}", describe(&listing));
     let expected: String = numbered(&ids).iter().map(|(n, u)| format!("{n} {u}\r\n")).collect();
     assert_eq!(String::from_utf8_lossy(&listing.stdout), expected);
-    for (i, raw) in raws.iter().enumerate() {
-        let retr = curl(&(i + 1).to_string(), &[]);
-        assert!(retr.status.success(), "curl RETR {}: {}", i + 1, describe(&retr));
-        assert_eq!(String::from_utf8_lossy(&retr.stdout), String::from_utf8_lossy(&canonical(raw)), "RETR {}", i + 1);
-    }
-    let dele = curl("2", &["--request", "DELE", "--head"]);
+    curl_retrieves_each(addr, &auth, &raws);
+    let dele = curl_pop3(addr, "2", &auth, &["--request", "DELE", "--head"]);
     assert!(dele.status.success(), "curl DELE: {}", describe(&dele));
     support::wait_for("message 2 to reach Deleted Items", IO_TIMEOUT, || {
         (api.ids_in("deleteditems") == [ids[1].clone()]).then_some(())
     });
     assert_eq!(api.ids_in("inbox"), [ids[0].clone(), ids[2].clone()]);
 }
-
-const POPLIB_SCRIPT: &str = r#"
-import json, poplib, sys
-host, port, user, password = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-p = poplib.POP3(host, port, timeout=20)
-p.user(user)
-p.pass_(password)
-out = {"stat": list(p.stat()), "uidl": [l.decode() for l in p.uidl()[1]], "retr": []}
-for n in range(1, out["stat"][0] + 1):
-    resp, lines, octets = p.retr(n)
-    out["retr"].append({"text": b"".join(l + b"\r\n" for l in lines).decode("latin-1"), "octets": octets})
-    p.dele(n)
-out["quit"] = p.quit().decode()
-print(json.dumps(out))
-"#;
 
 #[test]
 fn python_poplib_retrieves_and_deletes_everything() {
@@ -553,20 +506,8 @@ fn python_poplib_retrieves_and_deletes_everything() {
         "Subject: 8-bit for poplib\n\ngr\u{fc}\u{df}e\n".as_bytes().to_vec(),
     ];
     let ids: Vec<String> = raws.iter().map(|r| s.api.add(r)).collect();
-    let port = s.gateway.addr.port().to_string();
-    let output = run("python3", &["-c", POPLIB_SCRIPT, "127.0.0.1", &port, DEVICE.0, DEVICE.1]);
-    assert!(output.status.success(), "poplib: {}", describe(&output));
-    let out: Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{e}: {}", describe(&output)));
-    let want: Vec<Vec<u8>> = raws.iter().map(|r| canonical(r)).collect();
-    let total: usize = want.iter().map(Vec::len).sum();
-    assert_eq!(out["stat"], serde_json::json!([3, total]));
-    for (i, m) in want.iter().enumerate() {
-        let latin1: String = m.iter().map(|&b| b as char).collect();
-        assert_eq!(out["retr"][i]["text"], latin1, "RETR {}", i + 1);
-        assert_eq!(out["retr"][i]["octets"], m.len(), "RETR {} octets", i + 1);
-        assert_eq!(out["uidl"][i], format!("{} {}", i + 1, uidl(&ids[i])));
-    }
-    assert!(out["quit"].as_str().is_some_and(|q| q.starts_with("+OK")), "{out}");
+    let uidls: Vec<String> = ids.iter().map(|id| uidl(id)).collect::<Vec<_>>();
+    poplib_retrieves_and_deletes(s.gateway.addr, (DEVICE.0, DEVICE.1), &raws, &uidls);
     assert!(s.api.ids_in("inbox").is_empty(), "poplib's DELE + QUIT must empty the inbox");
     assert_eq!(s.api.ids_in("deleteditems"), ids);
 }

@@ -17,6 +17,7 @@
 //!   and the ways the tests drive them (openssl s_client, curl, poplib).
 //! - `gmail_api`, `graph_api`: stand-ins for the Gmail API and Microsoft
 //!   Graph mail on run-time ports, with messages in memory.
+//! - `bearer`: the token-refresh scenarios shared by the bearer backends.
 //! - `token_router`: a router handing out OAuth bearer tokens (and fresh
 //!   ones on refresh), and popgate in-process with it.
 //! - `tls`: a test CA and server certificates made at run time, and a POP3
@@ -28,6 +29,7 @@
 
 #![allow(dead_code)] // each test crate uses a different part of the harness
 
+pub mod bearer;
 pub mod cyrus;
 pub mod dovecot;
 pub mod dovecot_oauth;

@@ -245,3 +245,88 @@ for n in range(1, out["stat"][0] + 1):
 out["quit"] = p.quit().decode()
 print(json.dumps(out))
 "#;
+
+/// Python's poplib, cleartext: USER/PASS, STAT, UIDL, then RETR and DELE of
+/// every message, QUIT; printed as JSON. Arguments: host, port, user,
+/// password.
+pub const POPLIB_RETRIEVE_DELETE: &str = r#"
+import json, poplib, sys
+host, port, user, password = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+p = poplib.POP3(host, port, timeout=20)
+p.user(user)
+p.pass_(password)
+out = {"stat": list(p.stat()), "uidl": [l.decode() for l in p.uidl()[1]], "retr": []}
+for n in range(1, out["stat"][0] + 1):
+    resp, lines, octets = p.retr(n)
+    out["retr"].append({"text": b"".join(l + b"\r\n" for l in lines).decode("latin-1"), "octets": octets})
+    p.dele(n)
+out["quit"] = p.quit().decode()
+print(json.dumps(out))
+"#;
+
+/// `POPLIB_RETRIEVE_DELETE` against `addr` as `user`: every message of
+/// `raws` must arrive exactly in its canonical form (text and octet count),
+/// with the UIDLs `uidls`, in a STAT total that adds up, and QUIT must
+/// succeed. What is left in the store is for the caller to check.
+pub fn poplib_retrieves_and_deletes(
+    addr: SocketAddr,
+    (user, password): (&str, &str),
+    raws: &[Vec<u8>],
+    uidls: &[String],
+) {
+    let port = addr.port().to_string();
+    let output = run("python3", &["-c", POPLIB_RETRIEVE_DELETE, "127.0.0.1", &port, user, password]);
+    assert!(output.status.success(), "poplib: {}", describe(&output));
+    let out: serde_json::Value =
+        serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{e}: {}", describe(&output)));
+    let want: Vec<Vec<u8>> = raws.iter().map(|r| super::messages::canonical(r)).collect();
+    let total: usize = want.iter().map(Vec::len).sum();
+    assert_eq!(out["stat"], serde_json::json!([raws.len(), total]));
+    for (i, m) in want.iter().enumerate() {
+        let latin1: String = m.iter().map(|&b| b as char).collect();
+        assert_eq!(out["retr"][i]["text"], latin1, "RETR {}", i + 1);
+        assert_eq!(out["retr"][i]["octets"], m.len(), "RETR {} octets", i + 1);
+        assert_eq!(out["uidl"][i], format!("{} {}", i + 1, uidls[i]));
+    }
+    assert!(out["quit"].as_str().is_some_and(|q| q.starts_with("+OK")), "{out}");
+}
+
+/// curl against popgate's cleartext POP3 at `addr`: `pop3://addr/path`,
+/// with `auth` (e.g. `["--user", "u:p"]`, or a user and
+/// `--oauth2-bearer`) and `extra` arguments.
+pub fn curl_pop3(addr: SocketAddr, path: &str, auth: &[&str], extra: &[&str]) -> Output {
+    let url = format!("pop3://{addr}/{path}");
+    let mut args = vec!["--silent", "--show-error", "--max-time", "20"];
+    args.extend_from_slice(auth);
+    args.extend_from_slice(extra);
+    args.push(&url);
+    run("curl", &args)
+}
+
+/// curl RETR of each of `raws` in turn (`auth` as for `curl_pop3`): each
+/// must arrive in its canonical form.
+pub fn curl_retrieves_each(addr: SocketAddr, auth: &[&str], raws: &[Vec<u8>]) {
+    for (i, raw) in raws.iter().enumerate() {
+        let retr = curl_pop3(addr, &(i + 1).to_string(), auth, &[]);
+        assert!(retr.status.success(), "curl RETR {}: {}", i + 1, describe(&retr));
+        assert_eq!(
+            String::from_utf8_lossy(&retr.stdout),
+            String::from_utf8_lossy(&super::messages::canonical(raw)),
+            "RETR {}",
+            i + 1
+        );
+    }
+}
+
+/// curl's LIST (`auth` as for `curl_pop3`) must be exactly `raws`, numbered
+/// from 1, with their canonical sizes.
+pub fn curl_lists(addr: SocketAddr, auth: &[&str], raws: &[&Vec<u8>]) {
+    let list = curl_pop3(addr, "", auth, &[]);
+    assert!(list.status.success(), "{}", describe(&list));
+    let expected: String = raws
+        .iter()
+        .enumerate()
+        .map(|(i, r)| format!("{} {}\r\n", i + 1, super::messages::canonical(r).len()))
+        .collect();
+    assert_eq!(String::from_utf8_lossy(&list.stdout), expected);
+}
