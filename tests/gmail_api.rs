@@ -10,7 +10,7 @@
 
 mod support;
 
-use support::bearer::{self, Bearer, BearerApi};
+use support::bearer::{Bearer, BearerApi};
 use support::program::{curl_lists, curl_pop3, curl_retrieves_each, describe, poplib_retrieves_and_deletes};
 
 use std::sync::Arc;
@@ -235,20 +235,8 @@ fn dele_then_a_dropped_connection_changes_nothing() {
     assert!(s.api.seen().iter().all(|r| !r.path.contains("batchModify")), "no label changed");
 }
 
-#[test]
-fn an_expired_token_is_refreshed_once_and_the_login_retried() {
-    bearer::an_expired_token_is_refreshed_once_and_the_login_retried(&setup().bearer());
-}
-
-#[test]
-fn a_failed_refresh_is_a_temporary_error() {
-    bearer::a_failed_refresh_is_a_temporary_error(&setup().bearer());
-}
-
-#[test]
-fn a_token_expiring_mid_session_is_a_temporary_error_and_deletes_nothing() {
-    bearer::a_token_expiring_mid_session_is_a_temporary_error_and_removes_nothing(&setup().bearer());
-}
+// The token-refresh scenarios every bearer backend runs.
+support::bearer::token_refresh_scenarios!(setup);
 
 /// The gap between the throttled request and the next one like it.
 fn gap_after_throttle(api: &GmailApi, status: u16, path_part: &str) -> Duration {

@@ -10,7 +10,7 @@
 
 mod support;
 
-use support::bearer::{self, Bearer, BearerApi};
+use support::bearer::{Bearer, BearerApi};
 use support::program::{curl_pop3, curl_retrieves_each, describe, poplib_retrieves_and_deletes};
 
 use std::sync::Arc;
@@ -246,20 +246,8 @@ fn dele_then_a_dropped_connection_changes_nothing() {
     assert!(s.api.batches().is_empty(), "no $batch, no move");
 }
 
-#[test]
-fn an_expired_token_is_refreshed_once_and_the_login_retried() {
-    bearer::an_expired_token_is_refreshed_once_and_the_login_retried(&setup().bearer());
-}
-
-#[test]
-fn a_failed_refresh_is_a_temporary_error() {
-    bearer::a_failed_refresh_is_a_temporary_error(&setup().bearer());
-}
-
-#[test]
-fn a_token_expiring_mid_session_is_a_temporary_error_and_moves_nothing() {
-    bearer::a_token_expiring_mid_session_is_a_temporary_error_and_removes_nothing(&setup().bearer());
-}
+// The token-refresh scenarios every bearer backend runs.
+support::bearer::token_refresh_scenarios!(setup);
 
 fn gap_after(api: &GraphApi, status: u16, path_part: &str) -> Duration {
     let seen = api.seen();

@@ -78,3 +78,28 @@ pub fn a_token_expiring_mid_session_is_a_temporary_error_and_removes_nothing<A: 
     assert!(reply.starts_with("-ERR [SYS/TEMP]"), "{reply}");
     assert_eq!(s.api.maildrop(), ids);
 }
+
+/// `token_refresh_scenarios!(setup)`: each scenario above as a `#[test]`
+/// of the calling file, run on `setup().bearer()` (a fresh stand-in and
+/// gateway per test).
+#[allow(unused_macros)]
+macro_rules! token_refresh_scenarios {
+    ($setup:expr) => {
+        #[test]
+        fn an_expired_token_is_refreshed_once_and_the_login_retried() {
+            support::bearer::an_expired_token_is_refreshed_once_and_the_login_retried(&$setup().bearer());
+        }
+
+        #[test]
+        fn a_failed_refresh_is_a_temporary_error() {
+            support::bearer::a_failed_refresh_is_a_temporary_error(&$setup().bearer());
+        }
+
+        #[test]
+        fn a_token_expiring_mid_session_is_a_temporary_error_and_removes_nothing() {
+            support::bearer::a_token_expiring_mid_session_is_a_temporary_error_and_removes_nothing(&$setup().bearer());
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use token_refresh_scenarios;
