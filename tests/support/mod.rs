@@ -32,7 +32,6 @@
 pub mod bearer;
 pub mod cyrus;
 pub mod dovecot;
-pub mod dovecot_oauth;
 pub mod fake_imap;
 pub mod gateway;
 pub mod gmail_api;
