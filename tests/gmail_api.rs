@@ -24,6 +24,7 @@ use support::IO_TIMEOUT;
 use support::gateway::Gateway;
 use support::gmail_api::{GmailApi, Scope, Throttle};
 use support::messages::{self, canonical};
+use support::pop3::Dialogue as _;
 use support::token_router::TokenRouter;
 
 const DEVICE: (&str, &str) = ("printer", "device-secret");

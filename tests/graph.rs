@@ -25,6 +25,7 @@ use support::IO_TIMEOUT;
 use support::gateway::Gateway;
 use support::graph_api::{GraphApi, Throttle, TokenKind, UPN};
 use support::messages::{self, canonical};
+use support::pop3::Dialogue as _;
 use support::token_router::TokenRouter;
 
 const DEVICE: (&str, &str) = ("scanner", "device-secret");

@@ -22,6 +22,7 @@ use support::IO_TIMEOUT;
 use support::cyrus::Cyrus;
 use support::gateway::Gateway;
 use support::messages::{self, Sample, canonical};
+use support::pop3::Dialogue as _;
 
 const USER: &str = "alice";
 const PASSWORD: &str = "cyrus-alice-pw";

@@ -34,6 +34,7 @@ use support::dovecot::Dovecot;
 use support::gateway::{Gateway, GatewayProcess};
 use support::messages::simple;
 use support::oauth_server::{CLIENT_SECRET, Fault, OAuthServer, http_get};
+use support::pop3::Dialogue as _;
 use support::pop3::Pop3;
 
 const ALICE: (&str, &str) = ("alice", "alice-imap-password");

@@ -43,6 +43,7 @@ use popgate::server::config::ListenerConfig;
 use popgate::server::policy::ListenerTls;
 use support::gateway::{Gateway, GatewayProcess};
 use support::messages::{canonical, simple};
+use support::pop3::Dialogue as _;
 use support::pop3::{Pop3, plain_response};
 use support::program::{describe, s_client, s_client_protocol, s_client_subject, stdout};
 use support::tls::{Client, ServerCert, TestCa, has_capability, sasl_mechanisms, tcp, tcp_from};

@@ -9,6 +9,7 @@
 
 use super::gateway::Gateway;
 use super::messages;
+use super::pop3::Dialogue as _;
 use super::token_router::TokenRouter;
 
 /// What the scenarios need of a stand-in API.
