@@ -10,7 +10,7 @@
 
 mod support;
 
-use support::bearer::{Bearer, BearerApi};
+use support::bearer::{BearerApi, Routed};
 use support::program::{curl_lists, curl_pop3, curl_retrieves_each, describe, poplib_retrieves_and_deletes};
 
 use std::sync::Arc;
@@ -25,16 +25,12 @@ use support::gateway::Gateway;
 use support::gmail_api::{GmailApi, Scope, Throttle};
 use support::messages::{self, canonical};
 use support::pop3::Dialogue as _;
-use support::token_router::TokenRouter;
+use support::stand_in::gap_after;
 
 const DEVICE: (&str, &str) = ("printer", "device-secret");
 const ACCOUNT: &str = "alice@example.com";
 
-struct Setup {
-    api: GmailApi,
-    gateway: Gateway,
-    router: Arc<TokenRouter>,
-}
+type Setup = Routed<GmailApi>;
 
 fn config_for(api: &GmailApi) -> GmailConfig {
     GmailConfig { api_base: api.base_url.clone(), max_retry_wait_secs: 5, ..GmailConfig::default() }
@@ -47,19 +43,12 @@ fn setup_with(scope: Scope, change: impl FnOnce(&mut GmailConfig)) -> Setup {
     let mut config = config_for(&api);
     change(&mut config);
     let backend = Arc::new(GmailBackend::new(config).unwrap_or_else(|e| panic!("{e}")));
-    let router = TokenRouter::new(backend, DEVICE, ACCOUNT, api.issue_token(scope), api.issuer(scope));
-    let gateway = Gateway::routed(Config::default(), router.clone());
-    Setup { api, gateway, router }
+    let (token, issuer) = (api.issue_token(scope), api.issuer(scope));
+    Routed::start(api, backend, DEVICE, ACCOUNT, token, issuer)
 }
 
 fn setup() -> Setup {
     setup_with(Scope::Full, |_| {})
-}
-
-impl Setup {
-    fn login(&self) -> support::pop3::Pop3 {
-        self.gateway.login(DEVICE.0, DEVICE.1)
-    }
 }
 
 fn labels(api: &GmailApi, id: &str) -> Vec<String> {
@@ -239,17 +228,6 @@ fn dele_then_a_dropped_connection_changes_nothing() {
 // The token-refresh scenarios every bearer backend runs.
 support::bearer::token_refresh_scenarios!(setup);
 
-/// The gap between the throttled request and the next one like it.
-fn gap_after_throttle(api: &GmailApi, status: u16, path_part: &str) -> Duration {
-    let seen = api.seen();
-    let at = seen.iter().position(|r| r.status == status).expect("a throttled request");
-    let retry = seen[at + 1..]
-        .iter()
-        .find(|r| format!("{}?{}", r.path, r.query).contains(path_part))
-        .expect("a retry after the throttled request");
-    retry.at.duration_since(seen[at].at)
-}
-
 #[test]
 fn throttling_is_retried_after_retry_after() {
     let s = setup();
@@ -262,7 +240,7 @@ fn throttling_is_retried_after_retry_after() {
     let mut pop = s.login();
     assert_eq!(pop.stat().0, 2);
     assert!(started.elapsed() >= Duration::from_secs(1));
-    let gap = gap_after_throttle(&s.api, 429, "/messages?");
+    let gap = gap_after(&s.api.seen(), 429, "/messages?");
     assert!(gap >= Duration::from_millis(1000), "retried after {gap:?}, before Retry-After");
 
     // 403 userRateLimitExceeded (Gmail's other throttling answer), on a
@@ -270,7 +248,7 @@ fn throttling_is_retried_after_retry_after() {
     s.api.forget_seen();
     s.api.throttle(Throttle { path_contains: "format=raw".into(), status: 403, retry_after: Some(1), in_batch: false });
     assert_eq!(pop.retr(2), canonical(&raws[1]));
-    let gap = gap_after_throttle(&s.api, 403, "format=raw");
+    let gap = gap_after(&s.api.seen(), 403, "format=raw");
     assert!(gap >= Duration::from_millis(1000), "retried after {gap:?}");
     pop.quit();
 }
@@ -400,12 +378,6 @@ fn a_cold_mailbox_of_1000_messages() {
         "gmail cold 1000-message login: {cold:?} ({raw_gets} raw downloads, {batches} batches, {lists} list pages); \
          warm login: {warm:?}"
     );
-}
-
-impl Setup {
-    fn bearer(&self) -> Bearer<'_, GmailApi> {
-        Bearer { api: &self.api, gateway: &self.gateway, router: &self.router, device: DEVICE }
-    }
 }
 
 impl BearerApi for GmailApi {

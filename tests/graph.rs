@@ -10,7 +10,7 @@
 
 mod support;
 
-use support::bearer::{Bearer, BearerApi};
+use support::bearer::{BearerApi, Routed};
 use support::program::{curl_pop3, curl_retrieves_each, describe, poplib_retrieves_and_deletes};
 
 use std::sync::Arc;
@@ -26,15 +26,12 @@ use support::gateway::Gateway;
 use support::graph_api::{GraphApi, Throttle, TokenKind, UPN};
 use support::messages::{self, canonical};
 use support::pop3::Dialogue as _;
+use support::stand_in::gap_after;
 use support::token_router::TokenRouter;
 
 const DEVICE: (&str, &str) = ("scanner", "device-secret");
 
-struct Setup {
-    api: GraphApi,
-    gateway: Gateway,
-    router: Arc<TokenRouter>,
-}
+type Setup = Routed<GraphApi>;
 
 fn config_for(api: &GraphApi) -> GraphConfig {
     GraphConfig { api_base: api.base_url.clone(), max_retry_wait_secs: 5, ..GraphConfig::default() }
@@ -45,23 +42,12 @@ fn setup_with(kind: TokenKind, change: impl FnOnce(&mut GraphConfig)) -> Setup {
     let mut config = config_for(&api);
     change(&mut config);
     let backend = Arc::new(GraphBackend::new(config).unwrap_or_else(|e| panic!("{e}")));
-    let router = TokenRouter::new(backend, DEVICE, UPN, api.issue_token(kind), api.issuer(kind));
-    let gateway = Gateway::routed(Config::default(), router.clone());
-    Setup { api, gateway, router }
+    let (token, issuer) = (api.issue_token(kind), api.issuer(kind));
+    Routed::start(api, backend, DEVICE, UPN, token, issuer)
 }
 
 fn setup() -> Setup {
     setup_with(TokenKind::Delegated, |_| {})
-}
-
-impl Setup {
-    fn login(&self) -> support::pop3::Pop3 {
-        self.gateway.login(DEVICE.0, DEVICE.1)
-    }
-
-    fn bearer(&self) -> Bearer<'_, GraphApi> {
-        Bearer { api: &self.api, gateway: &self.gateway, router: &self.router, device: DEVICE }
-    }
 }
 
 impl BearerApi for GraphApi {
@@ -250,16 +236,6 @@ fn dele_then_a_dropped_connection_changes_nothing() {
 // The token-refresh scenarios every bearer backend runs.
 support::bearer::token_refresh_scenarios!(setup);
 
-fn gap_after(api: &GraphApi, status: u16, path_part: &str) -> Duration {
-    let seen = api.seen();
-    let at = seen.iter().position(|r| r.status == status).expect("a throttled request");
-    let retry = seen[at + 1..]
-        .iter()
-        .find(|r| format!("{}?{}", r.path, r.query).contains(path_part))
-        .expect("a retry after the throttled request");
-    retry.at.duration_since(seen[at].at)
-}
-
 #[test]
 fn throttling_is_retried_after_retry_after() {
     let s = setup();
@@ -270,13 +246,13 @@ fn throttling_is_retried_after_retry_after() {
     s.api.throttle(Throttle { path_contains: "/messages?".into(), status: 429, retry_after: Some(1), in_batch: false });
     let mut pop = s.login();
     assert_eq!(pop.stat().0, 2);
-    let gap = gap_after(&s.api, 429, "/messages?");
+    let gap = gap_after(&s.api.seen(), 429, "/messages?");
     assert!(gap >= Duration::from_millis(1000), "retried after {gap:?}, before Retry-After");
 
     s.api.forget_seen();
     s.api.throttle(Throttle { path_contains: "$value".into(), status: 503, retry_after: Some(1), in_batch: false });
     assert_eq!(pop.retr(2), canonical(&raws[1]));
-    let gap = gap_after(&s.api, 503, "$value");
+    let gap = gap_after(&s.api.seen(), 503, "$value");
     assert!(gap >= Duration::from_millis(1000), "retried after {gap:?}");
 
     // A move throttled inside the $batch goes again, after its Retry-After.
@@ -285,7 +261,7 @@ fn throttling_is_retried_after_retry_after() {
     pop.ok("DELE 1");
     assert!(pop.quit().starts_with("+OK"));
     assert_eq!(s.api.batches(), [1, 1]);
-    let gap = gap_after(&s.api, 429, "/move");
+    let gap = gap_after(&s.api.seen(), 429, "/move");
     assert!(gap >= Duration::from_millis(1000), "retried after {gap:?}");
     assert_eq!(s.api.ids_in("deleteditems").len(), 1);
 }

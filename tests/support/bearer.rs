@@ -4,13 +4,18 @@
 //! retried, a failed refresh is a temporary error, a token expiring in the
 //! middle of a session fails that session and removes nothing.
 //!
-//! A test file implements `BearerApi` for its stand-in and calls each
-//! scenario from a `#[test]` of its own.
+//! A test file implements `BearerApi` for its stand-in, sets up a
+//! `Routed` and has `token_refresh_scenarios!` make the `#[test]`s.
+
+use std::sync::Arc;
+
+use popgate::backend::SharedBackend;
+use popgate::config::Config;
 
 use super::gateway::Gateway;
 use super::messages;
-use super::pop3::Dialogue as _;
-use super::token_router::TokenRouter;
+use super::pop3::{Dialogue as _, Pop3};
+use super::token_router::{TokenRouter, TokenSource};
 
 /// What the scenarios need of a stand-in API.
 pub trait BearerApi {
@@ -28,21 +33,38 @@ pub trait BearerApi {
     fn uidl(&self, id: &str) -> String;
 }
 
-/// A stand-in, popgate routed in front of it, and the device login.
-pub struct Bearer<'a, A: BearerApi> {
-    pub api: &'a A,
-    pub gateway: &'a Gateway,
-    pub router: &'a TokenRouter,
-    pub device: (&'a str, &'a str),
+/// A stand-in, popgate in front of it routing one device login to one
+/// account with bearer tokens from the stand-in, and that device login.
+pub struct Routed<A> {
+    pub api: A,
+    pub gateway: Gateway,
+    pub router: Arc<TokenRouter>,
+    pub device: (&'static str, &'static str),
 }
 
-impl<A: BearerApi> Bearer<'_, A> {
-    fn login(&self) -> super::pop3::Pop3 {
+impl<A> Routed<A> {
+    /// popgate (in-process) routing `device` to `account` on `backend`,
+    /// starting with `token` and refreshing from `issuer`.
+    pub fn start(
+        api: A,
+        backend: SharedBackend,
+        device: (&'static str, &'static str),
+        account: &str,
+        token: String,
+        issuer: Arc<TokenSource>,
+    ) -> Routed<A> {
+        let router = TokenRouter::new(backend, device, account, token, issuer);
+        let gateway = Gateway::routed(Config::default(), router.clone());
+        Routed { api, gateway, router, device }
+    }
+
+    /// A POP3 session logged in as the device.
+    pub fn login(&self) -> Pop3 {
         self.gateway.login(self.device.0, self.device.1)
     }
 }
 
-pub fn an_expired_token_is_refreshed_once_and_the_login_retried<A: BearerApi>(s: &Bearer<A>) {
+pub fn an_expired_token_is_refreshed_once_and_the_login_retried<A: BearerApi>(s: &Routed<A>) {
     let id = s.api.add(&messages::simple("behind an expired token"));
     let mut pop = s.login();
     assert_eq!(pop.stat().0, 1);
@@ -56,7 +78,7 @@ pub fn an_expired_token_is_refreshed_once_and_the_login_retried<A: BearerApi>(s:
     assert!(s.api.statuses().contains(&401), "the expired token was refused");
 }
 
-pub fn a_failed_refresh_is_a_temporary_error<A: BearerApi>(s: &Bearer<A>) {
+pub fn a_failed_refresh_is_a_temporary_error<A: BearerApi>(s: &Routed<A>) {
     s.api.add(&messages::simple("unreachable"));
     s.api.expire(&s.router.current_token());
     s.api.refuse_refresh();
@@ -67,7 +89,7 @@ pub fn a_failed_refresh_is_a_temporary_error<A: BearerApi>(s: &Bearer<A>) {
     assert_eq!(s.router.refreshes(), 1);
 }
 
-pub fn a_token_expiring_mid_session_is_a_temporary_error_and_removes_nothing<A: BearerApi>(s: &Bearer<A>) {
+pub fn a_token_expiring_mid_session_is_a_temporary_error_and_removes_nothing<A: BearerApi>(s: &Routed<A>) {
     let ids = [s.api.add(&messages::simple("first")), s.api.add(&messages::simple("second"))];
     let mut pop = s.login();
     assert_eq!(pop.stat().0, 2);
@@ -88,17 +110,17 @@ macro_rules! token_refresh_scenarios {
     ($setup:expr) => {
         #[test]
         fn an_expired_token_is_refreshed_once_and_the_login_retried() {
-            support::bearer::an_expired_token_is_refreshed_once_and_the_login_retried(&$setup().bearer());
+            support::bearer::an_expired_token_is_refreshed_once_and_the_login_retried(&$setup());
         }
 
         #[test]
         fn a_failed_refresh_is_a_temporary_error() {
-            support::bearer::a_failed_refresh_is_a_temporary_error(&$setup().bearer());
+            support::bearer::a_failed_refresh_is_a_temporary_error(&$setup());
         }
 
         #[test]
         fn a_token_expiring_mid_session_is_a_temporary_error_and_removes_nothing() {
-            support::bearer::a_token_expiring_mid_session_is_a_temporary_error_and_removes_nothing(&$setup().bearer());
+            support::bearer::a_token_expiring_mid_session_is_a_temporary_error_and_removes_nothing(&$setup());
         }
     };
 }

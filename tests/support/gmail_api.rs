@@ -43,29 +43,7 @@ pub enum Scope {
     Modify,
 }
 
-/// An injected failure for the next request whose path and query contain
-/// `path_contains`.
-#[derive(Debug, Clone)]
-pub struct Throttle {
-    pub path_contains: String,
-    /// 429 (`rateLimitExceeded`) or 403 (`userRateLimitExceeded`).
-    pub status: u16,
-    pub retry_after: Option<u64>,
-    /// Applies to an inner request of a batch instead of a top-level one.
-    pub in_batch: bool,
-}
-
-/// A request as the stand-in saw it.
-#[derive(Debug, Clone)]
-pub struct Seen {
-    pub method: String,
-    pub path: String,
-    pub query: String,
-    pub at: Instant,
-    pub status: u16,
-    /// An inner request of a batch.
-    pub in_batch: bool,
-}
+pub use super::stand_in::{Seen, Throttle};
 
 #[derive(Debug, Clone)]
 struct Message {
@@ -408,6 +386,7 @@ fn handle(
         query: query.to_string(),
         at: Instant::now(),
         status: answer.status,
+        immutable_ids: false,
         in_batch,
     });
     answer

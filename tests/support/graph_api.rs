@@ -46,30 +46,7 @@ pub enum TokenKind {
     AppOnly,
 }
 
-/// An injected failure for the next request whose path and query contain
-/// `path_contains`.
-#[derive(Debug, Clone)]
-pub struct Throttle {
-    pub path_contains: String,
-    /// 429 (`ApplicationThrottled`) or 503 (`ServiceUnavailable`).
-    pub status: u16,
-    pub retry_after: Option<u64>,
-    /// Applies to a request inside a `$batch` instead of a top-level one.
-    pub in_batch: bool,
-}
-
-/// A request as the stand-in saw it.
-#[derive(Debug, Clone)]
-pub struct Seen {
-    pub method: String,
-    pub path: String,
-    pub query: String,
-    pub at: Instant,
-    pub status: u16,
-    /// It carried `Prefer: IdType="ImmutableId"`.
-    pub immutable_ids: bool,
-    pub in_batch: bool,
-}
+pub use super::stand_in::{Seen, Throttle};
 
 #[derive(Debug, Clone)]
 struct Folder {

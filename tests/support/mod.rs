@@ -18,6 +18,7 @@
 //! - `gmail_api`, `graph_api`: stand-ins for the Gmail API and Microsoft
 //!   Graph mail on run-time ports, with messages in memory.
 //! - `bearer`: the token-refresh scenarios shared by the bearer backends.
+//! - `stand_in`: throttling and the request record both API stand-ins use.
 //! - `token_router`: a router handing out OAuth bearer tokens (and fresh
 //!   ones on refresh), and popgate in-process with it.
 //! - `tls`: a test CA and server certificates made at run time, and a POP3
@@ -42,6 +43,7 @@ pub mod oauth_server;
 pub mod pop3;
 pub mod program;
 pub mod proxy;
+pub mod stand_in;
 pub mod tls;
 pub mod token_router;
 
