@@ -225,8 +225,8 @@ fn dele_then_a_dropped_connection_changes_nothing() {
     assert!(s.api.seen().iter().all(|r| !r.path.contains("batchModify")), "no label changed");
 }
 
-// The token-refresh scenarios every bearer backend runs.
-support::bearer::token_refresh_scenarios!(setup);
+// The scenarios every bearer backend runs (token refresh, a big message).
+support::bearer::bearer_scenarios!(setup);
 
 #[test]
 fn throttling_is_retried_after_retry_after() {
@@ -310,23 +310,6 @@ fn a_query_selects_the_maildrop() {
     assert_eq!(pop.uidl(), [(1, invoice)]);
     pop.quit();
     assert!(s.api.seen().iter().any(|r| r.query.contains("q=subject%3Ainvoice") && !r.query.contains("labelIds")));
-}
-
-#[test]
-fn a_big_message_streams_and_top_leaves_the_session_usable() {
-    let s = setup();
-    let raw = messages::big(8);
-    let small = messages::simple("after the big one");
-    s.api.add(&raw);
-    s.api.add(&small);
-    let mut pop = s.login();
-    let want = canonical(&raw);
-    assert_eq!(pop.list_one(1), want.len() as u64);
-    assert_eq!(pop.top(1, 3), messages::top(&raw, 3));
-    assert_eq!(pop.retr(2), canonical(&small));
-    let body = pop.retr(1);
-    assert!(body == want, "RETR 1: {} octets, expected {}", body.len(), want.len());
-    pop.quit();
 }
 
 #[test]

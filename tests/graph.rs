@@ -233,8 +233,8 @@ fn dele_then_a_dropped_connection_changes_nothing() {
     assert!(s.api.batches().is_empty(), "no $batch, no move");
 }
 
-// The token-refresh scenarios every bearer backend runs.
-support::bearer::token_refresh_scenarios!(setup);
+// The scenarios every bearer backend runs (token refresh, a big message).
+support::bearer::bearer_scenarios!(setup);
 
 #[test]
 fn throttling_is_retried_after_retry_after() {
@@ -362,23 +362,6 @@ fn a_message_deleted_meanwhile_spoils_nothing_else() {
     pop.ok("DELE 2");
     assert!(pop.quit().starts_with("+OK"), "moving what is already gone is no failure");
     assert_eq!(s.api.ids_in("deleteditems"), [ids[1].clone()]);
-}
-
-#[test]
-fn a_big_message_streams_and_top_leaves_the_session_usable() {
-    let s = setup();
-    let raw = messages::big(8);
-    let small = messages::simple("after the big one");
-    s.api.add(&raw);
-    s.api.add(&small);
-    let mut pop = s.login();
-    let want = canonical(&raw);
-    assert_eq!(pop.list_one(1), want.len() as u64);
-    assert_eq!(pop.top(1, 3), messages::top(&raw, 3));
-    assert_eq!(pop.retr(2), canonical(&small));
-    let body = pop.retr(1);
-    assert!(body == want, "RETR 1: {} octets, expected {}", body.len(), want.len());
-    pop.quit();
 }
 
 #[test]

@@ -2,10 +2,11 @@
 //! router (`support::token_router`) must pass — the Gmail API and
 //! Microsoft Graph today: an expired token is refreshed once and the login
 //! retried, a failed refresh is a temporary error, a token expiring in the
-//! middle of a session fails that session and removes nothing.
+//! middle of a session fails that session and removes nothing; and a big
+//! message streams.
 //!
 //! A test file implements `BearerApi` for its stand-in, sets up a
-//! `Routed` and has `token_refresh_scenarios!` make the `#[test]`s.
+//! `Routed` and has `bearer_scenarios!` make the `#[test]`s.
 
 use std::sync::Arc;
 
@@ -102,11 +103,28 @@ pub fn a_token_expiring_mid_session_is_a_temporary_error_and_removes_nothing<A: 
     assert_eq!(s.api.maildrop(), ids);
 }
 
-/// `token_refresh_scenarios!(setup)`: each scenario above as a `#[test]`
+/// Not about tokens, but the same for every bearer backend: an 8 MiB
+/// message is listed, TOPped and retrieved exactly, and the session goes on.
+pub fn a_big_message_streams_and_top_leaves_the_session_usable<A: BearerApi>(s: &Routed<A>) {
+    let raw = messages::big(8);
+    let small = messages::simple("after the big one");
+    s.api.add(&raw);
+    s.api.add(&small);
+    let mut pop = s.login();
+    let want = messages::canonical(&raw);
+    assert_eq!(pop.list_one(1), want.len() as u64);
+    assert_eq!(pop.top(1, 3), messages::top(&raw, 3));
+    assert_eq!(pop.retr(2), messages::canonical(&small));
+    let body = pop.retr(1);
+    assert!(body == want, "RETR 1: {} octets, expected {}", body.len(), want.len());
+    pop.quit();
+}
+
+/// `bearer_scenarios!(setup)`: each scenario above as a `#[test]`
 /// of the calling file, run on `setup().bearer()` (a fresh stand-in and
 /// gateway per test).
 #[allow(unused_macros)]
-macro_rules! token_refresh_scenarios {
+macro_rules! bearer_scenarios {
     ($setup:expr) => {
         #[test]
         fn an_expired_token_is_refreshed_once_and_the_login_retried() {
@@ -122,7 +140,12 @@ macro_rules! token_refresh_scenarios {
         fn a_token_expiring_mid_session_is_a_temporary_error_and_removes_nothing() {
             support::bearer::a_token_expiring_mid_session_is_a_temporary_error_and_removes_nothing(&$setup());
         }
+
+        #[test]
+        fn a_big_message_streams_and_top_leaves_the_session_usable() {
+            support::bearer::a_big_message_streams_and_top_leaves_the_session_usable(&$setup());
+        }
     };
 }
 #[allow(unused_imports)]
-pub(crate) use token_refresh_scenarios;
+pub(crate) use bearer_scenarios;
