@@ -225,7 +225,8 @@ fn dele_then_a_dropped_connection_changes_nothing() {
     assert!(s.api.seen().iter().all(|r| !r.path.contains("batchModify")), "no label changed");
 }
 
-// The scenarios every bearer backend runs (token refresh, a big message).
+// The scenarios every bearer backend runs (token refresh, a big message, a
+// message deleted meanwhile).
 support::bearer::bearer_scenarios!(setup);
 
 #[test]
@@ -312,38 +313,13 @@ fn a_query_selects_the_maildrop() {
     assert!(s.api.seen().iter().any(|r| r.query.contains("q=subject%3Ainvoice") && !r.query.contains("labelIds")));
 }
 
-#[test]
-fn a_message_deleted_meanwhile_spoils_nothing_else() {
-    let s = setup();
-    let ids = [s.api.add(&messages::simple("gone soon")), s.api.add(&messages::simple("still here"))];
-    let mut pop = s.login();
-    s.api.delete(&ids[0]);
-    let reply = pop.cmd("RETR 1");
-    assert!(reply.starts_with("-ERR") && !reply.contains("[SYS/"), "{reply}");
-    assert_eq!(pop.retr(2), canonical(&messages::simple("still here")));
-    pop.ok("DELE 1");
-    pop.ok("DELE 2");
-    assert!(pop.quit().starts_with("+OK"), "deleting what is already gone is no failure");
-    assert!(s.api.ids_with("INBOX").is_empty());
-    assert_eq!(s.api.ids_with("TRASH"), [ids[1].clone()]);
-}
-
 /// Cold: nothing known yet, so every message is listed, dated (batched)
 /// and downloaded once to measure it. Warm: the list alone. The figures
 /// are printed for docs/BACKENDS.md.
 #[test]
 fn a_cold_mailbox_of_1000_messages() {
     let s = setup();
-    for i in 0..1000 {
-        let mut raw = messages::simple(&format!("message {i}"));
-        raw.extend(std::iter::repeat_n(b"a line of a typical small message body\r\n".as_slice(), 50).flatten());
-        s.api.add(&raw);
-    }
-    let started = Instant::now();
-    let mut pop = s.login();
-    let cold = started.elapsed();
-    assert_eq!(pop.stat().0, 1000);
-    pop.quit();
+    let cold = support::bearer::cold_login(&s, 1000);
     let seen = s.api.seen();
     let raw_gets = seen.iter().filter(|r| r.query.contains("format=raw")).count();
     let batches = s.api.batches().len();
@@ -378,6 +354,12 @@ impl BearerApi for GmailApi {
     }
     fn maildrop(&self) -> Vec<String> {
         self.ids_with("INBOX")
+    }
+    fn removed(&self) -> Vec<String> {
+        self.ids_with("TRASH")
+    }
+    fn delete(&self, id: &str) {
+        GmailApi::delete(self, id)
     }
     /// Gmail message ids are the UIDLs.
     fn uidl(&self, id: &str) -> String {

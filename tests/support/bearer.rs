@@ -3,12 +3,13 @@
 //! Microsoft Graph today: an expired token is refreshed once and the login
 //! retried, a failed refresh is a temporary error, a token expiring in the
 //! middle of a session fails that session and removes nothing; and a big
-//! message streams.
+//! message streams, a message deleted meanwhile spoils nothing else.
 //!
 //! A test file implements `BearerApi` for its stand-in, sets up a
 //! `Routed` and has `bearer_scenarios!` make the `#[test]`s.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use popgate::backend::SharedBackend;
 use popgate::config::Config;
@@ -30,6 +31,10 @@ pub trait BearerApi {
     fn statuses(&self) -> Vec<u16>;
     /// The ids in the maildrop, oldest first.
     fn maildrop(&self) -> Vec<String>;
+    /// The ids popgate removed (Gmail's TRASH, Graph's Deleted Items).
+    fn removed(&self) -> Vec<String>;
+    /// Another client deletes the message for good.
+    fn delete(&self, id: &str);
     /// The UIDL popgate gives the message with this id.
     fn uidl(&self, id: &str) -> String;
 }
@@ -103,6 +108,40 @@ pub fn a_token_expiring_mid_session_is_a_temporary_error_and_removes_nothing<A: 
     assert_eq!(s.api.maildrop(), ids);
 }
 
+/// A message deleted by another client during a session: its RETR is an
+/// error but not a temporary one, the others are still served, and DELE of
+/// both at QUIT is no failure.
+pub fn a_message_deleted_meanwhile_spoils_nothing_else<A: BearerApi>(s: &Routed<A>) {
+    let ids = [s.api.add(&messages::simple("gone soon")), s.api.add(&messages::simple("still here"))];
+    let mut pop = s.login();
+    s.api.delete(&ids[0]);
+    let reply = pop.cmd("RETR 1");
+    assert!(reply.starts_with("-ERR") && !reply.contains("[SYS/"), "{reply}");
+    assert_eq!(pop.retr(2), messages::canonical(&messages::simple("still here")));
+    assert_eq!(pop.retr(2), messages::canonical(&messages::simple("still here")));
+    pop.ok("DELE 1");
+    pop.ok("DELE 2");
+    assert!(pop.quit().starts_with("+OK"), "removing what is already gone is no failure");
+    assert!(s.api.maildrop().is_empty());
+    assert_eq!(s.api.removed(), [ids[1].clone()]);
+}
+
+/// Fills the maildrop with `count` typical small messages (fifty short
+/// lines each) and logs in cold: how long that took (STAT shows them all).
+pub fn cold_login<A: BearerApi>(s: &Routed<A>, count: usize) -> Duration {
+    for i in 0..count {
+        let mut raw = messages::simple(&format!("message {i}"));
+        raw.extend(std::iter::repeat_n(b"a line of a typical small message body\r\n".as_slice(), 50).flatten());
+        s.api.add(&raw);
+    }
+    let started = Instant::now();
+    let mut pop = s.login();
+    let cold = started.elapsed();
+    assert_eq!(pop.stat().0, count);
+    pop.quit();
+    cold
+}
+
 /// Not about tokens, but the same for every bearer backend: an 8 MiB
 /// message is listed, TOPped and retrieved exactly, and the session goes on.
 pub fn a_big_message_streams_and_top_leaves_the_session_usable<A: BearerApi>(s: &Routed<A>) {
@@ -139,6 +178,11 @@ macro_rules! bearer_scenarios {
         #[test]
         fn a_token_expiring_mid_session_is_a_temporary_error_and_removes_nothing() {
             support::bearer::a_token_expiring_mid_session_is_a_temporary_error_and_removes_nothing(&$setup());
+        }
+
+        #[test]
+        fn a_message_deleted_meanwhile_spoils_nothing_else() {
+            support::bearer::a_message_deleted_meanwhile_spoils_nothing_else(&$setup());
         }
 
         #[test]
