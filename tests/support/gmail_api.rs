@@ -20,9 +20,8 @@
 //! unknown id (undocumented; here a 404 for the whole call).
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -30,9 +29,6 @@ use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::Response;
 use base64::Engine;
 use serde_json::{Value, json};
-use tokio::sync::oneshot;
-
-use super::IO_TIMEOUT;
 
 /// What an access token lets its bearer do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +39,7 @@ pub enum Scope {
     Modify,
 }
 
+use super::stand_in::HttpServer;
 pub use super::stand_in::{Seen, Throttle};
 
 #[derive(Debug, Clone)]
@@ -76,8 +73,8 @@ pub struct GmailApi {
     /// `http://127.0.0.1:PORT`, the `api_base` to configure.
     pub base_url: String,
     state: Arc<Mutex<StandIn>>,
-    stop: Option<oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    /// Serving until dropped.
+    _server: HttpServer,
 }
 
 impl GmailApi {
@@ -88,32 +85,9 @@ impl GmailApi {
             next_date: 1_700_000_000_000,
             ..StandIn::default()
         }));
-        let shared = state.clone();
-        let (addr_tx, addr_rx) = std::sync::mpsc::channel::<SocketAddr>();
-        let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("gmail-stand-in".into())
-            .spawn(move || {
-                let runtime = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()
-                    .expect("runtime");
-                runtime.block_on(async move {
-                    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-                    addr_tx.send(listener.local_addr().expect("addr")).expect("report address");
-                    let app = axum::Router::new().fallback(serve).with_state(shared);
-                    let _ = axum::serve(listener, app)
-                        .with_graceful_shutdown(async {
-                            let _ = stop_rx.await;
-                        })
-                        .await;
-                });
-                runtime.shutdown_timeout(Duration::from_secs(1));
-            })
-            .expect("spawn the stand-in");
-        let addr = addr_rx.recv_timeout(IO_TIMEOUT).expect("the Gmail stand-in started");
-        GmailApi { base_url: format!("http://{addr}"), state, stop: Some(stop_tx), thread: Some(thread) }
+        let app = axum::Router::new().fallback(serve).with_state(state.clone());
+        let server = HttpServer::start("gmail", app);
+        GmailApi { base_url: format!("http://{}", server.addr), state, _server: server }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, StandIn> {
@@ -226,23 +200,6 @@ impl GmailApi {
         let mut state = self.lock();
         state.seen.clear();
         state.batches.clear();
-    }
-}
-
-impl Drop for GmailApi {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let deadline = Instant::now() + IO_TIMEOUT;
-            while !thread.is_finished() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            if thread.is_finished() {
-                let _ = thread.join();
-            }
-        }
     }
 }
 

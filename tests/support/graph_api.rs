@@ -23,7 +23,6 @@
 //! than `id`, `receivedDateTime` and `parentFolderId`, gzip and HTTP/2.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -33,9 +32,6 @@ use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::Response;
 use base64::Engine;
 use serde_json::{Value, json};
-use tokio::sync::oneshot;
-
-use super::IO_TIMEOUT;
 
 /// How a token was obtained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +42,7 @@ pub enum TokenKind {
     AppOnly,
 }
 
+use super::stand_in::HttpServer;
 pub use super::stand_in::{Seen, Throttle};
 
 #[derive(Debug, Clone)]
@@ -101,8 +98,8 @@ pub struct GraphApi {
     /// `http://127.0.0.1:PORT/v1.0`, the `api_base` to configure.
     pub base_url: String,
     shared: Arc<Shared>,
-    stop: Option<oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    /// Serving until dropped.
+    _server: HttpServer,
 }
 
 struct Shared {
@@ -118,34 +115,12 @@ impl GraphApi {
             stand_in.folders.push(Folder { id, well_known: Some(well_known), name: name.into() });
         }
         let shared = Arc::new(Shared { state: Mutex::new(stand_in), base_url: Mutex::new(String::new()) });
-        let (addr_tx, addr_rx) = std::sync::mpsc::channel::<SocketAddr>();
-        let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        let serving = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("graph-stand-in".into())
-            .spawn(move || {
-                let runtime = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()
-                    .expect("runtime");
-                runtime.block_on(async move {
-                    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-                    let addr = listener.local_addr().expect("addr");
-                    *serving.base_url.lock().unwrap() = format!("http://{addr}/v1.0");
-                    addr_tx.send(addr).expect("report address");
-                    let app = axum::Router::new().fallback(serve).with_state(serving);
-                    let _ = axum::serve(listener, app)
-                        .with_graceful_shutdown(async {
-                            let _ = stop_rx.await;
-                        })
-                        .await;
-                });
-                runtime.shutdown_timeout(Duration::from_secs(1));
-            })
-            .expect("spawn the stand-in");
-        let addr = addr_rx.recv_timeout(IO_TIMEOUT).expect("the Graph stand-in started");
-        GraphApi { base_url: format!("http://{addr}/v1.0"), shared, stop: Some(stop_tx), thread: Some(thread) }
+        let app = axum::Router::new().fallback(serve).with_state(shared.clone());
+        let server = HttpServer::start("graph", app);
+        let base_url = format!("http://{}/v1.0", server.addr);
+        // Before any request: nobody knows the address yet.
+        *shared.base_url.lock().unwrap() = base_url.clone();
+        GraphApi { base_url, shared, _server: server }
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut StandIn) -> T) -> T {
@@ -286,23 +261,6 @@ impl GraphApi {
     /// Requests per `$batch` so far.
     pub fn batches(&self) -> Vec<usize> {
         self.with(|s| s.batches.clone())
-    }
-}
-
-impl Drop for GraphApi {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let deadline = Instant::now() + IO_TIMEOUT;
-            while !thread.is_finished() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            if thread.is_finished() {
-                let _ = thread.join();
-            }
-        }
     }
 }
 
