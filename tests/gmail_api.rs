@@ -10,7 +10,7 @@
 
 mod support;
 
-use support::bearer::{BearerApi, Routed};
+use support::bearer::Routed;
 use support::program::{curl_lists, curl_pop3, curl_retrieves_each, describe, poplib_retrieves_and_deletes};
 
 use std::sync::Arc;
@@ -337,34 +337,6 @@ fn a_cold_mailbox_of_1000_messages() {
         "gmail cold 1000-message login: {cold:?} ({raw_gets} raw downloads, {batches} batches, {lists} list pages); \
          warm login: {warm:?}"
     );
-}
-
-impl BearerApi for GmailApi {
-    fn add(&self, raw: &[u8]) -> String {
-        GmailApi::add(self, raw)
-    }
-    fn expire(&self, token: &str) {
-        GmailApi::expire(self, token)
-    }
-    fn refuse_refresh(&self) {
-        GmailApi::refuse_refresh(self)
-    }
-    fn statuses(&self) -> Vec<u16> {
-        self.seen().iter().map(|r| r.status).collect()
-    }
-    fn maildrop(&self) -> Vec<String> {
-        self.ids_with("INBOX")
-    }
-    fn removed(&self) -> Vec<String> {
-        self.ids_with("TRASH")
-    }
-    fn delete(&self, id: &str) {
-        GmailApi::delete(self, id)
-    }
-    /// Gmail message ids are the UIDLs.
-    fn uidl(&self, id: &str) -> String {
-        id.to_string()
-    }
 }
 
 /// Pass-through: the client's own token (SASL XOAUTH2), no router.

@@ -10,7 +10,7 @@
 
 mod support;
 
-use support::bearer::{BearerApi, Routed};
+use support::bearer::Routed;
 use support::program::{curl_pop3, curl_retrieves_each, describe, poplib_retrieves_and_deletes};
 
 use std::sync::Arc;
@@ -20,10 +20,9 @@ use base64::Engine;
 use popgate::backend::graph::{GraphBackend, GraphConfig, GraphDeletePolicy};
 use popgate::backend::select::BackendConfig;
 use popgate::config::Config;
-use sha2::{Digest, Sha256};
 use support::IO_TIMEOUT;
 use support::gateway::Gateway;
-use support::graph_api::{GraphApi, Throttle, TokenKind, UPN};
+use support::graph_api::{GraphApi, Throttle, TokenKind, UPN, uidl};
 use support::messages::{self, canonical};
 use support::pop3::Dialogue as _;
 use support::stand_in::gap_after;
@@ -48,39 +47,6 @@ fn setup_with(kind: TokenKind, change: impl FnOnce(&mut GraphConfig)) -> Setup {
 
 fn setup() -> Setup {
     setup_with(TokenKind::Delegated, |_| {})
-}
-
-impl BearerApi for GraphApi {
-    fn add(&self, raw: &[u8]) -> String {
-        GraphApi::add(self, raw)
-    }
-    fn expire(&self, token: &str) {
-        GraphApi::expire(self, token)
-    }
-    fn refuse_refresh(&self) {
-        GraphApi::refuse_refresh(self)
-    }
-    fn statuses(&self) -> Vec<u16> {
-        self.seen().iter().map(|r| r.status).collect()
-    }
-    fn maildrop(&self) -> Vec<String> {
-        self.ids_in("inbox")
-    }
-    fn removed(&self) -> Vec<String> {
-        self.ids_in("deleteditems")
-    }
-    fn delete(&self, id: &str) {
-        GraphApi::delete(self, id)
-    }
-    fn uidl(&self, id: &str) -> String {
-        uidl(id)
-    }
-}
-
-/// The documented UIDL of a Graph immutable id: hex SHA-256, computed here
-/// independently of popgate.
-fn uidl(id: &str) -> String {
-    Sha256::digest(id.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn numbered(ids: &[String]) -> Vec<(u32, String)> {

@@ -39,6 +39,7 @@ pub enum Scope {
     Modify,
 }
 
+use super::bearer::BearerApi;
 use super::stand_in::HttpServer;
 pub use super::stand_in::{Seen, Throttle};
 
@@ -117,16 +118,6 @@ impl GmailApi {
         })
     }
 
-    /// From now on `issuer` fails, as with a revoked refresh token.
-    pub fn refuse_refresh(&self) {
-        self.lock().refusing_refresh = true;
-    }
-
-    /// The token expires: from now on it gets 401.
-    pub fn expire(&self, token: &str) {
-        self.lock().tokens.remove(token);
-    }
-
     /// Stores a message in INBOX, received a minute after the previous one.
     pub fn add(&self, raw: &[u8]) -> String {
         let date = {
@@ -173,11 +164,6 @@ impl GmailApi {
         self.lock().messages.iter().map(|m| m.id.clone()).collect()
     }
 
-    /// Someone else deletes a message.
-    pub fn delete(&self, id: &str) {
-        self.lock().messages.retain(|m| m.id != id);
-    }
-
     /// At most `n` ids per list page, whatever `maxResults` asks.
     pub fn set_page_cap(&self, n: usize) {
         self.lock().page_cap = n;
@@ -200,6 +186,42 @@ impl GmailApi {
         let mut state = self.lock();
         state.seen.clear();
         state.batches.clear();
+    }
+}
+
+impl BearerApi for GmailApi {
+    fn add(&self, raw: &[u8]) -> String {
+        GmailApi::add(self, raw)
+    }
+
+    fn expire(&self, token: &str) {
+        self.lock().tokens.remove(token);
+    }
+
+    /// From now on `issuer` fails, as with a revoked refresh token.
+    fn refuse_refresh(&self) {
+        self.lock().refusing_refresh = true;
+    }
+
+    fn statuses(&self) -> Vec<u16> {
+        self.lock().seen.iter().map(|r| r.status).collect()
+    }
+
+    fn maildrop(&self) -> Vec<String> {
+        self.ids_with("INBOX")
+    }
+
+    fn removed(&self) -> Vec<String> {
+        self.ids_with("TRASH")
+    }
+
+    fn delete(&self, id: &str) {
+        self.lock().messages.retain(|m| m.id != id);
+    }
+
+    /// Gmail message ids are the UIDLs.
+    fn uidl(&self, id: &str) -> String {
+        id.to_string()
     }
 }
 

@@ -32,6 +32,7 @@ use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::Response;
 use base64::Engine;
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 
 /// How a token was obtained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +43,7 @@ pub enum TokenKind {
     AppOnly,
 }
 
+use super::bearer::BearerApi;
 use super::stand_in::HttpServer;
 pub use super::stand_in::{Seen, Throttle};
 
@@ -151,14 +153,6 @@ impl GraphApi {
         })
     }
 
-    pub fn refuse_refresh(&self) {
-        self.with(|s| s.refusing_refresh = true);
-    }
-
-    pub fn expire(&self, token: &str) {
-        self.with(|s| s.tokens.remove(token));
-    }
-
     /// Stores a message in the inbox, received a minute after the previous.
     pub fn add(&self, mime: &[u8]) -> String {
         let received = self.with(|s| {
@@ -218,11 +212,6 @@ impl GraphApi {
         })
     }
 
-    /// Someone else deletes a message.
-    pub fn delete(&self, id: &str) {
-        self.with(|s| s.messages.retain(|m| m.immutable_id != id));
-    }
-
     /// Moves of this message are refused (403 `ErrorAccessDenied`).
     pub fn refuse_moving(&self, id: &str) {
         self.with(|s| s.refuse_moves.insert(id.to_string()));
@@ -262,6 +251,46 @@ impl GraphApi {
     pub fn batches(&self) -> Vec<usize> {
         self.with(|s| s.batches.clone())
     }
+}
+
+impl BearerApi for GraphApi {
+    fn add(&self, raw: &[u8]) -> String {
+        GraphApi::add(self, raw)
+    }
+
+    fn expire(&self, token: &str) {
+        self.with(|s| s.tokens.remove(token));
+    }
+
+    fn refuse_refresh(&self) {
+        self.with(|s| s.refusing_refresh = true);
+    }
+
+    fn statuses(&self) -> Vec<u16> {
+        self.with(|s| s.seen.iter().map(|r| r.status).collect())
+    }
+
+    fn maildrop(&self) -> Vec<String> {
+        self.ids_in("inbox")
+    }
+
+    fn removed(&self) -> Vec<String> {
+        self.ids_in("deleteditems")
+    }
+
+    fn delete(&self, id: &str) {
+        self.with(|s| s.messages.retain(|m| m.immutable_id != id));
+    }
+
+    fn uidl(&self, id: &str) -> String {
+        uidl(id)
+    }
+}
+
+/// The documented UIDL of a Graph immutable id: hex SHA-256, computed here
+/// independently of popgate.
+pub fn uidl(id: &str) -> String {
+    Sha256::digest(id.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A Graph-looking id: base64url, ~150 characters, unique.
