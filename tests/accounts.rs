@@ -17,6 +17,7 @@ use popgate::config::Config;
 use support::dovecot::{ALICE, BOB, Dovecot};
 use support::gateway::GatewayProcess;
 use support::messages::simple;
+use support::pop3::Dialogue as _;
 use support::pop3::Pop3;
 
 const ERIN: (&str, &str) = ("erin@example.com", "erin-secret");

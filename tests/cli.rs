@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use support::dovecot::{ALICE, Dovecot};
 use support::gateway::GatewayProcess;
 use support::messages::{canonical, simple};
+use support::pop3::Dialogue as _;
 use support::pop3::Pop3;
 
 fn popgate(args: &[&str]) -> Output {

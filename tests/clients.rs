@@ -4,7 +4,7 @@
 
 mod support;
 
-use support::program::{describe, run_with};
+use support::program::{POPLIB_CYCLE, describe, run_with};
 
 /// Runs a program to completion with no stdin and these environment
 /// variables, killing it after the harness time limit.
@@ -80,29 +80,6 @@ fn curl_lists_retrieves_and_deletes() {
     assert!(!wrong.status.success(), "curl with a wrong password: {}", describe(&wrong));
 }
 
-const POPLIB_SCRIPT: &str = r#"
-import json, poplib, sys
-host, port, user, password = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-p = poplib.POP3(host, port, timeout=20)
-out = {"welcome": p.getwelcome().decode()}
-out["capa"] = sorted(p.capa().keys())
-p.user(user)
-p.pass_(password)
-out["stat"] = list(p.stat())
-out["list"] = [l.decode() for l in p.list()[1]]
-out["uidl"] = [l.decode() for l in p.uidl()[1]]
-retrieved = []
-for n in range(1, out["stat"][0] + 1):
-    resp, lines, octets = p.retr(n)
-    retrieved.append({"lines": [l.decode("latin-1") for l in lines], "octets": octets})
-out["retr"] = retrieved
-out["top"] = [l.decode("latin-1") for l in p.top(1, 0)[1]]
-for n in range(1, out["stat"][0] + 1):
-    p.dele(n)
-out["quit"] = p.quit().decode()
-print(json.dumps(out))
-"#;
-
 #[test]
 fn python_poplib_retrieves_and_deletes_everything() {
     let msgs = vec![
@@ -115,7 +92,7 @@ fn python_poplib_retrieves_and_deletes_everything() {
     let dovecot_uidl = dovecot.pop3_uidl(ALICE.0);
 
     let port = gateway.addr.port().to_string();
-    let output = run("python3", &["-c", POPLIB_SCRIPT, "127.0.0.1", &port, ALICE.0, ALICE.1], &[]);
+    let output = run("python3", &["-c", POPLIB_CYCLE, "127.0.0.1", &port, ALICE.0, ALICE.1], &[]);
     assert!(output.status.success(), "poplib: {}", describe(&output));
     let text = String::from_utf8_lossy(&output.stdout);
     let json = text.trim();

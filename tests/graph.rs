@@ -10,7 +10,8 @@
 
 mod support;
 
-use support::program::{describe, run};
+use support::bearer::Routed;
+use support::program::{curl_pop3, curl_retrieves_each, describe, poplib_retrieves_and_deletes};
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,21 +20,17 @@ use base64::Engine;
 use popgate::backend::graph::{GraphBackend, GraphConfig, GraphDeletePolicy};
 use popgate::backend::select::BackendConfig;
 use popgate::config::Config;
-use serde_json::Value;
-use sha2::{Digest, Sha256};
 use support::IO_TIMEOUT;
 use support::gateway::Gateway;
-use support::graph_api::{GraphApi, Throttle, TokenKind, UPN};
+use support::graph_api::{GraphApi, Throttle, TokenKind, UPN, uidl};
 use support::messages::{self, canonical};
+use support::pop3::Dialogue as _;
+use support::stand_in::gap_after;
 use support::token_router::TokenRouter;
 
 const DEVICE: (&str, &str) = ("scanner", "device-secret");
 
-struct Setup {
-    api: GraphApi,
-    gateway: Gateway,
-    router: Arc<TokenRouter>,
-}
+type Setup = Routed<GraphApi>;
 
 fn config_for(api: &GraphApi) -> GraphConfig {
     GraphConfig { api_base: api.base_url.clone(), max_retry_wait_secs: 5, ..GraphConfig::default() }
@@ -44,36 +41,12 @@ fn setup_with(kind: TokenKind, change: impl FnOnce(&mut GraphConfig)) -> Setup {
     let mut config = config_for(&api);
     change(&mut config);
     let backend = Arc::new(GraphBackend::new(config).unwrap_or_else(|e| panic!("{e}")));
-    let router = TokenRouter::new(backend, DEVICE, UPN, api.issue_token(kind), api.issuer(kind));
-    let gateway = Gateway::routed(Config::default(), router.clone());
-    Setup { api, gateway, router }
+    let (token, issuer) = (api.issue_token(kind), api.issuer(kind));
+    Routed::start(api, backend, DEVICE, UPN, token, issuer)
 }
 
 fn setup() -> Setup {
     setup_with(TokenKind::Delegated, |_| {})
-}
-
-impl Setup {
-    fn login(&self) -> support::pop3::Pop3 {
-        self.gateway.login(DEVICE.0, DEVICE.1)
-    }
-
-    fn router_token(&self) -> String {
-        let route = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
-            use popgate::auth::accounts::Router as _;
-            self.router.route(&popgate::mail::Credentials::password(DEVICE.0, DEVICE.1)).await
-        });
-        match route.ok().map(|r| r.credentials.proof) {
-            Some(popgate::mail::Proof::Bearer(token)) => token.expose().to_string(),
-            other => panic!("the router hands out bearer tokens, not {other:?}"),
-        }
-    }
-}
-
-/// The documented UIDL of a Graph immutable id: hex SHA-256, computed here
-/// independently of popgate.
-fn uidl(id: &str) -> String {
-    Sha256::digest(id.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn numbered(ids: &[String]) -> Vec<(u32, String)> {
@@ -232,58 +205,9 @@ fn dele_then_a_dropped_connection_changes_nothing() {
     assert!(s.api.batches().is_empty(), "no $batch, no move");
 }
 
-#[test]
-fn an_expired_token_is_refreshed_once_and_the_login_retried() {
-    let s = setup();
-    let id = s.api.add(&messages::simple("behind an expired token"));
-    let mut pop = s.login();
-    assert_eq!(pop.stat().0, 1);
-    pop.quit();
-    s.api.expire(&s.router_token());
-    let mut pop = s.login();
-    assert_eq!(pop.uidl(), numbered(&[id]));
-    pop.quit();
-    assert_eq!(s.router.refreshes(), 1);
-    assert!(s.api.seen().iter().any(|r| r.status == 401));
-}
-
-#[test]
-fn a_failed_refresh_is_a_temporary_error() {
-    let s = setup();
-    s.api.add(&messages::simple("unreachable"));
-    s.api.expire(&s.router_token());
-    s.api.refuse_refresh();
-    let mut pop = s.gateway.connect();
-    pop.ok(&format!("USER {}", DEVICE.0));
-    let reply = pop.cmd(&format!("PASS {}", DEVICE.1));
-    assert!(reply.starts_with("-ERR [SYS/TEMP]"), "{reply}");
-    assert_eq!(s.router.refreshes(), 1);
-}
-
-#[test]
-fn a_token_expiring_mid_session_is_a_temporary_error_and_moves_nothing() {
-    let s = setup();
-    let ids = [s.api.add(&messages::simple("first")), s.api.add(&messages::simple("second"))];
-    let mut pop = s.login();
-    assert_eq!(pop.stat().0, 2);
-    s.api.expire(&s.router_token());
-    let reply = pop.cmd("RETR 1");
-    assert!(reply.starts_with("-ERR [SYS/TEMP]"), "{reply}");
-    pop.ok("DELE 2");
-    let reply = pop.quit();
-    assert!(reply.starts_with("-ERR [SYS/TEMP]"), "{reply}");
-    assert_eq!(s.api.ids_in("inbox"), ids);
-}
-
-fn gap_after(api: &GraphApi, status: u16, path_part: &str) -> Duration {
-    let seen = api.seen();
-    let at = seen.iter().position(|r| r.status == status).expect("a throttled request");
-    let retry = seen[at + 1..]
-        .iter()
-        .find(|r| format!("{}?{}", r.path, r.query).contains(path_part))
-        .expect("a retry after the throttled request");
-    retry.at.duration_since(seen[at].at)
-}
+// The scenarios every bearer backend runs (token refresh, a big message, a
+// message deleted meanwhile).
+support::bearer::bearer_scenarios!(setup);
 
 #[test]
 fn throttling_is_retried_after_retry_after() {
@@ -295,13 +219,13 @@ fn throttling_is_retried_after_retry_after() {
     s.api.throttle(Throttle { path_contains: "/messages?".into(), status: 429, retry_after: Some(1), in_batch: false });
     let mut pop = s.login();
     assert_eq!(pop.stat().0, 2);
-    let gap = gap_after(&s.api, 429, "/messages?");
+    let gap = gap_after(&s.api.seen(), 429, "/messages?");
     assert!(gap >= Duration::from_millis(1000), "retried after {gap:?}, before Retry-After");
 
     s.api.forget_seen();
     s.api.throttle(Throttle { path_contains: "$value".into(), status: 503, retry_after: Some(1), in_batch: false });
     assert_eq!(pop.retr(2), canonical(&raws[1]));
-    let gap = gap_after(&s.api, 503, "$value");
+    let gap = gap_after(&s.api.seen(), 503, "$value");
     assert!(gap >= Duration::from_millis(1000), "retried after {gap:?}");
 
     // A move throttled inside the $batch goes again, after its Retry-After.
@@ -310,7 +234,7 @@ fn throttling_is_retried_after_retry_after() {
     pop.ok("DELE 1");
     assert!(pop.quit().starts_with("+OK"));
     assert_eq!(s.api.batches(), [1, 1]);
-    let gap = gap_after(&s.api, 429, "/move");
+    let gap = gap_after(&s.api.seen(), 429, "/move");
     assert!(gap >= Duration::from_millis(1000), "retried after {gap:?}");
     assert_eq!(s.api.ids_in("deleteditems").len(), 1);
 }
@@ -399,50 +323,9 @@ fn a_folder_by_well_known_name_or_id_is_the_maildrop() {
 }
 
 #[test]
-fn a_message_deleted_meanwhile_spoils_nothing_else() {
-    let s = setup();
-    let ids = [s.api.add(&messages::simple("gone soon")), s.api.add(&messages::simple("still here"))];
-    let mut pop = s.login();
-    s.api.delete(&ids[0]);
-    let reply = pop.cmd("RETR 1");
-    assert!(reply.starts_with("-ERR") && !reply.contains("[SYS/"), "{reply}");
-    assert_eq!(pop.retr(2), canonical(&messages::simple("still here")));
-    pop.ok("DELE 1");
-    pop.ok("DELE 2");
-    assert!(pop.quit().starts_with("+OK"), "moving what is already gone is no failure");
-    assert_eq!(s.api.ids_in("deleteditems"), [ids[1].clone()]);
-}
-
-#[test]
-fn a_big_message_streams_and_top_leaves_the_session_usable() {
-    let s = setup();
-    let raw = messages::big(8);
-    let small = messages::simple("after the big one");
-    s.api.add(&raw);
-    s.api.add(&small);
-    let mut pop = s.login();
-    let want = canonical(&raw);
-    assert_eq!(pop.list_one(1), want.len() as u64);
-    assert_eq!(pop.top(1, 3), messages::top(&raw, 3));
-    assert_eq!(pop.retr(2), canonical(&small));
-    let body = pop.retr(1);
-    assert!(body == want, "RETR 1: {} octets, expected {}", body.len(), want.len());
-    pop.quit();
-}
-
-#[test]
 fn a_cold_mailbox_of_1000_messages() {
     let s = setup();
-    for i in 0..1000 {
-        let mut raw = messages::simple(&format!("message {i}"));
-        raw.extend(std::iter::repeat_n(b"a line of a typical small message body\r\n".as_slice(), 50).flatten());
-        s.api.add(&raw);
-    }
-    let started = Instant::now();
-    let mut pop = s.login();
-    let cold = started.elapsed();
-    assert_eq!(pop.stat().0, 1000);
-    pop.quit();
+    let cold = support::bearer::cold_login(&s, 1000);
     let seen = s.api.seen();
     let downloads = seen.iter().filter(|r| r.path.ends_with("$value")).count();
     let lists = seen.iter().filter(|r| r.path.ends_with("/messages")).count();
@@ -496,53 +379,20 @@ fn curl_retrieves_and_deletes_with_a_bearer_token() {
     let token = api.issue_token(TokenKind::Delegated);
     let gateway = pass_through(&api);
     let user = format!("{UPN}:");
-    let curl = |path: &str, extra: &[&str]| {
-        let url = format!("pop3://{}/{path}", gateway.addr);
-        let mut args = vec![
-            "--silent",
-            "--show-error",
-            "--max-time",
-            "20",
-            "--user",
-            user.as_str(),
-            "--oauth2-bearer",
-            token.as_str(),
-        ];
-        args.extend_from_slice(extra);
-        args.push(&url);
-        run("curl", &args)
-    };
-    let listing = curl("", &["--request", "UIDL"]);
+    let auth = ["--user", user.as_str(), "--oauth2-bearer", token.as_str()];
+    let addr = gateway.addr;
+    let listing = curl_pop3(addr, "", &auth, &["--request", "UIDL"]);
     assert!(listing.status.success(), "curl UIDL: {}", describe(&listing));
     let expected: String = numbered(&ids).iter().map(|(n, u)| format!("{n} {u}\r\n")).collect();
     assert_eq!(String::from_utf8_lossy(&listing.stdout), expected);
-    for (i, raw) in raws.iter().enumerate() {
-        let retr = curl(&(i + 1).to_string(), &[]);
-        assert!(retr.status.success(), "curl RETR {}: {}", i + 1, describe(&retr));
-        assert_eq!(String::from_utf8_lossy(&retr.stdout), String::from_utf8_lossy(&canonical(raw)), "RETR {}", i + 1);
-    }
-    let dele = curl("2", &["--request", "DELE", "--head"]);
+    curl_retrieves_each(addr, &auth, &raws);
+    let dele = curl_pop3(addr, "2", &auth, &["--request", "DELE", "--head"]);
     assert!(dele.status.success(), "curl DELE: {}", describe(&dele));
     support::wait_for("message 2 to reach Deleted Items", IO_TIMEOUT, || {
         (api.ids_in("deleteditems") == [ids[1].clone()]).then_some(())
     });
     assert_eq!(api.ids_in("inbox"), [ids[0].clone(), ids[2].clone()]);
 }
-
-const POPLIB_SCRIPT: &str = r#"
-import json, poplib, sys
-host, port, user, password = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-p = poplib.POP3(host, port, timeout=20)
-p.user(user)
-p.pass_(password)
-out = {"stat": list(p.stat()), "uidl": [l.decode() for l in p.uidl()[1]], "retr": []}
-for n in range(1, out["stat"][0] + 1):
-    resp, lines, octets = p.retr(n)
-    out["retr"].append({"text": b"".join(l + b"\r\n" for l in lines).decode("latin-1"), "octets": octets})
-    p.dele(n)
-out["quit"] = p.quit().decode()
-print(json.dumps(out))
-"#;
 
 #[test]
 fn python_poplib_retrieves_and_deletes_everything() {
@@ -553,20 +403,8 @@ fn python_poplib_retrieves_and_deletes_everything() {
         "Subject: 8-bit for poplib\n\ngr\u{fc}\u{df}e\n".as_bytes().to_vec(),
     ];
     let ids: Vec<String> = raws.iter().map(|r| s.api.add(r)).collect();
-    let port = s.gateway.addr.port().to_string();
-    let output = run("python3", &["-c", POPLIB_SCRIPT, "127.0.0.1", &port, DEVICE.0, DEVICE.1]);
-    assert!(output.status.success(), "poplib: {}", describe(&output));
-    let out: Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{e}: {}", describe(&output)));
-    let want: Vec<Vec<u8>> = raws.iter().map(|r| canonical(r)).collect();
-    let total: usize = want.iter().map(Vec::len).sum();
-    assert_eq!(out["stat"], serde_json::json!([3, total]));
-    for (i, m) in want.iter().enumerate() {
-        let latin1: String = m.iter().map(|&b| b as char).collect();
-        assert_eq!(out["retr"][i]["text"], latin1, "RETR {}", i + 1);
-        assert_eq!(out["retr"][i]["octets"], m.len(), "RETR {} octets", i + 1);
-        assert_eq!(out["uidl"][i], format!("{} {}", i + 1, uidl(&ids[i])));
-    }
-    assert!(out["quit"].as_str().is_some_and(|q| q.starts_with("+OK")), "{out}");
+    let uidls: Vec<String> = ids.iter().map(|id| uidl(id)).collect::<Vec<_>>();
+    poplib_retrieves_and_deletes(s.gateway.addr, (DEVICE.0, DEVICE.1), &raws, &uidls);
     assert!(s.api.ids_in("inbox").is_empty(), "poplib's DELE + QUIT must empty the inbox");
     assert_eq!(s.api.ids_in("deleteditems"), ids);
 }

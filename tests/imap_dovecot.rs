@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use support::dovecot::{ALICE, CAROL, DAVE, Dovecot};
 use support::gateway::Gateway;
 use support::messages::simple;
+use support::pop3::Dialogue as _;
 use support::pop3::{Pop3, plain_response};
 use support::proxy::RecordingProxy;
 

@@ -11,18 +11,18 @@
 
 mod support;
 
-use support::program::{describe, run};
+use support::program::{curl_lists, curl_pop3, curl_retrieves_each, describe, poplib_retrieves_and_deletes};
 
 use std::time::{Duration, Instant};
 
 use popgate::backend::jmap::{DeletePolicy, JmapConfig};
 use popgate::backend::select::BackendConfig;
 use popgate::config::Config;
-use serde_json::Value;
 use support::IO_TIMEOUT;
 use support::cyrus::Cyrus;
 use support::gateway::Gateway;
 use support::messages::{self, Sample, canonical};
+use support::pop3::Dialogue as _;
 
 const USER: &str = "alice";
 const PASSWORD: &str = "cyrus-alice-pw";
@@ -288,47 +288,19 @@ fn curl_retrieves_and_deletes() {
     let ids: Vec<String> = raws.iter().map(|r| cyrus.append(USER, r)).collect();
     let gateway = Gateway::url(&cyrus.backend_url());
     let credentials = format!("{USER}:{PASSWORD}");
-    let curl = |path: &str, extra: &[&str]| {
-        let url = format!("pop3://{}/{path}", gateway.addr);
-        let mut args = vec!["--silent", "--show-error", "--max-time", "20", "--user", credentials.as_str()];
-        args.extend_from_slice(extra);
-        args.push(&url);
-        run("curl", &args)
-    };
+    let auth = ["--user", credentials.as_str()];
+    let addr = gateway.addr;
 
-    for (i, raw) in raws.iter().enumerate() {
-        let retr = curl(&(i + 1).to_string(), &[]);
-        assert!(retr.status.success(), "curl RETR {}: {}", i + 1, describe(&retr));
-        assert_eq!(String::from_utf8_lossy(&retr.stdout), String::from_utf8_lossy(&canonical(raw)), "RETR {}", i + 1);
-    }
-    let dele = curl("2", &["--request", "DELE", "--head"]);
+    curl_retrieves_each(addr, &auth, &raws);
+    let dele = curl_pop3(addr, "2", &auth, &["--request", "DELE", "--head"]);
     assert!(dele.status.success(), "curl DELE: {}", describe(&dele));
     support::wait_for("message 2 to reach the trash", IO_TIMEOUT, || {
         (cyrus.ids_in(USER, "Trash") == [ids[1].clone()]).then_some(())
     });
     assert_eq!(cyrus.ids_in(USER, "Inbox"), [ids[0].clone(), ids[2].clone()]);
 
-    let list = curl("", &[]);
-    assert!(list.status.success(), "{}", describe(&list));
-    let expected: String =
-        [&raws[0], &raws[2]].iter().enumerate().map(|(i, r)| format!("{} {}\r\n", i + 1, canonical(r).len())).collect();
-    assert_eq!(String::from_utf8_lossy(&list.stdout), expected);
+    curl_lists(addr, &auth, &[&raws[0], &raws[2]]);
 }
-
-const POPLIB_SCRIPT: &str = r#"
-import json, poplib, sys
-host, port, user, password = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-p = poplib.POP3(host, port, timeout=20)
-p.user(user)
-p.pass_(password)
-out = {"stat": list(p.stat()), "uidl": [l.decode() for l in p.uidl()[1]], "retr": []}
-for n in range(1, out["stat"][0] + 1):
-    resp, lines, octets = p.retr(n)
-    out["retr"].append({"text": b"".join(l + b"\r\n" for l in lines).decode("latin-1"), "octets": octets})
-    p.dele(n)
-out["quit"] = p.quit().decode()
-print(json.dumps(out))
-"#;
 
 #[test]
 fn python_poplib_retrieves_and_deletes_everything() {
@@ -341,21 +313,7 @@ fn python_poplib_retrieves_and_deletes_everything() {
     let ids: Vec<String> = raws.iter().map(|r| cyrus.append(USER, r)).collect();
     let gateway = Gateway::url(&cyrus.backend_url());
 
-    let port = gateway.addr.port().to_string();
-    let output = run("python3", &["-c", POPLIB_SCRIPT, "127.0.0.1", &port, USER, PASSWORD]);
-    assert!(output.status.success(), "poplib: {}", describe(&output));
-    let out: Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{e}: {}", describe(&output)));
-
-    let want: Vec<Vec<u8>> = raws.iter().map(|r| canonical(r)).collect();
-    let total: usize = want.iter().map(Vec::len).sum();
-    assert_eq!(out["stat"], serde_json::json!([3, total]));
-    for (i, m) in want.iter().enumerate() {
-        let latin1: String = m.iter().map(|&b| b as char).collect();
-        assert_eq!(out["retr"][i]["text"], latin1, "RETR {}", i + 1);
-        assert_eq!(out["retr"][i]["octets"], m.len(), "RETR {} octets", i + 1);
-        assert_eq!(out["uidl"][i], format!("{} {}", i + 1, ids[i]));
-    }
-    assert!(out["quit"].as_str().is_some_and(|q| q.starts_with("+OK")), "{out}");
+    poplib_retrieves_and_deletes(gateway.addr, (USER, PASSWORD), &raws, &ids);
 
     assert!(cyrus.ids_in(USER, "Inbox").is_empty(), "poplib's DELE + QUIT must empty the inbox");
     assert_eq!(cyrus.ids_in(USER, "Trash"), ids);

@@ -19,6 +19,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use support::dovecot::Dovecot;
 use support::gateway::GatewayProcess;
+use support::pop3::Dialogue as _;
 use support::tls::{Client, TestCa};
 
 const NAME: &str = "pop.secret.test";

@@ -30,10 +30,11 @@ use popgate::backend::select::BackendConfig;
 use popgate::config::Config;
 use popgate::mail::Secret;
 use support::IO_TIMEOUT;
-use support::dovecot_oauth::OAuthDovecot;
+use support::dovecot::Dovecot;
 use support::gateway::{Gateway, GatewayProcess};
 use support::messages::simple;
 use support::oauth_server::{CLIENT_SECRET, Fault, OAuthServer, http_get};
+use support::pop3::Dialogue as _;
 use support::pop3::Pop3;
 
 const ALICE: (&str, &str) = ("alice", "alice-imap-password");
@@ -50,7 +51,7 @@ fn block_on<T>(future: impl std::future::Future<Output = T>) -> T {
 /// and two devices.
 struct World {
     idp: OAuthServer,
-    dovecot: OAuthDovecot,
+    dovecot: Dovecot,
     dir: tempfile::TempDir,
     config: PathBuf,
 }
@@ -64,7 +65,7 @@ impl World {
     /// `tables`: more top-level tables.
     fn with(mechanisms: &str, oauth_extra: &str, tables: &str) -> World {
         let idp = OAuthServer::start(ALICE.0);
-        let dovecot = OAuthDovecot::start(&idp.url("/introspect"), &[ALICE], mechanisms);
+        let dovecot = Dovecot::start_oauth(&idp.url("/introspect"), &[ALICE], mechanisms);
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("token.key");
         std::fs::write(&key, format!("{}\n", StoreKey::generate_text())).unwrap();
@@ -598,7 +599,7 @@ fn oauth_status_shows_expiry_but_no_token() {
 #[test]
 fn a_pop3_clients_own_token_passes_through_to_dovecot() {
     let idp = OAuthServer::start(ALICE.0);
-    let dovecot = OAuthDovecot::start(&idp.url("/introspect"), &[ALICE], ALL_MECHANISMS);
+    let dovecot = Dovecot::start_oauth(&idp.url("/introspect"), &[ALICE], ALL_MECHANISMS);
     dovecot.append(ALICE.0, &simple("mine"));
     let mut backend = BackendConfig::from_url(&format!("imap://127.0.0.1:{}", dovecot.imap_port)).unwrap();
     if let BackendConfig::Imap(imap) = &mut backend {

@@ -13,6 +13,7 @@ use support::IO_TIMEOUT;
 use support::dovecot::{ALICE, Dovecot};
 use support::gateway::GatewayProcess;
 use support::messages::simple;
+use support::pop3::Dialogue as _;
 use support::pop3::Pop3;
 
 /// A plain HTTP/1.1 GET: (status, body).

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use popgate::backend::demo::DemoStore;
 use support::gateway::Gateway;
 use support::messages::{self, canonical, simple, top};
+use support::pop3::Dialogue as _;
 use support::pop3::{Pop3, plain_response};
 
 const USER: &str = "alice";

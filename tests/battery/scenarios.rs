@@ -19,7 +19,7 @@ use crate::gateway::Popgate;
 use crate::memory_use;
 use crate::support::IO_TIMEOUT;
 use crate::support::messages::{self, Sample, canonical, simple};
-use crate::support::pop3::{Pop3, parse_stat};
+use crate::support::pop3::{Dialogue as _, Pop3, parse_stat};
 
 /// The big message, and how much popgate's heap may grow while it sends it:
 /// half the message, so it cannot have been held whole even once (popgate

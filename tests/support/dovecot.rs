@@ -4,6 +4,15 @@
 //! Dropping it (or `stop`) kills the master and every process it started:
 //! SIGTERM to the master leaves running imap processes serving their
 //! clients, which would keep a "dead" backend alive in a fault test.
+//!
+//! With `Dovecot::start_oauth` its users log in with a password or with an
+//! OAuth bearer token that Dovecot's oauth2 passdb checks against the
+//! stand-in authorization server's introspection endpoint — so a test
+//! proves a token really reached and satisfied an IMAP server. Passdbs:
+//! passwd-file first (passwords), then oauth2 (`introspection_mode =
+//! post`). The auth penalty for failed logins is then switched off (the
+//! auth process cannot reach anvil's penalty socket), so a test of refused
+//! tokens is not slowed by seconds per attempt.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -38,6 +47,15 @@ pub struct Dovecot {
     users: HashMap<String, String>,
     /// The greeting of this instance, to be sure a port is really ours.
     token: String,
+    oauth: Option<OAuth>,
+}
+
+/// Bearer tokens checked by Dovecot's oauth2 passdb.
+struct OAuth {
+    /// The RFC 7662 introspection endpoint.
+    introspection_url: String,
+    /// Dovecot's `auth_mechanisms`, e.g. "plain login xoauth2 oauthbearer".
+    mechanisms: String,
 }
 
 impl Dovecot {
@@ -47,6 +65,19 @@ impl Dovecot {
     }
 
     pub fn start_with_users(users: &[(&str, &str)]) -> Dovecot {
+        Dovecot::start_with(users, None)
+    }
+
+    /// A Dovecot whose users may also log in with bearer tokens that the
+    /// authorization server at `introspection_url` vouches for, offering
+    /// `mechanisms` (Dovecot's `auth_mechanisms`, e.g.
+    /// "plain login xoauth2 oauthbearer").
+    pub fn start_oauth(introspection_url: &str, users: &[(&str, &str)], mechanisms: &str) -> Dovecot {
+        let oauth = OAuth { introspection_url: introspection_url.to_string(), mechanisms: mechanisms.to_string() };
+        Dovecot::start_with(users, Some(oauth))
+    }
+
+    fn start_with(users: &[(&str, &str)], oauth: Option<OAuth>) -> Dovecot {
         let binary = require_program("dovecot");
         let dir = tempfile::Builder::new().prefix("popgate-dovecot-").tempdir().expect("tempdir");
         // The auth process (user dovecot) and mail processes (uid 8) must
@@ -68,8 +99,10 @@ impl Dovecot {
             pop3_port: 0,
             users: users.iter().map(|(u, p)| (u.to_string(), p.to_string())).collect(),
             token,
+            oauth,
         };
         dovecot.write_passwd();
+        dovecot.write_oauth2_conf();
         dovecot.launch(&binary);
         dovecot
     }
@@ -167,6 +200,12 @@ impl Dovecot {
         log
     }
 
+    /// Successful IMAP logins of `user` with `method` (e.g. "XOAUTH2") so far.
+    pub fn logins(&self, user: &str, method: &str) -> usize {
+        let needle = format!("Login: user=<{user}>, method={method},");
+        self.log().matches(&needle).count()
+    }
+
     /// Takes the server down hard: the master and every process it started.
     /// Connections popgate holds to it are reset.
     pub fn stop(&mut self) {
@@ -199,8 +238,36 @@ impl Dovecot {
         fs::set_permissions(&path, fs::Permissions::from_mode(0o640)).expect("chmod passwd");
     }
 
+    fn write_oauth2_conf(&self) {
+        let Some(oauth) = &self.oauth else { return };
+        let conf = format!(
+            "# Dovecot 2.3 oauth2 passdb: validate bearer tokens by RFC 7662 introspection.\n\
+             introspection_mode = post\n\
+             introspection_url = {}\n\
+             username_attribute = username\n\
+             active_attribute = active\n\
+             active_value = true\n",
+            oauth.introspection_url
+        );
+        let path = self.dir.path().join("dovecot-oauth2.conf.ext");
+        fs::write(&path, conf).expect("write oauth2 conf");
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).expect("chmod oauth2 conf");
+    }
+
     fn write_config(&self) -> PathBuf {
         let dir = self.dir.path().display();
+        let (mechanisms, oauth_passdb, no_penalty) = match &self.oauth {
+            None => ("plain login", String::new(), ""),
+            Some(oauth) => (
+                oauth.mechanisms.as_str(),
+                format!(
+                    "passdb {{\n  driver = oauth2\n  mechanisms = xoauth2 oauthbearer\n  \
+                     args = {dir}/dovecot-oauth2.conf.ext\n}}\n"
+                ),
+                "# No login penalty: the auth process (user dovecot) cannot connect here.\n\
+                 service anvil {\n  unix_listener anvil-auth-penalty {\n    mode = 0\n  }\n}\n",
+            ),
+        };
         let config = format!(
             r#"# Written by popgate's test harness (tests/support/dovecot.rs).
 instance_name = {token}
@@ -213,7 +280,7 @@ listen = 127.0.0.1
 login_greeting = {token}
 ssl = no
 disable_plaintext_auth = no
-auth_mechanisms = plain login
+auth_mechanisms = {mechanisms}
 auth_verbose = yes
 auth_failure_delay = 0
 first_valid_uid = {MAIL_UID}
@@ -226,7 +293,7 @@ passdb {{
   driver = passwd-file
   args = scheme=PLAIN username_format=%u {dir}/passwd
 }}
-userdb {{
+{oauth_passdb}userdb {{
   driver = passwd-file
   args = username_format=%u {dir}/passwd
 }}
@@ -248,7 +315,7 @@ service pop3-login {{
     port = 0
   }}
 }}
-"#,
+{no_penalty}"#,
             token = self.token,
             imap = self.imap_port,
             pop3 = self.pop3_port,

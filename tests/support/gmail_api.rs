@@ -20,9 +20,8 @@
 //! unknown id (undocumented; here a 404 for the whole call).
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -30,9 +29,6 @@ use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::Response;
 use base64::Engine;
 use serde_json::{Value, json};
-use tokio::sync::oneshot;
-
-use super::IO_TIMEOUT;
 
 /// What an access token lets its bearer do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,29 +39,9 @@ pub enum Scope {
     Modify,
 }
 
-/// An injected failure for the next request whose path and query contain
-/// `path_contains`.
-#[derive(Debug, Clone)]
-pub struct Throttle {
-    pub path_contains: String,
-    /// 429 (`rateLimitExceeded`) or 403 (`userRateLimitExceeded`).
-    pub status: u16,
-    pub retry_after: Option<u64>,
-    /// Applies to an inner request of a batch instead of a top-level one.
-    pub in_batch: bool,
-}
-
-/// A request as the stand-in saw it.
-#[derive(Debug, Clone)]
-pub struct Seen {
-    pub method: String,
-    pub path: String,
-    pub query: String,
-    pub at: Instant,
-    pub status: u16,
-    /// An inner request of a batch.
-    pub in_batch: bool,
-}
+use super::bearer::BearerApi;
+use super::stand_in::HttpServer;
+pub use super::stand_in::{Seen, Throttle};
 
 #[derive(Debug, Clone)]
 struct Message {
@@ -98,8 +74,8 @@ pub struct GmailApi {
     /// `http://127.0.0.1:PORT`, the `api_base` to configure.
     pub base_url: String,
     state: Arc<Mutex<StandIn>>,
-    stop: Option<oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    /// Serving until dropped.
+    _server: HttpServer,
 }
 
 impl GmailApi {
@@ -110,32 +86,9 @@ impl GmailApi {
             next_date: 1_700_000_000_000,
             ..StandIn::default()
         }));
-        let shared = state.clone();
-        let (addr_tx, addr_rx) = std::sync::mpsc::channel::<SocketAddr>();
-        let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("gmail-stand-in".into())
-            .spawn(move || {
-                let runtime = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()
-                    .expect("runtime");
-                runtime.block_on(async move {
-                    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-                    addr_tx.send(listener.local_addr().expect("addr")).expect("report address");
-                    let app = axum::Router::new().fallback(serve).with_state(shared);
-                    let _ = axum::serve(listener, app)
-                        .with_graceful_shutdown(async {
-                            let _ = stop_rx.await;
-                        })
-                        .await;
-                });
-                runtime.shutdown_timeout(Duration::from_secs(1));
-            })
-            .expect("spawn the stand-in");
-        let addr = addr_rx.recv_timeout(IO_TIMEOUT).expect("the Gmail stand-in started");
-        GmailApi { base_url: format!("http://{addr}"), state, stop: Some(stop_tx), thread: Some(thread) }
+        let app = axum::Router::new().fallback(serve).with_state(state.clone());
+        let server = HttpServer::start("gmail", app);
+        GmailApi { base_url: format!("http://{}", server.addr), state, _server: server }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, StandIn> {
@@ -163,16 +116,6 @@ impl GmailApi {
             state.tokens.insert(token.clone(), scope);
             Ok(token)
         })
-    }
-
-    /// From now on `issuer` fails, as with a revoked refresh token.
-    pub fn refuse_refresh(&self) {
-        self.lock().refusing_refresh = true;
-    }
-
-    /// The token expires: from now on it gets 401.
-    pub fn expire(&self, token: &str) {
-        self.lock().tokens.remove(token);
     }
 
     /// Stores a message in INBOX, received a minute after the previous one.
@@ -221,11 +164,6 @@ impl GmailApi {
         self.lock().messages.iter().map(|m| m.id.clone()).collect()
     }
 
-    /// Someone else deletes a message.
-    pub fn delete(&self, id: &str) {
-        self.lock().messages.retain(|m| m.id != id);
-    }
-
     /// At most `n` ids per list page, whatever `maxResults` asks.
     pub fn set_page_cap(&self, n: usize) {
         self.lock().page_cap = n;
@@ -251,20 +189,39 @@ impl GmailApi {
     }
 }
 
-impl Drop for GmailApi {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let deadline = Instant::now() + IO_TIMEOUT;
-            while !thread.is_finished() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            if thread.is_finished() {
-                let _ = thread.join();
-            }
-        }
+impl BearerApi for GmailApi {
+    fn add(&self, raw: &[u8]) -> String {
+        GmailApi::add(self, raw)
+    }
+
+    fn expire(&self, token: &str) {
+        self.lock().tokens.remove(token);
+    }
+
+    /// From now on `issuer` fails, as with a revoked refresh token.
+    fn refuse_refresh(&self) {
+        self.lock().refusing_refresh = true;
+    }
+
+    fn statuses(&self) -> Vec<u16> {
+        self.lock().seen.iter().map(|r| r.status).collect()
+    }
+
+    fn maildrop(&self) -> Vec<String> {
+        self.ids_with("INBOX")
+    }
+
+    fn removed(&self) -> Vec<String> {
+        self.ids_with("TRASH")
+    }
+
+    fn delete(&self, id: &str) {
+        self.lock().messages.retain(|m| m.id != id);
+    }
+
+    /// Gmail message ids are the UIDLs.
+    fn uidl(&self, id: &str) -> String {
+        id.to_string()
     }
 }
 
@@ -408,6 +365,7 @@ fn handle(
         query: query.to_string(),
         at: Instant::now(),
         status: answer.status,
+        immutable_ids: false,
         in_batch,
     });
     answer

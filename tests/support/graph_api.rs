@@ -23,7 +23,6 @@
 //! than `id`, `receivedDateTime` and `parentFolderId`, gzip and HTTP/2.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -33,9 +32,7 @@ use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::Response;
 use base64::Engine;
 use serde_json::{Value, json};
-use tokio::sync::oneshot;
-
-use super::IO_TIMEOUT;
+use sha2::{Digest, Sha256};
 
 /// How a token was obtained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,30 +43,9 @@ pub enum TokenKind {
     AppOnly,
 }
 
-/// An injected failure for the next request whose path and query contain
-/// `path_contains`.
-#[derive(Debug, Clone)]
-pub struct Throttle {
-    pub path_contains: String,
-    /// 429 (`ApplicationThrottled`) or 503 (`ServiceUnavailable`).
-    pub status: u16,
-    pub retry_after: Option<u64>,
-    /// Applies to a request inside a `$batch` instead of a top-level one.
-    pub in_batch: bool,
-}
-
-/// A request as the stand-in saw it.
-#[derive(Debug, Clone)]
-pub struct Seen {
-    pub method: String,
-    pub path: String,
-    pub query: String,
-    pub at: Instant,
-    pub status: u16,
-    /// It carried `Prefer: IdType="ImmutableId"`.
-    pub immutable_ids: bool,
-    pub in_batch: bool,
-}
+use super::bearer::BearerApi;
+use super::stand_in::HttpServer;
+pub use super::stand_in::{Seen, Throttle};
 
 #[derive(Debug, Clone)]
 struct Folder {
@@ -124,8 +100,8 @@ pub struct GraphApi {
     /// `http://127.0.0.1:PORT/v1.0`, the `api_base` to configure.
     pub base_url: String,
     shared: Arc<Shared>,
-    stop: Option<oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    /// Serving until dropped.
+    _server: HttpServer,
 }
 
 struct Shared {
@@ -141,34 +117,12 @@ impl GraphApi {
             stand_in.folders.push(Folder { id, well_known: Some(well_known), name: name.into() });
         }
         let shared = Arc::new(Shared { state: Mutex::new(stand_in), base_url: Mutex::new(String::new()) });
-        let (addr_tx, addr_rx) = std::sync::mpsc::channel::<SocketAddr>();
-        let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        let serving = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("graph-stand-in".into())
-            .spawn(move || {
-                let runtime = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()
-                    .expect("runtime");
-                runtime.block_on(async move {
-                    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-                    let addr = listener.local_addr().expect("addr");
-                    *serving.base_url.lock().unwrap() = format!("http://{addr}/v1.0");
-                    addr_tx.send(addr).expect("report address");
-                    let app = axum::Router::new().fallback(serve).with_state(serving);
-                    let _ = axum::serve(listener, app)
-                        .with_graceful_shutdown(async {
-                            let _ = stop_rx.await;
-                        })
-                        .await;
-                });
-                runtime.shutdown_timeout(Duration::from_secs(1));
-            })
-            .expect("spawn the stand-in");
-        let addr = addr_rx.recv_timeout(IO_TIMEOUT).expect("the Graph stand-in started");
-        GraphApi { base_url: format!("http://{addr}/v1.0"), shared, stop: Some(stop_tx), thread: Some(thread) }
+        let app = axum::Router::new().fallback(serve).with_state(shared.clone());
+        let server = HttpServer::start("graph", app);
+        let base_url = format!("http://{}/v1.0", server.addr);
+        // Before any request: nobody knows the address yet.
+        *shared.base_url.lock().unwrap() = base_url.clone();
+        GraphApi { base_url, shared, _server: server }
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut StandIn) -> T) -> T {
@@ -197,14 +151,6 @@ impl GraphApi {
             state.tokens.insert(token.clone(), kind);
             Ok(token)
         })
-    }
-
-    pub fn refuse_refresh(&self) {
-        self.with(|s| s.refusing_refresh = true);
-    }
-
-    pub fn expire(&self, token: &str) {
-        self.with(|s| s.tokens.remove(token));
     }
 
     /// Stores a message in the inbox, received a minute after the previous.
@@ -266,11 +212,6 @@ impl GraphApi {
         })
     }
 
-    /// Someone else deletes a message.
-    pub fn delete(&self, id: &str) {
-        self.with(|s| s.messages.retain(|m| m.immutable_id != id));
-    }
-
     /// Moves of this message are refused (403 `ErrorAccessDenied`).
     pub fn refuse_moving(&self, id: &str) {
         self.with(|s| s.refuse_moves.insert(id.to_string()));
@@ -312,21 +253,44 @@ impl GraphApi {
     }
 }
 
-impl Drop for GraphApi {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let deadline = Instant::now() + IO_TIMEOUT;
-            while !thread.is_finished() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            if thread.is_finished() {
-                let _ = thread.join();
-            }
-        }
+impl BearerApi for GraphApi {
+    fn add(&self, raw: &[u8]) -> String {
+        GraphApi::add(self, raw)
     }
+
+    fn expire(&self, token: &str) {
+        self.with(|s| s.tokens.remove(token));
+    }
+
+    fn refuse_refresh(&self) {
+        self.with(|s| s.refusing_refresh = true);
+    }
+
+    fn statuses(&self) -> Vec<u16> {
+        self.with(|s| s.seen.iter().map(|r| r.status).collect())
+    }
+
+    fn maildrop(&self) -> Vec<String> {
+        self.ids_in("inbox")
+    }
+
+    fn removed(&self) -> Vec<String> {
+        self.ids_in("deleteditems")
+    }
+
+    fn delete(&self, id: &str) {
+        self.with(|s| s.messages.retain(|m| m.immutable_id != id));
+    }
+
+    fn uidl(&self, id: &str) -> String {
+        uidl(id)
+    }
+}
+
+/// The documented UIDL of a Graph immutable id: hex SHA-256, computed here
+/// independently of popgate.
+pub fn uidl(id: &str) -> String {
+    Sha256::digest(id.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A Graph-looking id: base64url, ~150 characters, unique.

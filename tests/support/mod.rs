@@ -11,10 +11,14 @@
 //! - `messages`: messages that are hard to get right, and the canonical
 //!   (CRLF) form they must reach a POP3 client in — computed here, not by
 //!   popgate's own code, so the tests do not share its bugs.
+//! - `fake_imap`: a minimal IMAP server that answers instantly, for load.
 //! - `proxy`: a recording TCP proxy, to see what popgate sends its backend.
-//! - `program`: real client programs run to completion with a time limit.
+//! - `program`: real client programs run to completion with a time limit,
+//!   and the ways the tests drive them (openssl s_client, curl, poplib).
 //! - `gmail_api`, `graph_api`: stand-ins for the Gmail API and Microsoft
 //!   Graph mail on run-time ports, with messages in memory.
+//! - `bearer`: the token-refresh scenarios shared by the bearer backends.
+//! - `stand_in`: throttling and the request record both API stand-ins use.
 //! - `token_router`: a router handing out OAuth bearer tokens (and fresh
 //!   ones on refresh), and popgate in-process with it.
 //! - `tls`: a test CA and server certificates made at run time, and a POP3
@@ -26,9 +30,10 @@
 
 #![allow(dead_code)] // each test crate uses a different part of the harness
 
+pub mod bearer;
 pub mod cyrus;
 pub mod dovecot;
-pub mod dovecot_oauth;
+pub mod fake_imap;
 pub mod gateway;
 pub mod gmail_api;
 pub mod graph_api;
@@ -38,6 +43,7 @@ pub mod oauth_server;
 pub mod pop3;
 pub mod program;
 pub mod proxy;
+pub mod stand_in;
 pub mod tls;
 pub mod token_router;
 

@@ -13,6 +13,45 @@ use base64::engine::general_purpose::STANDARD;
 
 use super::IO_TIMEOUT;
 
+/// Command and status line, the part of a POP3 dialogue every test client
+/// (this one, and `support::tls::Client` over TLS) has in common.
+pub trait Dialogue {
+    /// Writes a command line (CRLF appended).
+    fn send(&mut self, line: &str);
+    /// The next line, CRLF removed.
+    fn line(&mut self) -> String;
+
+    /// Sends a command and returns its status line.
+    fn cmd(&mut self, line: &str) -> String {
+        self.send(line);
+        self.line()
+    }
+
+    /// Sends a command that must succeed; returns the status line.
+    fn ok(&mut self, line: &str) -> String {
+        let reply = self.cmd(line);
+        assert!(reply.starts_with("+OK"), "{line:?} → {reply:?}");
+        reply
+    }
+
+    /// Sends a command that must fail; returns the status line.
+    fn err(&mut self, line: &str) -> String {
+        let reply = self.cmd(line);
+        assert!(reply.starts_with("-ERR"), "{line:?} → {reply:?} (expected -ERR)");
+        reply
+    }
+}
+
+impl Dialogue for Pop3 {
+    fn send(&mut self, line: &str) {
+        Pop3::send(self, line)
+    }
+
+    fn line(&mut self) -> String {
+        Pop3::line(self)
+    }
+}
+
 pub struct Pop3 {
     reader: BufReader<TcpStream>,
     pub greeting: String,
@@ -93,26 +132,6 @@ impl Pop3 {
 
     pub fn line(&mut self) -> String {
         String::from_utf8_lossy(&self.line_bytes()).into_owned()
-    }
-
-    /// Sends a command and returns its status line.
-    pub fn cmd(&mut self, line: &str) -> String {
-        self.send(line);
-        self.line()
-    }
-
-    /// Sends a command that must succeed; returns the status line.
-    pub fn ok(&mut self, line: &str) -> String {
-        let reply = self.cmd(line);
-        assert!(reply.starts_with("+OK"), "{line:?} → {reply:?}");
-        reply
-    }
-
-    /// Sends a command that must fail; returns the status line.
-    pub fn err(&mut self, line: &str) -> String {
-        let reply = self.cmd(line);
-        assert!(reply.starts_with("-ERR"), "{line:?} → {reply:?} (expected -ERR)");
-        reply
     }
 
     /// Reads a multi-line body up to the "." line; each line un-stuffed,

@@ -19,6 +19,7 @@ use rcgen::{
 use rustls::pki_types::{CertificateDer, ServerName};
 
 use super::IO_TIMEOUT;
+use super::pop3::Dialogue;
 
 /// A certificate authority that exists only for one test, and the directory
 /// its files live in (removed on drop).
@@ -283,6 +284,16 @@ impl Client<TlsStream> {
     }
 }
 
+impl<S: Read + Write> Dialogue for Client<S> {
+    fn send(&mut self, line: &str) {
+        Client::send(self, line)
+    }
+
+    fn line(&mut self) -> String {
+        Client::line(self)
+    }
+}
+
 impl<S: Read + Write> Client<S> {
     pub fn send(&mut self, line: &str) {
         self.send_raw(format!("{line}\r\n").as_bytes());
@@ -317,23 +328,6 @@ impl<S: Read + Write> Client<S> {
 
     pub fn line(&mut self) -> String {
         self.try_line().expect("the server closed the connection while a line was expected")
-    }
-
-    pub fn cmd(&mut self, line: &str) -> String {
-        self.send(line);
-        self.line()
-    }
-
-    pub fn ok(&mut self, line: &str) -> String {
-        let reply = self.cmd(line);
-        assert!(reply.starts_with("+OK"), "{line:?} → {reply:?}");
-        reply
-    }
-
-    pub fn err(&mut self, line: &str) -> String {
-        let reply = self.cmd(line);
-        assert!(reply.starts_with("-ERR"), "{line:?} → {reply:?} (expected -ERR)");
-        reply
     }
 
     /// A multi-line body up to ".", un-stuffed, without CRLFs.

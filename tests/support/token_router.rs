@@ -50,6 +50,11 @@ impl TokenRouter {
         self.refreshes.load(Ordering::SeqCst)
     }
 
+    /// The access token the router hands out now.
+    pub fn current_token(&self) -> String {
+        self.current.lock().unwrap().clone()
+    }
+
     fn credentials(&self) -> Credentials {
         let token = self.current.lock().unwrap().clone();
         Credentials { user: self.account.clone(), proof: Proof::Bearer(Secret::new(token)) }
