@@ -9,6 +9,7 @@ use std::time::Duration;
 use popgate::backend::demo::DemoStore;
 use support::gateway::Gateway;
 use support::messages::simple;
+use support::pop3::Dialogue as _;
 
 #[test]
 fn a_session_inside_update_finishes_before_shutdown_ends_it() {
