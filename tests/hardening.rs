@@ -1,0 +1,108 @@
+//! Hardening (issue #12): the login throttle keyed on a case-folded user
+//! name and by (address, user) so one user's guessing does not slow other
+//! users of the same address; IPv4 clients of a dual-stack listener; warm
+//! sessions past their maximum age; lowering `max_connections` by reload;
+//! and a bounded Argon2 verifier under a burst of bad logins.
+
+mod support;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use popgate::backend::demo::{DemoBackend, DemoStore};
+use popgate::config::Config;
+use support::gateway::Gateway;
+use support::tls::Client;
+
+fn ip(last: u8) -> IpAddr {
+    IpAddr::from([127, 0, 0, last])
+}
+
+/// USER then PASS with a wrong password; how long PASS took and the reply.
+fn failed_attempt_from(local: IpAddr, addr: SocketAddr, user: &str) -> (Duration, String) {
+    let mut c = Client::connect_from(local, addr);
+    c.ok(&format!("USER {user}"));
+    let started = Instant::now();
+    let reply = c.cmd("PASS wrong-password");
+    (started.elapsed(), reply)
+}
+
+/// Logs in with the right password from `local`; how long PASS took.
+fn good_login_from(local: IpAddr, addr: SocketAddr, user: &str, password: &str) -> Duration {
+    let mut c = Client::connect_from(local, addr);
+    c.ok(&format!("USER {user}"));
+    let started = Instant::now();
+    let reply = c.cmd(&format!("PASS {password}"));
+    let took = started.elapsed();
+    assert!(reply.starts_with("+OK"), "{user}: {reply}");
+    c.quit();
+    took
+}
+
+fn throttled_gateway(store: &DemoStore, free_failures: u32, base_delay_ms: u64) -> Gateway {
+    let mut config = Config::default();
+    config.throttle.free_failures = free_failures;
+    config.throttle.base_delay_ms = base_delay_ms;
+    config.throttle.max_delay_ms = base_delay_ms;
+    config.throttle.release_after_secs = 60;
+    Gateway::start(config, Arc::new(DemoBackend::new(store.clone())))
+}
+
+/// Issue #12, finding 3: `Victim`, `VICTIM` and `victim` are one user name
+/// for the throttle, whatever address each guess comes from.
+#[test]
+fn the_user_throttle_is_not_bypassed_by_changing_case() {
+    let store = DemoStore::new();
+    store.add_user("victim", "victim-pass");
+    let gateway = throttled_gateway(&store, 2, 3000);
+    for (n, user) in ["Victim", "VICTIM", "victim"].into_iter().enumerate() {
+        let (took, reply) = failed_attempt_from(ip(10 + n as u8), gateway.addr, user);
+        assert!(reply.starts_with("-ERR [AUTH]"), "{reply}");
+        assert!(took < Duration::from_secs(2), "free failure {n} waited {took:?}");
+    }
+    // The fourth guess, from a fourth address and in a fourth spelling, is
+    // past the free failures of the user name.
+    let (took, reply) = failed_attempt_from(ip(13), gateway.addr, "vIcTiM");
+    assert!(reply.starts_with("-ERR [AUTH]"), "{reply}");
+    assert!(took >= Duration::from_millis(2500), "the fourth guess at victim waited only {took:?}");
+}
+
+/// Issue #12, finding 14: mallory's failures from 127.0.0.1 slow mallory,
+/// not bob and alice logging in correctly from the same address.
+#[test]
+fn one_users_failures_do_not_slow_other_users_of_the_same_address() {
+    let store = DemoStore::new();
+    store.add_user("alice", "alice-pass");
+    store.add_user("bob", "bob-pass");
+    store.add_user("mallory", "mallory-pass");
+    let gateway = throttled_gateway(&store, 0, 3000);
+    let addr = gateway.addr;
+    // Three failures of mallory at once (no throttle delay yet).
+    let barrier = Arc::new(Barrier::new(3));
+    let guesses: Vec<_> = (0..3)
+        .map(|_| {
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                let mut c = Client::connect_from(ip(1), addr);
+                c.ok("USER mallory");
+                barrier.wait();
+                c.cmd("PASS wrong-password")
+            })
+        })
+        .collect();
+    for guess in guesses {
+        let reply = guess.join().unwrap();
+        assert!(reply.starts_with("-ERR [AUTH]"), "{reply}");
+    }
+    // Mallory's next guess is throttled, meanwhile bob and alice get in at once.
+    let mallory = std::thread::spawn(move || failed_attempt_from(ip(1), addr, "mallory"));
+    std::thread::sleep(Duration::from_millis(100));
+    for (user, password) in [("bob", "bob-pass"), ("alice", "alice-pass")] {
+        let took = good_login_from(ip(1), addr, user, password);
+        assert!(took < Duration::from_millis(1500), "{user} with the right password waited {took:?}");
+    }
+    let (took, reply) = mallory.join().unwrap();
+    assert!(reply.starts_with("-ERR [AUTH]"), "{reply}");
+    assert!(took >= Duration::from_millis(2500), "mallory's fourth guess waited only {took:?}");
+}
