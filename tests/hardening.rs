@@ -106,3 +106,68 @@ fn one_users_failures_do_not_slow_other_users_of_the_same_address() {
     assert!(reply.starts_with("-ERR [AUTH]"), "{reply}");
     assert!(took >= Duration::from_millis(2500), "mallory's fourth guess waited only {took:?}");
 }
+
+/// popgate in this process with its `RunningServer` at hand (to reload it),
+/// on its own runtime; the test thread stays blocking.
+struct InProcess {
+    runtime: tokio::runtime::Runtime,
+    server: Option<popgate::server::RunningServer>,
+}
+
+impl InProcess {
+    fn start(config: Config, store: &DemoStore) -> InProcess {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let backend: popgate::backend::SharedBackend = Arc::new(DemoBackend::new(store.clone()));
+        let router = Arc::new(popgate::auth::accounts::PassThrough::new(backend));
+        let server = runtime.block_on(async {
+            tokio::time::timeout(
+                support::IO_TIMEOUT,
+                popgate::server::Server::start(&config, router, Arc::new(popgate::telemetry::Metrics::new())),
+            )
+            .await
+            .expect("started in time")
+        });
+        InProcess { runtime, server: Some(server.unwrap_or_else(|e| panic!("popgate did not start: {e}"))) }
+    }
+
+    fn server(&mut self) -> &mut popgate::server::RunningServer {
+        self.server.as_mut().unwrap()
+    }
+
+    fn port(&self) -> u16 {
+        self.server.as_ref().unwrap().local_addrs()[0].port()
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        let _guard = self.runtime.enter();
+        drop(self.server.take());
+    }
+}
+
+/// Issue #12, finding 6: an IPv4 client of a dual-stack `[::]` listener is
+/// in `cleartext_networks = ["127.0.0.0/8"]` (it arrives as
+/// `::ffff:127.0.0.1`).
+#[test]
+fn ipv4_clients_of_a_dual_stack_listener_match_ipv4_networks() {
+    let store = DemoStore::new();
+    store.add_user("printer", "printer-pass");
+    let mut config = Config::default();
+    let listener = config.listener.first_mut().expect("a default listener");
+    listener.address = "[::]:0".parse().unwrap();
+    listener.allow_cleartext_login = true;
+    listener.cleartext_networks = vec!["127.0.0.0/8".parse().unwrap()];
+    listener.loopback_is_secure = false;
+    config.listener.truncate(1);
+    let gateway = InProcess::start(config, &store);
+    let addr = SocketAddr::from(([127, 0, 0, 1], gateway.port()));
+    let mut c = Client::connect_from(ip(1), addr);
+    let reply = c.cmd("USER printer");
+    assert!(reply.starts_with("+OK"), "USER from 127.0.0.1 on [::]: {reply}");
+    c.ok("PASS printer-pass");
+    c.quit();
+    // The unit: the address every check sees.
+    let mapped: SocketAddr = "[::ffff:192.0.2.7]:110".parse().unwrap();
+    assert_eq!(popgate::server::canonical_peer(mapped), "192.0.2.7:110".parse().unwrap());
+}

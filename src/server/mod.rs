@@ -317,6 +317,13 @@ impl RunningServer {
     }
 }
 
+/// The client's address as every later check sees it: an IPv4 client of a
+/// dual-stack (`[::]`) listener arrives as `::ffff:a.b.c.d`, and must match
+/// IPv4 networks, limits and throttle entries (and be logged) as `a.b.c.d`.
+pub fn canonical_peer(peer: SocketAddr) -> SocketAddr {
+    SocketAddr::new(peer.ip().to_canonical(), peer.port())
+}
+
 async fn accept_loop(
     listener: TcpListener,
     context: Arc<Context>,
@@ -334,9 +341,9 @@ async fn accept_loop(
             accepted = listener.accept() => accepted,
         };
         let (socket, peer) = match accepted {
-            Ok(pair) => {
+            Ok((socket, peer)) => {
                 backoff = Duration::from_millis(5);
-                pair
+                (socket, canonical_peer(peer))
             }
             Err(e) => {
                 // Out of file descriptors and the like: wait, don't spin.
