@@ -171,3 +171,38 @@ fn ipv4_clients_of_a_dual_stack_listener_match_ipv4_networks() {
     let mapped: SocketAddr = "[::ffff:192.0.2.7]:110".parse().unwrap();
     assert_eq!(popgate::server::canonical_peer(mapped), "192.0.2.7:110".parse().unwrap());
 }
+
+/// Issue #12, finding 2: a warm backend session is not reused past
+/// `max_age_secs`, so a password changed at the backend stops working
+/// through popgate within that time.
+#[test]
+fn a_warm_session_past_its_maximum_age_is_not_reused() {
+    use support::dovecot::{ALICE, Dovecot};
+    let dovecot = Dovecot::start_with_users(&[ALICE]);
+    let mut config = Config {
+        backend: popgate::backend::select::BackendConfig::from_url(&dovecot.imap_url()).unwrap(),
+        ..Config::default()
+    };
+    config.backend_pool.max_age_secs = 2;
+    config.backend_pool.idle_secs = 600;
+    let gateway = Gateway::from_config(config);
+    let mut c = gateway.login(ALICE.0, ALICE.1);
+    c.quit();
+    // The warm session is reused within max_age (this is what it is for).
+    let mut c = gateway.login(ALICE.0, ALICE.1);
+    c.quit();
+    // The password changes at the backend.
+    let passwd = dovecot.dir().join("passwd");
+    let text = std::fs::read_to_string(&passwd).unwrap();
+    let old = format!("{}:{{PLAIN}}{}:", ALICE.0, ALICE.1);
+    assert!(text.contains(&old), "{text}");
+    std::fs::write(&passwd, text.replace(&old, &format!("{}:{{PLAIN}}changed-secret:", ALICE.0))).unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    let mut c = gateway.connect();
+    c.ok(&format!("USER {}", ALICE.0));
+    let reply = c.cmd(&format!("PASS {}", ALICE.1));
+    assert!(reply.starts_with("-ERR"), "the old password still logs in past max_age_secs: {reply}");
+    drop(c);
+    let mut c = gateway.login(ALICE.0, "changed-secret");
+    c.quit();
+}
