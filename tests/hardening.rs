@@ -206,3 +206,41 @@ fn a_warm_session_past_its_maximum_age_is_not_reused() {
     let mut c = gateway.login(ALICE.0, "changed-secret");
     c.quit();
 }
+
+/// Issue #12, finding 4: lowering `max_connections` by reload (6 -> 2)
+/// holds once the connections above it have ended (they used to hand their
+/// permits back, restoring the old limit).
+#[test]
+fn a_lowered_connection_limit_holds_after_the_excess_connections_end() {
+    let store = DemoStore::new();
+    let mut config = Config::default();
+    config.limits.max_connections = 6;
+    config.limits.max_connections_per_address = 100;
+    let mut gateway = InProcess::start(config.clone(), &store);
+    let addr = SocketAddr::from(([127, 0, 0, 1], gateway.port()));
+    let open: Vec<Client<std::net::TcpStream>> = (0..6).map(|_| Client::connect(addr)).collect();
+    config.limits.max_connections = 2;
+    let changes = gateway.server().reload(&config);
+    assert!(changes.iter().any(|c| c.contains("max_connections")), "{changes:?}");
+    for mut c in open {
+        c.quit();
+    }
+    let metrics = gateway.server().metrics();
+    let labels = popgate::telemetry::ListenerLabels { listener: gateway.server().local_addrs()[0].to_string() };
+    support::wait_for("the six sessions to end", support::IO_TIMEOUT, || {
+        (metrics.sessions_active.get_or_create(&labels).get() == 0).then_some(())
+    });
+    // (The slot is given back just after the session's gauge goes down.)
+    std::thread::sleep(Duration::from_millis(200));
+    let mut held = Vec::new();
+    for n in 0..4 {
+        let mut c = Client::raw(support::tls::tcp(addr));
+        let greeting = c.line();
+        if n < 2 {
+            assert!(greeting.starts_with("+OK"), "connection {n}: {greeting}");
+        } else {
+            assert!(greeting.starts_with("-ERR"), "connection {n} above the lowered limit of 2: {greeting}");
+        }
+        held.push(c);
+    }
+}
