@@ -244,3 +244,117 @@ fn a_lowered_connection_limit_holds_after_the_excess_connections_end() {
         held.push(c);
     }
 }
+
+/// Issue #12, finding 1: 1 000 parallel bad logins (unknown users and a
+/// device's wrong password, every one an Argon2 check) neither grow the
+/// gateway by more than 64 MiB, during the burst or after it, nor keep
+/// another device out for long: it is let in within 2 s of the burst
+/// starting (retrying, as a device does, while it is told `[SYS/TEMP]`).
+#[test]
+fn a_burst_of_bad_logins_is_bounded_in_memory_and_does_not_lock_devices_out() {
+    use popgate::auth::passwords::hash_password;
+    use support::gateway::GatewayProcess;
+    const BURST: usize = 1000;
+    const LIMIT_KIB: u64 = 64 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("held"), "held-password\n").unwrap();
+    let config = dir.path().join("popgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[backend]
+kind = "demo"
+
+[limits]
+max_connections = 4000
+max_connections_per_address = 4000
+
+[[account]]
+name = "office"
+mode = "mapped"
+login = "office"
+password_file = "{dir}/held"
+
+[[account.device]]
+user = "printer-1"
+password_hash = "{h1}"
+
+[[account.device]]
+user = "printer-2"
+password_hash = "{h2}"
+"#,
+            dir = dir.path().display(),
+            h1 = hash_password("printer-1-pass").unwrap(),
+            h2 = hash_password("printer-2-pass").unwrap(),
+        ),
+    )
+    .unwrap();
+    let gateway = GatewayProcess::start(&["--config", config.to_str().unwrap()]);
+    let addr = gateway.addr;
+    let good_login = move |deadline: Instant| -> Result<(), String> {
+        loop {
+            let mut c = Client::connect_from(ip(2), addr);
+            c.ok("USER printer-1");
+            let reply = c.cmd("PASS printer-1-pass");
+            if reply.starts_with("+OK") {
+                c.quit();
+                return Ok(());
+            }
+            if !reply.starts_with("-ERR [SYS/TEMP]") || Instant::now() >= deadline {
+                return Err(reply);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    // Warm: the verifier exists and a device has logged in once.
+    good_login(Instant::now() + support::IO_TIMEOUT).expect("a first device login");
+    let baseline = gateway.rss_kib();
+
+    let barrier = Arc::new(Barrier::new(BURST + 1));
+    let attackers: Vec<_> = (0..BURST)
+        .map(|n| {
+            let barrier = barrier.clone();
+            std::thread::Builder::new()
+                .stack_size(128 * 1024)
+                .spawn(move || {
+                    let mut c = Client::connect_from(ip(1), addr);
+                    c.ok(&if n % 2 == 0 { format!("USER intruder-{n}") } else { "USER printer-2".to_string() });
+                    barrier.wait();
+                    c.cmd(&format!("PASS guess-{n}"))
+                })
+                .expect("spawn an attacker")
+        })
+        .collect();
+    barrier.wait();
+    let started = Instant::now();
+    let good = std::thread::spawn(move || {
+        let result = good_login(started + Duration::from_secs(2));
+        (result, started.elapsed())
+    });
+    let mut peak = baseline;
+    while !attackers.iter().all(|a| a.is_finished()) {
+        peak = peak.max(gateway.rss_kib());
+        assert!(
+            peak < baseline + LIMIT_KIB,
+            "popgate grew from {baseline} KiB to {peak} KiB during the burst ({:?} in)",
+            started.elapsed()
+        );
+        assert!(started.elapsed() < Duration::from_secs(120), "the burst did not end within 2 minutes");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut refused = 0;
+    for attacker in attackers {
+        let reply = attacker.join().unwrap();
+        assert!(reply.starts_with("-ERR [AUTH]") || reply.starts_with("-ERR [SYS/TEMP]"), "{reply}");
+        refused += reply.starts_with("-ERR [SYS/TEMP]") as usize;
+    }
+    let (result, took) = good.join().unwrap();
+    assert!(result.is_ok(), "the device was not let in within 2 s of the burst ({took:?}): {result:?}");
+    std::thread::sleep(Duration::from_millis(500));
+    let after = gateway.rss_kib();
+    assert!(after < baseline + LIMIT_KIB, "popgate kept {after} KiB after the burst (from {baseline} KiB)");
+    eprintln!(
+        "burst of {BURST}: {refused} told to try later; RSS {baseline} -> peak {peak} -> {after} KiB; device in after {took:?}"
+    );
+}
