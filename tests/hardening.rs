@@ -248,8 +248,8 @@ fn a_lowered_connection_limit_holds_after_the_excess_connections_end() {
 /// Issue #12, finding 1: 1 000 parallel bad logins (unknown users and a
 /// device's wrong password, every one an Argon2 check) neither grow the
 /// gateway by more than 64 MiB, during the burst or after it, nor keep
-/// another device out for long: it is let in within 2 s of the burst
-/// starting (retrying, as a device does, while it is told `[SYS/TEMP]`).
+/// another device (one that polled before) out: it is let in within 2 s of
+/// the burst starting (retrying, as a device does, if told `[SYS/TEMP]`).
 #[test]
 fn a_burst_of_bad_logins_is_bounded_in_memory_and_does_not_lock_devices_out() {
     use popgate::auth::passwords::hash_password;

@@ -108,15 +108,24 @@ impl std::fmt::Debug for DeviceHash {
 
 /// The device-password checks of all logins: a fixed set of worker threads
 /// (as many as cores, at most `MAX_WORKERS`), each with its own Argon2
-/// memory allocated once and reused, fed by a short queue. A check that
+/// memory allocated once and reused, fed by a bounded queue. A check that
 /// finds the queue full is refused at once (`Busy`: the client is told to
 /// try again later) instead of queueing more hashing, so a burst of bad
-/// logins costs neither unbounded memory nor minutes of queued CPU, and a
-/// device that comes back after the burst is checked at once.
+/// logins costs neither unbounded memory nor minutes of queued CPU.
+///
+/// A password that matched is remembered for `REMEMBER_FOR` as an HMAC
+/// (per-process random key) of the hash and the password — never the
+/// password — so a device polling with its right password is let in
+/// without hashing, burst or not. Wrong passwords are always hashed.
 pub struct Verifier {
     jobs: std::sync::mpsc::SyncSender<Job>,
     workers: usize,
+    key: ring::hmac::Key,
+    matched: moka::sync::Cache<Vec<u8>, ()>,
 }
+
+/// How long a matched password is let in without hashing.
+pub const REMEMBER_FOR: std::time::Duration = std::time::Duration::from_secs(600);
 
 struct Job {
     hash: DeviceHash,
@@ -132,6 +141,8 @@ pub struct Busy;
 
 /// Workers at most (each holds 19 MiB of Argon2 memory for good).
 pub const MAX_WORKERS: usize = 4;
+/// Checks waiting per worker at most (a few tens of ms each).
+pub const QUEUE_PER_WORKER: usize = 32;
 
 impl Verifier {
     /// `workers` threads, each with the memory of the default parameters
@@ -163,17 +174,30 @@ impl Verifier {
                 })
                 .expect("spawn an Argon2 worker thread");
         }
-        Verifier { jobs, workers }
+        let key = ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &ring::rand::SystemRandom::new())
+            .expect("system randomness");
+        let matched = moka::sync::Cache::builder().max_capacity(10_000).time_to_live(REMEMBER_FOR).build();
+        Verifier { jobs, workers, key, matched }
+    }
+
+    fn fingerprint(&self, hash: &DeviceHash, password: &Secret) -> Vec<u8> {
+        let mut ctx = ring::hmac::Context::with_key(&self.key);
+        for part in [hash.phc.as_bytes(), password.expose().as_bytes()] {
+            ctx.update(&(part.len() as u64).to_be_bytes());
+            ctx.update(part);
+        }
+        ctx.sign().as_ref().to_vec()
     }
 
     /// The process's verifier: one worker per core (at most `MAX_WORKERS`),
-    /// a queue of two checks per worker.
+    /// a queue of `QUEUE_PER_WORKER` checks per worker (a fleet polling at
+    /// the same minute queues; a burst beyond that is refused).
     pub fn shared() -> &'static Verifier {
         static SHARED: std::sync::OnceLock<Verifier> = std::sync::OnceLock::new();
         SHARED.get_or_init(|| {
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
             let workers = cores.clamp(1, MAX_WORKERS);
-            Verifier::new(workers, 2 * workers)
+            Verifier::new(workers, QUEUE_PER_WORKER * workers)
         })
     }
 
@@ -184,9 +208,21 @@ impl Verifier {
     /// Checks `password` against `hash` (`None`: the time of a check, and
     /// no match), or `Busy` at once when the queue is full.
     pub async fn verify(&self, hash: &DeviceHash, password: Option<Secret>) -> Result<bool, Busy> {
+        let fingerprint = password.as_ref().map(|p| self.fingerprint(hash, p));
+        if let Some(fingerprint) = &fingerprint
+            && self.matched.contains_key(fingerprint)
+        {
+            return Ok(true);
+        }
         let (reply, answer) = tokio::sync::oneshot::channel();
         match self.jobs.try_send(Job { hash: hash.clone(), password, reply }) {
-            Ok(()) => Ok(answer.await.unwrap_or(false)),
+            Ok(()) => {
+                let matched = answer.await.unwrap_or(false);
+                if let (true, Some(fingerprint)) = (matched, fingerprint) {
+                    self.matched.insert(fingerprint, ());
+                }
+                Ok(matched)
+            }
             Err(std::sync::mpsc::TrySendError::Full(_)) => Err(Busy),
             Err(std::sync::mpsc::TrySendError::Disconnected(_)) => Ok(false),
         }
@@ -291,7 +327,13 @@ mod tests {
         let results = futures::future::join_all(checks).await;
         assert!(results.contains(&Err(Busy)), "{results:?}");
         assert!(results.contains(&Ok(false)), "{results:?}");
-        assert_eq!(verifier.verify(&hash, Some(Secret::new("right"))).await, Ok(true));
+        // The right password, matched before, is let in without a check.
+        let busy: Vec<_> = (0..4).map(|_| verifier.verify(&hash, Some(Secret::new("wrong")))).collect();
+        let (results, right) =
+            futures::future::join(futures::future::join_all(busy), verifier.verify(&hash, Some(Secret::new("right"))))
+                .await;
+        assert_eq!(right, Ok(true));
+        assert!(results.contains(&Err(Busy)), "{results:?}");
     }
 
     #[test]
