@@ -44,7 +44,8 @@ pub struct ThrottleConfig {
     /// every login from it waits.
     pub address_free_failures: u32,
     /// The longest wait of a login for its address's failures alone (kept
-    /// small: it also holds up the address's correct logins).
+    /// small: it also holds up the address's correct logins); never more
+    /// than `max_delay_ms`.
     pub address_max_delay_ms: u64,
     /// Seconds without a failure after which an address or user is forgiven.
     pub release_after_secs: u64,
@@ -186,12 +187,8 @@ impl Tables {
         let c = &self.config;
         let pair = self.delay_after(self.by_pair.get(&(address, user.to_string())).unwrap_or(0));
         let by_address = self.by_address.get(&address).unwrap_or(0);
-        let address = Self::grown(
-            c.address_free_failures,
-            c.base_delay_ms.min(c.address_max_delay_ms),
-            c.address_max_delay_ms,
-            by_address,
-        );
+        let cap = c.address_max_delay_ms.min(c.max_delay_ms);
+        let address = Self::grown(c.address_free_failures, c.base_delay_ms.min(cap), cap, by_address);
         pair.max(address)
     }
 }
