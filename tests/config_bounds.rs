@@ -36,6 +36,8 @@ const KEYS: &[(&str, &str, i64, (i64, i64))] = &[
     ("throttle", "max_delay_ms", 60_000, (0, 600_000)),
     ("throttle", "release_after_secs", 900, (1, 604_800)),
     ("throttle", "max_entries", 1000, (1, 10_000_000)),
+    ("throttle", "address_free_failures", 20, (1, 100_000)),
+    ("throttle", "address_max_delay_ms", 1000, (0, 60_000)),
     ("backend_pool", "idle_secs", 240, (1, 86_400)),
     ("backend_pool", "max_age_secs", 900, (1, 86_400)),
     ("backend_pool", "max_per_account", 2, (0, 1_000)),

@@ -7,8 +7,8 @@
 
 use std::path::PathBuf;
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use argon2::{Algorithm, Argon2, Params, Version};
+use argon2::password_hash::{self, PasswordHash, PasswordHasher, SaltString};
+use argon2::{Algorithm, Argon2, Block, Params, Version};
 use serde::{Deserialize, Serialize};
 
 use crate::mail::Secret;
@@ -59,13 +59,34 @@ impl DeviceHash {
         Ok(DeviceHash { phc: phc.to_string() })
     }
 
-    /// Constant-time check of `password` (CPU-heavy: call it off the async
-    /// threads).
+    /// Constant-time check of `password` (CPU-heavy and 19 MiB: call it
+    /// off the async threads; logins go through `Verifier`, which bounds
+    /// both).
     pub fn verify(&self, password: &str) -> bool {
+        self.verify_with(password, &mut Vec::new())
+    }
+
+    /// `verify`, with Argon2's working memory in `memory` (grown to what
+    /// the hash's parameters need, and kept there for the next call).
+    pub fn verify_with(&self, password: &str, memory: &mut Vec<Block>) -> bool {
         let Ok(parsed) = PasswordHash::new(&self.phc) else { return false };
-        // The parameters come from the PHC string; `hasher()` only supplies
-        // the algorithm.
-        hasher().verify_password(password.as_bytes(), &parsed).is_ok()
+        // The parameters come from the PHC string.
+        let (Some(salt), Some(expected)) = (parsed.salt, parsed.hash) else { return false };
+        let Ok(params) = Params::try_from(&parsed) else { return false };
+        let version = parsed.version.map_or(Ok(Version::V0x13), Version::try_from);
+        let Ok(version) = version else { return false };
+        let mut salt_bytes = [0u8; 64];
+        let Ok(salt) = salt.decode_b64(&mut salt_bytes) else { return false };
+        if memory.len() < params.block_count() {
+            memory.resize(params.block_count(), Block::default());
+        }
+        let mut out = vec![0u8; expected.len()];
+        let argon2 = Argon2::new(Algorithm::Argon2id, version, params);
+        if argon2.hash_password_into_with_memory(password.as_bytes(), salt, &mut out, &mut memory[..]).is_err() {
+            return false;
+        }
+        // `Output`'s equality is constant-time.
+        password_hash::Output::new(&out).is_ok_and(|computed| computed == expected)
     }
 
     /// A hash no password matches, to spend the same time on unknown user
@@ -82,6 +103,129 @@ impl DeviceHash {
 impl std::fmt::Debug for DeviceHash {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("DeviceHash(argon2id)")
+    }
+}
+
+/// The device-password checks of all logins: a fixed set of worker threads
+/// (as many as cores, at most `MAX_WORKERS`), each with its own Argon2
+/// memory allocated once and reused, fed by a bounded queue. A check that
+/// finds the queue full is refused at once (`Busy`: the client is told to
+/// try again later) instead of queueing more hashing, so a burst of bad
+/// logins costs neither unbounded memory nor minutes of queued CPU.
+///
+/// A password that matched is remembered for `REMEMBER_FOR` as an HMAC
+/// (per-process random key) of the hash and the password — never the
+/// password — so a device polling with its right password is let in
+/// without hashing, burst or not. Wrong passwords are always hashed.
+pub struct Verifier {
+    jobs: std::sync::mpsc::SyncSender<Job>,
+    workers: usize,
+    key: ring::hmac::Key,
+    matched: moka::sync::Cache<Vec<u8>, ()>,
+}
+
+/// How long a matched password is let in without hashing.
+pub const REMEMBER_FOR: std::time::Duration = std::time::Duration::from_secs(600);
+
+struct Job {
+    hash: DeviceHash,
+    /// `None`: spend the time, match nothing.
+    password: Option<Secret>,
+    reply: tokio::sync::oneshot::Sender<bool>,
+}
+
+/// The verifier's queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("too many logins are being checked; try again later")]
+pub struct Busy;
+
+/// Workers at most (each holds 19 MiB of Argon2 memory for good).
+pub const MAX_WORKERS: usize = 4;
+/// Checks waiting per worker at most (a few tens of ms each).
+pub const QUEUE_PER_WORKER: usize = 32;
+
+impl Verifier {
+    /// `workers` threads, each with the memory of the default parameters
+    /// allocated now; at most `queue` checks waiting for one.
+    pub fn new(workers: usize, queue: usize) -> Verifier {
+        let workers = workers.max(1);
+        let (jobs, receiver) = std::sync::mpsc::sync_channel::<Job>(queue);
+        let receiver = std::sync::Arc::new(std::sync::Mutex::new(receiver));
+        let blocks = hasher().params().block_count();
+        for n in 0..workers {
+            let receiver = receiver.clone();
+            std::thread::Builder::new()
+                .name(format!("popgate-argon2-{n}"))
+                .spawn(move || {
+                    let mut memory = vec![Block::default(); blocks];
+                    loop {
+                        let job = receiver.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                        // Every sender gone: the verifier was dropped.
+                        let Ok(job) = job else { return };
+                        let matched = match &job.password {
+                            Some(password) => job.hash.verify_with(password.expose(), &mut memory),
+                            None => {
+                                job.hash.verify_with("", &mut memory);
+                                false
+                            }
+                        };
+                        let _ = job.reply.send(matched);
+                    }
+                })
+                .expect("spawn an Argon2 worker thread");
+        }
+        let key = ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &ring::rand::SystemRandom::new())
+            .expect("system randomness");
+        let matched = moka::sync::Cache::builder().max_capacity(10_000).time_to_live(REMEMBER_FOR).build();
+        Verifier { jobs, workers, key, matched }
+    }
+
+    fn fingerprint(&self, hash: &DeviceHash, password: &Secret) -> Vec<u8> {
+        let mut ctx = ring::hmac::Context::with_key(&self.key);
+        for part in [hash.phc.as_bytes(), password.expose().as_bytes()] {
+            ctx.update(&(part.len() as u64).to_be_bytes());
+            ctx.update(part);
+        }
+        ctx.sign().as_ref().to_vec()
+    }
+
+    /// The process's verifier: one worker per core (at most `MAX_WORKERS`),
+    /// a queue of `QUEUE_PER_WORKER` checks per worker (a fleet polling at
+    /// the same minute queues; a burst beyond that is refused).
+    pub fn shared() -> &'static Verifier {
+        static SHARED: std::sync::OnceLock<Verifier> = std::sync::OnceLock::new();
+        SHARED.get_or_init(|| {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let workers = cores.clamp(1, MAX_WORKERS);
+            Verifier::new(workers, QUEUE_PER_WORKER * workers)
+        })
+    }
+
+    pub fn workers(&self) -> usize {
+        self.workers
+    }
+
+    /// Checks `password` against `hash` (`None`: the time of a check, and
+    /// no match), or `Busy` at once when the queue is full.
+    pub async fn verify(&self, hash: &DeviceHash, password: Option<Secret>) -> Result<bool, Busy> {
+        let fingerprint = password.as_ref().map(|p| self.fingerprint(hash, p));
+        if let Some(fingerprint) = &fingerprint
+            && self.matched.contains_key(fingerprint)
+        {
+            return Ok(true);
+        }
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        match self.jobs.try_send(Job { hash: hash.clone(), password, reply }) {
+            Ok(()) => {
+                let matched = answer.await.unwrap_or(false);
+                if let (true, Some(fingerprint)) = (matched, fingerprint) {
+                    self.matched.insert(fingerprint, ());
+                }
+                Ok(matched)
+            }
+            Err(std::sync::mpsc::TrySendError::Full(_)) => Err(Busy),
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => Ok(false),
+        }
     }
 }
 
@@ -169,6 +313,27 @@ mod tests {
         assert_ne!(hash_password("x").unwrap(), hash_password("x").unwrap(), "salts differ");
         assert!(!DeviceHash::decoy().verify(""));
         assert!(!format!("{hash:?}").contains(&phc));
+    }
+
+    #[tokio::test]
+    async fn the_verifier_refuses_beyond_its_queue_and_reuses_its_memory() {
+        let hash = DeviceHash::parse(&hash_password("right").unwrap()).unwrap();
+        let verifier = Verifier::new(1, 1);
+        assert_eq!(verifier.verify(&hash, Some(Secret::new("right"))).await, Ok(true));
+        assert_eq!(verifier.verify(&hash, Some(Secret::new("wrong"))).await, Ok(false));
+        assert_eq!(verifier.verify(&hash, None).await, Ok(false));
+        // One at work, one queued: the others are refused at once.
+        let checks: Vec<_> = (0..8).map(|_| verifier.verify(&hash, Some(Secret::new("wrong")))).collect();
+        let results = futures::future::join_all(checks).await;
+        assert!(results.contains(&Err(Busy)), "{results:?}");
+        assert!(results.contains(&Ok(false)), "{results:?}");
+        // The right password, matched before, is let in without a check.
+        let busy: Vec<_> = (0..4).map(|_| verifier.verify(&hash, Some(Secret::new("wrong")))).collect();
+        let (results, right) =
+            futures::future::join(futures::future::join_all(busy), verifier.verify(&hash, Some(Secret::new("right"))))
+                .await;
+        assert_eq!(right, Ok(true));
+        assert!(results.contains(&Err(Busy)), "{results:?}");
     }
 
     #[test]

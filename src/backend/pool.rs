@@ -129,6 +129,7 @@ impl SessionPool {
         let key = self.key(backend, credentials);
         if self.config.enabled {
             let ttl = Duration::from_secs(self.config.idle_secs);
+            let max_age = Duration::from_secs(self.config.max_age_secs);
             loop {
                 let candidate = {
                     let mut idle = self.lock();
@@ -139,7 +140,9 @@ impl SessionPool {
                     found
                 };
                 let Some(candidate) = candidate else { break };
-                if candidate.since.elapsed() > ttl {
+                // Too old counts here too, not only at check-in: a session
+                // kept just before its maximum age must not serve past it.
+                if candidate.since.elapsed() > ttl || candidate.opened.elapsed() > max_age {
                     candidate.mailbox.close().await;
                     continue;
                 }
@@ -185,14 +188,17 @@ impl SessionPool {
         }
     }
 
-    /// Closes sessions idle for longer than `idle_secs`.
+    /// Closes sessions idle for longer than `idle_secs` or logged in longer
+    /// than `max_age_secs` ago.
     pub async fn evict_expired(&self) {
         let ttl = Duration::from_secs(self.config.idle_secs);
+        let max_age = Duration::from_secs(self.config.max_age_secs);
         let expired: Vec<Idle> = {
             let mut idle = self.lock();
             let mut expired = Vec::new();
             for list in idle.values_mut() {
-                let (old, keep): (Vec<Idle>, Vec<Idle>) = list.drain(..).partition(|i| i.since.elapsed() > ttl);
+                let (old, keep): (Vec<Idle>, Vec<Idle>) =
+                    list.drain(..).partition(|i| i.since.elapsed() > ttl || i.opened.elapsed() > max_age);
                 expired.extend(old);
                 *list = keep;
             }
@@ -305,6 +311,18 @@ mod tests {
         let (mailbox, lease) = aged.checkout(&backend, &alice).await.unwrap();
         tokio::time::sleep(Duration::from_millis(5)).await;
         aged.checkin(lease, mailbox).await;
+        assert_eq!(aged.idle_count(), 0);
+        // Nor is one reused, or left in the pool, once past it.
+        let aged = SessionPool::new(PoolConfig { max_age_secs: 1, ..PoolConfig::default() });
+        let (mailbox, lease) = aged.checkout(&backend, &alice).await.unwrap();
+        aged.checkin(lease, mailbox).await;
+        assert_eq!(aged.idle_count(), 1);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let (mailbox, lease) = aged.checkout(&backend, &alice).await.unwrap();
+        assert!(!lease.reused, "a session past max_age_secs was reused");
+        aged.checkin(lease, mailbox).await;
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        aged.evict_expired().await;
         assert_eq!(aged.idle_count(), 0);
         let disabled = SessionPool::new(PoolConfig { enabled: false, ..PoolConfig::default() });
         let (mailbox, lease) = disabled.checkout(&backend, &alice).await.unwrap();

@@ -1,11 +1,63 @@
-//! Connection limits per client address (the overall limit is a semaphore in
-//! `server`). A `PerAddress` slot is held for the life of a connection and
-//! given back on drop, so a crashed session cannot leak it.
+//! Connection limits: overall (`ConnectionLimit`) and per client address
+//! (`PerAddressLimit`). A slot is held for the life of a connection and
+//! given back on drop, so a crashed session cannot leak it. Both are counts
+//! checked against the limit in force: lowering a limit (SIGHUP) lets the
+//! connections above it finish, and holds once they have.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+
+/// The overall connection limit.
+#[derive(Debug)]
+pub struct ConnectionLimit {
+    /// (limit, connections open)
+    state: Mutex<(usize, usize)>,
+}
+
+pub struct ConnectionSlot {
+    limit: Arc<ConnectionLimit>,
+}
+
+impl ConnectionLimit {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(ConnectionLimit { state: Mutex::new((max, 0)) })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (usize, usize)> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A slot for one more connection, if under the limit.
+    pub fn try_acquire(self: &Arc<Self>) -> Option<ConnectionSlot> {
+        let mut state = self.lock();
+        if state.1 >= state.0 {
+            return None;
+        }
+        state.1 += 1;
+        Some(ConnectionSlot { limit: self.clone() })
+    }
+
+    /// A new limit for new connections. Returns how many connections are
+    /// open above it (they stay until they end; none replaces them).
+    pub fn set_max(&self, max: usize) -> usize {
+        let mut state = self.lock();
+        state.0 = max;
+        state.1.saturating_sub(max)
+    }
+
+    pub fn open(&self) -> usize {
+        self.lock().1
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut state = self.limit.lock();
+        state.1 -= 1;
+    }
+}
 
 #[derive(Debug)]
 pub struct PerAddressLimit {
@@ -72,5 +124,21 @@ mod tests {
         drop(s1);
         assert_eq!(limit.open_from(a), 1);
         assert!(limit.acquire(a).is_some());
+    }
+
+    #[test]
+    fn a_lowered_limit_holds_once_the_excess_ends() {
+        let limit = ConnectionLimit::new(3);
+        let slots: Vec<_> = (0..3).map(|_| limit.try_acquire().unwrap()).collect();
+        assert!(limit.try_acquire().is_none());
+        assert_eq!(limit.set_max(1), 2, "two above the new limit");
+        drop(slots);
+        assert_eq!(limit.open(), 0);
+        let held = limit.try_acquire().unwrap();
+        assert!(limit.try_acquire().is_none());
+        assert_eq!(limit.set_max(2), 0);
+        let _second = limit.try_acquire().unwrap();
+        assert!(limit.try_acquire().is_none());
+        drop(held);
     }
 }

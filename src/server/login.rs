@@ -32,6 +32,8 @@ pub async fn log_in(
     credentials: &Credentials,
 ) -> Option<Result<LoggedIn, BackendError>> {
     let throttle = &context.throttle;
+    // The wait before: this address's failures with this user name (and,
+    // capped small, the address's failures with any name).
     let delay = throttle.delay(peer, &credentials.user);
     let opened = tokio::select! {
         _ = context.stopped() => return None,
@@ -40,13 +42,25 @@ pub async fn log_in(
                 tracing::debug!(delay_ms = delay.as_millis() as u64, "throttling login after failures");
                 tokio::time::sleep(delay).await;
             }
-            open_maildrop(context, credentials).await
+            let opened = open_maildrop(context, credentials).await;
+            if let Err(BackendError::AuthFailed | BackendError::BadCredentials(_)) = &opened {
+                // The wait after: the user name's failures from every
+                // address hold up only a failed guess, never the right
+                // password.
+                let more = throttle.failure_delay(&credentials.user, delay);
+                throttle.record_failure(peer, &credentials.user);
+                if !more.is_zero() {
+                    tracing::debug!(delay_ms = more.as_millis() as u64, "throttling a failed login of a guessed user");
+                    tokio::time::sleep(more).await;
+                }
+            }
+            opened
         } => opened,
     };
     let metrics = &context.metrics;
     match &opened {
         Ok(logged_in) => {
-            throttle.record_success(&credentials.user);
+            throttle.record_success(peer, &credentials.user);
             metrics.login("success", "ok");
             if logged_in.lease.reused {
                 metrics.backend_sessions_reused.inc();
@@ -57,9 +71,6 @@ pub async fn log_in(
             tracing::info!(messages = logged_in.maildrop.stat().0, "logged in");
         }
         Err(e) => {
-            if matches!(e, BackendError::AuthFailed | BackendError::BadCredentials(_)) {
-                throttle.record_failure(peer, &credentials.user);
-            }
             metrics.login("failure", error_reason(e));
             tracing::info!(user = %credentials.user, error = %e, "login failed");
         }

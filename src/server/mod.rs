@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::auth::accounts::Router;
@@ -31,7 +31,7 @@ use crate::config::Config;
 use crate::telemetry::Metrics;
 use admin::Health;
 use config::Limits;
-use limits::PerAddressLimit;
+use limits::{ConnectionLimit, PerAddressLimit};
 use policy::{ListenerTls, LoginPolicy};
 use stream::ClientStream;
 use throttle::LoginThrottle;
@@ -131,7 +131,7 @@ struct ListenerContext {
 pub struct RunningServer {
     addrs: Vec<SocketAddr>,
     context: Arc<Context>,
-    permits: Arc<Semaphore>,
+    permits: Arc<ConnectionLimit>,
     per_address: Arc<PerAddressLimit>,
     pool: Arc<SessionPool>,
     metrics: Arc<Metrics>,
@@ -188,7 +188,7 @@ impl Server {
         });
         tokio::spawn(evict_idle_sessions(Arc::downgrade(&context.pool)));
         let health = Health::new(context.backend.clone());
-        let permits = Arc::new(Semaphore::new(config.limits.max_connections));
+        let permits = ConnectionLimit::new(config.limits.max_connections);
         let per_address = PerAddressLimit::new(config.limits.max_connections_per_address);
         let mut tasks = JoinSet::new();
         let mut addrs = Vec::new();
@@ -309,17 +309,14 @@ impl RunningServer {
         let old = self.context.limits();
         if *old != new.limits {
             changes.extend(diff_limits(&old, &new.limits));
-            if new.limits.max_connections > old.max_connections {
-                self.permits.add_permits(new.limits.max_connections - old.max_connections);
-            } else if new.limits.max_connections < old.max_connections {
-                let want = old.max_connections - new.limits.max_connections;
-                let forgotten = self.permits.forget_permits(want);
-                if forgotten < want {
-                    changes.push(format!(
-                        "limits.max_connections: {} connections above the new limit stay until they end",
-                        want - forgotten
-                    ));
-                }
+            // A count checked against the limit in force: connections
+            // above a lowered limit end in their own time and are not
+            // replaced.
+            let above = self.permits.set_max(new.limits.max_connections);
+            if above > 0 {
+                changes.push(format!(
+                    "limits.max_connections: {above} connections above the new limit stay until they end"
+                ));
             }
             self.per_address.set_max(new.limits.max_connections_per_address);
             self.grace = Duration::from_secs(new.limits.shutdown_grace_secs);
@@ -378,11 +375,18 @@ impl RunningServer {
     }
 }
 
+/// The client's address as every later check sees it: an IPv4 client of a
+/// dual-stack (`[::]`) listener arrives as `::ffff:a.b.c.d`, and must match
+/// IPv4 networks, limits and throttle entries (and be logged) as `a.b.c.d`.
+pub fn canonical_peer(peer: SocketAddr) -> SocketAddr {
+    SocketAddr::new(peer.ip().to_canonical(), peer.port())
+}
+
 async fn accept_loop(
     listener: TcpListener,
     context: Arc<Context>,
     listener_context: Arc<ListenerContext>,
-    permits: Arc<Semaphore>,
+    permits: Arc<ConnectionLimit>,
     mut draining: watch::Receiver<bool>,
 ) {
     let mut sessions = JoinSet::new();
@@ -395,9 +399,9 @@ async fn accept_loop(
             accepted = listener.accept() => accepted,
         };
         let (socket, peer) = match accepted {
-            Ok(pair) => {
+            Ok((socket, peer)) => {
                 backoff = Duration::from_millis(5);
-                pair
+                (socket, canonical_peer(peer))
             }
             Err(e) => {
                 // Out of file descriptors and the like: wait, don't spin.
@@ -408,7 +412,7 @@ async fn accept_loop(
             }
         };
         let _ = socket.set_nodelay(true);
-        let permit = permits.clone().try_acquire_owned().ok();
+        let permit = permits.try_acquire();
         let slot = listener_context.per_address.acquire(peer.ip());
         let context = context.clone();
         let listener_context = listener_context.clone();

@@ -32,7 +32,10 @@ pub struct LoginPolicy {
 
 impl LoginPolicy {
     /// May a client at `peer` log in, with TLS active or not?
+    /// (`peer` is canonical already when it comes from the accept loop; an
+    /// IPv4-mapped IPv6 address is made IPv4 here too.)
     pub fn login_permitted(&self, peer: IpAddr, tls_active: bool) -> bool {
+        let peer = peer.to_canonical();
         if tls_active || (self.loopback_is_secure && is_loopback(peer)) {
             return true;
         }
@@ -84,6 +87,7 @@ mod tests {
         let printers = policy(ListenerTls::None, true, &["192.168.10.0/24"]);
         assert!(printers.login_permitted(printer, false));
         assert!(!printers.login_permitted(outsider, false));
+        assert!(printers.login_permitted("::ffff:192.168.10.23".parse().unwrap(), false));
         assert!(!printers.stls_offered(false));
 
         let open = policy(ListenerTls::None, true, &[]);

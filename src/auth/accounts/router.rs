@@ -23,7 +23,7 @@ use async_trait::async_trait;
 use super::config::{AccountMode, AccountsSetup, DEFAULT_BACKEND, Pattern};
 use super::{Route, Router};
 use crate::auth::oauth::client::OAuthClient;
-use crate::auth::passwords::{DeviceHash, SecretSource};
+use crate::auth::passwords::{DeviceHash, SecretSource, Verifier};
 use crate::auth::tokens::{TokenSource, TokenSourceSettings, TokenStore};
 use crate::backend::SharedBackend;
 use crate::backend::select::BackendConfig;
@@ -224,16 +224,14 @@ impl AccountRouter {
         self.any.map(|index| (index, None))
     }
 
-    async fn verify(hash: DeviceHash, password: Option<Secret>) -> bool {
-        tokio::task::spawn_blocking(move || match password {
-            Some(password) => hash.verify(password.expose()),
-            None => {
-                hash.verify("");
-                false
-            }
+    /// Through the process's bounded `Verifier`: when it is saturated the
+    /// login is refused as a temporary failure (`-ERR [SYS/TEMP]`), known
+    /// user or not.
+    async fn verify(hash: &DeviceHash, password: Option<Secret>) -> Result<bool, BackendError> {
+        Verifier::shared().verify(hash, password).await.map_err(|busy| {
+            tracing::warn!("device password checks saturated; refusing a login for now");
+            BackendError::Unavailable(busy.to_string())
         })
-        .await
-        .unwrap_or(false)
     }
 }
 
@@ -242,7 +240,7 @@ impl Router for AccountRouter {
     async fn route(&self, client: &Credentials) -> Result<Route, BackendError> {
         let Some((index, device)) = self.lookup(&client.user) else {
             // As slow as a wrong password, so user names cannot be probed.
-            Self::verify(DeviceHash::decoy().clone(), None).await;
+            Self::verify(DeviceHash::decoy(), None).await?;
             tracing::debug!(user = %client.user, "no account routes this user");
             return Err(BackendError::AuthFailed);
         };
@@ -260,7 +258,7 @@ impl Router for AccountRouter {
             // Devices log in with their local password.
             Proof::Bearer(_) => None,
         };
-        let matches = Self::verify(device.hash.clone(), password).await;
+        let matches = Self::verify(&device.hash, password).await?;
         if !matches || !device.enabled {
             if matches {
                 tracing::info!(user = %client.user, account = %account.name, "device login refused: the device is disabled");
