@@ -45,6 +45,7 @@ macro_rules! battery {
                 a_30_mb_message_is_streamed_in_bounded_memory,
                 backend_down_is_sys_temp_and_deletes_nothing,
                 a_message_another_client_flagged_deleted_is_left_alone,
+                real_clients_list_retrieve_and_delete,
             );
         }
     };

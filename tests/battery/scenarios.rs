@@ -508,3 +508,25 @@ pub fn a_message_another_client_flagged_deleted_is_left_alone<F: Fixture>() {
     assert_eq!(remaining[0].flagged_deleted, flagged, "the other client's mark stays as it was: {remaining:?}");
     assert!(!remaining[1].flagged_deleted, "{remaining:?}");
 }
+
+/// Real third-party clients, as devices' stacks are: curl lists and
+/// retrieves every message exactly, then Python's poplib retrieves and
+/// deletes them all (STAT, UIDL, RETR octets, QUIT) — and the store is left
+/// empty.
+pub fn real_clients_list_retrieve_and_delete<F: Fixture>() {
+    let (store, gateway, ids) = setup::<F>(&distinct("client", 3));
+    let want = expected(&store, &ids);
+    let Login { user, password } = store.login();
+    let credentials = format!("{user}:{password}");
+    let auth = ["--user", credentials.as_str()];
+    crate::support::program::curl_lists(gateway.addr, &auth, &want.iter().collect::<Vec<_>>());
+    crate::support::program::curl_retrieves_each(gateway.addr, &auth, &want);
+    let uidls: Vec<String> = {
+        let mut c = login(&store, &gateway);
+        let uidls = c.uidl().into_iter().map(|(_, uid)| uid).collect();
+        assert_reply(&c.quit(), "+OK", "QUIT");
+        uidls
+    };
+    crate::support::program::poplib_retrieves_and_deletes(gateway.addr, (user, password), &want, &uidls);
+    assert_holds(&store, &[], "after poplib retrieved and deleted everything");
+}
