@@ -31,6 +31,21 @@ fn is_wire_logger(target: &str) -> bool {
     WIRE_LOGGERS.iter().any(|w| target == *w || target.strip_prefix(w).is_some_and(|rest| rest.starts_with("::")))
 }
 
+/// What a client alone causes in rustls's message parsing ("Illegal SNI
+/// extension: ignoring IP address" at WARN, for every client that sends an
+/// IP address as server name): nothing an operator can act on, so never
+/// shown above debug — and rustls's debug output is withheld by the wire
+/// cap, so these modules are not shown at all.
+fn is_client_caused_tls_noise(target: &str, level: tracing::Level) -> bool {
+    level <= tracing::Level::INFO && target.starts_with("rustls::msgs::")
+}
+
+/// The output filter: wire loggers capped at `info`, client-caused TLS
+/// noise dropped.
+fn shown(target: &str, level: tracing::Level) -> bool {
+    !(is_wire_logger(target) && level > tracing::Level::INFO) && !is_client_caused_tls_noise(target, level)
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -78,9 +93,7 @@ pub fn init(config: &LogConfig) -> Option<LogReload> {
     // A separate filter on the output layer: whatever the user's filter lets
     // through, the wire loggers never get past `info` — that is where
     // credentials would appear.
-    let cap = tracing_subscriber::filter::filter_fn(|meta| {
-        !(is_wire_logger(meta.target()) && *meta.level() > tracing::Level::INFO)
-    });
+    let cap = tracing_subscriber::filter::filter_fn(|meta| shown(meta.target(), *meta.level()));
     let output = match config.format {
         LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(cap).boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
@@ -271,6 +284,17 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn client_caused_tls_warnings_are_not_shown() {
+        use tracing::Level;
+        assert!(!shown("rustls::msgs::handshake", Level::WARN), "the SNI-is-an-IP warning");
+        assert!(!shown("rustls::msgs::handshake", Level::ERROR));
+        assert!(shown("rustls::server::tls13", Level::WARN), "other rustls warnings stay");
+        assert!(!shown("rustls::server::tls13", Level::TRACE), "wire loggers stay capped");
+        assert!(shown("popgate::server", Level::WARN));
+        assert!(shown("popgate::server", Level::TRACE));
+    }
 
     #[test]
     fn wire_loggers_are_recognized_with_their_modules() {
