@@ -43,7 +43,8 @@ fn is_client_caused_tls_noise(target: &str, level: tracing::Level) -> bool {
 /// The output filter: wire loggers capped at `info`, client-caused TLS
 /// noise dropped.
 fn shown(target: &str, level: tracing::Level) -> bool {
-    !(is_wire_logger(target) && level > tracing::Level::INFO) && !is_client_caused_tls_noise(target, level)
+    let capped = is_wire_logger(target) && level > tracing::Level::INFO;
+    !capped && !is_client_caused_tls_noise(target, level)
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
