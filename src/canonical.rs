@@ -176,6 +176,25 @@ pub fn canonicalize(message: &[u8]) -> Vec<u8> {
 /// blank line and n body lines.
 #[doc(hidden)]
 pub mod reference {
+    /// What a POP3 client does with a multi-line body on the wire: split at
+    /// CRLF, stop at ".", un-stuff. Panics on anything but one well-formed
+    /// body (a missing terminator, octets after it).
+    pub fn client_decode(wire: &[u8]) -> Vec<u8> {
+        let mut decoded = Vec::new();
+        let mut rest = wire;
+        loop {
+            let i = rest.windows(2).position(|w| w == b"\r\n").expect("CRLF lines");
+            let line = &rest[..i];
+            rest = &rest[i + 2..];
+            if line == b"." {
+                assert!(rest.is_empty(), "octets after the terminator");
+                return decoded;
+            }
+            decoded.extend_from_slice(line.strip_prefix(b".").unwrap_or(line));
+            decoded.extend_from_slice(b"\r\n");
+        }
+    }
+
     /// One byte at a time, one `Vec::push` per byte.
     #[derive(Debug)]
     pub struct NaiveEncoder {

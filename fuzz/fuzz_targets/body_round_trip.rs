@@ -30,30 +30,13 @@ fn reference(mut encoder: NaiveEncoder, message: &[u8]) -> Vec<u8> {
     wire
 }
 
-/// What a client does: split at CRLF, stop at ".", un-stuff.
-fn client_decode(wire: &[u8]) -> Vec<u8> {
-    let mut decoded = Vec::new();
-    let mut rest = wire;
-    loop {
-        let i = rest.windows(2).position(|w| w == b"\r\n").expect("CRLF lines");
-        let line = &rest[..i];
-        rest = &rest[i + 2..];
-        if line == b"." {
-            assert!(rest.is_empty());
-            return decoded;
-        }
-        decoded.extend_from_slice(line.strip_prefix(b".").unwrap_or(line));
-        decoded.extend_from_slice(b"\r\n");
-    }
-}
-
 fuzz_target!(|input: (u8, u8, u8, &[u8])| {
     let (chunk_a, chunk_b, top_lines, message) = input;
     let size = naive_size(message);
     assert_eq!(canonical_size(message), size);
     let want = reference(NaiveEncoder::whole(), message);
     let canonical = canonicalize(message);
-    assert_eq!(client_decode(&want), canonical);
+    assert_eq!(popgate::canonical::reference::client_decode(&want), canonical);
     assert_eq!(canonical.len() as u64, size);
     let top_lines = u64::from(top_lines % 8);
     let want_top = reference(NaiveEncoder::top(top_lines), message);
@@ -63,6 +46,6 @@ fuzz_target!(|input: (u8, u8, u8, &[u8])| {
         assert_eq!(octets, size);
         let (top, _) = encode(BodyEncoder::top(top_lines), message, chunk);
         assert!(top == want_top, "TOP {top_lines} differs from the reference at chunk size {chunk}");
-        assert!(canonical.starts_with(&client_decode(&top)));
+        assert!(canonical.starts_with(&popgate::canonical::reference::client_decode(&top)));
     }
 });

@@ -23,7 +23,9 @@ fn runnable(config: &Config) {
     let _ = LoginThrottle::new(config.throttle.clone());
     let _ = ExactSizes::new(l.size_cache_entries);
     let _ = SessionPool::new(config.backend_pool.clone());
-    let _ = now + Duration::from_secs(config.backend_pool.max_age_secs) + Duration::from_secs(config.backend_pool.idle_secs);
+    let _ = now
+        + Duration::from_secs(config.backend_pool.max_age_secs)
+        + Duration::from_secs(config.backend_pool.idle_secs);
     // Building a backend touches no network (a CA file or demo folder may
     // be missing: an error, never a panic).
     let _ = config.backend.build();

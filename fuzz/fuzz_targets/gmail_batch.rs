@@ -1,24 +1,12 @@
 //! The Gmail batch (multipart/mixed) parser and error bodies
-//! (src/backend/gmail/wire.rs, compiled in as it is): never a panic on
+//! (src/backend/gmail/wire.rs): never a panic on
 //! anything a server sends, and a response built from parts parses back to
 //! exactly those parts.
 #![no_main]
 
-#[allow(dead_code, unused_imports)]
-#[path = "../../src/backend/gmail/wire.rs"]
-mod wire;
-
-mod backend {
-    pub mod http {
-        pub use popgate::backend::http::Verdict;
-    }
-}
-mod mail {
-    pub use popgate::mail::BackendError;
-}
-
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
+use popgate::backend::gmail::wire;
 use wire::{BatchPart, boundary_of, parse_batch};
 
 #[derive(Arbitrary, Debug)]

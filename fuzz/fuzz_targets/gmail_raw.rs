@@ -1,5 +1,4 @@
-//! The Gmail `format=raw` extractor (src/backend/gmail/wire.rs, compiled in
-//! as it is), fed what a hostile or odd server might send, at two chunk
+//! The Gmail `format=raw` extractor (src/backend/gmail/wire.rs), fed what a hostile or odd server might send, at two chunk
 //! sizes and whole:
 //! - the result (message octets, or an error) never depends on chunking;
 //! - a built response (a message, base64url padded or not, JSON escapes
@@ -9,19 +8,7 @@
 //!   first top-level `raw` decodes to.
 #![no_main]
 
-#[allow(dead_code, unused_imports)]
-#[path = "../../src/backend/gmail/wire.rs"]
-mod wire;
-
-/// What wire.rs names with `crate::`, from the library.
-mod backend {
-    pub mod http {
-        pub use popgate::backend::http::Verdict;
-    }
-}
-mod mail {
-    pub use popgate::mail::BackendError;
-}
+use popgate::backend::gmail::wire;
 
 use std::fmt;
 

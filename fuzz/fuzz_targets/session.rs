@@ -93,24 +93,6 @@ fn expand(script: &[u8]) -> Vec<u8> {
     out
 }
 
-/// What a client does with a multi-line body: split at CRLF, stop at ".",
-/// un-stuff.
-fn client_decode(wire: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut rest = wire;
-    loop {
-        let i = rest.windows(2).position(|w| w == b"\r\n").expect("CRLF lines");
-        let line = &rest[..i];
-        rest = &rest[i + 2..];
-        if line == b"." {
-            assert!(rest.is_empty(), "octets after the terminator");
-            return out;
-        }
-        out.extend_from_slice(line.strip_prefix(b".").unwrap_or(line));
-        out.extend_from_slice(b"\r\n");
-    }
-}
-
 struct Harness {
     session: Session,
     settings: Settings,
@@ -201,7 +183,7 @@ impl Harness {
                     }
                 }
                 encoder.finish(&mut wire);
-                let decoded = client_decode(&wire);
+                let decoded = popgate::canonical::reference::client_decode(&wire);
                 let whole = canonicalize(message);
                 if kw == "RETR" {
                     assert_eq!(expected_octets, Some(canonical_size(message)));

@@ -20,7 +20,10 @@
 //! `max_retries` times. A 401 after login is `Unavailable`: the token expired
 //! mid-session, and the client should simply come back.
 
-mod wire;
+/// The Gmail wire formats (raw-message extraction, batch responses), public
+/// only for the fuzz targets.
+#[doc(hidden)]
+pub mod wire;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
