@@ -118,13 +118,22 @@ impl Session {
             .and_then(Value::as_str)
             .ok_or("no primary account for mail")?
             .to_string();
-        Ok(Session {
+        let session = Session {
             api_url,
             download_template,
             limits: ServerLimits::from_core(capabilities.get(CORE)),
             session_url,
             account_id,
-        })
+        };
+        // Only HTTP(S) is ever fetched: anything else in these URLs would
+        // fail later, at the first download, looking like an outage.
+        let sample = session.download_url("G1").map_err(|e| e.to_string())?;
+        for (what, url) in [("apiUrl", &session.api_url), ("downloadUrl", &sample)] {
+            if !matches!(url.scheme(), "http" | "https") {
+                return Err(format!("{what} is not an http(s) URL: scheme {:?}", url.scheme()));
+            }
+        }
+        Ok(session)
     }
 
     /// The absolute URL of a blob, as `application/octet-stream` named
@@ -228,12 +237,7 @@ impl Api {
         let build =
             || self.account.post(&self.session.api_url).header(CONTENT_TYPE, "application/json").body(body.clone());
         let value: Value = self.account.json("API request", RESPONSE_LIMIT, build).await?;
-        let responses = value
-            .get("methodResponses")
-            .cloned()
-            .and_then(|r| serde_json::from_value::<Vec<(String, Value, String)>>(r).ok())
-            .ok_or_else(|| BackendError::unavailable("API response without methodResponses"))?;
-        Ok(Responses(responses))
+        Responses::from_reply(value)
     }
 
     /// Streams a blob's octets. Memory stays bounded whatever its size: the
@@ -255,6 +259,17 @@ impl Api {
 }
 
 impl Responses {
+    /// The method responses of an API reply (RFC 8620 §3.4): anything
+    /// without a well-formed `methodResponses` is the server's trouble.
+    pub fn from_reply(mut reply: Value) -> Result<Responses, BackendError> {
+        reply
+            .get_mut("methodResponses")
+            .map(Value::take)
+            .and_then(|r| serde_json::from_value::<Vec<(String, Value, String)>>(r).ok())
+            .map(Responses)
+            .ok_or_else(|| BackendError::unavailable("API response without methodResponses"))
+    }
+
     /// The arguments of the response to `call_id`; a method-level error
     /// (`["error", {"type": …}, id]`) becomes a `BackendError`.
     pub fn get(&self, call_id: &str, method: &str) -> Result<&Value, BackendError> {
@@ -391,7 +406,12 @@ mod tests {
         assert!(Session::parse(url.clone(), &no_account).unwrap_err().contains("primary account"));
         let bad_template = json!({ "apiUrl": "/a", "downloadUrl": "/d/{accountId}",
             "capabilities": { "urn:ietf:params:jmap:mail": {} }, "primaryAccounts": { "urn:ietf:params:jmap:mail": "x" } });
-        assert!(Session::parse(url, &bad_template).unwrap_err().contains("blobId"));
+        assert!(Session::parse(url.clone(), &bad_template).unwrap_err().contains("blobId"));
+        // Found by the jmap_replies fuzz target: a download URL popgate
+        // could never fetch was accepted, to fail at the first RETR.
+        let not_http = json!({ "apiUrl": "/a", "downloadUrl": "h4tps://example.com/d/{accountId}/{blobId}",
+            "capabilities": { "urn:ietf:params:jmap:mail": {} }, "primaryAccounts": { "urn:ietf:params:jmap:mail": "x" } });
+        assert!(Session::parse(url, &not_http).unwrap_err().contains("downloadUrl is not an http(s) URL"));
     }
 
     #[test]

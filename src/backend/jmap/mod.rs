@@ -14,6 +14,8 @@
 //! `Email.size` counts the stored octets, not the CRLF form POP3 sends.
 
 mod api;
+#[doc(hidden)]
+pub mod wire;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -221,7 +223,11 @@ impl Folders {
             "m".to_string(),
         );
         let responses = api.call(vec![call]).await?;
-        let list = responses.get("m", "Mailbox/get")?.get("list").cloned().unwrap_or(Value::Null);
+        Folders::from_list(responses.get("m", "Mailbox/get")?.get("list").cloned().unwrap_or(Value::Null))
+    }
+
+    /// The `list` of a `Mailbox/get` reply.
+    fn from_list(list: Value) -> Result<Folders, BackendError> {
         let folders: Vec<Folder> = serde_json::from_value(list)
             .map_err(|e| BackendError::unavailable(format!("Mailbox/get: unexpected reply: {e}")))?;
         Ok(Folders(folders))
@@ -508,32 +514,7 @@ impl JmapMailbox {
             None => json!({ "accountId": account, "destroy": ids }),
         };
         let responses = self.api.call(vec![("Email/set", arguments, "s".to_string())]).await?;
-        let set = responses.get("s", "Email/set")?;
-        let done: HashSet<&str> = match trash {
-            Some(_) => set.get("updated").and_then(Value::as_object).map(|m| m.keys().map(String::as_str).collect()),
-            None => {
-                set.get("destroyed").and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).collect())
-            }
-        }
-        .unwrap_or_default();
-        let refused = set.get(if trash.is_some() { "notUpdated" } else { "notDestroyed" }).and_then(Value::as_object);
-        let mut failed = 0;
-        for id in ids {
-            if done.contains(id) {
-                continue;
-            }
-            let error = refused.and_then(|r| r.get(*id));
-            let kind = error.and_then(|e| e.get("type")).and_then(Value::as_str).unwrap_or("(not in the reply)");
-            if kind == "notFound" {
-                // Already destroyed by someone else: it is gone, as asked.
-                tracing::debug!(id, "message to remove was already gone");
-                continue;
-            }
-            let description = error.and_then(|e| e.get("description")).and_then(Value::as_str).unwrap_or("");
-            tracing::warn!(id, jmap_error = kind, description, "Email/set did not remove a message");
-            failed += 1;
-        }
-        Ok(failed)
+        Ok(not_removed(responses.get("s", "Email/set")?, ids, trash.is_some()))
     }
 
     /// Splits ids into batches that fit `maxObjectsInSet` and, with room to
@@ -621,6 +602,37 @@ impl Mailbox for JmapMailbox {
     async fn close(self: Box<Self>) {
         // JMAP is stateless over HTTP: there is no session to log out of.
     }
+}
+
+/// How many of `ids` an `Email/set` reply did not remove (`moved`: the
+/// request updated mailbox memberships; otherwise it destroyed). An id
+/// the reply does not mention counts as not removed; `notFound` counts as
+/// removed (someone else already destroyed it).
+fn not_removed(set: &Value, ids: &[&str], moved: bool) -> usize {
+    let done: HashSet<&str> = if moved {
+        set.get("updated").and_then(Value::as_object).map(|m| m.keys().map(String::as_str).collect())
+    } else {
+        set.get("destroyed").and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).collect())
+    }
+    .unwrap_or_default();
+    let refused = set.get(if moved { "notUpdated" } else { "notDestroyed" }).and_then(Value::as_object);
+    let mut failed = 0;
+    for id in ids {
+        if done.contains(id) {
+            continue;
+        }
+        let error = refused.and_then(|r| r.get(*id));
+        let kind = error.and_then(|e| e.get("type")).and_then(Value::as_str).unwrap_or("(not in the reply)");
+        if kind == "notFound" {
+            // Already destroyed by someone else: it is gone, as asked.
+            tracing::debug!(id, "message to remove was already gone");
+            continue;
+        }
+        let description = error.and_then(|e| e.get("description")).and_then(Value::as_str).unwrap_or("");
+        tracing::warn!(id, jmap_error = kind, description, "Email/set did not remove a message");
+        failed += 1;
+    }
+    failed
 }
 
 /// RFC 1939 wants a UIDL of 1–70 characters in 0x21..=0x7E. A JMAP id
