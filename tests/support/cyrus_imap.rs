@@ -30,15 +30,16 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use super::IO_TIMEOUT;
 use super::cyrus::{CYRUS_BIN, SERVERNAME, SIGKILL, SIGTERM, chown_to_cyrus, lint, signal};
 use super::imap::{Imap, Stored};
 use super::pop3::Pop3;
-use super::IO_TIMEOUT;
 
 /// Where scripts/install-cyrus unpacks imapd and pop3d (the same variable
 /// moves both).
 pub fn unpacked_bin() -> PathBuf {
-    let root = std::env::var_os("POPGATE_CYRUS_IMAPD_DIR").unwrap_or_else(|| "/var/lib/popgate-test/cyrus-imapd".into());
+    let root =
+        std::env::var_os("POPGATE_CYRUS_IMAPD_DIR").unwrap_or_else(|| "/var/lib/popgate-test/cyrus-imapd".into());
     Path::new(&root).join("usr/lib/cyrus/bin")
 }
 

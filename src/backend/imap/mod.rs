@@ -43,7 +43,9 @@ use self::conn::{Conn, Outcome};
 use self::connect::Backoff;
 use self::transport::TlsSetup;
 pub use self::wire::UidlFormat;
-use self::wire::{Meaning, classify_refusal, encode_mailbox_name, quote_encoded_mailbox, quote_mailbox, read_refusal, uid_sets};
+use self::wire::{
+    Meaning, classify_refusal, encode_mailbox_name, quote_encoded_mailbox, quote_mailbox, read_refusal, uid_sets,
+};
 use super::{Backend, ListedMessage, Mailbox, MessageStream, ReportedSize};
 use crate::canonical::CanonicalSize;
 use crate::mail::{BackendError, Credentials, InvalidSetting, StoreId};
@@ -225,8 +227,7 @@ impl Backend for ImapBackend {
     }
 
     async fn open(&self, credentials: &Credentials) -> Result<Box<dyn Mailbox>, BackendError> {
-        let logged_in =
-            connect::connect_and_login(&self.config, self.tls.as_ref(), credentials, &self.backoff).await?;
+        let logged_in = connect::connect_and_login(&self.config, self.tls.as_ref(), credentials, &self.backoff).await?;
         let mut conn = Conn::new(logged_in.session, Duration::from_secs(self.config.timeout_secs));
         conn.report_backoff_to(self.backoff.clone(), &credentials.user);
         match ImapMailbox::select(&mut conn, &self.config, logged_in.capabilities).await {
@@ -330,8 +331,16 @@ impl ImapMailbox {
             // not exist`, without RFC 5530's [NONEXISTENT]) will not go away
             // by itself: a configuration error, reported with what the
             // server does have.
-            if matches!(read_refusal(&reply.text).meaning, Meaning::Busy | Meaning::TooManyConnections) {
-                return Err(classify_refusal(reply.outcome == Outcome::Bad, &reply.text, &what));
+            match read_refusal(&reply.text).meaning {
+                Meaning::Busy | Meaning::TooManyConnections => {
+                    return Err(classify_refusal(reply.outcome == Outcome::Bad, &reply.text, &what));
+                }
+                // Exchange app-only: logged in, yet no mailbox may be opened.
+                Meaning::Misconfigured(fix) => {
+                    tracing::warn!(mailbox = %config.mailbox, refusal = %reply.text, "{fix}");
+                    return Err(classify_refusal(reply.outcome == Outcome::Bad, &reply.text, &what));
+                }
+                _ => {}
             }
             let special_use = capabilities.contains("SPECIAL-USE");
             let mailboxes = match list_mailboxes(conn, special_use).await {
@@ -504,8 +513,11 @@ fn describe_mailboxes(listed: &[ListedMailbox]) -> String {
     if listed.is_empty() {
         return "no mailboxes".into();
     }
-    let mut names: Vec<String> =
-        listed.iter().take(50).map(|m| if m.trash { format!("{} (\\Trash)", m.name) } else { m.name.clone() }).collect();
+    let mut names: Vec<String> = listed
+        .iter()
+        .take(50)
+        .map(|m| if m.trash { format!("{} (\\Trash)", m.name) } else { m.name.clone() })
+        .collect();
     if listed.len() > 50 {
         names.push(format!("… {} more", listed.len() - 50));
     }

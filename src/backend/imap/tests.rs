@@ -9,8 +9,8 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use super::*;
 use super::wire;
+use super::*;
 use crate::mail::Credentials;
 
 /// One exchange: the server waits for a line containing `expect`, waits
@@ -388,7 +388,10 @@ async fn remove_without_uidplus_moves_to_trash_or_refuses() {
     .await;
     let mut mailbox = open(config(port), "alice", "x").await.unwrap();
     let error = mailbox.remove(&[StoreId("4".into())]).await.err().unwrap();
-    assert!(matches!(&error, BackendError::Permanent(why) if why.contains("UIDPLUS") && why.contains("INBOX")), "{error:?}");
+    assert!(
+        matches!(&error, BackendError::Permanent(why) if why.contains("UIDPLUS") && why.contains("INBOX")),
+        "{error:?}"
+    );
     mailbox.close().await;
     let seen = server.await.unwrap();
     assert_eq!(seen.len(), 4, "{seen:?}"); // LOGIN, SELECT, LIST, LOGOUT
@@ -515,11 +518,9 @@ async fn logindisabled_in_clear_text_sends_no_credentials() {
         assert!(seen.is_empty(), "{seen:?}");
     }
     // A greeting without capabilities: asked for before any credential.
-    let (port, server) = mock(
-        "* OK ready\r\n",
-        vec![step("C0 CAPABILITY", "* CAPABILITY IMAP4rev1 LOGINDISABLED\r\nC0 OK done\r\n")],
-    )
-    .await;
+    let (port, server) =
+        mock("* OK ready\r\n", vec![step("C0 CAPABILITY", "* CAPABILITY IMAP4rev1 LOGINDISABLED\r\nC0 OK done\r\n")])
+            .await;
     let error = open(config(port), "alice", "secret").await.err().unwrap();
     assert!(matches!(&error, BackendError::Permanent(why) if why.contains(wire::TLS_REQUIRED)), "{error:?}");
     assert_eq!(server.await.unwrap(), ["C0 CAPABILITY"]);

@@ -628,7 +628,13 @@ mod tests {
     #[test]
     fn every_known_wording_means_what_its_entry_says() {
         for wording in KNOWN_WORDINGS {
-            assert_eq!(read_refusal(wording.example).meaning, wording.meaning, "{}: {}", wording.server, wording.example);
+            assert_eq!(
+                read_refusal(wording.example).meaning,
+                wording.meaning,
+                "{}: {}",
+                wording.server,
+                wording.example
+            );
             // And as async-imap formats a refused login.
             let (status, rest) = wording.example.split_once(' ').unwrap();
             let formatted = format!("code: None, info: Some({rest:?})");
@@ -663,8 +669,14 @@ mod tests {
             c("code: Some(Alert), info: Some(\"Too many simultaneous connections. (Failure)\")"),
             BackendError::InUse(_)
         ));
-        assert!(matches!(c("NO [ALERT] Account exceeded command or bandwidth limits. (Failure)"), BackendError::Unavailable(_)));
-        assert!(matches!(c("BAD Request is throttled. Suggested Backoff Time: 2000 milliseconds"), BackendError::Unavailable(_)));
+        assert!(matches!(
+            c("NO [ALERT] Account exceeded command or bandwidth limits. (Failure)"),
+            BackendError::Unavailable(_)
+        ));
+        assert!(matches!(
+            c("BAD Request is throttled. Suggested Backoff Time: 2000 milliseconds"),
+            BackendError::Unavailable(_)
+        ));
         assert!(matches!(c("NO Server Unavailable. 15"), BackendError::Unavailable(_)));
         assert!(matches!(
             c("NO [PRIVACYREQUIRED] Plaintext authentication disallowed"),
@@ -683,8 +695,14 @@ mod tests {
     #[test]
     fn suggested_backoff_is_read_and_capped() {
         let s = suggested_backoff;
-        assert_eq!(s("BAD Request is throttled. Suggested Backoff Time: 2000 milliseconds"), Some(Duration::from_secs(2)));
-        assert_eq!(s("code: None, info: Some(\"Request is throttled. Suggested Backoff Time: 250 milliseconds\")"), Some(Duration::from_millis(250)));
+        assert_eq!(
+            s("BAD Request is throttled. Suggested Backoff Time: 2000 milliseconds"),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(
+            s("code: None, info: Some(\"Request is throttled. Suggested Backoff Time: 250 milliseconds\")"),
+            Some(Duration::from_millis(250))
+        );
         assert_eq!(s("NO Suggested Backoff Time: 3 seconds"), Some(Duration::from_secs(3)));
         assert_eq!(s("BAD Request is throttled. Suggested Backoff Time: 99999999999 milliseconds"), Some(MAX_BACKOFF));
         assert_eq!(s("NO Server Unavailable. 15"), None);
