@@ -263,7 +263,7 @@ impl CyrusImap {
             .filter_map(|r| {
                 let rest = r.text.strip_prefix("* LIST (")?;
                 let (attributes, rest) = rest.split_once(')')?;
-                let name = rest.trim().splitn(2, ' ').nth(1)?.trim_matches('"');
+                let name = rest.trim().split_once(' ')?.1.trim_matches('"');
                 Some((name.to_string(), attributes.to_string()))
             })
             .collect()
