@@ -40,7 +40,7 @@ const KEYS: &[(&str, &str, i64, (i64, i64))] = &[
     ("throttle", "address_max_delay_ms", 1000, (0, 60_000)),
     ("backend_pool", "idle_secs", 240, (1, 86_400)),
     ("backend_pool", "max_age_secs", 900, (1, 86_400)),
-    ("backend_pool", "max_per_account", 2, (0, 1_000)),
+    ("backend_pool", "max_per_account", 1, (0, 100)),
     ("backend_pool", "max_total", 1000, (0, 1_000_000)),
 ];
 

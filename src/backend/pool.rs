@@ -10,6 +10,15 @@
 //! never serves a stale maildrop. Any error discards a session. Idle
 //! sessions are closed after `idle_secs`; the pool is bounded per account
 //! and in total.
+//!
+//! Warm sessions count against the server's per-account connection limit
+//! (Gmail 15, Dovecot `mail_max_userip_connections` 10, Cyrus
+//! `maxlogins_per_user`, often 2–5 where set), the same limit the user's own
+//! mail programs live within. So at most one is kept per account unless
+//! configured, and when the server refuses a login because of that limit
+//! (`BackendError::InUse`), this account's idle sessions — a warm session
+//! logged in with an older password or token is one — are closed and the
+//! login is tried once more.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,7 +43,8 @@ pub struct PoolConfig {
     /// reuse skips the backend's password check, so a password changed or
     /// revoked at the provider must stop working through popgate soon.
     pub max_age_secs: u64,
-    /// Warm sessions kept per account.
+    /// Warm sessions kept per account. Each holds one of the account's
+    /// connections at the server: keep it below the server's per-user limit.
     pub max_per_account: usize,
     /// Warm sessions kept in all.
     pub max_total: usize,
@@ -45,14 +55,14 @@ impl PoolConfig {
     pub fn check(&self) -> Result<(), InvalidSetting> {
         InvalidSetting::bounded("idle_secs", self.idle_secs, 1..=86_400)?;
         InvalidSetting::bounded("max_age_secs", self.max_age_secs, 1..=86_400)?;
-        InvalidSetting::bounded("max_per_account", self.max_per_account, 0..=1_000)?;
+        InvalidSetting::bounded("max_per_account", self.max_per_account, 0..=100)?;
         InvalidSetting::bounded("max_total", self.max_total, 0..=1_000_000)
     }
 }
 
 impl Default for PoolConfig {
     fn default() -> Self {
-        PoolConfig { enabled: true, idle_secs: 240, max_age_secs: 900, max_per_account: 2, max_total: 1000 }
+        PoolConfig { enabled: true, idle_secs: 240, max_age_secs: 900, max_per_account: 1, max_total: 1000 }
     }
 }
 
@@ -161,7 +171,23 @@ impl SessionPool {
                 }
             }
         }
-        let mailbox = backend.open(credentials).await?;
+        let mailbox = match backend.open(credentials).await {
+            Err(BackendError::InUse(why)) => {
+                // The server counts our idle sessions against the account's
+                // connection limit: give those back, then one more try.
+                let closed = self.close_idle_of(&key).await;
+                if closed == 0 {
+                    return Err(BackendError::InUse(why));
+                }
+                tracing::info!(
+                    closed,
+                    refusal = %why,
+                    "server refused a login for too many connections; closed this account's warm sessions, retrying once"
+                );
+                backend.open(credentials).await?
+            }
+            other => other?,
+        };
         self.logins.fetch_add(1, Ordering::Relaxed);
         Ok((mailbox, Lease { key, reused: false, opened: Instant::now() }))
     }
@@ -186,6 +212,23 @@ impl SessionPool {
         if let Some(mailbox) = refused {
             mailbox.close().await;
         }
+    }
+
+    /// Closes every idle session of the account `key` names (same backend,
+    /// same user, whatever credentials they were opened with); returns how
+    /// many.
+    async fn close_idle_of(&self, key: &Key) -> usize {
+        let sessions: Vec<Idle> = {
+            let mut idle = self.lock();
+            let keys: Vec<Key> =
+                idle.keys().filter(|k| k.backend == key.backend && k.user == key.user).cloned().collect();
+            keys.into_iter().filter_map(|k| idle.remove(&k)).flatten().collect()
+        };
+        let closed = sessions.len();
+        for session in sessions {
+            session.mailbox.close().await;
+        }
+        closed
     }
 
     /// Closes sessions idle for longer than `idle_secs` or logged in longer

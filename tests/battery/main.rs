@@ -1,6 +1,7 @@
 //! The behaviour battery: one suite of POP3 session scenarios, written once
 //! (`scenarios.rs`) and run unchanged against every store popgate serves
-//! (`fixture/`: the in-memory store, Dovecot over IMAP, Cyrus over JMAP, and
+//! (`fixture/`: the in-memory store, Dovecot and Cyrus over IMAP, Cyrus over
+//! JMAP, and
 //! the Gmail API and Microsoft Graph stand-ins), so that every backend is
 //! held to the same behaviour as the in-memory reference.
 //!
@@ -67,6 +68,7 @@ macro_rules! battery {
 battery!(memory, crate::fixture::MemoryFixture);
 battery!(dovecot, crate::fixture::DovecotFixture);
 battery!(cyrus, crate::fixture::CyrusFixture);
+battery!(cyrus_imap, crate::fixture::CyrusImapFixture);
 battery!(gmail, crate::fixture::GmailFixture);
 battery!(graph, crate::fixture::GraphFixture);
 

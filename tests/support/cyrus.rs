@@ -13,7 +13,8 @@
 //! that may never reap it), and the group reaches every service it forked.
 //!
 //! Self-contained (nothing from `super`): a test crate may include it with
-//! `#[path]` or through `support`. It never touches the system Cyrus
+//! `#[path]` or through `support`. `cyrus_imap` (Cyrus's imapd and pop3d)
+//! shares its helpers. It never touches the system Cyrus
 //! (/etc/imapd.conf, /var/lib/cyrus) and never skips: without the packages
 //! (scripts/install-cyrus) it fails loudly. It must run as root: master
 //! switches to the `cyrus` user, which must own the directory.
@@ -36,12 +37,12 @@ use base64::engine::general_purpose::STANDARD;
 use serde_json::{Value, json};
 
 /// Where Debian's cyrus-common puts master, httpd, lmtpd and the tools.
-const CYRUS_BIN: &str = "/usr/lib/cyrus/bin";
+pub const CYRUS_BIN: &str = "/usr/lib/cyrus/bin";
 /// The longest any start, request or wait here may take.
 const TIMEOUT: Duration = Duration::from_secs(20);
 /// Cyrus's `servername`, which is also the SASL realm users are created in
 /// (Cyrus looks users up as user@servername in the sasldb).
-const SERVERNAME: &str = "localhost";
+pub const SERVERNAME: &str = "localhost";
 const USING: [&str; 2] = ["urn:ietf:params:jmap:core", "urn:ietf:params:jmap:mail"];
 
 /// An Email as the store holds it.
@@ -472,7 +473,7 @@ fn spawn_master(dir: &Path) -> Child {
 }
 
 /// A bad imapd.conf makes master exit 78 with nothing said: check it first.
-fn lint(dir: &Path) {
+pub fn lint(dir: &Path) {
     let output = Command::new(Path::new(CYRUS_BIN).join("cyr_info"))
         .arg("-C")
         .arg(dir.join("imapd.conf"))
@@ -491,7 +492,7 @@ fn two_free_ports() -> (SocketAddr, SocketAddr) {
 }
 
 /// The `cyrus` user's uid and gid, from /etc/passwd.
-fn cyrus_ids() -> (u32, u32) {
+pub fn cyrus_ids() -> (u32, u32) {
     let passwd = fs::read_to_string("/etc/passwd").expect("read /etc/passwd");
     passwd
         .lines()
@@ -505,7 +506,7 @@ fn cyrus_ids() -> (u32, u32) {
         .expect("no `cyrus` user: run scripts/install-cyrus")
 }
 
-fn chown_to_cyrus(path: &Path) {
+pub fn chown_to_cyrus(path: &Path) {
     let (uid, gid) = cyrus_ids();
     let mut pending: Vec<PathBuf> = vec![path.to_path_buf()];
     while let Some(path) = pending.pop() {
@@ -526,11 +527,11 @@ fn received_at(n: u64) -> String {
     format!("2020-01-{:02}T{:02}:{:02}:{:02}Z", day + 1, rest / 3600, rest % 3600 / 60, rest % 60)
 }
 
-const SIGKILL: i32 = 9;
-const SIGTERM: i32 = 15;
+pub const SIGKILL: i32 = 9;
+pub const SIGTERM: i32 = 15;
 
 /// kill(2): a pid, or a process group as `-pgid`.
-fn signal(pid: i32, signal: i32) -> bool {
+pub fn signal(pid: i32, signal: i32) -> bool {
     unsafe extern "C" {
         fn kill(pid: i32, sig: i32) -> i32;
     }

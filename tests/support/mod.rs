@@ -11,7 +11,10 @@
 //! - `messages`: messages that are hard to get right, and the canonical
 //!   (CRLF) form they must reach a POP3 client in — computed here, not by
 //!   popgate's own code, so the tests do not share its bugs.
-//! - `fake_imap`: a minimal IMAP server that answers instantly, for load.
+//! - `cyrus`, `cyrus_imap`: a private Cyrus per test, over JMAP, or over IMAP
+//!   with its own pop3d (imapd and pop3d unpacked by scripts/install-cyrus).
+//! - `fake_imap`: a minimal IMAP server that answers instantly, for load,
+//!   and scripted refusals in wordings no free server produces.
 //! - `proxy`: a recording TCP proxy, to see what popgate sends its backend.
 //! - `program`: real client programs run to completion with a time limit,
 //!   and the ways the tests drive them (openssl s_client, curl, poplib).
@@ -32,6 +35,7 @@
 
 pub mod bearer;
 pub mod cyrus;
+pub mod cyrus_imap;
 pub mod dovecot;
 pub mod fake_imap;
 pub mod gateway;

@@ -20,12 +20,14 @@
 //! untagged data cannot be attributed to a command by position. Pipelining
 //! partial FETCHes would need their replies routed by (UID, origin) instead.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_imap::Session;
 use async_imap::imap_proto::{MailboxDatum, RequestId, Response, ResponseCode, Status};
 use tokio::time::{Instant, timeout_at};
 
+use super::connect::Backoff;
 use super::transport::Transport;
 use super::wire::{classify_refusal, truncate};
 use crate::mail::BackendError;
@@ -76,11 +78,29 @@ pub struct Conn {
     logging_out: bool,
     /// Messages in the selected mailbox, from EXISTS and EXPUNGE responses.
     pub exists: u32,
+    /// Where a backoff the server asks for in a refusal is recorded, and
+    /// for which account.
+    backoff: Option<(Arc<Backoff>, String)>,
 }
 
 impl Conn {
     pub fn new(session: ImapSession, limit: Duration) -> Self {
-        Conn { session, limit, poisoned: None, writing: false, pending: None, bye: None, logging_out: false, exists: 0 }
+        Conn {
+            session,
+            limit,
+            poisoned: None,
+            writing: false,
+            pending: None,
+            bye: None,
+            logging_out: false,
+            exists: 0,
+            backoff: None,
+        }
+    }
+
+    /// Records backoffs the server asks for in its refusals for `user`.
+    pub fn report_backoff_to(&mut self, backoff: Arc<Backoff>, user: &str) {
+        self.backoff = Some((backoff, user.to_string()));
     }
 
     pub fn limit(&self) -> Duration {
@@ -185,6 +205,11 @@ impl Conn {
                 };
                 let code = outcome.code.as_ref().map(code_to_owned);
                 let text = describe(status, outcome.code.as_ref(), outcome.information.as_deref());
+                if outcome_kind != Outcome::Ok
+                    && let Some((backoff, user)) = &self.backoff
+                {
+                    backoff.record_from(user, &text);
+                }
                 if let Some(bye) = &self.bye
                     && !self.logging_out
                 {

@@ -7,10 +7,17 @@
 //! base64-encoded in `AUTHENTICATE PLAIN` rather than raw in LOGIN. Bearer
 //! tokens go in XOAUTH2, or in OAUTHBEARER (RFC 7628) to a server that
 //! offers only that.
+//!
+//! Never sends credentials a server said it will not take in clear text
+//! (RFC 3501 LOGINDISABLED, or no `AUTH=PLAIN` where PLAIN would be used):
+//! that is a configuration error, reported as "use TLS". And never calls a
+//! server again for an account before the backoff it asked for has passed
+//! (`Backoff`).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use async_imap::Client;
 use async_imap::error::Error as ImapError;
@@ -19,7 +26,7 @@ use tokio::net::TcpStream;
 
 use super::conn::describe;
 use super::transport::{TlsSetup, Transport};
-use super::wire::{classify_login_refusal, truncate};
+use super::wire::{TLS_REQUIRED, classify_login_refusal, suggested_backoff, truncate};
 use super::{ImapConfig, ImapTls};
 use crate::mail::{BackendError, Credentials, Proof};
 
@@ -30,6 +37,49 @@ type ImapClient = Client<Transport>;
 pub struct LoggedIn {
     pub session: async_imap::Session<Transport>,
     pub capabilities: Option<HashSet<String>>,
+}
+
+/// When each account may call the server again, after a server asked us to
+/// back off (Exchange Online: "Suggested Backoff Time: N milliseconds").
+/// Until then logins and warm sessions of that account fail at once with a
+/// temporary error, without touching the server. Bounded: expired entries
+/// are dropped, and past `MAX_ACCOUNTS` the oldest deadline goes first.
+#[derive(Default)]
+pub struct Backoff {
+    until: Mutex<HashMap<String, Instant>>,
+}
+
+/// Accounts remembered at most (a few bytes each).
+const MAX_ACCOUNTS: usize = 100_000;
+
+impl Backoff {
+    /// `Unavailable` while `user` must wait.
+    pub fn check(&self, user: &str) -> Result<(), BackendError> {
+        let until = self.until.lock().unwrap_or_else(|p| p.into_inner()).get(user).copied();
+        match until {
+            Some(until) if until > Instant::now() => Err(BackendError::Unavailable(format!(
+                "the server asked for a backoff; {} ms left",
+                until.saturating_duration_since(Instant::now()).as_millis()
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Records a backoff the server asked for in `text`, if it asked.
+    pub fn record_from(&self, user: &str, text: &str) {
+        let Some(wait) = suggested_backoff(text) else { return };
+        tracing::info!(user, backoff_ms = wait.as_millis() as u64, "IMAP server asked for a backoff; honouring it");
+        let now = Instant::now();
+        let mut until = self.until.lock().unwrap_or_else(|p| p.into_inner());
+        until.retain(|_, t| *t > now);
+        if until.len() >= MAX_ACCOUNTS
+            && let Some(oldest) = until.iter().min_by_key(|(_, t)| **t).map(|(u, _)| u.clone())
+        {
+            until.remove(&oldest);
+        }
+        let entry = until.entry(user.to_string()).or_insert(now);
+        *entry = (*entry).max(now + wait);
+    }
 }
 
 /// Runs `step` within `limit`; a timeout or error is `Unavailable`.
@@ -50,8 +100,10 @@ pub async fn connect_and_login(
     config: &ImapConfig,
     tls: Option<&TlsSetup>,
     credentials: &Credentials,
+    backoff: &Backoff,
 ) -> Result<LoggedIn, BackendError> {
     credentials.validate().map_err(BackendError::BadCredentials)?;
+    backoff.check(&credentials.user)?;
     let limit = Duration::from_secs(config.timeout_secs);
     let address = format!("{}:{}", config.host, config.port());
     let tcp =
@@ -66,8 +118,14 @@ pub async fn connect_and_login(
     let (client, greeted) = match config.tls {
         ImapTls::None => {
             let mut client = Client::new(Transport::Plain(tcp));
-            let caps = greeting(&mut client, limit).await?;
-            (client, caps)
+            // In clear text, what the server allows matters before any
+            // credential goes out: ask if the greeting did not say.
+            let caps = match greeting(&mut client, limit).await? {
+                Some(caps) => caps,
+                None => ask_capabilities(&mut client, limit).await?,
+            };
+            refuse_cleartext_credentials(&caps, credentials)?;
+            (client, Some(caps))
         }
         ImapTls::Implicit => {
             let transport = within(limit, "TLS handshake", tls()?.handshake(tcp)).await?;
@@ -90,7 +148,58 @@ pub async fn connect_and_login(
             (Client::new(transport), None)
         }
     };
-    login(client, credentials, limit, greeted.as_ref()).await
+    login(client, credentials, limit, greeted.as_ref(), backoff).await
+}
+
+/// CAPABILITY before login, upper-cased.
+async fn ask_capabilities(client: &mut ImapClient, limit: Duration) -> Result<HashSet<String>, BackendError> {
+    within(limit, "asking for capabilities", async {
+        // async-imap's own tagging is private before login: a tag of ours,
+        // which its counter (A0001, …) never produces.
+        use tokio::io::AsyncWriteExt as _;
+        client.get_mut().write_all(b"C0 CAPABILITY\r\n").await?;
+        client.get_mut().flush().await?;
+        let mut caps = HashSet::new();
+        loop {
+            let Some(response) = client.read_response().await? else {
+                return Err(ImapError::ConnectionLost);
+            };
+            match response.parsed() {
+                Response::Capabilities(list) => caps.extend(list.iter().map(greeting_capability_name)),
+                Response::Done { tag, status, .. } if tag.0 == "C0" => {
+                    return match status {
+                        Status::Ok => Ok(caps),
+                        _ => Err(ImapError::Bad("CAPABILITY refused".into())),
+                    };
+                }
+                _ => {}
+            }
+        }
+    })
+    .await
+}
+
+/// On a cleartext connection: refuses to send credentials the server said
+/// it will not take without TLS — LOGIN under LOGINDISABLED (RFC 3501
+/// 6.2.3: the client MUST NOT), PLAIN or a bearer mechanism it does not
+/// offer while LOGINDISABLED says it wants TLS first. A configuration
+/// error: the backend URL must ask for TLS.
+fn refuse_cleartext_credentials(caps: &HashSet<String>, credentials: &Credentials) -> Result<(), BackendError> {
+    let offers = |m: &str| caps.contains(&format!("AUTH={m}"));
+    let login_disabled = caps.contains("LOGINDISABLED");
+    let refused = match &credentials.proof {
+        Proof::Password(password) if credentials.user.is_ascii() && password.expose().is_ascii() => login_disabled,
+        Proof::Password(_) => !offers("PLAIN"),
+        Proof::Bearer(_) => login_disabled && !offers("XOAUTH2") && !offers("OAUTHBEARER"),
+    };
+    if refused {
+        tracing::warn!(user = %credentials.user, "{TLS_REQUIRED}");
+        return Err(BackendError::Permanent(format!(
+            "{TLS_REQUIRED} (the server announced LOGINDISABLED or no AUTH=PLAIN on a cleartext connection; \
+             no credentials were sent)"
+        )));
+    }
+    Ok(())
 }
 
 /// Reads the server greeting; returns the capabilities it announced (in a
@@ -159,6 +268,7 @@ async fn login(
     credentials: &Credentials,
     limit: Duration,
     greeted: Option<&HashSet<String>>,
+    backoff: &Backoff,
 ) -> Result<LoggedIn, BackendError> {
     let user = credentials.user.as_str();
     let (mechanism, payload, after): (_, _, &'static [u8]) = match &credentials.proof {
@@ -167,7 +277,7 @@ async fn login(
             let login = client.login_with_capabilities(user, password.expose());
             return match tokio::time::timeout(limit, login).await {
                 Err(_) => Err(BackendError::Unavailable(format!("login timed out after {}s", limit.as_secs()))),
-                Ok(Err((error, _client))) => Err(login_error(error)),
+                Ok(Err((error, _client))) => Err(login_error(error, &credentials.user, backoff)),
                 Ok(Ok((session, caps))) => {
                     Ok(LoggedIn { session, capabilities: caps.map(|caps| caps.iter().map(capability_name).collect()) })
                 }
@@ -175,7 +285,16 @@ async fn login(
         }
         // Non-ASCII would go raw in LOGIN, which servers without
         // UTF8=ACCEPT refuse; PLAIN carries it base64-encoded.
-        Proof::Password(password) => ("PLAIN", format!("\0{user}\0{}", password.expose()), b""),
+        Proof::Password(password) => {
+            // A server that announced its mechanisms without PLAIN would
+            // refuse it (or worse, take it somewhere it should not).
+            if greeted.is_some_and(|caps| !caps.contains("AUTH=PLAIN")) {
+                return Err(BackendError::Permanent(
+                    "the server offers no AUTHENTICATE PLAIN, needed for non-ASCII credentials".into(),
+                ));
+            }
+            ("PLAIN", format!("\0{user}\0{}", password.expose()), b"")
+        }
         // XOAUTH2 by default: it is what Gmail, Outlook and Dovecot's oauth2
         // passdb all accept. OAUTHBEARER when the server announced it and
         // not XOAUTH2. A server with neither refuses the mechanism, which
@@ -196,7 +315,7 @@ async fn login(
     let authenticator = OneShot { payload: Some(payload.into_bytes()), after };
     match tokio::time::timeout(limit, client.authenticate(mechanism, authenticator)).await {
         Err(_) => Err(BackendError::Unavailable(format!("login timed out after {}s", limit.as_secs()))),
-        Ok(Err((error, _client))) => Err(login_error(error)),
+        Ok(Err((error, _client))) => Err(login_error(error, user, backoff)),
         Ok(Ok(session)) => Ok(LoggedIn { session, capabilities: None }),
     }
 }
@@ -204,9 +323,18 @@ async fn login(
 /// What a failed LOGIN/AUTHENTICATE means. The error texts are the server's
 /// (async-imap formats them as `code: …, info: …`) and never contain the
 /// password.
-fn login_error(error: ImapError) -> BackendError {
+fn login_error(error: ImapError, user: &str, backoff: &Backoff) -> BackendError {
     match error {
-        ImapError::No(text) | ImapError::Bad(text) => classify_login_refusal(&text),
+        ImapError::No(text) | ImapError::Bad(text) => {
+            backoff.record_from(user, &text);
+            let error = classify_login_refusal(&text);
+            if let BackendError::Permanent(why) = &error {
+                // A configuration problem: worth more than the info line
+                // every failed login gets.
+                tracing::warn!(user, "IMAP login refused: {why}");
+            }
+            error
+        }
         ImapError::Validate(_) => BackendError::BadCredentials("credentials contain a character IMAP cannot carry"),
         ImapError::ConnectionLost => BackendError::Unavailable("server closed the connection during login".into()),
         other => BackendError::Unavailable(format!("login: {}", truncate(&other.to_string(), 200))),

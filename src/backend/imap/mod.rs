@@ -4,9 +4,17 @@
 //! Owns the IMAP configuration and everything said to the IMAP server:
 //! connecting (`transport`, `connect`), the command/response discipline
 //! (`conn`: timeouts, draining, poisoning), and the wire formats (`wire`).
-//! A message is addressed by its UID (`StoreId`), its UIDL is Dovecot's POP3
-//! default (`%08Xu%08Xv`), and it is streamed in partial FETCHes so memory
-//! never grows with message size.
+//! A message is addressed by its UID (`StoreId`), its UIDL is written as
+//! configured (`uidl_format`: Dovecot's POP3 default `%08Xu%08Xv` unless
+//! set, so users keep their UIDLs when they move from a server's own POP3),
+//! and it is streamed in partial FETCHes so memory never grows with message
+//! size.
+//!
+//! A mailbox the server will not SELECT is a configuration error, logged
+//! with the mailboxes the server does have. Without UIDPLUS, deleted mail
+//! is moved to the trash the server names (RFC 6154 `\Trash`), else to the
+//! configured `trash_mailbox`, looked up as given and inside the personal
+//! namespace (`INBOX.Trash` on servers that keep folders under INBOX).
 //!
 //! Must never: send a bare EXPUNGE (it would also expunge what other clients
 //! flagged \Deleted), remove anything outside `Mailbox::remove` or other
@@ -22,17 +30,22 @@ mod wire;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
-use async_imap::imap_proto::{AttributeValue, MailboxDatum, Response, ResponseCode};
+use async_imap::imap_proto::{AttributeValue, MailboxDatum, NameAttribute, Response, ResponseCode};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use self::conn::{Conn, Outcome};
+use self::connect::Backoff;
 use self::transport::TlsSetup;
-use self::wire::{quote_mailbox, uid_sets, uidl};
+pub use self::wire::UidlFormat;
+use self::wire::{
+    Meaning, classify_refusal, encode_mailbox_name, quote_encoded_mailbox, quote_mailbox, read_refusal, uid_sets,
+};
 use super::{Backend, ListedMessage, Mailbox, MessageStream, ReportedSize};
 use crate::canonical::CanonicalSize;
 use crate::mail::{BackendError, Credentials, InvalidSetting, StoreId};
@@ -81,7 +94,10 @@ pub struct ImapConfig {
     pub timeout_secs: u64,
     #[serde(default)]
     pub sizes: SizePolicy,
-    /// Without UIDPLUS: UID MOVE deleted messages here instead of expunging.
+    /// Without UIDPLUS: UID MOVE deleted messages to the trash instead of
+    /// expunging. The server's own special-use `\Trash` mailbox (RFC 6154)
+    /// comes first; this name is used when the server names none, as given
+    /// or inside the personal namespace (`INBOX.Trash`, `INBOX/Trash`).
     #[serde(default)]
     pub trash_mailbox: Option<String>,
     /// Set \Seen on messages RETR sends whole (never on TOP).
@@ -96,6 +112,13 @@ pub struct ImapConfig {
     /// oauth2 passdb).
     #[serde(default)]
     pub oauth_passthrough: bool,
+    /// How UIDLs are written: `dovecot` (`%08Xu%08Xv`, the default),
+    /// `cyrus` (`%v.%u`), or a template of `%u` (UID) and `%v`
+    /// (UIDVALIDITY), decimal or `%X`/`%x` hex, zero-padded with a width
+    /// (`%08Xu`): make it what the server's own POP3 wrote, and users
+    /// moving to popgate are not served their mail again (docs/BACKENDS.md).
+    #[serde(default)]
+    pub uidl_format: UidlFormat,
 }
 
 fn default_mailbox() -> String {
@@ -125,6 +148,7 @@ impl ImapConfig {
             mark_seen: false,
             fetch_chunk_bytes: default_chunk(),
             oauth_passthrough: false,
+            uidl_format: UidlFormat::default(),
         }
     }
 
@@ -157,6 +181,8 @@ pub struct ImapBackend {
     config: ImapConfig,
     /// Built once: parsing the roots for every login would be wasted work.
     tls: Option<TlsSetup>,
+    /// Accounts the server asked us to leave alone for a while.
+    backoff: Arc<Backoff>,
 }
 
 impl ImapBackend {
@@ -175,7 +201,7 @@ impl ImapBackend {
         if let Some(trash) = &config.trash_mailbox {
             quote_mailbox(trash)?;
         }
-        Ok(ImapBackend { config, tls })
+        Ok(ImapBackend { config, tls, backoff: Arc::new(Backoff::default()) })
     }
 }
 
@@ -201,8 +227,9 @@ impl Backend for ImapBackend {
     }
 
     async fn open(&self, credentials: &Credentials) -> Result<Box<dyn Mailbox>, BackendError> {
-        let logged_in = connect::connect_and_login(&self.config, self.tls.as_ref(), credentials).await?;
+        let logged_in = connect::connect_and_login(&self.config, self.tls.as_ref(), credentials, &self.backoff).await?;
         let mut conn = Conn::new(logged_in.session, Duration::from_secs(self.config.timeout_secs));
+        conn.report_backoff_to(self.backoff.clone(), &credentials.user);
         match ImapMailbox::select(&mut conn, &self.config, logged_in.capabilities).await {
             Ok(selected) => {
                 tracing::debug!(
@@ -223,7 +250,10 @@ impl Backend for ImapBackend {
                     mark_seen: self.config.mark_seen,
                     sizes_policy: self.config.sizes,
                     trash: self.config.trash_mailbox.clone(),
+                    trash_found: None,
                     sizes: HashMap::new(),
+                    backoff: self.backoff.clone(),
+                    user: credentials.user.clone(),
                 }))
             }
             Err(e) => {
@@ -253,9 +283,15 @@ struct ImapMailbox {
     mark_seen: bool,
     sizes_policy: SizePolicy,
     trash: Option<String>,
+    /// The trash mailbox found on the server (quoted, as sent), once looked
+    /// up.
+    trash_found: Option<String>,
     /// RFC822.SIZE by UID, from the last `list`: picks the batches of
     /// `canonical_sizes`.
     sizes: HashMap<u32, u32>,
+    backoff: Arc<Backoff>,
+    /// The account logged in (for the backoff).
+    user: String,
 }
 
 impl ImapMailbox {
@@ -288,8 +324,39 @@ impl ImapMailbox {
                 }
             })
             .await?;
-        if reply.outcome == Outcome::No && reply.text.to_ascii_uppercase().contains("[NONEXISTENT]") {
-            return Err(BackendError::Permanent(format!("mailbox {:?} does not exist", config.mailbox)));
+        if reply.outcome != Outcome::Ok {
+            let what = format!("selecting mailbox {:?}", config.mailbox);
+            // Busy or too many sessions keep their meaning; any other
+            // refusal of the configured mailbox (Cyrus: `NO Mailbox does
+            // not exist`, without RFC 5530's [NONEXISTENT]) will not go away
+            // by itself: a configuration error, reported with what the
+            // server does have.
+            match read_refusal(&reply.text).meaning {
+                Meaning::Busy | Meaning::TooManyConnections => {
+                    return Err(classify_refusal(reply.outcome == Outcome::Bad, &reply.text, &what));
+                }
+                // Exchange app-only: logged in, yet no mailbox may be opened.
+                Meaning::Misconfigured(fix) => {
+                    tracing::warn!(mailbox = %config.mailbox, refusal = %reply.text, "{fix}");
+                    return Err(classify_refusal(reply.outcome == Outcome::Bad, &reply.text, &what));
+                }
+                _ => {}
+            }
+            let special_use = capabilities.contains("SPECIAL-USE");
+            let mailboxes = match list_mailboxes(conn, special_use).await {
+                Ok(listed) => describe_mailboxes(&listed),
+                Err(e) => format!("(could not list them: {e})"),
+            };
+            tracing::warn!(
+                mailbox = %config.mailbox,
+                refusal = %reply.text,
+                server_mailboxes = %mailboxes,
+                "the IMAP server refused to select the configured mailbox: check `mailbox` (or the backend URL's path)"
+            );
+            return Err(BackendError::Permanent(format!(
+                "the server refused to select mailbox {:?} ({}); it has: {mailboxes}",
+                config.mailbox, reply.text
+            )));
         }
         let reply = reply.ok_or_refused(&format!("selecting mailbox {:?}", config.mailbox))?;
         let Some(uidvalidity) = uidvalidity else {
@@ -370,6 +437,117 @@ impl ImapMailbox {
         }
         Ok(left)
     }
+
+    /// Where deleted mail goes on a server without UIDPLUS, looked up once
+    /// per session: see `choose_trash`.
+    async fn trash_mailbox(&mut self) -> Result<String, BackendError> {
+        if let Some(found) = &self.trash_found {
+            return Ok(found.clone());
+        }
+        let special_use = self.selected.capabilities.contains("SPECIAL-USE");
+        let listed = list_mailboxes(&mut self.conn, special_use).await?;
+        match choose_trash(&listed, self.trash.as_deref()) {
+            Some(name) => {
+                tracing::debug!(trash = %name, "trash mailbox found");
+                let quoted = quote_encoded_mailbox(&name)?;
+                self.trash_found = Some(quoted.clone());
+                Ok(quoted)
+            }
+            None => {
+                let mailboxes = describe_mailboxes(&listed);
+                tracing::warn!(
+                    configured = self.trash.as_deref().unwrap_or("(none)"),
+                    server_mailboxes = %mailboxes,
+                    "the server lacks UIDPLUS and names no \\Trash mailbox, and trash_mailbox is not one of its mailboxes"
+                );
+                Err(BackendError::Permanent(format!(
+                    "server lacks UIDPLUS and no trash mailbox was found (trash_mailbox = {:?}); it has: {mailboxes}",
+                    self.trash
+                )))
+            }
+        }
+    }
+}
+
+/// A mailbox as LIST shows it.
+#[derive(Debug, Clone)]
+struct ListedMailbox {
+    /// As on the wire (modified UTF-7).
+    name: String,
+    delimiter: Option<String>,
+    /// RFC 6154 `\Trash`.
+    trash: bool,
+    selectable: bool,
+}
+
+/// Mailboxes kept from one LIST: enough to find the trash and to tell an
+/// operator what is there, bounded for accounts with thousands.
+const MAX_LISTED: usize = 1000;
+
+/// Every mailbox, with special-use attributes (the RFC 6154 return option
+/// where the server announces SPECIAL-USE; servers that do not may still
+/// show them in a plain LIST).
+async fn list_mailboxes(conn: &mut Conn, special_use: bool) -> Result<Vec<ListedMailbox>, BackendError> {
+    let command = if special_use { "LIST \"\" \"*\" RETURN (SPECIAL-USE)" } else { "LIST \"\" \"*\"" };
+    let mut listed = Vec::new();
+    conn.run(command, |response| {
+        if let Response::MailboxData(MailboxDatum::List(data)) = response
+            && listed.len() < MAX_LISTED
+        {
+            listed.push(ListedMailbox {
+                name: data.name.to_string(),
+                delimiter: data.delimiter.as_ref().map(|d| d.to_string()),
+                trash: data.name_attributes.iter().any(|a| matches!(a, NameAttribute::Trash)),
+                selectable: !data.name_attributes.iter().any(|a| matches!(a, NameAttribute::NoSelect)),
+            });
+        }
+    })
+    .await?
+    .ok_or_refused("listing mailboxes")?;
+    Ok(listed)
+}
+
+/// The mailboxes for a log line: names (as on the wire), `\Trash` marked,
+/// the hierarchy delimiter once, at most 50.
+fn describe_mailboxes(listed: &[ListedMailbox]) -> String {
+    if listed.is_empty() {
+        return "no mailboxes".into();
+    }
+    let mut names: Vec<String> = listed
+        .iter()
+        .take(50)
+        .map(|m| if m.trash { format!("{} (\\Trash)", m.name) } else { m.name.clone() })
+        .collect();
+    if listed.len() > 50 {
+        names.push(format!("… {} more", listed.len() - 50));
+    }
+    let delimiter = listed.iter().find_map(|m| m.delimiter.clone()).unwrap_or_else(|| "none".into());
+    format!("{} (hierarchy delimiter {delimiter:?})", names.join(", "))
+}
+
+/// The trash mailbox (its wire name), in this order: the server's own
+/// special-use `\Trash` (RFC 6154); the configured name as given; the
+/// configured name inside the personal namespace, which on servers that
+/// keep every folder under INBOX (Cyrus without altnamespace, Courier) is
+/// `INBOX` plus the hierarchy delimiter. A configured `/` stands for the
+/// server's delimiter. `None`: nothing fits.
+///
+/// (The personal namespace is read from the LIST, not from RFC 2342
+/// NAMESPACE: async-imap's parser, imap-proto 0.17, does not parse a
+/// NAMESPACE response, and an unparsable response poisons the connection.)
+fn choose_trash(listed: &[ListedMailbox], configured: Option<&str>) -> Option<String> {
+    if let Some(special) = listed.iter().find(|m| m.trash && m.selectable) {
+        return Some(special.name.clone());
+    }
+    let configured = encode_mailbox_name(configured?);
+    let exists = |name: &str| listed.iter().any(|m| m.selectable && m.name == name);
+    if exists(&configured) {
+        return Some(configured);
+    }
+    let inbox = listed.iter().find(|m| m.name.eq_ignore_ascii_case("INBOX"))?;
+    let delimiter = inbox.delimiter.as_deref()?;
+    let inside = format!("{}{delimiter}{}", inbox.name, configured.replace('/', delimiter));
+    exists(&inside).then_some(inside)
 }
 
 fn capability_name(c: &async_imap::imap_proto::Capability<'_>) -> String {
@@ -470,6 +648,7 @@ impl Mailbox for ImapMailbox {
     /// A fresh view for a reused session: SELECT again, which re-reads
     /// UIDVALIDITY and EXISTS and proves the connection is alive.
     async fn reset(&mut self) -> Result<(), BackendError> {
+        self.backoff.check(&self.user)?;
         let capabilities = Some(self.selected.capabilities.clone());
         self.selected = Self::select(&mut self.conn, &self.config, capabilities).await?;
         self.sizes.clear();
@@ -506,7 +685,7 @@ impl Mailbox for ImapMailbox {
             .into_iter()
             .map(|(uid, size)| ListedMessage {
                 id: StoreId(uid.to_string()),
-                uidl: uidl(uid, uidvalidity),
+                uidl: self.config.uidl_format.render(uid, uidvalidity),
                 size: match self.sizes_policy {
                     SizePolicy::Measure => ReportedSize::Claimed(u64::from(size)),
                     SizePolicy::Trust => ReportedSize::Exact(u64::from(size)),
@@ -604,12 +783,15 @@ impl Mailbox for ImapMailbox {
         if self.selected.read_only {
             return Err(BackendError::Permanent("the mailbox is read-only".into()));
         }
-        let can_move_to_trash = self.selected.can_move && self.trash.is_some();
-        if !self.selected.uidplus && !can_move_to_trash {
+        let trash = if self.selected.uidplus {
+            None
+        } else if self.selected.can_move {
+            Some(self.trash_mailbox().await?)
+        } else {
             return Err(BackendError::Permanent(
-                "server lacks UIDPLUS; configure trash_mailbox with MOVE support".into(),
+                "server lacks UIDPLUS and MOVE: popgate cannot remove exactly the deleted messages".into(),
             ));
-        }
+        };
         self.check_uidvalidity().await?;
         if self.selected.uidplus {
             // Only the named UIDs are flagged and expunged; a bare EXPUNGE
@@ -622,8 +804,7 @@ impl Mailbox for ImapMailbox {
                 // The untagged EXPUNGEs carry sequence numbers: not used.
                 self.conn.run(&format!("UID EXPUNGE {set}"), |_| {}).await?.ok_or_refused("UID EXPUNGE")?;
             }
-        } else if let Some(trash) = &self.trash {
-            let trash = quote_mailbox(trash)?;
+        } else if let Some(trash) = trash {
             for set in uid_sets(&uids, MAX_SET_LEN) {
                 self.conn
                     .run(&format!("UID MOVE {set} {trash}"), |_| {})

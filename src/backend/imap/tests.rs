@@ -9,6 +9,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+use super::wire;
 use super::*;
 use crate::mail::Credentials;
 
@@ -353,12 +354,16 @@ async fn remove_refuses_when_uidvalidity_changed() {
 #[tokio::test]
 async fn remove_without_uidplus_moves_to_trash_or_refuses() {
     let login = "{tag} OK [CAPABILITY IMAP4rev1 MOVE] Logged in\r\n";
-    // With a trash mailbox: UID MOVE.
+    // With a trash mailbox configured and listed: UID MOVE there.
     let (port, _server) = mock(
         GREETING,
         vec![
             step("LOGIN", login),
             step("SELECT", SELECT_OK),
+            step(
+                "LIST \"\" \"*\"",
+                "* LIST (\\HasNoChildren) \"/\" INBOX\r\n* LIST (\\HasNoChildren) \"/\" \"Deleted Items\"\r\n{tag} OK\r\n",
+            ),
             step("SELECT", SELECT_OK),
             step("UID MOVE 4 \"Deleted Items\"", "{tag} OK Move completed\r\n"),
             step("UID SEARCH UID 4", "* SEARCH\r\n{tag} OK\r\n"),
@@ -371,14 +376,80 @@ async fn remove_without_uidplus_moves_to_trash_or_refuses() {
     mailbox.remove(&[StoreId("4".into())]).await.unwrap();
     mailbox.close().await;
 
-    // Without one: refused, and nothing sent.
-    let (port, server) = mock(GREETING, vec![step("LOGIN", login), step("SELECT", SELECT_OK)]).await;
+    // Without one, and none the server names: refused, and nothing moved.
+    let (port, server) = mock(
+        GREETING,
+        vec![
+            step("LOGIN", login),
+            step("SELECT", SELECT_OK),
+            step("LIST \"\" \"*\"", "* LIST (\\HasNoChildren) \"/\" INBOX\r\n{tag} OK\r\n"),
+        ],
+    )
+    .await;
     let mut mailbox = open(config(port), "alice", "x").await.unwrap();
     let error = mailbox.remove(&[StoreId("4".into())]).await.err().unwrap();
-    assert!(matches!(&error, BackendError::Permanent(why) if why.contains("UIDPLUS")), "{error:?}");
+    assert!(
+        matches!(&error, BackendError::Permanent(why) if why.contains("UIDPLUS") && why.contains("INBOX")),
+        "{error:?}"
+    );
     mailbox.close().await;
     let seen = server.await.unwrap();
-    assert_eq!(seen.len(), 3, "{seen:?}"); // LOGIN, SELECT, LOGOUT
+    assert_eq!(seen.len(), 4, "{seen:?}"); // LOGIN, SELECT, LIST, LOGOUT
+}
+
+#[tokio::test]
+async fn the_servers_special_use_trash_comes_before_the_configured_name() {
+    let login = "{tag} OK [CAPABILITY IMAP4rev1 MOVE SPECIAL-USE] Logged in\r\n";
+    let (port, _server) = mock(
+        GREETING,
+        vec![
+            step("LOGIN", login),
+            step("SELECT", SELECT_OK),
+            step(
+                "LIST \"\" \"*\" RETURN (SPECIAL-USE)",
+                "* LIST (\\HasChildren) \".\" INBOX\r\n* LIST (\\HasNoChildren) \".\" Trash\r\n\
+                 * LIST (\\HasNoChildren \\Trash) \".\" \"INBOX.Gel&APY-scht\"\r\n{tag} OK\r\n",
+            ),
+            step("SELECT", SELECT_OK),
+            step("UID MOVE 4 \"INBOX.Gel&APY-scht\"", "{tag} OK Move completed\r\n"),
+            step("UID SEARCH UID 4", "* SEARCH\r\n{tag} OK\r\n"),
+        ],
+    )
+    .await;
+    let mut config = config(port);
+    config.trash_mailbox = Some("Trash".into());
+    let mut mailbox = open(config, "alice", "x").await.unwrap();
+    mailbox.remove(&[StoreId("4".into())]).await.unwrap();
+    mailbox.close().await;
+}
+
+#[test]
+fn a_configured_trash_is_found_as_given_or_inside_the_personal_namespace() {
+    let listed = |entries: &[(&str, bool)], delimiter: &str| -> Vec<ListedMailbox> {
+        entries
+            .iter()
+            .map(|(name, trash)| ListedMailbox {
+                name: name.to_string(),
+                delimiter: Some(delimiter.to_string()),
+                trash: *trash,
+                selectable: true,
+            })
+            .collect()
+    };
+    // Cyrus without altnamespace: everything under INBOX.
+    let cyrus = listed(&[("INBOX", false), ("INBOX.Trash", false), ("INBOX.Sent", false)], ".");
+    assert_eq!(choose_trash(&cyrus, Some("Trash")).as_deref(), Some("INBOX.Trash"));
+    assert_eq!(choose_trash(&cyrus, Some("Junk")), None);
+    assert_eq!(choose_trash(&cyrus, None), None);
+    // Nested, with `/` in the configuration and `.` on the server.
+    let nested = listed(&[("INBOX", false), ("INBOX.Old.Trash", false)], ".");
+    assert_eq!(choose_trash(&nested, Some("Old/Trash")).as_deref(), Some("INBOX.Old.Trash"));
+    // As given first; non-ASCII names compared in modified UTF-7.
+    let dovecot = listed(&[("INBOX", false), ("Papierkorb", false), ("Gel&APY-scht", false)], "/");
+    assert_eq!(choose_trash(&dovecot, Some("Gelöscht")).as_deref(), Some("Gel&APY-scht"));
+    // The server's \Trash wins over any configured name.
+    let marked = listed(&[("INBOX", false), ("Trash", false), ("Deleted Items", true)], "/");
+    assert_eq!(choose_trash(&marked, Some("Trash")).as_deref(), Some("Deleted Items"));
 }
 
 #[tokio::test]
@@ -430,4 +501,49 @@ async fn unreadable_ca_file_is_permanent() {
     config.ca_file = Some("/nonexistent/ca.pem".into());
     assert!(matches!(ImapBackend::new(config).err(), Some(BackendError::Permanent(_))));
     assert!(ImapBackend::new(ImapConfig::new("imap.example.com", None, ImapTls::Implicit)).is_ok());
+}
+
+#[tokio::test]
+async fn logindisabled_in_clear_text_sends_no_credentials() {
+    // Cyrus 3.6.1 with `allowplaintext: no` greets so.
+    const CYRUS: &str = "* OK [CAPABILITY IMAP4rev1 LITERAL+ ID ENABLE LOGINDISABLED] localhost Cyrus IMAP ready\r\n";
+    for password in ["secret", "sécret"] {
+        let (port, server) = mock(CYRUS, vec![]).await;
+        let error = open(config(port), "alice", password).await.err().unwrap();
+        assert!(
+            matches!(&error, BackendError::Permanent(why) if why.contains(wire::TLS_REQUIRED)),
+            "{password}: {error:?}"
+        );
+        let seen = server.await.unwrap();
+        assert!(seen.is_empty(), "{seen:?}");
+    }
+    // A greeting without capabilities: asked for before any credential.
+    let (port, server) =
+        mock("* OK ready\r\n", vec![step("C0 CAPABILITY", "* CAPABILITY IMAP4rev1 LOGINDISABLED\r\nC0 OK done\r\n")])
+            .await;
+    let error = open(config(port), "alice", "secret").await.err().unwrap();
+    assert!(matches!(&error, BackendError::Permanent(why) if why.contains(wire::TLS_REQUIRED)), "{error:?}");
+    assert_eq!(server.await.unwrap(), ["C0 CAPABILITY"]);
+}
+
+#[tokio::test]
+async fn a_suggested_backoff_keeps_the_account_away_from_the_server() {
+    // Exchange Online's wording (issue #19).
+    let (port, server) = mock(
+        GREETING,
+        vec![step("LOGIN", "{tag} BAD Request is throttled. Suggested Backoff Time: 60000 milliseconds\r\n")],
+    )
+    .await;
+    let backend = ImapBackend::new(config(port)).unwrap();
+    let alice = Credentials::password("alice", "secret");
+    let error = backend.open(&alice).await.err().unwrap();
+    assert!(matches!(error, BackendError::Unavailable(_)), "{error:?}");
+    // Within the minute: refused at once, without a connection.
+    let error = backend.open(&alice).await.err().unwrap();
+    assert!(matches!(&error, BackendError::Unavailable(why) if why.contains("backoff")), "{error:?}");
+    assert_eq!(server.await.unwrap().len(), 1, "the server was called again");
+    // Another account of the same server is not held back (it connects,
+    // and finds nobody listening).
+    let error = backend.open(&Credentials::password("bob", "secret")).await.err().unwrap();
+    assert!(matches!(&error, BackendError::Unavailable(why) if !why.contains("backoff")), "{error:?}");
 }
