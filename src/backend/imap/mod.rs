@@ -6,7 +6,9 @@
 //! (`conn`: timeouts, draining, poisoning), and the wire formats (`wire`).
 //! A message is addressed by its UID (`StoreId`), its UIDL is Dovecot's POP3
 //! default (`%08Xu%08Xv`), and it is streamed in partial FETCHes so memory
-//! never grows with message size.
+//! never grows with message size. NUL octets, which `BODY[]` cannot carry,
+//! are fetched with RFC 3516 `BINARY[]` where that is proven to give the
+//! stored octets (`Chunks::restore_nuls`).
 //!
 //! Must never: send a bare EXPUNGE (it would also expunge what other clients
 //! flagged \Deleted), remove anything outside `Mailbox::remove` or other
@@ -15,6 +17,7 @@
 
 mod conn;
 mod connect;
+mod literal8;
 #[cfg(test)]
 mod tests;
 mod transport;
@@ -327,6 +330,7 @@ impl ImapMailbox {
         Chunks {
             uid,
             item: if peek { "BODY.PEEK[]" } else { "BODY[]" },
+            binary: self.selected.capabilities.contains("BINARY"),
             chunk: self.chunk,
             offset: 0,
             finished: false,
@@ -411,6 +415,8 @@ struct Chunks<'a> {
     conn: &'a mut Conn,
     uid: u32,
     item: &'static str,
+    /// The server offers RFC 3516 BINARY (for NUL octets).
+    binary: bool,
     chunk: u32,
     /// Where the next partial FETCH starts.
     offset: u64,
@@ -457,12 +463,68 @@ impl Chunks<'_> {
         if body.len() > self.chunk as usize {
             return Err(self.conn.poison("server sent more octets than a partial FETCH asked for"));
         }
+        let body = if self.binary && memchr::memchr(0x80, &body).is_some() {
+            self.restore_nuls(offset, body).await?
+        } else {
+            body
+        };
         // A short chunk is the last one; a full one may be too, in which
         // case the next FETCH comes back empty.
         self.finished = body.len() < self.chunk as usize;
         self.offset += body.len() as u64;
         Ok((!body.is_empty()).then_some(body))
     }
+}
+
+impl Chunks<'_> {
+    /// The stored octets of a chunk `BODY[]` gave with 0x80 octets in it.
+    ///
+    /// IMAP literals cannot carry NUL, so Dovecot's `BODY[]` sends 0x80 in
+    /// place of each NUL (its own POP3 sends the NUL). `BINARY[]` (RFC 3516)
+    /// carries NULs, but it also decodes every MIME part's base64 or
+    /// quoted-printable and rewrites its Content-Transfer-Encoding header:
+    /// it equals the stored message only up to the first such part. So the
+    /// `BINARY[]` octets at the same offset replace the chunk only if they
+    /// differ from it in nothing but NULs where the chunk has 0x80 — then
+    /// they are the stored octets. Otherwise (a decoded part before or in
+    /// this chunk, or the server refused) the chunk stays as `BODY[]` gave
+    /// it. Either way the length is the same, so sizes measured with
+    /// `BODY[]` stay exact. `BINARY.PEEK`: it never marks a message read.
+    async fn restore_nuls(&mut self, offset: u32, body: Bytes) -> Result<Bytes, BackendError> {
+        let uid = self.uid;
+        let command = format!("UID FETCH {uid} (UID BINARY.PEEK[]<{offset}.{}>)", body.len());
+        let mut binary: Option<Bytes> = None;
+        let reply = self
+            .conn
+            .run(&command, |response| {
+                // `literal8` renamed the reply's BINARY[] to BODY[].
+                if let Some((got, Some(data))) = fetched_body(response, Some(offset))
+                    && got == uid
+                    && binary.is_none()
+                {
+                    binary = Some(Bytes::copy_from_slice(data));
+                }
+            })
+            .await?;
+        if reply.outcome != Outcome::Ok {
+            tracing::debug!(uid, reply = %reply.text, "BINARY refused; NUL octets stay 0x80");
+            return Ok(body);
+        }
+        match binary {
+            Some(binary) if only_nuls_differ(&body, &binary) => Ok(binary),
+            _ => {
+                tracing::debug!(uid, offset, "BINARY differs from BODY beyond NULs; octets kept as BODY[] gave them");
+                Ok(body)
+            }
+        }
+    }
+}
+
+/// `binary` is `body` with some of its 0x80 octets NUL (and at least one).
+fn only_nuls_differ(body: &[u8], binary: &[u8]) -> bool {
+    body.len() == binary.len()
+        && body.iter().zip(binary).all(|(&b, &n)| b == n || (b == 0x80 && n == 0))
+        && binary.contains(&0)
 }
 
 #[async_trait]
