@@ -463,7 +463,7 @@ impl Chunks<'_> {
         if body.len() > self.chunk as usize {
             return Err(self.conn.poison("server sent more octets than a partial FETCH asked for"));
         }
-        let body = if self.binary && memchr::memchr(0x80, &body).is_some() {
+        let body = if self.binary && stray_0x80(&body) {
             self.restore_nuls(offset, body).await?
         } else {
             body
@@ -518,6 +518,30 @@ impl Chunks<'_> {
             }
         }
     }
+}
+
+/// Whether a 0x80 octet in `chunk` stands outside well-formed UTF-8, where
+/// BODY[]'s stand-in for a NUL would be. A 0x80 inside well-formed UTF-8
+/// (the middle of `—` or `’`, common in 8-bit mail) is the text's own: not
+/// fetching those chunks again keeps most 8-bit mail at one FETCH per
+/// chunk. Missed: a NUL right after a lone UTF-8 lead octet (such octets
+/// are not text) stays 0x80.
+fn stray_0x80(chunk: &[u8]) -> bool {
+    let mut rest = chunk;
+    while memchr::memchr(0x80, rest).is_some() {
+        match std::str::from_utf8(rest) {
+            Ok(_) => return false,
+            Err(e) => {
+                let start = e.valid_up_to();
+                let end = start + e.error_len().unwrap_or(rest.len() - start);
+                if rest[start..end].contains(&0x80) {
+                    return true;
+                }
+                rest = &rest[end..];
+            }
+        }
+    }
+    false
 }
 
 /// `binary` is `body` with some of its 0x80 octets NUL (and at least one).
