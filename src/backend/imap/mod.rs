@@ -463,11 +463,7 @@ impl Chunks<'_> {
         if body.len() > self.chunk as usize {
             return Err(self.conn.poison("server sent more octets than a partial FETCH asked for"));
         }
-        let body = if self.binary && stray_0x80(&body) {
-            self.restore_nuls(offset, body).await?
-        } else {
-            body
-        };
+        let body = if self.binary && stray_0x80(&body) { self.restore_nuls(offset, body).await? } else { body };
         // A short chunk is the last one; a full one may be too, in which
         // case the next FETCH comes back empty.
         self.finished = body.len() < self.chunk as usize;
