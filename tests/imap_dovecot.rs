@@ -178,3 +178,75 @@ fn mark_seen_marks_on_retr_and_never_on_top() {
     assert!(!seen(uids[0]));
     c.ok("QUIT");
 }
+
+/// Dovecot's IMAP `BODY[]` sends 0x80 in place of every NUL octet (IMAP
+/// literals cannot carry NUL); its own POP3 sends the NUL. popgate fetches
+/// the stored octets with RFC 3516 `BINARY[]` where that is proven to give
+/// them: RETR and TOP equal Dovecot's own POP3, octet for octet, and LIST
+/// equals what RETR sends. `BINARY[]` decodes base64 and quoted-printable
+/// parts, so it must not change a message that has them: the one with 0x80
+/// octets and a base64 part arrives exactly as stored too. Only a NUL after
+/// such a part stays 0x80 (what BODY[] gives; the size is the same). Small
+/// chunks, so that NULs fall into several partial FETCHes and some chunks
+/// hold 0x80 without any NUL.
+#[test]
+fn nul_octets_arrive_as_dovecots_own_pop3_sends_them() {
+    let dovecot = Dovecot::start();
+    let mut with_nuls = b"From: a@example.com\r\nSubject: NUL octets\r\n\r\nbefore\0after\r\n".to_vec();
+    for i in 0..120 {
+        with_nuls
+            .extend_from_slice(format!("line {i:03} \u{0440}\u{0440} with 8-bit text (0x80 octets)\r\n").as_bytes());
+    }
+    with_nuls.extend_from_slice(b"\0\0 two at the start of a line, one at the end\0\r\nlast\0");
+    let mut base64_part = b"From: a@example.com\r\nSubject: 8-bit and base64\r\nMIME-Version: 1.0\r\n\
+        Content-Type: multipart/mixed; boundary=XX\r\n\r\n--XX\r\nContent-Type: text/plain; charset=utf-8\r\n\
+        Content-Transfer-Encoding: 8bit\r\n\r\n"
+        .to_vec();
+    base64_part.extend_from_slice("\u{0440}\u{0440}\u{0440} 0x80 octets, no NUL\r\n".as_bytes());
+    base64_part.extend_from_slice(
+        b"--XX\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\nAAECAwQF\r\n--XX--\r\n",
+    );
+    let mut nul_after_base64 = b"From: a@example.com\r\nSubject: NUL after base64\r\nMIME-Version: 1.0\r\n\
+        Content-Type: multipart/mixed; boundary=XX\r\n\r\n--XX\r\nContent-Type: application/octet-stream\r\n\
+        Content-Transfer-Encoding: base64\r\n\r\nAAECAwQF\r\n--XX\r\nContent-Type: text/plain\r\n\r\n"
+        .to_vec();
+    nul_after_base64.extend_from_slice(b"a NUL \0 after a base64 part\r\n--XX--\r\n");
+    dovecot.append_all(ALICE.0, &[with_nuls, base64_part, nul_after_base64]);
+
+    let mut config = popgate::config::Config {
+        backend: popgate::backend::select::BackendConfig::from_url(&dovecot.imap_url()).unwrap(),
+        ..popgate::config::Config::default()
+    };
+    let popgate::backend::select::BackendConfig::Imap(imap) = &mut config.backend else { unreachable!() };
+    imap.fetch_chunk_bytes = 1024;
+    let gateway = Gateway::from_config(config);
+    let mut c = login(&gateway);
+    let sizes = c.list();
+    let ours: Vec<(Vec<u8>, Vec<u8>)> = (1..=3).map(|n| (c.retr(n), c.top(n, 3))).collect();
+    c.quit();
+
+    let mut reference = Pop3::login(dovecot.pop3_addr(), ALICE.0, ALICE.1);
+    let theirs: Vec<(Vec<u8>, Vec<u8>)> = (1..=3).map(|n| (reference.retr(n), reference.top(n, 3))).collect();
+    reference.quit();
+
+    for (i, ((retr, top), (their_retr, their_top))) in ours.iter().zip(&theirs).enumerate() {
+        let n = i as u32 + 1;
+        assert_eq!(sizes[i], (n, retr.len() as u64), "LIST {n} must equal the octets RETR sends");
+        assert_eq!(their_retr.len(), retr.len(), "message {n}: same size as Dovecot's POP3 sends");
+        if n == 3 {
+            // BINARY[] cannot be trusted past the decoded part: 0x80 stays.
+            let substituted: Vec<u8> = their_retr.iter().map(|&b| if b == 0 { 0x80 } else { b }).collect();
+            assert_eq!(retr, &substituted, "message 3: as BODY[] gives it, nothing decoded");
+            assert!(their_retr.contains(&0));
+            continue;
+        }
+        assert!(n != 1 || retr.iter().filter(|&&b| b == 0).count() == 5, "message 1 carries five NULs");
+        assert!(
+            retr == their_retr,
+            "RETR {n} differs from Dovecot's own POP3:\n{:?}\n{:?}",
+            String::from_utf8_lossy(retr),
+            String::from_utf8_lossy(their_retr)
+        );
+        assert_eq!(top, their_top, "TOP {n} 3 differs from Dovecot's own POP3");
+    }
+}

@@ -385,8 +385,8 @@ impl<'a> Driver<'a> {
     }
 }
 
-/// Streams a message through `encoder`. `Err`: nothing was written, the
-/// client may get an -ERR. `Ok(false)`: the backend failed after +OK went
+/// Streams a message through `encoder`. `Err`: nothing of the reply was
+/// written (nor is left queued in `out`), the client may get an -ERR. `Ok(false)`: the backend failed after +OK went
 /// out. `Ok(true)`: all sent but the terminator.
 ///
 /// The backend fetch and the client write overlap: the next chunks are
@@ -437,6 +437,12 @@ async fn write_chunks<S: AsyncWrite + Unpin>(
     if let Some(Err(e)) = next {
         return Ok(Err(e));
     }
+    // Until the first write, the +OK and the octets after it are only in
+    // `out` (after whatever replies were queued before): a failure can
+    // still take them back and be an -ERR (the fault matrix's JMAP RETR
+    // failing 1 000 octets in was answered by a close without any reply).
+    let queued = out.len();
+    let mut written = false;
     ok.write_to(out);
     loop {
         match next {
@@ -454,11 +460,16 @@ async fn write_chunks<S: AsyncWrite + Unpin>(
                         .await
                         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "client stopped reading"))??;
                     out.clear();
+                    written = true;
                 }
                 encoder.push(&chunk, out);
                 if encoder.is_done() {
                     return Ok(Ok(true));
                 }
+            }
+            Some(Err(e)) if !written => {
+                out.truncate(queued);
+                return Ok(Err(e));
             }
             Some(Err(e)) => {
                 tracing::warn!(error = %e, "backend failed mid-message; closing");
@@ -477,6 +488,34 @@ fn is_disconnect(e: &std::io::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A backend failing after its first chunk but before anything reached
+    /// the client is an -ERR (`Err`), with the +OK and the octets taken back
+    /// and the replies queued before kept; once octets went out, only a
+    /// close is honest (`Ok(false)`).
+    #[tokio::test]
+    async fn a_failure_before_the_first_write_can_still_be_an_err() {
+        for (first, want_err) in [(1000, true), (2 * WRITE_CHUNK, false)] {
+            let (tx, rx) = tokio::sync::mpsc::channel(3);
+            tx.send(Ok(bytes::Bytes::from(vec![b'a'; first]))).await.unwrap();
+            tx.send(Ok(bytes::Bytes::from_static(b"more"))).await.unwrap();
+            tx.send(Err(BackendError::unavailable("reset"))).await.unwrap();
+            drop(tx);
+            let mut socket = Vec::new();
+            let mut out = b"+OK queued before\r\n".to_vec();
+            let mut encoder = BodyEncoder::whole();
+            let ok = Response::ok("message follows");
+            let sent = write_chunks(rx, ok, &mut encoder, &mut socket, &mut out, Duration::from_secs(5)).await;
+            if want_err {
+                assert!(matches!(sent, Ok(Err(BackendError::Unavailable(_)))), "{sent:?}");
+                assert!(socket.is_empty());
+                assert_eq!(out, b"+OK queued before\r\n", "the +OK and the octets are taken back");
+            } else {
+                assert!(matches!(sent, Ok(Ok(false))), "{sent:?}");
+                assert!(socket.starts_with(b"+OK queued before\r\n+OK message follows\r\n"));
+            }
+        }
+    }
 
     /// Whatever the chunking, the terminator is never left to a write of
     /// its own: after the body, `out` still holds the last octets, and the

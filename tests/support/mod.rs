@@ -16,6 +16,8 @@
 //! - `fake_imap`: a minimal IMAP server that answers instantly, for load,
 //!   and scripted refusals in wordings no free server produces.
 //! - `proxy`: a recording TCP proxy, to see what popgate sends its backend.
+//! - `fault_proxy`: a TCP proxy that stalls, resets or truncates one backend
+//!   connection at a chosen octet or after a chosen command.
 //! - `program`: real client programs run to completion with a time limit,
 //!   and the ways the tests drive them (openssl s_client, curl, poplib).
 //! - `gmail_api`, `graph_api`: stand-ins for the Gmail API and Microsoft
@@ -38,6 +40,7 @@ pub mod cyrus;
 pub mod cyrus_imap;
 pub mod dovecot;
 pub mod fake_imap;
+pub mod fault_proxy;
 pub mod gateway;
 pub mod gmail_api;
 pub mod graph_api;

@@ -117,7 +117,7 @@ pub async fn connect_and_login(
     // already what it will be for the login (not before STARTTLS).
     let (client, greeted) = match config.tls {
         ImapTls::None => {
-            let mut client = Client::new(Transport::Plain(tcp));
+            let mut client = Client::new(Transport::plain(tcp));
             // In clear text, what the server allows matters before any
             // credential goes out: ask if the greeting did not say.
             let caps = match greeting(&mut client, limit).await? {
@@ -134,13 +134,13 @@ pub async fn connect_and_login(
             (client, caps)
         }
         ImapTls::Starttls => {
-            let mut client = Client::new(Transport::Plain(tcp));
+            let mut client = Client::new(Transport::plain(tcp));
             greeting(&mut client, limit).await?;
             within(limit, "STARTTLS refused", client.run_command_and_check_ok("STARTTLS", None)).await?;
             // Whatever the server (or a man in the middle) sent after the OK
             // was sent in clear text; `into_inner` drops async-imap's read
             // buffer, so none of it can be taken for a protected reply.
-            let Transport::Plain(tcp) = client.into_inner() else {
+            let Some(tcp) = client.into_inner().into_plain() else {
                 return Err(BackendError::Unavailable("STARTTLS on a TLS connection".into()));
             };
             let transport = within(limit, "TLS handshake after STARTTLS", tls()?.handshake(tcp)).await?;

@@ -16,6 +16,10 @@
 //! configured `trash_mailbox`, looked up as given and inside the personal
 //! namespace (`INBOX.Trash` on servers that keep folders under INBOX).
 //!
+//! NUL octets, which `BODY[]` cannot carry, are fetched with RFC 3516
+//! `BINARY[]` where that is proven to give the stored octets
+//! (`Chunks::restore_nuls`).
+//!
 //! Must never: send a bare EXPUNGE (it would also expunge what other clients
 //! flagged \Deleted), remove anything outside `Mailbox::remove` or other
 //! than exactly the given UIDs, use a connection again after a timeout or a
@@ -23,6 +27,7 @@
 
 mod conn;
 mod connect;
+mod literal8;
 #[cfg(test)]
 mod tests;
 mod transport;
@@ -394,6 +399,7 @@ impl ImapMailbox {
         Chunks {
             uid,
             item: if peek { "BODY.PEEK[]" } else { "BODY[]" },
+            binary: self.selected.capabilities.contains("BINARY"),
             chunk: self.chunk,
             offset: 0,
             finished: false,
@@ -589,6 +595,8 @@ struct Chunks<'a> {
     conn: &'a mut Conn,
     uid: u32,
     item: &'static str,
+    /// The server offers RFC 3516 BINARY (for NUL octets).
+    binary: bool,
     chunk: u32,
     /// Where the next partial FETCH starts.
     offset: u64,
@@ -635,12 +643,88 @@ impl Chunks<'_> {
         if body.len() > self.chunk as usize {
             return Err(self.conn.poison("server sent more octets than a partial FETCH asked for"));
         }
+        let body = if self.binary && stray_0x80(&body) { self.restore_nuls(offset, body).await? } else { body };
         // A short chunk is the last one; a full one may be too, in which
         // case the next FETCH comes back empty.
         self.finished = body.len() < self.chunk as usize;
         self.offset += body.len() as u64;
         Ok((!body.is_empty()).then_some(body))
     }
+}
+
+impl Chunks<'_> {
+    /// The stored octets of a chunk `BODY[]` gave with 0x80 octets in it.
+    ///
+    /// IMAP literals cannot carry NUL, so Dovecot's `BODY[]` sends 0x80 in
+    /// place of each NUL (its own POP3 sends the NUL). `BINARY[]` (RFC 3516)
+    /// carries NULs, but it also decodes every MIME part's base64 or
+    /// quoted-printable and rewrites its Content-Transfer-Encoding header:
+    /// it equals the stored message only up to the first such part. So the
+    /// `BINARY[]` octets at the same offset replace the chunk only if they
+    /// differ from it in nothing but NULs where the chunk has 0x80 — then
+    /// they are the stored octets. Otherwise (a decoded part before or in
+    /// this chunk, or the server refused) the chunk stays as `BODY[]` gave
+    /// it. Either way the length is the same, so sizes measured with
+    /// `BODY[]` stay exact. `BINARY.PEEK`: it never marks a message read.
+    async fn restore_nuls(&mut self, offset: u32, body: Bytes) -> Result<Bytes, BackendError> {
+        let uid = self.uid;
+        let command = format!("UID FETCH {uid} (UID BINARY.PEEK[]<{offset}.{}>)", body.len());
+        let mut binary: Option<Bytes> = None;
+        let reply = self
+            .conn
+            .run(&command, |response| {
+                // `literal8` renamed the reply's BINARY[] to BODY[].
+                if let Some((got, Some(data))) = fetched_body(response, Some(offset))
+                    && got == uid
+                    && binary.is_none()
+                {
+                    binary = Some(Bytes::copy_from_slice(data));
+                }
+            })
+            .await?;
+        if reply.outcome != Outcome::Ok {
+            tracing::debug!(uid, reply = %reply.text, "BINARY refused; NUL octets stay 0x80");
+            return Ok(body);
+        }
+        match binary {
+            Some(binary) if only_nuls_differ(&body, &binary) => Ok(binary),
+            _ => {
+                tracing::debug!(uid, offset, "BINARY differs from BODY beyond NULs; octets kept as BODY[] gave them");
+                Ok(body)
+            }
+        }
+    }
+}
+
+/// Whether a 0x80 octet in `chunk` stands outside well-formed UTF-8, where
+/// BODY[]'s stand-in for a NUL would be. A 0x80 inside well-formed UTF-8
+/// (the middle of `—` or `’`, common in 8-bit mail) is the text's own: not
+/// fetching those chunks again keeps most 8-bit mail at one FETCH per
+/// chunk. Missed: a NUL right after a lone UTF-8 lead octet (such octets
+/// are not text) stays 0x80.
+fn stray_0x80(chunk: &[u8]) -> bool {
+    let mut rest = chunk;
+    while memchr::memchr(0x80, rest).is_some() {
+        match std::str::from_utf8(rest) {
+            Ok(_) => return false,
+            Err(e) => {
+                let start = e.valid_up_to();
+                let end = start + e.error_len().unwrap_or(rest.len() - start);
+                if rest[start..end].contains(&0x80) {
+                    return true;
+                }
+                rest = &rest[end..];
+            }
+        }
+    }
+    false
+}
+
+/// `binary` is `body` with some of its 0x80 octets NUL (and at least one).
+fn only_nuls_differ(body: &[u8], binary: &[u8]) -> bool {
+    body.len() == binary.len()
+        && body.iter().zip(binary).all(|(&b, &n)| b == n || (b == 0x80 && n == 0))
+        && binary.contains(&0)
 }
 
 #[async_trait]

@@ -547,3 +547,24 @@ async fn a_suggested_backoff_keeps_the_account_away_from_the_server() {
     let error = backend.open(&Credentials::password("bob", "secret")).await.err().unwrap();
     assert!(matches!(&error, BackendError::Unavailable(why) if !why.contains("backoff")), "{error:?}");
 }
+
+#[test]
+fn only_0x80_outside_well_formed_utf8_may_stand_for_a_nul() {
+    assert!(!stray_0x80(b"plain ASCII"));
+    assert!(!stray_0x80("em dash \u{2014}, quote \u{2019}, \u{0440}".as_bytes()));
+    assert!(stray_0x80(b"before\x80after"));
+    assert!(stray_0x80(b"\xe2\x80\x94 valid, then \x80"));
+    assert!(stray_0x80(b"latin-1 \xe9\x80"));
+    // A chunk cut inside a character may start or end with 0x80.
+    assert!(stray_0x80(b"\x80\x94 rest"));
+    assert!(!stray_0x80(b"\xff no 0x80 at all"));
+}
+
+#[test]
+fn binary_replaces_body_only_where_it_differs_by_nuls() {
+    assert!(only_nuls_differ(b"a\x80b\x80", b"a\0b\x80"));
+    assert!(!only_nuls_differ(b"a\x80b", b"a\x80b"), "no NUL: nothing to gain");
+    assert!(!only_nuls_differ(b"a\x80b", b"a\0c"));
+    assert!(!only_nuls_differ(b"a\x80b", b"a\0"));
+    assert!(!only_nuls_differ(b"abc", b"a\0c"), "NUL where BODY[] had no 0x80");
+}
