@@ -1,11 +1,16 @@
 //! The admin HTTP listener: `/metrics` (Prometheus text), `/healthz` (the
-//! process serves) and `/readyz` (listeners bound, not draining, backend
-//! reachable — probed at most every few seconds, so a scrape storm never
-//! becomes a backend storm). Never exposes configuration or secrets.
+//! process serves; the body also says how the last backend probe went) and
+//! `/readyz` ("this process can take POP3 connections": listeners bound and
+//! not draining — nothing else). Backend health never touches readiness: a
+//! provider's blip must leave pods in the Service, where clients get
+//! `-ERR [SYS/TEMP]`, rather than take every pod out and have devices see
+//! "connection refused". It is probed in the background instead, at a fixed
+//! pace whatever the scrape rate, into `popgate_backend_up` and `/healthz`.
+//! Never exposes configuration or secrets.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -14,19 +19,27 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use tokio::net::TcpListener;
-use tokio::sync::Mutex;
 
 use crate::backend::SharedBackend;
 use crate::telemetry::Metrics;
 
-const PROBE_CACHE: Duration = Duration::from_secs(5);
+/// How often the backend is probed (`popgate_backend_up`, `/healthz`).
+pub const BACKEND_PROBE_EVERY: Duration = Duration::from_secs(15);
+/// A probe that takes longer counts as a failure.
+const BACKEND_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Readiness as the server sees it.
+/// The last backend probe: when, and its result.
+struct Probe {
+    at: Instant,
+    result: Result<(), String>,
+}
+
+/// Readiness and backend health as the server sees them.
 pub struct Health {
     listening: AtomicBool,
     draining: AtomicBool,
     backend: SharedBackend,
-    last_probe: Mutex<Option<(Instant, Result<(), String>)>>,
+    last_probe: Mutex<Option<Probe>>,
 }
 
 impl Health {
@@ -51,27 +64,74 @@ impl Health {
         self.draining.load(Ordering::SeqCst)
     }
 
-    /// `Ok` when ready; otherwise why not.
-    pub async fn ready(&self) -> Result<(), String> {
+    /// `Ok` when this process can take POP3 connections; otherwise why not.
+    pub fn ready(&self) -> Result<(), &'static str> {
         if !self.listening.load(Ordering::SeqCst) {
-            return Err("listeners not bound".into());
+            return Err("listeners not bound");
         }
         if self.is_draining() {
-            return Err("draining".into());
+            return Err("draining");
         }
-        let mut last = self.last_probe.lock().await;
-        if let Some((at, result)) = last.as_ref()
-            && at.elapsed() < PROBE_CACHE
-        {
-            return result.clone();
-        }
-        let result = match tokio::time::timeout(Duration::from_secs(3), self.backend.probe()).await {
+        Ok(())
+    }
+
+    /// Probes the backend once, records the result (metric and `/healthz`).
+    pub async fn probe_backend(&self, metrics: &Metrics) {
+        let kind = self.backend.kind();
+        let result = match tokio::time::timeout(BACKEND_PROBE_TIMEOUT, self.backend.probe()).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(format!("backend: {e}")),
-            Err(_) => Err("backend probe timed out".into()),
+            Ok(Err(e)) => {
+                metrics.backend_error(kind, crate::server::login::error_class(&e));
+                Err(e.to_string())
+            }
+            Err(_) => {
+                metrics.backend_error(kind, "unavailable");
+                Err(format!("no answer within {} s", BACKEND_PROBE_TIMEOUT.as_secs()))
+            }
         };
-        *last = Some((Instant::now(), result.clone()));
-        result
+        metrics.backend_probed(kind, result.is_ok());
+        let mut last = self.last_probe.lock().unwrap_or_else(|p| p.into_inner());
+        let was_up = last.as_ref().map(|p| p.result.is_ok());
+        match (&result, was_up) {
+            (Err(e), Some(true) | None) => tracing::warn!(backend = kind, error = %e, "backend probe failed"),
+            (Ok(()), Some(false)) => tracing::info!(backend = kind, "backend reachable again"),
+            _ => {}
+        }
+        *last = Some(Probe { at: Instant::now(), result });
+    }
+
+    /// Probes the backend every `every`, until the server is gone.
+    pub fn spawn_backend_probe(self: &Arc<Self>, metrics: Arc<Metrics>, every: Duration) {
+        let health: Weak<Health> = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(every);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticker.tick().await;
+                let Some(health) = health.upgrade() else { return };
+                health.probe_backend(&metrics).await;
+            }
+        });
+    }
+
+    /// The `/healthz` body: liveness, and the backend's last probe.
+    fn detail(&self) -> String {
+        let kind = self.backend.kind();
+        let last = self.last_probe.lock().unwrap_or_else(|p| p.into_inner());
+        let backend = match last.as_ref() {
+            None => format!("backend {kind}: not probed yet"),
+            Some(Probe { at, result: Ok(()) }) => {
+                format!("backend {kind}: reachable (probed {} s ago)", at.elapsed().as_secs())
+            }
+            Some(Probe { at, result: Err(e) }) => {
+                format!("backend {kind}: UNREACHABLE (probed {} s ago): {e}", at.elapsed().as_secs())
+            }
+        };
+        let ready = match self.ready() {
+            Ok(()) => "ready".to_string(),
+            Err(why) => format!("not ready: {why}"),
+        };
+        format!("ok\n{ready}\n{backend}\n")
     }
 }
 
@@ -94,7 +154,7 @@ impl AdminServer {
         let address = listener.local_addr()?;
         let app = Router::new()
             .route("/metrics", get(metrics_page))
-            .route("/healthz", get(|| async { "ok\n" }))
+            .route("/healthz", get(healthz))
             .route("/readyz", get(readyz))
             .with_state(AdminState { metrics, health });
         tracing::info!(%address, "admin listener");
@@ -116,8 +176,14 @@ async fn metrics_page(State(state): State<AdminState>) -> impl IntoResponse {
 }
 
 async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
-    match state.health.ready().await {
+    match state.health.ready() {
         Ok(()) => (StatusCode::OK, "ready\n".to_string()),
         Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
     }
+}
+
+/// Always 200 while the process serves HTTP (liveness must not restart a
+/// pod because a provider is down); the body carries the detail.
+async fn healthz(State(state): State<AdminState>) -> impl IntoResponse {
+    state.health.detail()
 }
