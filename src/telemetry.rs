@@ -230,6 +230,14 @@ impl Refusal {
     }
 }
 
+/// Every `class` of `popgate_backend_errors_total`.
+pub const BACKEND_ERROR_CLASSES: &[&str] =
+    &["auth", "bad_credentials", "in_use", "unavailable", "permanent", "message_gone"];
+
+/// Every `result` of `popgate_oauth_refreshes_total`.
+pub const OAUTH_REFRESH_RESULTS: &[&str] =
+    &["ok", "invalid_grant", "refused", "unavailable", "invalid_response", "store_failed", "config"];
+
 /// The `account` label of every pass-through login, unless
 /// `[admin] metrics_login_names` is on: login names are unbounded (one
 /// series per guess) and are often e-mail addresses.
@@ -364,6 +372,17 @@ impl Metrics {
         self.backend_errors.get_or_create(&BackendErrorLabels { backend: backend.into(), class: class.into() }).inc();
     }
 
+    /// Exports a backend's error counters at 0 from the start, so an alert
+    /// on `increase()` sees the first error.
+    pub fn backend(&self, backend: &str) {
+        for class in BACKEND_ERROR_CLASSES {
+            drop(
+                self.backend_errors
+                    .get_or_create(&BackendErrorLabels { backend: backend.into(), class: (*class).into() }),
+            );
+        }
+    }
+
     pub fn backend_probed(&self, backend: &str, up: bool) {
         self.backend_up.get_or_create(&BackendKindLabels { backend: backend.into() }).set(i64::from(up));
     }
@@ -401,6 +420,17 @@ impl Metrics {
     pub fn account_succeeded(&self, account: &str) {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
         self.last_success.get_or_create(&AccountLabels { account: account.to_string() }).set(now);
+    }
+
+    /// Exports an OAuth account's refresh counters at 0 from the start, so
+    /// an alert on `increase()` sees the first failure.
+    pub fn oauth_account(&self, account: &str) {
+        for result in OAUTH_REFRESH_RESULTS {
+            drop(
+                self.oauth_refreshes
+                    .get_or_create(&OAuthRefreshLabels { account: account.into(), result: (*result).into() }),
+            );
+        }
     }
 
     pub fn oauth_refresh(&self, account: &str, result: &str) {
