@@ -346,6 +346,12 @@ password_hash = "{hash}"
     let mut bad = Pop3::connect(server.addr);
     bad.ok("USER nobody");
     let _ = bad.cmd("PASS wrong");
+    // A device of the OAuth account: its token is loaded (and its expiry
+    // exported); the IMAP server behind it is down.
+    let mut device = Pop3::connect(server.addr);
+    device.ok("USER printer-1");
+    let reply = device.cmd("PASS printer password");
+    assert!(reply.starts_with("-ERR [SYS/TEMP]"), "{reply}");
     // Not TLS on the implicit-TLS port: a refused handshake.
     let mut not_tls = TcpStream::connect_timeout(&server.addrs[1], IO_TIMEOUT).unwrap();
     not_tls.write_all(b"USER x\r\n").unwrap();

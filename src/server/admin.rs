@@ -4,13 +4,16 @@
 //! not draining — nothing else). Backend health never touches readiness: a
 //! provider's blip must leave pods in the Service, where clients get
 //! `-ERR [SYS/TEMP]`, rather than take every pod out and have devices see
-//! "connection refused". It is probed in the background instead, at a fixed
-//! pace whatever the scrape rate, into `popgate_backend_up` and `/healthz`.
+//! "connection refused". It is probed when `/metrics` or `/healthz` is
+//! asked for, at most once per `BACKEND_PROBE_EVERY` whatever the scrape
+//! rate (a scrape storm never becomes a backend storm, and a gateway nobody
+//! watches sends the backend nothing of its own), into
+//! `popgate_backend_up` and `/healthz`.
 //! Never exposes configuration or secrets.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -23,7 +26,8 @@ use tokio::net::TcpListener;
 use crate::backend::SharedBackend;
 use crate::telemetry::Metrics;
 
-/// How often the backend is probed (`popgate_backend_up`, `/healthz`).
+/// The backend is probed at most this often (`popgate_backend_up`,
+/// `/healthz`).
 pub const BACKEND_PROBE_EVERY: Duration = Duration::from_secs(15);
 /// A probe that takes longer counts as a failure.
 const BACKEND_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -40,6 +44,8 @@ pub struct Health {
     draining: AtomicBool,
     backend: SharedBackend,
     last_probe: Mutex<Option<Probe>>,
+    /// Held while a probe runs: concurrent scrapes wait for it, not probe.
+    probing: tokio::sync::Mutex<()>,
 }
 
 impl Health {
@@ -49,6 +55,7 @@ impl Health {
             draining: AtomicBool::new(false),
             backend,
             last_probe: Mutex::new(None),
+            probing: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -100,18 +107,16 @@ impl Health {
         *last = Some(Probe { at: Instant::now(), result });
     }
 
-    /// Probes the backend every `every`, until the server is gone.
-    pub fn spawn_backend_probe(self: &Arc<Self>, metrics: Arc<Metrics>, every: Duration) {
-        let health: Weak<Health> = Arc::downgrade(self);
-        tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(every);
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                ticker.tick().await;
-                let Some(health) = health.upgrade() else { return };
-                health.probe_backend(&metrics).await;
-            }
-        });
+    /// Probes the backend unless the last probe is recent enough.
+    pub async fn probe_backend_if_due(&self, metrics: &Metrics) {
+        let _probing = self.probing.lock().await;
+        let due = {
+            let last = self.last_probe.lock().unwrap_or_else(|p| p.into_inner());
+            last.as_ref().is_none_or(|p| p.at.elapsed() >= BACKEND_PROBE_EVERY)
+        };
+        if due {
+            self.probe_backend(metrics).await;
+        }
     }
 
     /// The `/healthz` body: liveness, and the backend's last probe.
@@ -172,6 +177,7 @@ impl AdminServer {
 }
 
 async fn metrics_page(State(state): State<AdminState>) -> impl IntoResponse {
+    state.health.probe_backend_if_due(&state.metrics).await;
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.metrics.encode())
 }
 
@@ -185,5 +191,6 @@ async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
 /// Always 200 while the process serves HTTP (liveness must not restart a
 /// pod because a provider is down); the body carries the detail.
 async fn healthz(State(state): State<AdminState>) -> impl IntoResponse {
+    state.health.probe_backend_if_due(&state.metrics).await;
     state.health.detail()
 }

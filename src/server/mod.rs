@@ -192,7 +192,6 @@ impl Server {
         tokio::spawn(evict_idle_sessions(Arc::downgrade(&context.pool)));
         context.metrics.backend(context.backend.kind());
         let health = Health::new(context.backend.clone());
-        health.spawn_backend_probe(context.metrics.clone(), admin::BACKEND_PROBE_EVERY);
         if let Some(store) = &certificates {
             export_expiries(store, &context.metrics);
         }

@@ -192,15 +192,13 @@ impl AccountRouter {
         let weak: Weak<AccountRouter> = Arc::downgrade(self);
         Some(tokio::spawn(async move {
             // Devices' logins refresh on demand; this only catches tokens
-            // no device asked for in a while. Once at start too, so each
-            // token's expiry is a metric before the first device polls.
+            // no device asked for in a while.
             loop {
+                tokio::time::sleep(every).await;
                 let Some(router) = weak.upgrade() else { return };
                 for source in router.token_sources() {
                     source.maintain().await;
                 }
-                drop(router);
-                tokio::time::sleep(every).await;
             }
         }))
     }
