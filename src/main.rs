@@ -212,7 +212,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     runtime.block_on(async {
         let metrics = Arc::new(Metrics::new());
         let (router, accounts): (Arc<dyn Router>, _) = if config.account.is_empty() {
-            (Arc::new(PassThrough::new(config.backend.build()?)), None)
+            let pass_through = PassThrough::new(config.backend.build()?);
+            (Arc::new(pass_through.labelled_by_login(config.admin.metrics_login_names)), None)
         } else {
             let router = AccountRouter::new(config.accounts(), metrics.clone(), BackendConfig::build)?;
             router.spawn_token_upkeep(Duration::from_secs(30));
@@ -228,8 +229,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             None => tracing::info!(backend = %config.backend.describe(), "popgate ready"),
             Some(_) => tracing::info!(accounts = config.account.len(), "popgate ready"),
         }
+        popgate::server::systemd::ready();
         wait_for_shutdown_signal(&mut server, &args, &config, log_reload.as_ref()).await;
         tracing::info!(grace_secs = config.limits.shutdown_grace_secs, "shutting down");
+        popgate::server::systemd::stopping();
         server.shutdown().await;
         if let Some(admin) = admin {
             admin.stop();

@@ -5,16 +5,26 @@
 //! `auth::Secret`, which prints as `<redacted>`, and the libraries that log
 //! raw protocol bytes are capped so no level shows credentials.
 //!
+//! Text logs carry ANSI colour only when stderr is a terminal (and
+//! `NO_COLOR` is unset): journald and log files get plain text.
+//!
 //! Metrics: one `Metrics` registry (Prometheus text via prometheus-client),
-//! served by `server::admin` on `/metrics`. Labels are bounded: command
-//! names, fixed result words, backend kinds, listener addresses, accounts.
+//! served by `server::admin` on `/metrics`, plus the standard `process_*`
+//! metrics. Every label is bounded by the code or the configuration:
+//! command names, fixed result and reason words, backend kinds, listener
+//! addresses, certificate files, configured account names. A pass-through
+//! login is never a label value unless `[admin] metrics_login_names` asks
+//! for it (`PASS_THROUGH_ACCOUNT` otherwise).
 
+use std::io::IsTerminal as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
@@ -83,6 +93,13 @@ impl LogReload {
     }
 }
 
+/// Colour codes only for a person at a terminal: journald stores them as
+/// binary blobs and log files show them as garbage. `NO_COLOR` (any value,
+/// no-color.org) turns them off on a terminal too.
+fn colour(stderr_is_terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
 /// Installs the global subscriber; `RUST_LOG` overrides the configured level.
 /// `None` if a subscriber was already installed (tests).
 pub fn init(config: &LogConfig) -> Option<LogReload> {
@@ -96,9 +113,14 @@ pub fn init(config: &LogConfig) -> Option<LogReload> {
     // credentials would appear.
     let cap = tracing_subscriber::filter::filter_fn(|meta| shown(meta.target(), *meta.level()));
     let output = match config.format {
-        LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(cap).boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_ansi(colour(std::io::stderr().is_terminal(), std::env::var_os("NO_COLOR")))
+            .with_writer(std::io::stderr)
+            .with_filter(cap)
+            .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
+            .with_ansi(false)
             .flatten_event(true)
             .with_current_span(true)
             .with_writer(std::io::stderr)
@@ -151,6 +173,76 @@ pub struct OAuthRefreshLabels {
     pub result: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendErrorLabels {
+    /// A backend kind ("imap", "jmap", "gmail", "graph", "demo", …).
+    pub backend: String,
+    /// A fixed word: "auth", "bad_credentials", "in_use", "unavailable",
+    /// "permanent", "message_gone".
+    pub class: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendKindLabels {
+    pub backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// A fixed word, one of `REFUSAL_REASONS`.
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertificateLabels {
+    /// The configured certificate file (`[[tls.certificates]] cert`).
+    pub certificate: String,
+}
+
+/// Why a connection was refused before a POP3 session began.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `[limits] max_connections` reached.
+    MaxConnections,
+    /// `[limits] max_connections_per_address` reached.
+    MaxConnectionsPerAddress,
+    /// The implicit-TLS handshake failed (or the client sent no TLS).
+    TlsHandshakeFailed,
+    /// The implicit-TLS handshake did not finish within `login_timeout_secs`.
+    TlsHandshakeTimeout,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 4] = [
+        Refusal::MaxConnections,
+        Refusal::MaxConnectionsPerAddress,
+        Refusal::TlsHandshakeFailed,
+        Refusal::TlsHandshakeTimeout,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::MaxConnections => "max_connections",
+            Refusal::MaxConnectionsPerAddress => "max_connections_per_address",
+            Refusal::TlsHandshakeFailed => "tls_handshake_failed",
+            Refusal::TlsHandshakeTimeout => "tls_handshake_timeout",
+        }
+    }
+}
+
+/// Every `class` of `popgate_backend_errors_total`.
+pub const BACKEND_ERROR_CLASSES: &[&str] =
+    &["auth", "bad_credentials", "in_use", "unavailable", "permanent", "message_gone"];
+
+/// Every `result` of `popgate_oauth_refreshes_total`.
+pub const OAUTH_REFRESH_RESULTS: &[&str] =
+    &["ok", "invalid_grant", "refused", "unavailable", "invalid_response", "store_failed", "config"];
+
+/// The `account` label of every pass-through login, unless
+/// `[admin] metrics_login_names` is on: login names are unbounded (one
+/// series per guess) and are often e-mail addresses.
+pub const PASS_THROUGH_ACCOUNT: &str = "pass-through";
+
 type HistogramFamily = Family<BackendLabels, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -173,6 +265,10 @@ pub struct Metrics {
     pub last_success: Family<AccountLabels, Gauge<f64, AtomicU64>>,
     pub oauth_refreshes: Family<OAuthRefreshLabels, Counter>,
     pub oauth_token_expiry: Family<AccountLabels, Gauge<f64, AtomicU64>>,
+    pub backend_errors: Family<BackendErrorLabels, Counter>,
+    pub backend_up: Family<BackendKindLabels, Gauge>,
+    pub connections_refused: Family<RefusalLabels, Counter>,
+    pub certificate_expiry: Family<CertificateLabels, Gauge<f64, AtomicU64>>,
 }
 
 impl Default for Metrics {
@@ -183,7 +279,6 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("popgate");
         let metrics = Metrics {
             sessions_active: Family::default(),
             sessions_total: Family::default(),
@@ -197,8 +292,20 @@ impl Metrics {
             last_success: Family::default(),
             oauth_refreshes: Family::default(),
             oauth_token_expiry: Family::default(),
+            backend_errors: Family::default(),
+            backend_up: Family::default(),
+            connections_refused: Family::default(),
+            certificate_expiry: Family::default(),
             registry: Registry::default(),
         };
+        // Every reason is exported from the start (at 0), so an alert on
+        // `increase()` sees the first refusal.
+        for reason in Refusal::ALL {
+            drop(metrics.connections_refused.get_or_create(&RefusalLabels { reason: reason.as_str().into() }));
+        }
+        let mut root = Registry::default();
+        root.register_collector(Box::new(ProcessCollector));
+        let registry = root.sub_registry_with_prefix("popgate");
         registry.register("sessions_active", "POP3 sessions open now", metrics.sessions_active.clone());
         registry.register("sessions", "POP3 sessions accepted", metrics.sessions_total.clone());
         registry.register("commands", "POP3 commands by name and result", metrics.commands.clone());
@@ -232,11 +339,62 @@ impl Metrics {
             metrics.oauth_token_expiry.clone(),
         );
         registry.register(
+            "backend_errors",
+            "Backend operations that failed, by backend kind and error class",
+            metrics.backend_errors.clone(),
+        );
+        registry.register(
+            "backend_up",
+            "1 if the last reachability probe of the backend succeeded, 0 if not (not part of /readyz)",
+            metrics.backend_up.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Connections closed before a POP3 session began, by reason",
+            metrics.connections_refused.clone(),
+        );
+        registry.register(
+            "tls_certificate_expiry_timestamp_seconds",
+            "Unix time the leaf certificate of each configured certificate file expires (notAfter)",
+            metrics.certificate_expiry.clone(),
+        );
+        registry.register(
             "build",
             "Build information",
             Info::new(vec![("version".to_string(), env!("CARGO_PKG_VERSION").to_string())]),
         );
-        Metrics { registry, ..metrics }
+        Metrics { registry: root, ..metrics }
+    }
+
+    /// A backend operation failed; `class` is a fixed word (see
+    /// `BackendErrorLabels`).
+    pub fn backend_error(&self, backend: &str, class: &str) {
+        self.backend_errors.get_or_create(&BackendErrorLabels { backend: backend.into(), class: class.into() }).inc();
+    }
+
+    /// Exports a backend's error counters at 0 from the start, so an alert
+    /// on `increase()` sees the first error.
+    pub fn backend(&self, backend: &str) {
+        for class in BACKEND_ERROR_CLASSES {
+            drop(
+                self.backend_errors
+                    .get_or_create(&BackendErrorLabels { backend: backend.into(), class: (*class).into() }),
+            );
+        }
+    }
+
+    pub fn backend_probed(&self, backend: &str, up: bool) {
+        self.backend_up.get_or_create(&BackendKindLabels { backend: backend.into() }).set(i64::from(up));
+    }
+
+    pub fn refused(&self, why: Refusal) {
+        self.connections_refused.get_or_create(&RefusalLabels { reason: why.as_str().into() }).inc();
+    }
+
+    pub fn certificate_expires(&self, certificate: &str, unix_secs: i64) {
+        self.certificate_expiry
+            .get_or_create(&CertificateLabels { certificate: certificate.into() })
+            .set(unix_secs as f64);
     }
 
     pub fn command(&self, command: &str, ok: bool) {
@@ -264,6 +422,17 @@ impl Metrics {
         self.last_success.get_or_create(&AccountLabels { account: account.to_string() }).set(now);
     }
 
+    /// Exports an OAuth account's refresh counters at 0 from the start, so
+    /// an alert on `increase()` sees the first failure.
+    pub fn oauth_account(&self, account: &str) {
+        for result in OAUTH_REFRESH_RESULTS {
+            drop(
+                self.oauth_refreshes
+                    .get_or_create(&OAuthRefreshLabels { account: account.into(), result: (*result).into() }),
+            );
+        }
+    }
+
     pub fn oauth_refresh(&self, account: &str, result: &str) {
         self.oauth_refreshes
             .get_or_create(&OAuthRefreshLabels { account: account.into(), result: result.into() })
@@ -279,6 +448,53 @@ impl Metrics {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
         out
+    }
+}
+
+/// The standard `process_*` metrics of the Prometheus client libraries
+/// (cpu, memory, file descriptors, threads, start time), read at each
+/// scrape. prometheus-client has no process collector; metrics-process
+/// reads them the way client_golang does (/proc on Linux) and is used here
+/// without its `metrics` crate front end.
+#[derive(Debug)]
+struct ProcessCollector;
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let m = metrics_process::collector::collect();
+        if let Some(cpu) = m.cpu_seconds_total {
+            let metric = ConstCounter::new(cpu);
+            let e = encoder.encode_descriptor(
+                "process_cpu_seconds",
+                "Total user and system CPU time spent in seconds",
+                None,
+                MetricType::Counter,
+            )?;
+            metric.encode(e)?;
+        }
+        let gauges = [
+            ("process_open_fds", "Number of open file descriptors", m.open_fds),
+            ("process_max_fds", "Maximum number of open file descriptors", m.max_fds),
+            ("process_virtual_memory_bytes", "Virtual memory size in bytes", m.virtual_memory_bytes),
+            (
+                "process_virtual_memory_max_bytes",
+                "Maximum amount of virtual memory available in bytes",
+                m.virtual_memory_max_bytes,
+            ),
+            ("process_resident_memory_bytes", "Resident memory size in bytes", m.resident_memory_bytes),
+            (
+                "process_start_time_seconds",
+                "Start time of the process since the Unix epoch in seconds",
+                m.start_time_seconds,
+            ),
+            ("process_threads", "Number of OS threads in the process", m.threads),
+        ];
+        for (name, help, value) in gauges {
+            let Some(value) = value else { continue };
+            let metric = ConstGauge::new(value as i64);
+            metric.encode(encoder.encode_descriptor(name, help, None, MetricType::Gauge)?)?;
+        }
+        Ok(())
     }
 }
 

@@ -91,7 +91,7 @@ fn metrics_count_sessions_commands_logins_and_last_success() {
         "popgate_logins_total{result=\"success\",reason=\"ok\"} 1",
         "popgate_backend_operation_duration_seconds_count{backend=\"demo\",operation=\"fetch\"} 1",
         "popgate_deletions_total{result=\"committed\"} 1",
-        "popgate_account_last_success_timestamp_seconds{account=\"printer-3\"}",
+        "popgate_account_last_success_timestamp_seconds{account=\"pass-through\"}",
         "popgate_backend_logins_total 1",
         "popgate_build_info{version=",
     ] {

@@ -1,11 +1,19 @@
 //! The admin HTTP listener: `/metrics` (Prometheus text), `/healthz` (the
-//! process serves) and `/readyz` (listeners bound, not draining, backend
-//! reachable — probed at most every few seconds, so a scrape storm never
-//! becomes a backend storm). Never exposes configuration or secrets.
+//! process serves; the body also says how the last backend probe went) and
+//! `/readyz` ("this process can take POP3 connections": listeners bound and
+//! not draining — nothing else). Backend health never touches readiness: a
+//! provider's blip must leave pods in the Service, where clients get
+//! `-ERR [SYS/TEMP]`, rather than take every pod out and have devices see
+//! "connection refused". It is probed when `/metrics` or `/healthz` is
+//! asked for, at most once per `BACKEND_PROBE_EVERY` whatever the scrape
+//! rate (a scrape storm never becomes a backend storm, and a gateway nobody
+//! watches sends the backend nothing of its own), into
+//! `popgate_backend_up` and `/healthz`.
+//! Never exposes configuration or secrets.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -14,19 +22,30 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use tokio::net::TcpListener;
-use tokio::sync::Mutex;
 
 use crate::backend::SharedBackend;
 use crate::telemetry::Metrics;
 
-const PROBE_CACHE: Duration = Duration::from_secs(5);
+/// The backend is probed at most this often (`popgate_backend_up`,
+/// `/healthz`).
+pub const BACKEND_PROBE_EVERY: Duration = Duration::from_secs(15);
+/// A probe that takes longer counts as a failure.
+const BACKEND_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Readiness as the server sees it.
+/// The last backend probe: when, and its result.
+struct Probe {
+    at: Instant,
+    result: Result<(), String>,
+}
+
+/// Readiness and backend health as the server sees them.
 pub struct Health {
     listening: AtomicBool,
     draining: AtomicBool,
     backend: SharedBackend,
-    last_probe: Mutex<Option<(Instant, Result<(), String>)>>,
+    last_probe: Mutex<Option<Probe>>,
+    /// Held while a probe runs: concurrent scrapes wait for it, not probe.
+    probing: tokio::sync::Mutex<()>,
 }
 
 impl Health {
@@ -36,6 +55,7 @@ impl Health {
             draining: AtomicBool::new(false),
             backend,
             last_probe: Mutex::new(None),
+            probing: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -51,27 +71,72 @@ impl Health {
         self.draining.load(Ordering::SeqCst)
     }
 
-    /// `Ok` when ready; otherwise why not.
-    pub async fn ready(&self) -> Result<(), String> {
+    /// `Ok` when this process can take POP3 connections; otherwise why not.
+    pub fn ready(&self) -> Result<(), &'static str> {
         if !self.listening.load(Ordering::SeqCst) {
-            return Err("listeners not bound".into());
+            return Err("listeners not bound");
         }
         if self.is_draining() {
-            return Err("draining".into());
+            return Err("draining");
         }
-        let mut last = self.last_probe.lock().await;
-        if let Some((at, result)) = last.as_ref()
-            && at.elapsed() < PROBE_CACHE
-        {
-            return result.clone();
-        }
-        let result = match tokio::time::timeout(Duration::from_secs(3), self.backend.probe()).await {
+        Ok(())
+    }
+
+    /// Probes the backend once, records the result (metric and `/healthz`).
+    pub async fn probe_backend(&self, metrics: &Metrics) {
+        let kind = self.backend.kind();
+        let result = match tokio::time::timeout(BACKEND_PROBE_TIMEOUT, self.backend.probe()).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(format!("backend: {e}")),
-            Err(_) => Err("backend probe timed out".into()),
+            Ok(Err(e)) => {
+                metrics.backend_error(kind, crate::server::login::error_class(&e));
+                Err(e.to_string())
+            }
+            Err(_) => {
+                metrics.backend_error(kind, "unavailable");
+                Err(format!("no answer within {} s", BACKEND_PROBE_TIMEOUT.as_secs()))
+            }
         };
-        *last = Some((Instant::now(), result.clone()));
-        result
+        metrics.backend_probed(kind, result.is_ok());
+        let mut last = self.last_probe.lock().unwrap_or_else(|p| p.into_inner());
+        let was_up = last.as_ref().map(|p| p.result.is_ok());
+        match (&result, was_up) {
+            (Err(e), Some(true) | None) => tracing::warn!(backend = kind, error = %e, "backend probe failed"),
+            (Ok(()), Some(false)) => tracing::info!(backend = kind, "backend reachable again"),
+            _ => {}
+        }
+        *last = Some(Probe { at: Instant::now(), result });
+    }
+
+    /// Probes the backend unless the last probe is recent enough.
+    pub async fn probe_backend_if_due(&self, metrics: &Metrics) {
+        let _probing = self.probing.lock().await;
+        let due = {
+            let last = self.last_probe.lock().unwrap_or_else(|p| p.into_inner());
+            last.as_ref().is_none_or(|p| p.at.elapsed() >= BACKEND_PROBE_EVERY)
+        };
+        if due {
+            self.probe_backend(metrics).await;
+        }
+    }
+
+    /// The `/healthz` body: liveness, and the backend's last probe.
+    fn detail(&self) -> String {
+        let kind = self.backend.kind();
+        let last = self.last_probe.lock().unwrap_or_else(|p| p.into_inner());
+        let backend = match last.as_ref() {
+            None => format!("backend {kind}: not probed yet"),
+            Some(Probe { at, result: Ok(()) }) => {
+                format!("backend {kind}: reachable (probed {} s ago)", at.elapsed().as_secs())
+            }
+            Some(Probe { at, result: Err(e) }) => {
+                format!("backend {kind}: UNREACHABLE (probed {} s ago): {e}", at.elapsed().as_secs())
+            }
+        };
+        let ready = match self.ready() {
+            Ok(()) => "ready".to_string(),
+            Err(why) => format!("not ready: {why}"),
+        };
+        format!("ok\n{ready}\n{backend}\n")
     }
 }
 
@@ -94,7 +159,7 @@ impl AdminServer {
         let address = listener.local_addr()?;
         let app = Router::new()
             .route("/metrics", get(metrics_page))
-            .route("/healthz", get(|| async { "ok\n" }))
+            .route("/healthz", get(healthz))
             .route("/readyz", get(readyz))
             .with_state(AdminState { metrics, health });
         tracing::info!(%address, "admin listener");
@@ -112,12 +177,20 @@ impl AdminServer {
 }
 
 async fn metrics_page(State(state): State<AdminState>) -> impl IntoResponse {
+    state.health.probe_backend_if_due(&state.metrics).await;
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.metrics.encode())
 }
 
 async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
-    match state.health.ready().await {
+    match state.health.ready() {
         Ok(()) => (StatusCode::OK, "ready\n".to_string()),
         Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
     }
+}
+
+/// Always 200 while the process serves HTTP (liveness must not restart a
+/// pod because a provider is down); the body carries the detail.
+async fn healthz(State(state): State<AdminState>) -> impl IntoResponse {
+    state.health.probe_backend_if_due(&state.metrics).await;
+    state.health.detail()
 }

@@ -91,6 +91,11 @@ pub struct Limits {
     pub max_connections_per_address: usize,
     /// On SIGTERM/SIGINT, seconds sessions may take to finish.
     pub shutdown_grace_secs: u64,
+    /// On SIGTERM/SIGINT, seconds popgate keeps accepting new connections
+    /// while `/readyz` already says 503, before the grace period starts:
+    /// time for a load balancer (or Kubernetes' endpoints) to stop sending
+    /// clients, so a rolling update refuses nobody.
+    pub drain_delay_secs: u64,
     /// Exact message sizes remembered across sessions (entries).
     pub size_cache_entries: u64,
 }
@@ -106,6 +111,7 @@ impl Default for Limits {
             max_connections: 1000,
             max_connections_per_address: 100,
             shutdown_grace_secs: 30,
+            drain_delay_secs: 0,
             size_cache_entries: 1_000_000,
         }
     }
@@ -118,17 +124,29 @@ pub struct AdminConfig {
     pub enabled: bool,
     /// Keep it on loopback or a management network: it is not authenticated.
     pub address: SocketAddr,
+    /// Pass-through mode: label metrics with each login name (unbounded
+    /// series, and e-mail addresses in Prometheus) instead of one
+    /// "pass-through" value. Configured accounts are always labelled by name.
+    pub metrics_login_names: bool,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        AdminConfig { enabled: true, address: "127.0.0.1:9110".parse().expect("valid address") }
+        AdminConfig {
+            enabled: true,
+            address: "127.0.0.1:9110".parse().expect("valid address"),
+            metrics_login_names: false,
+        }
     }
 }
 
 /// The longest any timer may be set to: a day. Far beyond any sensible
 /// setting, and far from where `Instant + Duration` overflows.
 pub const MAX_TIMER_SECS: u64 = 86_400;
+
+/// The longest `[limits] drain_delay_secs`: load balancers and Kubernetes
+/// notice a failing readiness probe (or a terminating pod) within seconds.
+pub const MAX_DRAIN_DELAY_SECS: u64 = 30;
 
 /// Checks `[[listener]]`, `[tls]` and `[limits]` together. The bounds are
 /// documented in config/popgate.toml and docs/RELIABILITY.md.
@@ -145,6 +163,8 @@ pub fn check(listeners: &[ListenerConfig], tls: &TlsConfig, l: &Limits) -> Resul
     InvalidSetting::bounded("limits.max_connections", l.max_connections, 1..=1_000_000)?;
     InvalidSetting::bounded("limits.max_connections_per_address", l.max_connections_per_address, 1..=1_000_000)?;
     InvalidSetting::bounded("limits.shutdown_grace_secs", l.shutdown_grace_secs, 0..=3_600)?;
+    // Short by design: a longer delay only postpones the drain.
+    InvalidSetting::bounded("limits.drain_delay_secs", l.drain_delay_secs, 0..=MAX_DRAIN_DELAY_SECS)?;
     InvalidSetting::bounded("limits.size_cache_entries", l.size_cache_entries, 0..=100_000_000)?;
     InvalidSetting::bounded("tls.reload_check_secs", tls.reload_check_secs, 0..=MAX_TIMER_SECS)?;
     if listeners.iter().any(|l| l.tls != ListenerTls::None) && tls.certificates.is_empty() {

@@ -22,7 +22,7 @@ use crate::mail::{BackendError, StoreId};
 use crate::pop3::response::ResponseCode;
 use crate::pop3::sasl::Mechanism;
 use crate::pop3::{BodyEncoder, LineReader, Response, Session, SessionConfig, Step};
-use crate::telemetry::ListenerLabels;
+use crate::telemetry::{ListenerLabels, Refusal};
 
 /// Flush a message body to the socket whenever this much is pending.
 const WRITE_CHUNK: usize = 64 * 1024;
@@ -51,8 +51,14 @@ pub async fn serve(
             let timeout = Duration::from_secs(context.limits().login_timeout_secs);
             match tokio::time::timeout(timeout, stream.upgrade(tls)).await {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => return tracing::debug!(error = %e, "TLS handshake failed"),
-                Err(_) => return tracing::debug!("TLS handshake timed out"),
+                Ok(Err(e)) => {
+                    context.metrics.refused(Refusal::TlsHandshakeFailed);
+                    return tracing::debug!(error = %e, "TLS handshake failed");
+                }
+                Err(_) => {
+                    context.metrics.refused(Refusal::TlsHandshakeTimeout);
+                    return tracing::debug!("TLS handshake timed out");
+                }
             }
         }
         let mut driver = Driver::new(stream, peer, policy, &context);
@@ -263,7 +269,10 @@ impl<'a> Driver<'a> {
                 metrics.deleted(result.is_ok(), ids.len() as u64);
                 match &result {
                     Ok(n) => tracing::info!(removed = n, "update committed"),
-                    Err(e) => tracing::warn!(error = %e, requested = ids.len(), "update failed"),
+                    Err(e) => {
+                        metrics.backend_error(self.backend_kind, login::error_class(e));
+                        tracing::warn!(error = %e, requested = ids.len(), "update failed")
+                    }
                 }
                 let reply = self.session.update_finished(result);
                 let closed = Box::pin(self.perform(Step::Close(reply))).await;
@@ -324,6 +333,7 @@ impl<'a> Driver<'a> {
         self.backend_failed |= !matches!(sent, Ok(true));
         match sent {
             Err(e) => {
+                metrics.backend_error(self.backend_kind, login::error_class(&e));
                 tracing::warn!(error = %e, "fetch failed");
                 let step = self.session.fetch_failed(&e);
                 Box::pin(self.perform(step)).await

@@ -19,7 +19,7 @@ pub struct LoggedIn {
     /// How the backend session was obtained (to give it back warm).
     pub lease: Lease,
     pub maildrop: Maildrop,
-    /// The backend account (metrics label; what sizes are cached under).
+    /// The account's metrics label (bounded: see `Route::label`).
     pub account: String,
     pub backend_kind: &'static str,
 }
@@ -71,7 +71,7 @@ pub async fn log_in(
             tracing::info!(messages = logged_in.maildrop.stat().0, "logged in");
         }
         Err(e) => {
-            metrics.login("failure", error_reason(e));
+            metrics.login("failure", error_class(e));
             tracing::info!(user = %credentials.user, error = %e, "login failed");
         }
     }
@@ -102,7 +102,15 @@ async fn open_maildrop(context: &Context, credentials: &Credentials) -> Result<L
         }
     }
     timed("open", started);
-    let (mut mailbox, lease) = opened?;
+    let counted = |e: BackendError| {
+        // A wrong password is the client's failure (popgate_logins_total),
+        // not the backend's.
+        if !matches!(e, BackendError::AuthFailed | BackendError::BadCredentials(_)) {
+            context.metrics.backend_error(kind, error_class(&e));
+        }
+        e
+    };
+    let (mut mailbox, lease) = opened.map_err(counted)?;
     let started = Instant::now();
     let listed = mailbox.list().await;
     timed("list", started);
@@ -119,23 +127,17 @@ async fn open_maildrop(context: &Context, credentials: &Credentials) -> Result<L
         Ok(exact) => {
             let messages =
                 exact.into_iter().map(|m| Message { id: m.id, uidl: m.uidl, size: m.size.value() }).collect();
-            Ok(LoggedIn {
-                mailbox,
-                lease,
-                maildrop: Maildrop::new(messages),
-                account: route.account,
-                backend_kind: kind,
-            })
+            Ok(LoggedIn { mailbox, lease, maildrop: Maildrop::new(messages), account: route.label, backend_kind: kind })
         }
         Err(e) => {
             mailbox.close().await;
-            Err(e)
+            Err(counted(e))
         }
     }
 }
 
-/// A short, bounded word for the logins metric.
-fn error_reason(e: &BackendError) -> &'static str {
+/// A short, bounded word for the logins and backend error metrics.
+pub fn error_class(e: &BackendError) -> &'static str {
     match e {
         BackendError::AuthFailed => "auth",
         BackendError::BadCredentials(_) => "bad_credentials",

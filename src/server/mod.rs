@@ -1,8 +1,9 @@
 //! Listeners, the accept loop, connection limits and graceful shutdown.
 //!
 //! `Server::start` binds every listener (failing fast if one cannot be bound)
-//! and spawns the accept loops; `RunningServer::shutdown` stops accepting,
-//! gives sessions the grace period, then ends the rest with
+//! and spawns the accept loops; `RunningServer::shutdown` turns readiness
+//! off, keeps accepting for `drain_delay_secs` (so load balancers catch up),
+//! stops accepting, gives sessions the grace period, then ends the rest with
 //! `-ERR [SYS/TEMP]` — and a session ended that way commits no deletions.
 
 pub mod admin;
@@ -12,6 +13,7 @@ pub mod limits;
 pub mod login;
 pub mod policy;
 pub mod stream;
+pub mod systemd;
 pub mod throttle;
 pub mod tls;
 
@@ -28,7 +30,7 @@ use crate::backend::SharedBackend;
 use crate::backend::pool::SessionPool;
 use crate::backend::sizes::ExactSizes;
 use crate::config::Config;
-use crate::telemetry::Metrics;
+use crate::telemetry::{Metrics, Refusal};
 use admin::Health;
 use config::Limits;
 use limits::{ConnectionLimit, PerAddressLimit};
@@ -141,6 +143,7 @@ pub struct RunningServer {
     stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
     grace: Duration,
+    drain_delay: Duration,
 }
 
 pub struct Server;
@@ -187,7 +190,11 @@ impl Server {
             updates: Arc::new(Updates::default()),
         });
         tokio::spawn(evict_idle_sessions(Arc::downgrade(&context.pool)));
+        context.metrics.backend(context.backend.kind());
         let health = Health::new(context.backend.clone());
+        if let Some(store) = &certificates {
+            export_expiries(store, &context.metrics);
+        }
         let permits = ConnectionLimit::new(config.limits.max_connections);
         let per_address = PerAddressLimit::new(config.limits.max_connections_per_address);
         let mut tasks = JoinSet::new();
@@ -209,7 +216,11 @@ impl Server {
         if let Some(store) = &certificates
             && config.tls.reload_check_secs > 0
         {
-            tokio::spawn(watch_certificates(Arc::downgrade(store), Duration::from_secs(config.tls.reload_check_secs)));
+            tokio::spawn(watch_certificates(
+                Arc::downgrade(store),
+                context.metrics.clone(),
+                Duration::from_secs(config.tls.reload_check_secs),
+            ));
         }
         health.set_listening();
         Ok(RunningServer {
@@ -225,6 +236,7 @@ impl Server {
             stop,
             tasks,
             grace: Duration::from_secs(config.limits.shutdown_grace_secs),
+            drain_delay: Duration::from_secs(config.limits.drain_delay_secs),
         })
     }
 }
@@ -264,15 +276,25 @@ fn diff_limits(old: &Limits, new: &Limits) -> Vec<String> {
         .collect()
 }
 
+/// The expiry of every certificate now in use, as gauges.
+fn export_expiries(store: &CertificateStore, metrics: &Metrics) {
+    for (file, not_after) in store.expiries() {
+        metrics.certificate_expires(&file, not_after);
+    }
+}
+
 /// Reloads certificates whose files changed, until the server is gone.
-async fn watch_certificates(store: std::sync::Weak<CertificateStore>, every: Duration) {
+async fn watch_certificates(store: std::sync::Weak<CertificateStore>, metrics: Arc<Metrics>, every: Duration) {
     let mut ticker = tokio::time::interval(every);
     ticker.tick().await;
     loop {
         ticker.tick().await;
         let Some(store) = store.upgrade() else { return };
         match store.reload_if_changed() {
-            Ok(true) => tracing::info!("certificates changed on disk; reloaded"),
+            Ok(true) => {
+                export_expiries(&store, &metrics);
+                tracing::info!("certificates changed on disk; reloaded")
+            }
             Ok(false) => {}
             Err(e) => {
                 tracing::warn!(error = %e, "certificate files changed but cannot be loaded; keeping the old ones")
@@ -320,6 +342,7 @@ impl RunningServer {
             }
             self.per_address.set_max(new.limits.max_connections_per_address);
             self.grace = Duration::from_secs(new.limits.shutdown_grace_secs);
+            self.drain_delay = Duration::from_secs(new.limits.drain_delay_secs);
             *self.context.limits.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new.limits.clone());
         }
         if self.context.throttle.config() != new.throttle {
@@ -339,7 +362,7 @@ impl RunningServer {
     /// the old certificates stay.
     pub fn reload_certificates(&self) -> Result<(), TlsError> {
         match &self.certificates {
-            Some(store) => store.reload(),
+            Some(store) => store.reload().map(|()| export_expiries(store, &self.metrics)),
             None => Ok(()),
         }
     }
@@ -350,6 +373,16 @@ impl RunningServer {
         // Readiness goes false first, so a load balancer stops sending
         // clients before the listeners close.
         self.health.set_draining();
+        if !self.drain_delay.is_zero() {
+            // Still accepting: whoever routes clients here has not noticed
+            // the failing readiness yet, and a refused client is worse than
+            // one more session in the grace period.
+            tracing::info!(
+                delay_secs = self.drain_delay.as_secs(),
+                "not ready; accepting until drain_delay_secs is over"
+            );
+            tokio::time::sleep(self.drain_delay).await;
+        }
         let _ = self.draining.send(true);
         let grace = self.grace;
         let all_done = async { while self.tasks.join_next().await.is_some() {} };
@@ -425,9 +458,20 @@ async fn accept_loop(
                     drop((permit, slot));
                 }
                 // An implicit-TLS client cannot read a cleartext reply.
-                _ if policy.tls == ListenerTls::Implicit => drop(socket),
-                (None, _) => connection::refuse_busy(socket, peer, "too many connections").await,
-                (_, None) => connection::refuse_busy(socket, peer, "too many connections from your address").await,
+                (permit, _) if policy.tls == ListenerTls::Implicit => {
+                    let why =
+                        if permit.is_none() { Refusal::MaxConnections } else { Refusal::MaxConnectionsPerAddress };
+                    context.metrics.refused(why);
+                    drop(socket)
+                }
+                (None, _) => {
+                    context.metrics.refused(Refusal::MaxConnections);
+                    connection::refuse_busy(socket, peer, "too many connections").await
+                }
+                (_, None) => {
+                    context.metrics.refused(Refusal::MaxConnectionsPerAddress);
+                    connection::refuse_busy(socket, peer, "too many connections from your address").await
+                }
             }
         });
     }

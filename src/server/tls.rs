@@ -58,6 +58,8 @@ struct Loaded {
     by_name: HashMap<String, Arc<CertifiedKey>>,
     /// Modification times of the files, to notice changes.
     stamps: Vec<Option<SystemTime>>,
+    /// Each configured certificate file and its leaf's notAfter (Unix time).
+    expiries: Vec<(String, i64)>,
 }
 
 /// Chooses a certificate by SNI from a set that can be replaced at run time.
@@ -93,6 +95,12 @@ impl CertificateStore {
             return Ok(false);
         }
         self.reload().map(|()| true)
+    }
+
+    /// Each configured certificate file with the Unix time its leaf
+    /// certificate expires (notAfter), as loaded now.
+    pub fn expiries(&self) -> Vec<(String, i64)> {
+        self.snapshot().expiries.clone()
     }
 
     fn snapshot(&self) -> Arc<Loaded> {
@@ -143,8 +151,10 @@ fn load_all(configs: &[CertificateConfig]) -> Result<Loaded, TlsError> {
     let provider = provider();
     let mut default = None;
     let mut by_name = HashMap::new();
+    let mut expiries = Vec::new();
     for config in configs {
         let (key, names) = load_one(config, &provider)?;
+        expiries.push((config.cert.display().to_string(), not_after(&config.cert, &key.cert[0])?));
         let key = Arc::new(key);
         for name in names {
             by_name.entry(name.to_ascii_lowercase()).or_insert_with(|| key.clone());
@@ -152,7 +162,13 @@ fn load_all(configs: &[CertificateConfig]) -> Result<Loaded, TlsError> {
         default.get_or_insert(key);
     }
     let default = default.ok_or(TlsError::NoCertificate)?;
-    Ok(Loaded { default, by_name, stamps })
+    Ok(Loaded { default, by_name, stamps, expiries })
+}
+
+/// The leaf's notAfter, for the expiry metric and alert.
+fn not_after(path: &Path, leaf: &CertificateDer<'_>) -> Result<i64, TlsError> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(leaf).map_err(|e| file_error(path, e))?;
+    Ok(parsed.validity().not_after.timestamp())
 }
 
 fn load_one(config: &CertificateConfig, provider: &CryptoProvider) -> Result<(CertifiedKey, Vec<String>), TlsError> {
@@ -234,6 +250,21 @@ mod tests {
         std::fs::write(&a.key, "not a key").unwrap();
         assert!(store.reload().is_err());
         assert_eq!(leaf_of(&store, None), before);
+    }
+
+    #[test]
+    fn expiry_is_the_leaf_not_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["x.example".to_string()]).unwrap();
+        params.not_after = rcgen::date_time_ymd(2031, 5, 17);
+        let cert = params.self_signed(&key).unwrap();
+        let config = CertificateConfig { cert: dir.path().join("x.crt"), key: dir.path().join("x.key"), names: vec![] };
+        std::fs::write(&config.cert, cert.pem()).unwrap();
+        std::fs::write(&config.key, key.serialize_pem()).unwrap();
+        let store = CertificateStore::load(vec![config.clone()]).unwrap();
+        // 2031-05-17T00:00:00Z
+        assert_eq!(store.expiries(), vec![(config.cert.display().to_string(), 1_936_742_400)]);
     }
 
     #[test]

@@ -70,7 +70,12 @@ impl Router for TokenRouter {
         if client.user != self.local.0 || password.expose() != self.local.1 {
             return Err(BackendError::AuthFailed);
         }
-        Ok(Route { backend: self.backend.clone(), credentials: self.credentials(), account: self.account.clone() })
+        Ok(Route {
+            backend: self.backend.clone(),
+            credentials: self.credentials(),
+            account: self.account.clone(),
+            label: self.account.clone(),
+        })
     }
 
     async fn refresh(&self, _route: &Route) -> Result<Option<Credentials>, BackendError> {

@@ -19,8 +19,13 @@ pub struct Route {
     /// What the backend is given (the client's own in pass-through).
     pub credentials: Credentials,
     /// A stable name for the backend account, unique across backends (exact
-    /// sizes are cached under it), for metrics and logs (never a secret).
+    /// sizes are cached under it), for logs (never a secret).
     pub account: String,
+    /// The account's `account` label in metrics: bounded by the
+    /// configuration (a configured account's name, or one value for every
+    /// pass-through login), never a raw login name unless the operator
+    /// opted in (`[admin] metrics_login_names`).
+    pub label: String,
 }
 
 #[async_trait]
@@ -47,18 +52,29 @@ pub trait Router: Send + Sync {
 /// The client's credentials go to the one backend unchanged.
 pub struct PassThrough {
     backend: SharedBackend,
+    /// Label metrics with the login name (opt-in: unbounded series).
+    label_by_login: bool,
 }
 
 impl PassThrough {
     pub fn new(backend: SharedBackend) -> Self {
-        PassThrough { backend }
+        PassThrough { backend, label_by_login: false }
+    }
+
+    /// Metrics carry each login name as its `account` label instead of
+    /// `telemetry::PASS_THROUGH_ACCOUNT`.
+    pub fn labelled_by_login(mut self, on: bool) -> Self {
+        self.label_by_login = on;
+        self
     }
 }
 
 #[async_trait]
 impl Router for PassThrough {
     async fn route(&self, client: &Credentials) -> Result<Route, BackendError> {
-        Ok(Route { backend: self.backend.clone(), credentials: client.clone(), account: client.user.clone() })
+        let label =
+            if self.label_by_login { client.user.clone() } else { crate::telemetry::PASS_THROUGH_ACCOUNT.to_string() };
+        Ok(Route { backend: self.backend.clone(), credentials: client.clone(), account: client.user.clone(), label })
     }
 
     fn accepts_bearer_tokens(&self) -> bool {

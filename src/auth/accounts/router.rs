@@ -250,6 +250,7 @@ impl Router for AccountRouter {
                 backend: account.backend.clone(),
                 credentials: client.clone(),
                 account: format!("{}:{}", account.name, client.user),
+                label: account.name.clone(),
             });
         };
         let device = device.expect("a mapped account is reached through its devices");
@@ -278,6 +279,7 @@ impl Router for AccountRouter {
             backend: account.backend.clone(),
             credentials: Credentials { user: login.clone(), proof },
             account: account.name.clone(),
+            label: account.name.clone(),
         })
     }
 

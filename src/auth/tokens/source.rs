@@ -77,6 +77,7 @@ impl TokenSource {
         settings: TokenSourceSettings,
         metrics: Arc<Metrics>,
     ) -> Self {
+        metrics.oauth_account(&account);
         TokenSource { account, client, store, settings, metrics, state: Mutex::new(State::default()) }
     }
 
