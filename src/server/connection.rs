@@ -179,6 +179,7 @@ impl<'a> Driver<'a> {
             // reading again.
             while let Some(line) = self.reader.next_line(self.session.line_limit()) {
                 let step = self.session.on_line(line);
+                self.log_refused_login(&step);
                 if let Some(outcome) = self.perform(step).await? {
                     return Ok(outcome);
                 }
@@ -213,6 +214,21 @@ impl<'a> Driver<'a> {
                 Some(Ok(Ok(n))) => self.reader.push(&buf[..n]),
                 Some(Ok(Err(e))) => return Err(e),
             }
+        }
+    }
+
+    /// A login the listener's policy refused is logged at info, with the
+    /// client's address and the reason — a printer that only says
+    /// "authentication failed" is diagnosed from here. Never the password.
+    fn log_refused_login(&self, step: &Step) {
+        let command = self.session.last_command();
+        if matches!(step, Step::Reply(reply) if !reply.is_ok())
+            && matches!(command, "USER" | "PASS" | "AUTH")
+            && !self.session.is_authenticated()
+            && !self.stream.is_tls()
+            && let Some(reason) = self.policy.cleartext_refusal(self.peer.ip())
+        {
+            tracing::info!(peer = %self.peer.ip(), command, reason, "login refused: cleartext login not allowed");
         }
     }
 
