@@ -443,6 +443,122 @@ mod tests {
         assert!(e.contains("unknown field `password`"), "a secret inline is refused: {e}");
     }
 
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    /// `POPGATE_A__B` sets `a.b` over the file; names without a double
+    /// underscore (the flags', secrets') are not settings.
+    #[test]
+    fn environment_settings_override_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.toml");
+        std::fs::write(
+            &path,
+            "[limits]\nmax_connections = 10\nmax_failed_logins = 5\n[[listener]]\naddress = \"127.0.0.1:1110\"\n",
+        )
+        .unwrap();
+        let (config, used) = Config::load_layered(
+            Some(&path),
+            vars(&[
+                ("POPGATE_LIMITS__MAX_CONNECTIONS", "20"),
+                ("POPGATE_LISTENER__0__ALLOW_CLEARTEXT_LOGIN", "true"),
+                ("POPGATE_LISTENER__0__CLEARTEXT_NETWORKS", "[\"192.168.1.0/24\"]"),
+                ("POPGATE_LISTENER__1__ADDRESS", "0.0.0.0:995"),
+                ("POPGATE_LISTENER__1__TLS", "implicit"),
+                ("POPGATE_TLS__CERTIFICATES", "[{ cert = \"/c.pem\", key = \"/k.pem\" }]"),
+                ("POPGATE_LOG__LEVEL", "debug"),
+                ("POPGATE_M365_CLIENT_SECRET", "not a setting"),
+                ("POPGATE_CONFIG", "/elsewhere.toml"),
+                ("HOME", "/root"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.limits.max_connections, 20, "the environment wins over the file");
+        assert_eq!(config.limits.max_failed_logins, 5, "the file's other keys stay");
+        assert!(config.listener[0].allow_cleartext_login);
+        assert_eq!(config.listener[0].cleartext_networks, vec!["192.168.1.0/24".parse::<ipnet::IpNet>().unwrap()]);
+        assert_eq!(config.listener[1].address.to_string(), "0.0.0.0:995");
+        assert_eq!(config.log.level, "debug");
+        assert_eq!(used.len(), 7, "{used:?}");
+
+        // Without a file: the defaults, with the environment on top.
+        let (config, _) = Config::load_layered(None, vars(&[("POPGATE_ADMIN__ENABLED", "false")])).unwrap();
+        assert!(!config.admin.enabled);
+        assert_eq!(config.listener, Config::default().listener);
+
+        // Errors name the variable, or the key it set.
+        let e = Config::load_layered(None, vars(&[("POPGATE_LIMITS__COMMAND_LINES", "300")])).unwrap_err().to_string();
+        assert!(e.contains("POPGATE_LIMITS__COMMAND_LINES") && e.contains("command_lines"), "{e}");
+        let e =
+            Config::load_layered(None, vars(&[("POPGATE_LIMITS__IDLE_TIMEOUT_SECS", "5")])).unwrap_err().to_string();
+        assert!(e.contains("limits.idle_timeout_secs"), "{e}");
+        let e =
+            Config::load_layered(None, vars(&[("POPGATE_LISTENER__3__ADDRESS", "0.0.0.0:1")])).unwrap_err().to_string();
+        assert!(e.contains("POPGATE_LISTENER__3__ADDRESS") && e.contains("next index is 0"), "{e}");
+        let e = Config::load_layered(None, vars(&[("POPGATE_LIMITS____X", "1")])).unwrap_err().to_string();
+        assert!(e.contains("POPGATE_LIMITS____X"), "{e}");
+    }
+
+    /// What `serve` would fail on is an error here, naming the key, the
+    /// file or variable, and the fix.
+    #[test]
+    fn files_and_secrets_the_configuration_names_are_checked() {
+        const HASH: &str =
+            "$argon2id$v=19$m=19456,t=2,p=1$wxrOHId/C+dIBYXb2JB3fQ$yaYqWUlTYLcForHs501471xKMPAnl4rO3/KunVncaj4";
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display();
+        let cert = format!("[tls]\ncertificates = [{{ cert = \"{d}/fullchain.pem\", key = \"{d}/privkey.pem\" }}]\n");
+        let e = Config::from_toml(&cert, "t.toml").unwrap().check_usable().unwrap_err().to_string();
+        assert!(
+            e.contains("tls.certificates[0].cert") && e.contains("fullchain.pem") && e.contains("point it at"),
+            "{e}"
+        );
+
+        let oauth = format!(
+            "[backend]\nkind = \"imap\"\nhost = \"imap.gmail.com\"\n[token_store]\npath = \"{d}/tokens.enc\"\nkey_file = \"{d}/token.key\"\n\
+             [[account]]\nname = \"scans\"\nmode = \"mapped\"\nlogin = \"s@example.com\"\n\
+             [account.oauth]\nprovider = \"google\"\nclient_id = \"id\"\nclient_secret_file = \"{d}/secret\"\n\
+             [[account.device]]\nuser = \"printer\"\npassword_hash = \"{HASH}\"\n"
+        );
+        let config = Config::from_toml(&oauth, "t.toml").unwrap();
+        let e = config.check_usable().unwrap_err().to_string();
+        assert!(e.contains("oauth.client_secret_file") && e.contains("/secret") && e.contains("write"), "{e}");
+        std::fs::write(dir.path().join("secret"), "s3cret\n").unwrap();
+        let e = config.check_usable().unwrap_err().to_string();
+        assert!(
+            e.contains("token_store.key_file") && e.contains("token.key") && e.contains("popgate oauth keygen"),
+            "{e}"
+        );
+        {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(dir.path().join("token.key"))
+                .unwrap();
+            writeln!(f, "{}", crate::auth::tokens::StoreKey::generate_text()).unwrap();
+        }
+        config.check_usable().unwrap();
+        assert!(!e.contains("s3cret"));
+
+        let env = oauth.replace(
+            &format!("client_secret_file = \"{d}/secret\""),
+            "client_secret_env = \"POPGATE_TEST_UNSET_SECRET_VAR\"",
+        );
+        let e = Config::from_toml(&env, "t.toml").unwrap().check_usable().unwrap_err().to_string();
+        assert!(
+            e.contains("oauth.client_secret_env") && e.contains("POPGATE_TEST_UNSET_SECRET_VAR") && e.contains("set "),
+            "{e}"
+        );
+
+        let nodir = oauth.replace(&format!("{d}/tokens.enc"), &format!("{d}/missing/tokens.enc"));
+        let e = Config::from_toml(&nodir, "t.toml").unwrap().check_usable().unwrap_err().to_string();
+        assert!(e.contains("token_store.path") && e.contains("missing") && e.contains("StateDirectory"), "{e}");
+    }
+
     /// Every example under config/ parses and passes `check`.
     #[test]
     fn every_example_config_parses() {

@@ -114,8 +114,9 @@ pub async fn login(
     let oauth = account.oauth.as_ref().expect("checked");
     let store_config = config.token_store.ok_or_else(|| anyhow::anyhow!("no [token_store] in the configuration"))?;
     let store = store_config.open()?;
-    let api = config.backend_named(&account.backend).map_or(super::MailApi::Imap, |b| b.mail_api());
-    let oauth = &oauth.for_api(api);
+    let backend = config.backend_named(&account.backend);
+    let api = backend.map_or(super::MailApi::Imap, |b| b.mail_api());
+    let oauth = &oauth.for_api(api).trusting(backend.and_then(|b| b.ca_file()));
     let client = OAuthClient::new(oauth)?;
     let previous = store.load(name).await.ok().flatten();
 
