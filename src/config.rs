@@ -43,7 +43,7 @@ pub enum ConfigError {
     Env { name: String, why: String },
     /// A file or environment variable a setting names cannot be used:
     /// `serve` would fail on it.
-    #[error("`{key}`: {why}")]
+    #[error("{key}: {why}")]
     Unusable { key: String, why: String },
 }
 
