@@ -186,11 +186,12 @@ fn ready_to_serve(config: &Config) -> anyhow::Result<()> {
     })
 }
 
+/// The router logins go through, and the accounts' router behind it, if any
+/// (for the token upkeep).
+type Routing = (Arc<dyn Router>, Option<Arc<AccountRouter>>);
+
 /// Pass-through to `[backend]` without accounts; the accounts' router with.
-fn build_router(
-    config: &Config,
-    metrics: Arc<Metrics>,
-) -> anyhow::Result<(Arc<dyn Router>, Option<Arc<AccountRouter>>)> {
+fn build_router(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Routing> {
     if config.account.is_empty() {
         let backend = config.backend.build().map_err(|e| anyhow::anyhow!("backend: {e}"))?;
         Ok((Arc::new(PassThrough::new(backend)), None))
