@@ -421,8 +421,15 @@ struct Interactive {
 
 impl Interactive {
     fn start(args: &[&str], config: &Path) -> Interactive {
+        // The files `oauth login` writes go to the user running the tests
+        // (as root, it refuses without --owner).
+        let mut args = args.to_vec();
+        let me = nix::unistd::User::from_uid(nix::unistd::geteuid()).unwrap().expect("the current user").name;
+        if args.get(1) == Some(&"login") {
+            args.extend(["--owner", me.as_str()]);
+        }
         let mut child = Command::new(env!("CARGO_BIN_EXE_popgate"))
-            .args(args)
+            .args(&args)
             .arg("--config")
             .arg(config)
             .stdin(Stdio::piped())
@@ -647,9 +654,11 @@ fn keygen_writes_a_private_key_once() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("token.key");
     let run = || {
+        let me = nix::unistd::User::from_uid(nix::unistd::geteuid()).unwrap().expect("the current user").name;
         let mut child = Command::new(env!("CARGO_BIN_EXE_popgate"))
             .args(["oauth", "keygen"])
             .arg(&path)
+            .args(["--owner", &me])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

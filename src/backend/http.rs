@@ -29,28 +29,10 @@ use url::Url;
 use super::MessageStream;
 use crate::mail::{BackendError, Secret};
 
-/// TLS for HTTPS: ring as the one crypto provider, and the webpki roots or
-/// the configured CA file.
+/// TLS for HTTPS: ring as the one crypto provider; the system's trust
+/// store plus the configured CA file (`trust`).
 pub fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, BackendError> {
-    use rustls_pki_types::CertificateDer;
-    use rustls_pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    match ca_file {
-        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-        Some(path) => {
-            let bad = |why: String| BackendError::Permanent(format!("ca_file {}: {why}", path.display()));
-            let certs = CertificateDer::pem_file_iter(path)
-                .map_err(|e| bad(e.to_string()))?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| bad(e.to_string()))?;
-            if certs.is_empty() {
-                return Err(bad("no certificates in it".into()));
-            }
-            for cert in certs {
-                roots.add(cert).map_err(|e| bad(e.to_string()))?;
-            }
-        }
-    }
+    let roots = super::trust::roots(ca_file).map_err(BackendError::Permanent)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

@@ -19,6 +19,7 @@ pub mod jmap;
 pub mod pool;
 pub mod select;
 pub mod sizes;
+pub mod trust;
 
 use std::sync::Arc;
 

@@ -133,6 +133,17 @@ impl BackendConfig {
         }
     }
 
+    /// The CA file this backend trusts besides the system's store.
+    pub fn ca_file(&self) -> Option<&std::path::Path> {
+        match self {
+            BackendConfig::Demo(_) => None,
+            BackendConfig::Imap(c) => c.ca_file.as_deref(),
+            BackendConfig::Jmap(c) => c.ca_file.as_deref(),
+            BackendConfig::Gmail(c) => c.ca_file.as_deref(),
+            BackendConfig::Graph(c) => c.ca_file.as_deref(),
+        }
+    }
+
     /// Builds the backend (no network: the first login connects).
     pub fn build(&self) -> Result<SharedBackend, BackendError> {
         Ok(match self {

@@ -46,6 +46,44 @@ impl ListenerConfig {
         }
     }
 
+    /// Cleartext logins from `networks` (`--allow-cleartext-from`); none:
+    /// unchanged.
+    pub fn allowing_cleartext_from(mut self, networks: &[ipnet::IpNet]) -> Self {
+        if !networks.is_empty() {
+            self.allow_cleartext_login = true;
+            self.cleartext_networks = networks.to_vec();
+        }
+        self
+    }
+
+    /// Why this listener would refuse every login from the network, if it
+    /// would: it takes connections from other machines, has no TLS and
+    /// allows no cleartext login (the printer on the LAN that only ever
+    /// hears "authentication failed").
+    pub fn refuses_every_network_login(&self) -> bool {
+        !self.address.ip().to_canonical().is_loopback() && !self.policy().any_network_login_possible()
+    }
+
+    /// A warning, naming the flag and the keys that fix it, for every
+    /// listener that would refuse every login from the network.
+    pub fn login_warnings(listeners: &[ListenerConfig]) -> Vec<String> {
+        listeners
+            .iter()
+            .filter(|l| l.refuses_every_network_login())
+            .map(|l| {
+                format!(
+                    "listener {} accepts connections from other machines but will refuse every login from them: \
+                     it has no TLS and allows no cleartext login. For printers and scanners without TLS, start \
+                     with `--allow-cleartext-from 192.168.1.0/24` (your devices' network) next to --listen, or set \
+                     `allow_cleartext_login = true` and `cleartext_networks = [\"192.168.1.0/24\"]` in its \
+                     [[listener]]; for clients with TLS, set its `tls` to \"starttls\" or \"implicit\" and \
+                     configure [tls] certificates",
+                    l.address
+                )
+            })
+            .collect()
+    }
+
     pub fn policy(&self) -> LoginPolicy {
         LoginPolicy {
             tls: self.tls,

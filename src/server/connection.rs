@@ -63,6 +63,7 @@ pub async fn serve(
         }
         let mut driver = Driver::new(stream, peer, policy, &context);
         let outcome = driver.run().await;
+        driver.log_client_left_unable_to_log_in();
         if let Some(mailbox) = driver.mailbox.take() {
             // Only a session that ended as the client asked, with no backend
             // error on the way, is kept warm for the account's next poll.
@@ -131,6 +132,8 @@ struct Driver<'a> {
     backend_failed: bool,
     /// The kind of backend the login was routed to (metrics label).
     backend_kind: &'static str,
+    /// A refused login was logged (the end of the connection says no more).
+    refusal_logged: bool,
 }
 
 impl<'a> Driver<'a> {
@@ -164,6 +167,7 @@ impl<'a> Driver<'a> {
             lease: None,
             backend_failed: false,
             backend_kind: context.backend.kind(),
+            refusal_logged: false,
         }
     }
 
@@ -185,6 +189,7 @@ impl<'a> Driver<'a> {
             // reading again.
             while let Some(line) = self.reader.next_line(self.session.line_limit()) {
                 let step = self.session.on_line(line);
+                self.log_refused_login(&step);
                 if let Some(outcome) = self.perform(step).await? {
                     return Ok(outcome);
                 }
@@ -219,6 +224,41 @@ impl<'a> Driver<'a> {
                 Some(Ok(Ok(n))) => self.reader.push(&buf[..n]),
                 Some(Ok(Err(e))) => return Err(e),
             }
+        }
+    }
+
+    /// A login the listener's policy refused is logged at info, with the
+    /// client's address and the reason — a printer that only says
+    /// "authentication failed" is diagnosed from here. Never the password.
+    fn log_refused_login(&mut self, step: &Step) {
+        let command = self.session.last_command();
+        if matches!(step, Step::Reply(reply) if !reply.is_ok())
+            && matches!(command, "USER" | "PASS" | "AUTH")
+            && !self.session.is_authenticated()
+            && !self.stream.is_tls()
+            && let Some(reason) = self.policy.cleartext_refusal(self.peer.ip())
+        {
+            tracing::info!(peer = %self.peer.ip(), command, reason, "login refused: cleartext login not allowed");
+            self.refusal_logged = true;
+        }
+    }
+
+    /// A client that read CAPA (no USER, no SASL) and left without trying
+    /// to log in was refused as surely: logged like a refusal, once.
+    fn log_client_left_unable_to_log_in(&self) {
+        if self.refusal_logged
+            || self.account.is_some()
+            || self.stream.is_tls()
+            || self.session.last_command() == "NONE"
+        {
+            return;
+        }
+        if let Some(reason) = self.policy.cleartext_refusal(self.peer.ip()) {
+            tracing::info!(
+                peer = %self.peer.ip(),
+                reason,
+                "login refused: cleartext login not allowed, and the client left without trying (CAPA offered no login)"
+            );
         }
     }
 

@@ -43,6 +43,28 @@ impl LoginPolicy {
             && (self.cleartext_networks.is_empty() || self.cleartext_networks.iter().any(|n| n.contains(&peer)))
     }
 
+    /// Can any client that is not on loopback log in at all? Not when the
+    /// listener has no TLS and allows no cleartext login.
+    pub fn any_network_login_possible(&self) -> bool {
+        self.tls != ListenerTls::None || self.allow_cleartext_login
+    }
+
+    /// Why a login of a client at `peer` without TLS is refused, for the
+    /// log (`None` when it is not).
+    pub fn cleartext_refusal(&self, peer: IpAddr) -> Option<&'static str> {
+        if self.login_permitted(peer, false) {
+            return None;
+        }
+        Some(match (self.tls, self.allow_cleartext_login) {
+            (ListenerTls::Starttls, false) => "cleartext login before STLS; this listener allows no cleartext login",
+            (_, false) => {
+                "no TLS on this listener and no cleartext login allowed \
+                           (--allow-cleartext-from, or allow_cleartext_login + cleartext_networks)"
+            }
+            (_, true) => "the client is not in the listener's cleartext_networks (--allow-cleartext-from)",
+        })
+    }
+
     /// Is STLS offered on a cleartext connection of this listener?
     pub fn stls_offered(&self, tls_active: bool) -> bool {
         self.tls == ListenerTls::Starttls && !tls_active

@@ -6,6 +6,7 @@
 //! configured backend unchanged. Never logs a secret.
 
 pub mod config;
+pub mod reloadable;
 pub mod router;
 
 use async_trait::async_trait;

@@ -135,8 +135,8 @@ impl AccountRouter {
                 AccountMode::Mapped => {
                     let held = match &config.oauth {
                         Some(oauth) => {
-                            let api = lookup(&config.backend).expect("checked").mail_api();
-                            let oauth = &oauth.for_api(api);
+                            let backend_config = lookup(&config.backend).expect("checked");
+                            let oauth = &oauth.for_api(backend_config.mail_api()).trusting(backend_config.ca_file());
                             let client = OAuthClient::new(oauth).map_err(|e| bad(e.to_string()))?;
                             let settings = TokenSourceSettings {
                                 may_refresh: token_store.is_none_or(|s| s.refresh),

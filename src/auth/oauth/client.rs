@@ -162,7 +162,7 @@ impl OAuthClient {
         };
         let timeout = Duration::from_secs(config.timeout_secs);
         let http = reqwest::Client::builder()
-            .use_preconfigured_tls(tls_config())
+            .use_preconfigured_tls(tls_config(config.ca_file.as_deref()).map_err(TokenError::Config)?)
             .http1_only()
             .connect_timeout(timeout)
             .timeout(timeout)
@@ -336,10 +336,10 @@ fn printable(text: &str, max: usize) -> String {
     text.chars().filter(|c| !c.is_control()).take(max).collect()
 }
 
-/// TLS to providers: ring and the webpki roots, like the JMAP backend.
-fn tls_config() -> rustls::ClientConfig {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+/// TLS to providers: ring, the system's trust store plus `ca_file`, like
+/// the backends (`backend::trust`).
+fn tls_config(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig, String> {
+    let roots = crate::backend::trust::roots(ca_file)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -347,7 +347,7 @@ fn tls_config() -> rustls::ClientConfig {
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    config
+    Ok(config)
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 //! prints a token, a code or a secret.
 
 use std::io::{BufRead, Write};
+use std::path::Path;
 use std::time::Duration;
 
 use super::Grant;
@@ -25,6 +26,65 @@ pub enum LoginMethod {
     Listen,
     /// RFC 8628 device code.
     Device,
+}
+
+/// The user who must own the files `oauth keygen` and `oauth login` write:
+/// the user the service runs as (`User=popgate` in the systemd unit), or
+/// it cannot read them and stops with "Permission denied".
+#[derive(Debug, Clone)]
+pub struct Owner {
+    name: String,
+    uid: nix::unistd::Uid,
+    gid: nix::unistd::Gid,
+}
+
+impl Owner {
+    pub fn lookup(name: &str) -> anyhow::Result<Owner> {
+        let user = nix::unistd::User::from_name(name)
+            .map_err(|e| anyhow::anyhow!("looking up user {name}: {e}"))?
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no user {name} on this system (the packaged unit's user is created by \
+                     deploy/systemd/popgate.sysusers: `systemd-sysusers popgate.sysusers`)"
+                )
+            })?;
+        Ok(Owner { name: name.to_string(), uid: user.uid, gid: user.gid })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Gives `path` to this user (and its group).
+    pub fn apply(&self, path: &Path) -> anyhow::Result<()> {
+        nix::unistd::chown(path, Some(self.uid), Some(self.gid))
+            .map_err(|e| anyhow::anyhow!("chown {}:{} {}: {e}", self.name, self.gid, path.display()))
+    }
+
+    /// Which owner files written by `command` get: `--owner USER` if
+    /// given. Run as root without it, the files would belong to root and
+    /// the service could not read them: refused, with the command lines to
+    /// run instead (`sudo -u popgate …` too when `as_service_user_works`:
+    /// the service user can write where the command writes). `command` is
+    /// the command as typed, without `--owner`.
+    pub fn for_files(owner: Option<&str>, command: &str, as_service_user_works: bool) -> anyhow::Result<Option<Owner>> {
+        match owner {
+            Some(name) => Owner::lookup(name).map(Some),
+            None if nix::unistd::geteuid().is_root() => {
+                let sudo = if as_service_user_works {
+                    format!("    sudo -u popgate {command}\nor give the files to that user:\n")
+                } else {
+                    String::new()
+                };
+                anyhow::bail!(
+                    "running as root, this would leave files owned by root that the popgate service \
+                     (User=popgate) cannot read. Run instead:\n{sudo}    {command} --owner popgate\n\
+                     (`--owner root` if popgate really runs as root)"
+                )
+            }
+            None => Ok(None),
+        }
+    }
 }
 
 /// How long a person has to sign in.
@@ -54,8 +114,9 @@ pub async fn login(
     let oauth = account.oauth.as_ref().expect("checked");
     let store_config = config.token_store.ok_or_else(|| anyhow::anyhow!("no [token_store] in the configuration"))?;
     let store = store_config.open()?;
-    let api = config.backend_named(&account.backend).map_or(super::MailApi::Imap, |b| b.mail_api());
-    let oauth = &oauth.for_api(api);
+    let backend = config.backend_named(&account.backend);
+    let api = backend.map_or(super::MailApi::Imap, |b| b.mail_api());
+    let oauth = &oauth.for_api(api).trusting(backend.and_then(|b| b.ca_file()));
     let client = OAuthClient::new(oauth)?;
     let previous = store.load(name).await.ok().flatten();
 

@@ -92,6 +92,10 @@ pub struct OAuthConfig {
     /// its port on 127.0.0.1 (any free port if it has none).
     #[serde(default = "default_redirect_uri")]
     pub redirect_uri: String,
+    /// CA certificates (PEM) trusted for the provider besides the system's
+    /// trust store; by default the account backend's `ca_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
     /// Endpoints: required for `generic`; for a preset they replace its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub authorization_url: Option<String>,
@@ -219,11 +223,21 @@ impl OAuthConfig {
     /// configured (Microsoft Graph needs other scopes than IMAP).
     pub fn for_api(&self, api: MailApi) -> OAuthConfig {
         let mut config = self.clone();
+
         if config.scopes.is_none() && self.provider == Provider::Microsoft && api == MailApi::Graph {
             let scopes = if self.grant == Grant::ClientCredentials { GRAPH_APP_SCOPES } else { GRAPH_SCOPES };
             config.scopes = Some(scopes.iter().map(|s| s.to_string()).collect());
         }
         config
+    }
+
+    /// This configuration trusting the backend's `ca_file` too, unless it
+    /// names its own.
+    pub fn trusting(mut self, backend_ca_file: Option<&std::path::Path>) -> OAuthConfig {
+        if self.ca_file.is_none() {
+            self.ca_file = backend_ca_file.map(|p| p.to_path_buf());
+        }
+        self
     }
 
     pub fn endpoints(&self) -> Result<Endpoints, String> {

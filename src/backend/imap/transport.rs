@@ -10,8 +10,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName};
+use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -156,27 +155,12 @@ pub struct TlsSetup {
 }
 
 impl TlsSetup {
-    /// Builds the rustls configuration: the webpki roots, or exactly the CA
-    /// certificates in `ca_file`. The ring provider is chosen explicitly so
-    /// that nothing depends on a process-wide default provider being
-    /// installed (or on which other crate installed which).
+    /// Builds the rustls configuration: the system's trust store plus the
+    /// CA certificates in `ca_file` (`backend::trust`). The ring provider is
+    /// chosen explicitly so that nothing depends on a process-wide default
+    /// provider being installed (or on which other crate installed which).
     pub fn new(host: &str, ca_file: Option<&Path>) -> Result<Self, BackendError> {
-        let mut roots = rustls::RootCertStore::empty();
-        match ca_file {
-            None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-            Some(path) => {
-                let certs = CertificateDer::pem_file_iter(path)
-                    .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-                    .map_err(|e| BackendError::Permanent(format!("cannot read CA file {}: {e}", path.display())))?;
-                let (added, _ignored) = roots.add_parsable_certificates(certs);
-                if added == 0 {
-                    return Err(BackendError::Permanent(format!(
-                        "CA file {} holds no usable certificate",
-                        path.display()
-                    )));
-                }
-            }
-        }
+        let roots = crate::backend::trust::roots(ca_file).map_err(BackendError::Permanent)?;
         let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()
             .map_err(|e| BackendError::Permanent(format!("TLS setup: {e}")))?
