@@ -449,7 +449,7 @@ impl GraphMailbox {
                 }
             }
             if !retry.is_empty() {
-                let wait = self.api.account.requester.wait_before_retry(
+                let wait = self.api.account.wait_before_retry(
                     "$batch item",
                     429,
                     attempt,
