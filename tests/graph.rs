@@ -408,3 +408,42 @@ fn python_poplib_retrieves_and_deletes_everything() {
     assert!(s.api.ids_in("inbox").is_empty(), "poplib's DELE + QUIT must empty the inbox");
     assert_eq!(s.api.ids_in("deleteditems"), ids);
 }
+
+/// Issue #19 item 2: Outlook runs up to 4 of a `$batch`'s requests at once,
+/// each counted against the mailbox's 4 concurrent requests. A batch of 20
+/// moves sent while another device of the same mailbox is downloading must
+/// wait for 4 permits: otherwise its moves are refused (MailboxConcurrency)
+/// round after round, and nothing is deleted.
+#[test]
+fn a_batch_waits_for_the_mailboxs_whole_concurrency() {
+    let s = setup();
+    let ids: Vec<String> = (1..=20).map(|i| s.api.add(&messages::simple(&format!("delete me {i}")))).collect();
+    let mut pop = s.login();
+    for n in 1..=20 {
+        pop.ok(&format!("DELE {n}"));
+    }
+    // Another device's cold login measures 80 new messages, slowly.
+    for i in 0..80 {
+        s.api.add(&messages::simple(&format!("new {i}")));
+    }
+    let ms = Duration::from_millis;
+    s.api.set_value_delays(&[ms(200), ms(350), ms(275), ms(425), ms(300)]);
+    s.api.forget_seen();
+    let addr = s.gateway.addr;
+    let other = std::thread::spawn(move || {
+        let mut pop = support::pop3::Pop3::login(addr, DEVICE.0, DEVICE.1);
+        let stat = pop.stat();
+        pop.quit();
+        stat
+    });
+    support::wait_for("the other device measuring", IO_TIMEOUT, || {
+        (s.api.seen().iter().filter(|r| r.path.ends_with("/$value")).count() >= 4).then_some(())
+    });
+    let reply = pop.quit();
+    assert!(reply.starts_with("+OK"), "{reply}");
+    assert_eq!(s.api.ids_in("deleteditems"), ids, "every message moved");
+    assert_eq!(other.join().unwrap().0, 100, "listed before the moves");
+    let refused: Vec<String> = s.api.seen().iter().filter(|r| r.status == 429).map(|r| r.path.clone()).collect();
+    assert!(refused.is_empty(), "nothing refused for concurrency: {refused:?}");
+    assert!(s.api.max_in_flight() <= 4, "{}", s.api.max_in_flight());
+}

@@ -251,7 +251,19 @@ impl AccountApi {
         limit: usize,
         build: impl Fn() -> reqwest::RequestBuilder,
     ) -> Result<T, BackendError> {
-        let _permit = self.permit().await?;
+        self.json_of_batch(what, limit, 1, build).await
+    }
+
+    /// `json` for a batch of `requests` the provider runs concurrently:
+    /// under as many permits (at most the account's limit, `permits`).
+    pub async fn json_of_batch<T: serde::de::DeserializeOwned>(
+        &self,
+        what: &str,
+        limit: usize,
+        requests: usize,
+        build: impl Fn() -> reqwest::RequestBuilder,
+    ) -> Result<T, BackendError> {
+        let _permit = self.permits(requests).await?;
         let response = self.send(what, || build().timeout(self.requester.timeout)).await?;
         self.requester.json(what, response, limit).await
     }
