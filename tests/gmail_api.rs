@@ -21,8 +21,8 @@ use popgate::backend::gmail::{GmailBackend, GmailConfig, GmailDeletePolicy};
 use popgate::backend::select::BackendConfig;
 use popgate::config::Config;
 use support::IO_TIMEOUT;
-use support::gateway::Gateway;
 use support::bearer::BearerApi;
+use support::gateway::Gateway;
 use support::gmail_api::{GmailApi, Refusal, Scope, Throttle};
 use support::messages::{self, canonical};
 use support::pop3::Dialogue as _;
@@ -311,7 +311,9 @@ fn a_query_selects_the_maildrop() {
     let mut pop = s.login();
     assert_eq!(pop.uidl(), [(1, invoice)]);
     pop.quit();
-    assert!(s.api.seen().iter().any(|r| r.query.contains("q=%28subject%3Ainvoice%29") && !r.query.contains("labelIds")));
+    assert!(
+        s.api.seen().iter().any(|r| r.query.contains("q=%28subject%3Ainvoice%29") && !r.query.contains("labelIds"))
+    );
 }
 
 /// Cold: nothing known yet, so every message is listed, dated (batched)

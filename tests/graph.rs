@@ -447,3 +447,44 @@ fn a_batch_waits_for_the_mailboxs_whole_concurrency() {
     assert!(refused.is_empty(), "nothing refused for concurrency: {refused:?}");
     assert!(s.api.max_in_flight() <= 4, "{}", s.api.max_in_flight());
 }
+
+/// Issue #19 item 7: an app-only token (client credentials) cannot use
+/// Graph's `/me` (400 "/me request is only valid with delegated
+/// authentication flow", as the stand-in answers): check-config refuses the
+/// combination and says which user to set.
+#[test]
+fn client_credentials_with_user_me_is_refused_by_check_config() {
+    let config = |user: &str| {
+        format!(
+            r#"
+[backend]
+kind = "graph"
+user = "{user}"
+
+[token_store]
+path = "/tmp/popgate-test-tokens.enc"
+key_file = "/tmp/popgate-test-token.key"
+
+[[account]]
+name = "invoices"
+mode = "mapped"
+login = "{UPN}"
+
+[account.oauth]
+provider = "microsoft"
+grant = "client_credentials"
+client_id = "11111111-1111-1111-1111-111111111111"
+tenant = "contoso.onmicrosoft.com"
+client_secret_env = "POPGATE_TEST_UNUSED"
+
+[[account.device]]
+user = "invoice-scanner"
+password_hash = "$argon2id$v=19$m=19456,t=2,p=1$dLybk+DCjPMqdEZMmKmc1g$ef2ohS1J+moDzc2CVjP8ysMdN9UUofaaC7bl978xGBI"
+"#
+        )
+    };
+    let refused = Config::from_toml(&config("me"), "test.toml").err().expect("refused");
+    let text = refused.to_string();
+    assert!(text.contains("client_credentials") && text.contains(&format!("user = \"{UPN}\"")), "{text}");
+    Config::from_toml(&config(UPN), "test.toml").unwrap_or_else(|e| panic!("{e}"));
+}

@@ -385,8 +385,7 @@ impl Api {
                     }
                 }
                 if !retry.is_empty() {
-                    let wait =
-                        self.account.wait_before_retry("messages.get (batched)", 429, attempt, asked)?;
+                    let wait = self.account.wait_before_retry("messages.get (batched)", 429, attempt, asked)?;
                     tokio::time::sleep(wait).await;
                     attempt += 1;
                 }

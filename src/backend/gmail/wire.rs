@@ -685,7 +685,10 @@ mod tests {
         let daily = v(403, body("PERMISSION_DENIED", "dailyLimitExceeded"));
         assert!(matches!(&daily, Verdict::Fail(BackendError::Unavailable(m)) if m.contains("daily")), "{daily:?}");
         let domain = v(403, body("PERMISSION_DENIED", "domainPolicy"));
-        assert!(matches!(&domain, Verdict::Fail(BackendError::Permanent(m)) if m.contains("domainPolicy")), "{domain:?}");
+        assert!(
+            matches!(&domain, Verdict::Fail(BackendError::Permanent(m)) if m.contains("domainPolicy")),
+            "{domain:?}"
+        );
         // A long throttle names its end in the message: that wait, not a backoff.
         let later = time::OffsetDateTime::now_utc() + time::Duration::hours(2);
         let stamp = later.format(&time::format_description::well_known::Rfc3339).unwrap();

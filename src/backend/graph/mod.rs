@@ -475,12 +475,8 @@ impl GraphMailbox {
                 }
             }
             if !retry.is_empty() {
-                let wait = self.api.account.wait_before_retry(
-                    "$batch item",
-                    429,
-                    attempt,
-                    asked.map(Duration::from_secs),
-                );
+                let wait =
+                    self.api.account.wait_before_retry("$batch item", 429, attempt, asked.map(Duration::from_secs));
                 match wait {
                     Ok(wait) => tokio::time::sleep(wait).await,
                     Err(e) => return (failed + retry.len(), Some(e)),

@@ -186,7 +186,11 @@ impl AccountApi {
     /// the batch instead of starving it.
     pub async fn permits(&self, requests: usize) -> Result<OwnedSemaphorePermit, BackendError> {
         let n = u32::try_from(requests.clamp(1, self.limit)).unwrap_or(1);
-        self.permits.clone().acquire_many_owned(n).await.map_err(|_| BackendError::unavailable("request limiter closed"))
+        self.permits
+            .clone()
+            .acquire_many_owned(n)
+            .await
+            .map_err(|_| BackendError::unavailable("request limiter closed"))
     }
 
     /// `Unavailable` while the provider asked this account to wait.
