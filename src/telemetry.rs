@@ -146,8 +146,9 @@ pub struct AccountLabels {
 pub struct OAuthRefreshLabels {
     /// A configured account name (bounded by the configuration).
     pub account: String,
-    /// "ok", "invalid_grant", "refused", "unavailable", "invalid_response",
-    /// "store_failed", "config".
+    /// "ok", "invalid_grant", "interaction_required", "consent_required",
+    /// "invalid_client", "unauthorized_client", "invalid_scope", "refused",
+    /// "unavailable", "invalid_response", "store_failed", "config".
     pub result: String,
 }
 
@@ -173,6 +174,7 @@ pub struct Metrics {
     pub last_success: Family<AccountLabels, Gauge<f64, AtomicU64>>,
     pub oauth_refreshes: Family<OAuthRefreshLabels, Counter>,
     pub oauth_token_expiry: Family<AccountLabels, Gauge<f64, AtomicU64>>,
+    pub oauth_operator_action: Family<AccountLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -197,6 +199,7 @@ impl Metrics {
             last_success: Family::default(),
             oauth_refreshes: Family::default(),
             oauth_token_expiry: Family::default(),
+            oauth_operator_action: Family::default(),
             registry: Registry::default(),
         };
         registry.register("sessions_active", "POP3 sessions open now", metrics.sessions_active.clone());
@@ -230,6 +233,12 @@ impl Metrics {
             "oauth_token_expiry_timestamp_seconds",
             "Unix time the access token popgate holds for an account expires",
             metrics.oauth_token_expiry.clone(),
+        );
+        registry.register(
+            "oauth_operator_action_needed",
+            "1 while an account's OAuth provider refuses popgate until an operator acts (sign in again, consent, \
+             renew the client secret, fix the scopes), else 0: alert on it",
+            metrics.oauth_operator_action.clone(),
         );
         registry.register(
             "build",
@@ -268,6 +277,11 @@ impl Metrics {
         self.oauth_refreshes
             .get_or_create(&OAuthRefreshLabels { account: account.into(), result: result.into() })
             .inc();
+    }
+
+    /// Whether `account` waits for an operator (see `oauth_operator_action_needed`).
+    pub fn oauth_operator_action(&self, account: &str, needed: bool) {
+        self.oauth_operator_action.get_or_create(&AccountLabels { account: account.into() }).set(i64::from(needed));
     }
 
     pub fn oauth_token_expires(&self, account: &str, unix_secs: u64) {
