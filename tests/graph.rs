@@ -488,3 +488,35 @@ password_hash = "$argon2id$v=19$m=19456,t=2,p=1$dLybk+DCjPMqdEZMmKmc1g$ef2ohS1J+
     assert!(text.contains("client_credentials") && text.contains(&format!("user = \"{UPN}\"")), "{text}");
     Config::from_toml(&config(UPN), "test.toml").unwrap_or_else(|e| panic!("{e}"));
 }
+
+/// Graph's `$value` is a MIME conversion ("Outlook does not save messages
+/// in MIME format"): a download may differ from the one LIST's size was
+/// measured from. RETR never completes a message whose length disagrees
+/// with LIST — no terminator, the connection closed, nothing deleted — and
+/// the next session lists the size RETR now sends.
+#[test]
+fn a_message_converted_differently_is_never_sent_with_the_wrong_size() {
+    let s = setup();
+    let raw = messages::simple("converted twice");
+    let id = s.api.add(&raw);
+    let other = s.api.add(&messages::simple("unchanged"));
+    s.api.reconvert_after_next_download(&id);
+    let mut pop = s.login();
+    let listed = pop.list_one(1);
+    assert_eq!(listed, canonical(&raw).len() as u64, "measured from the first conversion");
+    pop.ok("DELE 2");
+    pop.send("RETR 1");
+    let mut lines = Vec::new();
+    while let Some(line) = pop.try_line_bytes() {
+        lines.push(String::from_utf8_lossy(&line).into_owned());
+    }
+    assert!(!lines.iter().any(|l| l == "."), "no terminator after octets LIST did not promise: {lines:?}");
+    assert_eq!(s.api.ids_in("inbox").len(), 2, "nothing deleted: the session never reached QUIT");
+
+    let converted = [b"X-MS-Exchange-Converted: again\r\n".as_slice(), &raw].concat();
+    let mut pop = s.login();
+    assert_eq!(pop.list_one(1), canonical(&converted).len() as u64, "the size RETR sends now");
+    assert_eq!(pop.retr(1), canonical(&converted));
+    assert_eq!(pop.uidl_one(2), uidl(&other));
+    assert!(pop.quit().starts_with("+OK"));
+}

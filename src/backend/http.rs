@@ -385,7 +385,13 @@ impl Requester {
         let asked_secs = asked.map(|d| d.as_secs());
         if attempt >= self.retry.retries || wait > self.retry.max_wait {
             tracing::warn!(what, status, attempt, retry_after_secs = asked_secs, "throttled; giving up");
-            let mut message = format!("{what}: throttled (HTTP {status})");
+            let mut message = match status {
+                429 | 403 => format!("{what}: throttled (HTTP {status})"),
+                // Graph's gateway gives up on a slow MIME conversion (large
+                // attachments) after ~30 s with 504, every time alike.
+                504 => format!("{what}: the server timed out producing the answer (HTTP 504) {} times", attempt + 1),
+                _ => format!("{what}: the server failed (HTTP {status}) {} times", attempt + 1),
+            };
             if let Some(secs) = asked_secs {
                 let _ = write!(message, " (Retry-After: {secs})");
             }

@@ -17,6 +17,10 @@
 //! its requests up to 4 at once, each counted against the mailbox's 4: an
 //! inner request beyond them is answered 429 inside the batch.
 //!
+//! On demand, a message's MIME conversion changes between two downloads
+//! (`reconvert_after_next_download`): `$value` is a conversion, Outlook
+//! stores no MIME.
+//!
 //! What it does not reproduce: the other Outlook limits (10 000 requests
 //! per 10 minutes, upload volume), `dependsOn`, `$filter`,
 //! `$search`, `$count`, `$expand`, `odata.maxpagesize`, delta queries,
@@ -86,6 +90,8 @@ struct StandIn {
     next_received: i64,
     throttles: VecDeque<Throttle>,
     refuse_moves: HashSet<String>,
+    /// Messages whose MIME conversion changes after their next `$value`.
+    reconvert: HashSet<String>,
     seen: Vec<Seen>,
     in_flight: usize,
     max_in_flight: usize,
@@ -214,6 +220,13 @@ impl GraphApi {
             message.folder = folder;
             message.moves += 1;
         })
+    }
+
+    /// After its next `$value`, the message converts to other MIME octets
+    /// (a header more), as Outlook's conversion may: it stores no MIME, and
+    /// nothing promises two downloads are byte-identical.
+    pub fn reconvert_after_next_download(&self, id: &str) {
+        self.with(|s| s.reconvert.insert(id.to_string()));
     }
 
     /// Moves of this message are refused (403 `ErrorAccessDenied`).
@@ -598,12 +611,16 @@ fn route(
             Answer::json(200, page)
         }
         ("GET", ["messages", id, "$value"]) => match state.message_index(id) {
-            Some(i) => Answer {
-                status: 200,
-                headers: vec![("Content-Type", "text/plain".into())],
-                body: None,
-                raw: Some(state.messages[i].mime.clone()),
-            },
+            Some(i) => {
+                let mime = state.messages[i].mime.clone();
+                let immutable_id = state.messages[i].immutable_id.clone();
+                if state.reconvert.remove(&immutable_id) {
+                    let mut converted = b"X-MS-Exchange-Converted: again\r\n".to_vec();
+                    converted.extend_from_slice(&mime);
+                    state.messages[i].mime = converted;
+                }
+                Answer { status: 200, headers: vec![("Content-Type", "text/plain".into())], body: None, raw: Some(mime) }
+            }
             None => Answer::not_found(),
         },
         ("POST", ["messages", id, "move"]) => {
