@@ -483,7 +483,7 @@ password_hash = "$argon2id$v=19$m=19456,t=2,p=1$dLybk+DCjPMqdEZMmKmc1g$ef2ohS1J+
 "#
         )
     };
-    let refused = Config::from_toml(&config("me"), "test.toml").err().expect("refused");
+    let refused = Config::from_toml(&config("me"), "test.toml").expect_err("refused");
     let text = refused.to_string();
     assert!(text.contains("client_credentials") && text.contains(&format!("user = \"{UPN}\"")), "{text}");
     Config::from_toml(&config(UPN), "test.toml").unwrap_or_else(|e| panic!("{e}"));

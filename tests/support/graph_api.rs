@@ -619,7 +619,12 @@ fn route(
                     converted.extend_from_slice(&mime);
                     state.messages[i].mime = converted;
                 }
-                Answer { status: 200, headers: vec![("Content-Type", "text/plain".into())], body: None, raw: Some(mime) }
+                Answer {
+                    status: 200,
+                    headers: vec![("Content-Type", "text/plain".into())],
+                    body: None,
+                    raw: Some(mime),
+                }
             }
             None => Answer::not_found(),
         },

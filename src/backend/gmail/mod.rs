@@ -385,6 +385,11 @@ impl Api {
                     }
                 }
                 if !retry.is_empty() {
+                    // Parts refused for concurrency come without Retry-After:
+                    // the next round waits a step longer than a lone request
+                    // would (2 s, 4 s, 8 s …), so the user's other requests
+                    // in flight can end first.
+                    let asked = asked.or_else(|| Some(self.account.requester.retry.backoff(attempt + 1)));
                     let wait = self.account.wait_before_retry("messages.get (batched)", 429, attempt, asked)?;
                     tokio::time::sleep(wait).await;
                     attempt += 1;
