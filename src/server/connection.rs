@@ -348,6 +348,10 @@ impl<'a> Driver<'a> {
                 // client keeps its copy of nothing and deletes nothing),
                 // and the size just counted replaces the remembered one, so
                 // the next session lists what RETR sends.
+                // The rest of the message (a pending CR, a last line end)
+                // and the terminator, held back until the count is known.
+                let mut tail = Vec::new();
+                encoder.finish(&mut tail);
                 if let Some(expected) = expected_octets
                     && encoder.octets() != expected
                 {
@@ -365,7 +369,7 @@ impl<'a> Driver<'a> {
                     return Ok(Some(Outcome::Closed));
                 }
                 metrics.command(self.session.last_command(), true);
-                encoder.finish(&mut self.out);
+                self.out.extend_from_slice(&tail);
                 // A whole retrieval (RETR: the session expects its octets)
                 // may mark the message read; TOP never does. Failing to
                 // mark it is no reason to fail what the client already has.
