@@ -114,6 +114,24 @@ fn uidls_are_stable_across_sessions_and_moves() {
     assert_eq!(after[2], (3, uidl(&third)));
 }
 
+/// The documented limit of immutable ids: a message moved to the archive
+/// *mailbox* (Online Archive) and back has a new id, so a new UIDL, and a
+/// POP3 client downloads it again (docs/BACKENDS.md, "Ids, content and
+/// their stability"). This pins that behaviour down; nothing dedups it.
+#[test]
+fn a_round_trip_through_the_archive_mailbox_is_a_new_uidl() {
+    let s = setup();
+    let ids = [s.api.add(&messages::simple("one")), s.api.add(&messages::simple("two"))];
+    let mut pop = s.login();
+    assert_eq!(pop.uidl(), numbered(&ids));
+    pop.quit();
+    let renamed = s.api.round_trip_through_archive_mailbox(&ids[0]);
+    let mut pop = s.login();
+    assert_eq!(pop.uidl(), numbered(&[renamed.clone(), ids[1].clone()]));
+    assert_ne!(uidl(&renamed), uidl(&ids[0]));
+    pop.quit();
+}
+
 #[test]
 fn the_listing_follows_every_next_link() {
     let s = setup();
@@ -518,5 +536,28 @@ fn a_message_converted_differently_is_never_sent_with_the_wrong_size() {
     assert_eq!(pop.list_one(1), canonical(&converted).len() as u64, "the size RETR sends now");
     assert_eq!(pop.retr(1), canonical(&converted));
     assert_eq!(pop.uidl_one(2), uidl(&other));
+    assert!(pop.quit().starts_with("+OK"));
+}
+
+/// Graph's gateway answers 504 when converting a big message takes it
+/// beyond ~30 s; `$value` cannot be resumed (no range requests are
+/// documented). The policy: retried `max_retries` times, then that RETR is
+/// `-ERR [SYS/TEMP]` and the session goes on.
+#[test]
+fn a_download_graph_keeps_timing_out_fails_that_retr_alone() {
+    let s = setup_with(TokenKind::Delegated, |c| c.max_retries = 1);
+    let raws = [messages::simple("huge, in spirit"), messages::simple("small")];
+    for raw in &raws {
+        s.api.add(raw);
+    }
+    let mut pop = s.login();
+    for _ in 0..2 {
+        s.api.throttle(Throttle { path_contains: "$value".into(), status: 504, retry_after: Some(1), in_batch: false });
+    }
+    let reply = pop.cmd("RETR 1");
+    assert!(reply.starts_with("-ERR [SYS/TEMP]"), "{reply}");
+    let statuses: Vec<u16> = s.api.seen().iter().filter(|r| r.path.ends_with("/$value")).map(|r| r.status).collect();
+    assert_eq!(statuses[statuses.len() - 2..], [504, 504], "tried, then retried once");
+    assert_eq!(pop.retr(2), canonical(&raws[1]), "the session goes on");
     assert!(pop.quit().starts_with("+OK"));
 }

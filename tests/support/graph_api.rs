@@ -17,7 +17,9 @@
 //! its requests up to 4 at once, each counted against the mailbox's 4: an
 //! inner request beyond them is answered 429 inside the batch.
 //!
-//! On demand, a message's MIME conversion changes between two downloads
+//! On demand, a message comes back from the archive mailbox with a new
+//! immutable id (`round_trip_through_archive_mailbox`), and a message's
+//! MIME conversion changes between two downloads
 //! (`reconvert_after_next_download`): `$value` is a conversion, Outlook
 //! stores no MIME.
 //!
@@ -222,6 +224,19 @@ impl GraphApi {
         })
     }
 
+    /// The message goes to the user's archive mailbox (Online Archive) and
+    /// comes back: "the immutable ID changes if the item is moved to an
+    /// archive mailbox". Returns its new immutable id.
+    pub fn round_trip_through_archive_mailbox(&self, id: &str) -> String {
+        self.with(|s| {
+            let fresh = long_id("AAkALgAAAAAAHYQDEapmEc2byACqAC-EWg0A", &mut s.next);
+            let message = s.messages.iter_mut().find(|m| m.immutable_id == id).expect("message exists");
+            message.immutable_id = fresh.clone();
+            message.moves += 1;
+            fresh
+        })
+    }
+
     /// After its next `$value`, the message converts to other MIME octets
     /// (a header more), as Outlook's conversion may: it stores no MIME, and
     /// nothing promises two downloads are byte-identical.
@@ -395,6 +410,10 @@ impl Answer {
     fn throttled(status: u16, retry_after: Option<u64>) -> Answer {
         let mut answer = if status == 503 {
             Answer::error(503, "ServiceUnavailable", "The service is temporarily unavailable.")
+        } else if status == 504 {
+            // What Graph's gateway answers when a slow MIME conversion (a
+            // message with large attachments) takes it beyond ~30 s.
+            Answer::error(504, "UnknownError", "")
         } else {
             Answer::error(429, "ApplicationThrottled", "Application is over its MailboxConcurrency limit.")
         };
