@@ -168,8 +168,9 @@ pub struct AccountLabels {
 pub struct OAuthRefreshLabels {
     /// A configured account name (bounded by the configuration).
     pub account: String,
-    /// "ok", "invalid_grant", "refused", "unavailable", "invalid_response",
-    /// "store_failed", "config".
+    /// "ok", "invalid_grant", "interaction_required", "consent_required",
+    /// "invalid_client", "unauthorized_client", "invalid_scope", "refused",
+    /// "unavailable", "invalid_response", "store_failed", "config".
     pub result: String,
 }
 
@@ -269,6 +270,7 @@ pub struct Metrics {
     pub backend_up: Family<BackendKindLabels, Gauge>,
     pub connections_refused: Family<RefusalLabels, Counter>,
     pub certificate_expiry: Family<CertificateLabels, Gauge<f64, AtomicU64>>,
+    pub oauth_operator_action: Family<AccountLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -296,6 +298,7 @@ impl Metrics {
             backend_up: Family::default(),
             connections_refused: Family::default(),
             certificate_expiry: Family::default(),
+            oauth_operator_action: Family::default(),
             registry: Registry::default(),
         };
         // Every reason is exported from the start (at 0), so an alert on
@@ -357,6 +360,12 @@ impl Metrics {
             "tls_certificate_expiry_timestamp_seconds",
             "Unix time the leaf certificate of each configured certificate file expires (notAfter)",
             metrics.certificate_expiry.clone(),
+        );
+        registry.register(
+            "oauth_operator_action_needed",
+            "1 while an account's OAuth provider refuses popgate until an operator acts (sign in again, consent, \
+             renew the client secret, fix the scopes), else 0: alert on it",
+            metrics.oauth_operator_action.clone(),
         );
         registry.register(
             "build",
@@ -437,6 +446,11 @@ impl Metrics {
         self.oauth_refreshes
             .get_or_create(&OAuthRefreshLabels { account: account.into(), result: result.into() })
             .inc();
+    }
+
+    /// Whether `account` waits for an operator (see `oauth_operator_action_needed`).
+    pub fn oauth_operator_action(&self, account: &str, needed: bool) {
+        self.oauth_operator_action.get_or_create(&AccountLabels { account: account.into() }).set(i64::from(needed));
     }
 
     pub fn oauth_token_expires(&self, account: &str, unix_secs: u64) {

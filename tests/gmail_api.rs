@@ -21,8 +21,9 @@ use popgate::backend::gmail::{GmailBackend, GmailConfig, GmailDeletePolicy};
 use popgate::backend::select::BackendConfig;
 use popgate::config::Config;
 use support::IO_TIMEOUT;
+use support::bearer::BearerApi;
 use support::gateway::Gateway;
-use support::gmail_api::{GmailApi, Scope, Throttle};
+use support::gmail_api::{GmailApi, Refusal, Scope, Throttle};
 use support::messages::{self, canonical};
 use support::pop3::Dialogue as _;
 use support::stand_in::gap_after;
@@ -102,7 +103,7 @@ fn the_snapshot_is_oldest_first_and_a_warm_login_costs_two_calls() {
     pop.quit();
     assert!(!got.contains(&other));
     let seen = s.api.seen();
-    assert!(s.api.batches().iter().all(|&n| n <= 50) && !s.api.batches().is_empty(), "{:?}", s.api.batches());
+    assert!(s.api.batches().iter().all(|&n| n <= 25) && !s.api.batches().is_empty(), "{:?}", s.api.batches());
     assert!(
         seen.iter().filter(|r| r.in_batch).all(|r| r.query.contains("format=minimal")),
         "arrival dates come from format=minimal, batched"
@@ -310,7 +311,9 @@ fn a_query_selects_the_maildrop() {
     let mut pop = s.login();
     assert_eq!(pop.uidl(), [(1, invoice)]);
     pop.quit();
-    assert!(s.api.seen().iter().any(|r| r.query.contains("q=subject%3Ainvoice") && !r.query.contains("labelIds")));
+    assert!(
+        s.api.seen().iter().any(|r| r.query.contains("q=%28subject%3Ainvoice%29") && !r.query.contains("labelIds"))
+    );
 }
 
 /// Cold: nothing known yet, so every message is listed, dated (batched)
@@ -324,7 +327,7 @@ fn a_cold_mailbox_of_1000_messages() {
     let raw_gets = seen.iter().filter(|r| r.query.contains("format=raw")).count();
     let batches = s.api.batches().len();
     let lists = seen.iter().filter(|r| r.path.ends_with("/messages")).count();
-    assert_eq!((raw_gets, batches, lists), (1000, 20, 2), "1000 downloads, 20 batches of 50, 2 pages of 500");
+    assert_eq!((raw_gets, batches, lists), (1000, 40, 2), "1000 downloads, 40 batches of 25, 2 pages of 500");
 
     s.api.forget_seen();
     let started = Instant::now();
@@ -410,4 +413,153 @@ fn python_poplib_retrieves_and_deletes_everything() {
     poplib_retrieves_and_deletes(s.gateway.addr, DEVICE, &raws, &ids);
     assert!(s.api.ids_with("INBOX").is_empty(), "poplib's DELE + QUIT must empty the inbox");
     assert_eq!(s.api.ids_with("TRASH"), ids);
+}
+
+/// The device's login, answered: an `-ERR …` or `+OK …` line.
+fn login_reply(s: &Setup) -> String {
+    let mut pop = s.gateway.connect();
+    pop.ok(&format!("USER {}", DEVICE.0));
+    pop.cmd(&format!("PASS {}", DEVICE.1))
+}
+
+/// Issue #19 item 1: a Gmail search covers All Mail (but Spam and Trash),
+/// so archiving — removing INBOX — leaves a served message matching the
+/// query: a query with `archive` and no label is refused, and with
+/// `label = "INBOX"` an archived message is not served again.
+#[test]
+fn a_query_with_the_archive_policy_needs_a_label_to_remove() {
+    let api = GmailApi::start();
+    let config = GmailConfig {
+        query: Some("subject:scan".into()),
+        delete_policy: GmailDeletePolicy::Archive,
+        ..config_for(&api)
+    };
+    let refused = GmailBackend::new(config).err().expect("query + archive without a label is refused");
+    assert!(refused.to_string().contains("delete_policy"), "{refused}");
+    drop(api);
+
+    let s = setup_with(Scope::Modify, |c| {
+        c.query = Some("subject:scan".into());
+        c.label = Some("INBOX".into());
+        c.delete_policy = GmailDeletePolicy::Archive;
+    });
+    let scans = [s.api.add(&messages::simple("scan 1")), s.api.add(&messages::simple("scan 2"))];
+    s.api.add(&messages::simple("holiday photos"));
+    let mut pop = s.login();
+    assert_eq!(pop.uidl(), [(1, scans[0].clone()), (2, scans[1].clone())]);
+    pop.ok("DELE 1");
+    assert!(pop.quit().starts_with("+OK"));
+    assert_eq!(labels(&s.api, &scans[0]), ["UNREAD"], "archived: still in All Mail, so the search alone matches it");
+    let mut pop = s.login();
+    assert_eq!(pop.uidl(), [(1, scans[1].clone())], "the archived message is not served again");
+    pop.quit();
+}
+
+/// Issue #19 item 3: Gmail runs a batch's requests concurrently and answers
+/// 429 "Too many concurrent requests for user" well below 100 parts: batches
+/// of at most 25 are never refused.
+#[test]
+fn batches_stay_under_gmails_concurrency_cap() {
+    let s = setup();
+    let ids: Vec<String> = (1..=60).map(|i| s.api.add(&messages::simple(&format!("dated {i}")))).collect();
+    let mut pop = s.login();
+    assert_eq!(pop.uidl().into_iter().map(|(_, u)| u).collect::<Vec<_>>(), ids);
+    pop.quit();
+    let batches = s.api.batches();
+    assert!(batches.iter().all(|&n| n <= support::gmail_api::CONCURRENCY_CAP), "{batches:?}");
+    let refused = s.api.seen().iter().filter(|r| r.status == 429).count();
+    assert_eq!(refused, 0, "no request refused for concurrency");
+}
+
+/// Issue #19 item 4: a long throttle names its end only in the message
+/// ("Retry after <RFC 3339>", no Retry-After): the device is told to come
+/// back later, and Gmail is not called again for that account until then.
+#[test]
+fn a_throttle_ending_in_an_hour_holds_the_account_without_calling_gmail() {
+    let s = setup();
+    s.api.add(&messages::simple("later"));
+    let later = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
+    let stamp = later.format(&time::format_description::well_known::Rfc3339).unwrap();
+    s.api.refuse(Refusal {
+        path_contains: "/labels".into(),
+        status: 403,
+        reason: "userRateLimitExceeded".into(),
+        message: format!("User-rate limit exceeded.  Retry after {stamp}"),
+    });
+    let started = Instant::now();
+    let reply = login_reply(&s);
+    assert!(reply.starts_with("-ERR [SYS/TEMP]"), "{reply}");
+    assert!(started.elapsed() < Duration::from_secs(5), "no hour-long wait: {:?}", started.elapsed());
+    assert_eq!(s.api.seen().len(), 1, "one request, not retried");
+    for _ in 0..2 {
+        let reply = login_reply(&s);
+        assert!(reply.starts_with("-ERR [SYS/TEMP]"), "{reply}");
+    }
+    assert_eq!(s.api.seen().len(), 1, "Gmail not called again while the account is held");
+}
+
+/// The Cloud project's daily quota is temporary (tomorrow), a Workspace
+/// domain policy refusing the app is permanent (an administrator must act).
+#[test]
+fn daily_limit_and_domain_policy_refusals_are_told_apart() {
+    let s = setup();
+    s.api.add(&messages::simple("waiting"));
+    s.api.refuse(Refusal {
+        path_contains: "/labels".into(),
+        status: 403,
+        reason: "dailyLimitExceeded".into(),
+        message: "Daily Limit Exceeded".into(),
+    });
+    let reply = login_reply(&s);
+    assert!(reply.starts_with("-ERR [SYS/TEMP]"), "daily quota: {reply}");
+    s.api.refuse(Refusal {
+        path_contains: "/labels".into(),
+        status: 403,
+        reason: "domainPolicy".into(),
+        message: "The domain administrators have disabled Gmail apps.".into(),
+    });
+    let reply = login_reply(&s);
+    assert!(reply.starts_with("-ERR [SYS/PERM]"), "domain policy: {reply}");
+    let mut pop = s.login();
+    assert_eq!(pop.stat().0, 1, "then it works");
+    pop.quit();
+}
+
+/// Gmail files the account's own replies in INBOX too (`["SENT","INBOX"]`):
+/// left out by default, served with `exclude_sent = false`.
+#[test]
+fn the_accounts_own_replies_are_left_out_unless_asked_for() {
+    let s = setup();
+    let received = s.api.add_with(&messages::simple("from a customer"), 1_720_000_000_000, &["INBOX", "UNREAD"]);
+    let reply = s.api.add_with(&messages::simple("Re: my own reply"), 1_720_000_060_000, &["SENT", "INBOX"]);
+    let mut pop = s.login();
+    assert_eq!(pop.uidl(), [(1, received.clone())], "not {reply}");
+    pop.quit();
+    assert!(s.api.seen().iter().any(|r| r.path.ends_with("/messages") && r.query.contains("q=-in%3Asent")));
+
+    let s = setup_with(Scope::Full, |c| c.exclude_sent = false);
+    let received = s.api.add_with(&messages::simple("from a customer"), 1_720_000_000_000, &["INBOX", "UNREAD"]);
+    let reply = s.api.add_with(&messages::simple("Re: my own reply"), 1_720_000_060_000, &["SENT", "INBOX"]);
+    let mut pop = s.login();
+    assert_eq!(pop.uidl(), [(1, received), (2, reply)]);
+    pop.quit();
+}
+
+/// Issue #19 item 9: `batchModify` skips ids it does not know (Gmail: "no
+/// guarantees that messages were not already deleted or even existed"), so
+/// one call trashes the rest.
+#[test]
+fn a_batch_modify_naming_a_deleted_message_trashes_the_rest_in_one_call() {
+    let s = setup();
+    let ids: Vec<String> = (1..=3).map(|i| s.api.add(&messages::simple(&format!("trash {i}")))).collect();
+    let mut pop = s.login();
+    for n in 1..=3 {
+        pop.ok(&format!("DELE {n}"));
+    }
+    BearerApi::delete(&s.api, &ids[1]);
+    assert!(pop.quit().starts_with("+OK"));
+    assert_eq!(s.api.ids_with("TRASH"), [ids[0].clone(), ids[2].clone()]);
+    let modifies: Vec<u16> =
+        s.api.seen().iter().filter(|r| r.path.ends_with("/batchModify")).map(|r| r.status).collect();
+    assert_eq!(modifies, [204], "one call, no 404");
 }

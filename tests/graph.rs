@@ -114,6 +114,24 @@ fn uidls_are_stable_across_sessions_and_moves() {
     assert_eq!(after[2], (3, uidl(&third)));
 }
 
+/// The documented limit of immutable ids: a message moved to the archive
+/// *mailbox* (Online Archive) and back has a new id, so a new UIDL, and a
+/// POP3 client downloads it again (docs/BACKENDS.md, "Ids, content and
+/// their stability"). This pins that behaviour down; nothing dedups it.
+#[test]
+fn a_round_trip_through_the_archive_mailbox_is_a_new_uidl() {
+    let s = setup();
+    let ids = [s.api.add(&messages::simple("one")), s.api.add(&messages::simple("two"))];
+    let mut pop = s.login();
+    assert_eq!(pop.uidl(), numbered(&ids));
+    pop.quit();
+    let renamed = s.api.round_trip_through_archive_mailbox(&ids[0]);
+    let mut pop = s.login();
+    assert_eq!(pop.uidl(), numbered(&[renamed.clone(), ids[1].clone()]));
+    assert_ne!(uidl(&renamed), uidl(&ids[0]));
+    pop.quit();
+}
+
 #[test]
 fn the_listing_follows_every_next_link() {
     let s = setup();
@@ -407,4 +425,139 @@ fn python_poplib_retrieves_and_deletes_everything() {
     poplib_retrieves_and_deletes(s.gateway.addr, (DEVICE.0, DEVICE.1), &raws, &uidls);
     assert!(s.api.ids_in("inbox").is_empty(), "poplib's DELE + QUIT must empty the inbox");
     assert_eq!(s.api.ids_in("deleteditems"), ids);
+}
+
+/// Issue #19 item 2: Outlook runs up to 4 of a `$batch`'s requests at once,
+/// each counted against the mailbox's 4 concurrent requests. A batch of 20
+/// moves sent while another device of the same mailbox is downloading must
+/// wait for 4 permits: otherwise its moves are refused (MailboxConcurrency)
+/// round after round, and nothing is deleted.
+#[test]
+fn a_batch_waits_for_the_mailboxs_whole_concurrency() {
+    let s = setup();
+    let ids: Vec<String> = (1..=20).map(|i| s.api.add(&messages::simple(&format!("delete me {i}")))).collect();
+    let mut pop = s.login();
+    for n in 1..=20 {
+        pop.ok(&format!("DELE {n}"));
+    }
+    // Another device's cold login measures 80 new messages, slowly.
+    for i in 0..80 {
+        s.api.add(&messages::simple(&format!("new {i}")));
+    }
+    let ms = Duration::from_millis;
+    s.api.set_value_delays(&[ms(200), ms(350), ms(275), ms(425), ms(300)]);
+    s.api.forget_seen();
+    let addr = s.gateway.addr;
+    let other = std::thread::spawn(move || {
+        let mut pop = support::pop3::Pop3::login(addr, DEVICE.0, DEVICE.1);
+        let stat = pop.stat();
+        pop.quit();
+        stat
+    });
+    support::wait_for("the other device measuring", IO_TIMEOUT, || {
+        (s.api.seen().iter().filter(|r| r.path.ends_with("/$value")).count() >= 4).then_some(())
+    });
+    let reply = pop.quit();
+    assert!(reply.starts_with("+OK"), "{reply}");
+    assert_eq!(s.api.ids_in("deleteditems"), ids, "every message moved");
+    assert_eq!(other.join().unwrap().0, 100, "listed before the moves");
+    let refused: Vec<String> = s.api.seen().iter().filter(|r| r.status == 429).map(|r| r.path.clone()).collect();
+    assert!(refused.is_empty(), "nothing refused for concurrency: {refused:?}");
+    assert!(s.api.max_in_flight() <= 4, "{}", s.api.max_in_flight());
+}
+
+/// Issue #19 item 7: an app-only token (client credentials) cannot use
+/// Graph's `/me` (400 "/me request is only valid with delegated
+/// authentication flow", as the stand-in answers): check-config refuses the
+/// combination and says which user to set.
+#[test]
+fn client_credentials_with_user_me_is_refused_by_check_config() {
+    let config = |user: &str| {
+        format!(
+            r#"
+[backend]
+kind = "graph"
+user = "{user}"
+
+[token_store]
+path = "/tmp/popgate-test-tokens.enc"
+key_file = "/tmp/popgate-test-token.key"
+
+[[account]]
+name = "invoices"
+mode = "mapped"
+login = "{UPN}"
+
+[account.oauth]
+provider = "microsoft"
+grant = "client_credentials"
+client_id = "11111111-1111-1111-1111-111111111111"
+tenant = "contoso.onmicrosoft.com"
+client_secret_env = "POPGATE_TEST_UNUSED"
+
+[[account.device]]
+user = "invoice-scanner"
+password_hash = "$argon2id$v=19$m=19456,t=2,p=1$dLybk+DCjPMqdEZMmKmc1g$ef2ohS1J+moDzc2CVjP8ysMdN9UUofaaC7bl978xGBI"
+"#
+        )
+    };
+    let refused = Config::from_toml(&config("me"), "test.toml").expect_err("refused");
+    let text = refused.to_string();
+    assert!(text.contains("client_credentials") && text.contains(&format!("user = \"{UPN}\"")), "{text}");
+    Config::from_toml(&config(UPN), "test.toml").unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Graph's `$value` is a MIME conversion ("Outlook does not save messages
+/// in MIME format"): a download may differ from the one LIST's size was
+/// measured from. RETR never completes a message whose length disagrees
+/// with LIST — no terminator, the connection closed, nothing deleted — and
+/// the next session lists the size RETR now sends.
+#[test]
+fn a_message_converted_differently_is_never_sent_with_the_wrong_size() {
+    let s = setup();
+    let raw = messages::simple("converted twice");
+    let id = s.api.add(&raw);
+    let other = s.api.add(&messages::simple("unchanged"));
+    s.api.reconvert_after_next_download(&id);
+    let mut pop = s.login();
+    let listed = pop.list_one(1);
+    assert_eq!(listed, canonical(&raw).len() as u64, "measured from the first conversion");
+    pop.ok("DELE 2");
+    pop.send("RETR 1");
+    let mut lines = Vec::new();
+    while let Some(line) = pop.try_line_bytes() {
+        lines.push(String::from_utf8_lossy(&line).into_owned());
+    }
+    assert!(!lines.iter().any(|l| l == "."), "no terminator after octets LIST did not promise: {lines:?}");
+    assert_eq!(s.api.ids_in("inbox").len(), 2, "nothing deleted: the session never reached QUIT");
+
+    let converted = [b"X-MS-Exchange-Converted: again\r\n".as_slice(), &raw].concat();
+    let mut pop = s.login();
+    assert_eq!(pop.list_one(1), canonical(&converted).len() as u64, "the size RETR sends now");
+    assert_eq!(pop.retr(1), canonical(&converted));
+    assert_eq!(pop.uidl_one(2), uidl(&other));
+    assert!(pop.quit().starts_with("+OK"));
+}
+
+/// Graph's gateway answers 504 when converting a big message takes it
+/// beyond ~30 s; `$value` cannot be resumed (no range requests are
+/// documented). The policy: retried `max_retries` times, then that RETR is
+/// `-ERR [SYS/TEMP]` and the session goes on.
+#[test]
+fn a_download_graph_keeps_timing_out_fails_that_retr_alone() {
+    let s = setup_with(TokenKind::Delegated, |c| c.max_retries = 1);
+    let raws = [messages::simple("huge, in spirit"), messages::simple("small")];
+    for raw in &raws {
+        s.api.add(raw);
+    }
+    let mut pop = s.login();
+    for _ in 0..2 {
+        s.api.throttle(Throttle { path_contains: "$value".into(), status: 504, retry_after: Some(1), in_batch: false });
+    }
+    let reply = pop.cmd("RETR 1");
+    assert!(reply.starts_with("-ERR [SYS/TEMP]"), "{reply}");
+    let statuses: Vec<u16> = s.api.seen().iter().filter(|r| r.path.ends_with("/$value")).map(|r| r.status).collect();
+    assert_eq!(statuses[statuses.len() - 2..], [504, 504], "tried, then retried once");
+    assert_eq!(pop.retr(2), canonical(&raws[1]), "the session goes on");
+    assert!(pop.quit().starts_with("+OK"));
 }

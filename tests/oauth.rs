@@ -356,6 +356,62 @@ fn a_failed_refresh_is_sys_temp_with_a_log_line_and_a_metric_and_keeps_the_token
     assert_ne!(std::fs::read(world.store_path()).unwrap(), stored_before);
 }
 
+/// Issue #19 item 6: refusals no retry cures — the user must sign in
+/// interactively or consent, the client secret expired, the client may not
+/// use the grant, the scopes are refused — are "operator action needed":
+/// one log line naming the account and what to do, a metric to alert on,
+/// the device told -ERR [SYS/TEMP], and the provider left alone for hours
+/// (not asked again every `retry_after_failure_secs`) unless a new token is
+/// stored.
+#[test]
+fn refusals_only_an_operator_can_end_are_said_once_and_not_retried() {
+    let world = World::new();
+    world.dovecot.append(ALICE.0, &simple("waiting"));
+    let gateway = world.gateway();
+    let device_login = |device: (&str, &str)| {
+        let mut pop = Pop3::connect(gateway.addr);
+        pop.ok(&format!("USER {}", device.0));
+        pop.cmd(&format!("PASS {}", device.1))
+    };
+    let gauge = "popgate_oauth_operator_action_needed{account=\"scans\"}";
+    for error in ["interaction_required", "consent_required", "invalid_client", "unauthorized_client", "invalid_scope"]
+    {
+        // An expired access token, so the next login refreshes.
+        world.seed(unix_now() - 5);
+        world.idp.inject(&[Fault::Refused(error)]);
+        let asked = world.idp.grants().len();
+        let reply = device_login(PRINTER_1);
+        assert!(reply.starts_with("-ERR [SYS/TEMP]"), "{error}: {reply}");
+        assert_eq!(world.idp.grants().len(), asked + 1, "{error}: asked once");
+        eventually("the operator line", || {
+            let log = gateway.log();
+            log.lines().any(|l| l.contains("operator action needed") && l.contains("scans") && l.contains(error))
+        });
+        assert_eq!(metric_line(&metrics(&gateway), gauge).as_deref(), Some(&*format!("{gauge} 1")), "{error}");
+        let counted = format!("popgate_oauth_refreshes_total{{account=\"scans\",result=\"{error}\"}} 1");
+        assert!(metrics(&gateway).contains(&counted), "{counted}");
+
+        // Past retry_after_failure_secs (1 s here): still not asked again.
+        std::thread::sleep(Duration::from_millis(1100));
+        let reply = device_login(PRINTER_2);
+        assert!(reply.starts_with("-ERR [SYS/TEMP]"), "{error}: {reply}");
+        assert_eq!(world.idp.grants().len(), asked + 1, "{error}: the provider is left alone");
+    }
+    let log = gateway.log();
+    let lines = log.lines().filter(|l| l.contains("operator action needed:")).count();
+    assert_eq!(lines, 5, "one line per refusal, not per device login:\n{log}");
+    for advice in ["sign in interactively", "consent", "client secret", "app registration", "scopes"] {
+        assert!(log.contains(advice), "{advice} in\n{log}");
+    }
+
+    // The operator signs in again: the stored token is used at once.
+    world.seed(unix_now() + 3600);
+    let mut pop = Pop3::login(gateway.addr, PRINTER_1.0, PRINTER_1.1);
+    assert!(stat_of(&mut pop).starts_with("+OK 1 "));
+    pop.ok("QUIT");
+    assert_eq!(metric_line(&metrics(&gateway), gauge).as_deref(), Some(&*format!("{gauge} 0")));
+}
+
 #[test]
 fn the_token_store_is_encrypted_and_private() {
     let world = World::new();

@@ -224,8 +224,61 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 pub enum Verdict {
     /// Throttled or briefly down: wait (`Retry-After`, else backoff) and retry.
     Retry,
+    /// Throttled, and the body says how long (Gmail writes "Retry after
+    /// <RFC 3339 time>" in its message): that wait, whatever `Retry-After`.
+    RetryAfter(Duration),
     /// Give up with this error.
     Fail(BackendError),
+}
+
+/// Accounts a provider asked not to hear from for longer than a retry may
+/// wait (`max_retry_wait_secs`): until then every request of that account
+/// fails at once with `Unavailable` instead of reaching the provider, which
+/// would only lengthen the penalty. Per process: with several replicas each
+/// learns it on its own (there is no shared state yet).
+#[derive(Clone)]
+pub struct Holds {
+    until: moka::sync::Cache<String, std::time::SystemTime>,
+}
+
+impl Default for Holds {
+    fn default() -> Self {
+        // A day at most: Gmail's longest throttles (sending and bandwidth
+        // limits) last hours.
+        Holds {
+            until: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(24 * 3600))
+                .build(),
+        }
+    }
+}
+
+impl Holds {
+    pub fn new() -> Self {
+        Holds::default()
+    }
+
+    /// Remembers that `account` may not call before `wait` has passed.
+    pub fn hold(&self, account: &str, wait: Duration) {
+        let until = std::time::SystemTime::now() + wait.min(Duration::from_secs(24 * 3600));
+        let later = self.until.get(account).is_none_or(|known| known < until);
+        if later {
+            self.until.insert(account.to_string(), until);
+        }
+    }
+
+    /// How long `account` must still wait, if at all.
+    pub fn remaining(&self, account: &str) -> Option<Duration> {
+        let until = self.until.get(account)?;
+        match until.duration_since(std::time::SystemTime::now()) {
+            Ok(left) if !left.is_zero() => Some(left),
+            _ => {
+                self.until.invalidate(account);
+                None
+            }
+        }
+    }
 }
 
 /// Error bodies are read only this far (they are small JSON objects).
@@ -261,6 +314,18 @@ impl Requester {
         build: impl Fn() -> reqwest::RequestBuilder,
         judge: impl Fn(StatusCode, &[u8]) -> Verdict,
     ) -> Result<reqwest::Response, BackendError> {
+        self.send_noting_holds(what, build, judge, |_| {}).await
+    }
+
+    /// `send`, telling `hold` about a wait the server asked for that is too
+    /// long to retry after.
+    pub async fn send_noting_holds(
+        &self,
+        what: &str,
+        build: impl Fn() -> reqwest::RequestBuilder,
+        judge: impl Fn(StatusCode, &[u8]) -> Verdict,
+        hold: impl Fn(Duration),
+    ) -> Result<reqwest::Response, BackendError> {
         let mut attempt = 0;
         loop {
             let response = match tokio::time::timeout(self.timeout, build().send()).await {
@@ -271,10 +336,17 @@ impl Requester {
             if status.is_success() {
                 return Ok(response);
             }
-            let asked = retry_after(response.headers());
+            let mut asked = retry_after(response.headers());
             let body = read_limited(response, ERROR_BODY_LIMIT, self.timeout).await.unwrap_or_default();
-            if let Verdict::Fail(e) = judge(status, &body) {
-                return Err(e);
+            match judge(status, &body) {
+                Verdict::Fail(e) => return Err(e),
+                Verdict::RetryAfter(wait) => asked = Some(wait),
+                Verdict::Retry => {}
+            }
+            if let Some(asked) = asked
+                && asked > self.retry.max_wait
+            {
+                hold(asked);
             }
             let wait = self.wait_before_retry(what, status.as_u16(), attempt, asked)?;
             tokio::time::sleep(wait).await;
@@ -295,7 +367,13 @@ impl Requester {
         let asked_secs = asked.map(|d| d.as_secs());
         if attempt >= self.retry.retries || wait > self.retry.max_wait {
             tracing::warn!(what, status, attempt, retry_after_secs = asked_secs, "throttled; giving up");
-            let mut message = format!("{what}: throttled (HTTP {status})");
+            let mut message = match status {
+                429 | 403 => format!("{what}: throttled (HTTP {status})"),
+                // Graph's gateway gives up on a slow MIME conversion (large
+                // attachments) after ~30 s with 504, every time alike.
+                504 => format!("{what}: the server timed out producing the answer (HTTP 504) {} times", attempt + 1),
+                _ => format!("{what}: the server failed (HTTP {status}) {} times", attempt + 1),
+            };
             if let Some(secs) = asked_secs {
                 let _ = write!(message, " (Retry-After: {secs})");
             }

@@ -28,6 +28,18 @@ impl ExactSizes {
         }
     }
 
+    /// A retrieval counted `size` octets for a message remembered with
+    /// another size (a store whose output varies, like Graph's MIME
+    /// conversion): later sessions list what was actually sent. Only sizes
+    /// this cache measured are corrected; a store's own exact sizes are not
+    /// remembered here.
+    pub async fn correct(&self, user: &str, uidl: &str, size: u64) {
+        let key = (user.to_string(), uidl.to_string());
+        if self.cache.contains_key(&key) {
+            self.cache.insert(key, size).await;
+        }
+    }
+
     /// Returns the listing with every size exact.
     pub async fn resolve(
         &self,

@@ -126,6 +126,9 @@ struct Driver<'a> {
     mailbox: Option<Box<dyn Mailbox>>,
     /// The user name once logged in (for the per-account metric).
     account: Option<String>,
+    /// Each listed message's UIDL, by store id: a RETR whose octets
+    /// disagree with LIST corrects the remembered size under it.
+    uidls: std::collections::HashMap<StoreId, String>,
     /// How the backend session was obtained (to give it back warm).
     lease: Option<Lease>,
     /// A backend call failed: the session is not reused.
@@ -164,6 +167,7 @@ impl<'a> Driver<'a> {
             out: Vec::with_capacity(1024),
             mailbox: None,
             account: None,
+            uidls: std::collections::HashMap::new(),
             lease: None,
             backend_failed: false,
             backend_kind: context.backend.kind(),
@@ -286,6 +290,7 @@ impl<'a> Driver<'a> {
                         self.lease = Some(lease);
                         self.mailbox = Some(mailbox);
                         self.account = Some(account);
+                        self.uidls = maildrop.visible().map(|(_, m)| (m.id.clone(), m.uidl.clone())).collect();
                         self.session.login_succeeded(maildrop)
                     }
                     Some(Err(e)) => self.session.login_failed(&e),
@@ -385,8 +390,36 @@ impl<'a> Driver<'a> {
                 Ok(Some(Outcome::Closed))
             }
             Ok(true) => {
+                // The store sent other octets than it did when LIST's size
+                // was measured (Graph's `$value` is a MIME conversion, not
+                // stored bytes: nothing promises two are identical). A
+                // message whose length disagrees with LIST is never
+                // completed: no terminator, the connection is closed (the
+                // client keeps its copy of nothing and deletes nothing),
+                // and the size just counted replaces the remembered one, so
+                // the next session lists what RETR sends.
+                // The rest of the message (a pending CR, a last line end)
+                // and the terminator, held back until the count is known.
+                let mut tail = Vec::new();
+                encoder.finish(&mut tail);
+                if let Some(expected) = expected_octets
+                    && encoder.octets() != expected
+                {
+                    let sent = encoder.octets();
+                    tracing::error!(
+                        expected,
+                        sent,
+                        "message size differs from LIST: closing without the terminator; the next session lists the new size"
+                    );
+                    if let (Some(account), Some(uidl)) = (&self.account, self.uidls.get(&id)) {
+                        self.context.sizes.correct(account, uidl, sent).await;
+                    }
+                    metrics.command(self.session.last_command(), false);
+                    self.out.clear();
+                    return Ok(Some(Outcome::Closed));
+                }
                 metrics.command(self.session.last_command(), true);
-                encoder.finish(&mut self.out);
+                self.out.extend_from_slice(&tail);
                 // A whole retrieval (RETR: the session expects its octets)
                 // may mark the message read; TOP never does. Failing to
                 // mark it is no reason to fail what the client already has.
@@ -396,11 +429,6 @@ impl<'a> Driver<'a> {
                 {
                     tracing::warn!(error = %e, "could not mark the retrieved message read");
                     self.backend_failed = true;
-                }
-                if let Some(expected) = expected_octets
-                    && encoder.octets() != expected
-                {
-                    tracing::error!(expected, sent = encoder.octets(), "message size differs from LIST");
                 }
                 Ok(None)
             }

@@ -10,14 +10,24 @@
 //! domain}],"status"}}`): 401 `UNAUTHENTICATED` for an unknown or revoked
 //! token, 403 `insufficientPermissions` for `batchDelete` without the full
 //! mail scope, 404 `notFound`, and — on demand — 429 `rateLimitExceeded` or
-//! 403 `userRateLimitExceeded` with `Retry-After`.
+//! 403 `userRateLimitExceeded` with `Retry-After`, or any Google error a
+//! test names (`refuse`: `dailyLimitExceeded`, `domainPolicy`, a long
+//! throttle whose end is only in the message, "Retry after <RFC 3339>").
+//!
+//! As Gmail does: a search (`q`) covers All Mail except Spam and Trash (a
+//! message without INBOX still matches); `batchModify` and `batchDelete`
+//! skip ids they do not know ("no guarantees that messages were not already
+//! deleted or even existed") and answer 204; the requests inside a batch
+//! run concurrently, and those beyond 25 in flight for the user at once
+//! (the batch's and any other request's) get 429 `rateLimitExceeded` "Too
+//! many concurrent requests for user", with no `Retry-After` (reported by
+//! Gmail users at 50 and 100 parts, never at 25).
 //!
 //! What it does not reproduce: quota accounting (throttling happens only
 //! when a test asks for it), threads (each message is its own thread),
 //! `historyId` semantics, the `fields` partial-response parameter (ignored:
-//! whole resources are sent), `q` beyond `label:`, `in:` and `subject:`,
-//! `metadata` headers, HTTP/2, gzip, and what `batchModify` does with an
-//! unknown id (undocumented; here a 404 for the whole call).
+//! whole resources are sent), `q` beyond `label:`, `in:`, `subject:`, their
+//! negation (`-in:sent`) and parentheses, `metadata` headers, HTTP/2, gzip.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -65,7 +75,24 @@ struct StandIn {
     /// Parts per batch request.
     batches: Vec<usize>,
     refusing_refresh: bool,
+    /// Top-level requests being answered now.
+    in_flight: usize,
+    refusals: VecDeque<Refusal>,
 }
+
+/// A Google error for the next top-level request whose path and query
+/// contain `path_contains`.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub path_contains: String,
+    pub status: u16,
+    pub reason: String,
+    pub message: String,
+}
+
+/// Requests Gmail runs at once for a user before it answers 429 "Too many
+/// concurrent requests for user".
+pub const CONCURRENCY_CAP: usize = 25;
 
 const SYSTEM_LABELS: [&str; 10] =
     ["INBOX", "SENT", "TRASH", "SPAM", "DRAFT", "UNREAD", "STARRED", "IMPORTANT", "CATEGORY_PERSONAL", "CHAT"];
@@ -171,6 +198,11 @@ impl GmailApi {
 
     pub fn throttle(&self, throttle: Throttle) {
         self.lock().throttles.push_back(throttle);
+    }
+
+    /// The next request matching answers this Google error instead.
+    pub fn refuse(&self, refusal: Refusal) {
+        self.lock().refusals.push_back(refusal);
     }
 
     pub fn seen(&self) -> Vec<Seen> {
@@ -335,11 +367,13 @@ async fn serve(State(state): State<Shared>, request: Request) -> Response {
     let path = parts.uri.path().to_string();
     let query = parts.uri.query().unwrap_or("").to_string();
     let token = bearer(&parts.headers);
+    state.lock().unwrap_or_else(|p| p.into_inner()).in_flight += 1;
     let answer = if parts.method == Method::POST && path == "/batch/gmail/v1" {
         batch(&state, token.as_deref(), &parts.headers, &body)
     } else {
         handle(&state, token.as_deref(), &parts.method, &path, &query, &body, false)
     };
+    state.lock().unwrap_or_else(|p| p.into_inner()).in_flight -= 1;
     answer.into_response()
 }
 
@@ -387,6 +421,15 @@ fn route(
     if let Some(at) = state.throttles.iter().position(|t| t.in_batch == in_batch && target.contains(&t.path_contains)) {
         let throttle = state.throttles.remove(at).expect("present");
         return Answer::throttled(&throttle);
+    }
+    if let Some(at) = state.refusals.iter().position(|r| !in_batch && target.contains(&r.path_contains)) {
+        let refusal = state.refusals.remove(at).expect("present");
+        let google_status = match refusal.status {
+            429 => "RESOURCE_EXHAUSTED",
+            400 => "FAILED_PRECONDITION",
+            _ => "PERMISSION_DENIED",
+        };
+        return Answer::error(refusal.status, google_status, &refusal.reason, "usageLimits", &refusal.message);
     }
     let params: HashMap<String, Vec<String>> =
         url::form_urlencoded::parse(query.as_bytes()).into_owned().fold(HashMap::new(), |mut map, (k, v)| {
@@ -453,9 +496,7 @@ fn route(
             if ids.is_empty() || ids.len() > 1000 {
                 return Answer::bad_request("ids must hold 1 to 1000 ids");
             }
-            if ids.iter().any(|id| !state.messages.iter().any(|m| &m.id == id)) {
-                return Answer::not_found();
-            }
+            // Unknown ids are skipped, as Gmail documents.
             let (add, remove) = (strings(&request["addLabelIds"]), strings(&request["removeLabelIds"]));
             for message in state.messages.iter_mut().filter(|m| ids.contains(&m.id)) {
                 message.labels.extend(add.iter().cloned());
@@ -498,6 +539,12 @@ fn list(state: &StandIn, params: &HashMap<String, Vec<String>>) -> Answer {
     let query = params.get("q").and_then(|v| v.first()).cloned().unwrap_or_default();
     let mut terms = Vec::new();
     for term in query.split_whitespace() {
+        // Parentheses only group: every term here is ANDed anyway.
+        let term = term.trim_matches(|c| c == '(' || c == ')');
+        let (negated, term) = match term.strip_prefix('-') {
+            Some(rest) => (true, rest),
+            None => (false, term),
+        };
         let Some((key, value)) = term.split_once(':') else {
             return Answer::bad_request(&format!("the stand-in does not reproduce the query term {term:?}"));
         };
@@ -509,9 +556,9 @@ fn list(state: &StandIn, params: &HashMap<String, Vec<String>>) -> Answer {
                     .find(|(_, name)| name.eq_ignore_ascii_case(value))
                     .map(|(id, _)| id.clone())
                     .unwrap_or_else(|| value.to_ascii_uppercase());
-                terms.push((true, id));
+                terms.push((negated, true, id));
             }
-            "subject" => terms.push((false, value.to_ascii_lowercase())),
+            "subject" => terms.push((negated, false, value.to_ascii_lowercase())),
             _ => return Answer::bad_request(&format!("the stand-in does not reproduce the query term {term:?}")),
         }
     }
@@ -535,12 +582,13 @@ fn list(state: &StandIn, params: &HashMap<String, Vec<String>>) -> Answer {
         .filter(|m| include_spam_trash || !(m.labels.contains("TRASH") || m.labels.contains("SPAM")))
         .filter(|m| label_ids.iter().all(|l| m.labels.contains(l)))
         .filter(|m| {
-            terms.iter().all(|(is_label, value)| {
-                if *is_label {
+            terms.iter().all(|(negated, is_label, value)| {
+                let matches = if *is_label {
                     m.labels.contains(value)
                 } else {
                     subject(&m.raw).to_ascii_lowercase().contains(value.as_str())
-                }
+                };
+                matches != *negated
             })
         })
         .collect();
@@ -600,14 +648,41 @@ fn batch(state: &Shared, token: Option<&str>, headers: &HeaderMap, body: &[u8]) 
     if requests.is_empty() || requests.len() > 100 {
         return Answer::bad_request("a batch holds 1 to 100 requests");
     }
-    state.lock().unwrap_or_else(|p| p.into_inner()).batches.push(requests.len());
+    // The batch's parts run at once, beside every other request in flight
+    // (this batch counted once already): those beyond the cap are refused.
+    let room = {
+        let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
+        state.batches.push(requests.len());
+        CONCURRENCY_CAP.saturating_sub(state.in_flight - 1)
+    };
     let reply_boundary = "batch_Zx9bYAhcQ6kAAEAc7ERnGU";
     let mut out = Vec::new();
     // Google answers in any order: answer in reverse, the Content-IDs pair them.
-    for (content_id, method, target) in requests.iter().rev() {
+    for (index, (content_id, method, target)) in requests.iter().enumerate().rev() {
         let (path, query) = target.split_once('?').unwrap_or((target, ""));
         let method = Method::from_bytes(method.as_bytes()).unwrap_or(Method::GET);
-        let answer = handle(state, token, &method, path, query, b"", true);
+        let answer = if index >= room {
+            let answer = Answer::error(
+                429,
+                "RESOURCE_EXHAUSTED",
+                "rateLimitExceeded",
+                "global",
+                "Too many concurrent requests for user",
+            );
+            let mut seen = state.lock().unwrap_or_else(|p| p.into_inner());
+            seen.seen.push(Seen {
+                method: method.to_string(),
+                path: path.to_string(),
+                query: query.to_string(),
+                at: Instant::now(),
+                status: 429,
+                immutable_ids: false,
+                in_batch: true,
+            });
+            answer
+        } else {
+            handle(state, token, &method, path, query, b"", true)
+        };
         out.extend_from_slice(
             format!(
                 "--{reply_boundary}\r\nContent-Type: application/http\r\nContent-ID: <response-{content_id}>\r\n\r\n"

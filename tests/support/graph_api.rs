@@ -13,11 +13,18 @@
 //! `InvalidAuthenticationToken` for an unknown or expired token, 404
 //! `ErrorItemNotFound`, 429 `ApplicationThrottled` with `Retry-After` when
 //! more than 4 requests are in flight for the mailbox (Outlook's
-//! concurrency limit) or when a test asks, 503 on demand.
+//! concurrency limit) or when a test asks, 503 on demand. A `$batch` runs
+//! its requests up to 4 at once, each counted against the mailbox's 4: an
+//! inner request beyond them is answered 429 inside the batch.
+//!
+//! On demand, a message comes back from the archive mailbox with a new
+//! immutable id (`round_trip_through_archive_mailbox`), and a message's
+//! MIME conversion changes between two downloads
+//! (`reconvert_after_next_download`): `$value` is a conversion, Outlook
+//! stores no MIME.
 //!
 //! What it does not reproduce: the other Outlook limits (10 000 requests
-//! per 10 minutes, upload volume), in-flight counting of the requests
-//! inside a `$batch` (the batch counts as one), `dependsOn`, `$filter`,
+//! per 10 minutes, upload volume), `dependsOn`, `$filter`,
 //! `$search`, `$count`, `$expand`, `odata.maxpagesize`, delta queries,
 //! folder hierarchies (every folder is top-level), message properties other
 //! than `id`, `receivedDateTime` and `parentFolderId`, gzip and HTTP/2.
@@ -85,10 +92,15 @@ struct StandIn {
     next_received: i64,
     throttles: VecDeque<Throttle>,
     refuse_moves: HashSet<String>,
+    /// Messages whose MIME conversion changes after their next `$value`.
+    reconvert: HashSet<String>,
     seen: Vec<Seen>,
     in_flight: usize,
     max_in_flight: usize,
     value_delay: Duration,
+    /// If set, the n-th `$value` waits `value_delays[n % len]` instead.
+    value_delays: Vec<Duration>,
+    values_served: usize,
     batches: Vec<usize>,
     refusing_refresh: bool,
 }
@@ -212,6 +224,26 @@ impl GraphApi {
         })
     }
 
+    /// The message goes to the user's archive mailbox (Online Archive) and
+    /// comes back: "the immutable ID changes if the item is moved to an
+    /// archive mailbox". Returns its new immutable id.
+    pub fn round_trip_through_archive_mailbox(&self, id: &str) -> String {
+        self.with(|s| {
+            let fresh = long_id("AAkALgAAAAAAHYQDEapmEc2byACqAC-EWg0A", &mut s.next);
+            let message = s.messages.iter_mut().find(|m| m.immutable_id == id).expect("message exists");
+            message.immutable_id = fresh.clone();
+            message.moves += 1;
+            fresh
+        })
+    }
+
+    /// After its next `$value`, the message converts to other MIME octets
+    /// (a header more), as Outlook's conversion may: it stores no MIME, and
+    /// nothing promises two downloads are byte-identical.
+    pub fn reconvert_after_next_download(&self, id: &str) {
+        self.with(|s| s.reconvert.insert(id.to_string()));
+    }
+
     /// Moves of this message are refused (403 `ErrorAccessDenied`).
     pub fn refuse_moving(&self, id: &str) {
         self.with(|s| s.refuse_moves.insert(id.to_string()));
@@ -224,6 +256,12 @@ impl GraphApi {
     /// Every `$value` answer waits this long first (to build concurrency).
     pub fn set_value_delay(&self, delay: Duration) {
         self.with(|s| s.value_delay = delay);
+    }
+
+    /// The n-th `$value` answer waits `delays[n % len]` first: downloads
+    /// that overlap without ending together.
+    pub fn set_value_delays(&self, delays: &[Duration]) {
+        self.with(|s| s.value_delays = delays.to_vec());
     }
 
     pub fn throttle(&self, throttle: Throttle) {
@@ -372,6 +410,10 @@ impl Answer {
     fn throttled(status: u16, retry_after: Option<u64>) -> Answer {
         let mut answer = if status == 503 {
             Answer::error(503, "ServiceUnavailable", "The service is temporarily unavailable.")
+        } else if status == 504 {
+            // What Graph's gateway answers when a slow MIME conversion (a
+            // message with large attachments) takes it beyond ~30 s.
+            Answer::error(504, "UnknownError", "")
         } else {
             Answer::error(429, "ApplicationThrottled", "Application is over its MailboxConcurrency limit.")
         };
@@ -414,8 +456,17 @@ async fn serve(State(shared): State<Arc<Shared>>, request: Request) -> Response 
         state.max_in_flight = state.max_in_flight.max(state.in_flight);
         state.in_flight > 4
     };
-    let delay = shared.state.lock().unwrap().value_delay;
-    if path.ends_with("/$value") && !delay.is_zero() {
+    let delay = if path.ends_with("/$value") {
+        let mut state = shared.state.lock().unwrap();
+        state.values_served += 1;
+        match state.value_delays.len() {
+            0 => state.value_delay,
+            n => state.value_delays[state.values_served % n],
+        }
+    } else {
+        Duration::ZERO
+    };
+    if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
     let answer = if over_limit {
@@ -579,12 +630,21 @@ fn route(
             Answer::json(200, page)
         }
         ("GET", ["messages", id, "$value"]) => match state.message_index(id) {
-            Some(i) => Answer {
-                status: 200,
-                headers: vec![("Content-Type", "text/plain".into())],
-                body: None,
-                raw: Some(state.messages[i].mime.clone()),
-            },
+            Some(i) => {
+                let mime = state.messages[i].mime.clone();
+                let immutable_id = state.messages[i].immutable_id.clone();
+                if state.reconvert.remove(&immutable_id) {
+                    let mut converted = b"X-MS-Exchange-Converted: again\r\n".to_vec();
+                    converted.extend_from_slice(&mime);
+                    state.messages[i].mime = converted;
+                }
+                Answer {
+                    status: 200,
+                    headers: vec![("Content-Type", "text/plain".into())],
+                    body: None,
+                    raw: Some(mime),
+                }
+            }
             None => Answer::not_found(),
         },
         ("POST", ["messages", id, "move"]) => {
@@ -651,10 +711,21 @@ fn batch(shared: &Shared, token: Option<&str>, outer_immutable: bool, body: &[u8
     if requests.is_empty() || requests.len() > 20 {
         return Answer::error(400, "BadRequest", "Number of requests in the batch must be between 1 and 20.");
     }
-    shared.state.lock().unwrap().batches.push(requests.len());
+    // Outlook runs up to 4 of the batch's requests at once, each counted
+    // towards the mailbox's 4 (the batch itself is counted already): the
+    // requests of each wave beyond what the others in flight leave get 429.
+    let wave = requests.len().min(4);
+    let others = {
+        let mut state = shared.state.lock().unwrap();
+        state.batches.push(requests.len());
+        let others = state.in_flight - 1;
+        state.in_flight += wave - 1;
+        state.max_in_flight = state.max_in_flight.max(state.in_flight);
+        others
+    };
     record(shared, &Method::POST, "/v1.0/$batch", "", 200, outer_immutable, false);
     let mut responses = Vec::new();
-    for inner in requests.iter().rev() {
+    for (index, inner) in requests.iter().enumerate().rev() {
         let id = inner["id"].as_str().unwrap_or("").to_string();
         let method = Method::from_bytes(inner["method"].as_str().unwrap_or("GET").as_bytes()).unwrap_or(Method::GET);
         let url = inner["url"].as_str().unwrap_or("");
@@ -664,7 +735,12 @@ fn batch(shared: &Shared, token: Option<&str>, outer_immutable: bool, body: &[u8
             .or_else(|| inner["headers"]["prefer"].as_str())
             .is_some_and(|p| p.contains("IdType=\"ImmutableId\""));
         let body = inner.get("body").map(|b| serde_json::to_vec(b).unwrap_or_default()).unwrap_or_default();
-        let answer = handle(shared, token, &method, &format!("/v1.0{path}"), query, immutable, &body, true);
+        let answer = if others + index % wave + 1 > 4 {
+            record(shared, &method, &format!("/v1.0{path}"), query, 429, immutable, true);
+            Answer::throttled(429, Some(1))
+        } else {
+            handle(shared, token, &method, &format!("/v1.0{path}"), query, immutable, &body, true)
+        };
         let mut headers = serde_json::Map::new();
         for (name, value) in &answer.headers {
             headers.insert(name.to_string(), json!(value));
@@ -675,5 +751,6 @@ fn batch(shared: &Shared, token: Option<&str>, outer_immutable: bool, body: &[u8
         }
         responses.push(response);
     }
+    shared.state.lock().unwrap().in_flight -= wave - 1;
     Answer::json(200, json!({ "responses": responses }))
 }

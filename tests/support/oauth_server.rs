@@ -41,6 +41,31 @@ pub enum Fault {
     InvalidGrant,
     /// 500 with an HTML body.
     ServerError,
+    /// 400 (401 for `invalid_client`, as RFC 6749 §5.2 allows) with this
+    /// RFC 6749 / OpenID Connect error and a provider-like description:
+    /// `interaction_required`, `consent_required`, `invalid_client`,
+    /// `unauthorized_client`, `invalid_scope`.
+    Refused(&'static str),
+}
+
+/// What Microsoft's token endpoint writes for each refusal (AADSTS codes).
+fn description(error: &str) -> &'static str {
+    match error {
+        "interaction_required" => {
+            "AADSTS50076: Due to a configuration change made by your administrator, or because you moved to a new location, you must use multi-factor authentication to access '00000003-0000-0000-c000-000000000000'."
+        }
+        "consent_required" => {
+            "AADSTS65001: The user or administrator has not consented to use the application with ID '11111111-1111-1111-1111-111111111111'."
+        }
+        "invalid_client" => {
+            "AADSTS7000222: The provided client secret keys for app '11111111-1111-1111-1111-111111111111' are expired."
+        }
+        "unauthorized_client" => {
+            "AADSTS700016: Application with identifier '11111111-1111-1111-1111-111111111111' was not found in the directory."
+        }
+        "invalid_scope" => "AADSTS70011: The provided value for the input parameter 'scope' is not valid.",
+        _ => "refused by the stand-in",
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -355,6 +380,10 @@ fn token(stream: &TcpStream, request: &Request, shared: &Mutex<State>) {
         return match fault {
             Fault::InvalidGrant => oauth_error(stream, "invalid_grant", "injected by the test"),
             Fault::ServerError => respond(stream, "500 Internal Server Error", &[], "<html>oops</html>"),
+            Fault::Refused(error) => {
+                let status = if error == "invalid_client" { "401 Unauthorized" } else { "400 Bad Request" };
+                json(stream, status, serde_json::json!({ "error": error, "error_description": description(error) }))
+            }
         };
     }
     if !client_ok(request) {

@@ -15,7 +15,8 @@ use super::IO_TIMEOUT;
 pub struct Throttle {
     pub path_contains: String,
     /// Gmail: 429 (`rateLimitExceeded`) or 403 (`userRateLimitExceeded`);
-    /// Graph: 429 (`ApplicationThrottled`) or 503 (`ServiceUnavailable`).
+    /// Graph: 429 (`ApplicationThrottled`), 503 (`ServiceUnavailable`) or
+    /// 504 (a gateway timeout).
     pub status: u16,
     pub retry_after: Option<u64>,
     /// Applies to an inner request of a batch instead of a top-level one.

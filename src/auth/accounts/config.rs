@@ -186,6 +186,23 @@ fn check_accounts<'a>(
                         BackendConfig::Demo(_) => {
                             return fail("the demo backend takes passwords, not OAuth tokens".into());
                         }
+                        // Graph answers 400 "/me request is only valid with
+                        // delegated authentication flow" to an app-only token.
+                        BackendConfig::Graph(graph)
+                            if oauth.grant == crate::auth::oauth::Grant::ClientCredentials
+                                && graph.user.eq_ignore_ascii_case("me") =>
+                        {
+                            return fail(format!(
+                                "grant = \"client_credentials\" (app-only) cannot use Graph's /me, which needs a \
+                                 signed-in user: set user = \"{}\" (the mailbox's address) in [backend{}]",
+                                account.login.as_deref().unwrap_or("mailbox@example.com"),
+                                if account.backend == DEFAULT_BACKEND {
+                                    String::new()
+                                } else {
+                                    format!("s.{}", account.backend)
+                                }
+                            ));
+                        }
                         _ => {}
                     }
                 }

@@ -40,8 +40,19 @@ impl TokenError {
         matches!(self, TokenError::Refused { error, .. } if error == "invalid_grant")
     }
 
+    /// A refusal only an operator can end, with what they must do; `None`
+    /// for anything retrying may cure. (`invalid_grant` has its own words,
+    /// `TokenSource` says them.)
+    pub fn operator_action(&self) -> Option<(&'static str, &'static str)> {
+        let TokenError::Refused { error, .. } = self else { return None };
+        OPERATOR_ACTIONS.iter().find(|(name, _)| name == error).copied()
+    }
+
     /// A short word for the refreshes metric.
     pub fn metric_result(&self) -> &'static str {
+        if let Some((name, _)) = self.operator_action() {
+            return name;
+        }
         match self {
             TokenError::Refused { error, .. } if error == "invalid_grant" => "invalid_grant",
             TokenError::Refused { .. } => "refused",
@@ -51,6 +62,33 @@ impl TokenError {
         }
     }
 }
+
+/// RFC 6749 §5.2 and OpenID Connect errors that no retry cures, and what
+/// the operator must do (Microsoft's AADSTS texts and Google's answers name
+/// the same causes: consent withdrawn or never given, a client secret
+/// expired, a client not allowed this grant, a scope not granted).
+const OPERATOR_ACTIONS: &[(&str, &str)] = &[
+    (
+        "interaction_required",
+        "the provider wants the user to sign in interactively (MFA or a Conditional Access policy): run `popgate oauth login ACCOUNT`, or exempt the app from the policy",
+    ),
+    (
+        "consent_required",
+        "the user or an administrator must consent to the app's permissions: grant consent (Entra admin center → Enterprise applications → Permissions, or the Google consent screen) and run `popgate oauth login ACCOUNT`",
+    ),
+    (
+        "invalid_client",
+        "the provider does not accept the client id or secret (an expired or rotated client secret?): renew the secret, update client_secret_env / client_secret_file, and restart popgate",
+    ),
+    (
+        "unauthorized_client",
+        "the OAuth client may not use this grant (public client flows or client credentials not enabled, or the app disabled): fix the app registration",
+    ),
+    (
+        "invalid_scope",
+        "the provider refuses the requested scopes: fix `scopes` in [account.oauth] or the permissions of the app registration",
+    ),
+];
 
 /// A successful token response.
 pub struct TokenResponse {
@@ -360,6 +398,17 @@ mod tests {
         assert!(e.is_invalid_grant());
         assert_eq!(e.metric_result(), "invalid_grant");
         assert_eq!(e.to_string(), "the provider refused: invalid_grant (AADSTS70000)");
+        assert!(e.operator_action().is_none(), "invalid_grant has its own words");
+        for error in
+            ["interaction_required", "consent_required", "invalid_client", "unauthorized_client", "invalid_scope"]
+        {
+            let e = TokenError::Refused { error: error.into(), description: None };
+            assert_eq!(e.operator_action().map(|(name, _)| name), Some(error));
+            assert_eq!(e.metric_result(), error);
+        }
+        assert!(TokenError::Unavailable("x".into()).operator_action().is_none());
+        let other = TokenError::Refused { error: "temporarily_unavailable".into(), description: None };
+        assert_eq!((other.operator_action(), other.metric_result()), (None, "refused"));
         assert_eq!(TokenError::Unavailable("x".into()).metric_result(), "unavailable");
         assert_eq!(printable("a\nb\u{7}c", 10), "abc");
     }

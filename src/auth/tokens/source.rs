@@ -42,6 +42,13 @@ pub enum TokenSourceError {
     FreshTokenRefused(String),
 }
 
+/// How long a refusal only an operator can end (`TokenError::operator_action`)
+/// keeps popgate from asking the provider again: asking every
+/// `retry_after_failure_secs` would change nothing but the provider's
+/// opinion of the app. A token stored meanwhile (`popgate oauth login`) is
+/// used at once.
+pub const OPERATOR_RETRY: Duration = Duration::from_secs(3600);
+
 pub struct TokenSourceSettings {
     pub may_refresh: bool,
     pub margin: Duration,
@@ -63,8 +70,9 @@ struct State {
     current: Option<StoredToken>,
     /// A refreshed token the store did not take yet: not used until it does.
     unsaved: Option<StoredToken>,
-    /// The last refresh failure, and what it was.
-    failed: Option<(Instant, String)>,
+    /// The last refresh failure, what it was, and how long not to ask the
+    /// provider again.
+    failed: Option<(Instant, String, Duration)>,
     /// "No token" was logged once already.
     missing_reported: bool,
 }
@@ -138,6 +146,10 @@ impl TokenSource {
     fn adopt(&self, state: &mut State, token: StoredToken) {
         if let Some(at) = token.expires_at {
             self.metrics.oauth_token_expires(&self.account, at);
+        }
+        if state.failed.as_ref().is_some_and(|(_, _, wait)| *wait >= OPERATOR_RETRY) {
+            tracing::info!(account = %self.account, "a new token is in use: the account no longer waits for an operator");
+            self.metrics.oauth_operator_action(&self.account, false);
         }
         state.current = Some(token);
         state.failed = None;
@@ -215,8 +227,8 @@ impl TokenSource {
             tracing::warn!(account = %account, "the backend refuses a token issued moments ago; not refreshing again yet");
             return Err(TokenSourceError::FreshTokenRefused(account.clone()));
         }
-        if let Some((at, why)) = &state.failed
-            && at.elapsed() < self.settings.retry_after
+        if let Some((at, why, wait)) = &state.failed
+            && at.elapsed() < *wait
         {
             return last_resort
                 .ok_or_else(|| TokenSourceError::RefreshFailed { account: account.clone(), why: why.clone() });
@@ -264,17 +276,27 @@ impl TokenSource {
                 } else {
                     "; devices get -ERR [SYS/TEMP]"
                 };
+                let mut wait = self.settings.retry_after;
                 match &e {
                     TokenError::Refused { .. } if e.is_invalid_grant() => tracing::error!(
                         account = %account, error = %e,
-                        "the provider refused the refresh token (revoked, expired, or its password changed): run `popgate oauth login {account}`; the stored token is kept{still}"
+                        "the provider refused the refresh token (revoked; expired — Google expires them after 7 days while the app's consent screen is in Testing, publish it to stop that; or the account's password changed): run `popgate oauth login {account}`; the stored token is kept{still}"
                     ),
+                    _ if let Some((name, what_to_do)) = e.operator_action() => {
+                        wait = wait.max(OPERATOR_RETRY);
+                        metrics.oauth_operator_action(account, true);
+                        tracing::error!(
+                            account = %account, error = %e, refusal = name,
+                            "operator action needed: {}; popgate asks the provider again in {} min, or as soon as a new token is stored{still}",
+                            what_to_do.replace("ACCOUNT", account), wait.as_secs() / 60
+                        );
+                    }
                     _ => tracing::error!(
                         account = %account, error = %e,
                         "token refresh failed; retrying in {}s{still}", self.settings.retry_after.as_secs()
                     ),
                 }
-                state.failed = Some((Instant::now(), e.to_string()));
+                state.failed = Some((Instant::now(), e.to_string(), wait));
                 last_resort
                     .ok_or_else(|| TokenSourceError::RefreshFailed { account: account.clone(), why: e.to_string() })
             }

@@ -112,3 +112,30 @@ async fn passwords_are_refused_and_tokens_checked() {
     let bad = Credentials { user: "alice".into(), proof: Proof::Bearer(Secret::new("a b")) };
     assert!(matches!(backend.open(&bad).await, Err(BackendError::BadCredentials(_))));
 }
+
+/// A search covers All Mail: archiving (removing INBOX) would not take a
+/// served message out of it (issue #19 item 1).
+#[test]
+fn a_query_with_archive_needs_a_label() {
+    let config = GmailConfig {
+        query: Some("has:attachment".into()),
+        delete_policy: GmailDeletePolicy::Archive,
+        ..GmailConfig::default()
+    };
+    let refused = config.check().unwrap_err();
+    assert_eq!(refused.key, "delete_policy");
+    assert!(refused.to_string().contains("label = \"INBOX\""), "{refused}");
+    assert!(GmailConfig { label: Some("INBOX".into()), ..config.clone() }.check().is_ok());
+    assert!(GmailConfig { delete_policy: GmailDeletePolicy::Trash, ..config }.check().is_ok());
+}
+
+#[test]
+fn the_search_leaves_out_sent_mail_unless_asked() {
+    assert_eq!(search(None, true).as_deref(), Some("-in:sent"));
+    assert_eq!(search(None, false), None);
+    assert_eq!(search(Some(" a OR b "), true).as_deref(), Some("(a OR b) -in:sent"));
+    assert_eq!(search(Some("a"), false).as_deref(), Some("a"));
+    let config: GmailConfig = toml::from_str("exclude_sent = false").unwrap();
+    assert!(!config.exclude_sent);
+    assert!(GmailConfig::default().exclude_sent, "on by default");
+}

@@ -55,15 +55,54 @@ impl GoogleError {
     }
 }
 
+/// The time in Gmail's long throttles, written into the message: "User-rate
+/// limit exceeded.  Retry after 2024-01-01T00:00:01.000Z" (bandwidth and
+/// sending limits last up to hours, with no `Retry-After` header). The wait
+/// from `now` until then; `None` if there is no such time, or it is past.
+pub fn retry_after_in_message(message: &str, now: std::time::SystemTime) -> Option<std::time::Duration> {
+    let (_, rest) = message.split_once("Retry after ")?;
+    let stamp = rest.split_whitespace().next()?.trim_end_matches(['.', ',', ';', ')']);
+    let at = time::OffsetDateTime::parse(stamp, &time::format_description::well_known::Rfc3339).ok()?;
+    let at = std::time::SystemTime::from(at);
+    at.duration_since(now).ok().filter(|wait| !wait.is_zero())
+}
+
 /// What an error answer from the Gmail API means for POP3.
 pub fn judge(what: &str, status: StatusCode, body: &[u8]) -> Verdict {
     let error = GoogleError::parse(body);
     let reason = error.reason();
     let throttled = error.has_reason(&["rateLimitExceeded", "userRateLimitExceeded", "concurrentLimitExceeded"]);
+    let asked = || retry_after_in_message(&error.message, std::time::SystemTime::now());
     match status.as_u16() {
         401 => Verdict::Fail(BackendError::AuthFailed),
+        429 | 403 if (status == 429 || throttled) && asked().is_some() => {
+            Verdict::RetryAfter(asked().unwrap_or_default())
+        }
         429 => Verdict::Retry,
         403 if throttled => Verdict::Retry,
+        // The Cloud project's daily quota: retrying today is pointless.
+        403 if error.has_reason(&["dailyLimitExceeded"]) => {
+            tracing::error!(
+                what, reason, message = %error.message,
+                "the Google Cloud project's daily Gmail API quota is used up: it resets at midnight Pacific time; \
+                 raise it in the Cloud console (APIs & Services → Gmail API → Quotas)"
+            );
+            Verdict::Fail(BackendError::Unavailable(format!(
+                "{what}: the Google Cloud project's daily Gmail API quota is used up (dailyLimitExceeded)"
+            )))
+        }
+        // A Workspace administrator does not let this OAuth client in.
+        403 if error.has_reason(&["domainPolicy"]) => {
+            tracing::error!(
+                what, reason, message = %error.message,
+                "the Google Workspace domain's policy forbids this app the Gmail API: an administrator must \
+                 allow (trust) its OAuth client id in the Admin console (Security → Access and data control → \
+                 API controls) or enable the API for the users"
+            );
+            Verdict::Fail(BackendError::Permanent(format!(
+                "{what}: the Workspace domain's policy forbids this app the Gmail API (domainPolicy)"
+            )))
+        }
         // Google asks clients to retry these with backoff.
         500 | 502 | 503 | 504 => Verdict::Retry,
         404 => Verdict::Fail(BackendError::MessageGone),
@@ -497,6 +536,8 @@ impl Base64Stream {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn extract(json: &[u8], chunk: usize) -> Result<Vec<u8>, String> {
@@ -641,5 +682,39 @@ mod tests {
         let bad = v(400, body("INVALID_ARGUMENT", "invalidArgument"));
         assert!(matches!(&bad, Verdict::Fail(BackendError::Permanent(m)) if m.contains("invalidArgument")), "{bad:?}");
         assert!(matches!(v(403, "not json".into()), Verdict::Fail(BackendError::Permanent(_))));
+        let daily = v(403, body("PERMISSION_DENIED", "dailyLimitExceeded"));
+        assert!(matches!(&daily, Verdict::Fail(BackendError::Unavailable(m)) if m.contains("daily")), "{daily:?}");
+        let domain = v(403, body("PERMISSION_DENIED", "domainPolicy"));
+        assert!(
+            matches!(&domain, Verdict::Fail(BackendError::Permanent(m)) if m.contains("domainPolicy")),
+            "{domain:?}"
+        );
+        // A long throttle names its end in the message: that wait, not a backoff.
+        let later = time::OffsetDateTime::now_utc() + time::Duration::hours(2);
+        let stamp = later.format(&time::format_description::well_known::Rfc3339).unwrap();
+        let long = format!(
+            r#"{{"error":{{"code":403,"message":"User-rate limit exceeded.  Retry after {stamp}","errors":[{{"reason":"userRateLimitExceeded"}}]}}}}"#
+        );
+        match v(403, long.clone()) {
+            Verdict::RetryAfter(wait) => assert!(wait > Duration::from_secs(7100) && wait <= Duration::from_secs(7200)),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(v(429, long.replace("403", "429")), Verdict::RetryAfter(_)));
+        // A time already past, or none: the usual backoff.
+        assert!(matches!(v(403, long.replace(&stamp, "2024-01-01T00:00:01.000Z")), Verdict::Retry));
+        assert!(matches!(v(403, long.replace(&stamp, "soon")), Verdict::Retry));
+    }
+
+    #[test]
+    fn retry_times_in_messages() {
+        use std::time::UNIX_EPOCH;
+        let now = UNIX_EPOCH + Duration::from_secs(1_704_067_200); // 2024-01-01T00:00:00Z
+        let wait = |m: &str| retry_after_in_message(m, now);
+        assert_eq!(wait("Retry after 2024-01-01T01:00:00.000Z"), Some(Duration::from_secs(3600)));
+        assert_eq!(wait("User-rate limit exceeded.  Retry after 2024-01-01T00:00:30Z."), Some(Duration::from_secs(30)));
+        assert_eq!(wait("Retry after 2024-01-01T02:00:00+01:00 (sending limit)"), Some(Duration::from_secs(3600)));
+        assert_eq!(wait("Retry after 2023-12-31T23:00:00Z"), None, "past");
+        assert_eq!(wait("Retry after tomorrow"), None);
+        assert_eq!(wait("Too many concurrent requests for user"), None);
     }
 }

@@ -133,6 +133,14 @@ impl GraphConfig {
         }
         InvalidSetting::bounded("max_retry_wait_secs", self.max_retry_wait_secs, 1..=3_600)?;
         InvalidSetting::bounded("max_retries", self.max_retries, 0..=10)?;
+        if self.delete_policy == GraphDeletePolicy::PermanentDelete
+            && let Some(cloud) = national_cloud(&self.api_base)
+        {
+            return Err(InvalidSetting::new(
+                "delete_policy",
+                format!("Graph has no permanentDelete in {cloud} (global service only): use \"move\""),
+            ));
+        }
         if self.delete_policy == GraphDeletePolicy::Move && self.folder.eq_ignore_ascii_case("deleteditems") {
             return Err(InvalidSetting::new(
                 "delete_policy",
@@ -141,6 +149,21 @@ impl GraphConfig {
         }
         Ok(())
     }
+}
+
+/// The national cloud `api_base` points into, if any: Microsoft's reference
+/// marks `message: permanentDelete` "Global service only" (not in US
+/// Government L4 and L5 (DOD), nor China operated by 21Vianet).
+fn national_cloud(api_base: &str) -> Option<&'static str> {
+    let host = Url::parse(api_base).ok()?.host_str()?.to_ascii_lowercase();
+    [
+        ("graph.microsoft.us", "US Government L4 (graph.microsoft.us)"),
+        ("dod-graph.microsoft.us", "US Government L5 / DOD (dod-graph.microsoft.us)"),
+        ("microsoftgraph.chinacloudapi.cn", "China operated by 21Vianet (microsoftgraph.chinacloudapi.cn)"),
+    ]
+    .into_iter()
+    .find(|(cloud, _)| host == *cloud)
+    .map(|(_, name)| name)
 }
 
 /// Messages per listing page.
@@ -364,7 +387,10 @@ impl Api {
                 .header(CONTENT_TYPE, "application/json")
                 .body(body.clone())
         };
-        let answers: Answers = self.account.json(what, JSON_LIMIT, build).await?;
+        // Outlook runs up to 4 of a batch's requests at once, each counted
+        // against the mailbox's 4 concurrent requests: the batch holds as
+        // many permits, or its moves would be refused (MailboxConcurrency).
+        let answers: Answers = self.account.json_of_batch(what, JSON_LIMIT, requests.len(), build).await?;
         let mut seen = HashSet::new();
         let mut out = Vec::with_capacity(answers.responses.len());
         for answer in answers.responses {
@@ -449,12 +475,8 @@ impl GraphMailbox {
                 }
             }
             if !retry.is_empty() {
-                let wait = self.api.account.requester.wait_before_retry(
-                    "$batch item",
-                    429,
-                    attempt,
-                    asked.map(Duration::from_secs),
-                );
+                let wait =
+                    self.api.account.wait_before_retry("$batch item", 429, attempt, asked.map(Duration::from_secs));
                 match wait {
                     Ok(wait) => tokio::time::sleep(wait).await,
                     Err(e) => return (failed + retry.len(), Some(e)),

@@ -35,6 +35,28 @@ fn config_defaults_and_checks() {
     assert!(ok.check().is_ok());
 }
 
+/// `permanentDelete` is "Global service only" in Microsoft's reference.
+#[test]
+fn permanent_delete_is_refused_in_national_clouds() {
+    for base in [
+        "https://graph.microsoft.us/v1.0",
+        "https://dod-graph.microsoft.us/v1.0",
+        "https://microsoftgraph.chinacloudapi.cn/v1.0",
+    ] {
+        let config = GraphConfig {
+            api_base: base.into(),
+            delete_policy: GraphDeletePolicy::PermanentDelete,
+            ..GraphConfig::default()
+        };
+        let refused = config.check().unwrap_err();
+        assert_eq!(refused.key, "delete_policy", "{base}");
+        assert!(refused.why.contains("move"), "{refused:?}");
+        assert!(GraphConfig { delete_policy: GraphDeletePolicy::Move, ..config }.check().is_ok(), "{base}");
+    }
+    let global = GraphConfig { delete_policy: GraphDeletePolicy::PermanentDelete, ..GraphConfig::default() };
+    assert!(global.check().is_ok());
+}
+
 fn api(user: &str, base: &str) -> Api {
     let retry = RetryPolicy { retries: 0, max_wait: Duration::from_secs(1) };
     let endpoint = Endpoint::new(base, None, 1, retry).unwrap();

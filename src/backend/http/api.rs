@@ -20,7 +20,7 @@ use reqwest::header::{AUTHORIZATION, HeaderValue};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use url::Url;
 
-use super::{AccountPermits, Requester, RetryPolicy, Verdict};
+use super::{AccountPermits, Holds, Requester, RetryPolicy, Verdict};
 use crate::backend::MessageStream;
 use crate::mail::{BackendError, Credentials, InvalidSetting, Proof, Secret, StoreId};
 
@@ -62,6 +62,8 @@ pub struct Endpoint {
     pub base: Url,
     pub requester: Requester,
     permits: AccountPermits,
+    /// Accounts the provider asked to wait longer than a retry may.
+    holds: Holds,
 }
 
 impl Endpoint {
@@ -75,7 +77,7 @@ impl Endpoint {
         let base = super::api_base(api_base).map_err(BackendError::Permanent)?;
         let timeout = Duration::from_secs(timeout_secs);
         let requester = Requester::new(ca_file, timeout, retry, reqwest::redirect::Policy::none())?;
-        Ok(Endpoint { base, requester, permits: AccountPermits::new() })
+        Ok(Endpoint { base, requester, permits: AccountPermits::new(), holds: Holds::new() })
     }
 
     /// Readiness: the API answers at all.
@@ -88,7 +90,15 @@ impl Endpoint {
     /// concurrent requests by).
     pub fn account(&self, account: &str, limit: usize, token: &Secret, judge: Judge) -> AccountApi {
         let permits = self.permits.for_account(account, limit);
-        AccountApi::new(self.requester.clone(), super::bearer_header(token), permits, judge)
+        AccountApi {
+            requester: self.requester.clone(),
+            authorization: super::bearer_header(token),
+            permits,
+            limit: limit.max(1),
+            judge,
+            account: account.to_string(),
+            holds: Some(self.holds.clone()),
+        }
     }
 }
 
@@ -141,12 +151,19 @@ pub struct AccountApi {
     /// Marked sensitive: never in debug output.
     authorization: HeaderValue,
     permits: Arc<Semaphore>,
+    /// How many permits the account has in all.
+    limit: usize,
     judge: Judge,
+    /// The account as the provider counts it (holds are per account).
+    account: String,
+    /// `None`: the server's waits are not remembered (JMAP).
+    holds: Option<Holds>,
 }
 
 impl AccountApi {
+    /// Requests under `permits`, one permit each, remembering no holds.
     pub fn new(requester: Requester, authorization: HeaderValue, permits: Arc<Semaphore>, judge: Judge) -> AccountApi {
-        AccountApi { requester, authorization, permits, judge }
+        AccountApi { requester, authorization, permits, limit: 1, judge, account: String::new(), holds: None }
     }
 
     pub fn get(&self, url: &Url) -> reqwest::RequestBuilder {
@@ -159,18 +176,75 @@ impl AccountApi {
 
     /// One of the account's permits, for a request the caller sends itself.
     pub async fn permit(&self) -> Result<OwnedSemaphorePermit, BackendError> {
-        self.permits.clone().acquire_owned().await.map_err(|_| BackendError::unavailable("request limiter closed"))
+        self.permits(1).await
+    }
+
+    /// `requests` permits, at most all the account has: for a batch whose
+    /// inner requests the provider runs concurrently (Outlook runs up to 4
+    /// of a `$batch` at once, and counts each against the mailbox's limit).
+    /// The semaphore is fair, so single requests queued later wait behind
+    /// the batch instead of starving it.
+    pub async fn permits(&self, requests: usize) -> Result<OwnedSemaphorePermit, BackendError> {
+        let n = u32::try_from(requests.clamp(1, self.limit)).unwrap_or(1);
+        self.permits
+            .clone()
+            .acquire_many_owned(n)
+            .await
+            .map_err(|_| BackendError::unavailable("request limiter closed"))
+    }
+
+    /// `Unavailable` while the provider asked this account to wait.
+    fn check_hold(&self, what: &str) -> Result<(), BackendError> {
+        match self.holds.as_ref().and_then(|holds| holds.remaining(&self.account)) {
+            None => Ok(()),
+            Some(left) => Err(BackendError::Unavailable(format!(
+                "{what}: not sent; the provider asked this account to wait {}s more before calling again",
+                left.as_secs().max(1)
+            ))),
+        }
     }
 
     /// `Requester::send` with this account's judge; the caller holds a
-    /// permit and bounds the body.
+    /// permit and bounds the body. Nothing is sent while the account is on
+    /// hold; a wait asked for beyond `max_retry_wait_secs` puts it on hold.
     pub async fn send(
         &self,
         what: &str,
         build: impl Fn() -> reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, BackendError> {
+        self.check_hold(what)?;
         let judge = self.judge;
-        self.requester.send(what, build, |status, body| judge(what, status, body)).await
+        let hold = |wait: Duration| self.hold(what, wait);
+        self.requester.send_noting_holds(what, build, |status, body| judge(what, status, body), hold).await
+    }
+
+    fn hold(&self, what: &str, wait: Duration) {
+        tracing::warn!(
+            what,
+            account = %self.account,
+            wait_secs = wait.as_secs(),
+            "the provider asked to wait longer than max_retry_wait_secs: no request for this account until then; its devices get -ERR [SYS/TEMP]"
+        );
+        if let Some(holds) = &self.holds {
+            holds.hold(&self.account, wait);
+        }
+    }
+
+    /// `Requester::wait_before_retry` for an inner request of a batch,
+    /// putting the account on hold as `send` does.
+    pub fn wait_before_retry(
+        &self,
+        what: &str,
+        status: u16,
+        attempt: u32,
+        asked: Option<Duration>,
+    ) -> Result<Duration, BackendError> {
+        if let Some(asked) = asked
+            && asked > self.requester.retry.max_wait
+        {
+            self.hold(what, asked);
+        }
+        self.requester.wait_before_retry(what, status, attempt, asked)
     }
 
     /// A JSON reply of at most `limit` octets, the whole exchange within the
@@ -181,7 +255,19 @@ impl AccountApi {
         limit: usize,
         build: impl Fn() -> reqwest::RequestBuilder,
     ) -> Result<T, BackendError> {
-        let _permit = self.permit().await?;
+        self.json_of_batch(what, limit, 1, build).await
+    }
+
+    /// `json` for a batch of `requests` the provider runs concurrently:
+    /// under as many permits (at most the account's limit, `permits`).
+    pub async fn json_of_batch<T: serde::de::DeserializeOwned>(
+        &self,
+        what: &str,
+        limit: usize,
+        requests: usize,
+        build: impl Fn() -> reqwest::RequestBuilder,
+    ) -> Result<T, BackendError> {
+        let _permit = self.permits(requests).await?;
         let response = self.send(what, || build().timeout(self.requester.timeout)).await?;
         self.requester.json(what, response, limit).await
     }
