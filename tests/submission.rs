@@ -6,7 +6,9 @@
 //! back through popgate's POP3 listener, byte-identical apart from the trace
 //! headers the upstream added. Faults: a spoofed From is refused with 550
 //! and nothing is delivered; the upstream down gives 4xx (the client keeps
-//! the message) and the same message goes through once it is back.
+//! the message) and the same message goes through once it is back; an
+//! OAuth account's revoked token is refreshed once and the scan goes
+//! through (XOAUTH2 at Postfix, checked by Dovecot's oauth2 passdb).
 
 mod support;
 
@@ -20,6 +22,10 @@ use support::gateway::GatewayProcess;
 use support::pop3::Pop3;
 use support::postfix::{DOMAIN, Postfix};
 use support::program::{describe, run, run_with};
+use support::oauth_server::{CLIENT_SECRET, OAuthServer};
+use popgate::auth::passwords::SecretSource;
+use popgate::auth::tokens::{EncryptedFileStore, StoreKey, StoredToken, TokenStore, unix_now};
+use popgate::mail::Secret;
 
 const SCANNER: (&str, &str) = ("scanner", "scan-pw");
 
@@ -28,9 +34,92 @@ struct World {
     postfix: Postfix,
     gateway: GatewayProcess,
     dir: tempfile::TempDir,
+    /// The authorization server of an OAuth account.
+    idp: Option<OAuthServer>,
 }
 
 impl World {
+    /// The account holds an OAuth token (seeded valid by its time) instead
+    /// of a password; Dovecot's oauth2 passdb checks it at the stand-in
+    /// authorization server, for Postfix's AUTH XOAUTH2 as for IMAP.
+    fn oauth() -> World {
+        let idp = OAuthServer::start(ALICE.0);
+        let dovecot = Dovecot::start_oauth(&idp.url("/introspect"), &[ALICE], "plain login xoauth2 oauthbearer");
+        let postfix = Postfix::start(&dovecot, &["alice"]);
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("token.key");
+        std::fs::write(&key, format!("{}\n", StoreKey::generate_text())).unwrap();
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        let secret = dir.path().join("client-secret");
+        std::fs::write(&secret, format!("{CLIENT_SECRET}\n")).unwrap();
+        let store_path = dir.path().join("tokens.enc");
+        let (access, refresh) = idp.issue(ALICE.0);
+        let token = StoredToken {
+            access_token: Secret::new(&access),
+            refresh_token: Some(Secret::new(&refresh)),
+            expires_at: Some(unix_now() + 3600),
+            obtained_at: unix_now().saturating_sub(3600),
+            scope: None,
+        };
+        let store_key = StoreKey::read(&SecretSource::File(key.clone())).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(EncryptedFileStore::new(store_path.clone(), store_key).save("office", &token)).unwrap();
+        let hash = hash_password(SCANNER.1).unwrap();
+        let (imap, relay, idp_url) = (dovecot.imap_port, postfix.relay_url(), format!("http://{}", idp.addr));
+        let gateway = GatewayProcess::start_with_config(2, &[("RUST_LOG", "popgate=debug")], |addrs| {
+            format!(
+                r#"
+[[listener]]
+address = "{pop3}"
+
+[[listener]]
+address = "{smtp}"
+protocol = "submission"
+
+[backend]
+kind = "imap"
+host = "127.0.0.1"
+port = {imap}
+tls = "none"
+
+[token_store]
+path = "{store}"
+key_file = "{key}"
+
+[[account]]
+name = "office"
+mode = "mapped"
+login = "alice"
+
+[account.oauth]
+provider = "generic"
+client_id = "popgate-test-client"
+client_secret_file = "{secret}"
+authorization_url = "{idp_url}/authorize"
+token_url = "{idp_url}/token"
+scopes = ["mail"]
+redirect_uri = "http://127.0.0.1/callback"
+retry_after_failure_secs = 1
+
+[account.submission]
+relay = "{relay}"
+address = "alice@{DOMAIN}"
+
+[[account.device]]
+user = "{scanner}"
+password_hash = "{hash}"
+"#,
+                pop3 = addrs[0],
+                smtp = addrs[1],
+                store = store_path.display(),
+                key = key.display(),
+                secret = secret.display(),
+                scanner = SCANNER.0,
+            )
+        });
+        World { dovecot, postfix, gateway, dir, idp: Some(idp) }
+    }
+
     fn new() -> World {
         let dovecot = Dovecot::start_with_users(&[ALICE, BOB]);
         let postfix = Postfix::start(&dovecot, &["alice", "bob"]);
@@ -78,7 +167,7 @@ password_hash = "{hash}"
                 scanner = SCANNER.0,
             )
         });
-        World { dovecot, postfix, gateway, dir }
+        World { dovecot, postfix, gateway, dir, idp: None }
     }
 
     fn smtp_addr(&self) -> SocketAddr {
@@ -331,4 +420,22 @@ fn upstream_down_is_a_temporary_failure_and_nothing_is_lost() {
     assert_eq!(fetched.len(), 1);
     assert_eq!(String::from_utf8_lossy(&without_trace(&fetched[0])), String::from_utf8_lossy(&bytes));
     let _ = &world.dovecot;
+}
+
+#[test]
+fn an_expired_token_is_refreshed_once_and_the_scan_goes_through() {
+    let world = World::oauth();
+    let idp = world.idp.as_ref().unwrap();
+    // The provider revokes the access token popgate holds (valid by its
+    // time): Postfix's AUTH XOAUTH2, checked by Dovecot at the stand-in,
+    // refuses it; popgate refreshes once and sends again.
+    idp.expire_all_access_tokens();
+    let from = format!("alice@{DOMAIN}");
+    let (path, bytes) = write_scan(&world, "oauth", &from);
+    assert_eq!(smtplib(&world, &from, &path), "SENT", "{}", world.gateway.log());
+    assert_eq!(idp.refreshes(), 1);
+    let fetched = world.wait_delivered(1);
+    assert_eq!(String::from_utf8_lossy(&without_trace(&fetched[0])), String::from_utf8_lossy(&bytes));
+    assert!(world.postfix.log().contains("sasl_method=XOAUTH2"), "{}", world.postfix.log());
+    assert!(world.gateway.log().contains("refreshed, retrying once"));
 }

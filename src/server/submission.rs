@@ -532,6 +532,15 @@ fn classify(e: &lettre::transport::smtp::Error) -> SendError {
                 || (code == 454 && text.to_ascii_lowercase().contains("auth"));
             SendError::Refused { code, text, auth }
         }
+        // lettre 0.11 answers a 334 after the XOAUTH2 initial response —
+        // the server's error challenge for a refused token (Google's and
+        // RFC 7628's failure form) — with this client error instead of
+        // reading the final 535: it is the token being refused.
+        None if e.is_client() && e.to_string().contains("does not expect a challenge") => SendError::Refused {
+            code: 535,
+            text: "5.7.8 the upstream refused the token (XOAUTH2 error challenge)".into(),
+            auth: true,
+        },
         None => SendError::Unreachable(e.to_string()),
     }
 }
