@@ -16,16 +16,16 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use popgate::auth::passwords::SecretSource;
 use popgate::auth::passwords::hash_password;
+use popgate::auth::tokens::{EncryptedFileStore, StoreKey, StoredToken, TokenStore, unix_now};
+use popgate::mail::Secret;
 use support::dovecot::{ALICE, BOB, Dovecot};
 use support::gateway::GatewayProcess;
+use support::oauth_server::{CLIENT_SECRET, OAuthServer};
 use support::pop3::Pop3;
 use support::postfix::{DOMAIN, Postfix};
 use support::program::{describe, run, run_with};
-use support::oauth_server::{CLIENT_SECRET, OAuthServer};
-use popgate::auth::passwords::SecretSource;
-use popgate::auth::tokens::{EncryptedFileStore, StoreKey, StoredToken, TokenStore, unix_now};
-use popgate::mail::Secret;
 
 const SCANNER: (&str, &str) = ("scanner", "scan-pw");
 
@@ -369,7 +369,8 @@ fn real_clients_send_and_the_device_fetches_each_scan_back_unchanged() {
 
     let fetched = world.wait_delivered(sent.len());
     for (tag, bytes) in &sent {
-        let message = find(&fetched, tag).unwrap_or_else(|| panic!("{tag}'s scan not delivered:\n{}", world.postfix.log()));
+        let message =
+            find(&fetched, tag).unwrap_or_else(|| panic!("{tag}'s scan not delivered:\n{}", world.postfix.log()));
         assert_eq!(
             String::from_utf8_lossy(&without_trace(message)),
             String::from_utf8_lossy(bytes),

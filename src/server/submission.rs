@@ -393,10 +393,8 @@ impl<'a> Driver<'a> {
             tracing::warn!(device = %authorized.device, "hourly sending allowance spent; refusing");
             return Err(RelayFailure::RateLimited);
         }
-        let lettre_envelope = to_lettre_envelope(envelope).map_err(|why| RelayFailure::Upstream {
-            code: 553,
-            text: format!("5.1.3 {why}"),
-        })?;
+        let lettre_envelope = to_lettre_envelope(envelope)
+            .map_err(|why| RelayFailure::Upstream { code: 553, text: format!("5.1.3 {why}") })?;
         let started = std::time::Instant::now();
         let mut result = send(relay, &authorized.route.credentials, &lettre_envelope, message).await;
         if let Err(SendError::Refused { auth: true, .. }) = &result
@@ -528,8 +526,7 @@ fn classify(e: &lettre::transport::smtp::Error) -> SendError {
             let code: u16 = code.to_string().parse().unwrap_or(451);
             let text = upstream_text(e);
             // 530/534/535 (and Gmail's 454 4.7.0 for a bad token) answer AUTH.
-            let auth = matches!(code, 530 | 534 | 535)
-                || (code == 454 && text.to_ascii_lowercase().contains("auth"));
+            let auth = matches!(code, 530 | 534 | 535) || (code == 454 && text.to_ascii_lowercase().contains("auth"));
             SendError::Refused { code, text, auth }
         }
         // lettre 0.11 answers a 334 after the XOAUTH2 initial response —

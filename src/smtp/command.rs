@@ -86,10 +86,18 @@ pub enum Command {
     Ehlo(String),
     Helo(String),
     StartTls,
-    Auth { mechanism: String, initial_response: Option<Secret> },
+    Auth {
+        mechanism: String,
+        initial_response: Option<Secret>,
+    },
     /// The reverse-path, `""` for the null path `<>`.
-    Mail { from: String, parameters: MailParameters },
-    Rcpt { to: String },
+    Mail {
+        from: String,
+        parameters: MailParameters,
+    },
+    Rcpt {
+        to: String,
+    },
     Data,
     Rset,
     Noop,
@@ -146,7 +154,8 @@ impl Command {
             Some((v, r)) => (v, r),
             None => (text, ""),
         };
-        let none = |c: Command| if rest.trim().is_empty() { Ok(c) } else { Err(ParseError::Syntax("no arguments allowed")) };
+        let none =
+            |c: Command| if rest.trim().is_empty() { Ok(c) } else { Err(ParseError::Syntax("no arguments allowed")) };
         match verb.to_ascii_uppercase().as_str() {
             "EHLO" | "HELO" => {
                 let domain = rest.trim();
@@ -222,7 +231,11 @@ impl Command {
 fn path_argument<'a>(rest: &'a str, keyword: &str) -> Result<(String, &'a str), ParseError> {
     let head = rest.get(..keyword.len()).filter(|h| h.eq_ignore_ascii_case(keyword));
     if head.is_none() {
-        return Err(ParseError::Syntax(if keyword == "FROM:" { "use MAIL FROM:<address>" } else { "use RCPT TO:<address>" }));
+        return Err(ParseError::Syntax(if keyword == "FROM:" {
+            "use MAIL FROM:<address>"
+        } else {
+            "use RCPT TO:<address>"
+        }));
     }
     // Some clients put a space after the colon; accept it.
     let rest = rest[keyword.len()..].trim_start();
@@ -281,7 +294,10 @@ mod tests {
             Command::parse(b"mail from: <>"),
             Ok(Command::Mail { from: String::new(), parameters: MailParameters::default() })
         );
-        assert_eq!(Command::parse(b"RCPT TO:<@relay.example:x@y.example>"), Ok(Command::Rcpt { to: "x@y.example".into() }));
+        assert_eq!(
+            Command::parse(b"RCPT TO:<@relay.example:x@y.example>"),
+            Ok(Command::Rcpt { to: "x@y.example".into() })
+        );
         assert_eq!(Command::parse(b"MAIL FROM:<a@b> FOO=1"), Err(ParseError::Parameter("FOO".into())));
         assert_eq!(Command::parse("MAIL FROM:<é@b>".as_bytes()), Err(ParseError::NeedsUtf8));
         assert!(Command::parse("MAIL FROM:<é@b> SMTPUTF8".as_bytes()).is_ok());

@@ -67,10 +67,7 @@ mod tests {
     fn wire_forms() {
         assert_eq!(Reply::with(250, (2, 1, 0), "Ok").to_bytes(), b"250 2.1.0 Ok\r\n");
         assert_eq!(Reply::new(354, None, "go").to_bytes(), b"354 go\r\n");
-        assert_eq!(
-            Reply::lines(250, vec!["host".into(), "SIZE 10".into()]).to_bytes(),
-            b"250-host\r\n250 SIZE 10\r\n"
-        );
+        assert_eq!(Reply::lines(250, vec!["host".into(), "SIZE 10".into()]).to_bytes(), b"250-host\r\n250 SIZE 10\r\n");
         assert_eq!(Reply::with(550, (5, 7, 1), "a\r\n250 forged").to_bytes(), b"550 5.7.1 a  250 forged\r\n");
     }
 }

@@ -162,13 +162,29 @@ struct Body {
 
 #[derive(Debug)]
 enum State {
-    Anonymous { sasl: Option<Exchange> },
+    Anonymous {
+        sasl: Option<Exchange>,
+    },
     /// Waiting for the driver to check credentials.
-    LoggingIn { user: String },
-    Authenticated { user: String, rules: SenderRules, mail: Option<Transaction> },
-    Data { user: String, rules: SenderRules, mail: Transaction, body: Body },
+    LoggingIn {
+        user: String,
+    },
+    Authenticated {
+        user: String,
+        rules: SenderRules,
+        mail: Option<Transaction>,
+    },
+    Data {
+        user: String,
+        rules: SenderRules,
+        mail: Transaction,
+        body: Body,
+    },
     /// Waiting for the driver to relay.
-    Relaying { user: String, rules: SenderRules },
+    Relaying {
+        user: String,
+        rules: SenderRules,
+    },
     Closed,
 }
 
@@ -522,7 +538,11 @@ impl Session {
             return Step::Reply(Reply::with(553, (5, 6, 7), "non-ASCII address needs the SMTPUTF8 parameter"));
         }
         if !rules.allows_recipient(&to) {
-            return Step::Reply(Reply::with(550, (5, 7, 1), format!("recipient {to} refused: its domain is not allowed")));
+            return Step::Reply(Reply::with(
+                550,
+                (5, 7, 1),
+                format!("recipient {to} refused: its domain is not allowed"),
+            ));
         }
         mail.recipients.push(to);
         Step::Reply(Reply::with(250, (2, 1, 5), "Ok"))
@@ -625,15 +645,12 @@ pub fn reply_for_relay_failure(failure: &RelayFailure) -> Reply {
             let code = if (400..600).contains(code) { *code } else { 451 };
             let class = (code / 100) as u8;
             // Keep the upstream's enhanced code when it gave one.
-            let has_enhanced = text.split(' ').next().is_some_and(|w| {
-                w.starts_with(&format!("{class}.")) && w.split('.').count() == 3
-            });
+            let has_enhanced = text
+                .split(' ')
+                .next()
+                .is_some_and(|w| w.starts_with(&format!("{class}.")) && w.split('.').count() == 3);
             let text = format!("upstream: {}", text.chars().take(400).collect::<String>());
-            if has_enhanced {
-                Reply::new(code, None, text)
-            } else {
-                Reply::with(code, (class, 0, 0), text)
-            }
+            if has_enhanced { Reply::new(code, None, text) } else { Reply::with(code, (class, 0, 0), text) }
         }
         RelayFailure::Unavailable => {
             Reply::with(451, (4, 4, 1), "upstream unavailable; message not sent, try again later")
@@ -716,11 +733,8 @@ fn find_header(message: &[u8], name: &str) -> Option<(usize, usize)> {
 /// the comma-separated bare addresses (comments dropped).
 fn header_addresses(value: &str) -> Vec<String> {
     let unfolded: String = value.chars().map(|c| if c == '\r' || c == '\n' { ' ' } else { c }).collect();
-    let bracketed: Vec<String> = unfolded
-        .split('<')
-        .skip(1)
-        .filter_map(|s| s.split_once('>').map(|(a, _)| a.trim().to_string()))
-        .collect();
+    let bracketed: Vec<String> =
+        unfolded.split('<').skip(1).filter_map(|s| s.split_once('>').map(|(a, _)| a.trim().to_string())).collect();
     if !bracketed.is_empty() {
         return bracketed;
     }

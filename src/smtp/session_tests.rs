@@ -124,7 +124,8 @@ const EHLO: &str = "
 #[test]
 fn scan_sent_with_auth_plain() {
     let mut h = run(EHLO);
-    h.run("
+    h.run(
+        "
         C: AUTH PLAIN AGFsaWNlAHMzY3IzdA==
         S: 235 2.7.0 Authentication successful
         C: MAIL FROM:<Alice@Example.com> SIZE=100 BODY=8BITMIME
@@ -143,7 +144,8 @@ fn scan_sent_with_auth_plain() {
         S: 250 2.0.0 Ok: accepted by the upstream
         C: QUIT
         S: 221 2.0.0 Bye
-    ");
+    ",
+    );
     assert!(h.closed);
     let (envelope, message) = &h.relayed[0];
     assert_eq!(
@@ -161,7 +163,8 @@ fn scan_sent_with_auth_plain() {
 #[test]
 fn auth_login_pipelined_transaction_and_rset() {
     let mut h = run(EHLO);
-    h.run("
+    h.run(
+        "
         C: AUTH LOGIN
         S: 334 VXNlcm5hbWU6
         C: YWxpY2U=
@@ -189,7 +192,8 @@ fn auth_login_pipelined_transaction_and_rset() {
         S: 250 2.0.0 Ok
         C: AUTH PLAIN AGFsaWNlAHMzY3IzdA==
         S: 503 5.5.1 already authenticated
-    ");
+    ",
+    );
     assert_eq!(h.relayed.len(), 1);
     assert_eq!(h.relayed[0].1, b"From: office@example.com (the office)\r\n\r\nhi\r\n");
 }
@@ -212,7 +216,8 @@ fn nothing_before_login_and_ehlo() {
         S: 252 2.5.2 cannot VRFY; send the message and see
     ");
     assert!(h.relayed.is_empty());
-    h.run("
+    h.run(
+        "
         C: AUTH PLAIN AGFsaWNlAHdyb25n
         S: 535 5.7.8 authentication credentials invalid
         C: AUTH PLAIN
@@ -225,7 +230,8 @@ fn nothing_before_login_and_ehlo() {
         S: 501 5.5.2 invalid base64 in the authentication exchange
         C: AUTH PLAIN AGFsaWNlAHdyb25n
         S: 421 4.7.0 too many failed authentications; closing
-    ");
+    ",
+    );
     assert!(h.closed);
 }
 
@@ -233,7 +239,8 @@ fn nothing_before_login_and_ehlo() {
 fn temporary_login_failure_is_454_and_not_counted() {
     let mut h = run(EHLO);
     // "\0down\0x"
-    h.run("
+    h.run(
+        "
         C: AUTH PLAIN AGRvd24AeA==
         S: 454 4.7.0 temporary authentication failure; try again later
         C: AUTH PLAIN AGRvd24AeA==
@@ -242,13 +249,15 @@ fn temporary_login_failure_is_454_and_not_counted() {
         S: 454 4.7.0 temporary authentication failure; try again later
         C: AUTH PLAIN AGFsaWNlAHMzY3IzdA==
         S: 235 2.7.0 Authentication successful
-    ");
+    ",
+    );
 }
 
 #[test]
 fn spoofed_sender_and_from_are_refused() {
     let mut h = run(EHLO);
-    h.run("
+    h.run(
+        "
         C: AUTH PLAIN AGFsaWNlAHMzY3IzdA==
         S: 235 2.7.0 Authentication successful
         C: MAIL FROM:<ceo@example.com>
@@ -279,7 +288,8 @@ fn spoofed_sender_and_from_are_refused() {
         C: From: alice@example.com is in the body, not the header
         C: .
         S: 550 5.7.1 the message has no From: header; send as alice@example.com
-    ");
+    ",
+    );
     assert!(h.relayed.is_empty());
 }
 
@@ -288,7 +298,8 @@ fn sender_and_from_rewritten_when_configured() {
     let mut h = Harness::new(SessionConfig::default());
     h.rules.rewrite = true;
     h.run(EHLO);
-    h.run("
+    h.run(
+        "
         C: AUTH PLAIN AGFsaWNlAHMzY3IzdA==
         S: 235 2.7.0 Authentication successful
         C: MAIL FROM:<scanner@printer.local>
@@ -304,7 +315,8 @@ fn sender_and_from_rewritten_when_configured() {
         C: body
         C: .
         S: 250 2.0.0 Ok: accepted by the upstream
-    ");
+    ",
+    );
     let (envelope, message) = &h.relayed[0];
     assert_eq!(envelope.sender, "alice@example.com");
     assert_eq!(
@@ -318,7 +330,8 @@ fn recipients_limited_by_count_and_domain() {
     let mut h = Harness::new(SessionConfig { max_recipients: 2, ..SessionConfig::default() });
     h.rules.recipient_domains = vec!["example.com".into()];
     h.run(EHLO);
-    h.run("
+    h.run(
+        "
         C: AUTH PLAIN AGFsaWNlAHMzY3IzdA==
         S: 235 2.7.0 Authentication successful
         C: MAIL FROM:<alice@example.com>
@@ -333,13 +346,15 @@ fn recipients_limited_by_count_and_domain() {
         S: 250 2.1.5 Ok
         C: RCPT TO:<c@example.com>
         S: 452 4.5.3 too many recipients
-    ");
+    ",
+    );
 }
 
 #[test]
 fn message_size_and_line_length_bounded() {
     let mut h = Harness::new(SessionConfig { max_message_size: 40, data_line_limit: 30, ..SessionConfig::default() });
-    h.run("
+    h.run(
+        "
         S: 220 popgate ESMTP popgate
         C: EHLO x
         S: 250-popgate
@@ -377,17 +392,20 @@ fn message_size_and_line_length_bounded() {
         S: 500 5.5.2 message has a line longer than 30 octets
         C: MAIL FROM:<alice@example.com>
         S: 250 2.1.0 Ok
-    ");
+    ",
+    );
     assert!(h.relayed.is_empty());
 }
 
 #[test]
 fn upstream_failures_keep_their_class() {
     let mut h = run(EHLO);
-    h.run("
+    h.run(
+        "
         C: AUTH PLAIN AGFsaWNlAHMzY3IzdA==
         S: 235 2.7.0 Authentication successful
-    ");
+    ",
+    );
     let send = |h: &mut Harness, failure: RelayFailure, reply: &str| {
         h.upstream = Some(failure);
         h.run(&format!(
@@ -412,7 +430,11 @@ fn upstream_failures_keep_their_class() {
         RelayFailure::Upstream { code: 550, text: "5.7.60 SMTP; Client does not have permissions".into() },
         "550 upstream: 5.7.60 SMTP; Client does not have permissions",
     );
-    send(&mut h, RelayFailure::Upstream { code: 452, text: "mailbox full\r\n250 ok".into() }, "452 4.0.0 upstream: mailbox full  250 ok");
+    send(
+        &mut h,
+        RelayFailure::Upstream { code: 452, text: "mailbox full\r\n250 ok".into() },
+        "452 4.0.0 upstream: mailbox full  250 ok",
+    );
     send(&mut h, RelayFailure::RateLimited, "450 4.7.1 hourly sending limit reached for this device; try again later");
     send(
         &mut h,
@@ -424,8 +446,10 @@ fn upstream_failures_keep_their_class() {
 
 #[test]
 fn starttls_required_for_auth_and_starts_over() {
-    let mut h = Harness::new(SessionConfig { login_permitted: false, starttls_offered: true, ..SessionConfig::default() });
-    h.run("
+    let mut h =
+        Harness::new(SessionConfig { login_permitted: false, starttls_offered: true, ..SessionConfig::default() });
+    h.run(
+        "
         S: 220 popgate ESMTP popgate
         C: EHLO x
         S: 250-popgate
@@ -451,14 +475,16 @@ fn starttls_required_for_auth_and_starts_over() {
         S: 250 AUTH PLAIN LOGIN
         C: STARTTLS
         S: 502 5.5.1 STARTTLS not available here
-    ");
+    ",
+    );
     assert!(h.tls);
 }
 
 #[test]
 fn bad_commands_are_limited() {
     let mut h = Harness::new(SessionConfig { max_bad_commands: 3, ..SessionConfig::default() });
-    h.run("
+    h.run(
+        "
         S: 220 popgate ESMTP popgate
         C: GET / HTTP/1.1
         S: 500 5.5.2 command not recognized
@@ -466,7 +492,8 @@ fn bad_commands_are_limited() {
         S: 555 5.5.4 unsupported parameter FOO
         C: EHLO
         S: 421 4.7.0 too many errors; closing
-    ");
+    ",
+    );
     assert!(h.closed);
 }
 
@@ -475,7 +502,8 @@ fn smtputf8_addresses_need_the_parameter() {
     let mut h = Harness::new(SessionConfig::default());
     h.rules.addresses = vec!["stéphane@example.com".into()];
     h.run(EHLO);
-    h.run("
+    h.run(
+        "
         C: AUTH PLAIN AGFsaWNlAHMzY3IzdA==
         S: 235 2.7.0 Authentication successful
         C: MAIL FROM:<stéphane@example.com>
@@ -484,7 +512,8 @@ fn smtputf8_addresses_need_the_parameter() {
         S: 250 2.1.0 Ok
         C: RCPT TO:<zoë@example.net>
         S: 250 2.1.5 Ok
-    ");
+    ",
+    );
 }
 
 #[test]

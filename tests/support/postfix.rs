@@ -134,11 +134,7 @@ postlog   unix-dgram n - n - 1 postlogd
         // Postfix reports only to syslog unless stderr is a terminal:
         // `script` gives it one, so a failure's reason reaches the test.
         let line = format!("postfix -c {} {command}", self.dir.path().display());
-        Command::new("script")
-            .args(["-qec", &line, "/dev/null"])
-            .stdin(Stdio::null())
-            .output()
-            .expect("run postfix")
+        Command::new("script").args(["-qec", &line, "/dev/null"]).stdin(Stdio::null()).output().expect("run postfix")
     }
 
     fn launch(&mut self) -> Result<(), String> {

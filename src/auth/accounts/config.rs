@@ -155,7 +155,9 @@ impl RelayUrl {
         let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
         let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
         if tls == RelayTls::None && !loopback {
-            return Err(format!("`{text}`: smtp:// sends the account's credentials in the clear; only to a loopback host"));
+            return Err(format!(
+                "`{text}`: smtp:// sends the account's credentials in the clear; only to a loopback host"
+            ));
         }
         Ok(RelayUrl { host, port: url.port().unwrap_or(default_port), tls })
     }
@@ -172,7 +174,9 @@ impl SubmissionConfig {
             BackendConfig::Graph(_) => Some("smtp.office365.com"),
             BackendConfig::Imap(imap) if imap.host.eq_ignore_ascii_case("imap.gmail.com") => Some("smtp.gmail.com"),
             BackendConfig::Imap(imap)
-                if ["outlook.office365.com", "outlook.office.com"].iter().any(|h| imap.host.eq_ignore_ascii_case(h)) =>
+                if ["outlook.office365.com", "outlook.office.com"]
+                    .iter()
+                    .any(|h| imap.host.eq_ignore_ascii_case(h)) =>
             {
                 Some("smtp.office365.com")
             }
@@ -284,7 +288,8 @@ fn check_accounts<'a>(
         };
         if let Some(submission) = &account.submission {
             submission.check(backend_config).map_err(|why| format!("account `{name}`: {why}"))?;
-            if submission.address.is_none() && account.mode == AccountMode::Mapped
+            if submission.address.is_none()
+                && account.mode == AccountMode::Mapped
                 && !account.login.as_deref().is_some_and(|l| l.contains('@'))
             {
                 return fail("submission needs `address`: `login` is not an address".into());
