@@ -5,6 +5,8 @@
 //!   classes); imports nothing else of the crate.
 //! - `pop3`: the protocol, sans I/O — command parser, response writer,
 //!   session state machine, maildrop snapshot.
+//! - `smtp`: SMTP submission, sans I/O — the same shape as `pop3` (scanners
+//!   sending scans), with the account's envelope rules.
 //! - `canonical`: the CRLF form of a message, shared by sizing and sending.
 //! - `backend`: the `Backend`/`Mailbox` traits and one module per store
 //!   (IMAP, JMAP, Gmail API, Microsoft Graph, the demo memory store), shared
@@ -26,4 +28,5 @@ pub mod config;
 pub mod mail;
 pub mod pop3;
 pub mod server;
+pub mod smtp;
 pub mod telemetry;

@@ -30,6 +30,8 @@ const KEYS: &[(&str, &str, i64, (i64, i64))] = &[
     ("limits", "max_connections_per_address", 100, (1, 1_000_000)),
     ("limits", "shutdown_grace_secs", 1, (0, 3_600)),
     ("limits", "size_cache_entries", 1000, (0, 100_000_000)),
+    ("limits", "submission_max_message_size", 1_048_576, (1_024, 157_286_400)),
+    ("limits", "submission_max_recipients", 50, (1, 1_000)),
     ("tls", "reload_check_secs", 60, (0, 86_400)),
     ("throttle", "free_failures", 2, (0, 1_000)),
     ("throttle", "base_delay_ms", 0, (0, 60_000)),

@@ -32,6 +32,25 @@ pub struct ListenerConfig {
     /// Loopback clients count as secure without TLS.
     #[serde(default = "yes")]
     pub loopback_is_secure: bool,
+    /// "pop3" (default) or "submission" (SMTP from scanners, relayed).
+    #[serde(default, skip_serializing_if = "Protocol::is_pop3")]
+    pub protocol: Protocol,
+}
+
+/// What a listener speaks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Pop3,
+    /// SMTP submission (RFC 6409): "starttls" on 587, "implicit" on 465.
+    Submission,
+}
+
+impl Protocol {
+    pub fn is_pop3(&self) -> bool {
+        *self == Protocol::Pop3
+    }
 }
 
 impl ListenerConfig {
@@ -43,6 +62,7 @@ impl ListenerConfig {
             allow_cleartext_login: false,
             cleartext_networks: Vec::new(),
             loopback_is_secure: true,
+            protocol: Protocol::Pop3,
         }
     }
 
@@ -136,6 +156,10 @@ pub struct Limits {
     pub drain_delay_secs: u64,
     /// Exact message sizes remembered across sessions (entries).
     pub size_cache_entries: u64,
+    /// Submission: the largest message accepted (octets; advertised as SIZE).
+    pub submission_max_message_size: u64,
+    /// Submission: recipients of one message.
+    pub submission_max_recipients: usize,
 }
 
 impl Default for Limits {
@@ -151,6 +175,8 @@ impl Default for Limits {
             shutdown_grace_secs: 30,
             drain_delay_secs: 0,
             size_cache_entries: 1_000_000,
+            submission_max_message_size: 25 * 1024 * 1024,
+            submission_max_recipients: 50,
         }
     }
 }
@@ -204,6 +230,8 @@ pub fn check(listeners: &[ListenerConfig], tls: &TlsConfig, l: &Limits) -> Resul
     // Short by design: a longer delay only postpones the drain.
     InvalidSetting::bounded("limits.drain_delay_secs", l.drain_delay_secs, 0..=MAX_DRAIN_DELAY_SECS)?;
     InvalidSetting::bounded("limits.size_cache_entries", l.size_cache_entries, 0..=100_000_000)?;
+    InvalidSetting::bounded("limits.submission_max_message_size", l.submission_max_message_size, 1_024..=157_286_400)?;
+    InvalidSetting::bounded("limits.submission_max_recipients", l.submission_max_recipients, 1..=1_000)?;
     InvalidSetting::bounded("tls.reload_check_secs", tls.reload_check_secs, 0..=MAX_TIMER_SECS)?;
     if listeners.iter().any(|l| l.tls != ListenerTls::None) && tls.certificates.is_empty() {
         return Err(InvalidSetting::new("tls.certificates", "a listener uses TLS but no certificate is configured"));

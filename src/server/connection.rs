@@ -95,7 +95,7 @@ where
     .await;
 }
 
-fn next_session_id() -> u64 {
+pub(super) fn next_session_id() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(1);
     NEXT.fetch_add(1, Ordering::Relaxed)

@@ -13,6 +13,7 @@ pub mod limits;
 pub mod login;
 pub mod policy;
 pub mod stream;
+pub mod submission;
 pub mod systemd;
 pub mod throttle;
 pub mod tls;
@@ -57,6 +58,8 @@ pub struct Context {
     pub stop: watch::Receiver<bool>,
     /// Sessions committing deletions right now (UPDATE).
     pub updates: Arc<Updates>,
+    /// Where submission listeners relay each account's messages.
+    pub submission: Arc<submission::Relays>,
 }
 
 /// Counts sessions inside UPDATE, so that shutdown lets them finish: a
@@ -128,6 +131,7 @@ struct ListenerContext {
     label: String,
     policy: LoginPolicy,
     per_address: Arc<PerAddressLimit>,
+    protocol: config::Protocol,
 }
 
 pub struct RunningServer {
@@ -173,7 +177,7 @@ impl Server {
             }
             let listener = bind(l.address)
                 .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {}: {e}", l.address)))?;
-            listeners.push((listener, l.policy()));
+            listeners.push((listener, l.policy(), l.protocol));
         }
         let (draining, _) = watch::channel(false);
         let (stop, stop_rx) = watch::channel(false);
@@ -188,6 +192,7 @@ impl Server {
             pool: SessionPool::new(config.backend_pool.clone()),
             stop: stop_rx,
             updates: Arc::new(Updates::default()),
+            submission: Arc::new(submission::Relays::from_config(config)?),
         });
         tokio::spawn(evict_idle_sessions(Arc::downgrade(&context.pool)));
         context.metrics.backend(context.backend.kind());
@@ -199,12 +204,16 @@ impl Server {
         let per_address = PerAddressLimit::new(config.limits.max_connections_per_address);
         let mut tasks = JoinSet::new();
         let mut addrs = Vec::new();
-        for (listener, policy) in listeners {
+        for (listener, policy, protocol) in listeners {
             let addr = listener.local_addr()?;
-            tracing::info!(%addr, tls = ?policy.tls, backend = context.backend.kind(), "listening");
+            tracing::info!(%addr, tls = ?policy.tls, ?protocol, backend = context.backend.kind(), "listening");
             addrs.push(addr);
-            let listener_context =
-                Arc::new(ListenerContext { label: addr.to_string(), policy, per_address: per_address.clone() });
+            let listener_context = Arc::new(ListenerContext {
+                label: addr.to_string(),
+                policy,
+                per_address: per_address.clone(),
+                protocol,
+            });
             tasks.spawn(accept_loop(
                 listener,
                 context.clone(),
@@ -451,7 +460,13 @@ async fn accept_loop(
         let listener_context = listener_context.clone();
         sessions.spawn(async move {
             let policy = listener_context.policy.clone();
+            let submission = listener_context.protocol == config::Protocol::Submission;
             match (permit, slot) {
+                (Some(permit), Some(slot)) if submission => {
+                    submission::serve(ClientStream::Plain(socket), peer, &listener_context.label, policy, context)
+                        .await;
+                    drop((permit, slot));
+                }
                 (Some(permit), Some(slot)) => {
                     connection::serve(ClientStream::Plain(socket), peer, &listener_context.label, policy, context)
                         .await;
@@ -464,13 +479,19 @@ async fn accept_loop(
                     context.metrics.refused(why);
                     drop(socket)
                 }
-                (None, _) => {
-                    context.metrics.refused(Refusal::MaxConnections);
-                    connection::refuse_busy(socket, peer, "too many connections").await
-                }
-                (_, None) => {
-                    context.metrics.refused(Refusal::MaxConnectionsPerAddress);
-                    connection::refuse_busy(socket, peer, "too many connections from your address").await
+                (permit, slot) => {
+                    let (why, text) = if permit.is_none() {
+                        (Refusal::MaxConnections, "too many connections")
+                    } else {
+                        debug_assert!(slot.is_none());
+                        (Refusal::MaxConnectionsPerAddress, "too many connections from your address")
+                    };
+                    context.metrics.refused(why);
+                    if submission {
+                        submission::refuse_busy(socket, peer, text).await
+                    } else {
+                        connection::refuse_busy(socket, peer, text).await
+                    }
                 }
             }
         });

@@ -315,6 +315,12 @@ service pop3-login {{
     port = 0
   }}
 }}
+# For a test Postfix's smtpd (smtpd_sasl_type = dovecot, tests/support/postfix.rs).
+service auth {{
+  unix_listener auth-postfix {{
+    mode = 0666
+  }}
+}}
 {no_penalty}"#,
             token = self.token,
             imap = self.imap_port,

@@ -48,6 +48,7 @@ pub mod imap;
 pub mod messages;
 pub mod oauth_server;
 pub mod pop3;
+pub mod postfix;
 pub mod program;
 pub mod proxy;
 pub mod stand_in;

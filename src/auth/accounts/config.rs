@@ -57,6 +57,160 @@ pub struct AccountConfig {
     /// mapped: the device users.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub device: Vec<DeviceConfig>,
+    /// How this account's devices send mail through a `protocol =
+    /// "submission"` listener (scan to email).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub submission: Option<SubmissionConfig>,
+}
+
+/// What a sender or From outside the account's addresses gets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ForeignSender {
+    /// 550 with a clear text.
+    #[default]
+    Refuse,
+    /// Replaced by the account's address (scanners that put their own name
+    /// in From).
+    Rewrite,
+}
+
+/// `[account.submission]`: the upstream a device's message is relayed to
+/// (synchronously, with the account's credentials), and the envelope rules.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SubmissionConfig {
+    /// `smtp+starttls://host[:587]`, `smtps://host[:465]`, or
+    /// `smtp://host[:25]` (no TLS: loopback hosts only). Unset: derived from
+    /// the backend (Gmail: smtp.gmail.com:587; Microsoft 365:
+    /// smtp.office365.com:587).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relay: Option<String>,
+    /// PEM CA certificates trusted for the relay instead of the public roots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relay_ca_file: Option<PathBuf>,
+    /// Seconds the upstream has to accept a message (the device waits).
+    pub relay_timeout_secs: u64,
+    /// The address devices send as. Unset: the account's `login` (mapped) or
+    /// the user name (passthrough).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// Other addresses the upstream lets this account send as.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
+    pub foreign_sender: ForeignSender,
+    /// Recipient domains allowed; empty: any.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub recipient_domains: Vec<String>,
+    /// Per device user and rolling hour.
+    pub max_messages_per_hour: u32,
+    pub max_recipients_per_hour: u32,
+}
+
+impl Default for SubmissionConfig {
+    fn default() -> Self {
+        SubmissionConfig {
+            relay: None,
+            relay_ca_file: None,
+            relay_timeout_secs: 60,
+            address: None,
+            aliases: Vec::new(),
+            foreign_sender: ForeignSender::Refuse,
+            recipient_domains: Vec::new(),
+            max_messages_per_hour: 100,
+            max_recipients_per_hour: 500,
+        }
+    }
+}
+
+/// Where a relay URL points.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayUrl {
+    pub host: String,
+    pub port: u16,
+    pub tls: RelayTls,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayTls {
+    StartTls,
+    Implicit,
+    /// Cleartext: loopback only.
+    None,
+}
+
+impl RelayUrl {
+    pub fn parse(text: &str) -> Result<RelayUrl, String> {
+        let url = url::Url::parse(text).map_err(|e| format!("`{text}`: {e}"))?;
+        let (tls, default_port) = match url.scheme() {
+            "smtp+starttls" => (RelayTls::StartTls, 587),
+            "smtps" => (RelayTls::Implicit, 465),
+            "smtp" => (RelayTls::None, 25),
+            other => return Err(format!("`{text}`: scheme `{other}`; use smtp+starttls, smtps or smtp")),
+        };
+        if !url.username().is_empty() || url.password().is_some() || !matches!(url.path(), "" | "/") {
+            return Err(format!("`{text}`: only scheme://host:port (credentials come from the account)"));
+        }
+        let host = url.host_str().filter(|h| !h.is_empty()).ok_or_else(|| format!("`{text}`: no host"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+        let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+        if tls == RelayTls::None && !loopback {
+            return Err(format!(
+                "`{text}`: smtp:// sends the account's credentials in the clear; only to a loopback host"
+            ));
+        }
+        Ok(RelayUrl { host, port: url.port().unwrap_or(default_port), tls })
+    }
+}
+
+impl SubmissionConfig {
+    /// The relay: configured, or derived from the backend.
+    pub fn relay_url(&self, backend: &BackendConfig) -> Result<RelayUrl, String> {
+        if let Some(relay) = &self.relay {
+            return RelayUrl::parse(relay);
+        }
+        let host = match backend {
+            BackendConfig::Gmail(_) => Some("smtp.gmail.com"),
+            BackendConfig::Graph(_) => Some("smtp.office365.com"),
+            BackendConfig::Imap(imap) if imap.host.eq_ignore_ascii_case("imap.gmail.com") => Some("smtp.gmail.com"),
+            BackendConfig::Imap(imap)
+                if ["outlook.office365.com", "outlook.office.com"]
+                    .iter()
+                    .any(|h| imap.host.eq_ignore_ascii_case(h)) =>
+            {
+                Some("smtp.office365.com")
+            }
+            _ => None,
+        };
+        match host {
+            Some(host) => Ok(RelayUrl { host: host.into(), port: 587, tls: RelayTls::StartTls }),
+            None => Err("no `relay` set, and none can be derived from this backend".into()),
+        }
+    }
+
+    fn check(&self, backend: &BackendConfig) -> Result<(), String> {
+        self.relay_url(backend).map_err(|e| format!("submission.relay: {e}"))?;
+        let bounded = |key: &str, value: u64, bounds: std::ops::RangeInclusive<u64>| {
+            InvalidSetting::bounded(key, value, bounds).map_err(|e| format!("submission.{}: {}", e.key, e.why))
+        };
+        bounded("relay_timeout_secs", self.relay_timeout_secs, 1..=600)?;
+        bounded("max_messages_per_hour", self.max_messages_per_hour.into(), 1..=100_000)?;
+        bounded("max_recipients_per_hour", self.max_recipients_per_hour.into(), 1..=1_000_000)?;
+        for address in self.address.iter().chain(&self.aliases) {
+            if !address.contains('@') || !valid_user_name(address) {
+                return Err(format!("submission: `{address}` is not an address"));
+            }
+        }
+        if self.aliases.len() > 100 || self.recipient_domains.len() > 1000 {
+            return Err("submission: at most 100 aliases and 1000 recipient_domains".into());
+        }
+        for domain in &self.recipient_domains {
+            if domain.is_empty() || domain.contains(['@', '*']) || !valid_user_name(domain) {
+                return Err(format!("submission.recipient_domains: `{domain}` is not a domain"));
+            }
+        }
+        Ok(())
+    }
 }
 
 fn default_backend() -> String {
@@ -132,6 +286,15 @@ fn check_accounts<'a>(
         let Some(backend_config) = backend(&account.backend) else {
             return fail(format!("backend `{}` is not configured ([backends.{}])", account.backend, account.backend));
         };
+        if let Some(submission) = &account.submission {
+            submission.check(backend_config).map_err(|why| format!("account `{name}`: {why}"))?;
+            if submission.address.is_none()
+                && account.mode == AccountMode::Mapped
+                && !account.login.as_deref().is_some_and(|l| l.contains('@'))
+            {
+                return fail("submission needs `address`: `login` is not an address".into());
+            }
+        }
         match account.mode {
             AccountMode::Passthrough => {
                 if account.users.is_empty() {
