@@ -503,7 +503,7 @@ fn oauth_requests_honour_https_proxy_and_no_proxy() {
     std::fs::write(
         &config,
         format!(
-            "[backend]\nkind = \"graph\"\n[token_store]\npath = \"{}/tokens.enc\"\nkey_file = \"{}\"\n\
+            "[backend]\nkind = \"graph\"\nuser = \"m@contoso.example\"\n[token_store]\npath = \"{}/tokens.enc\"\nkey_file = \"{}\"\n\
              [[account]]\nname = \"mail\"\nmode = \"mapped\"\nlogin = \"m@contoso.example\"\n\
              [account.oauth]\nprovider = \"microsoft\"\ntenant = \"contoso.example\"\nclient_id = \"id\"\n\
              grant = \"client_credentials\"\ntimeout_secs = 3\nclient_secret_env = \"TEST_CLIENT_SECRET\"\n\
