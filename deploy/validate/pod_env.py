@@ -8,6 +8,9 @@ directory of its own.
 
     pod_env.py POPGATE_TOML SECRET_ENV_JSON OUT_DIR
 
+(SECRET_ENV_JSON may be absent: a configuration outside Kubernetes, e.g.
+the systemd unit's, gets its certificate under /etc/popgate/tls only.)
+
 Writes OUT_DIR/popgate.toml (the volume paths pointed into OUT_DIR) and
 prints the environment as NUL-separated NAME=VALUE assignments.
 """
@@ -62,15 +65,19 @@ def main():
     text = text.replace(SECRETS_DIR, str(credentials))
     # The kubernetes.io/tls Secret mounted at /etc/popgate/tls: a
     # self-signed certificate.
-    if TLS_DIR in text:
-        tls = secrets / "tls"
+    tls = secrets / "tls"
+    for pair in config.get("tls", {}).get("certificates", []):
+        cert, key = str(pair["cert"]), str(pair["key"])
+        if not (cert.startswith(TLS_DIR + "/") and key.startswith(TLS_DIR + "/")):
+            continue
         tls.mkdir(parents=True, exist_ok=True)
         subprocess.run(
             ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2",
-             "-subj", "/CN=popgate.test", "-keyout", str(tls / "tls.key"), "-out", str(tls / "tls.crt")],
+             "-subj", "/CN=popgate.test", "-keyout", str(tls / os.path.basename(key)),
+             "-out", str(tls / os.path.basename(cert))],
             check=True, capture_output=True,
         )
-        text = text.replace(TLS_DIR, str(tls))
+    text = text.replace(TLS_DIR, str(tls))
     # The token store's PersistentVolumeClaim: an empty directory.
     volume = out / "token-store"
     volume.mkdir(parents=True, exist_ok=True)
