@@ -12,9 +12,12 @@ For each rendering NAME (a multi-document YAML file) it
      is missing is an error too, except the Prometheus Operator's kinds,
      which are checked structurally here and by promtool later;
   2. checks what the schemas cannot: the promises the deployment makes and
-     the ties between popgate.toml and the manifests (grace period, ports,
-     probes, certificate mount, security context, selectors, policy);
-  3. writes the popgate.toml of its ConfigMap to DIR/NAME.popgate.toml and
+     the ties between popgate.toml and the manifests (grace period with the
+     drain delay, ports, probes, certificate mount, security context,
+     selectors, policy, OAuth: one replica, token store and secrets);
+  3. writes the popgate.toml of its ConfigMap to DIR/NAME.popgate.toml, the
+     environment variables the pod takes from Secrets to
+     DIR/NAME.secret-env.json, and
      the rule groups of any PrometheusRule to DIR/NAME.rules.yaml, for
      `popgate check-config` and `promtool check rules`.
 Exits 1 when anything fails, after reporting every failure.
@@ -22,6 +25,7 @@ Exits 1 when anything fails, after reporting every failure.
 
 import argparse
 import ipaddress
+import json
 import sys
 import tomllib
 from pathlib import Path
@@ -158,16 +162,23 @@ def check_deployment(r, out_dir):
         return None
     r.require(c.get("args") == ["serve", "--config", "/etc/popgate/popgate.toml"], "container args are not `serve --config /etc/popgate/popgate.toml`")
 
-    # Grace period: kubelet waits for popgate's own shutdown grace.
-    grace = config.get("limits", {}).get("shutdown_grace_secs", 30)
+    # Grace period: the kubelet waits for the preStop sleep, popgate's drain
+    # delay (still accepting while /readyz says 503) and its shutdown grace.
+    limits = config.get("limits", {})
+    grace = limits.get("shutdown_grace_secs", 30)
+    drain = limits.get("drain_delay_secs", 0)
+    r.require(0 <= drain <= 30, f"drain_delay_secs {drain} is not within 0-30")
     sleep = c.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
-    want = sleep + grace + GRACE_MARGIN_SECS
+    want = sleep + drain + grace + GRACE_MARGIN_SECS
     r.require(
         pod.get("terminationGracePeriodSeconds") == want,
-        f"terminationGracePeriodSeconds is {pod.get('terminationGracePeriodSeconds')}, "
-        f"want preStop sleep {sleep} + shutdown_grace_secs {grace} + {GRACE_MARGIN_SECS} = {want}",
+        f"terminationGracePeriodSeconds is {pod.get('terminationGracePeriodSeconds')}, want preStop sleep {sleep} "
+        f"+ drain_delay_secs {drain} + shutdown_grace_secs {grace} + {GRACE_MARGIN_SECS} = {want}",
     )
-    r.checked.append(f"terminationGracePeriodSeconds = {sleep} + shutdown_grace_secs {grace} + {GRACE_MARGIN_SECS}")
+    r.checked.append(
+        f"terminationGracePeriodSeconds = preStop {sleep} + drain_delay_secs {drain} + shutdown_grace_secs {grace} + {GRACE_MARGIN_SECS}"
+    )
+    check_oauth(r, dep, c, config, volumes, mounts, out_dir)
 
     # Ports: every listener is a container port above 1024, and back.
     ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
@@ -218,6 +229,64 @@ def check_deployment(r, out_dir):
     return {"deployment": dep, "pod_labels": pod_labels, "ports": ports, "config": config}
 
 
+def uses_oauth(config):
+    return "token_store" in config or any(a.get("oauth") for a in config.get("account", []))
+
+
+def check_oauth(r, dep, c, config, volumes, mounts, out_dir):
+    """Accounts' secrets come from Secrets; with OAuth: one replica (one
+    refresher), the token store on a writable PersistentVolumeClaim, its key
+    from a Secret. Writes NAME.secret-env.json: the environment variables
+    the pod takes from Secrets, for check-config."""
+    env = {e["name"]: e for e in c.get("env", [])}
+    from_secrets = []
+    for e in env.values():
+        ref = e.get("valueFrom", {}).get("secretKeyRef")
+        if ref:
+            from_secrets.append({"env": e["name"], "secret": ref["name"], "key": ref["key"]})
+        else:
+            r.require(not e["name"].endswith(("PASSWORD_HASH", "_KEY", "SECRET", "PASSWORD")), f"env {e['name']} is not from a Secret")
+    (out_dir / f"{r.name}.secret-env.json").write_text(json.dumps(from_secrets, indent=1))
+    for i, account in enumerate(config.get("account", [])):
+        for j, device in enumerate(account.get("device", [])):
+            if "password_hash" not in device:
+                name = f"POPGATE_ACCOUNT__{i}__DEVICE__{j}__PASSWORD_HASH"
+                r.require(
+                    "secretKeyRef" in env.get(name, {}).get("valueFrom", {}),
+                    f"account {account.get('name')}: device {device.get('user')} has no password_hash, and {name} is not from a Secret",
+                )
+    if not uses_oauth(config):
+        return
+    spec = dep["spec"]
+    r.require(spec.get("replicas") == 1, f"OAuth accounts but replicas is {spec.get('replicas')}: two refreshers would race")
+    r.require(not r.of_kind("HorizontalPodAutoscaler"), "OAuth accounts but a HorizontalPodAutoscaler")
+    r.require(not r.of_kind("PodDisruptionBudget"), "OAuth accounts and a PodDisruptionBudget (one pod: it blocks every drain)")
+    r.require(spec.get("strategy", {}).get("type") == "Recreate", "OAuth accounts: a rolling update runs two refreshers at once; use Recreate")
+    store = config["token_store"] if "token_store" in config else {}
+    r.require(store, "OAuth accounts but no [token_store]")
+    path = str(store.get("path", ""))
+    holders = [m for m in mounts if path.startswith(m["mountPath"].rstrip("/") + "/")]
+    if r.require(holders, f"token store {path} is not on a volume (the root file system is read-only)"):
+        m = max(holders, key=lambda m: len(m["mountPath"]))
+        r.require(not m.get("readOnly"), f"token store volume {m['name']} is mounted read-only")
+        r.require("subPath" not in m, f"token store volume {m['name']}: subPath breaks the atomic rename")
+        claim = volumes.get(m["name"], {}).get("persistentVolumeClaim", {}).get("claimName")
+        if r.require(claim, f"token store {path} is not on a PersistentVolumeClaim: tokens would not survive a restart"):
+            claims = [o["metadata"]["name"] for o in r.of_kind("PersistentVolumeClaim")]
+            if claim not in claims:
+                r.checked.append(f"token store on the existing PersistentVolumeClaim {claim} (not in the rendering)")
+    if "key_env" in store:
+        r.require(
+            "secretKeyRef" in env.get(store["key_env"], {}).get("valueFrom", {}),
+            f"token store key_env {store['key_env']} is not set from a Secret",
+        )
+    elif "key_file" in store:
+        holders = [m for m in mounts if str(store["key_file"]).startswith(m["mountPath"].rstrip("/") + "/")]
+        r.require(holders and "secret" in volumes.get(holders[0]["name"], {}), f"key_file {store['key_file']} is not from a Secret")
+    r.require(store.get("refresh", True) is True, "the only replica must refresh (token_store.refresh)")
+    r.checked.append(f"OAuth: one replica, Recreate, no HPA/PDB, token store {path} on a writable PersistentVolumeClaim, key from a Secret")
+
+
 def check_services(r, d):
     services = r.of_kind("Service")
     r.require(services, "no Service")
@@ -251,7 +320,7 @@ def check_policy_objects(r, d):
         ref = hpa["spec"]["scaleTargetRef"]
         r.require(ref["kind"] == "Deployment" and ref["name"] == name, "HorizontalPodAutoscaler does not target the Deployment")
         r.require(hpa["spec"].get("minReplicas", 1) >= 2, "HorizontalPodAutoscaler minReplicas < 2")
-    if not hpas:
+    if not hpas and not uses_oauth(d["config"]):
         r.require(d["deployment"]["spec"].get("replicas", 1) >= 2, "fewer than 2 replicas")
     for np in r.of_kind("NetworkPolicy"):
         r.require(np["spec"]["podSelector"]["matchLabels"].items() <= d["pod_labels"].items(), "NetworkPolicy selects no popgate pod")
@@ -270,8 +339,10 @@ def check_policy_objects(r, d):
         if backend.get("kind") == "imap":
             want = backend.get("port") or (993 if backend.get("tls", "implicit") == "implicit" else 143)
             r.require(want in egress_ports, f"NetworkPolicy blocks the IMAP backend's port {want}")
-        if backend.get("kind") == "jmap":
-            r.require(443 in egress_ports, "NetworkPolicy blocks HTTPS to the JMAP backend")
+        if backend.get("kind") in ("jmap", "gmail", "graph"):
+            r.require(443 in egress_ports, f"NetworkPolicy blocks HTTPS to the {backend['kind']} backend")
+        if uses_oauth(d["config"]):
+            r.require(443 in egress_ports, "NetworkPolicy blocks HTTPS to the OAuth providers")
     r.checked.append(
         "PodDisruptionBudget/HPA/NetworkPolicy selectors and ports"
         f" ({len(r.of_kind('PodDisruptionBudget'))} PDB, {len(hpas)} HPA, {len(r.of_kind('NetworkPolicy'))} NetworkPolicy)"

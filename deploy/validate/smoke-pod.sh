@@ -9,8 +9,10 @@
 #   - a cleartext login on the STLS port is refused (loopback_is_secure is
 #     false), STLS and implicit TLS logins work, with the certificate from
 #     the directory the Secret is mounted as;
-#   - SIGTERM: /readyz fails while a session is still open, and popgate
-#     exits 0 once it closes, within terminationGracePeriodSeconds.
+#   - SIGTERM: /readyz fails at once; for drain_delay_secs popgate still
+#     accepts and serves new logins; it waits for the open session and
+#     exits 0 once it closes, within terminationGracePeriodSeconds
+#     (drain_delay_secs + shutdown_grace_secs + 5, without a preStop sleep).
 #
 #   smoke-pod.sh BINARY POPGATE_TOML WORKDIR [docker]
 #
@@ -61,19 +63,20 @@ EOF
 chmod 0444 "$dir/popgate.toml"
 
 # The ports, from the configuration itself.
-read -r plain pop3 pop3s admin grace < <(python3 - "$dir/popgate.toml" <<'EOF'
+read -r plain pop3 pop3s admin grace drain < <(python3 - "$dir/popgate.toml" <<'EOF'
 import sys, tomllib
 c = tomllib.load(open(sys.argv[1], "rb"))
 def first(mode):
     found = [l["address"].rsplit(":", 1)[1] for l in c["listener"] if l.get("tls", "none") == mode]
     return found[0] if found else "-"
 print(first("none"), first("starttls"), first("implicit"),
-      c["admin"]["address"].rsplit(":", 1)[1], c.get("limits", {}).get("shutdown_grace_secs", 30))
+      c["admin"]["address"].rsplit(":", 1)[1], c.get("limits", {}).get("shutdown_grace_secs", 30),
+      c.get("limits", {}).get("drain_delay_secs", 0))
 EOF
 )
 
 # Everything below runs inside the namespace (single quotes: expanded there).
-export binary dir uid plain pop3 pop3s admin grace mode
+export binary dir uid plain pop3 pop3s admin grace drain mode
 # shellcheck disable=SC2016
 exec unshare -n bash -euo pipefail -c '
 ip link set lo up
@@ -122,16 +125,28 @@ kill -TERM "$pid"
 sleep 1
 check "SIGTERM with a session open: /readyz -> 503 while draining" test "$(url /readyz)" = 503
 check "SIGTERM with a session open: still serving it" kill -0 "$pid"
+if [ "$drain" -gt 1 ]; then
+    # Within drain_delay_secs: endpoints may still send clients; they get served.
+    if [ "$pop3s" != - ]; then
+        check "SIGTERM + 1 s, drain_delay_secs $drain: a new login is still served (RETR 1)" \
+            bash -c "curl -s --max-time 5 --cacert $dir/tls/tls.crt pop3s://127.0.0.1:$pop3s/1 -u demo:demo | grep -qi \"^subject:\""
+    else
+        check "SIGTERM + 1 s, drain_delay_secs $drain: a new login is still served (RETR 1)" \
+            bash -c "curl -s --max-time 5 pop3://127.0.0.1:$port/1 -u demo:demo | grep -qi \"^subject:\""
+    fi
+    check "SIGTERM + 1 s: /readyz still 503 while accepting" test "$(url /readyz)" = 503
+fi
 exec 5>&-
 status=0
-for _ in $(seq $(( (grace + 5) * 5 ))); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+for _ in $(seq $(( (drain + grace + 5) * 5 ))); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
 if kill -0 "$pid" 2>/dev/null; then
     kill -KILL "$pid"; status=killed
 else
     wait "$pid" || status=$?
 fi
 took=$(( $(date +%s) - start ))
-check "exits 0 within shutdown_grace_secs + 5 = $((grace + 5)) s after SIGTERM (took ${took}s, status $status)" test "$status" = 0
+check "exits 0 within drain_delay_secs + shutdown_grace_secs + 5 = $((drain + grace + 5)) s after SIGTERM (took ${took}s, status $status)" test "$status" = 0
+check "did not stop before drain_delay_secs $drain was over (took ${took}s)" test "$took" -ge "$drain"
 if [ "$failed" != 0 ]; then
     echo "  popgate log:"; sed "s/^/    /" "$dir/popgate.log" | tail -20
 fi

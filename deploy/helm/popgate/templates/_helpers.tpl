@@ -64,11 +64,38 @@ app.kubernetes.io/component: pop3-gateway
 
 {{/*
 The kubelet may SIGKILL only after popgate's own grace period: the optional
-preStop sleep, then shutdown_grace_secs for sessions to finish, then 5 s for
+preStop sleep, then drain_delay_secs (still accepting while /readyz says
+503), then shutdown_grace_secs for sessions to finish, then 5 s for
 the last replies and the exit.
 */}}
 {{- define "popgate.terminationGracePeriod" -}}
-{{- add (int .Values.lifecycle.preStopSleepSeconds) (int .Values.shutdownGraceSeconds) 5 }}
+{{- add (int .Values.lifecycle.preStopSleepSeconds) (int .Values.drainDelaySeconds) (int .Values.shutdownGraceSeconds) 5 }}
+{{- end }}
+
+{{/*
+"true" when OAuth accounts are configured: in `accounts`, or in config.raw
+(an [account.oauth] table, an inline `oauth = {…}` or a [token_store]).
+Until replicas share state, two pods would both refresh the same tokens
+(docs/ACCOUNTS.md): with OAuth the chart runs exactly one.
+*/}}
+{{- define "popgate.oauth" -}}
+{{- if .Values.config.raw -}}
+{{- if regexMatch `(?m)^[ \t]*(\[account\.oauth\]|\[token_store\]|oauth[ \t]*=)` .Values.config.raw }}true{{ end -}}
+{{- else -}}
+{{- range .Values.accounts }}{{ if .oauth }}true{{ end }}{{ end -}}
+{{- end -}}
+{{- end }}
+
+{{- define "popgate.tokenKeySecretName" -}}
+{{- default (printf "%s-token-key" (include "popgate.fullname" .)) .Values.tokenStore.keySecret.name }}
+{{- end }}
+
+{{- define "popgate.deviceHashesSecretName" -}}
+{{- default (printf "%s-device-hashes" (include "popgate.fullname" .)) .Values.devicePasswordHashes.secretName }}
+{{- end }}
+
+{{- define "popgate.tokenStoreClaimName" -}}
+{{- default (printf "%s-token-store" (include "popgate.fullname" .)) .Values.tokenStore.persistence.existingClaim }}
 {{- end }}
 
 {{/*
@@ -108,4 +135,13 @@ The `key = value` lines of a flat table, sorted, without a trailing newline
 {{- end -}}
 {{- end -}}
 {{- join "\n" $lines -}}
+{{- end }}
+
+{{/* A device's key in the device-hashes Secret: secretKey, else its user name. */}}
+{{- define "popgate.deviceHashKey" -}}
+{{- $key := default .user .secretKey -}}
+{{- if not (regexMatch "^[-._a-zA-Z0-9]+$" $key) -}}
+{{- fail (printf "accounts: device %q: %q is not a Secret key (letters, digits, -, _, .): set its secretKey" .user $key) -}}
+{{- end -}}
+{{- $key -}}
 {{- end }}
