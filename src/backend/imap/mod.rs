@@ -587,6 +587,97 @@ fn fetched_body<'r>(response: &'r Response<'_>, origin: Option<u32>) -> Option<(
     Some((uid, data))
 }
 
+/// What one partial FETCH (`UID FETCH uid (UID BODY.PEEK[]<offset.chunk>)`)
+/// got back, from the untagged responses its command drew: only a FETCH of
+/// that UID with the section at that origin counts (the first one), and it
+/// may not be longer than asked for.
+struct PartialFetch {
+    uid: u32,
+    offset: u32,
+    chunk: u32,
+    /// `None`: no matching FETCH yet; `Some(None)`: NIL.
+    body: Option<Option<Bytes>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PartialFetchError {
+    /// No FETCH of the message, or NIL where it should start.
+    Gone,
+    /// More octets than the command asked for: the server (or the stream)
+    /// is not what we think, and the connection must go.
+    TooLong,
+}
+
+impl PartialFetch {
+    fn new(uid: u32, offset: u32, chunk: u32) -> PartialFetch {
+        PartialFetch { uid, offset, chunk, body: None }
+    }
+
+    fn see(&mut self, response: &Response<'_>) {
+        if let Some((got, data)) = fetched_body(response, Some(self.offset))
+            && got == self.uid
+            && self.body.is_none()
+        {
+            self.body = Some(data.map(Bytes::copy_from_slice));
+        }
+    }
+
+    fn body(self) -> Result<Bytes, PartialFetchError> {
+        let body = match self.body {
+            None => return Err(PartialFetchError::Gone),
+            Some(None) if self.offset == 0 => return Err(PartialFetchError::Gone),
+            Some(data) => data.unwrap_or_default(),
+        };
+        if body.len() > self.chunk as usize {
+            return Err(PartialFetchError::TooLong);
+        }
+        Ok(body)
+    }
+}
+
+/// What the backend reads from an IMAP server, with the connection taken
+/// away: the fuzz target `imap_replies` drives these. Not API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use async_imap::imap_proto::Response;
+
+    pub use super::literal8::Literal8;
+    pub use super::wire::{
+        MAX_BACKOFF, Meaning, UidlFormat, classify_login_refusal, classify_refusal, read_refusal, suggested_backoff,
+        truncate, uid_sets,
+    };
+    use super::{PartialFetch, PartialFetchError};
+
+    /// What a partial FETCH of `uid` at `offset` for `chunk` octets makes
+    /// of `server` (the untagged responses, as they come off the wire,
+    /// through `Literal8` as the transport passes them): the chunk, or
+    /// `Err(true)` for "gone", `Err(false)` for "too long". Parsing stops
+    /// at the first response async-imap's parser cannot read (the real
+    /// connection is poisoned there).
+    pub fn partial_fetch(server: &[u8], uid: u32, offset: u32, chunk: u32) -> Result<Vec<u8>, bool> {
+        let mut rewritten = Vec::new();
+        let mut literal8 = Literal8::default();
+        literal8.feed(server, &mut rewritten);
+        literal8.finish(&mut rewritten);
+        let mut part = PartialFetch::new(uid, offset, chunk);
+        let mut rest = &rewritten[..];
+        while let Ok((left, response)) = Response::parse(rest) {
+            part.see(&response);
+            if left.len() == rest.len() {
+                break;
+            }
+            rest = left;
+        }
+        part.body().map(|b| b.to_vec()).map_err(|e| e == PartialFetchError::Gone)
+    }
+
+    /// Whether BODY[]'s chunk may hold a NUL's 0x80 stand-in, and whether
+    /// BINARY[]'s octets may replace it.
+    pub fn nul_checks(body: &[u8], binary: &[u8]) -> (bool, bool) {
+        (super::stray_0x80(body), super::only_nuls_differ(body, binary))
+    }
+}
+
 /// One message read as a series of partial FETCHes, each a complete command
 /// whose reply is drained before its chunk is handed out, so the reader may
 /// stop between chunks at no cost (and mid-chunk at the cost of `Conn`
@@ -621,28 +712,15 @@ impl Chunks<'_> {
             .map_err(|_| BackendError::Permanent("message too large for IMAP partial FETCH".into()))?;
         let uid = self.uid;
         let command = format!("UID FETCH {uid} (UID {}<{offset}.{}>)", self.item, self.chunk);
-        let mut body: Option<Option<Bytes>> = None;
-        self.conn
-            .run(&command, |response| {
-                if let Some((got, data)) = fetched_body(response, Some(offset))
-                    && got == uid
-                    && body.is_none()
-                {
-                    body = Some(data.map(Bytes::copy_from_slice));
-                }
-            })
-            .await?
-            .ok_or_refused("fetching a message")?;
-        let body = match body {
-            // No FETCH at all: the message is not there (any more).
-            None => return Err(BackendError::MessageGone),
-            // NIL where the message should start: gone too.
-            Some(None) if offset == 0 => return Err(BackendError::MessageGone),
-            Some(data) => data.unwrap_or_default(),
+        let mut part = PartialFetch::new(uid, offset, self.chunk);
+        self.conn.run(&command, |response| part.see(response)).await?.ok_or_refused("fetching a message")?;
+        let body = match part.body() {
+            Ok(body) => body,
+            Err(PartialFetchError::Gone) => return Err(BackendError::MessageGone),
+            Err(PartialFetchError::TooLong) => {
+                return Err(self.conn.poison("server sent more octets than a partial FETCH asked for"));
+            }
         };
-        if body.len() > self.chunk as usize {
-            return Err(self.conn.poison("server sent more octets than a partial FETCH asked for"));
-        }
         let body = if self.binary && stray_0x80(&body) { self.restore_nuls(offset, body).await? } else { body };
         // A short chunk is the last one; a full one may be too, in which
         // case the next FETCH comes back empty.
