@@ -97,7 +97,9 @@ const PHASES: [Phase; 8] = [
     Phase::UpdateStore,
     Phase::UpdateExpunge,
 ];
-const FAULTS: [Fault; 3] = [Fault::Stall, Fault::Reset, Fault::Truncate];
+/// The delay stays well under the gateway's 5 s backend timeout: a slow
+/// backend must make no difference at all.
+const FAULTS: [Fault; 4] = [Fault::Stall, Fault::Reset, Fault::Truncate, Fault::Delay(Duration::from_secs(1))];
 
 impl Phase {
     fn name(self) -> &'static str {
@@ -127,6 +129,7 @@ fn fault_name(fault: Fault) -> &'static str {
         Fault::Stall => "stall",
         Fault::Reset => "reset",
         Fault::Truncate => "truncate",
+        Fault::Delay(_) => "delay",
     }
 }
 
@@ -495,6 +498,18 @@ fn run_cell(store: Store, server: &Server, cell: &Cell, big: &[u8]) -> Outcome {
     }
     if store == Store::Cyrus && server.total(user) != ids.len() {
         outcome.problems.push("the account holds a different number of messages than was stored".into());
+    }
+    if let Fault::Delay(_) = fault {
+        // Slow, not broken: the session must go as if nothing happened.
+        if let Some(error) = outcome.client.iter().find(|line| line.contains("-ERR") || line.contains(": ")) {
+            outcome.problems.push(format!("a delay within the timeout failed the session: {error}"));
+        }
+        if phase.retr() && !outcome.client.iter().any(|line| line == "RETR +OK, the whole message") {
+            outcome.problems.push("a delay within the timeout cut RETR short".into());
+        }
+        if quit_said_ok != Some(true) || gone != marked {
+            outcome.problems.push(format!("a delay within the timeout: QUIT {quit_said_ok:?}, gone {gone:?}"));
+        }
     }
     if phase.update() && quit_said_ok == Some(true) && gone != marked {
         outcome.problems.push(format!("+OK to QUIT, yet messages {gone:?} (0-based) are gone instead of {marked:?}"));

@@ -15,6 +15,8 @@
 //!   an RST, not a FIN).
 //! - `Truncate`: the client's connection is closed cleanly (a FIN) after
 //!   exactly the octets allowed.
+//! - `Delay`: the server's octets are held for a while at that point, then
+//!   everything is forwarded (the connection stays whole).
 //!
 //! The server's connection is never broken by the fault: what the server
 //! still sends is read and dropped until it closes, so a command that
@@ -44,6 +46,9 @@ pub enum Fault {
     Reset,
     /// Clean close (FIN) of the client's connection.
     Truncate,
+    /// Hold the server's octets this long at the trigger, then forward
+    /// everything as if nothing happened: a slow backend, not a broken one.
+    Delay(Duration),
 }
 
 /// Where a fault hits. Octets are counted in the server→client stream.
@@ -333,6 +338,21 @@ fn downstream_pump(connection: &Connection, shared: &Shared) {
         if allowed < n {
             let fault = fault.expect("a limit comes from a plan");
             let at = connection.progress.lock().unwrap().server_octets - (n - allowed) as u64;
+            if let Fault::Delay(pause) = fault {
+                std::thread::sleep(pause);
+                connection.progress.lock().unwrap().limit = None;
+                *shared.fired.lock().unwrap() =
+                    Some(format!("delay of {} ms after {at} server octets", pause.as_millis()));
+                *shared.plan.lock().unwrap() = None;
+                let written = match connection.client.read().unwrap().as_ref() {
+                    Some(mut client) => client.write_all(&data[allowed..]),
+                    None => Err(ErrorKind::NotConnected.into()),
+                };
+                if written.is_err() {
+                    break;
+                }
+                continue;
+            }
             perform(connection, fault);
             connection.progress.lock().unwrap().faulted = Some(fault);
             *shared.fired.lock().unwrap() = Some(format!("{fault:?} after {at} server octets").to_lowercase());
@@ -350,7 +370,7 @@ fn downstream_pump(connection: &Connection, shared: &Shared) {
 
 fn perform(connection: &Connection, fault: Fault) {
     match fault {
-        Fault::Stall => {}
+        Fault::Stall | Fault::Delay(_) => {}
         Fault::Truncate => {
             if let Some(client) = connection.client.read().unwrap().as_ref() {
                 let _ = client.shutdown(Shutdown::Both);
