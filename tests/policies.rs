@@ -165,6 +165,16 @@ fn dovecot_hides_mail_from_senders_not_allowed_and_never_deletes_it() {
     curl_lists(gateway.addr, &printer, &[&raws[0], &raws[2]]);
     curl_retrieves_each(gateway.addr, &printer, &[raws[0].clone(), raws[2].clone()]);
 
+    // Reading headers to decide marks nothing read.
+    let seen: Vec<u32> = world
+        .dovecot
+        .messages(ALICE.0)
+        .into_iter()
+        .filter(|m| m.flags.iter().any(|f| f.eq_ignore_ascii_case("\\Seen")))
+        .map(|m| m.uid)
+        .collect();
+    assert!(!seen.contains(&uids[1]) && !seen.contains(&uids[3]), "hidden messages marked read: {seen:?}");
+
     let mut pop = Pop3::login(gateway.addr, PRINTER_1.0, PRINTER_1.1);
     let total = canonical(&raws[0]).len() + canonical(&raws[2]).len();
     assert_eq!(pop.ok("STAT"), format!("+OK 2 {total}"));
@@ -297,7 +307,11 @@ password_hash = "{hash}"
     assert!(fine.status.success(), "{}", describe(&fine));
 
     for (account, device, why) in [
-        ("[account.policy]\non_delete = \"archive\"", "", "on_delete = \\\"archive\\\" is not supported by the imap backend"),
+        (
+            "[account.policy]\non_delete = \"archive\"",
+            "",
+            "on_delete = \\\"archive\\\" is not supported by the imap backend",
+        ),
         ("", "[account.device.policy]\non_delete = \"flag\"", "device `printer`: policy.on_delete = \\\"flag\\\""),
         ("[account.policy]\nallowed_senders = [\"not a domain\"]", "", "`not a domain` is not an address or domain"),
         ("[account.policy]\nallowed = []", "", "unknown field `allowed`"),

@@ -9,8 +9,8 @@ use std::time::Instant;
 
 use super::Context;
 use crate::auth::accounts::policy::{AllowedSenders, HEADER_LIMIT};
-use crate::backend::{ListedMessage, Mailbox};
 use crate::backend::pool::Lease;
+use crate::backend::{ListedMessage, Mailbox};
 use crate::mail::{BackendError, Credentials, StoreId};
 use crate::pop3::{Maildrop, Message};
 

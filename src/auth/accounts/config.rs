@@ -7,9 +7,9 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::policy::PolicyConfig;
 use crate::auth::oauth::OAuthConfig;
 use crate::auth::passwords::{DeviceHash, SecretSource};
-use super::policy::PolicyConfig;
 use crate::auth::tokens::TokenStoreConfig;
 use crate::backend::select::BackendConfig;
 use crate::mail::InvalidSetting;
@@ -317,9 +317,10 @@ fn check_accounts<'a>(
         }
         account.policy_for(None).check(backend_config).map_err(|why| format!("account `{name}`: policy.{why}"))?;
         for device in &account.device {
-            account.policy_for(Some(device)).check(backend_config).map_err(|why| {
-                format!("account `{name}`: device `{}`: policy.{why}", device.user)
-            })?;
+            account
+                .policy_for(Some(device))
+                .check(backend_config)
+                .map_err(|why| format!("account `{name}`: device `{}`: policy.{why}", device.user))?;
         }
         match account.mode {
             AccountMode::Passthrough => {

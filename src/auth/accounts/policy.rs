@@ -75,7 +75,8 @@ impl PolicyConfig {
                 return Err(format!("allowed_senders: at most {MAX_ALLOWED_SENDERS} entries"));
             }
             for entry in list {
-                Sender::parse(entry).ok_or_else(|| format!("allowed_senders: `{entry}` is not an address or domain"))?;
+                Sender::parse(entry)
+                    .ok_or_else(|| format!("allowed_senders: `{entry}` is not an address or domain"))?;
             }
         }
         Ok(())
@@ -185,7 +186,8 @@ mod tests {
     use super::*;
 
     fn allowed(list: &[&str]) -> AllowedSenders {
-        let config = PolicyConfig { allowed_senders: Some(list.iter().map(|s| s.to_string()).collect()), ..Default::default() };
+        let config =
+            PolicyConfig { allowed_senders: Some(list.iter().map(|s| s.to_string()).collect()), ..Default::default() };
         config.resolve().allowed_senders.unwrap()
     }
 
