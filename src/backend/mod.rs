@@ -120,6 +120,41 @@ pub trait Mailbox: Send {
         Ok(sizes)
     }
 
+    /// The header section of each message (its stored octets up to and
+    /// including the first empty line, cut at `limit` octets), in order;
+    /// `None` for a message that is gone. Never changes a message (no
+    /// `\Seen`). The default reads the start of each message through
+    /// `fetch` and drops the stream at the header's end; a backend may ask
+    /// its store for the header alone.
+    async fn headers(&mut self, ids: &[StoreId], limit: usize) -> Result<Vec<Option<Bytes>>, BackendError> {
+        use futures::StreamExt;
+        let mut headers = Vec::with_capacity(ids.len());
+        for id in ids {
+            let mut stream = match self.fetch(id).await {
+                Err(BackendError::MessageGone) => {
+                    headers.push(None);
+                    continue;
+                }
+                other => other?,
+            };
+            let mut header = Vec::new();
+            while header.len() < limit {
+                let Some(chunk) = stream.next().await else { break };
+                let chunk = chunk?;
+                // Look for the end again from just before the new chunk.
+                let from = header.len().saturating_sub(3);
+                header.extend_from_slice(&chunk);
+                if let Some(end) = header_end(&header, from) {
+                    header.truncate(end);
+                    break;
+                }
+            }
+            header.truncate(limit);
+            headers.push(Some(Bytes::from(header)));
+        }
+        Ok(headers)
+    }
+
     /// The client retrieved this message whole (POP3 RETR, not TOP): a store
     /// configured to mark retrieved mail read does it now. `fetch` itself
     /// never changes a message.
@@ -136,3 +171,46 @@ pub trait Mailbox: Send {
 }
 
 pub type SharedBackend = Arc<dyn Backend>;
+
+/// Where the header section of `message` ends (after its empty line, CRLF or
+/// bare LF), searching from `from`.
+fn header_end(message: &[u8], from: usize) -> Option<usize> {
+    if message.starts_with(b"\r\n") {
+        return Some(2);
+    }
+    if message.starts_with(b"\n") {
+        return Some(1);
+    }
+    let mut i = from;
+    while i < message.len() {
+        if message[i] == b'\n' {
+            match message.get(i + 1..) {
+                Some([b'\n', ..]) => return Some(i + 2),
+                Some([b'\r', b'\n', ..]) => return Some(i + 3),
+                _ => {}
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::header_end;
+
+    #[test]
+    fn the_header_ends_at_the_first_empty_line() {
+        let table: &[(&[u8], Option<usize>)] = &[
+            (b"From: a\r\n\r\nbody\r\n\r\n", Some(11)),
+            (b"From: a\n\nbody", Some(9)),
+            (b"\r\nbody", Some(2)),
+            (b"\nbody", Some(1)),
+            (b"From: a\r\nSubject: b\r\n", None),
+            (b"From: a\n\r\nbody", Some(10)),
+        ];
+        for (message, end) in table {
+            assert_eq!(header_end(message, 0), *end, "{:?}", String::from_utf8_lossy(message));
+        }
+    }
+}

@@ -133,6 +133,8 @@ struct Driver<'a> {
     lease: Option<Lease>,
     /// A backend call failed: the session is not reused.
     backend_failed: bool,
+    /// The device's DELE is a dry run (`on_delete = "keep"`).
+    keep: bool,
     /// The kind of backend the login was routed to (metrics label).
     backend_kind: &'static str,
     /// A refused login was logged (the end of the connection says no more).
@@ -168,6 +170,7 @@ impl<'a> Driver<'a> {
             mailbox: None,
             account: None,
             uidls: std::collections::HashMap::new(),
+            keep: false,
             lease: None,
             backend_failed: false,
             backend_kind: context.backend.kind(),
@@ -285,8 +288,9 @@ impl<'a> Driver<'a> {
                         let reply = self.session.shutting_down();
                         return self.close_with(reply, Outcome::ShutDown).await.map(Some);
                     }
-                    Some(Ok(LoggedIn { mailbox, lease, maildrop, account, backend_kind })) => {
+                    Some(Ok(LoggedIn { mailbox, lease, maildrop, account, backend_kind, keep })) => {
                         self.backend_kind = backend_kind;
+                        self.keep = keep;
                         self.lease = Some(lease);
                         self.mailbox = Some(mailbox);
                         self.account = Some(account);
@@ -305,13 +309,22 @@ impl<'a> Driver<'a> {
                 let started = std::time::Instant::now();
                 let committing = self.context.updates.enter();
                 let result = match self.mailbox.as_mut() {
+                    Some(_) if self.keep => {
+                        // on_delete = "keep": a dry run.
+                        let uidls: Vec<&str> =
+                            ids.iter().filter_map(|id| self.uidls.get(id)).map(String::as_str).collect();
+                        tracing::info!(would_remove = ids.len(), uidls = ?uidls, "on_delete = keep: nothing removed");
+                        Ok(0)
+                    }
                     Some(mailbox) => mailbox.remove(&ids).await.map(|()| ids.len()),
                     None => Err(BackendError::unavailable("no backend session")),
                 };
                 self.backend_failed |= result.is_err();
                 let metrics = &self.context.metrics;
-                metrics.backend_op(self.backend_kind, "remove", started.elapsed());
-                metrics.deleted(result.is_ok(), ids.len() as u64);
+                if !self.keep {
+                    metrics.backend_op(self.backend_kind, "remove", started.elapsed());
+                    metrics.deleted(result.is_ok(), ids.len() as u64);
+                }
                 match &result {
                     Ok(n) => tracing::info!(removed = n, "update committed"),
                     Err(e) => {

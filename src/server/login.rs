@@ -8,9 +8,10 @@ use std::net::IpAddr;
 use std::time::Instant;
 
 use super::Context;
-use crate::backend::Mailbox;
+use crate::auth::accounts::policy::{AllowedSenders, HEADER_LIMIT};
 use crate::backend::pool::Lease;
-use crate::mail::{BackendError, Credentials};
+use crate::backend::{ListedMessage, Mailbox};
+use crate::mail::{BackendError, Credentials, StoreId};
 use crate::pop3::{Maildrop, Message};
 
 /// A maildrop opened for one POP3 session.
@@ -22,6 +23,8 @@ pub struct LoggedIn {
     /// The account's metrics label (bounded: see `Route::label`).
     pub account: String,
     pub backend_kind: &'static str,
+    /// `on_delete = "keep"`: the UPDATE state removes nothing.
+    pub keep: bool,
 }
 
 /// Logs `credentials` in, after the throttle's delay for this address and
@@ -115,6 +118,18 @@ async fn open_maildrop(context: &Context, credentials: &Credentials) -> Result<L
     let listed = mailbox.list().await;
     timed("list", started);
     let listed = match listed {
+        Ok(listed) => match &route.policy.allowed_senders {
+            None => Ok(listed),
+            Some(allowed) => {
+                let started = Instant::now();
+                let shown = allowed_only(mailbox.as_mut(), allowed, listed).await;
+                timed("filter_senders", started);
+                shown
+            }
+        },
+        Err(e) => Err(e),
+    };
+    let listed = match listed {
         Ok(listed) => {
             let started = Instant::now();
             let exact = context.sizes.resolve(&route.account, mailbox.as_mut(), listed).await;
@@ -127,13 +142,53 @@ async fn open_maildrop(context: &Context, credentials: &Credentials) -> Result<L
         Ok(exact) => {
             let messages =
                 exact.into_iter().map(|m| Message { id: m.id, uidl: m.uidl, size: m.size.value() }).collect();
-            Ok(LoggedIn { mailbox, lease, maildrop: Maildrop::new(messages), account: route.label, backend_kind: kind })
+            Ok(LoggedIn {
+                mailbox,
+                lease,
+                maildrop: Maildrop::new(messages),
+                account: route.label,
+                backend_kind: kind,
+                keep: route.policy.keep,
+            })
         }
         Err(e) => {
             mailbox.close().await;
             Err(counted(e))
         }
     }
+}
+
+/// The listed messages whose sender `allowed` accepts, decided on their
+/// headers, read once; the others are left out of the maildrop (and stay in
+/// the mailbox). A message gone since the listing is left out too.
+async fn allowed_only(
+    mailbox: &mut dyn Mailbox,
+    allowed: &AllowedSenders,
+    listed: Vec<ListedMessage>,
+) -> Result<Vec<ListedMessage>, BackendError> {
+    let ids: Vec<StoreId> = listed.iter().map(|m| m.id.clone()).collect();
+    let headers = mailbox.headers(&ids, HEADER_LIMIT).await?;
+    if headers.len() != listed.len() {
+        return Err(BackendError::unavailable("the backend answered for a different number of messages"));
+    }
+    let mut hidden = 0usize;
+    let shown: Vec<ListedMessage> = listed
+        .into_iter()
+        .zip(headers)
+        .filter(|(message, header)| {
+            let shown = header.as_deref().is_some_and(|h| allowed.allows(h));
+            if !shown {
+                hidden += 1;
+                tracing::debug!(uidl = %message.uidl, "hidden: sender not allowed for this device");
+            }
+            shown
+        })
+        .map(|(message, _)| message)
+        .collect();
+    if hidden > 0 {
+        tracing::info!(hidden, shown = shown.len(), "messages from senders not allowed are hidden");
+    }
+    Ok(shown)
 }
 
 /// A short, bounded word for the logins and backend error metrics.

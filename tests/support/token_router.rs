@@ -75,6 +75,7 @@ impl Router for TokenRouter {
             credentials: self.credentials(),
             account: self.account.clone(),
             label: self.account.clone(),
+            policy: Default::default(),
         })
     }
 

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::policy::PolicyConfig;
 use crate::auth::oauth::OAuthConfig;
 use crate::auth::passwords::{DeviceHash, SecretSource};
 use crate::auth::tokens::TokenStoreConfig;
@@ -61,6 +62,10 @@ pub struct AccountConfig {
     /// "submission"` listener (scan to email).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub submission: Option<SubmissionConfig>,
+    /// `[account.policy]`: which messages the account's POP3 users see and
+    /// what DELE does (see `policy.rs`); a device may override each key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicyConfig>,
 }
 
 /// What a sender or From outside the account's addresses gets.
@@ -228,6 +233,21 @@ pub struct DeviceConfig {
     /// `false` refuses this device's logins; the others are not affected.
     #[serde(default = "yes")]
     pub enabled: bool,
+    /// `[account.device.policy]`: keys set here replace the account's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicyConfig>,
+}
+
+impl AccountConfig {
+    /// The policy `device` (a device user of this account, or `None` for a
+    /// pass-through login) is served with.
+    pub fn policy_for(&self, device: Option<&DeviceConfig>) -> PolicyConfig {
+        let account = self.policy.clone().unwrap_or_default();
+        match device.and_then(|d| d.policy.as_ref()) {
+            Some(own) => own.over(&account),
+            None => account,
+        }
+    }
 }
 
 fn yes() -> bool {
@@ -294,6 +314,13 @@ fn check_accounts<'a>(
             {
                 return fail("submission needs `address`: `login` is not an address".into());
             }
+        }
+        account.policy_for(None).check(backend_config).map_err(|why| format!("account `{name}`: policy.{why}"))?;
+        for device in &account.device {
+            account
+                .policy_for(Some(device))
+                .check(backend_config)
+                .map_err(|why| format!("account `{name}`: device `{}`: policy.{why}", device.user))?;
         }
         match account.mode {
             AccountMode::Passthrough => {

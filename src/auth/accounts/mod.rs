@@ -6,6 +6,7 @@
 //! configured backend unchanged. Never logs a secret.
 
 pub mod config;
+pub mod policy;
 pub mod reloadable;
 pub mod router;
 
@@ -27,6 +28,8 @@ pub struct Route {
     /// pass-through login), never a raw login name unless the operator
     /// opted in (`[admin] metrics_login_names`).
     pub label: String,
+    /// Which messages this login sees and what its DELE does.
+    pub policy: policy::DevicePolicy,
 }
 
 #[async_trait]
@@ -75,7 +78,13 @@ impl Router for PassThrough {
     async fn route(&self, client: &Credentials) -> Result<Route, BackendError> {
         let label =
             if self.label_by_login { client.user.clone() } else { crate::telemetry::PASS_THROUGH_ACCOUNT.to_string() };
-        Ok(Route { backend: self.backend.clone(), credentials: client.clone(), account: client.user.clone(), label })
+        Ok(Route {
+            backend: self.backend.clone(),
+            credentials: client.clone(),
+            account: client.user.clone(),
+            label,
+            policy: Default::default(),
+        })
     }
 
     fn accepts_bearer_tokens(&self) -> bool {

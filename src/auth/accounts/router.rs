@@ -21,6 +21,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::config::{AccountMode, AccountsSetup, DEFAULT_BACKEND, Pattern};
+use super::policy::DevicePolicy;
 use super::{Route, Router};
 use crate::auth::oauth::client::OAuthClient;
 use crate::auth::passwords::{DeviceHash, SecretSource, Verifier};
@@ -59,12 +60,15 @@ struct Account {
     name: String,
     backend: SharedBackend,
     kind: AccountKind,
+    /// For pass-through logins (devices have their own, merged).
+    policy: DevicePolicy,
 }
 
 struct Device {
     account: usize,
     hash: DeviceHash,
     enabled: bool,
+    policy: DevicePolicy,
 }
 
 /// Routes logins to accounts (see the module documentation).
@@ -163,13 +167,17 @@ impl AccountRouter {
                     };
                     for device in &config.device {
                         let hash = DeviceHash::parse(&device.password_hash).expect("checked");
-                        devices.insert(device.user.clone(), Device { account: index, hash, enabled: device.enabled });
+                        let policy = config.policy_for(Some(device)).resolve();
+                        devices.insert(
+                            device.user.clone(),
+                            Device { account: index, hash, enabled: device.enabled, policy },
+                        );
                     }
                     AccountKind::Mapped { login: config.login.clone().expect("checked"), held }
                 }
             };
             by_name.insert(config.name.clone(), index);
-            list.push(Account { name: config.name.clone(), backend, kind });
+            list.push(Account { name: config.name.clone(), backend, kind, policy: config.policy_for(None).resolve() });
         }
         // Readiness probes the [backend] if an account uses it, else the
         // first account's.
@@ -251,6 +259,7 @@ impl Router for AccountRouter {
                 credentials: client.clone(),
                 account: format!("{}:{}", account.name, client.user),
                 label: account.name.clone(),
+                policy: account.policy.clone(),
             });
         };
         let device = device.expect("a mapped account is reached through its devices");
@@ -280,6 +289,7 @@ impl Router for AccountRouter {
             credentials: Credentials { user: login.clone(), proof },
             account: account.name.clone(),
             label: account.name.clone(),
+            policy: device.policy.clone(),
         })
     }
 

@@ -925,6 +925,38 @@ impl Mailbox for ImapMailbox {
         Ok(uids.iter().map(|uid| sizes.get(uid).copied()).collect())
     }
 
+    /// Every header in batches, one round trip per `MAX_SET_LEN` UIDs, each
+    /// cut at `limit` by the server (a partial fetch), never `\Seen`.
+    async fn headers(&mut self, ids: &[StoreId], limit: usize) -> Result<Vec<Option<Bytes>>, BackendError> {
+        let uids = ids.iter().map(uid_of).collect::<Result<Vec<_>, _>>()?;
+        let wanted: HashSet<u32> = uids.iter().copied().collect();
+        let mut headers: HashMap<u32, Bytes> = HashMap::new();
+        for set in uid_sets(&uids, MAX_SET_LEN) {
+            self.conn
+                .run(&format!("UID FETCH {set} (UID BODY.PEEK[HEADER]<0.{limit}>)"), |response| {
+                    let Response::Fetch(_, attributes) = response else { return };
+                    let uid = attributes.iter().find_map(|a| match a {
+                        AttributeValue::Uid(uid) => Some(*uid),
+                        _ => None,
+                    });
+                    let header = attributes.iter().find_map(|a| match a {
+                        AttributeValue::BodySection { section: Some(_), data, .. } => Some(data.as_deref()),
+                        _ => None,
+                    });
+                    if let (Some(uid), Some(header)) = (uid, header)
+                        && wanted.contains(&uid)
+                    {
+                        let header = header.unwrap_or_default();
+                        headers.insert(uid, Bytes::copy_from_slice(&header[..header.len().min(limit)]));
+                    }
+                })
+                .await?
+                .ok_or_refused("fetching headers")?;
+        }
+        // A message expunged since the listing has no FETCH reply: gone.
+        Ok(uids.iter().map(|uid| headers.remove(uid)).collect())
+    }
+
     async fn retrieved(&mut self, id: &StoreId) -> Result<(), BackendError> {
         if !self.mark_seen || self.selected.read_only {
             return Ok(());

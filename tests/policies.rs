@@ -1,0 +1,324 @@
+//! Device mailbox policies end to end (`[account.policy]`,
+//! `[account.device.policy]`): mail from senders a device is not allowed
+//! is neither listed nor retrievable and stays in the mailbox; `on_delete =
+//! "keep"` deletes nothing after DELE + QUIT; a device's key beats its
+//! account's; check-config refuses what a backend cannot do. On a real
+//! Dovecot and on the demo backend, through curl, Python's poplib and the
+//! harness's own POP3 client.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use popgate::auth::passwords::hash_password;
+use popgate::config::Config;
+use support::dovecot::{ALICE, Dovecot};
+use support::gateway::GatewayProcess;
+use support::messages::canonical;
+use support::pop3::Dialogue as _;
+use support::pop3::Pop3;
+use support::program::{curl_lists, curl_retrieves_each, describe, poplib_retrieves_and_deletes};
+
+const PRINTER_1: (&str, &str) = ("printer-1", "pw-one");
+const PRINTER_2: (&str, &str) = ("printer-2", "pw-two");
+const LOBBY_PRINTER: (&str, &str) = ("lobby-printer", "pw-lobby");
+const LOBBY_ADMIN: (&str, &str) = ("lobby-admin", "pw-admin");
+
+/// A message from `from` (a whole From header value).
+fn from(from: &str, subject: &str) -> Vec<u8> {
+    format!(
+        "From: {from}\r\nTo: printer@example.com\r\nSubject: {subject}\r\n\
+         Message-ID: <{}@example.com>\r\n\r\nPlease print \"{subject}\".\r\n",
+        subject.replace(' ', "-")
+    )
+    .into_bytes()
+}
+
+fn office() -> Vec<u8> {
+    from("Office <clerk@office.example>", "office invoice")
+}
+/// A display name that spells an allowed address decides nothing.
+fn spam() -> Vec<u8> {
+    from("\"clerk@office.example\" <evil@spam.example>", "spam to print")
+}
+fn boss() -> Vec<u8> {
+    from("The Boss <Boss@Example.ORG>", "boss memo")
+}
+fn partner() -> Vec<u8> {
+    from("orders@partner.example", "partner order")
+}
+
+struct World {
+    dovecot: Dovecot,
+    _dir: tempfile::TempDir,
+    config: PathBuf,
+}
+
+impl World {
+    /// Dovecot holds alice's mailbox (account "office": printer-1 with the
+    /// account's policy, printer-2 with its own); the demo backend holds
+    /// "lobby" (lobby-printer keeps, lobby-admin sees more senders).
+    fn new() -> World {
+        let dovecot = Dovecot::start();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("office-password"), format!("{}\n", ALICE.1)).unwrap();
+        std::fs::write(dir.path().join("lobby-password"), "anything\n").unwrap();
+        let demo = dir.path().join("demo");
+        std::fs::create_dir(&demo).unwrap();
+        std::fs::write(demo.join("01-office.eml"), office()).unwrap();
+        std::fs::write(demo.join("02-spam.eml"), spam()).unwrap();
+        std::fs::write(demo.join("03-partner.eml"), partner()).unwrap();
+        let config = dir.path().join("popgate.toml");
+        let text = format!(
+            r#"
+[backend]
+kind = "demo"
+messages_dir = "{dir}/demo"
+
+[backends.dovecot]
+kind = "imap"
+host = "127.0.0.1"
+port = {port}
+tls = "none"
+
+[[account]]
+name = "office"
+mode = "mapped"
+backend = "dovecot"
+login = "alice"
+password_file = "{dir}/office-password"
+
+[account.policy]
+allowed_senders = ["office.example", "boss@example.org"]
+
+[[account.device]]
+user = "{p1}"
+password_hash = "{h1}"
+
+[[account.device]]
+user = "{p2}"
+password_hash = "{h2}"
+
+[account.device.policy]
+allowed_senders = ["@partner.example"]
+on_delete = "keep"
+
+[[account]]
+name = "lobby"
+mode = "mapped"
+login = "lobby"
+password_file = "{dir}/lobby-password"
+
+[account.policy]
+allowed_senders = ["office.example"]
+
+[[account.device]]
+user = "{lp}"
+password_hash = "{hlp}"
+
+[account.device.policy]
+on_delete = "keep"
+
+[[account.device]]
+user = "{la}"
+password_hash = "{hla}"
+
+[account.device.policy]
+allowed_senders = ["office.example", "partner.example", "spam.example"]
+"#,
+            port = dovecot.imap_port,
+            dir = dir.path().display(),
+            p1 = PRINTER_1.0,
+            h1 = hash_password(PRINTER_1.1).unwrap(),
+            p2 = PRINTER_2.0,
+            h2 = hash_password(PRINTER_2.1).unwrap(),
+            lp = LOBBY_PRINTER.0,
+            hlp = hash_password(LOBBY_PRINTER.1).unwrap(),
+            la = LOBBY_ADMIN.0,
+            hla = hash_password(LOBBY_ADMIN.1).unwrap(),
+        );
+        std::fs::write(&config, text).unwrap();
+        Config::load(&config).unwrap_or_else(|e| panic!("test configuration: {e}"));
+        World { dovecot, _dir: dir, config }
+    }
+
+    fn gateway(&self) -> GatewayProcess {
+        GatewayProcess::start(&["--config", self.config.to_str().unwrap()])
+    }
+}
+
+fn auth((user, password): (&str, &str)) -> [String; 2] {
+    ["--user".to_string(), format!("{user}:{password}")]
+}
+
+#[test]
+fn dovecot_hides_mail_from_senders_not_allowed_and_never_deletes_it() {
+    let world = World::new();
+    let raws = [office(), spam(), boss(), partner()];
+    let uids = world.dovecot.append_all(ALICE.0, &raws);
+    let gateway = world.gateway();
+    let printer = auth(PRINTER_1);
+    let printer: Vec<&str> = printer.iter().map(String::as_str).collect();
+
+    // curl sees exactly the allowed two, numbered 1 and 2, and LIST == RETR.
+    curl_lists(gateway.addr, &printer, &[&raws[0], &raws[2]]);
+    curl_retrieves_each(gateway.addr, &printer, &[raws[0].clone(), raws[2].clone()]);
+
+    // Reading headers to decide marks nothing read.
+    let seen: Vec<u32> = world
+        .dovecot
+        .messages(ALICE.0)
+        .into_iter()
+        .filter(|m| m.flags.iter().any(|f| f.eq_ignore_ascii_case("\\Seen")))
+        .map(|m| m.uid)
+        .collect();
+    assert!(!seen.contains(&uids[1]) && !seen.contains(&uids[3]), "hidden messages marked read: {seen:?}");
+
+    let mut pop = Pop3::login(gateway.addr, PRINTER_1.0, PRINTER_1.1);
+    let total = canonical(&raws[0]).len() + canonical(&raws[2]).len();
+    assert_eq!(pop.ok("STAT"), format!("+OK 2 {total}"));
+    assert_eq!(pop.uidl().len(), 2);
+    pop.err("RETR 3");
+    pop.err("LIST 3");
+    pop.err("TOP 4 0");
+    pop.ok("DELE 1");
+    pop.ok("DELE 2");
+    assert!(pop.ok("QUIT").contains("(2 messages deleted)"));
+    // The spoofed and the partner's message are still there, untouched.
+    assert_eq!(world.dovecot.uids(ALICE.0), vec![uids[1], uids[3]]);
+    assert_eq!(canonical(&world.dovecot.fetch(ALICE.0, uids[1])), canonical(&raws[1]));
+
+    let mut again = Pop3::login(gateway.addr, PRINTER_1.0, PRINTER_1.1);
+    assert_eq!(again.ok("STAT"), "+OK 0 0");
+    again.ok("QUIT");
+    let log = gateway.log();
+    assert!(log.contains("messages from senders not allowed are hidden"), "{log}");
+}
+
+#[test]
+fn dovecot_device_override_beats_the_account_and_keep_deletes_nothing() {
+    let world = World::new();
+    let raws = [office(), spam(), partner()];
+    let uids = world.dovecot.append_all(ALICE.0, &raws);
+    let gateway = world.gateway();
+
+    // printer-2's own list (only the partner) replaces the account's, and
+    // its on_delete = "keep" makes DELE a dry run.
+    let mut pop = Pop3::login(gateway.addr, PRINTER_2.0, PRINTER_2.1);
+    assert_eq!(pop.ok("STAT"), format!("+OK 1 {}", canonical(&raws[2]).len()));
+    pop.ok("RETR 1");
+    assert_eq!(pop.body(), canonical(&raws[2]));
+    pop.ok("DELE 1");
+    assert!(pop.ok("QUIT").contains("(0 messages deleted)"));
+    assert_eq!(world.dovecot.uids(ALICE.0), uids);
+    // And again: the same message, still there.
+    let mut again = Pop3::login(gateway.addr, PRINTER_2.0, PRINTER_2.1);
+    assert_eq!(again.ok("STAT"), format!("+OK 1 {}", canonical(&raws[2]).len()));
+    again.ok("DELE 1");
+    again.ok("QUIT");
+    assert_eq!(world.dovecot.uids(ALICE.0), uids);
+
+    // printer-1 has the account's policy: its own senders, real deletes.
+    let mut first = Pop3::login(gateway.addr, PRINTER_1.0, PRINTER_1.1);
+    assert_eq!(first.ok("STAT"), format!("+OK 1 {}", canonical(&raws[0]).len()));
+    first.ok("DELE 1");
+    assert!(first.ok("QUIT").contains("(1 messages deleted)"));
+    assert_eq!(world.dovecot.uids(ALICE.0), uids[1..]);
+
+    let log = gateway.log();
+    assert!(log.contains("on_delete = keep: nothing removed"), "{log}");
+}
+
+#[test]
+fn demo_backend_filters_and_keeps_through_poplib() {
+    let world = World::new();
+    let gateway = world.gateway();
+
+    // The admin's own list shows all three (in the store's order).
+    let mut admin = Pop3::login(gateway.addr, LOBBY_ADMIN.0, LOBBY_ADMIN.1);
+    let uidls: Vec<String> = admin.uidl().into_iter().map(|(_, u)| u).collect();
+    assert_eq!(uidls.len(), 3);
+    admin.ok("QUIT");
+
+    // The lobby printer (account list: office only; on_delete = keep)
+    // retrieves and deletes everything it sees with poplib: one message.
+    poplib_retrieves_and_deletes(gateway.addr, LOBBY_PRINTER, &[office()], &uidls[..1]);
+    let mut printer = Pop3::login(gateway.addr, LOBBY_PRINTER.0, LOBBY_PRINTER.1);
+    assert_eq!(printer.ok("STAT"), format!("+OK 1 {}", canonical(&office()).len()));
+    printer.err("RETR 2");
+    printer.ok("QUIT");
+
+    // Nothing was removed, the hidden ones included…
+    let admin_auth = auth(LOBBY_ADMIN);
+    let admin_auth: Vec<&str> = admin_auth.iter().map(String::as_str).collect();
+    let all = [office(), spam(), partner()];
+    curl_lists(gateway.addr, &admin_auth, &[&all[0], &all[1], &all[2]]);
+    // …and keep is the printer's alone: the admin's DELE removes.
+    let mut admin = Pop3::login(gateway.addr, LOBBY_ADMIN.0, LOBBY_ADMIN.1);
+    admin.ok("DELE 2");
+    assert!(admin.ok("QUIT").contains("(1 messages deleted)"));
+    curl_lists(gateway.addr, &admin_auth, &[&all[0], &all[2]]);
+}
+
+/// `popgate check-config` on `text` written to a file in `dir`.
+fn check_config(dir: &Path, text: &str) -> std::process::Output {
+    let path = dir.join("check.toml");
+    std::fs::write(&path, text).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_popgate")).arg("check-config").arg(&path).output().unwrap()
+}
+
+#[test]
+fn check_config_refuses_what_a_backend_cannot_do() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("pw"), "x\n").unwrap();
+    let hash = hash_password("pw").unwrap();
+    let config = |account_policy: &str, device_policy: &str| {
+        format!(
+            r#"
+[backend]
+kind = "imap"
+host = "127.0.0.1"
+port = 143
+tls = "none"
+
+[[account]]
+name = "office"
+mode = "mapped"
+login = "alice"
+password_file = "{dir}/pw"
+{account_policy}
+
+[[account.device]]
+user = "printer"
+password_hash = "{hash}"
+{device_policy}
+"#,
+            dir = dir.path().display()
+        )
+    };
+    let fine = check_config(
+        dir.path(),
+        &config(
+            "[account.policy]\nallowed_senders = [\"office.example\"]",
+            "[account.device.policy]\non_delete = \"keep\"",
+        ),
+    );
+    assert!(fine.status.success(), "{}", describe(&fine));
+
+    for (account, device, why) in [
+        (
+            "[account.policy]\non_delete = \"archive\"",
+            "",
+            "on_delete = \\\"archive\\\" is not supported by the imap backend",
+        ),
+        ("", "[account.device.policy]\non_delete = \"flag\"", "device `printer`: policy.on_delete = \\\"flag\\\""),
+        ("[account.policy]\nallowed_senders = [\"not a domain\"]", "", "`not a domain` is not an address or domain"),
+        ("[account.policy]\nallowed = []", "", "unknown field `allowed`"),
+    ] {
+        let refused = check_config(dir.path(), &config(account, device));
+        assert!(!refused.status.success(), "{account} {device}: {}", describe(&refused));
+        let text = describe(&refused);
+        assert!(text.contains(why) || text.contains(&why.replace("\\\"", "\"")), "{why}: {text}");
+    }
+}
