@@ -141,7 +141,11 @@ impl RedisState {
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(self.connect_timeout)
             .set_response_timeout(self.command_timeout)
-            .set_number_of_retries(1);
+            // No retries inside a command: a login must not wait for them.
+            // A broken connection is reconnected on the next command, and
+            // after a failure the store rests `retry_after_secs` anyway.
+            .set_number_of_retries(0)
+            .set_max_delay(1_000);
         let connection = tokio::time::timeout(
             self.connect_timeout + self.command_timeout,
             ConnectionManager::new_with_config(self.client.clone(), config),
