@@ -195,7 +195,8 @@ mod tests {
         let mut backend = Counting(0);
         first.resolve("acct", &mut backend, vec![claimed("a"), claimed("c")]).await.unwrap();
         assert_eq!(backend.0, 2);
-        let listed = second.resolve("acct", &mut backend, vec![claimed("a"), claimed("c"), claimed("d")]).await.unwrap();
+        let listed =
+            second.resolve("acct", &mut backend, vec![claimed("a"), claimed("c"), claimed("d")]).await.unwrap();
         assert_eq!(backend.0, 3, "only the new message is measured");
         assert!(listed.iter().all(|m| m.size == ReportedSize::Exact(5)));
         let other = second.resolve("other", &mut backend, vec![claimed("a")]).await.unwrap();

@@ -44,9 +44,10 @@ impl SharedState for MemoryState {
         Ok(keys
             .iter()
             .map(|key| {
-                let entry = self.values.entry(key.clone()).and_upsert_with(|old| {
-                    (old.map_or(1, |e| e.into_value().0.saturating_add(1)), ttl)
-                });
+                let entry = self
+                    .values
+                    .entry(key.clone())
+                    .and_upsert_with(|old| (old.map_or(1, |e| e.into_value().0.saturating_add(1)), ttl));
                 entry.into_value().0
             })
             .collect())

@@ -50,7 +50,11 @@ impl RedisTarget {
         };
         let db = match url.path().trim_start_matches('/') {
             "" => 0,
-            n => n.parse::<i64>().ok().filter(|n| (0..=1_000).contains(n)).ok_or("the path must be a database number, e.g. /0")?,
+            n => n
+                .parse::<i64>()
+                .ok()
+                .filter(|n| (0..=1_000).contains(n))
+                .ok_or("the path must be a database number, e.g. /0")?,
         };
         if url.query().is_some() || url.fragment().is_some() {
             return Err("no query or fragment: options are keys of [state]".into());

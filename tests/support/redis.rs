@@ -94,8 +94,7 @@ impl Redis {
         }
         let output = command.args(args).stdin(Stdio::null()).output().ok()?;
         let text = String::from_utf8_lossy(&output.stdout).trim_end().to_string();
-        (output.status.success() && !text.starts_with("Could not connect") && !text.starts_with("ERR"))
-            .then_some(text)
+        (output.status.success() && !text.starts_with("Could not connect") && !text.starts_with("ERR")).then_some(text)
     }
 
     /// Runs one command with `redis-cli`; its reply as text.
