@@ -103,8 +103,17 @@ pub struct LoginThrottle {
     shared: Option<Arc<dyn SharedState>>,
 }
 
-/// The keys of one login in the shared store: (pair, address, user).
+/// The keys of one login in the shared store: (pair, address, user). A
+/// user name that is long or not plain printable ASCII goes in as its
+/// SHA-256, so a guesser cannot make the store hold huge keys.
 fn shared_keys(address: IpAddr, user: &str) -> [String; 3] {
+    let user = if user.len() <= 64 && user.bytes().all(|b| b.is_ascii_graphic()) {
+        user.to_string()
+    } else {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(user.as_bytes());
+        format!("sha256:{}", digest.iter().map(|b| format!("{b:02x}")).collect::<String>())
+    };
     [format!("throttle:pair:{address}:{user}"), format!("throttle:addr:{address}"), format!("throttle:user:{user}")]
 }
 
@@ -235,7 +244,8 @@ impl LoginThrottle {
         let local = self.failure_delay(user, waited);
         let Some(shared) = &self.shared else { return local };
         let user = fold(user);
-        let count = match shared.get(&[format!("throttle:user:{user}")]).await {
+        let [_, _, key] = shared_keys(IpAddr::from([0, 0, 0, 0]), &user);
+        let count = match shared.get(&[key]).await {
             Ok(counts) => counts.first().copied().flatten().map_or(0, |c| u32::try_from(c).unwrap_or(u32::MAX)),
             Err(_) => 0,
         };
@@ -373,6 +383,13 @@ mod tests {
         assert_eq!(b.delay_shared(ip, "printer").await, Duration::ZERO);
         assert_eq!(a.delay_shared(ip, "printer").await.as_millis(), 400, "A's own tables still hold its five");
         assert_eq!(alone.delay_shared(ip, "printer").await.as_millis(), 400, "embedded: unchanged");
+        // A huge user name is counted under a bounded key, shared all the same.
+        let huge = "x".repeat(100_000);
+        for _ in 0..3 {
+            a.record_failure_shared(ip, &huge).await;
+        }
+        assert_eq!(b.delay_shared(ip, &huge).await.as_millis(), 100);
+        assert!(shared_keys(ip, &huge).iter().all(|k| k.len() < 120), "{:?}", shared_keys(ip, "x")[0]);
     }
 
     #[test]
