@@ -21,6 +21,7 @@ use crate::backend::select::{BackendConfig, BadBackendUrl};
 use crate::mail::InvalidSetting;
 use crate::server::config::{AdminConfig, ListenerConfig, TlsConfig};
 use crate::server::throttle::ThrottleConfig;
+use crate::state::StateConfig;
 use crate::telemetry::LogConfig;
 
 pub use crate::server::config::Limits;
@@ -91,6 +92,9 @@ pub struct Config {
     /// Where OAuth tokens of mapped accounts are kept (encrypted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_store: Option<TokenStoreConfig>,
+    /// State shared between replicas (Redis); embedded without a url.
+    #[serde(default)]
+    pub state: StateConfig,
 }
 
 impl Default for Config {
@@ -107,6 +111,7 @@ impl Default for Config {
             backends: BTreeMap::new(),
             account: Vec::new(),
             token_store: None,
+            state: StateConfig::default(),
         }
     }
 }
@@ -180,6 +185,7 @@ impl Config {
     pub fn check(&self) -> Result<(), InvalidSetting> {
         crate::server::config::check(&self.listener, &self.tls, &self.limits)?;
         self.throttle.check().map_err(|e| e.within("throttle"))?;
+        self.state.check().map_err(|e| e.within("state"))?;
         self.backend_pool.check().map_err(|e| e.within("backend_pool"))?;
         self.backend.check().map_err(|e| e.within("backend"))?;
         for (name, backend) in &self.backends {
@@ -246,6 +252,10 @@ impl Config {
                     "the OAuth client secret from the provider's console",
                 )?;
             }
+        }
+        if let Err(why) = self.state.password() {
+            let key = if self.state.password_env.is_some() { "state.password_env" } else { "state.password_file" };
+            return Err(ConfigError::unusable(key, format!("{why}; it must hold the Redis password")));
         }
         if let Some(store) = &self.token_store
             && self.account.iter().any(|a| a.oauth.is_some())

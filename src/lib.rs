@@ -16,6 +16,8 @@
 //! - `auth`: client credentials and the secret type that never prints;
 //!   routing of logins to backend accounts (pass-through or mapped device
 //!   users), OAuth2 flows and the encrypted token store.
+//! - `state`: state shared between replicas (Redis) or kept per process
+//!   (the embedded default), behind one seam.
 //! - `config`: the TOML configuration and `check-config`.
 //! - `telemetry`: logging and Prometheus metrics.
 
@@ -29,4 +31,5 @@ pub mod mail;
 pub mod pop3;
 pub mod server;
 pub mod smtp;
+pub mod state;
 pub mod telemetry;

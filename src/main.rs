@@ -136,6 +136,11 @@ struct ServeArgs {
     /// Do not start the admin HTTP listener.
     #[arg(long, conflicts_with = "admin")]
     no_admin: bool,
+    /// State shared between replicas: redis://host:port/db or rediss://…
+    /// (no password in it: `[state] password_file`/`password_env`);
+    /// replaces `[state] url`.
+    #[arg(long = "state", value_name = "URL", env = "POPGATE_STATE")]
+    state: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -305,6 +310,9 @@ fn effective_config(args: &ServeArgs) -> anyhow::Result<Config> {
     }
     if args.no_admin {
         config.admin.enabled = false;
+    }
+    if let Some(url) = &args.state {
+        config.state.url = Some(url.clone());
     }
     config.check()?;
     Ok(config)

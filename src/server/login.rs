@@ -35,12 +35,13 @@ pub async fn log_in(
     credentials: &Credentials,
 ) -> Option<Result<LoggedIn, BackendError>> {
     let throttle = &context.throttle;
-    // The wait before: this address's failures with this user name (and,
-    // capped small, the address's failures with any name).
-    let delay = throttle.delay(peer, &credentials.user);
     let opened = tokio::select! {
         _ = context.stopped() => return None,
         opened = async {
+            // The wait before: this address's failures with this user name
+            // (and, capped small, the address's failures with any name),
+            // counted by every replica sharing the state store.
+            let delay = throttle.delay_shared(peer, &credentials.user).await;
             if !delay.is_zero() {
                 tracing::debug!(delay_ms = delay.as_millis() as u64, "throttling login after failures");
                 tokio::time::sleep(delay).await;
@@ -50,8 +51,8 @@ pub async fn log_in(
                 // The wait after: the user name's failures from every
                 // address hold up only a failed guess, never the right
                 // password.
-                let more = throttle.failure_delay(&credentials.user, delay);
-                throttle.record_failure(peer, &credentials.user);
+                let more = throttle.failure_delay_shared(&credentials.user, delay).await;
+                throttle.record_failure_shared(peer, &credentials.user).await;
                 if !more.is_zero() {
                     tracing::debug!(delay_ms = more.as_millis() as u64, "throttling a failed login of a guessed user");
                     tokio::time::sleep(more).await;
@@ -60,10 +61,12 @@ pub async fn log_in(
             opened
         } => opened,
     };
+    if opened.is_ok() {
+        throttle.record_success_shared(peer, &credentials.user).await;
+    }
     let metrics = &context.metrics;
     match &opened {
         Ok(logged_in) => {
-            throttle.record_success(peer, &credentials.user);
             metrics.login("success", "ok");
             if logged_in.lease.reused {
                 metrics.backend_sessions_reused.inc();

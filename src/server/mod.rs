@@ -29,8 +29,9 @@ use tokio::task::JoinSet;
 use crate::auth::accounts::Router;
 use crate::backend::SharedBackend;
 use crate::backend::pool::SessionPool;
-use crate::backend::sizes::ExactSizes;
+use crate::backend::sizes::{ExactSizes, SizeStore};
 use crate::config::Config;
+use crate::state::SharedState;
 use crate::telemetry::{Metrics, Refusal};
 use admin::Health;
 use config::Limits;
@@ -152,6 +153,32 @@ pub struct RunningServer {
 
 pub struct Server;
 
+/// Exact sizes in the shared state store, keyed by account and UIDL (the
+/// account's length first, so no two (account, UIDL) pairs share a key).
+struct SharedSizes {
+    shared: Arc<dyn SharedState>,
+    ttl: Duration,
+}
+
+impl SharedSizes {
+    fn key(account: &str, uidl: &str) -> String {
+        format!("size:{}:{account}:{uidl}", account.len())
+    }
+}
+
+#[async_trait::async_trait]
+impl SizeStore for SharedSizes {
+    async fn sizes(&self, account: &str, uidls: &[&str]) -> Vec<Option<u64>> {
+        let keys: Vec<String> = uidls.iter().map(|u| Self::key(account, u)).collect();
+        self.shared.get(&keys).await.unwrap_or_default()
+    }
+
+    async fn remember(&self, account: &str, sizes: &[(&str, u64)]) {
+        let entries: Vec<(String, u64)> = sizes.iter().map(|(u, size)| (Self::key(account, u), *size)).collect();
+        let _ = self.shared.set(&entries, self.ttl).await;
+    }
+}
+
 impl Server {
     /// Loads certificates and binds every listener (failing fast, with the
     /// file or address named), then starts serving, with logins routed by
@@ -181,13 +208,20 @@ impl Server {
         }
         let (draining, _) = watch::channel(false);
         let (stop, stop_rx) = watch::channel(false);
+        let mut sizes = ExactSizes::new(config.limits.size_cache_entries);
+        let mut throttle = LoginThrottle::new(config.throttle.clone());
+        if let Some(shared) = config.state.open().map_err(std::io::Error::other)? {
+            let ttl = Duration::from_secs(config.state.size_ttl_secs);
+            sizes = sizes.shared_with(Arc::new(SharedSizes { shared: shared.clone(), ttl }));
+            throttle = throttle.shared_with(shared);
+        }
         let context = Arc::new(Context {
             limits: std::sync::RwLock::new(Arc::new(config.limits.clone())),
             backend,
             router,
-            sizes: ExactSizes::new(config.limits.size_cache_entries),
+            sizes,
             tls: certificates.as_ref().map(|c| c.server_config()),
-            throttle: LoginThrottle::new(config.throttle.clone()),
+            throttle,
             metrics,
             pool: SessionPool::new(config.backend_pool.clone()),
             stop: stop_rx,

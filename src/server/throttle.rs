@@ -20,15 +20,24 @@
 //! by itself. The delay is a per-session wait, never a lock: other sessions
 //! are untouched. Memory is bounded by `max_entries` per table. Counters are
 //! updated atomically (parallel failures all count).
+//!
+//! With a shared state store (`[state] url`), every failure is also counted
+//! there (`INCR` + expiry, atomically for the three keys), and the waits
+//! take the larger of the local and the shared count: an attacker spread
+//! over replicas gets no more guesses than against one. The local tables
+//! are always kept, so a store that fails or times out leaves exactly the
+//! embedded behaviour (each replica counts its own).
 
 use std::hash::Hash;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use moka::sync::Cache;
 use serde::{Deserialize, Serialize};
 
 use crate::mail::InvalidSetting;
+use crate::state::SharedState;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -91,6 +100,21 @@ fn fold(user: &str) -> String {
 
 pub struct LoginThrottle {
     inner: std::sync::RwLock<Tables>,
+    shared: Option<Arc<dyn SharedState>>,
+}
+
+/// The keys of one login in the shared store: (pair, address, user). A
+/// user name that is long or not plain printable ASCII goes in as its
+/// SHA-256, so a guesser cannot make the store hold huge keys.
+fn shared_keys(address: IpAddr, user: &str) -> [String; 3] {
+    let user = if user.len() <= 64 && user.bytes().all(|b| b.is_ascii_graphic()) {
+        user.to_string()
+    } else {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(user.as_bytes());
+        format!("sha256:{}", digest.iter().map(|b| format!("{b:02x}")).collect::<String>())
+    };
+    [format!("throttle:pair:{address}:{user}"), format!("throttle:addr:{address}"), format!("throttle:user:{user}")]
 }
 
 struct Tables {
@@ -115,7 +139,27 @@ fn count<K: Hash + Eq + Send + Sync + Clone + 'static>(cache: &Cache<K, u32>, ke
 
 impl LoginThrottle {
     pub fn new(config: ThrottleConfig) -> Self {
-        LoginThrottle { inner: std::sync::RwLock::new(Tables::new(config)) }
+        LoginThrottle { inner: std::sync::RwLock::new(Tables::new(config)), shared: None }
+    }
+
+    /// Counts failures in `shared` too, so that replicas sharing it throttle
+    /// together.
+    pub fn shared_with(mut self, shared: Arc<dyn SharedState>) -> Self {
+        self.shared = Some(shared);
+        self
+    }
+
+    /// Failures counted by every replica for (pair, address, user), or
+    /// zeros when there is no shared store or it fails.
+    async fn shared_counts(&self, address: IpAddr, user: &str) -> [u32; 3] {
+        let Some(shared) = &self.shared else { return [0; 3] };
+        match shared.get(&shared_keys(address, user)).await {
+            Ok(counts) => {
+                let n = |i: usize| counts.get(i).copied().flatten().map_or(0, |c| u32::try_from(c).unwrap_or(u32::MAX));
+                [n(0), n(1), n(2)]
+            }
+            Err(_) => [0; 3],
+        }
     }
 
     fn tables(&self) -> std::sync::RwLockReadGuard<'_, Tables> {
@@ -144,7 +188,18 @@ impl LoginThrottle {
         t.delay_after(t.by_user.get(&fold(user)).unwrap_or(0)).saturating_sub(waited)
     }
 
+    /// Counts a failure here, and (in the background) in the shared state
+    /// store; callers that can wait use [`Self::record_failure_shared`].
     pub fn record_failure(&self, address: IpAddr, user: &str) {
+        self.record_failure_locally(address, user);
+        if let (Some(shared), Ok(runtime)) = (&self.shared, tokio::runtime::Handle::try_current()) {
+            let (shared, keys) = (shared.clone(), shared_keys(address, &fold(user)));
+            let release = Duration::from_secs(self.tables().config.release_after_secs.max(1));
+            runtime.spawn(async move { shared.increment(&keys, release).await });
+        }
+    }
+
+    fn record_failure_locally(&self, address: IpAddr, user: &str) {
         let user = fold(user);
         let t = self.tables();
         count(&t.by_pair, (address, user.clone()));
@@ -156,10 +211,63 @@ impl LoginThrottle {
     /// from all (not the address: one good account must not launder an
     /// address's guessing).
     pub fn record_success(&self, address: IpAddr, user: &str) {
+        self.record_success_locally(address, user);
+        if let (Some(shared), Ok(runtime)) = (&self.shared, tokio::runtime::Handle::try_current()) {
+            let [pair, _, user] = shared_keys(address, &fold(user));
+            let shared = shared.clone();
+            runtime.spawn(async move { shared.remove(&[pair, user]).await });
+        }
+    }
+
+    fn record_success_locally(&self, address: IpAddr, user: &str) {
         let user = fold(user);
         let t = self.tables();
         t.by_pair.invalidate(&(address, user.clone()));
         t.by_user.invalidate(&user);
+    }
+
+    /// [`Self::delay`], counting the failures of every replica sharing the
+    /// state store.
+    pub async fn delay_shared(&self, address: IpAddr, user: &str) -> Duration {
+        let user = fold(user);
+        let local = self.tables().delay(address, &user);
+        if self.shared.is_none() {
+            return local;
+        }
+        let [pair, by_address, _] = self.shared_counts(address, &user).await;
+        local.max(self.tables().delay_for(pair, by_address))
+    }
+
+    /// [`Self::failure_delay`], counting the user name's failures on every
+    /// replica sharing the state store.
+    pub async fn failure_delay_shared(&self, user: &str, waited: Duration) -> Duration {
+        let local = self.failure_delay(user, waited);
+        let Some(shared) = &self.shared else { return local };
+        let user = fold(user);
+        let [_, _, key] = shared_keys(IpAddr::from([0, 0, 0, 0]), &user);
+        let count = match shared.get(&[key]).await {
+            Ok(counts) => counts.first().copied().flatten().map_or(0, |c| u32::try_from(c).unwrap_or(u32::MAX)),
+            Err(_) => 0,
+        };
+        local.max(self.tables().delay_after(count).saturating_sub(waited))
+    }
+
+    /// [`Self::record_failure`], also in the shared state store.
+    pub async fn record_failure_shared(&self, address: IpAddr, user: &str) {
+        self.record_failure_locally(address, user);
+        if let Some(shared) = &self.shared {
+            let release = Duration::from_secs(self.tables().config.release_after_secs.max(1));
+            let _ = shared.increment(&shared_keys(address, &fold(user)), release).await;
+        }
+    }
+
+    /// [`Self::record_success`], also in the shared state store.
+    pub async fn record_success_shared(&self, address: IpAddr, user: &str) {
+        self.record_success_locally(address, user);
+        if let Some(shared) = &self.shared {
+            let [pair, _, user] = shared_keys(address, &fold(user));
+            let _ = shared.remove(&[pair, user]).await;
+        }
     }
 
     /// Entries held (for tests and metrics; approximate until maintenance).
@@ -191,9 +299,16 @@ impl Tables {
     }
 
     fn delay(&self, address: IpAddr, user: &str) -> Duration {
-        let c = &self.config;
-        let pair = self.delay_after(self.by_pair.get(&(address, user.to_string())).unwrap_or(0));
+        let pair = self.by_pair.get(&(address, user.to_string())).unwrap_or(0);
         let by_address = self.by_address.get(&address).unwrap_or(0);
+        self.delay_for(pair, by_address)
+    }
+
+    /// The wait before a login whose pair failed `pair` times and whose
+    /// address failed `by_address` times.
+    fn delay_for(&self, pair: u32, by_address: u32) -> Duration {
+        let c = &self.config;
+        let pair = self.delay_after(pair);
         let cap = c.address_max_delay_ms.min(c.max_delay_ms);
         let address = Self::grown(c.address_free_failures, c.base_delay_ms.min(cap), cap, by_address);
         pair.max(address)
@@ -243,6 +358,38 @@ mod tests {
             t.record_failure(a, &format!("guess{i}"));
         }
         assert_eq!(t.delay(a, "someone-else").as_millis(), 300);
+    }
+
+    /// Two replicas sharing one store: failures on A delay the pair, and
+    /// the user's failed guesses, on B; B's success forgives the user on A.
+    #[tokio::test]
+    async fn replicas_sharing_a_store_throttle_together() {
+        let config = ThrottleConfig { free_failures: 2, base_delay_ms: 100, max_delay_ms: 1000, ..Default::default() };
+        let store: Arc<dyn SharedState> = Arc::new(crate::state::memory::MemoryState::new(100));
+        let a = LoginThrottle::new(config.clone()).shared_with(store.clone());
+        let b = LoginThrottle::new(config.clone()).shared_with(store.clone());
+        let alone = LoginThrottle::new(config);
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        for _ in 0..5 {
+            a.record_failure_shared(ip, "Printer").await;
+            alone.record_failure_shared(ip, "Printer").await;
+        }
+        assert_eq!(b.delay_shared(ip, "printer").await.as_millis(), 400, "A's failures count on B");
+        assert_eq!(b.failure_delay_shared("PRINTER", Duration::ZERO).await.as_millis(), 400);
+        assert_eq!(b.delay(ip, "printer"), Duration::ZERO, "B's own tables are untouched");
+        b.record_failure_shared(ip, "printer").await;
+        assert_eq!(a.delay_shared(ip, "printer").await.as_millis(), 800, "and B's count on A");
+        b.record_success_shared(ip, "printer").await;
+        assert_eq!(b.delay_shared(ip, "printer").await, Duration::ZERO);
+        assert_eq!(a.delay_shared(ip, "printer").await.as_millis(), 400, "A's own tables still hold its five");
+        assert_eq!(alone.delay_shared(ip, "printer").await.as_millis(), 400, "embedded: unchanged");
+        // A huge user name is counted under a bounded key, shared all the same.
+        let huge = "x".repeat(100_000);
+        for _ in 0..3 {
+            a.record_failure_shared(ip, &huge).await;
+        }
+        assert_eq!(b.delay_shared(ip, &huge).await.as_millis(), 100);
+        assert!(shared_keys(ip, &huge).iter().all(|k| k.len() < 120), "{:?}", shared_keys(ip, "x")[0]);
     }
 
     #[test]

@@ -26,6 +26,8 @@
 //! - `stand_in`: throttling and the request record both API stand-ins use.
 //! - `token_router`: a router handing out OAuth bearer tokens (and fresh
 //!   ones on refresh), and popgate in-process with it.
+//! - `redis`: a private redis-server per test (shared state between
+//!   replicas).
 //! - `tls`: a test CA and server certificates made at run time, and a POP3
 //!   client for cleartext, STLS and implicit TLS from any 127.0.0.0/8 address.
 //!
@@ -51,6 +53,7 @@ pub mod pop3;
 pub mod postfix;
 pub mod program;
 pub mod proxy;
+pub mod redis;
 pub mod stand_in;
 pub mod tls;
 pub mod token_router;

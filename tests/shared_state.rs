@@ -1,0 +1,190 @@
+//! Replicas sharing state through a real Redis (`[state] url`, `--state`):
+//! popgate processes against one private `redis-server` and one Dovecot,
+//! all on loopback ports chosen at run time.
+//!
+//! - failed logins counted on one replica throttle the same user on another
+//!   (and an embedded replica, as a control, counts only its own);
+//! - sizes measured by one replica are listed by another without fetching
+//!   a single body;
+//! - Redis down (at start-up, and again after it came back): logins go on
+//!   with each replica's local state, failures are answered as always, the
+//!   outage is logged once, and counting resumes when Redis is back.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use support::dovecot::{ALICE, BOB, Dovecot};
+use support::gateway::GatewayProcess;
+use support::messages::simple;
+use support::pop3::Dialogue as _;
+use support::pop3::Pop3;
+use support::proxy::RecordingProxy;
+use support::redis::Redis;
+use support::wait_for;
+
+const REDIS_PASSWORD: &str = "redis-pw-4f2a9c";
+
+fn write(dir: &Path, name: &str, content: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, content).expect("write file");
+    path
+}
+
+/// `[state]` for `redis`, its password in a file under `dir`.
+fn state_section(dir: &Path, redis: &Redis) -> String {
+    let password = write(dir, "redis.password", &format!("{REDIS_PASSWORD}\n"));
+    format!("[state]\nurl = \"{}\"\npassword_file = \"{}\"\n", redis.url(), password.display())
+}
+
+/// A wrong password; returns the reply and how long it took.
+fn fail_login(addr: std::net::SocketAddr, user: &str) -> (String, Duration) {
+    let mut c = Pop3::connect(addr);
+    c.ok(&format!("USER {user}"));
+    let started = Instant::now();
+    let reply = c.cmd("PASS not-the-password");
+    (reply, started.elapsed())
+}
+
+fn occurrences(haystack: &[u8], needle: &[u8]) -> usize {
+    haystack.windows(needle.len()).filter(|w| *w == needle).count()
+}
+
+#[test]
+fn failures_on_one_replica_throttle_the_same_user_on_another() {
+    let dovecot = Dovecot::start();
+    let redis = Redis::start_with_password(REDIS_PASSWORD);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let throttle = "[throttle]\nfree_failures = 1\nbase_delay_ms = 1500\nmax_delay_ms = 1500\n";
+    let shared = write(dir.path(), "shared.toml", &format!("{throttle}{}", state_section(dir.path(), &redis)));
+    let embedded = write(dir.path(), "embedded.toml", throttle);
+    let backend = dovecot.imap_url();
+    let start = |config: &Path| GatewayProcess::start(&["--config", config.to_str().unwrap(), "--backend", &backend]);
+    let (a, b, alone) = (start(&shared), start(&shared), start(&embedded));
+
+    // Two failures on A: the second is the last free one.
+    for _ in 0..2 {
+        let (reply, _) = fail_login(a.addr, "Alice");
+        assert!(reply.starts_with("-ERR [AUTH]"), "{reply}");
+    }
+    assert_eq!(redis.command(&["GET", "popgate:throttle:user:alice"]), "2");
+    assert_eq!(redis.command(&["GET", "popgate:throttle:pair:127.0.0.1:alice"]), "2");
+    let ttl: i64 = redis.command(&["PTTL", "popgate:throttle:user:alice"]).parse().unwrap();
+    assert!((1..=900_000).contains(&ttl), "every counter expires (release_after_secs): {ttl}");
+
+    // The embedded replica has seen none of them: no wait.
+    let (reply, _) = fail_login(alone.addr, ALICE.0);
+    assert!(reply.starts_with("-ERR [AUTH]"), "{reply}");
+    assert!(!alone.log().contains("throttling login after failures"), "{}", alone.log());
+
+    // B, which has seen no failure itself, waits for A's.
+    let (reply, waited) = fail_login(b.addr, ALICE.0);
+    assert!(reply.starts_with("-ERR [AUTH]"), "{reply}");
+    assert!(b.log().contains("throttling login after failures"), "{}", b.log());
+    assert!(waited >= Duration::from_millis(1400), "B did not wait for A's failures: {waited:?}");
+    assert_eq!(redis.command(&["GET", "popgate:throttle:user:alice"]), "3", "B's failure counts for all");
+
+    // The right password still gets in on B; success forgives the user name
+    // everywhere, not the address.
+    let mut c = Pop3::login(b.addr, ALICE.0, ALICE.1);
+    c.stat();
+    c.quit();
+    assert_eq!(redis.command(&["EXISTS", "popgate:throttle:user:alice"]), "0");
+    assert_eq!(redis.command(&["EXISTS", "popgate:throttle:pair:127.0.0.1:alice"]), "0");
+    assert_eq!(redis.command(&["GET", "popgate:throttle:addr:127.0.0.1"]), "3");
+
+    for replica in [&a, &b] {
+        let log = replica.log();
+        assert!(log.contains(&redis.url().replace("/0", "").replace("redis://", "")), "target logged: {log}");
+        assert!(!log.contains(REDIS_PASSWORD), "the Redis password leaked into the log:\n{log}");
+    }
+}
+
+#[test]
+fn a_second_replica_lists_sizes_the_first_measured_without_fetching() {
+    let dovecot = Dovecot::start();
+    dovecot.append_all(BOB.0, &[simple("one"), simple("two"), simple("three")]);
+    let redis = Redis::start_with_password(REDIS_PASSWORD);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let shared = write(dir.path(), "shared.toml", &state_section(dir.path(), &redis));
+    let (to_a, to_b) = (RecordingProxy::start(dovecot.imap_addr()), RecordingProxy::start(dovecot.imap_addr()));
+    let start = |proxy: &RecordingProxy| {
+        GatewayProcess::start(&["--config", shared.to_str().unwrap(), "--backend", &format!("imap://{}", proxy.addr)])
+    };
+    let a = start(&to_a);
+    let mut c = Pop3::login(a.addr, BOB.0, BOB.1);
+    let listed_by_a = c.list();
+    c.quit();
+    assert_eq!(listed_by_a.len(), 3);
+    assert!(occurrences(&to_a.sent(), b"PEEK[") > 0, "A measures the claimed sizes (the control)");
+    let keys = redis.command(&["KEYS", "popgate:size:*"]);
+    assert_eq!(keys.lines().count(), 3, "{keys}");
+    let ttl: i64 = redis.command(&["TTL", keys.lines().next().unwrap()]).parse().unwrap();
+    assert!(ttl > 0, "shared sizes expire (size_ttl_secs): {ttl}");
+
+    // A second replica (or A after a restart): the sizes come from Redis.
+    let b = start(&to_b);
+    let mut c = Pop3::login(b.addr, BOB.0, BOB.1);
+    assert_eq!(c.list(), listed_by_a);
+    let sent = to_b.sent();
+    assert_eq!(occurrences(&sent, b"PEEK["), 0, "B fetched a body to list:\n{}", String::from_utf8_lossy(&sent));
+    // The shared sizes are the octets RETR sends.
+    for (n, size) in &listed_by_a {
+        assert_eq!(c.retr(*n).len() as u64, *size, "message {n}");
+    }
+    c.quit();
+}
+
+#[test]
+fn with_redis_down_logins_go_on_with_local_state_and_sharing_resumes() {
+    let dovecot = Dovecot::start();
+    let mut redis = Redis::start();
+    let url = redis.url();
+    redis.stop();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write(
+        dir.path(),
+        "popgate.toml",
+        "[throttle]\nfree_failures = 100\n[state]\nretry_after_secs = 0\ncommand_timeout_ms = 2000\n",
+    );
+    // It starts while Redis is down (the store connects on first use).
+    let a = GatewayProcess::start(&[
+        "--config",
+        config.to_str().unwrap(),
+        "--backend",
+        &dovecot.imap_url(),
+        "--state",
+        &url,
+    ]);
+    let login = || {
+        let mut c = Pop3::login(a.addr, ALICE.0, ALICE.1);
+        c.stat();
+        c.quit();
+    };
+    login();
+    for _ in 0..3 {
+        let (reply, _) = fail_login(a.addr, ALICE.0);
+        assert!(reply.starts_with("-ERR [AUTH]"), "a wrong password is still just that: {reply}");
+    }
+    login();
+    let unavailable = "shared state store unavailable";
+    assert_eq!(a.log().matches(unavailable).count(), 1, "logged once per outage:\n{}", a.log());
+
+    // Back: failures are counted in Redis again.
+    redis.restart();
+    wait_for("failures counted in Redis again", Duration::from_secs(20), || {
+        fail_login(a.addr, ALICE.0);
+        (redis.command(&["EXISTS", "popgate:throttle:user:alice"]) == "1").then_some(())
+    });
+    assert!(a.log().contains("shared state store reachable again"), "{}", a.log());
+
+    // Down again, this time with a live connection: still served.
+    redis.stop();
+    login();
+    let (reply, _) = fail_login(a.addr, ALICE.0);
+    assert!(reply.starts_with("-ERR [AUTH]"), "{reply}");
+    login();
+    assert_eq!(a.log().matches(unavailable).count(), 2, "{}", a.log());
+    assert!(!a.log().contains("panicked"), "{}", a.log());
+}
