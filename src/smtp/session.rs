@@ -649,8 +649,15 @@ pub fn reply_for_relay_failure(failure: &RelayFailure) -> Reply {
                 .split(' ')
                 .next()
                 .is_some_and(|w| w.starts_with(&format!("{class}.")) && w.split('.').count() == 3);
-            let text = format!("upstream: {}", text.chars().take(400).collect::<String>());
-            if has_enhanced { Reply::new(code, None, text) } else { Reply::with(code, (class, 0, 0), text) }
+            let text: String = text.chars().take(400).collect();
+            // RFC 2034: the enhanced code comes first, right after the
+            // reply code.
+            match text.split_once(' ') {
+                Some((enhanced, rest)) if has_enhanced => {
+                    Reply::new(code, None, format!("{enhanced} upstream: {rest}"))
+                }
+                _ => Reply::with(code, (class, 0, 0), format!("upstream: {text}")),
+            }
         }
         RelayFailure::Unavailable => {
             Reply::with(451, (4, 4, 1), "upstream unavailable; message not sent, try again later")

@@ -428,7 +428,7 @@ fn upstream_failures_keep_their_class() {
     send(
         &mut h,
         RelayFailure::Upstream { code: 550, text: "5.7.60 SMTP; Client does not have permissions".into() },
-        "550 upstream: 5.7.60 SMTP; Client does not have permissions",
+        "550 5.7.60 upstream: SMTP; Client does not have permissions",
     );
     send(
         &mut h,
