@@ -9,6 +9,7 @@
 
 mod support;
 
+use std::net::SocketAddr;
 use std::path::Path;
 
 use popgate::auth::passwords::{SecretSource, hash_password};
@@ -25,6 +26,27 @@ const GMAIL_ADDRESS: &str = "alice@example.com";
 /// A gateway with a submission listener for one mapped account on
 /// `backend` (a TOML `[backend]` table), holding `token` in its store.
 fn gateway(dir: &Path, backend: &str, login: &str, token: &str) -> GatewayProcess {
+    let listeners = |addrs: &[SocketAddr]| {
+        format!(
+            "[[listener]]\naddress = \"{}\"\n\n[[listener]]\naddress = \"{}\"\nprotocol = \"submission\"\n",
+            addrs[0], addrs[1]
+        )
+    };
+    gateway_with(dir, backend, login, token, 2, listeners, "")
+}
+
+/// `gateway` with `listeners` (TOML for `count` run-time addresses; more
+/// tables may follow them, e.g. `[tls]`) and extra `[account.submission]`
+/// keys.
+fn gateway_with(
+    dir: &Path,
+    backend: &str,
+    login: &str,
+    token: &str,
+    count: usize,
+    listeners: impl Fn(&[SocketAddr]) -> String,
+    submission: &str,
+) -> GatewayProcess {
     let key = dir.join("token.key");
     std::fs::write(&key, format!("{}\n", StoreKey::generate_text())).unwrap();
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
@@ -40,15 +62,10 @@ fn gateway(dir: &Path, backend: &str, login: &str, token: &str) -> GatewayProces
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     runtime.block_on(EncryptedFileStore::new(store_path.clone(), store_key).save("office", &stored)).unwrap();
     let hash = hash_password(SCANNER.1).unwrap();
-    GatewayProcess::start_with_config(2, &[("RUST_LOG", "popgate=debug")], |addrs| {
+    GatewayProcess::start_with_config(count, &[("RUST_LOG", "popgate=debug")], |addrs| {
         format!(
             r#"
-[[listener]]
-address = "{pop3}"
-
-[[listener]]
-address = "{smtp}"
-protocol = "submission"
+{listeners}
 
 {backend}
 
@@ -70,13 +87,13 @@ scopes = ["mail"]
 redirect_uri = "http://127.0.0.1/callback"
 
 [account.submission]
+{submission}
 
 [[account.device]]
 user = "{scanner}"
 password_hash = "{hash}"
 "#,
-            pop3 = addrs[0],
-            smtp = addrs[1],
+            listeners = listeners(addrs),
             store = store_path.display(),
             key = key.display(),
             scanner = SCANNER.0,
@@ -106,11 +123,15 @@ fn scan(tag: &str, from: &str) -> Vec<u8> {
 
 const SMTPLIB: &str = r#"
 import smtplib, sys
-host, port, user, password, sender, path = sys.argv[1:7]
+host, port, user, password, sender, path, source = sys.argv[1:8]
 msg = open(path, 'rb').read()
-s = smtplib.SMTP(host, int(port), timeout=60)
+s = smtplib.SMTP(host, int(port), timeout=60, source_address=(source, 0))
 s.ehlo('scanner.local')
-s.login(user, password)
+try:
+    s.login(user, password)
+except smtplib.SMTPException as e:
+    print('LOGIN REFUSED', e)
+    sys.exit(0)
 try:
     s.sendmail(sender, [sender], msg)
     print('SENT')
@@ -121,9 +142,13 @@ s.quit()
 
 /// Sends `message` as `sender` with smtplib; "SENT" or "REFUSED code text".
 fn send(gateway: &GatewayProcess, dir: &Path, sender: &str, message: &[u8]) -> String {
+    send_from(gateway.addrs[1], "127.0.0.1", dir, sender, message)
+}
+
+/// `send` to `addr` from the local address `source`.
+fn send_from(addr: SocketAddr, source: &str, dir: &Path, sender: &str, message: &[u8]) -> String {
     let path = dir.join("scan.eml");
     std::fs::write(&path, message).unwrap();
-    let addr = gateway.addrs[1];
     let out = run(
         "python3",
         &[
@@ -135,6 +160,7 @@ fn send(gateway: &GatewayProcess, dir: &Path, sender: &str, message: &[u8]) -> S
             SCANNER.1,
             sender,
             path.to_str().unwrap(),
+            source,
         ],
     );
     assert!(out.status.success(), "smtplib: {}", describe(&out));
@@ -219,4 +245,148 @@ fn gmail_messages_send_receives_the_scan_byte_identical_and_its_refusals_map_to_
     }
     assert_eq!(api.sent().len(), 1, "a refused send was recorded");
     assert!(!gateway.log().contains(&token), "the token was logged");
+}
+
+/// The per-device hourly allowances: the message over the limit is refused
+/// with 450 4.7.1 and never reaches the API; so is one whose recipients
+/// would go over the recipient allowance.
+#[test]
+fn the_hourly_limits_per_device_refuse_with_4xx_and_send_nothing() {
+    let api = GraphApi::start();
+    let token = api.issue_token(TokenKind::Delegated);
+    let dir = tempfile::tempdir().unwrap();
+    let backend = format!("[backend]\nkind = \"graph\"\napi_base = \"{}\"", api.base_url);
+    let listeners = |addrs: &[SocketAddr]| {
+        format!(
+            "[[listener]]\naddress = \"{}\"\n\n[[listener]]\naddress = \"{}\"\nprotocol = \"submission\"\n",
+            addrs[0], addrs[1]
+        )
+    };
+    let gateway = gateway_with(
+        dir.path(),
+        &backend,
+        UPN,
+        &token,
+        2,
+        listeners,
+        "max_messages_per_hour = 2\nmax_recipients_per_hour = 5",
+    );
+    for n in 0..2 {
+        assert_eq!(send(&gateway, dir.path(), UPN, &scan(&format!("limit-{n}"), UPN)), "SENT", "{}", gateway.log());
+    }
+    let answer = send(&gateway, dir.path(), UPN, &scan("limit-3", UPN));
+    assert!(answer.starts_with("REFUSED 450 4.7.1 hourly sending limit"), "{answer}");
+    assert_eq!(api.sent().len(), 2);
+}
+
+/// TLS on the submission port: STARTTLS (curl `smtp://` with
+/// `--ssl-reqd`, swaks `--tls`) and implicit TLS (curl `smtps://`, swaks
+/// `--tlsc`), certificates checked against the test CA; AUTH without TLS
+/// refused on a network listener, and allowed from `cleartext_networks`
+/// only.
+#[test]
+fn tls_and_cleartext_rules_on_the_submission_port() {
+    let api = GraphApi::start();
+    let token = api.issue_token(TokenKind::Delegated);
+    let dir = tempfile::tempdir().unwrap();
+    let ca = support::tls::TestCa::new();
+    let cert = ca.issue("smtp", "smtp.popgate.test", &["localhost", "127.0.0.1"]);
+    let backend = format!("[backend]\nkind = \"graph\"\napi_base = \"{}\"", api.base_url);
+    let listeners = |addrs: &[SocketAddr]| {
+        format!(
+            "[[listener]]\naddress = \"{}\"\n\n\
+             [[listener]]\naddress = \"{}\"\nprotocol = \"submission\"\ntls = \"starttls\"\nloopback_is_secure = false\n\n\
+             [[listener]]\naddress = \"{}\"\nprotocol = \"submission\"\ntls = \"implicit\"\nloopback_is_secure = false\n\n\
+             [[listener]]\naddress = \"{}\"\nprotocol = \"submission\"\nloopback_is_secure = false\n\
+             allow_cleartext_login = true\ncleartext_networks = [\"127.0.0.2/32\"]\n\n\
+             [tls]\n[[tls.certificates]]\ncert = \"{}\"\nkey = \"{}\"\n",
+            addrs[0],
+            addrs[1],
+            addrs[2],
+            addrs[3],
+            cert.cert.display(),
+            cert.key.display()
+        )
+    };
+    let gateway = gateway_with(dir.path(), &backend, UPN, &token, 4, listeners, "");
+    let (starttls, implicit, cleartext) = (gateway.addrs[1], gateway.addrs[2], gateway.addrs[3]);
+    let message = scan("tls", UPN);
+    let path = dir.path().join("tls.eml");
+    std::fs::write(&path, &message).unwrap();
+    let ca_file = ca.ca_file.to_str().unwrap().to_string();
+    let curl = |url: String, extra: &[&str]| {
+        let mut args = vec![
+            "--silent",
+            "--show-error",
+            "--max-time",
+            "60",
+            "--cacert",
+            &ca_file,
+            "--user",
+            "scanner:scan-pw",
+            "--mail-from",
+            UPN,
+            "--mail-rcpt",
+            UPN,
+            "--upload-file",
+            path.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let url = url;
+        args.push(&url);
+        let out = run("curl", &args);
+        assert!(out.status.success(), "curl {url}: {}\n{}", describe(&out), gateway.log());
+    };
+    curl(format!("smtp://127.0.0.1:{}", starttls.port()), &["--ssl-reqd"]);
+    curl(format!("smtps://127.0.0.1:{}", implicit.port()), &[]);
+    let sent = api.sent();
+    assert_eq!(sent.len(), 2);
+    assert!(sent.iter().all(|m| *m == message), "a TLS send changed the message");
+
+    let data = format!("@{}", path.display());
+    let swaks = |port: u16, tls: &str| {
+        let out = run(
+            "swaks",
+            &[
+                "--server",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                tls,
+                "--tls-verify",
+                "--tls-ca-path",
+                &ca_file,
+                "--auth",
+                "PLAIN",
+                "--auth-user",
+                SCANNER.0,
+                "--auth-password",
+                SCANNER.1,
+                "--from",
+                UPN,
+                "--to",
+                UPN,
+                "--data",
+                &data,
+                "--timeout",
+                "60",
+            ],
+        );
+        assert!(out.status.success(), "swaks {tls}: {}\n{}", describe(&out), gateway.log());
+    };
+    swaks(starttls.port(), "--tls");
+    swaks(implicit.port(), "--tlsc");
+    assert_eq!(api.sent().len(), 4);
+
+    // No AUTH in the clear on the STARTTLS listener (loopback counts as a
+    // network here)...
+    let answer = send_from(starttls, "127.0.0.1", dir.path(), UPN, &message);
+    assert!(answer.starts_with("LOGIN REFUSED"), "{answer}");
+    // ...nor on the cleartext listener from outside cleartext_networks...
+    let answer = send_from(cleartext, "127.0.0.3", dir.path(), UPN, &message);
+    assert!(answer.starts_with("LOGIN REFUSED"), "{answer}");
+    assert_eq!(api.sent().len(), 4);
+    // ...but from them, yes.
+    assert_eq!(send_from(cleartext, "127.0.0.2", dir.path(), UPN, &message), "SENT", "{}", gateway.log());
+    assert_eq!(api.sent().len(), 5);
 }
