@@ -206,6 +206,27 @@ fn graph_send_mail_receives_the_scan_byte_identical_and_its_refusals_map_to_smtp
     assert!(answer.starts_with("REFUSED 451 4.7.0"), "{answer}");
     assert_eq!(api.sent().len(), 1);
     assert!(!gateway.log().contains(&token), "the token was logged");
+
+    // Per-device metrics: sent and refused by reason, the last error's time.
+    let (status, _, metrics) = support::oauth_server::http_get(&format!("http://{}/metrics", gateway.admin_addr));
+    assert_eq!(status, 200);
+    for (result, count) in [("sent", 1), ("upstream_temporary", 2), ("upstream_permanent", 3), ("credentials", 1)] {
+        let line = format!(
+            "popgate_submission_messages_total{{account=\"office\",device=\"scanner\",result=\"{result}\"}} {count}"
+        );
+        assert!(metrics.contains(&line), "{line} not in:\n{metrics}");
+    }
+    assert!(
+        metrics.contains(
+            "popgate_submission_last_error_timestamp_seconds{account=\"office\",device=\"scanner\",result=\"credentials\"}"
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("popgate_submission_last_sent_timestamp_seconds{account=\"office\",device=\"scanner\"}"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains(&token), "the token is in the metrics");
 }
 
 #[test]

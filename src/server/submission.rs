@@ -131,6 +131,9 @@ struct Authorized {
     /// The account name (without a passthrough user).
     account: String,
     device: String,
+    /// The device in metrics: a configured device user, or one value for
+    /// every pass-through user (their names are not bounded).
+    device_label: String,
 }
 
 /// Serves one accepted submission connection to the end.
@@ -407,7 +410,9 @@ impl<'a> Driver<'a> {
             rewrite: relay.settings.foreign_sender == ForeignSender::Rewrite,
             recipient_domains: relay.settings.recipient_domains.iter().map(|d| d.to_ascii_lowercase()).collect(),
         };
-        Ok((Authorized { route, account, device: credentials.user.clone() }, rules))
+        let device_label =
+            if passthrough { crate::telemetry::PASS_THROUGH_ACCOUNT.to_string() } else { credentials.user.clone() };
+        Ok((Authorized { route, account, device: credentials.user.clone(), device_label }, rules))
     }
 
     /// Relays one message; `Ok` only once the upstream accepted it.
@@ -417,6 +422,7 @@ impl<'a> Driver<'a> {
         let Some(relay) = submission.accounts.get(&authorized.account) else { return Err(RelayFailure::Unavailable) };
         if !submission.take_allowance(&authorized.device, &relay.settings, envelope.recipients.len()) {
             tracing::warn!(device = %authorized.device, "hourly sending allowance spent; refusing");
+            self.context.metrics.submission_refused(&authorized.account, &authorized.device_label, "rate_limited");
             return Err(RelayFailure::RateLimited);
         }
         let lettre_envelope = to_lettre_envelope(envelope)
@@ -442,6 +448,19 @@ impl<'a> Driver<'a> {
                 Err(RelayFailure::Unavailable)
             }
         };
+        match &outcome {
+            Ok(()) => self.context.metrics.submission_sent(&authorized.account, &authorized.device_label),
+            Err(failure) => {
+                let reason = match failure {
+                    RelayFailure::Upstream { code, .. } if *code >= 500 => "upstream_permanent",
+                    RelayFailure::Upstream { .. } => "upstream_temporary",
+                    RelayFailure::Credentials => "credentials",
+                    RelayFailure::RateLimited => "rate_limited",
+                    RelayFailure::Unavailable => "unavailable",
+                };
+                self.context.metrics.submission_refused(&authorized.account, &authorized.device_label, reason);
+            }
+        }
         match &outcome {
             Ok(()) => tracing::info!(
                 account = %authorized.account,
