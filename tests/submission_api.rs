@@ -411,3 +411,50 @@ fn tls_and_cleartext_rules_on_the_submission_port() {
     assert_eq!(send_from(cleartext, "127.0.0.2", dir.path(), UPN, &message), "SENT", "{}", gateway.log());
     assert_eq!(api.sent().len(), 5);
 }
+
+/// check-config: an API backend with no `relay` sends through its API (its
+/// tokens are not valid for SMTP); pass-through users there have no token
+/// popgate could send with, so that is refused by name; a backend no relay
+/// can be derived from needs `relay`.
+#[test]
+fn check_config_knows_which_accounts_can_send() {
+    use popgate::config::Config;
+    let config = |backend: &str, account: &str| {
+        format!(
+            r#"
+[[listener]]
+address = "127.0.0.1:0"
+protocol = "submission"
+
+[backend]
+{backend}
+
+[token_store]
+path = "/tmp/popgate-test-tokens.enc"
+key_file = "/tmp/popgate-test-token.key"
+
+[[account]]
+name = "office"
+{account}
+
+[account.submission]
+"#
+        )
+    };
+    let mapped = format!(
+        "mode = \"mapped\"\nlogin = \"{UPN}\"\n\n[account.oauth]\nprovider = \"microsoft\"\n\
+         client_id = \"11111111-1111-1111-1111-111111111111\"\ntenant = \"contoso.onmicrosoft.com\"\n\n\
+         [[account.device]]\nuser = \"scanner\"\npassword_hash = \"$argon2id$v=19$m=19456,t=2,p=1$dLybk+DCjPMqdEZMmKmc1g$ef2ohS1J+moDzc2CVjP8ysMdN9UUofaaC7bl978xGBI\"\n"
+    );
+    for backend in ["kind = \"graph\"", "kind = \"gmail\""] {
+        Config::from_toml(&config(backend, &mapped), "test.toml").unwrap_or_else(|e| panic!("{backend}: {e}"));
+        let refused =
+            Config::from_toml(&config(backend, "mode = \"passthrough\"\nusers = [\"*@contoso.com\"]"), "t.toml")
+                .expect_err("pass-through through the API");
+        assert!(refused.to_string().contains("pass-through users need a `relay`"), "{refused}");
+    }
+    let imap = "kind = \"imap\"\nhost = \"mail.example.com\"";
+    let refused = Config::from_toml(&config(imap, "mode = \"passthrough\"\nusers = [\"*@example.com\"]"), "t.toml")
+        .expect_err("no relay for this backend");
+    assert!(refused.to_string().contains("no `relay` set"), "{refused}");
+}
