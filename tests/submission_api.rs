@@ -264,6 +264,12 @@ fn gmail_messages_send_receives_the_scan_byte_identical_and_its_refusals_map_to_
         assert!(answer.starts_with(reply), "{status} {reason}: {answer}");
         assert!(answer.contains(reason), "{answer}");
     }
+    // The API sends by the headers: a Bcc the envelope does not name (an
+    // outside address past any recipient rule) is refused, nothing sent.
+    let mut sneaky = scan("gmail-bcc", GMAIL_ADDRESS);
+    sneaky.splice(0..0, b"Bcc: someone@elsewhere.test\r\n".iter().copied());
+    let answer = send(&gateway, dir.path(), GMAIL_ADDRESS, &sneaky);
+    assert!(answer.starts_with("REFUSED 554 5.6.0"), "{answer}");
     assert_eq!(api.sent().len(), 1, "a refused send was recorded");
     assert!(!gateway.log().contains(&token), "the token was logged");
 }

@@ -425,6 +425,31 @@ impl<'a> Driver<'a> {
             self.context.metrics.submission_refused(&authorized.account, &authorized.device_label, "rate_limited");
             return Err(RelayFailure::RateLimited);
         }
+        if !matches!(relay.upstream, Upstream::Smtp { .. }) {
+            // A mail API sends to the message's headers, not to RCPT TO:
+            // the two must agree, or the recipient rules (and the 250) would
+            // be about other people than those who get the message.
+            let mut headers = crate::smtp::header_recipients(message);
+            let mut rcpts: Vec<String> = envelope.recipients.iter().map(|r| r.to_ascii_lowercase()).collect();
+            headers.sort();
+            headers.dedup();
+            rcpts.sort();
+            rcpts.dedup();
+            if headers != rcpts {
+                tracing::warn!(device = %authorized.device, "To/Cc/Bcc differ from RCPT TO; refused (the mail API sends by the headers)");
+                self.context.metrics.submission_refused(
+                    &authorized.account,
+                    &authorized.device_label,
+                    "upstream_permanent",
+                );
+                return Err(RelayFailure::Upstream {
+                    code: 554,
+                    text: "5.6.0 this account sends through a mail API, which sends to the To/Cc/Bcc headers: they \
+                           must name exactly the RCPT TO recipients"
+                        .into(),
+                });
+            }
+        }
         let lettre_envelope = to_lettre_envelope(envelope)
             .map_err(|why| RelayFailure::Upstream { code: 553, text: format!("5.1.3 {why}") })?;
         let started = std::time::Instant::now();

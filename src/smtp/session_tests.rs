@@ -523,3 +523,14 @@ fn timeouts_and_shutdown_close_with_421() {
     h = run(EHLO);
     assert_eq!(h.session.shutting_down().to_bytes(), b"421 4.3.2 server shutting down; try again later\r\n");
 }
+
+#[test]
+fn header_recipients_are_every_to_cc_and_bcc_address() {
+    let message =
+        b"From: a@x.test\r\nTo: \"Doe, Jo\" <Jo@X.test>,\r\n\tb@y.test (B, \\) c)\r\nCc: Team: c@z.test, d@z.test;\r\n\
+                    Bcc: undisclosed-recipients:;\r\nSubject: To: e@no.test\r\nto: f@x.test\r\n\r\nTo: g@body.test\r\n";
+    assert_eq!(
+        super::header_recipients(message),
+        ["jo@x.test", "b@y.test", "c@z.test", "d@z.test", "f@x.test"].map(String::from).to_vec()
+    );
+}
