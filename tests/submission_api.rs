@@ -359,7 +359,6 @@ fn tls_and_cleartext_rules_on_the_submission_port() {
             path.to_str().unwrap(),
         ];
         args.extend_from_slice(extra);
-        let url = url;
         args.push(&url);
         let out = run("curl", &args);
         assert!(out.status.success(), "curl {url}: {}\n{}", describe(&out), gateway.log());
