@@ -189,6 +189,26 @@ pub struct BackendKindLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeviceLabels {
+    /// A configured account name (or `PASS_THROUGH_ACCOUNT`).
+    pub account: String,
+    /// A configured device user name (or `PASS_THROUGH_ACCOUNT`).
+    pub device: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SubmissionLabels {
+    pub account: String,
+    pub device: String,
+    /// "sent", or one of `SUBMISSION_REFUSALS`.
+    pub result: String,
+}
+
+/// Why a device's message was not relayed: a fixed set of words.
+pub const SUBMISSION_REFUSALS: &[&str] =
+    &["rate_limited", "upstream_temporary", "upstream_permanent", "unavailable", "credentials"];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefusalLabels {
     /// A fixed word, one of `REFUSAL_REASONS`.
     pub reason: String,
@@ -271,6 +291,9 @@ pub struct Metrics {
     pub connections_refused: Family<RefusalLabels, Counter>,
     pub certificate_expiry: Family<CertificateLabels, Gauge<f64, AtomicU64>>,
     pub oauth_operator_action: Family<AccountLabels, Gauge>,
+    pub submission_messages: Family<SubmissionLabels, Counter>,
+    pub submission_last_sent: Family<DeviceLabels, Gauge<f64, AtomicU64>>,
+    pub submission_last_error: Family<SubmissionLabels, Gauge<f64, AtomicU64>>,
 }
 
 impl Default for Metrics {
@@ -299,6 +322,9 @@ impl Metrics {
             connections_refused: Family::default(),
             certificate_expiry: Family::default(),
             oauth_operator_action: Family::default(),
+            submission_messages: Family::default(),
+            submission_last_sent: Family::default(),
+            submission_last_error: Family::default(),
             registry: Registry::default(),
         };
         // Every reason is exported from the start (at 0), so an alert on
@@ -360,6 +386,22 @@ impl Metrics {
             "tls_certificate_expiry_timestamp_seconds",
             "Unix time the leaf certificate of each configured certificate file expires (notAfter)",
             metrics.certificate_expiry.clone(),
+        );
+        registry.register(
+            "submission_messages",
+            "Messages devices submitted for relay (scan to email), per account and device, by result: \"sent\" \
+             (the upstream accepted it) or the reason it was refused",
+            metrics.submission_messages.clone(),
+        );
+        registry.register(
+            "submission_last_sent_timestamp_seconds",
+            "Unix time a device's last message was accepted by the upstream",
+            metrics.submission_last_sent.clone(),
+        );
+        registry.register(
+            "submission_last_error_timestamp_seconds",
+            "Unix time a device's message was last refused, per reason (the newest series is the last error)",
+            metrics.submission_last_error.clone(),
         );
         registry.register(
             "oauth_operator_action_needed",
@@ -455,6 +497,26 @@ impl Metrics {
 
     pub fn oauth_token_expires(&self, account: &str, unix_secs: u64) {
         self.oauth_token_expiry.get_or_create(&AccountLabels { account: account.into() }).set(unix_secs as f64);
+    }
+
+    /// A device's message was accepted by the upstream.
+    pub fn submission_sent(&self, account: &str, device: &str) {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+        let labels = SubmissionLabels { account: account.into(), device: device.into(), result: "sent".into() };
+        self.submission_messages.get_or_create(&labels).inc();
+        self.submission_last_sent
+            .get_or_create(&DeviceLabels { account: account.into(), device: device.into() })
+            .set(now);
+    }
+
+    /// A device's message was not relayed, for `reason` (one of
+    /// `SUBMISSION_REFUSALS`; anything else is counted as "unavailable").
+    pub fn submission_refused(&self, account: &str, device: &str, reason: &str) {
+        let reason = if SUBMISSION_REFUSALS.contains(&reason) { reason } else { "unavailable" };
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+        let labels = SubmissionLabels { account: account.into(), device: device.into(), result: reason.into() };
+        self.submission_messages.get_or_create(&labels).inc();
+        self.submission_last_error.get_or_create(&labels).set(now);
     }
 
     /// The Prometheus text exposition.

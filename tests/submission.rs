@@ -440,3 +440,82 @@ fn an_expired_token_is_refreshed_once_and_the_scan_goes_through() {
     assert!(world.postfix.log().contains("sasl_method=XOAUTH2"), "{}", world.postfix.log());
     assert!(world.gateway.log().contains("refreshed, retrying once"));
 }
+
+/// A pass-through user: popgate holds no credentials; the user's own
+/// password is checked by the upstream at login (a wrong one is refused
+/// with 535 and nothing is sent) and used for the relay; the scan comes
+/// back through POP3 as the same user, unchanged.
+#[test]
+fn a_pass_through_user_sends_with_their_own_password() {
+    let dovecot = Dovecot::start_with_users(&[ALICE, BOB]);
+    let postfix = Postfix::start(&dovecot, &["alice", "bob"]);
+    let dir = tempfile::tempdir().unwrap();
+    let imap = dovecot.imap_port;
+    let relay = postfix.relay_url();
+    let gateway = GatewayProcess::start_with_config(2, &[("RUST_LOG", "popgate=debug")], |addrs| {
+        format!(
+            r#"
+[[listener]]
+address = "{pop3}"
+
+[[listener]]
+address = "{smtp}"
+protocol = "submission"
+
+[backend]
+kind = "imap"
+host = "127.0.0.1"
+port = {imap}
+tls = "none"
+
+[[account]]
+name = "staff"
+mode = "passthrough"
+users = ["alice"]
+
+[account.submission]
+relay = "{relay}"
+address = "alice@{DOMAIN}"
+"#,
+            pop3 = addrs[0],
+            smtp = addrs[1],
+        )
+    });
+    let from = format!("alice@{DOMAIN}");
+    let bytes = scan("passthrough", &from);
+    let path = dir.path().join("passthrough.eml");
+    std::fs::write(&path, &bytes).unwrap();
+    let addr = gateway.addrs[1];
+    let smtplib_as = |user: &str, password: &str| {
+        let out = run(
+            "python3",
+            &[
+                "-c",
+                SMTPLIB,
+                &addr.ip().to_string(),
+                &addr.port().to_string(),
+                user,
+                password,
+                &from,
+                &from,
+                path.to_str().unwrap(),
+            ],
+        );
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string() + &describe(&out))
+    };
+    // A wrong password: smtplib raises at login (535).
+    let (ok, out) = smtplib_as(ALICE.0, "not-her-password");
+    assert!(!ok && out.contains("535"), "{out}");
+    let (ok, out) = smtplib_as(ALICE.0, ALICE.1);
+    assert!(ok && out.starts_with("SENT"), "{out}\n{}", gateway.log());
+    let fetched = support::wait_for("delivery into Dovecot", Duration::from_secs(30), || {
+        let mut pop = Pop3::login(gateway.addr, ALICE.0, ALICE.1);
+        let list = pop.list();
+        let messages: Vec<Vec<u8>> = list.iter().map(|(n, _)| pop.retr(*n)).collect();
+        pop.send("QUIT");
+        pop.line();
+        (!messages.is_empty()).then_some(messages)
+    });
+    assert_eq!(fetched.len(), 1);
+    assert_eq!(String::from_utf8_lossy(&without_trace(&fetched[0])), String::from_utf8_lossy(&bytes));
+}

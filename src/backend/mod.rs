@@ -18,6 +18,7 @@ pub mod imap;
 pub mod jmap;
 pub mod pool;
 pub mod select;
+pub mod send;
 pub mod sizes;
 pub mod trust;
 

@@ -30,18 +30,30 @@ use super::policy::{ListenerTls, LoginPolicy};
 use super::stream::ClientStream;
 use crate::auth::accounts::Route;
 use crate::auth::accounts::config::{ForeignSender, RelayTls, RelayUrl, SubmissionConfig};
+use crate::backend::gmail::GmailBackend;
+use crate::backend::graph::GraphBackend;
+use crate::backend::select::BackendConfig;
+use crate::backend::send::SendRefusal;
 use crate::config::Config;
-use crate::mail::{BackendError, Credentials, Proof};
+use crate::mail::{BackendError, Credentials, Proof, Secret};
 use crate::smtp::{Envelope, LineReader, RelayFailure, Reply, SenderRules, Session, SessionConfig, Step};
 use crate::telemetry::ListenerLabels;
 
 const READ_CHUNK: usize = 8192;
 
+/// Where one account's messages go.
+enum Upstream {
+    /// An SMTP relay, with extra trusted roots (PEM) read at startup.
+    Smtp { relay: RelayUrl, ca: Option<Vec<u8>> },
+    /// Microsoft Graph `sendMail` with the account's Graph token.
+    Graph(GraphBackend),
+    /// Gmail API `users.messages.send` with the account's API token.
+    Gmail(GmailBackend),
+}
+
 /// One account's submission settings, resolved at startup.
 struct AccountRelay {
-    relay: RelayUrl,
-    /// Extra trusted roots (PEM), read at startup.
-    ca: Option<Vec<u8>>,
+    upstream: Upstream,
     settings: SubmissionConfig,
     /// The configured address, or `login` for mapped accounts.
     address: Option<String>,
@@ -62,17 +74,28 @@ impl Relays {
         for account in &config.account {
             let Some(settings) = &account.submission else { continue };
             let backend = config.accounts().backend_named(&account.backend).cloned().unwrap_or_default();
-            let relay = settings
-                .relay_url(&backend)
-                .map_err(|why| std::io::Error::other(format!("account `{}`: submission.relay: {why}", account.name)))?;
-            let ca = match &settings.relay_ca_file {
-                Some(path) => Some(std::fs::read(path).map_err(|e| {
-                    std::io::Error::other(format!("account `{}`: relay_ca_file {}: {e}", account.name, path.display()))
-                })?),
-                None => None,
+            let failed = |why: String| std::io::Error::other(format!("account `{}`: submission: {why}", account.name));
+            let upstream = match &backend {
+                BackendConfig::Graph(graph) if settings.sends_through_api(&backend) => {
+                    Upstream::Graph(GraphBackend::new(graph.clone()).map_err(|e| failed(e.to_string()))?)
+                }
+                BackendConfig::Gmail(gmail) if settings.sends_through_api(&backend) => {
+                    Upstream::Gmail(GmailBackend::new(gmail.clone()).map_err(|e| failed(e.to_string()))?)
+                }
+                _ => {
+                    let relay = settings.relay_url(&backend).map_err(|why| failed(format!("relay: {why}")))?;
+                    let ca = match &settings.relay_ca_file {
+                        Some(path) => Some(
+                            std::fs::read(path)
+                                .map_err(|e| failed(format!("relay_ca_file {}: {e}", path.display())))?,
+                        ),
+                        None => None,
+                    };
+                    Upstream::Smtp { relay, ca }
+                }
             };
             let address = settings.address.clone().or_else(|| account.login.clone());
-            accounts.insert(account.name.clone(), AccountRelay { relay, ca, settings: settings.clone(), address });
+            accounts.insert(account.name.clone(), AccountRelay { upstream, settings: settings.clone(), address });
         }
         Ok(Relays { accounts, sent: Mutex::new(HashMap::new()) })
     }
@@ -108,6 +131,9 @@ struct Authorized {
     /// The account name (without a passthrough user).
     account: String,
     device: String,
+    /// The device in metrics: a configured device user, or one value for
+    /// every pass-through user (their names are not bounded).
+    device_label: String,
 }
 
 /// Serves one accepted submission connection to the end.
@@ -366,7 +392,10 @@ impl<'a> Driver<'a> {
         };
         if passthrough {
             // The router took the client's word; the upstream checks it.
-            let transport = transport(relay, &route.credentials)?;
+            let Upstream::Smtp { relay: url, ca } = &relay.upstream else {
+                return Err(BackendError::Permanent("pass-through users send through an SMTP relay".into()));
+            };
+            let transport = transport(url, ca.as_deref(), &relay.settings, &route.credentials)?;
             match transport.test_connection().await.map_err(|e| classify(&e)) {
                 Ok(_) => {}
                 Err(SendError::Refused { auth: true, .. }) => return Err(BackendError::AuthFailed),
@@ -381,7 +410,9 @@ impl<'a> Driver<'a> {
             rewrite: relay.settings.foreign_sender == ForeignSender::Rewrite,
             recipient_domains: relay.settings.recipient_domains.iter().map(|d| d.to_ascii_lowercase()).collect(),
         };
-        Ok((Authorized { route, account, device: credentials.user.clone() }, rules))
+        let device_label =
+            if passthrough { crate::telemetry::PASS_THROUGH_ACCOUNT.to_string() } else { credentials.user.clone() };
+        Ok((Authorized { route, account, device: credentials.user.clone(), device_label }, rules))
     }
 
     /// Relays one message; `Ok` only once the upstream accepted it.
@@ -391,7 +422,33 @@ impl<'a> Driver<'a> {
         let Some(relay) = submission.accounts.get(&authorized.account) else { return Err(RelayFailure::Unavailable) };
         if !submission.take_allowance(&authorized.device, &relay.settings, envelope.recipients.len()) {
             tracing::warn!(device = %authorized.device, "hourly sending allowance spent; refusing");
+            self.context.metrics.submission_refused(&authorized.account, &authorized.device_label, "rate_limited");
             return Err(RelayFailure::RateLimited);
+        }
+        if !matches!(relay.upstream, Upstream::Smtp { .. }) {
+            // A mail API sends to the message's headers, not to RCPT TO:
+            // the two must agree, or the recipient rules (and the 250) would
+            // be about other people than those who get the message.
+            let mut headers = crate::smtp::header_recipients(message);
+            let mut rcpts: Vec<String> = envelope.recipients.iter().map(|r| r.to_ascii_lowercase()).collect();
+            headers.sort();
+            headers.dedup();
+            rcpts.sort();
+            rcpts.dedup();
+            if headers != rcpts {
+                tracing::warn!(device = %authorized.device, "To/Cc/Bcc differ from RCPT TO; refused (the mail API sends by the headers)");
+                self.context.metrics.submission_refused(
+                    &authorized.account,
+                    &authorized.device_label,
+                    "upstream_permanent",
+                );
+                return Err(RelayFailure::Upstream {
+                    code: 554,
+                    text: "5.6.0 this account sends through a mail API, which sends to the To/Cc/Bcc headers: they \
+                           must name exactly the RCPT TO recipients"
+                        .into(),
+                });
+            }
         }
         let lettre_envelope = to_lettre_envelope(envelope)
             .map_err(|why| RelayFailure::Upstream { code: 553, text: format!("5.1.3 {why}") })?;
@@ -416,6 +473,19 @@ impl<'a> Driver<'a> {
                 Err(RelayFailure::Unavailable)
             }
         };
+        match &outcome {
+            Ok(()) => self.context.metrics.submission_sent(&authorized.account, &authorized.device_label),
+            Err(failure) => {
+                let reason = match failure {
+                    RelayFailure::Upstream { code, .. } if *code >= 500 => "upstream_permanent",
+                    RelayFailure::Upstream { .. } => "upstream_temporary",
+                    RelayFailure::Credentials => "credentials",
+                    RelayFailure::RateLimited => "rate_limited",
+                    RelayFailure::Unavailable => "unavailable",
+                };
+                self.context.metrics.submission_refused(&authorized.account, &authorized.device_label, reason);
+            }
+        }
         match &outcome {
             Ok(()) => tracing::info!(
                 account = %authorized.account,
@@ -465,16 +535,21 @@ impl<'a> Driver<'a> {
 type Transport = AsyncSmtpTransport<Tokio1Executor>;
 
 /// The upstream connection for one account, with its credentials.
-fn transport(relay: &AccountRelay, credentials: &Credentials) -> Result<Transport, BackendError> {
+fn transport(
+    url: &RelayUrl,
+    ca: Option<&[u8]>,
+    settings: &SubmissionConfig,
+    credentials: &Credentials,
+) -> Result<Transport, BackendError> {
     let tls_parameters = || {
-        let mut builder = TlsParameters::builder(relay.relay.host.clone());
-        if let Some(pem) = &relay.ca {
+        let mut builder = TlsParameters::builder(url.host.clone());
+        if let Some(pem) = ca {
             let cert = Certificate::from_pem(pem).map_err(|e| BackendError::Permanent(format!("relay CA: {e}")))?;
             builder = builder.add_root_certificate(cert);
         }
         builder.build_rustls().map_err(|e| BackendError::Permanent(format!("relay TLS: {e}")))
     };
-    let tls = match relay.relay.tls {
+    let tls = match url.tls {
         RelayTls::StartTls => Tls::Required(tls_parameters()?),
         RelayTls::Implicit => Tls::Wrapper(tls_parameters()?),
         RelayTls::None => Tls::None,
@@ -483,12 +558,12 @@ fn transport(relay: &AccountRelay, credentials: &Credentials) -> Result<Transpor
         Proof::Password(p) => (p, vec![SmtpMechanism::Plain, SmtpMechanism::Login]),
         Proof::Bearer(t) => (t, vec![SmtpMechanism::Xoauth2]),
     };
-    Ok(AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(relay.relay.host.clone())
-        .port(relay.relay.port)
+    Ok(AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(url.host.clone())
+        .port(url.port)
         .tls(tls)
         .credentials(SmtpCredentials::new(credentials.user.clone(), secret.expose().to_string()))
         .authentication(mechanisms)
-        .timeout(Some(Duration::from_secs(relay.settings.relay_timeout_secs)))
+        .timeout(Some(Duration::from_secs(settings.relay_timeout_secs)))
         .build())
 }
 
@@ -507,7 +582,13 @@ async fn send(
     envelope: &lettre::address::Envelope,
     message: &[u8],
 ) -> Result<(), SendError> {
-    let transport = transport(relay, credentials).map_err(|e| SendError::Unreachable(e.to_string()))?;
+    let (url, ca) = match &relay.upstream {
+        Upstream::Smtp { relay: url, ca } => (url, ca.as_deref()),
+        Upstream::Graph(graph) => return send_through_api(relay, credentials, |t| graph.send_mime(t, message)).await,
+        Upstream::Gmail(gmail) => return send_through_api(relay, credentials, |t| gmail.send_mime(t, message)).await,
+    };
+    let transport =
+        transport(url, ca, &relay.settings, credentials).map_err(|e| SendError::Unreachable(e.to_string()))?;
     // The session hands over whole CRLF lines; lettre writes the CRLF
     // before the final "." itself.
     let message = message.strip_suffix(b"\r\n").unwrap_or(message);
@@ -517,6 +598,76 @@ async fn send(
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(classify(&e)),
         Err(_) => Err(SendError::Unreachable("upstream timed out".into())),
+    }
+}
+
+/// One send through a mail API with the account's token; its refusal as
+/// the SMTP reply a device understands.
+async fn send_through_api<'a, F, Fut>(
+    relay: &AccountRelay,
+    credentials: &'a Credentials,
+    send: F,
+) -> Result<(), SendError>
+where
+    F: FnOnce(&'a Secret) -> Fut,
+    Fut: std::future::Future<Output = Result<(), SendRefusal>>,
+{
+    let Proof::Bearer(token) = &credentials.proof else {
+        return Err(SendError::Refused {
+            code: 554,
+            text: "5.7.0 this account has no OAuth token for its mail API".into(),
+            auth: false,
+        });
+    };
+    let limit = Duration::from_secs(relay.settings.relay_timeout_secs);
+    match tokio::time::timeout(limit, send(token)).await {
+        Err(_) => Err(SendError::Unreachable("the mail API timed out".into())),
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(refusal)) => Err(api_refusal(&refusal)),
+    }
+}
+
+/// The one place a mail API's refusal becomes an SMTP reply: throttling and
+/// server errors are temporary (the device tries again later), a message the
+/// API will not send is permanent, with the RFC 3463 code that fits.
+fn api_refusal(refusal: &SendRefusal) -> SendError {
+    let detail = |status: &u16, reason: &str| {
+        let reason = if reason.is_empty() { "no error code" } else { reason };
+        format!(
+            "HTTP {status} {}",
+            reason.chars().filter(|c| c.is_ascii_graphic() || *c == ' ').take(100).collect::<String>()
+        )
+    };
+    match refusal {
+        SendRefusal::Token => {
+            SendError::Refused { code: 535, text: "5.7.8 the mail API refused the token".into(), auth: true }
+        }
+        SendRefusal::Temporary { status: 429, reason } => SendError::Refused {
+            code: 451,
+            text: format!("4.7.0 the mail API is throttling this account ({}); try again later", detail(&429, reason)),
+            auth: false,
+        },
+        SendRefusal::Temporary { status, reason } => SendError::Refused {
+            code: 451,
+            text: format!("4.3.0 the mail API failed ({}); try again later", detail(status, reason)),
+            auth: false,
+        },
+        SendRefusal::Permanent { status: 413, reason } => SendError::Refused {
+            code: 552,
+            text: format!("5.3.4 the mail API refused the message as too large ({})", detail(&413, reason)),
+            auth: false,
+        },
+        SendRefusal::Permanent { status: 403, reason } => SendError::Refused {
+            code: 550,
+            text: format!("5.7.1 the mail API does not let this account send this message ({})", detail(&403, reason)),
+            auth: false,
+        },
+        SendRefusal::Permanent { status, reason } => SendError::Refused {
+            code: 554,
+            text: format!("5.6.0 the mail API refused the message ({})", detail(status, reason)),
+            auth: false,
+        },
+        SendRefusal::Unreachable(why) => SendError::Unreachable(why.clone()),
     }
 }
 

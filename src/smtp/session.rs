@@ -649,8 +649,15 @@ pub fn reply_for_relay_failure(failure: &RelayFailure) -> Reply {
                 .split(' ')
                 .next()
                 .is_some_and(|w| w.starts_with(&format!("{class}.")) && w.split('.').count() == 3);
-            let text = format!("upstream: {}", text.chars().take(400).collect::<String>());
-            if has_enhanced { Reply::new(code, None, text) } else { Reply::with(code, (class, 0, 0), text) }
+            let text: String = text.chars().take(400).collect();
+            // RFC 2034: the enhanced code comes first, right after the
+            // reply code.
+            match text.split_once(' ') {
+                Some((enhanced, rest)) if has_enhanced => {
+                    Reply::new(code, None, format!("{enhanced} upstream: {rest}"))
+                }
+                _ => Reply::with(code, (class, 0, 0), format!("upstream: {text}")),
+            }
         }
         RelayFailure::Unavailable => {
             Reply::with(451, (4, 4, 1), "upstream unavailable; message not sent, try again later")
@@ -747,6 +754,77 @@ fn header_addresses(value: &str) -> Vec<String> {
             };
             without_comment.trim().to_string()
         })
+        .filter(|a| !a.is_empty())
+        .collect()
+}
+
+/// Every address in the message's To, Cc and Bcc headers (each occurrence,
+/// folded lines unfolded), lower-cased: whom a mail API that sends by the
+/// headers would send to. Group names without addresses are left out.
+pub fn header_recipients(message: &[u8]) -> Vec<String> {
+    let header_end = memchr::memmem::find(message, b"\r\n\r\n").map(|i| i + 2).unwrap_or(message.len());
+    let mut fields: Vec<String> = Vec::new();
+    for line in message[..header_end].split(|b| *b == b'\n') {
+        let line = String::from_utf8_lossy(line);
+        let line = line.trim_end_matches('\r');
+        if line.starts_with([' ', '\t']) {
+            if let Some(last) = fields.last_mut() {
+                last.push(' ');
+                last.push_str(line);
+            }
+        } else if !line.is_empty() {
+            fields.push(line.to_string());
+        }
+    }
+    fields
+        .iter()
+        .filter_map(|field| field.split_once(':'))
+        .filter(|(name, _)| ["to", "cc", "bcc"].iter().any(|n| name.trim().eq_ignore_ascii_case(n)))
+        .flat_map(|(_, value)| address_list(value))
+        .filter(|a| a.contains('@'))
+        .collect()
+}
+
+/// The addresses of an RFC 5322 address list: items split at commas outside
+/// quotes, angle brackets and comments; of each, the bracketed address, or
+/// the item without comments; a group's name (before its colon) and its
+/// closing `;` left out. Lower-cased.
+fn address_list(value: &str) -> Vec<String> {
+    let mut items = vec![String::new()];
+    let (mut quoted, mut angle, mut comment, mut escaped) = (false, false, 0u32, false);
+    for c in value.chars() {
+        let last = items.last_mut().expect("never empty");
+        if escaped {
+            escaped = false;
+            if !quoted && comment == 0 {
+                last.push(c);
+            }
+            continue;
+        }
+        match c {
+            '\\' if quoted || comment > 0 => escaped = true,
+            '"' if comment == 0 => quoted = !quoted,
+            '(' if !quoted => comment += 1,
+            ')' if !quoted && comment > 0 => comment -= 1,
+            _ if quoted || comment > 0 => {}
+            '<' => {
+                angle = true;
+                last.clear();
+                last.push('<');
+            }
+            '>' if angle => {
+                angle = false;
+                last.push('>');
+            }
+            ',' | ';' if !angle => items.push(String::new()),
+            ':' if !angle => last.clear(),
+            _ if last.ends_with('>') => {}
+            c => last.push(c),
+        }
+    }
+    items
+        .iter()
+        .map(|item| item.trim().trim_start_matches('<').trim_end_matches('>').trim().to_ascii_lowercase())
         .filter(|a| !a.is_empty())
         .collect()
 }

@@ -428,7 +428,7 @@ fn upstream_failures_keep_their_class() {
     send(
         &mut h,
         RelayFailure::Upstream { code: 550, text: "5.7.60 SMTP; Client does not have permissions".into() },
-        "550 upstream: 5.7.60 SMTP; Client does not have permissions",
+        "550 5.7.60 upstream: SMTP; Client does not have permissions",
     );
     send(
         &mut h,
@@ -522,4 +522,15 @@ fn timeouts_and_shutdown_close_with_421() {
     assert_eq!(h.session.timed_out().to_bytes(), b"421 4.4.2 idle for too long; closing\r\n");
     h = run(EHLO);
     assert_eq!(h.session.shutting_down().to_bytes(), b"421 4.3.2 server shutting down; try again later\r\n");
+}
+
+#[test]
+fn header_recipients_are_every_to_cc_and_bcc_address() {
+    let message =
+        b"From: a@x.test\r\nTo: \"Doe, Jo\" <Jo@X.test>,\r\n\tb@y.test (B, \\) c)\r\nCc: Team: c@z.test, d@z.test;\r\n\
+                    Bcc: undisclosed-recipients:;\r\nSubject: To: e@no.test\r\nto: f@x.test\r\n\r\nTo: g@body.test\r\n";
+    assert_eq!(
+        super::header_recipients(message),
+        ["jo@x.test", "b@y.test", "c@z.test", "d@z.test", "f@x.test"].map(String::from).to_vec()
+    );
 }

@@ -78,6 +78,8 @@ struct StandIn {
     /// Top-level requests being answered now.
     in_flight: usize,
     refusals: VecDeque<Refusal>,
+    /// `users.messages.send`: the raw octets of every message accepted.
+    sent: Vec<Vec<u8>>,
 }
 
 /// A Google error for the next top-level request whose path and query
@@ -203,6 +205,13 @@ impl GmailApi {
     /// The next request matching answers this Google error instead.
     pub fn refuse(&self, refusal: Refusal) {
         self.lock().refusals.push_back(refusal);
+    }
+
+    /// The messages `users.messages.send` accepted (decoded from
+    /// base64url), in order. (Refuse one with `refuse` and a
+    /// `path_contains` of "messages/send".)
+    pub fn sent(&self) -> Vec<Vec<u8>> {
+        self.lock().sent.clone()
     }
 
     pub fn seen(&self) -> Vec<Seen> {
@@ -442,6 +451,27 @@ fn route(
     };
     let segments: Vec<&str> = rest.split('/').collect();
     match (method.as_str(), segments.as_slice()) {
+        // `users.messages.send` with a `raw` message (base64url, padded or
+        // not): 200 with the sent message's id, thread and labels.
+        ("POST", ["messages", "send"]) => {
+            let request: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+            let Some(raw) = request["raw"].as_str() else {
+                return Answer::bad_request(
+                    "'raw' RFC822 payload message string or uploading message via /upload/* URL required",
+                );
+            };
+            let decoded = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(raw.trim_end_matches('='))
+                .ok()
+                .filter(|m| !m.is_empty());
+            let Some(mime) = decoded else {
+                return Answer::bad_request("Invalid value for ByteString");
+            };
+            state.sent.push(mime);
+            state.next_id += 1;
+            let id = format!("18c{:013x}", state.next_id);
+            Answer::json(200, json!({ "id": id, "threadId": id, "labelIds": ["SENT"] }))
+        }
         ("GET", ["labels"]) => {
             let mut labels: Vec<Value> =
                 SYSTEM_LABELS.iter().map(|l| json!({ "id": l, "name": l, "type": "system" })).collect();

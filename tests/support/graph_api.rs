@@ -103,6 +103,13 @@ struct StandIn {
     values_served: usize,
     batches: Vec<usize>,
     refusing_refresh: bool,
+    /// `sendMail`: the MIME octets of every message accepted, in order.
+    sent: Vec<Vec<u8>>,
+    /// `sendMail`: the next sends answered with these (status, code).
+    send_refusals: VecDeque<(u16, String)>,
+    /// The Content-Type of the request being handled (sendMail's MIME form
+    /// is `text/plain`; JSON is the other form, not reproduced).
+    content_type: String,
 }
 
 pub const UPN: &str = "alice@contoso.com";
@@ -285,6 +292,19 @@ impl GraphApi {
         self.with(|s| s.max_in_flight)
     }
 
+    /// The messages `sendMail` accepted (decoded from base64), in order.
+    pub fn sent(&self) -> Vec<Vec<u8>> {
+        self.with(|s| s.sent.clone())
+    }
+
+    /// The next `sendMail` is answered with `status` and Graph's error
+    /// `code` (e.g. 403 `ErrorSendAsDenied`, 400
+    /// `ErrorMimeContentInvalidBase64String`, 429 `ApplicationThrottled`,
+    /// 503 `ServiceUnavailable`), and nothing is sent.
+    pub fn refuse_next_send(&self, status: u16, code: &str) {
+        self.with(|s| s.send_refusals.push_back((status, code.to_string())));
+    }
+
     /// Requests per `$batch` so far.
     pub fn batches(&self) -> Vec<usize> {
         self.with(|s| s.batches.clone())
@@ -449,6 +469,8 @@ async fn serve(State(shared): State<Arc<Shared>>, request: Request) -> Response 
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::to_string);
     let immutable = prefers_immutable(&parts.headers);
+    shared.state.lock().unwrap().content_type =
+        parts.headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     // Outlook's concurrency limit, per mailbox (there is one).
     let over_limit = {
         let mut state = shared.state.lock().unwrap();
@@ -668,6 +690,36 @@ fn route(
                 json!({ "@odata.context": format!("{mailbox}/$metadata#messages/$entity"), "id": message.id(immutable),
                         "parentFolderId": destination, "receivedDateTime": iso8601(message.received) }),
             )
+        }
+        // "Send Outlook messages in MIME format": the MIME, base64, as a
+        // text/plain body; 202 Accepted with no body.
+        ("POST", ["sendMail"]) => {
+            if !state.content_type.to_ascii_lowercase().starts_with("text/plain") {
+                return Answer::error(
+                    400,
+                    "ErrorInvalidRequest",
+                    "The stand-in reproduces only the MIME form of sendMail (Content-Type: text/plain).",
+                );
+            }
+            let text: Vec<u8> = body.iter().copied().filter(|b| !b.is_ascii_whitespace()).collect();
+            let Ok(mime) = base64::engine::general_purpose::STANDARD.decode(&text) else {
+                return Answer::error(
+                    400,
+                    "ErrorMimeContentInvalidBase64String",
+                    "Invalid base64 string for MIME content.",
+                );
+            };
+            if let Some((status, code)) = state.send_refusals.pop_front() {
+                return match status {
+                    429 | 503 | 504 => Answer::throttled(status, Some(1)),
+                    _ => Answer::error(status, &code, "The stand-in was told to refuse this send."),
+                };
+            }
+            if mime.is_empty() {
+                return Answer::error(400, "ErrorMimeContentInvalid", "The MIME content is empty.");
+            }
+            state.sent.push(mime);
+            Answer { status: 202, headers: Vec::new(), body: None, raw: None }
         }
         ("POST", ["messages", id, "permanentDelete"]) => match state.message_index(id) {
             Some(i) => {

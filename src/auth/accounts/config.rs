@@ -87,8 +87,10 @@ pub enum ForeignSender {
 pub struct SubmissionConfig {
     /// `smtp+starttls://host[:587]`, `smtps://host[:465]`, or
     /// `smtp://host[:25]` (no TLS: loopback hosts only). Unset: derived from
-    /// the backend (Gmail: smtp.gmail.com:587; Microsoft 365:
-    /// smtp.office365.com:587).
+    /// the backend (IMAP at Gmail: smtp.gmail.com:587; at Microsoft 365:
+    /// smtp.office365.com:587), or — for the Gmail API and Microsoft Graph
+    /// backends — sent through the API itself (`users.messages.send`,
+    /// `sendMail`) with the account's API token, which SMTP would refuse.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub relay: Option<String>,
     /// PEM CA certificates trusted for the relay instead of the public roots.
@@ -169,14 +171,19 @@ impl RelayUrl {
 }
 
 impl SubmissionConfig {
-    /// The relay: configured, or derived from the backend.
+    /// Messages go through the backend's mail API, not SMTP: no `relay`
+    /// and an API backend (its tokens carry API scopes, not SMTP's).
+    pub fn sends_through_api(&self, backend: &BackendConfig) -> bool {
+        self.relay.is_none() && matches!(backend, BackendConfig::Gmail(_) | BackendConfig::Graph(_))
+    }
+
+    /// The relay: configured, or derived from the backend (never for an
+    /// account that `sends_through_api`).
     pub fn relay_url(&self, backend: &BackendConfig) -> Result<RelayUrl, String> {
         if let Some(relay) = &self.relay {
             return RelayUrl::parse(relay);
         }
         let host = match backend {
-            BackendConfig::Gmail(_) => Some("smtp.gmail.com"),
-            BackendConfig::Graph(_) => Some("smtp.office365.com"),
             BackendConfig::Imap(imap) if imap.host.eq_ignore_ascii_case("imap.gmail.com") => Some("smtp.gmail.com"),
             BackendConfig::Imap(imap)
                 if ["outlook.office365.com", "outlook.office.com"]
@@ -194,7 +201,9 @@ impl SubmissionConfig {
     }
 
     fn check(&self, backend: &BackendConfig) -> Result<(), String> {
-        self.relay_url(backend).map_err(|e| format!("submission.relay: {e}"))?;
+        if !self.sends_through_api(backend) {
+            self.relay_url(backend).map_err(|e| format!("submission.relay: {e}"))?;
+        }
         let bounded = |key: &str, value: u64, bounds: std::ops::RangeInclusive<u64>| {
             InvalidSetting::bounded(key, value, bounds).map_err(|e| format!("submission.{}: {}", e.key, e.why))
         };
@@ -308,6 +317,13 @@ fn check_accounts<'a>(
         };
         if let Some(submission) = &account.submission {
             submission.check(backend_config).map_err(|why| format!("account `{name}`: {why}"))?;
+            if submission.sends_through_api(backend_config) && account.mode == AccountMode::Passthrough {
+                return fail(
+                    "submission through the mail API needs the account's mapped token: pass-through users need \
+                     a `relay`"
+                        .into(),
+                );
+            }
             if submission.address.is_none()
                 && account.mode == AccountMode::Mapped
                 && !account.login.as_deref().is_some_and(|l| l.contains('@'))

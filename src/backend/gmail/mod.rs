@@ -683,3 +683,36 @@ pub fn uidl_for(id: &str) -> String {
 
 #[cfg(test)]
 mod tests;
+
+impl GmailBackend {
+    /// Sends a finished MIME message as the account (`users.messages.send`
+    /// with the message base64url-encoded in `raw`). `Ok` only once Gmail
+    /// answered 200; Gmail puts it in SENT. Never retried (see
+    /// `super::send`).
+    pub async fn send_mime(&self, token: &crate::mail::Secret, mime: &[u8]) -> Result<(), super::send::SendRefusal> {
+        use base64::Engine;
+        let authorization = super::send::authorization(token)?;
+        let mut url = self.endpoint.base.clone();
+        url.path_segments_mut()
+            .expect("http(s) URLs have paths")
+            .pop_if_empty()
+            .extend(["gmail", "v1", "users", "me", "messages", "send"]);
+        let raw = base64::engine::general_purpose::URL_SAFE.encode(mime);
+        let body = serde_json::to_vec(&json!({ "raw": raw }))
+            .map_err(|e| super::send::SendRefusal::Permanent { status: 0, reason: format!("JSON: {e}") })?;
+        let request = self
+            .endpoint
+            .requester
+            .client
+            .post(url)
+            .header(reqwest::header::AUTHORIZATION, authorization)
+            .header(CONTENT_TYPE, "application/json")
+            .body(body);
+        let timeout = Duration::from_secs(self.config.timeout_secs);
+        let reason = |body: &[u8]| {
+            let error = wire::GoogleError::parse(body);
+            error.reason().to_string()
+        };
+        super::send::post_once("messages.send", request, timeout, reqwest::StatusCode::OK, reason).await
+    }
+}

@@ -551,3 +551,37 @@ pub fn uidl_for(id: &str) -> String {
 
 #[cfg(test)]
 mod tests;
+
+impl GraphBackend {
+    /// Sends a finished MIME message as the mailbox's user (Microsoft Graph
+    /// "Send Outlook messages in MIME format": `POST /me/sendMail` or
+    /// `/users/{user}/sendMail`, the MIME base64-encoded, `Content-Type:
+    /// text/plain`). `Ok` only once Graph answered 202 Accepted; saved to
+    /// Sent Items as Outlook does. Never retried (see `super::send`).
+    pub async fn send_mime(&self, token: &crate::mail::Secret, mime: &[u8]) -> Result<(), super::send::SendRefusal> {
+        use base64::Engine;
+        let authorization = super::send::authorization(token)?;
+        let mut url = self.endpoint.base.clone();
+        {
+            let mut path = url.path_segments_mut().expect("http(s) URLs have paths");
+            path.pop_if_empty();
+            if self.config.user == "me" {
+                path.push("me");
+            } else {
+                path.extend(["users", self.config.user.as_str()]);
+            }
+            path.push("sendMail");
+        }
+        let body = base64::engine::general_purpose::STANDARD.encode(mime);
+        let request = self
+            .endpoint
+            .requester
+            .client
+            .post(url)
+            .header(reqwest::header::AUTHORIZATION, authorization)
+            .header(CONTENT_TYPE, "text/plain")
+            .body(body);
+        let timeout = Duration::from_secs(self.config.timeout_secs);
+        super::send::post_once("sendMail", request, timeout, StatusCode::ACCEPTED, |body| error_code(body).0).await
+    }
+}
