@@ -27,7 +27,7 @@ use async_imap::Session;
 use async_imap::imap_proto::{MailboxDatum, RequestId, Response, ResponseCode, Status};
 use tokio::time::{Instant, timeout_at};
 
-use super::connect::Backoff;
+use super::backoff::Backoff;
 use super::transport::Transport;
 use super::wire::{classify_refusal, truncate};
 use crate::mail::BackendError;

@@ -12,21 +12,21 @@
 //! (RFC 3501 LOGINDISABLED, or no `AUTH=PLAIN` where PLAIN would be used):
 //! that is a configuration error, reported as "use TLS". And never calls a
 //! server again for an account before the backoff it asked for has passed
-//! (`Backoff`).
+//! (`backoff::Backoff`).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::future::Future;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_imap::Client;
 use async_imap::error::Error as ImapError;
 use async_imap::imap_proto::{Response, Status};
 use tokio::net::TcpStream;
 
+use super::backoff::Backoff;
 use super::conn::describe;
 use super::transport::{TlsSetup, Transport};
-use super::wire::{TLS_REQUIRED, classify_login_refusal, suggested_backoff, truncate};
+use super::wire::{TLS_REQUIRED, classify_login_refusal, truncate};
 use super::{ImapConfig, ImapTls};
 use crate::mail::{BackendError, Credentials, Proof};
 
@@ -37,49 +37,6 @@ type ImapClient = Client<Transport>;
 pub struct LoggedIn {
     pub session: async_imap::Session<Transport>,
     pub capabilities: Option<HashSet<String>>,
-}
-
-/// When each account may call the server again, after a server asked us to
-/// back off (Exchange Online: "Suggested Backoff Time: N milliseconds").
-/// Until then logins and warm sessions of that account fail at once with a
-/// temporary error, without touching the server. Bounded: expired entries
-/// are dropped, and past `MAX_ACCOUNTS` the oldest deadline goes first.
-#[derive(Default)]
-pub struct Backoff {
-    until: Mutex<HashMap<String, Instant>>,
-}
-
-/// Accounts remembered at most (a few bytes each).
-const MAX_ACCOUNTS: usize = 100_000;
-
-impl Backoff {
-    /// `Unavailable` while `user` must wait.
-    pub fn check(&self, user: &str) -> Result<(), BackendError> {
-        let until = self.until.lock().unwrap_or_else(|p| p.into_inner()).get(user).copied();
-        match until {
-            Some(until) if until > Instant::now() => Err(BackendError::Unavailable(format!(
-                "the server asked for a backoff; {} ms left",
-                until.saturating_duration_since(Instant::now()).as_millis()
-            ))),
-            _ => Ok(()),
-        }
-    }
-
-    /// Records a backoff the server asked for in `text`, if it asked.
-    pub fn record_from(&self, user: &str, text: &str) {
-        let Some(wait) = suggested_backoff(text) else { return };
-        tracing::info!(user, backoff_ms = wait.as_millis() as u64, "IMAP server asked for a backoff; honouring it");
-        let now = Instant::now();
-        let mut until = self.until.lock().unwrap_or_else(|p| p.into_inner());
-        until.retain(|_, t| *t > now);
-        if until.len() >= MAX_ACCOUNTS
-            && let Some(oldest) = until.iter().min_by_key(|(_, t)| **t).map(|(u, _)| u.clone())
-        {
-            until.remove(&oldest);
-        }
-        let entry = until.entry(user.to_string()).or_insert(now);
-        *entry = (*entry).max(now + wait);
-    }
 }
 
 /// Runs `step` within `limit`; a timeout or error is `Unavailable`.

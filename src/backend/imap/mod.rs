@@ -25,6 +25,7 @@
 //! than exactly the given UIDs, use a connection again after a timeout or a
 //! protocol error, mix up replies of different commands, or log a password.
 
+mod backoff;
 mod conn;
 mod connect;
 mod literal8;
@@ -44,8 +45,8 @@ use bytes::Bytes;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
+use self::backoff::Backoff;
 use self::conn::{Conn, Outcome};
-use self::connect::Backoff;
 use self::transport::TlsSetup;
 pub use self::wire::UidlFormat;
 use self::wire::{
