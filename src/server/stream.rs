@@ -34,6 +34,25 @@ impl ClientStream {
     }
 }
 
+impl ClientStream {
+    /// Writes the replies queued in `out` and flushes, within `limit`: a
+    /// client that stops reading must not hold a session (and its backend
+    /// connection) forever. `out` is empty afterwards when all went out.
+    pub async fn send_queued(&mut self, out: &mut Vec<u8>, limit: std::time::Duration) -> io::Result<()> {
+        use tokio::io::AsyncWriteExt as _;
+        let write = async {
+            if !out.is_empty() {
+                self.write_all(out).await?;
+                out.clear();
+            }
+            self.flush().await
+        };
+        tokio::time::timeout(limit, write)
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "client stopped reading"))?
+    }
+}
+
 fn upgrading() -> io::Error {
     io::Error::new(io::ErrorKind::NotConnected, "stream is being upgraded to TLS")
 }

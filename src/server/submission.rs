@@ -506,17 +506,7 @@ impl<'a> Driver<'a> {
     }
 
     async fn flush(&mut self) -> std::io::Result<()> {
-        let limit = Duration::from_secs(self.limits.idle_timeout_secs);
-        let write = async {
-            if !self.out.is_empty() {
-                self.stream.write_all(&self.out).await?;
-                self.out.clear();
-            }
-            self.stream.flush().await
-        };
-        tokio::time::timeout(limit, write)
-            .await
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "client stopped reading"))?
+        self.stream.send_queued(&mut self.out, Duration::from_secs(self.limits.idle_timeout_secs)).await
     }
 
     fn reply(&mut self, reply: Reply) {
