@@ -133,6 +133,12 @@ impl Session {
                 return Err(format!("{what} is not an http(s) URL: scheme {:?}", url.scheme()));
             }
         }
+        // The blob id goes into the path or query, never the host: else a
+        // blob id would choose where popgate sends its credentials.
+        let other = session.download_url("G2").map_err(|e| e.to_string())?;
+        if other.origin() != sample.origin() {
+            return Err("downloadUrl puts {blobId} in the host or port".into());
+        }
         Ok(session)
     }
 
@@ -411,7 +417,12 @@ mod tests {
         // could never fetch was accepted, to fail at the first RETR.
         let not_http = json!({ "apiUrl": "/a", "downloadUrl": "h4tps://example.com/d/{accountId}/{blobId}",
             "capabilities": { "urn:ietf:params:jmap:mail": {} }, "primaryAccounts": { "urn:ietf:params:jmap:mail": "x" } });
-        assert!(Session::parse(url, &not_http).unwrap_err().contains("downloadUrl is not an http(s) URL"));
+        assert!(Session::parse(url.clone(), &not_http).unwrap_err().contains("downloadUrl is not an http(s) URL"));
+        // Found by the jmap_replies fuzz target: {blobId} in the host let a
+        // blob id choose where the download (and its credentials) went.
+        let blob_host = json!({ "apiUrl": "/a", "downloadUrl": "https://d{blobId}.example.com/{accountId}",
+            "capabilities": { "urn:ietf:params:jmap:mail": {} }, "primaryAccounts": { "urn:ietf:params:jmap:mail": "x" } });
+        assert!(Session::parse(url, &blob_host).unwrap_err().contains("{blobId} in the host"));
     }
 
     #[test]
