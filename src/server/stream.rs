@@ -53,6 +53,42 @@ impl ClientStream {
     }
 }
 
+/// What waiting for the client gave.
+pub enum ClientRead {
+    /// The server is shutting down.
+    Stopped,
+    /// Nothing arrived before the deadline.
+    TimedOut,
+    /// The client closed the connection.
+    Closed,
+    /// This many octets arrived in the buffer.
+    Data(usize),
+}
+
+impl ClientStream {
+    /// Reads what the client sends next, until `deadline` or until
+    /// `stopped` completes (shutdown wins a tie). Shared by the POP3 and
+    /// submission drivers.
+    pub async fn read_before(
+        &mut self,
+        buf: &mut [u8],
+        deadline: tokio::time::Instant,
+        stopped: impl std::future::Future<Output = ()>,
+    ) -> io::Result<ClientRead> {
+        use tokio::io::AsyncReadExt as _;
+        tokio::select! {
+            biased;
+            _ = stopped => Ok(ClientRead::Stopped),
+            read = tokio::time::timeout_at(deadline, self.read(buf)) => match read {
+                Err(_) => Ok(ClientRead::TimedOut),
+                Ok(Ok(0)) => Ok(ClientRead::Closed),
+                Ok(Ok(n)) => Ok(ClientRead::Data(n)),
+                Ok(Err(e)) => Err(e),
+            },
+        }
+    }
+}
+
 fn upgrading() -> io::Error {
     io::Error::new(io::ErrorKind::NotConnected, "stream is being upgraded to TLS")
 }

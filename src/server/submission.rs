@@ -20,14 +20,14 @@ use lettre::AsyncTransport;
 use lettre::transport::smtp::authentication::{Credentials as SmtpCredentials, Mechanism as SmtpMechanism};
 use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::{AsyncSmtpTransport, Tokio1Executor};
-use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::Context;
 use super::config::Limits;
 use super::policy::{ListenerTls, LoginPolicy};
-use super::stream::ClientStream;
+use super::stream::{ClientRead, ClientStream};
 use crate::auth::accounts::Route;
 use crate::auth::accounts::config::{ForeignSender, RelayTls, RelayUrl, SubmissionConfig};
 use crate::backend::gmail::GmailBackend;
@@ -255,23 +255,17 @@ impl<'a> Driver<'a> {
             } else {
                 login_deadline.min(Instant::now() + idle)
             };
-            let read = tokio::select! {
-                biased;
-                _ = self.context.stopped() => None,
-                read = tokio::time::timeout_at(deadline, self.stream.read(&mut buf)) => Some(read),
-            };
-            match read {
-                None => {
+            match self.stream.read_before(&mut buf, deadline, self.context.stopped()).await? {
+                ClientRead::Stopped => {
                     let reply = self.session.shutting_down();
                     return self.close_with(reply, Outcome::ShutDown).await;
                 }
-                Some(Err(_)) => {
+                ClientRead::TimedOut => {
                     let reply = self.session.timed_out();
                     return self.close_with(reply, Outcome::TimedOut).await;
                 }
-                Some(Ok(Ok(0))) => return Ok(Outcome::Disconnected),
-                Some(Ok(Ok(n))) => self.reader.push(&buf[..n]),
-                Some(Ok(Err(e))) => return Err(e),
+                ClientRead::Closed => return Ok(Outcome::Disconnected),
+                ClientRead::Data(n) => self.reader.push(&buf[..n]),
             }
         }
     }
