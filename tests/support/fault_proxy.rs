@@ -353,10 +353,12 @@ fn downstream_pump(connection: &Connection, shared: &Shared) {
                 }
                 continue;
             }
-            perform(connection, fault);
-            connection.progress.lock().unwrap().faulted = Some(fault);
+            // Recorded before the fault is performed: popgate reacts to it
+            // (and the test reads `fired`) as soon as it is.
             *shared.fired.lock().unwrap() = Some(format!("{fault:?} after {at} server octets").to_lowercase());
             *shared.plan.lock().unwrap() = None;
+            perform(connection, fault);
+            connection.progress.lock().unwrap().faulted = Some(fault);
         }
     }
     // Pass a server close on (unless a fault decided otherwise).
