@@ -481,7 +481,7 @@ impl Interactive {
         // (as root, it refuses without --owner).
         let mut args = args.to_vec();
         let me = nix::unistd::User::from_uid(nix::unistd::geteuid()).unwrap().expect("the current user").name;
-        if args.get(1) == Some(&"login") {
+        if args.get(1) == Some(&"login") && !args.contains(&"--owner") {
             args.extend(["--owner", me.as_str()]);
         }
         let mut child = Command::new(env!("CARGO_BIN_EXE_popgate"))
@@ -639,6 +639,29 @@ fn oauth_login_with_a_device_code() {
     let (ok, printed) = login.finish();
     assert!(ok, "{printed}");
     assert_login_worked(&world, &printed);
+}
+
+/// README's systemd step, as root: `oauth login --owner popgate` leaves
+/// the token store to the service user (0600), so `serve` as popgate can
+/// read and rotate it; the key stays as it was.
+#[test]
+fn oauth_login_as_root_gives_the_token_store_to_the_owner() {
+    assert_eq!(nix::unistd::geteuid().as_raw(), 0, "run as root, as scripts/test does");
+    let user = nix::unistd::User::from_name("popgate")
+        .unwrap()
+        .expect("no popgate user: scripts/install-test-deps creates it (useradd --system popgate)");
+    let world = World::new();
+    let mut login = world.popgate(&["oauth", "login", "scans", "--device", "--owner", "popgate"]);
+    let line = login.line_matching(|l| l.contains("enter the code"));
+    let user_code = line.split_whitespace().last().unwrap().to_string();
+    eventually("a device poll", || world.idp.grants().iter().any(|g| g.ends_with("device_code")));
+    world.idp.approve_device(&user_code);
+    let (ok, printed) = login.finish();
+    assert!(ok, "{printed}");
+    let meta = std::fs::metadata(world.store_path()).expect("tokens.enc written");
+    assert_eq!(std::os::unix::fs::MetadataExt::uid(&meta), user.uid.as_raw(), "tokens.enc belongs to popgate");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    assert!(world.stored().is_some(), "the token is readable with the key");
 }
 
 #[test]
