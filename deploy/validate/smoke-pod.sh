@@ -15,6 +15,20 @@
 #     (drain_delay_secs + shutdown_grace_secs + 5, without a preStop sleep).
 #
 #   smoke-pod.sh BINARY POPGATE_TOML WORKDIR [docker]
+#   smoke-pod.sh BINARY POPGATE_TOML WORKDIR oauth SECRET_ENV_JSON
+#
+# `oauth` runs an OAuth configuration (README's "OAuth in Kubernetes") as
+# its pod does: the backend is kept (nothing is reachable from the
+# namespace, so no token is ever fetched), the token store goes to a
+# directory of group 65532 (the PersistentVolumeClaim with fsGroup), and
+# the variables the Deployment takes from Secrets (SECRET_ENV_JSON, written
+# by check_manifests.py) get made-up values of the right kind: a key from
+# `popgate oauth keygen`, device password hashes from `popgate passwd`. It
+# checks that popgate starts and is ready, that a device's right password
+# gets `-ERR [SYS/TEMP]` (no token yet: someone must sign in) and a wrong
+# one `-ERR [AUTH]`, that `popgate oauth status` (the `kubectl exec` step)
+# works as the pod's user and names the account, and that SIGTERM ends it
+# cleanly.
 #
 # Only the backend is replaced (by the demo store: no network here) and
 # the certificate paths are pointed at a self-signed certificate in
@@ -28,6 +42,7 @@ binary=$(realpath "$1")
 source_toml=$2
 dir=$(realpath -m "$3")
 mode=${4:-pod}
+secret_env=${5:-}
 uid=65532
 
 for tool in unshare setpriv curl openssl ip; do
@@ -48,19 +63,54 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
 chgrp "$uid" "$dir/tls/tls.key" "$dir/tls/tls.crt"
 chmod 0440 "$dir/tls/tls.key" "$dir/tls/tls.crt"
 
-python3 - "$source_toml" "$dir/popgate.toml" "$dir/tls" <<'EOF'
+python3 - "$source_toml" "$dir/popgate.toml" "$dir/tls" "$mode" "$dir/state" <<'EOF'
 import re, sys
-src, dst, tls = sys.argv[1:]
+src, dst, tls, mode, state = sys.argv[1:]
 out, skip = [], False
 for line in open(src):
     if re.match(r"\s*\[", line):
-        skip = re.match(r"\s*\[backend\]", line) is not None
+        skip = mode != "oauth" and re.match(r"\s*\[backend\]", line) is not None
     if not skip:
-        out.append(line.replace("/etc/popgate/tls", tls))
-out.append('\n[backend]\nkind = "demo"\n')
+        out.append(line.replace("/etc/popgate/tls", tls).replace("/var/lib/popgate", state))
+if mode != "oauth":
+    out.append('\n[backend]\nkind = "demo"\n')
 open(dst, "w").write("".join(out))
 EOF
 chmod 0444 "$dir/popgate.toml"
+
+# oauth: the volume, and the Secrets' values.
+device_password=smoke-Device-pw-1
+: >"$dir/pod.env"
+if [ "$mode" = oauth ]; then
+    mkdir -p "$dir/state"
+    chgrp "$uid" "$dir/state"
+    chmod 2770 "$dir/state"
+    "$binary" oauth keygen "$dir/token.key" --owner root >/dev/null 2>&1
+    hash=$(printf '%s\n' "$device_password" | "$binary" passwd)
+    python3 - "$secret_env" "$dir/popgate.toml" "$dir/token.key" "$hash" >"$dir/pod.env" <<'EOF'
+import json, re, sys, tomllib
+entries, config, key_file, device_hash = sys.argv[1:]
+text = open(config).read()
+key_env = tomllib.loads(text).get("token_store", {}).get("key_env")
+env = {}
+for e in json.load(open(entries)):
+    name = e["env"]
+    if name == key_env:
+        env[name] = open(key_file).read().strip()
+    elif name.endswith("PASSWORD_HASH"):
+        env[name] = device_hash
+    else:
+        env[name] = "smoke-made-up-" + e["key"]
+# Variables the configuration names (client_secret_env, …): the backend
+# credentials Secret, taken whole (envFrom).
+for name in re.findall(r'^\s*[a-z_]*_env\s*=\s*"([^"]+)"', text, re.M):
+    env.setdefault(name, "smoke-made-up-secret")
+for name, value in env.items():
+    print(f"{name}={value}")
+EOF
+    rm -f "$dir/token.key"
+    grep -q "PASSWORD_HASH=" "$dir/pod.env" || { echo "  FAIL no device password hash among the pod's Secret variables"; exit 1; }
+fi
 
 # The ports, from the configuration itself.
 read -r plain pop3 pop3s admin grace drain < <(python3 - "$dir/popgate.toml" <<'EOF'
@@ -76,7 +126,15 @@ EOF
 )
 
 # Everything below runs inside the namespace (single quotes: expanded there).
-export binary dir uid plain pop3 pop3s admin grace drain mode
+# oauth: the first device of the first account, and that account.
+read -r account device < <(python3 - "$dir/popgate.toml" <<'EOF'
+import sys, tomllib
+accounts = tomllib.load(open(sys.argv[1], "rb")).get("account", [])
+devices = accounts[0].get("device", []) if accounts else []
+print(accounts[0]["name"] if accounts else "-", devices[0]["user"] if devices else "-")
+EOF
+)
+export binary dir uid plain pop3 pop3s admin grace drain mode account device device_password
 # shellcheck disable=SC2016
 exec unshare -n bash -euo pipefail -c '
 ip link set lo up
@@ -88,8 +146,30 @@ failed=0
 check() { if "${@:2}"; then echo "  ok   $1"; else echo "  FAIL $1"; failed=1; fi; }
 url() { curl -s -o /dev/null -w "%{http_code}" --max-time 3 "http://127.0.0.1:$admin$1"; }
 
-setpriv --reuid "$uid" --regid "$uid" --clear-groups --inh-caps=-all --bounding-set=-all --no-new-privs -- \
-    "$binary" serve --config "$dir/popgate.toml" 2>"$dir/popgate.log" &
+# As the pod runs: its uid, no capabilities, the Secrets as environment.
+as_pod() {
+    # shellcheck disable=SC2046 # one NAME=VALUE per line, no spaces
+    env $(cat "$dir/pod.env") setpriv --reuid "$uid" --regid "$uid" --clear-groups --inh-caps=-all \
+        --bounding-set=-all --no-new-privs -- "$@"
+}
+# A device login over STLS; prints the reply to PASS (curl says only
+# "login denied", whatever the -ERR).
+stls_login() {
+    python3 - "$pop3" "$dir/tls/tls.crt" "$1" "$2" <<"EOF"
+import poplib, ssl, sys
+port, ca, user, password = sys.argv[1:]
+pop = poplib.POP3("127.0.0.1", int(port), timeout=10)
+pop.stls(ssl.create_default_context(cafile=ca))
+pop.user(user)
+try:
+    print(pop.pass_(password).decode())
+except poplib.error_proto as e:
+    print(e.args[0].decode())
+EOF
+}
+# shellcheck disable=SC2046 # one NAME=VALUE per line, no spaces
+env $(cat "$dir/pod.env") setpriv --reuid "$uid" --regid "$uid" --clear-groups --inh-caps=-all \
+    --bounding-set=-all --no-new-privs -- "$binary" serve --config "$dir/popgate.toml" 2>"$dir/popgate.log" &
 pid=$!
 for _ in $(seq 50); do [ "$(url /healthz)" = 200 ] && break; sleep 0.2; done
 check "runs as uid $uid without capabilities: $(grep -E "^(Uid|CapEff)" /proc/$pid/status | tr -s "\t\n" "  ")" \
@@ -100,17 +180,26 @@ for _ in $(seq 25); do ready=$(url /readyz); [ "$ready" = 200 ] && break; sleep 
 check "GET /readyz -> 200" test "$ready" = 200
 check "GET /metrics is Prometheus text with popgate_ metrics" \
     bash -c "curl -s --max-time 3 http://127.0.0.1:$admin/metrics | grep -q \"^popgate_\""
-if [ "$pop3" != - ]; then
+if [ "$mode" = oauth ]; then
+    said=$(stls_login "$device" "$device_password" 2>&1 || true)
+    check "device $device, right password, no token yet: $said" test "${said#-ERR \[SYS/TEMP\]}" != "$said"
+    said=$(stls_login "$device" wrong-password 2>&1 || true)
+    check "device $device, wrong password: $said" test "${said#-ERR \[AUTH\]}" != "$said"
+    status_ok=0
+    said=$(as_pod "$binary" oauth status --config "$dir/popgate.toml" 2>&1) || status_ok=$?
+    check "popgate oauth status as uid $uid (the kubectl exec step), exit $status_ok: $(echo "$said" | tr "\n" " ")" \
+        bash -c "test $status_ok = 0 && grep -q \"$account\" <<<\"\$0\"" "$said"
+elif [ "$pop3" != - ]; then
     check "cleartext login on $pop3 refused (loopback_is_secure = false)" \
         bash -c "! curl -s --max-time 5 pop3://127.0.0.1:$pop3/ -u demo:demo >/dev/null"
     check "STLS login on $pop3 (certificate from $dir/tls)" \
         bash -c "curl -s --max-time 5 --ssl-reqd --cacert $dir/tls/tls.crt pop3://127.0.0.1:$pop3/ -u demo:demo | grep -q \"^1 \""
 fi
-if [ "$pop3s" != - ]; then
+if [ "$pop3s" != - ] && [ "$mode" != oauth ]; then
     check "implicit TLS login on $pop3s, RETR 1" \
         bash -c "curl -s --max-time 5 --cacert $dir/tls/tls.crt pop3s://127.0.0.1:$pop3s/1 -u demo:demo | grep -qi \"^subject:\""
 fi
-if [ "$plain" != - ]; then
+if [ "$plain" != - ] && [ "$mode" != oauth ]; then
     check "login on the cleartext listener $plain from loopback, RETR 1" \
         bash -c "curl -s --max-time 5 pop3://127.0.0.1:$plain/1 -u demo:demo | grep -qi \"^subject:\""
 fi
@@ -127,7 +216,11 @@ check "SIGTERM with a session open: /readyz -> 503 while draining" test "$(url /
 check "SIGTERM with a session open: still serving it" kill -0 "$pid"
 if [ "$drain" -gt 1 ]; then
     # Within drain_delay_secs: endpoints may still send clients; they get served.
-    if [ "$pop3s" != - ]; then
+    if [ "$mode" = oauth ]; then
+        said=$(stls_login "$device" "$device_password" 2>&1 || true)
+        check "SIGTERM + 1 s, drain_delay_secs $drain: a new login is still answered: $said" \
+            test "${said#-ERR \[SYS/TEMP\]}" != "$said"
+    elif [ "$pop3s" != - ]; then
         check "SIGTERM + 1 s, drain_delay_secs $drain: a new login is still served (RETR 1)" \
             bash -c "curl -s --max-time 5 --cacert $dir/tls/tls.crt pop3s://127.0.0.1:$pop3s/1 -u demo:demo | grep -qi \"^subject:\""
     else
