@@ -205,8 +205,18 @@ pub struct SubmissionLabels {
 }
 
 /// Why a device's message was not relayed: a fixed set of words.
-pub const SUBMISSION_REFUSALS: &[&str] =
-    &["rate_limited", "upstream_temporary", "upstream_permanent", "unavailable", "credentials"];
+/// `sender`, `from_header` and `recipient` are the account's envelope rules
+/// (`smtp::session::Rule::label`).
+pub const SUBMISSION_REFUSALS: &[&str] = &[
+    "rate_limited",
+    "upstream_temporary",
+    "upstream_permanent",
+    "unavailable",
+    "credentials",
+    "sender",
+    "from_header",
+    "recipient",
+];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefusalLabels {

@@ -403,6 +403,16 @@ fn a_spoofed_from_is_refused_and_nothing_is_delivered() {
     assert_eq!(fetched.len(), 1);
     assert_eq!(String::from_utf8_lossy(&without_trace(&fetched[0])), String::from_utf8_lossy(&bytes));
     assert!(!world.postfix.log().contains("ceo@popgate.test"), "the spoofed message reached the upstream");
+    // Each refusal counted for the device, by the rule that refused it.
+    let (status, _, metrics) = support::oauth_server::http_get(&format!("http://{}/metrics", world.gateway.admin_addr));
+    assert_eq!(status, 200);
+    for (result, count) in [("from_header", 1), ("sender", 1), ("sent", 1)] {
+        let line = format!(
+            "popgate_submission_messages_total{{account=\"office\",device=\"{}\",result=\"{result}\"}} {count}",
+            SCANNER.0
+        );
+        assert!(metrics.contains(&line), "{line} not in:\n{metrics}");
+    }
 }
 
 #[test]

@@ -275,6 +275,17 @@ impl<'a> Driver<'a> {
         match step {
             Step::Read => {}
             Step::Reply(reply) => self.reply(reply),
+            Step::Refused { reply, rule } => {
+                if let Some(authorized) = &self.authorized {
+                    tracing::info!(device = %authorized.device, rule = rule.label(), "refused by the account's envelope rules");
+                    self.context.metrics.submission_refused(
+                        &authorized.account,
+                        &authorized.device_label,
+                        rule.label(),
+                    );
+                }
+                self.reply(reply)
+            }
             Step::Close(reply) => return self.close_with(reply, Outcome::Closed).await.map(Some),
             Step::Login(credentials) => {
                 self.flush().await?;

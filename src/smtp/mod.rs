@@ -11,4 +11,4 @@ pub mod session;
 
 pub use command::{Command, Line, LineReader};
 pub use reply::Reply;
-pub use session::{Envelope, RelayFailure, SenderRules, Session, SessionConfig, Step, header_recipients};
+pub use session::{Envelope, RelayFailure, Rule, SenderRules, Session, SessionConfig, Step, header_recipients};

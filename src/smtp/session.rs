@@ -134,6 +134,33 @@ pub enum Step {
     /// Relay the message, then call `relay_finished`. Nothing may be
     /// answered before the upstream accepted or refused it.
     Relay { envelope: Envelope, message: Vec<u8> },
+    /// An envelope rule refused a sender or recipient: write the reply,
+    /// then read the next line (as `Reply`); the driver counts the refusal
+    /// for the device (an administrator wants to see a scanner that keeps
+    /// sending as someone else).
+    Refused { reply: Reply, rule: Rule },
+}
+
+/// The envelope rule behind a `Step::Refused`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rule {
+    /// MAIL FROM is neither the account's address nor an alias.
+    Sender,
+    /// The From header is neither (and the rules do not rewrite it).
+    FromHeader,
+    /// RCPT TO is outside the allowed domains.
+    Recipient,
+}
+
+impl Rule {
+    /// A bounded metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Rule::Sender => "sender",
+            Rule::FromHeader => "from_header",
+            Rule::Recipient => "recipient",
+        }
+    }
 }
 
 /// Where a multi-line AUTH exchange stands.
@@ -514,11 +541,14 @@ impl Session {
             rules.own_address().to_string()
         } else {
             let shown = if from.is_empty() { "<>".to_string() } else { from };
-            return Step::Reply(Reply::with(
-                550,
-                (5, 7, 1),
-                format!("sender {shown} refused: send as {} or one of its aliases", rules.own_address()),
-            ));
+            return Step::Refused {
+                reply: Reply::with(
+                    550,
+                    (5, 7, 1),
+                    format!("sender {shown} refused: send as {} or one of its aliases", rules.own_address()),
+                ),
+                rule: Rule::Sender,
+            };
         };
         *mail = Some(Transaction { sender, parameters, recipients: Vec::new() });
         Step::Reply(Reply::with(250, (2, 1, 0), "Ok"))
@@ -538,11 +568,10 @@ impl Session {
             return Step::Reply(Reply::with(553, (5, 6, 7), "non-ASCII address needs the SMTPUTF8 parameter"));
         }
         if !rules.allows_recipient(&to) {
-            return Step::Reply(Reply::with(
-                550,
-                (5, 7, 1),
-                format!("recipient {to} refused: its domain is not allowed"),
-            ));
+            return Step::Refused {
+                reply: Reply::with(550, (5, 7, 1), format!("recipient {to} refused: its domain is not allowed")),
+                rule: Rule::Recipient,
+            };
         }
         mail.recipients.push(to);
         Step::Reply(Reply::with(250, (2, 1, 5), "Ok"))
@@ -589,7 +618,10 @@ impl Session {
         }
         let message = match check_from_header(body.octets, &rules) {
             Ok(message) => message,
-            Err(why) => return refuse(self, user, rules, Reply::with(550, (5, 7, 1), why)),
+            Err(why) => {
+                self.state = State::Authenticated { user, rules, mail: None };
+                return Step::Refused { reply: Reply::with(550, (5, 7, 1), why), rule: Rule::FromHeader };
+            }
         };
         let envelope = Envelope {
             sender: mail.sender,

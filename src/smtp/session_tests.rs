@@ -12,6 +12,8 @@ struct Harness {
     /// What the next relay answers.
     upstream: Option<RelayFailure>,
     rules: SenderRules,
+    /// The envelope rules that refused something, in order.
+    refused: Vec<Rule>,
     closed: bool,
     tls: bool,
     greeted: bool,
@@ -32,6 +34,7 @@ impl Harness {
             relayed: Vec::new(),
             upstream: None,
             rules: rules(),
+            refused: Vec::new(),
             closed: false,
             tls: false,
             greeted: false,
@@ -42,6 +45,10 @@ impl Harness {
         match step {
             Step::Read => {}
             Step::Reply(r) => r.write_to(out),
+            Step::Refused { reply, rule } => {
+                reply.write_to(out);
+                self.refused.push(rule);
+            }
             Step::Close(r) => {
                 r.write_to(out);
                 self.closed = true;
@@ -291,6 +298,7 @@ fn spoofed_sender_and_from_are_refused() {
     ",
     );
     assert!(h.relayed.is_empty());
+    assert_eq!(h.refused, [Rule::Sender, Rule::Sender, Rule::FromHeader, Rule::FromHeader]);
 }
 
 #[test]
@@ -348,6 +356,8 @@ fn recipients_limited_by_count_and_domain() {
         S: 452 4.5.3 too many recipients
     ",
     );
+    // Too many recipients is a limit, not a rule: counted once, the domain.
+    assert_eq!(h.refused, [Rule::Recipient]);
 }
 
 #[test]
