@@ -8,6 +8,7 @@
 //! - `smtp`: SMTP submission, sans I/O — the same shape as `pop3` (scanners
 //!   sending scans), with the account's envelope rules.
 //! - `canonical`: the CRLF form of a message, shared by sizing and sending.
+//! - `lines`: bounded line framing, shared by the two protocol cores.
 //! - `backend`: the `Backend`/`Mailbox` traits and one module per store
 //!   (IMAP, JMAP, Gmail API, Microsoft Graph, the demo memory store), shared
 //!   HTTP helpers, exact-size resolution and warm sessions common to all.
@@ -27,6 +28,7 @@ pub mod auth;
 pub mod backend;
 pub mod canonical;
 pub mod config;
+pub mod lines;
 pub mod mail;
 pub mod pop3;
 pub mod server;

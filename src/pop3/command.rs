@@ -1,87 +1,10 @@
-//! POP3 command lines: framing (`LineReader`) and parsing (`Command::parse`).
-//!
-//! `LineReader` cuts a byte stream into lines with a hard length limit: a line
-//! longer than the limit is reported once as `Line::TooLong` and its bytes are
-//! dropped as they arrive, so memory stays bounded whatever the client sends.
-//! Bytes after a complete line stay buffered, which is what makes PIPELINING
-//! work. No I/O here.
+//! POP3 command lines: parsing (`Command::parse`); the framing is the
+//! shared bounded `LineReader` (`crate::lines`), with RFC 2449's limit. No
+//! I/O here.
 
 use crate::mail::Secret;
 
-/// One framed line, without its line end.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Line {
-    Complete(Vec<u8>),
-    /// The line exceeded the limit; its content was discarded.
-    TooLong,
-}
-
-#[derive(Debug)]
-pub struct LineReader {
-    buf: Vec<u8>,
-    /// Bytes of `buf` already searched for LF.
-    scanned: usize,
-    /// Inside an over-long line: drop everything up to the next LF.
-    discarding: bool,
-}
-
-impl Default for LineReader {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl LineReader {
-    pub fn new() -> Self {
-        LineReader { buf: Vec::with_capacity(64), scanned: 0, discarding: false }
-    }
-
-    /// Appends received bytes. The caller then calls `next_line` until it
-    /// returns `None`.
-    pub fn push(&mut self, bytes: &[u8]) {
-        self.buf.extend_from_slice(bytes);
-    }
-
-    /// Bytes received but not yet framed into a line.
-    pub fn buffered(&self) -> usize {
-        self.buf.len()
-    }
-
-    /// Forgets everything buffered (used after STLS: plaintext sent before the
-    /// TLS handshake must never be read as commands).
-    pub fn clear(&mut self) {
-        self.buf.clear();
-        self.scanned = 0;
-        self.discarding = false;
-    }
-
-    /// The next complete line, if any. `limit` counts the line's octets
-    /// including its CRLF, as RFC 2449 does; a bare LF counts as the CRLF it
-    /// stands for, so a line's content may never exceed `limit - 2` octets
-    /// whichever line end the client used.
-    pub fn next_line(&mut self, limit: usize) -> Option<Line> {
-        let Some(i) = memchr::memchr(b'\n', &self.buf[self.scanned..]) else {
-            if self.discarding || self.buf.len() > limit {
-                // Keep nothing of an over-long line; wait for its end.
-                self.discarding = true;
-                self.buf.clear();
-            }
-            self.scanned = self.buf.len();
-            return None;
-        };
-        let end = self.scanned + i + 1;
-        let mut line: Vec<u8> = self.buf.drain(..end).collect();
-        self.scanned = 0;
-        line.pop();
-        if line.last() == Some(&b'\r') {
-            line.pop();
-        }
-        if std::mem::take(&mut self.discarding) || line.len() + 2 > limit {
-            return Some(Line::TooLong);
-        }
-        Some(Line::Complete(line))
-    }
-}
+pub use crate::lines::{Line, LineReader};
 
 /// A message number as the client wrote it (validated against the maildrop
 /// by the session, not here).

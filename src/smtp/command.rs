@@ -1,77 +1,13 @@
 //! SMTP command lines: framing (`LineReader`) and parsing (`Command::parse`,
 //! RFC 5321 4.1 with the RFC 1870, 6152, 6531 and 4954 parameters).
 //!
-//! `LineReader` cuts a byte stream into lines with a hard length limit: an
-//! over-long line is reported once as `Line::TooLong` and its bytes dropped
-//! as they arrive, so memory stays bounded whatever the client sends; bytes
-//! after a complete line stay buffered (PIPELINING). The same reader frames
-//! the DATA section, with the session's data line limit. No I/O here.
+//! The framing is the shared bounded `LineReader` (`crate::lines`); it
+//! frames the DATA section too, with the session's data line limit. No I/O
+//! here.
 
 use crate::mail::Secret;
 
-/// One framed line, without its line end.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Line {
-    Complete(Vec<u8>),
-    /// The line exceeded the limit; its content was discarded.
-    TooLong,
-}
-
-#[derive(Debug, Default)]
-pub struct LineReader {
-    buf: Vec<u8>,
-    /// Bytes of `buf` already searched for LF.
-    scanned: usize,
-    /// Inside an over-long line: drop everything up to the next LF.
-    discarding: bool,
-}
-
-impl LineReader {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    pub fn push(&mut self, bytes: &[u8]) {
-        self.buf.extend_from_slice(bytes);
-    }
-
-    /// Bytes received but not yet framed into a line.
-    pub fn buffered(&self) -> usize {
-        self.buf.len()
-    }
-
-    /// Forgets everything buffered (after STARTTLS: plaintext pipelined
-    /// before the handshake must never be read as commands).
-    pub fn clear(&mut self) {
-        self.buf.clear();
-        self.scanned = 0;
-        self.discarding = false;
-    }
-
-    /// The next complete line, if any. `limit` counts the line's octets with
-    /// its CRLF (RFC 5321 4.5.3.1); a bare LF counts as a CRLF.
-    pub fn next_line(&mut self, limit: usize) -> Option<Line> {
-        let Some(i) = memchr::memchr(b'\n', &self.buf[self.scanned..]) else {
-            if self.discarding || self.buf.len() > limit {
-                self.discarding = true;
-                self.buf.clear();
-            }
-            self.scanned = self.buf.len();
-            return None;
-        };
-        let end = self.scanned + i + 1;
-        let mut line: Vec<u8> = self.buf.drain(..end).collect();
-        self.scanned = 0;
-        line.pop();
-        if line.last() == Some(&b'\r') {
-            line.pop();
-        }
-        if std::mem::take(&mut self.discarding) || line.len() + 2 > limit {
-            return Some(Line::TooLong);
-        }
-        Some(Line::Complete(line))
-    }
-}
+pub use crate::lines::{Line, LineReader};
 
 /// MAIL FROM parameters (RFC 1870 SIZE, RFC 6152 BODY, RFC 6531 SMTPUTF8).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
