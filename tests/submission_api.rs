@@ -32,12 +32,14 @@ fn gateway(dir: &Path, backend: &str, login: &str, token: &str) -> GatewayProces
             addrs[0], addrs[1]
         )
     };
-    gateway_with(dir, backend, login, token, 2, listeners, "")
+    gateway_with(dir, backend, login, token, 2, listeners, "", None)
 }
 
 /// `gateway` with `listeners` (TOML for `count` run-time addresses; more
 /// tables may follow them, e.g. `[tls]`) and extra `[account.submission]`
-/// keys.
+/// keys. With `token_url`, the stored token has a refresh token, refreshed
+/// there; without, nothing can refresh it.
+#[allow(clippy::too_many_arguments)]
 fn gateway_with(
     dir: &Path,
     backend: &str,
@@ -46,6 +48,7 @@ fn gateway_with(
     count: usize,
     listeners: impl Fn(&[SocketAddr]) -> String,
     submission: &str,
+    token_url: Option<&str>,
 ) -> GatewayProcess {
     let key = dir.join("token.key");
     std::fs::write(&key, format!("{}\n", StoreKey::generate_text())).unwrap();
@@ -53,9 +56,11 @@ fn gateway_with(
     let store_path = dir.join("tokens.enc");
     let stored = StoredToken {
         access_token: Secret::new(token),
-        refresh_token: None,
+        refresh_token: token_url.map(|_| Secret::new("stand-in-refresh-token")),
         expires_at: Some(unix_now() + 3600),
-        obtained_at: unix_now(),
+        // Obtained a while ago: a token refused moments after it was issued
+        // is not refreshed again at once (src/auth/tokens/source.rs).
+        obtained_at: unix_now() - if token_url.is_some() { 3000 } else { 0 },
         scope: None,
     };
     let store_key = StoreKey::read(&SecretSource::File(key.clone())).unwrap();
@@ -82,7 +87,7 @@ login = "{login}"
 provider = "generic"
 client_id = "popgate-test-client"
 authorization_url = "http://127.0.0.1:9/authorize"
-token_url = "http://127.0.0.1:9/token"
+token_url = "{token_url}"
 scopes = ["mail"]
 redirect_uri = "http://127.0.0.1/callback"
 
@@ -97,6 +102,7 @@ password_hash = "{hash}"
             store = store_path.display(),
             key = key.display(),
             scanner = SCANNER.0,
+            token_url = token_url.unwrap_or("http://127.0.0.1:9/token"),
         )
     })
 }
@@ -297,6 +303,7 @@ fn the_hourly_limits_per_device_refuse_with_4xx_and_send_nothing() {
         2,
         listeners,
         "max_messages_per_hour = 2\nmax_recipients_per_hour = 5",
+        None,
     );
     for n in 0..2 {
         assert_eq!(send(&gateway, dir.path(), UPN, &scan(&format!("limit-{n}"), UPN)), "SENT", "{}", gateway.log());
@@ -335,7 +342,7 @@ fn tls_and_cleartext_rules_on_the_submission_port() {
             cert.key.display()
         )
     };
-    let gateway = gateway_with(dir.path(), &backend, UPN, &token, 4, listeners, "");
+    let gateway = gateway_with(dir.path(), &backend, UPN, &token, 4, listeners, "", None);
     let (starttls, implicit, cleartext) = (gateway.addrs[1], gateway.addrs[2], gateway.addrs[3]);
     let message = scan("tls", UPN);
     let path = dir.path().join("tls.eml");
@@ -462,4 +469,95 @@ name = "office"
     let refused = Config::from_toml(&config(imap, "mode = \"passthrough\"\nusers = [\"*@example.com\"]"), "t.toml")
         .expect_err("no relay for this backend");
     assert!(refused.to_string().contains("no `relay` set"), "{refused}");
+}
+
+/// A token endpoint that answers every refresh with a token `issue` makes
+/// (the mail API stand-in's own), counting the requests.
+struct TokenEndpoint {
+    url: String,
+    requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl TokenEndpoint {
+    fn start(issue: std::sync::Arc<dyn Fn() -> Result<String, String> + Send + Sync>) -> TokenEndpoint {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/token", listener.local_addr().unwrap());
+        let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = requests.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { return };
+                stream.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+                let mut reader = BufReader::new(stream);
+                let mut length = 0usize;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = value.trim().parse().unwrap_or(0);
+                    }
+                }
+                let mut body = vec![0; length.min(1 << 16)];
+                let _ = reader.read_exact(&mut body);
+                assert!(String::from_utf8_lossy(&body).contains("grant_type=refresh_token"));
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let answer = match issue() {
+                    Ok(token) => {
+                        (200, format!(r#"{{"access_token":"{token}","token_type":"Bearer","expires_in":3600}}"#))
+                    }
+                    Err(why) => (400, format!(r#"{{"error":"invalid_grant","error_description":"{why}"}}"#)),
+                };
+                let mut stream = reader.into_inner();
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 {} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+                    answer.0,
+                    answer.1.len(),
+                    answer.1
+                );
+            }
+        });
+        TokenEndpoint { url, requests }
+    }
+
+    fn requests(&self) -> usize {
+        self.requests.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Issue #18's "token expired → one refresh, then success" on the mail API
+/// path: Graph refuses the held token with a 401, popgate refreshes it once
+/// at the token endpoint and sends again with the new one; the scanner gets
+/// 250 and the message is sent exactly once.
+#[test]
+fn an_expired_api_token_is_refreshed_once_and_the_scan_goes_through() {
+    let api = GraphApi::start();
+    let token = api.issue_token(TokenKind::Delegated);
+    let endpoint = TokenEndpoint::start(api.issuer(TokenKind::Delegated));
+    let dir = tempfile::tempdir().unwrap();
+    let backend = format!("[backend]\nkind = \"graph\"\napi_base = \"{}\"", api.base_url);
+    let listeners = |addrs: &[SocketAddr]| {
+        format!(
+            "[[listener]]\naddress = \"{}\"\n\n[[listener]]\naddress = \"{}\"\nprotocol = \"submission\"\n",
+            addrs[0], addrs[1]
+        )
+    };
+    let gateway = gateway_with(dir.path(), &backend, UPN, &token, 2, listeners, "", Some(&endpoint.url));
+
+    support::bearer::BearerApi::expire(&api, &token);
+    let message = scan("graph-refreshed", UPN);
+    assert_eq!(send(&gateway, dir.path(), UPN, &message), "SENT", "{}", gateway.log());
+    assert_eq!(endpoint.requests(), 1, "one refresh");
+    assert_eq!(api.sent(), [message.clone()], "sent once, byte-identical");
+    let sends: Vec<u16> = api.seen().iter().filter(|r| r.path == "/v1.0/me/sendMail").map(|r| r.status).collect();
+    assert_eq!(sends, [401, 202], "refused with the old token, accepted with the new one");
+    assert!(gateway.log().contains("refreshed, retrying once"), "{}", gateway.log());
+
+    // The refreshed token is kept: the next scan needs no refresh.
+    assert_eq!(send(&gateway, dir.path(), UPN, &scan("graph-after", UPN)), "SENT");
+    assert_eq!(endpoint.requests(), 1);
+    assert!(!gateway.log().contains(&token), "the token was logged");
 }
