@@ -600,7 +600,16 @@ impl SharedMailbox {
     /// call fails (temporarily) and touches nothing.
     pub async fn borrow(&mut self) -> Result<Borrowed, BackendError> {
         loop {
-            let mut lent = self.take().await?;
+            let mut lent = match self.take().await {
+                // After login the credentials are the session's, not the
+                // client's guess: a token that expired since is temporary.
+                Err(BackendError::AuthFailed) => {
+                    return Err(BackendError::unavailable(
+                        "the backend no longer accepts the session's credentials; nothing was touched",
+                    ));
+                }
+                other => other?,
+            };
             if lent.mailbox().validity() == self.validity {
                 return Ok(lent);
             }
