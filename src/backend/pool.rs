@@ -14,9 +14,9 @@
 //! `max_connections_per_account` are open per account, busy or idle. A call
 //! waits for one in a first-come-first-served queue (tokio's semaphore is
 //! FIFO), at most `wait_secs`, then fails with `BackendError::InUse`. New
-//! backend logins are also bounded across all accounts
-//! (`max_concurrent_logins`): a burst of polls queues here instead of
-//! piling onto the server.
+//! logins are also admitted across all accounts (`max_concurrent_logins`,
+//! `admit_login`): a burst of polls queues before its backend work instead
+//! of piling onto the server and the event loop.
 //!
 //! Idle connections are keyed by backend, user and a fingerprint of the
 //! credentials (an HMAC with a per-process random key: the secret itself is
@@ -74,7 +74,9 @@ pub struct PoolConfig {
     /// Seconds a backend call waits in the account's queue for a
     /// connection before the client gets `-ERR [IN-USE]`.
     pub wait_secs: u64,
-    /// New backend logins in progress at once, all accounts together.
+    /// POP3 logins doing their backend work (connection, listing, sizes)
+    /// at once, all accounts together; the others queue first come, first
+    /// served, at most `wait_secs`.
     pub max_concurrent_logins: usize,
 }
 
@@ -182,7 +184,7 @@ pub struct SessionPool {
     config: PoolConfig,
     secret: hmac::Key,
     accounts: Mutex<HashMap<AccountKey, Arc<Account>>>,
-    /// Admission control for new backend logins, all accounts.
+    /// Admission control for logins, all accounts (`admit_login`).
     logging_in: Arc<Semaphore>,
     idle_total: AtomicUsize,
     logins: AtomicU64,
@@ -405,7 +407,7 @@ impl SessionPool {
                     continue;
                 }
             }
-            let mailbox = self.open(account, backend, credentials, deadline).await?;
+            let mailbox = self.open(account, backend, credentials).await?;
             return Ok(Borrowed {
                 mailbox: Some(mailbox),
                 fingerprint: fingerprint.to_vec(),
@@ -418,22 +420,31 @@ impl SessionPool {
         }
     }
 
-    /// A backend login, admitted among at most `max_concurrent_logins`.
+    /// Admission control for logins, all accounts: at most
+    /// `max_concurrent_logins` run at once, the others wait in arrival order
+    /// (at most `wait_secs`, then `InUse`). Under overload sessions queue
+    /// here, before any backend work, instead of all competing for the
+    /// event loop with the sessions already logged in. Hold the permit for
+    /// the login's backend work only.
+    pub async fn admit_login(&self) -> Result<tokio::sync::SemaphorePermit<'_>, BackendError> {
+        let wait = Duration::from_secs(self.config.wait_secs);
+        match tokio::time::timeout(wait, self.logging_in.acquire()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            Ok(Err(_)) => Err(BackendError::unavailable("connection pool closed")),
+            Err(_) => {
+                self.in_use.fetch_add(1, Ordering::Relaxed);
+                Err(BackendError::InUse("too many logins in progress".into()))
+            }
+        }
+    }
+
+    /// A backend login.
     async fn open(
         &self,
         account: &Account,
         backend: &SharedBackend,
         credentials: &Credentials,
-        deadline: tokio::time::Instant,
     ) -> Result<Box<dyn Mailbox>, BackendError> {
-        let _admitted = match tokio::time::timeout_at(deadline, self.logging_in.acquire()).await {
-            Ok(Ok(permit)) => permit,
-            Ok(Err(_)) => return Err(BackendError::unavailable("connection pool closed")),
-            Err(_) => {
-                self.in_use.fetch_add(1, Ordering::Relaxed);
-                return Err(BackendError::InUse("too many backend logins in progress".into()));
-            }
-        };
         let mailbox = match backend.open(credentials).await {
             Err(BackendError::InUse(why)) => {
                 // The server counts our idle connections against the
@@ -829,6 +840,18 @@ mod tests {
         assert!(lent.reused());
         other.give_back(lent, true).await;
         assert_eq!(pool.open_count(), 1);
+    }
+
+    /// Logins beyond `max_concurrent_logins` wait their turn, then are
+    /// refused with `InUse`; a permit given back admits the next.
+    #[tokio::test]
+    async fn logins_are_admitted_in_bounded_number() {
+        let pool = SessionPool::new(PoolConfig { max_concurrent_logins: 1, wait_secs: 1, ..PoolConfig::default() });
+        let first = pool.admit_login().await.unwrap();
+        assert!(matches!(pool.admit_login().await, Err(BackendError::InUse(_))));
+        drop(first);
+        let _second = pool.admit_login().await.unwrap();
+        assert_eq!(pool.in_use_refusals(), 1);
     }
 
     /// A connection dropped without being given back (a cancelled call) is

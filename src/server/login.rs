@@ -50,7 +50,7 @@ pub async fn log_in(
                 tracing::debug!(delay_ms = delay.as_millis() as u64, "throttling login after failures");
                 tokio::time::sleep(delay).await;
             }
-            let opened = open_maildrop(context, credentials).await;
+            let opened = admitted_open_maildrop(context, credentials).await;
             if let Err(BackendError::AuthFailed | BackendError::BadCredentials(_)) = &opened {
                 // The wait after: the user name's failures from every
                 // address hold up only a failed guess, never the right
@@ -86,6 +86,17 @@ pub async fn log_in(
         }
     }
     Some(opened)
+}
+
+/// `open_maildrop` once the pool admits the login: the time queued here
+/// is recorded apart (`popgate_backend_operation_duration_seconds{operation="login_queue"}`),
+/// so that a latency figure under overload says how much of it was waiting.
+async fn admitted_open_maildrop(context: &Context, credentials: &Credentials) -> Result<LoggedIn, BackendError> {
+    let queued = Instant::now();
+    let admitted = context.pool.admit_login().await;
+    context.metrics.backend_op(context.backend.kind(), "login_queue", queued.elapsed());
+    let _admitted = admitted?;
+    open_maildrop(context, credentials).await
 }
 
 /// Routes the login, borrows one of the account's backend connections
