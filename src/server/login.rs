@@ -50,7 +50,7 @@ pub async fn log_in(
                 tracing::debug!(delay_ms = delay.as_millis() as u64, "throttling login after failures");
                 tokio::time::sleep(delay).await;
             }
-            let opened = admitted_open_maildrop(context, credentials).await;
+            let opened = open_maildrop(context, credentials).await;
             if let Err(BackendError::AuthFailed | BackendError::BadCredentials(_)) = &opened {
                 // The wait after: the user name's failures from every
                 // address hold up only a failed guess, never the right
@@ -88,23 +88,22 @@ pub async fn log_in(
     Some(opened)
 }
 
-/// `open_maildrop` once the pool admits the login: the time queued here
-/// is recorded apart (`popgate_backend_operation_duration_seconds{operation="login_queue"}`),
-/// so that a latency figure under overload says how much of it was waiting.
-async fn admitted_open_maildrop(context: &Context, credentials: &Credentials) -> Result<LoggedIn, BackendError> {
-    let queued = Instant::now();
-    let admitted = context.pool.admit_login().await;
-    context.metrics.backend_op(context.backend.kind(), "login_queue", queued.elapsed());
-    let _admitted = admitted?;
-    open_maildrop(context, credentials).await
-}
-
-/// Routes the login, borrows one of the account's backend connections
-/// (idle, made current, or a new login), lists the mailbox, makes every
-/// size exact and gives the connection back.
+/// Routes the login, waits for the pool's admission
+/// (`popgate_backend_operation_duration_seconds{operation="login_queue"}`),
+/// borrows one of the account's backend connections (idle, made current,
+/// or a new login), lists the mailbox, makes every size exact and gives
+/// the connection back.
 async fn open_maildrop(context: &Context, credentials: &Credentials) -> Result<LoggedIn, BackendError> {
     let route = context.router.route(credentials).await?;
     let kind = route.backend.kind();
+    // Admission for the backend work only, after routing: a burst of wrong
+    // passwords (refused by the router) never queues ahead of a device.
+    // The time queued is recorded apart, so that a latency figure under
+    // overload says how much of it was waiting.
+    let queued = Instant::now();
+    let admitted = context.pool.admit_login().await;
+    context.metrics.backend_op(kind, "login_queue", queued.elapsed());
+    let _admitted = admitted?;
     let timed = |operation: &'static str, started: Instant| {
         context.metrics.backend_op(kind, operation, started.elapsed());
     };
