@@ -44,6 +44,9 @@ const KEYS: &[(&str, &str, i64, (i64, i64))] = &[
     ("backend_pool", "max_age_secs", 900, (1, 86_400)),
     ("backend_pool", "max_per_account", 1, (0, 100)),
     ("backend_pool", "max_total", 1000, (0, 1_000_000)),
+    ("backend_pool", "max_connections_per_account", 8, (1, 100)),
+    ("backend_pool", "wait_secs", 30, (1, 600)),
+    ("backend_pool", "max_concurrent_logins", 64, (1, 10_000)),
 ];
 
 fn edge_value() -> impl Strategy<Value = i64> {

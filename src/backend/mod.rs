@@ -89,6 +89,14 @@ pub trait Mailbox: Send {
         Ok(())
     }
 
+    /// Names the view under which this session's `StoreId`s are valid: an
+    /// id listed on one session names the same message on any session of
+    /// the same account showing the same validity (IMAP: UIDVALIDITY, as
+    /// of the last SELECT). `None`: ids never change meaning.
+    fn validity(&self) -> Option<u64> {
+        None
+    }
+
     /// Every message in the mailbox now, oldest first.
     async fn list(&mut self) -> Result<Vec<ListedMessage>, BackendError>;
 

@@ -17,7 +17,7 @@ use super::login::{self, LoggedIn};
 use super::policy::{ListenerTls, LoginPolicy};
 use super::stream::{ClientRead, ClientStream};
 use crate::backend::Mailbox;
-use crate::backend::pool::Lease;
+use crate::backend::pool::{Borrowed, SharedMailbox};
 use crate::mail::{BackendError, StoreId};
 use crate::pop3::response::ResponseCode;
 use crate::pop3::sasl::Mechanism;
@@ -64,15 +64,8 @@ pub async fn serve(
         let mut driver = Driver::new(stream, peer, policy, &context);
         let outcome = driver.run().await;
         driver.log_client_left_unable_to_log_in();
-        if let Some(mailbox) = driver.mailbox.take() {
-            // Only a session that ended as the client asked, with no backend
-            // error on the way, is kept warm for the account's next poll.
-            match driver.lease.take() {
-                Some(lease) if matches!(outcome, Outcome::Closed) && !driver.backend_failed => {
-                    context.pool.checkin(lease, mailbox).await
-                }
-                _ => mailbox.close().await,
-            }
+        if let Some(backend) = driver.backend.take() {
+            backend.end().await;
         }
         tracing::debug!(?outcome, "disconnected");
     }
@@ -123,16 +116,14 @@ struct Driver<'a> {
     session: Session,
     reader: LineReader,
     out: Vec<u8>,
-    mailbox: Option<Box<dyn Mailbox>>,
+    /// The account's backend connections once logged in: each backend call
+    /// borrows one and gives it back.
+    backend: Option<SharedMailbox>,
     /// The user name once logged in (for the per-account metric).
     account: Option<String>,
     /// Each listed message's UIDL, by store id: a RETR whose octets
     /// disagree with LIST corrects the remembered size under it.
     uidls: std::collections::HashMap<StoreId, String>,
-    /// How the backend session was obtained (to give it back warm).
-    lease: Option<Lease>,
-    /// A backend call failed: the session is not reused.
-    backend_failed: bool,
     /// The device's DELE is a dry run (`on_delete = "keep"`).
     keep: bool,
     /// The kind of backend the login was routed to (metrics label).
@@ -167,12 +158,10 @@ impl<'a> Driver<'a> {
             session: Session::new(config),
             reader: LineReader::new(),
             out: Vec::with_capacity(1024),
-            mailbox: None,
+            backend: None,
             account: None,
             uidls: std::collections::HashMap::new(),
             keep: false,
-            lease: None,
-            backend_failed: false,
             backend_kind: context.backend.kind(),
             refusal_logged: false,
         }
@@ -282,11 +271,10 @@ impl<'a> Driver<'a> {
                         let reply = self.session.shutting_down();
                         return self.close_with(reply, Outcome::ShutDown).await.map(Some);
                     }
-                    Some(Ok(LoggedIn { mailbox, lease, maildrop, account, backend_kind, keep })) => {
+                    Some(Ok(LoggedIn { backend, reused: _, maildrop, account, backend_kind, keep })) => {
                         self.backend_kind = backend_kind;
                         self.keep = keep;
-                        self.lease = Some(lease);
-                        self.mailbox = Some(mailbox);
+                        self.backend = Some(backend);
                         self.account = Some(account);
                         self.uidls = maildrop.visible().map(|(_, m)| (m.id.clone(), m.uidl.clone())).collect();
                         self.session.login_succeeded(maildrop)
@@ -302,7 +290,9 @@ impl<'a> Driver<'a> {
                 self.flush().await?;
                 let started = std::time::Instant::now();
                 let committing = self.context.updates.enter();
-                let result = match self.mailbox.as_mut() {
+                let result = match self.backend.as_mut() {
+                    // Nothing to remove: no connection is borrowed for it.
+                    Some(_) if ids.is_empty() => Ok(0),
                     Some(_) if self.keep => {
                         // on_delete = "keep": a dry run.
                         let uidls: Vec<&str> =
@@ -310,10 +300,16 @@ impl<'a> Driver<'a> {
                         tracing::info!(would_remove = ids.len(), uidls = ?uidls, "on_delete = keep: nothing removed");
                         Ok(0)
                     }
-                    Some(mailbox) => mailbox.remove(&ids).await.map(|()| ids.len()),
+                    Some(backend) => match backend.borrow().await {
+                        Ok(mut lent) => {
+                            let removed = lent.mailbox().remove(&ids).await;
+                            backend.give_back(lent, removed.is_ok()).await;
+                            removed.map(|()| ids.len())
+                        }
+                        Err(e) => Err(e),
+                    },
                     None => Err(BackendError::unavailable("no backend session")),
                 };
-                self.backend_failed |= result.is_err();
                 let metrics = &self.context.metrics;
                 if !self.keep {
                     metrics.backend_op(self.backend_kind, "remove", started.elapsed());
@@ -371,20 +367,40 @@ impl<'a> Driver<'a> {
         expected_octets: Option<u64>,
     ) -> std::io::Result<Option<Outcome>> {
         let started = std::time::Instant::now();
-        let sent = match self.mailbox.as_mut() {
+        // The connection is borrowed for the stream's length; a client gone
+        // mid-stream ends this call at `?`, and the connection, dropped
+        // mid-message, is closed rather than given back.
+        let mut lent = None;
+        let sent = match self.backend.as_mut() {
             None => Err(BackendError::unavailable("no backend session")),
-            Some(mailbox) => {
-                let write_timeout = Duration::from_secs(self.limits.idle_timeout_secs);
-                stream_message(mailbox.as_mut(), &id, ok, &mut encoder, &mut self.stream, &mut self.out, write_timeout)
-                    .await?
-            }
+            Some(backend) => match backend.borrow().await {
+                Err(e) => Err(e),
+                Ok(mut borrowed) => {
+                    let write_timeout = Duration::from_secs(self.limits.idle_timeout_secs);
+                    let (sent, drained) = stream_message(
+                        borrowed.mailbox(),
+                        &id,
+                        ok,
+                        &mut encoder,
+                        &mut self.stream,
+                        &mut self.out,
+                        write_timeout,
+                    )
+                    .await?;
+                    lent = Some((borrowed, drained));
+                    sent
+                }
+            },
         };
         let metrics = &self.context.metrics;
         metrics.backend_op(self.backend_kind, "fetch", started.elapsed());
         metrics.retrieved_bytes.inc_by(encoder.octets());
-        self.backend_failed |= !matches!(sent, Ok(true));
         match sent {
             Err(e) => {
+                // A message gone leaves the connection as it was; any other
+                // failure may have left it mid-reply.
+                self.give_back(lent, matches!(e, BackendError::MessageGone)).await;
+                let metrics = &self.context.metrics;
                 metrics.backend_error(self.backend_kind, login::error_class(&e));
                 tracing::warn!(error = %e, "fetch failed");
                 let step = self.session.fetch_failed(&e);
@@ -393,6 +409,7 @@ impl<'a> Driver<'a> {
             Ok(false) => {
                 // Part of the message is on the wire: the only honest end is
                 // to drop the connection (the client sees no final ".").
+                self.give_back(lent, false).await;
                 self.out.clear();
                 Ok(Some(Outcome::Closed))
             }
@@ -423,6 +440,7 @@ impl<'a> Driver<'a> {
                     }
                     metrics.command(self.session.last_command(), false);
                     self.out.clear();
+                    self.give_back(lent, true).await;
                     return Ok(Some(Outcome::Closed));
                 }
                 metrics.command(self.session.last_command(), true);
@@ -430,15 +448,26 @@ impl<'a> Driver<'a> {
                 // A whole retrieval (RETR: the session expects its octets)
                 // may mark the message read; TOP never does. Failing to
                 // mark it is no reason to fail what the client already has.
+                let mut marked = true;
                 if expected_octets.is_some()
-                    && let Some(mailbox) = self.mailbox.as_mut()
-                    && let Err(e) = mailbox.retrieved(&id).await
+                    && let Some((borrowed, _)) = lent.as_mut()
+                    && let Err(e) = borrowed.mailbox().retrieved(&id).await
                 {
                     tracing::warn!(error = %e, "could not mark the retrieved message read");
-                    self.backend_failed = true;
+                    marked = false;
                 }
+                self.give_back(lent, marked).await;
                 Ok(None)
             }
+        }
+    }
+
+    /// Ends a call's borrow: the connection is kept for the account's next
+    /// call only if `healthy` and the message stream was read to its end
+    /// (a TOP stops early, which may leave a reply half read).
+    async fn give_back(&mut self, lent: Option<(Borrowed, bool)>, healthy: bool) {
+        if let (Some((borrowed, drained)), Some(backend)) = (lent, self.backend.as_mut()) {
+            backend.give_back(borrowed, healthy && drained).await;
         }
     }
 
@@ -462,7 +491,8 @@ impl<'a> Driver<'a> {
 
 /// Streams a message through `encoder`. `Err`: nothing of the reply was
 /// written (nor is left queued in `out`), the client may get an -ERR. `Ok(false)`: the backend failed after +OK went
-/// out. `Ok(true)`: all sent but the terminator.
+/// out. `Ok(true)`: all sent but the terminator. With it, whether the
+/// backend's stream was read to its end.
 ///
 /// The backend fetch and the client write overlap: the next chunks are
 /// fetched (up to `PREFETCH_CHUNKS` ahead) while the current one is written,
@@ -476,10 +506,11 @@ async fn stream_message<S: AsyncWrite + Unpin>(
     socket: &mut S,
     out: &mut Vec<u8>,
     write_timeout: Duration,
-) -> std::io::Result<Result<bool, BackendError>> {
+) -> std::io::Result<(Result<bool, BackendError>, bool)> {
     let stream = match mailbox.fetch(id).await {
         Ok(stream) => stream,
-        Err(e) => return Ok(Err(e)),
+        // Nothing of a reply was read.
+        Err(e) => return Ok((Err(e), true)),
     };
     let (tx, rx) = tokio::sync::mpsc::channel(PREFETCH_CHUNKS);
     let fetch = async move {
@@ -489,13 +520,14 @@ async fn stream_message<S: AsyncWrite + Unpin>(
             // A closed channel means the writer is done (TOP, or the client
             // went away): stop fetching.
             if tx.send(item).await.is_err() || failed {
-                return;
+                return false;
             }
         }
+        true
     };
     let write = write_chunks(rx, ok, encoder, socket, out, write_timeout);
-    let ((), written) = tokio::join!(fetch, write);
-    written
+    let (drained, written) = tokio::join!(fetch, write);
+    Ok((written?, drained))
 }
 
 async fn write_chunks<S: AsyncWrite + Unpin>(

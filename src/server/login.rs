@@ -1,24 +1,28 @@
 //! Logging in, outside the socket driver: the throttle's delay, the router
-//! (which account, which credentials), a warm or fresh backend session with
-//! one refresh-and-retry when routed credentials are refused, the listing,
-//! and exact sizes. The driver hands over the client's credentials and gets
-//! back a ready maildrop or the failure to answer with.
+//! (which account, which credentials), one of the account's backend
+//! connections (idle or new, see `backend::pool`) with one
+//! refresh-and-retry when routed credentials are refused, the listing, and
+//! exact sizes. The driver hands over the client's credentials and gets
+//! back a ready maildrop, and the session's claim on the account's
+//! connections (none held once logged in), or the failure to answer with.
 
 use std::net::IpAddr;
 use std::time::Instant;
 
 use super::Context;
 use crate::auth::accounts::policy::{AllowedSenders, HEADER_LIMIT};
-use crate::backend::pool::Lease;
+use crate::backend::pool::SharedMailbox;
 use crate::backend::{ListedMessage, Mailbox};
 use crate::mail::{BackendError, Credentials, StoreId};
 use crate::pop3::{Maildrop, Message};
 
 /// A maildrop opened for one POP3 session.
 pub struct LoggedIn {
-    pub mailbox: Box<dyn Mailbox>,
-    /// How the backend session was obtained (to give it back warm).
-    pub lease: Lease,
+    /// The account's backend connections, borrowed per call; none is held
+    /// now.
+    pub backend: SharedMailbox,
+    /// The listing ran on an idle connection (no backend login).
+    pub reused: bool,
     pub maildrop: Maildrop,
     /// The account's metrics label (bounded: see `Route::label`).
     pub account: String,
@@ -68,7 +72,7 @@ pub async fn log_in(
     match &opened {
         Ok(logged_in) => {
             metrics.login("success", "ok");
-            if logged_in.lease.reused {
+            if logged_in.reused {
                 metrics.backend_sessions_reused.inc();
             } else {
                 metrics.backend_logins.inc();
@@ -84,22 +88,35 @@ pub async fn log_in(
     Some(opened)
 }
 
-/// Routes the login, logs in to the backend (or takes a warm session),
-/// lists the mailbox and makes every size exact.
+/// Routes the login, waits for the pool's admission
+/// (`popgate_backend_operation_duration_seconds{operation="login_queue"}`),
+/// borrows one of the account's backend connections (idle, made current,
+/// or a new login), lists the mailbox, makes every size exact and gives
+/// the connection back.
 async fn open_maildrop(context: &Context, credentials: &Credentials) -> Result<LoggedIn, BackendError> {
     let route = context.router.route(credentials).await?;
     let kind = route.backend.kind();
+    // Admission for the backend work only, after routing: a burst of wrong
+    // passwords (refused by the router) never queues ahead of a device.
+    // The time queued is recorded apart, so that a latency figure under
+    // overload says how much of it was waiting.
+    let queued = Instant::now();
+    let admitted = context.pool.admit_login().await;
+    context.metrics.backend_op(kind, "login_queue", queued.elapsed());
+    let _admitted = admitted?;
     let timed = |operation: &'static str, started: Instant| {
         context.metrics.backend_op(kind, operation, started.elapsed());
     };
     let started = Instant::now();
-    let mut opened = context.pool.checkout(&route.backend, &route.credentials).await;
+    let mut backend = context.pool.session(&route.backend, route.credentials.clone());
+    let mut opened = backend.borrow_fresh().await;
     if let Err(BackendError::AuthFailed) = opened {
         // Credentials the router holds (an access token) were refused: one
         // refresh and one retry. A refusal after that is the router's
         // problem, not the client's: a temporary failure.
         if let Some(fresh) = context.router.refresh(&route).await? {
-            opened = match context.pool.checkout(&route.backend, &fresh).await {
+            backend = context.pool.session(&route.backend, fresh);
+            opened = match backend.borrow_fresh().await {
                 Err(BackendError::AuthFailed) => {
                     Err(BackendError::unavailable("backend refused refreshed credentials"))
                 }
@@ -116,7 +133,9 @@ async fn open_maildrop(context: &Context, credentials: &Credentials) -> Result<L
         }
         e
     };
-    let (mut mailbox, lease) = opened.map_err(counted)?;
+    let mut lent = opened.map_err(counted)?;
+    let reused = lent.reused();
+    let mailbox = lent.mailbox();
     let started = Instant::now();
     let listed = mailbox.list().await;
     timed("list", started);
@@ -125,7 +144,7 @@ async fn open_maildrop(context: &Context, credentials: &Credentials) -> Result<L
             None => Ok(listed),
             Some(allowed) => {
                 let started = Instant::now();
-                let shown = allowed_only(mailbox.as_mut(), allowed, listed).await;
+                let shown = allowed_only(&mut *mailbox, allowed, listed).await;
                 timed("filter_senders", started);
                 shown
             }
@@ -135,19 +154,20 @@ async fn open_maildrop(context: &Context, credentials: &Credentials) -> Result<L
     let listed = match listed {
         Ok(listed) => {
             let started = Instant::now();
-            let exact = context.sizes.resolve(&route.account, mailbox.as_mut(), listed).await;
+            let exact = context.sizes.resolve(&route.account, &mut *mailbox, listed).await;
             timed("measure_sizes", started);
             exact
         }
         Err(e) => Err(e),
     };
+    backend.give_back(lent, listed.is_ok()).await;
     match listed {
         Ok(exact) => {
             let messages =
                 exact.into_iter().map(|m| Message { id: m.id, uidl: m.uidl, size: m.size.value() }).collect();
             Ok(LoggedIn {
-                mailbox,
-                lease,
+                backend,
+                reused,
                 maildrop: Maildrop::new(messages),
                 account: route.label,
                 backend_kind: kind,
@@ -155,7 +175,7 @@ async fn open_maildrop(context: &Context, credentials: &Credentials) -> Result<L
             })
         }
         Err(e) => {
-            mailbox.close().await;
+            backend.end().await;
             Err(counted(e))
         }
     }

@@ -48,6 +48,8 @@ pub struct Dovecot {
     /// The greeting of this instance, to be sure a port is really ours.
     token: String,
     oauth: Option<OAuth>,
+    /// Dovecot's `mail_max_userip_connections`.
+    max_userip_connections: u32,
 }
 
 /// Bearer tokens checked by Dovecot's oauth2 passdb.
@@ -77,7 +79,17 @@ impl Dovecot {
         Dovecot::start_with(users, Some(oauth))
     }
 
+    /// A Dovecot allowing each user at most `limit` IMAP connections from
+    /// one address (`mail_max_userip_connections`; Dovecot's default is 10).
+    pub fn start_with_userip_limit(users: &[(&str, &str)], limit: u32) -> Dovecot {
+        Dovecot::start_configured(users, None, limit)
+    }
+
     fn start_with(users: &[(&str, &str)], oauth: Option<OAuth>) -> Dovecot {
+        Dovecot::start_configured(users, oauth, 1000)
+    }
+
+    fn start_configured(users: &[(&str, &str)], oauth: Option<OAuth>, max_userip_connections: u32) -> Dovecot {
         let binary = require_program("dovecot");
         let dir = tempfile::Builder::new().prefix("popgate-dovecot-").tempdir().expect("tempdir");
         // The auth process (user dovecot) and mail processes (uid 8) must
@@ -100,6 +112,7 @@ impl Dovecot {
             users: users.iter().map(|(u, p)| (u.to_string(), p.to_string())).collect(),
             token,
             oauth,
+            max_userip_connections,
         };
         dovecot.write_passwd();
         dovecot.write_oauth2_conf();
@@ -287,7 +300,7 @@ first_valid_uid = {MAIL_UID}
 first_valid_gid = {MAIL_GID}
 mail_location = maildir:~/Maildir
 mail_fsync = never
-mail_max_userip_connections = 1000
+mail_max_userip_connections = {max_userip}
 pop3_uidl_format = %08Xu%08Xv
 passdb {{
   driver = passwd-file
@@ -325,6 +338,7 @@ service auth {{
             token = self.token,
             imap = self.imap_port,
             pop3 = self.pop3_port,
+            max_userip = self.max_userip_connections,
         );
         let path = self.dir.path().join("dovecot.conf");
         fs::write(&path, config).expect("write dovecot.conf");

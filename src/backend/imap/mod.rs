@@ -818,6 +818,10 @@ impl Mailbox for ImapMailbox {
         Ok(())
     }
 
+    fn validity(&self) -> Option<u64> {
+        Some(u64::from(self.selected.uidvalidity))
+    }
+
     async fn list(&mut self) -> Result<Vec<ListedMessage>, BackendError> {
         let mut found = BTreeMap::new();
         // `1:*` on an empty mailbox is an error on some servers.
