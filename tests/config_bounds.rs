@@ -189,3 +189,18 @@ fn values_that_used_to_crash_are_refused_by_name() {
         assert!(e.contains(&format!("{table}.{key}")) && e.contains("must be between"), "{e}");
     }
 }
+
+/// The IMAP backend's prefetch bound (issue #14): 0 (off) to 64 MiB;
+/// anything above is refused naming the key (values that are no u32 are
+/// refused by the TOML reader, as for every backend key).
+#[test]
+fn imap_prefetch_bytes_is_bounded_by_name() {
+    let config = |value: i64| format!("[backend]\nkind = \"imap\"\nhost = \"127.0.0.1\"\nprefetch_bytes = {value}\n");
+    for value in [0, 1, 4 << 20, 64 << 20] {
+        Config::from_toml(&config(value), "t.toml").unwrap_or_else(|e| panic!("prefetch_bytes = {value}: {e}"));
+    }
+    for value in [(64 << 20) + 1, 4_294_967_295] {
+        let e = Config::from_toml(&config(value), "t.toml").map(|_| ()).unwrap_err().to_string();
+        assert!(e.contains("prefetch_bytes"), "prefetch_bytes = {value}: {e}");
+    }
+}

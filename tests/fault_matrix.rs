@@ -8,7 +8,7 @@
 //! | login | the tagged reply to LOGIN | the session resource (`GET /jmap`) |
 //! | listing | `UID FETCH 1:* (UID RFC822.SIZE)` | `Email/query` + `Email/get` |
 //! | exact sizing | `UID FETCH … (UID BODY.PEEK[])`, in a literal | the first blob download |
-//! | RETR start, middle, end (5 MiB) | the RETR's partial FETCHes: 1 000 octets in, 500 000 octets into the 3rd chunk, 40 octets before the end | the RETR's download: 1 000 octets in, half, 40 octets before the end |
+//! | RETR start, middle, end (5 MiB) | the RETR's one streamed `BODY.PEEK[]` literal: 1 000 octets in, 2 MiB + 500 000 octets in, 40 octets before its end | the RETR's download: 1 000 octets in, half, 40 octets before the end |
 //! | UPDATE between STORE and EXPUNGE | the reply to `UID STORE … \Deleted` | does not apply: one `Email/set` moves the messages, there is no step between |
 //! | UPDATE, EXPUNGE sent, reply lost | the reply to `UID EXPUNGE` | the reply to `Email/set` |
 //!
@@ -65,7 +65,8 @@ const PARALLEL_CELLS: usize = 6;
 /// The longest the POP3 client waits for any reply (a generous bound over
 /// the backend timeout: waiting longer is a hang).
 const CLIENT_WAIT: Duration = Duration::from_secs(30);
-/// popgate's default IMAP partial FETCH.
+/// 1 MiB (the RETR-middle fault lands 2 MiB + 500 000 octets into the
+/// message, where it did when RETR was read in 1 MiB partial FETCHes).
 const CHUNK: u64 = 1 << 20;
 const PASSWORD: &str = "matrix-pw";
 
@@ -213,15 +214,17 @@ fn trigger_for(store: Store, phase: Phase, big: &[u8], big_blob: Option<&str>) -
         (Store::Dovecot, Phase::Login) => Trigger::after_client(b" LOGIN ", 1, 5),
         (Store::Dovecot, Phase::Listing) => Trigger::after_client(b"UID FETCH 1:* (UID RFC822.SIZE)", 1, 20),
         (Store::Dovecot, Phase::Sizing) => Trigger::after_client(b"(UID BODY.PEEK[])", 1, 10).then_server(b"}\r\n"),
-        // The first partial FETCH from 0 measured the message at login;
-        // the second is the RETR.
-        (Store::Dovecot, Phase::RetrStart) => Trigger::after_client(b"BODY.PEEK[]<0.", 2, 1000).then_server(b"}\r\n"),
+        // At login, the small messages were measured in one FETCH and the
+        // big one in a second (streamed); the third is the RETR, one
+        // literal, faulted that many octets after its announcement.
+        (Store::Dovecot, Phase::RetrStart) => {
+            Trigger::after_client(b"(UID BODY.PEEK[])", 3, 1000).then_server(b"}\r\n")
+        }
         (Store::Dovecot, Phase::RetrMiddle) => {
-            Trigger::after_client(format!("BODY.PEEK[]<{}.", 2 * CHUNK).as_bytes(), 2, 500_000).then_server(b"}\r\n")
+            Trigger::after_client(b"(UID BODY.PEEK[])", 3, 2 * CHUNK + 500_000).then_server(b"}\r\n")
         }
         (Store::Dovecot, Phase::RetrEnd) => {
-            let last = (size - 1) / CHUNK * CHUNK;
-            Trigger::after_client(format!("BODY.PEEK[]<{last}.").as_bytes(), 2, size - last - 40).then_server(b"}\r\n")
+            Trigger::after_client(b"(UID BODY.PEEK[])", 3, size - 40).then_server(b"}\r\n")
         }
         (Store::Dovecot, Phase::UpdateStore) => Trigger::after_client(b"UID STORE", 1, 0),
         (Store::Dovecot, Phase::UpdateExpunge) => Trigger::after_client(b"UID EXPUNGE", 1, 0),

@@ -15,6 +15,14 @@
 //!   the abandoned command's replies to its end and discards them, instead of
 //!   mistaking them for its own.
 //!
+//! A message's body is not left to async-imap, which buffers a whole
+//! response: `start_literal` reads the FETCH line that announces the
+//! literal, `literal_chunk` hands the literal on as it arrives, and
+//! `end_literal` lets async-imap parse the rest of the response with the
+//! literal replaced by an empty one (`Transport::divert`). A literal
+//! abandoned midway is read away before the next command when little is
+//! left (`DRAIN_LIMIT`), else the connection is given up.
+//!
 //! Why not pipeline: Dovecot runs pipelined FETCHes concurrently and sends
 //! the second command's untagged FETCH before the first one's tagged OK, so
 //! untagged data cannot be attributed to a command by position. Pipelining
@@ -24,7 +32,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_imap::Session;
-use async_imap::imap_proto::{MailboxDatum, RequestId, Response, ResponseCode, Status};
+use async_imap::imap_proto::{AttributeValue, MailboxDatum, RequestId, Response, ResponseCode, Status};
+use bytes::Bytes;
 use tokio::time::{Instant, timeout_at};
 
 use super::backoff::Backoff;
@@ -33,6 +42,62 @@ use super::wire::{classify_refusal, truncate};
 use crate::mail::BackendError;
 
 pub type ImapSession = Session<Transport>;
+
+/// The longest response line `start_literal` looks at; the FETCH line that
+/// announces a message's literal is a few dozen octets.
+const MAX_LINE: usize = 64 * 1024;
+/// An abandoned literal (TOP, a client gone) with more octets left than
+/// this is not read to its end: the connection is given up instead, which
+/// costs a login, not the rest of a large download.
+const DRAIN_LIMIT: u64 = 4 << 20;
+
+/// How `start_literal` got on.
+pub enum Started {
+    /// The message's literal starts.
+    Literal,
+    /// The command completed without one.
+    Done(Reply),
+}
+
+/// The first line of a FETCH response whose last item is `BODY[] {n}`
+/// (after `Literal8`, so a BINARY reply reads the same).
+struct LiteralHead {
+    size: u64,
+    /// Where `{n}` starts in the line.
+    open: usize,
+    /// The UID the line names before the literal, if any.
+    uid: Option<u32>,
+}
+
+fn body_literal_head(line: &[u8]) -> Option<LiteralHead> {
+    let rest = line.strip_prefix(b"* ")?;
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    let items = rest.get(digits..)?;
+    if digits == 0 || items.len() < 8 || !items[..8].eq_ignore_ascii_case(b" FETCH (") {
+        return None;
+    }
+    let body = line.strip_suffix(b"\r\n")?.strip_suffix(b"}")?;
+    let open = body.iter().rposition(|&b| b == b'{')?;
+    let size_digits = &body[open + 1..];
+    if size_digits.is_empty() || size_digits.len() > 19 || !size_digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let size = std::str::from_utf8(size_digits).ok()?.parse().ok()?;
+    const ITEM: &[u8] = b"BODY[] ";
+    let before = &body[..open];
+    let item_at = before.len().checked_sub(ITEM.len() + 1)?;
+    if !before[item_at + 1..].eq_ignore_ascii_case(ITEM) || !matches!(before[item_at], b' ' | b'(') {
+        return None;
+    }
+    let uid = before
+        .windows(5)
+        .position(|w| w.eq_ignore_ascii_case(b" UID ") || w.eq_ignore_ascii_case(b"(UID "))
+        .and_then(|at| {
+            let digits: Vec<u8> = before[at + 5..].iter().take_while(|b| b.is_ascii_digit()).copied().collect();
+            std::str::from_utf8(&digits).ok()?.parse().ok()
+        });
+    Some(LiteralHead { size, open, uid })
+}
 
 /// How a command ended.
 #[derive(Debug)]
@@ -72,6 +137,10 @@ pub struct Conn {
     writing: bool,
     /// The command sent whose tagged completion has not been read yet.
     pending: Option<RequestId>,
+    /// The UID whose literal `start_literal` diverted, until `end_literal`.
+    literal: Option<u32>,
+    /// `start_literal` is waiting for the literal to start.
+    awaiting_literal: bool,
     /// The text of an untagged BYE: the server is closing the connection.
     bye: Option<String>,
     /// LOGOUT was sent: its BYE is expected, not news worth a warning.
@@ -91,6 +160,8 @@ impl Conn {
             poisoned: None,
             writing: false,
             pending: None,
+            literal: None,
+            awaiting_literal: false,
             bye: None,
             logging_out: false,
             exists: 0,
@@ -141,7 +212,16 @@ impl Conn {
     /// abandoned command's replies are read and discarded first.
     async fn send(&mut self, command: &str) -> Result<RequestId, BackendError> {
         self.check()?;
+        if self.awaiting_literal {
+            // async-imap would buffer the whole literal it reads away.
+            return Err(self.poison("a message fetch was abandoned before its body came"));
+        }
         if let Some(abandoned) = self.pending.clone() {
+            let left = self.session.get_ref().literal_left();
+            if left > DRAIN_LIMIT {
+                return Err(self.poison(format!("{left} octets of an abandoned message were left unread")));
+            }
+            self.literal = None;
             self.finish(&abandoned, |_| {}).await?;
         }
         self.writing = true;
@@ -177,51 +257,164 @@ impl Conn {
         }
         let deadline = Instant::now() + self.limit;
         loop {
-            let response = match timeout_at(deadline, self.session.read_response()).await {
-                Err(_) => {
-                    return Err(self.poison(format!("no reply within {}s", self.limit.as_secs())));
-                }
-                Ok(Err(e)) => return Err(self.poison(format!("reading a reply: {e}"))),
-                Ok(Ok(None)) => {
-                    let why = match self.bye.take() {
-                        Some(bye) => format!("server closed the connection: {bye}"),
-                        None => "server closed the connection".to_string(),
-                    };
-                    return Err(self.poison(why));
-                }
-                Ok(Ok(Some(response))) => response,
-            };
-            let parsed = response.parsed();
-            if let Response::Done { tag: done, status, outcome } = parsed {
-                if done != tag {
-                    return Err(self.poison(format!("reply for unknown tag {}", done.0)));
-                }
-                self.pending = None;
-                let outcome_kind = match status {
-                    Status::Ok => Outcome::Ok,
-                    Status::No => Outcome::No,
-                    Status::Bad => Outcome::Bad,
-                    other => return Err(self.poison(format!("unexpected completion status {other:?}"))),
-                };
-                let code = outcome.code.as_ref().map(code_to_owned);
-                let text = describe(status, outcome.code.as_ref(), outcome.information.as_deref());
-                if outcome_kind != Outcome::Ok
-                    && let Some((backoff, user)) = &self.backoff
-                {
-                    backoff.record_from(user, &text);
-                }
-                if let Some(bye) = &self.bye
-                    && !self.logging_out
-                {
-                    // The command completed, but the server is going away.
-                    let why = format!("server said BYE: {bye}");
-                    self.poison(why);
-                }
-                return Ok(Reply { outcome: outcome_kind, code, text });
+            if let Some(reply) = self.read_one(tag, deadline, &mut on_data).await? {
+                return Ok(reply);
             }
-            self.track(parsed);
-            on_data(parsed);
         }
+    }
+
+    /// Reads one response to the pending command `tag`: `Some` if it was
+    /// the tagged completion.
+    async fn read_one(
+        &mut self,
+        tag: &RequestId,
+        deadline: Instant,
+        on_data: &mut (impl FnMut(&Response<'_>) + Send),
+    ) -> Result<Option<Reply>, BackendError> {
+        let response = match timeout_at(deadline, self.session.read_response()).await {
+            Err(_) => {
+                return Err(self.poison(format!("no reply within {}s", self.limit.as_secs())));
+            }
+            Ok(Err(e)) => return Err(self.poison(format!("reading a reply: {e}"))),
+            Ok(Ok(None)) => {
+                let why = match self.bye.take() {
+                    Some(bye) => format!("server closed the connection: {bye}"),
+                    None => "server closed the connection".to_string(),
+                };
+                return Err(self.poison(why));
+            }
+            Ok(Ok(Some(response))) => response,
+        };
+        let parsed = response.parsed();
+        if let Response::Done { tag: done, status, outcome } = parsed {
+            if done != tag {
+                return Err(self.poison(format!("reply for unknown tag {}", done.0)));
+            }
+            self.pending = None;
+            let outcome_kind = match status {
+                Status::Ok => Outcome::Ok,
+                Status::No => Outcome::No,
+                Status::Bad => Outcome::Bad,
+                other => return Err(self.poison(format!("unexpected completion status {other:?}"))),
+            };
+            let code = outcome.code.as_ref().map(code_to_owned);
+            let text = describe(status, outcome.code.as_ref(), outcome.information.as_deref());
+            if outcome_kind != Outcome::Ok
+                && let Some((backoff, user)) = &self.backoff
+            {
+                backoff.record_from(user, &text);
+            }
+            if let Some(bye) = &self.bye
+                && !self.logging_out
+            {
+                // The command completed, but the server is going away.
+                let why = format!("server said BYE: {bye}");
+                self.poison(why);
+            }
+            return Ok(Some(Reply { outcome: outcome_kind, code, text }));
+        }
+        self.track(parsed);
+        on_data(parsed);
+        Ok(None)
+    }
+
+    /// Sends `command`, a `UID FETCH` of one message's `BODY[]` (or
+    /// `BINARY[]`), and reads its replies up to that literal, which is then
+    /// not left to async-imap (it would buffer it whole) but read as it
+    /// arrives with `literal_chunk`; `end_literal` reads the rest. Replies
+    /// before it go to `on_data`, as with `run`. The literal is the
+    /// message `uid` if the FETCH line says so, or says no UID at all (a
+    /// one-UID command draws no other message's body); another UID poisons
+    /// the connection.
+    pub async fn start_literal(
+        &mut self,
+        command: &str,
+        uid: u32,
+        mut on_data: impl FnMut(&Response<'_>) + Send,
+    ) -> Result<Started, BackendError> {
+        let tag = self.send(command).await?;
+        if !self.session.get_ref().between_responses() {
+            return Err(self.poison("octets of an earlier reply were left unread"));
+        }
+        let deadline = Instant::now() + self.limit;
+        self.awaiting_literal = true;
+        let started = self.await_literal(&tag, uid, deadline, &mut on_data).await;
+        self.awaiting_literal = false;
+        started
+    }
+
+    async fn await_literal(
+        &mut self,
+        tag: &RequestId,
+        uid: u32,
+        deadline: Instant,
+        on_data: &mut (impl FnMut(&Response<'_>) + Send),
+    ) -> Result<Started, BackendError> {
+        loop {
+            let line = match timeout_at(deadline, self.session.get_mut().peek_line(MAX_LINE)).await {
+                Err(_) => return Err(self.poison(format!("no reply within {}s", self.limit.as_secs()))),
+                Ok(Err(e)) => return Err(self.poison(format!("reading a reply: {e}"))),
+                Ok(Ok(None)) => return Err(self.poison("a reply line longer than 64 KiB")),
+                Ok(Ok(Some(line))) => line,
+            };
+            if let Some(head) = body_literal_head(&line) {
+                if head.uid.is_some_and(|got| got != uid) {
+                    return Err(self.poison(format!("asked for UID {uid}'s body, got another message's")));
+                }
+                let stand_in = [&line[..head.open], b"{0}\r\n"].concat();
+                self.session.get_mut().divert(line.len(), head.size, stand_in);
+                self.literal = Some(uid);
+                return Ok(Started::Literal);
+            }
+            if let Some(reply) = self.read_one(tag, deadline, on_data).await? {
+                return Ok(Started::Done(reply));
+            }
+        }
+    }
+
+    /// The next octets of the literal `start_literal` found: up to `max`,
+    /// after waiting (within the command timeout) for `want` of them or
+    /// all that is left. `None`: it is all read.
+    pub async fn literal_chunk(&mut self, want: usize, max: usize) -> Result<Option<Bytes>, BackendError> {
+        self.check()?;
+        if self.literal.is_none() || self.session.get_ref().literal_left() == 0 {
+            return Ok(None);
+        }
+        match tokio::time::timeout(self.limit, self.session.get_mut().take_literal(want, max)).await {
+            Err(_) => Err(self.poison(format!("no octets of the message within {}s", self.limit.as_secs()))),
+            Ok(Err(e)) => Err(self.poison(format!("reading a message: {e}"))),
+            Ok(Ok(bytes)) => Ok(Some(bytes)),
+        }
+    }
+
+    /// Reads what follows the literal to the command's completion; the
+    /// FETCH it was in must name the message `start_literal` was given (or
+    /// no UID). Unread octets of the literal are skipped (bounded by the
+    /// command timeout).
+    pub async fn end_literal(&mut self) -> Result<Reply, BackendError> {
+        self.check()?;
+        let (Some(tag), Some(uid)) = (self.pending.clone(), self.literal.take()) else {
+            return Err(self.poison("no message literal is being read"));
+        };
+        let mut other = None;
+        let reply = self
+            .finish(&tag, |response| {
+                if let Response::Fetch(_, attributes) = response
+                    && attributes.iter().any(|a| matches!(a, AttributeValue::BodySection { section: None, .. }))
+                    && let Some(got) = attributes.iter().find_map(|a| match a {
+                        AttributeValue::Uid(got) => Some(*got),
+                        _ => None,
+                    })
+                    && got != uid
+                {
+                    other = Some(got);
+                }
+            })
+            .await?;
+        if let Some(got) = other {
+            return Err(self.poison(format!("asked for UID {uid}'s body, the FETCH said UID {got}")));
+        }
+        Ok(reply)
     }
 
     /// Sends a command and reads its replies (see `finish`).

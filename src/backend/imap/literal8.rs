@@ -36,11 +36,15 @@ pub struct Literal8 {
     first_segment: bool,
     /// The response being read is an untagged FETCH.
     fetch: bool,
+    /// Where in `out` responses ended during the last `feed`/`finish`
+    /// (lengths of `out` right after each response's last octet): lets the
+    /// transport hand async-imap one response at a time.
+    pub ends: Vec<usize>,
 }
 
 impl Default for Literal8 {
     fn default() -> Self {
-        Literal8 { line: Vec::new(), passed: false, literal: 0, first_segment: true, fetch: false }
+        Literal8 { line: Vec::new(), passed: false, literal: 0, first_segment: true, fetch: false, ends: Vec::new() }
     }
 }
 
@@ -120,6 +124,7 @@ impl Literal8 {
             None => {
                 self.first_segment = true;
                 self.fetch = false;
+                self.ends.push(out.len());
             }
         }
     }

@@ -7,8 +7,12 @@
 //! A message is addressed by its UID (`StoreId`), its UIDL is written as
 //! configured (`uidl_format`: Dovecot's POP3 default `%08Xu%08Xv` unless
 //! set, so users keep their UIDLs when they move from a server's own POP3),
-//! and it is streamed in partial FETCHes so memory never grows with message
-//! size.
+//! and it is read as one `UID FETCH n (UID BODY.PEEK[])` whose literal is
+//! streamed as it arrives (`Body`, `Conn::start_literal`): the server's
+//! cheapest way, and memory never grows with message size. Small messages
+//! are fetched ahead in bounded batches (`prefetch_bytes`, `prefetched`):
+//! a client reading the maildrop in order pays a backend round trip per
+//! batch, not per message.
 //!
 //! A mailbox the server will not SELECT is a configuration error, logged
 //! with the mailboxes the server does have. Without UIDPLUS, deleted mail
@@ -46,7 +50,7 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use self::backoff::Backoff;
-use self::conn::{Conn, Outcome};
+use self::conn::{Conn, Outcome, Started};
 use self::transport::TlsSetup;
 pub use self::wire::UidlFormat;
 use self::wire::{
@@ -109,9 +113,18 @@ pub struct ImapConfig {
     /// Set \Seen on messages RETR sends whole (never on TOP).
     #[serde(default)]
     pub mark_seen: bool,
-    /// Octets per partial FETCH while streaming a message.
+    /// Octets per partial FETCH, where a message is read in parts: where
+    /// NUL octets are restored (see `Body`). Messages are otherwise read
+    /// as one streamed `BODY.PEEK[]`.
     #[serde(default = "default_chunk")]
     pub fetch_chunk_bytes: u32,
+    /// At most this many octets of small messages fetched ahead, together
+    /// with the one a RETR or TOP asked for (0: none): the next messages in
+    /// UID order, in one `UID FETCH a,b,c (BODY.PEEK[])`, so that a client
+    /// reading the maildrop in order pays one backend round trip per batch,
+    /// not per message.
+    #[serde(default = "default_prefetch")]
+    pub prefetch_bytes: u32,
     /// Let POP3 clients log in with an OAuth bearer token (SASL XOAUTH2 /
     /// OAUTHBEARER), handed to the server with AUTHENTICATE XOAUTH2. For
     /// servers that accept OAuth (Gmail, Microsoft 365, Dovecot with an
@@ -136,8 +149,12 @@ fn default_timeout() -> u64 {
 /// 1 MiB: fewer partial FETCHes are much cheaper for the server (Dovecot
 /// spends 198 ms of CPU on a 100 MiB message in 256 KiB partials, 147 ms in
 /// 1 MiB ones), while popgate's memory stays a few MiB (docs/BENCHMARKS.md).
+/// Only used where NUL octets are restored (`Body`).
 fn default_chunk() -> u32 {
     1024 * 1024
+}
+fn default_prefetch() -> u32 {
+    4 << 20
 }
 
 impl ImapConfig {
@@ -153,6 +170,7 @@ impl ImapConfig {
             trash_mailbox: None,
             mark_seen: false,
             fetch_chunk_bytes: default_chunk(),
+            prefetch_bytes: default_prefetch(),
             oauth_passthrough: false,
             uidl_format: UidlFormat::default(),
         }
@@ -169,6 +187,7 @@ impl ImapConfig {
         }
         InvalidSetting::bounded("timeout_secs", self.timeout_secs, 1..=3_600)?;
         InvalidSetting::bounded("fetch_chunk_bytes", self.fetch_chunk_bytes, 1024..=64 << 20)?;
+        InvalidSetting::bounded("prefetch_bytes", self.prefetch_bytes, 0..=64 << 20)?;
         Ok(())
     }
 }
@@ -258,6 +277,8 @@ impl Backend for ImapBackend {
                     trash: self.config.trash_mailbox.clone(),
                     trash_found: None,
                     sizes: HashMap::new(),
+                    listed: Vec::new(),
+                    prefetch: HashMap::new(),
                     backoff: self.backoff.clone(),
                     user: credentials.user.clone(),
                 }))
@@ -295,6 +316,12 @@ struct ImapMailbox {
     /// RFC822.SIZE by UID, from the last `list`: picks the batches of
     /// `canonical_sizes`.
     sizes: HashMap<u32, u32>,
+    /// The UIDs of the last `list`, ascending: which messages come next.
+    listed: Vec<u32>,
+    /// Bodies fetched ahead (`prefetched`), at most `prefetch_bytes` in
+    /// all. Kept with the connection, valid while its UIDVALIDITY is: a
+    /// UID names one message, whose octets never change.
+    prefetch: HashMap<u32, Bytes>,
     backoff: Arc<Backoff>,
     /// The account logged in (for the backoff).
     user: String,
@@ -386,6 +413,7 @@ impl ImapMailbox {
         let capabilities = Some(self.selected.capabilities.clone());
         self.selected = Self::select(&mut self.conn, &self.config, capabilities).await?;
         if self.selected.uidvalidity != listed {
+            self.prefetch.clear();
             tracing::warn!(
                 listed,
                 now = self.selected.uidvalidity,
@@ -396,16 +424,104 @@ impl ImapMailbox {
         Ok(())
     }
 
-    fn chunks(&mut self, uid: u32, peek: bool) -> Chunks<'_> {
-        Chunks {
+    /// Starts reading message `uid` as one streamed `BODY.PEEK[]` literal
+    /// (PEEK: reading is not marking read).
+    async fn body(&mut self, uid: u32) -> Result<Body<'_>, BackendError> {
+        let mut inline: Option<Option<Bytes>> = None;
+        let command = format!("UID FETCH {uid} (UID BODY.PEEK[])");
+        let started = self
+            .conn
+            .start_literal(&command, uid, |response| {
+                // A body sent as a quoted string (or NIL) is no literal.
+                if let Some((got, data)) = fetched_body(response, None)
+                    && got == uid
+                    && inline.is_none()
+                {
+                    inline = Some(data.map(Bytes::copy_from_slice));
+                }
+            })
+            .await?;
+        let state = match started {
+            Started::Literal => BodyState::Literal,
+            Started::Done(reply) => {
+                reply.ok_or_refused("fetching a message")?;
+                match inline {
+                    Some(Some(data)) => BodyState::Inline(data),
+                    _ => return Err(BackendError::MessageGone),
+                }
+            }
+        };
+        Ok(Body {
             uid,
-            item: if peek { "BODY.PEEK[]" } else { "BODY[]" },
             binary: self.selected.capabilities.contains("BINARY"),
             chunk: self.chunk,
             offset: 0,
-            finished: false,
+            held: Vec::new(),
+            state,
             conn: &mut self.conn,
+        })
+    }
+
+    /// Message `uid` from the bodies fetched ahead, or fetched now with
+    /// the small messages after it in UID order (up to `prefetch_bytes` in
+    /// all, in one command); `None`: it is to be streamed alone (large,
+    /// unlisted, last, NUL octets to restore, or the batch was refused).
+    async fn prefetched(&mut self, uid: u32) -> Result<Option<Bytes>, BackendError> {
+        if let Some(body) = self.prefetch.get(&uid) {
+            return Ok(Some(body.clone()));
         }
+        let bound = u64::from(self.config.prefetch_bytes);
+        // A message over a quarter of the bound is streamed: batching it
+        // would save one round trip in many.
+        let small = bound / 4;
+        let Some(&size) = self.sizes.get(&uid) else { return Ok(None) };
+        if u64::from(size) > small || size == 0 {
+            return Ok(None);
+        }
+        let mut batch = vec![uid];
+        let mut total = u64::from(size);
+        let after = self.listed.partition_point(|&listed| listed <= uid);
+        for &next in &self.listed[after..] {
+            let size = u64::from(self.sizes.get(&next).copied().unwrap_or(u32::MAX));
+            if size > small || total + size > bound || batch.len() >= MAX_PREFETCH {
+                break;
+            }
+            batch.push(next);
+            total += size;
+        }
+        if batch.len() < 2 {
+            return Ok(None);
+        }
+        // The old batch goes before the new one comes: the bound holds.
+        self.prefetch.clear();
+        let binary = self.selected.capabilities.contains("BINARY");
+        let wanted: HashSet<u32> = batch.iter().copied().collect();
+        let mut fetched: HashMap<u32, Bytes> = HashMap::new();
+        let mut held = 0u64;
+        let set = uid_sets(&batch, MAX_SET_LEN).swap_remove(0);
+        let reply = self
+            .conn
+            .run(&format!("UID FETCH {set} (UID BODY.PEEK[])"), |response| {
+                if let Some((got, Some(data))) = fetched_body(response, None)
+                    && wanted.contains(&got)
+                    && !fetched.contains_key(&got)
+                    && held + data.len() as u64 <= bound
+                    // Whose NULs may need restoring: streamed alone.
+                    && !(binary && stray_0x80(data))
+                {
+                    held += data.len() as u64;
+                    fetched.insert(got, Bytes::copy_from_slice(data));
+                }
+            })
+            .await?;
+        if reply.outcome != Outcome::Ok {
+            // E.g. one of them expunged meanwhile: each is fetched alone.
+            tracing::debug!(reply = %reply.text, "prefetch refused");
+            return Ok(None);
+        }
+        let body = fetched.get(&uid).cloned();
+        self.prefetch = fetched;
+        Ok(body)
     }
 
     /// Measures small messages together, one round trip per batch.
@@ -775,6 +891,141 @@ impl Chunks<'_> {
     }
 }
 
+/// Octets handed on per chunk of a streamed message.
+const STREAM_CHUNK: usize = 256 * 1024;
+/// Most messages in one prefetch batch (its UID set stays short).
+const MAX_PREFETCH: usize = 1000;
+
+/// One message read as it arrives: the literal of one `UID FETCH uid
+/// (UID BODY.PEEK[])`, in chunks of at most `STREAM_CHUNK` octets, each
+/// handed on before the next is read (the POP3 client's pace is the
+/// server's). Dropped early (TOP), it leaves the rest of the literal to
+/// `Conn`: read away before the next command, or the connection given up.
+///
+/// NUL octets: where the server offers BINARY and a chunk holds a 0x80
+/// that may stand for a NUL, the literal is read to its end unused and the
+/// rest of the message is fetched from that chunk on in partial FETCHes
+/// (`Chunks`), which restore them.
+struct Body<'a> {
+    conn: &'a mut Conn,
+    uid: u32,
+    binary: bool,
+    /// Partial FETCH size, for `Chunks`.
+    chunk: u32,
+    /// Octets handed on so far.
+    offset: u64,
+    /// The start of a UTF-8 sequence a chunk ended in, held for the next
+    /// one, so that a cut sequence's 0x80 is not taken for a NUL.
+    held: Vec<u8>,
+    state: BodyState,
+}
+
+enum BodyState {
+    /// Reading the literal.
+    Literal,
+    /// The whole body came in the reply (a quoted string).
+    Inline(Bytes),
+    /// In partial FETCHes from `offset` (NULs to restore).
+    Partial,
+    /// Everything was handed on, or an error returned.
+    Done,
+}
+
+impl Body<'_> {
+    async fn next_chunk(&mut self) -> Result<Option<Bytes>, BackendError> {
+        let result = self.read_next().await;
+        if result.is_err() {
+            self.state = BodyState::Done;
+        }
+        result
+    }
+
+    async fn read_next(&mut self) -> Result<Option<Bytes>, BackendError> {
+        loop {
+            let chunk = match &mut self.state {
+                BodyState::Done => return Ok(None),
+                BodyState::Inline(data) => {
+                    let data = std::mem::take(data);
+                    self.state = BodyState::Done;
+                    self.offset += data.len() as u64;
+                    return Ok((!data.is_empty()).then_some(data));
+                }
+                BodyState::Partial => {
+                    let mut chunks = Chunks {
+                        conn: &mut *self.conn,
+                        uid: self.uid,
+                        item: "BODY.PEEK[]",
+                        binary: self.binary,
+                        chunk: self.chunk,
+                        offset: self.offset,
+                        finished: false,
+                    };
+                    let chunk = chunks.next_chunk().await?;
+                    self.offset = chunks.offset;
+                    if chunks.finished {
+                        self.state = BodyState::Done;
+                    }
+                    return Ok(chunk);
+                }
+                BodyState::Literal => match self.conn.literal_chunk(STREAM_CHUNK, STREAM_CHUNK).await? {
+                    Some(read) => {
+                        let mut chunk = if self.held.is_empty() {
+                            read
+                        } else {
+                            let mut joined = std::mem::take(&mut self.held);
+                            joined.extend_from_slice(&read);
+                            Bytes::from(joined)
+                        };
+                        if self.binary {
+                            let cut = incomplete_utf8_tail(&chunk);
+                            self.held = chunk.split_off(chunk.len() - cut).to_vec();
+                        }
+                        chunk
+                    }
+                    None => {
+                        self.conn.end_literal().await?.ok_or_refused("fetching a message")?;
+                        self.state = BodyState::Done;
+                        Bytes::from(std::mem::take(&mut self.held))
+                    }
+                },
+            };
+            if chunk.is_empty() {
+                continue;
+            }
+            if self.binary && stray_0x80(&chunk) {
+                if matches!(self.state, BodyState::Literal) {
+                    while self.conn.literal_chunk(STREAM_CHUNK, STREAM_CHUNK).await?.is_some() {}
+                    self.conn.end_literal().await?.ok_or_refused("fetching a message")?;
+                }
+                self.held.clear();
+                self.state = BodyState::Partial;
+                continue;
+            }
+            self.offset += chunk.len() as u64;
+            return Ok(Some(chunk));
+        }
+    }
+}
+
+/// How many octets at the end of `chunk` start a UTF-8 sequence that does
+/// not end in it.
+fn incomplete_utf8_tail(chunk: &[u8]) -> usize {
+    for back in 1..=chunk.len().min(3) {
+        let octet = chunk[chunk.len() - back];
+        if octet & 0xC0 == 0x80 {
+            continue;
+        }
+        let length = match octet {
+            0xC0..=0xDF => 2,
+            0xE0..=0xEF => 3,
+            0xF0..=0xF7 => 4,
+            _ => return 0,
+        };
+        return if length > back { back } else { 0 };
+    }
+    0
+}
+
 /// Whether a 0x80 octet in `chunk` stands outside well-formed UTF-8, where
 /// BODY[]'s stand-in for a NUL would be. A 0x80 inside well-formed UTF-8
 /// (the middle of `—` or `’`, common in 8-bit mail) is the text's own: not
@@ -813,8 +1064,13 @@ impl Mailbox for ImapMailbox {
     async fn reset(&mut self) -> Result<(), BackendError> {
         self.backoff.check(&self.user)?;
         let capabilities = Some(self.selected.capabilities.clone());
+        let before = self.selected.uidvalidity;
         self.selected = Self::select(&mut self.conn, &self.config, capabilities).await?;
         self.sizes.clear();
+        self.listed.clear();
+        if self.selected.uidvalidity != before {
+            self.prefetch.clear();
+        }
         Ok(())
     }
 
@@ -847,6 +1103,7 @@ impl Mailbox for ImapMailbox {
                 .ok_or_refused("listing messages")?;
         }
         self.sizes = found.iter().map(|(&uid, &size)| (uid, size)).collect();
+        self.listed = found.keys().copied().collect();
         let uidvalidity = self.selected.uidvalidity;
         Ok(found
             .into_iter()
@@ -863,17 +1120,23 @@ impl Mailbox for ImapMailbox {
 
     async fn fetch(&mut self, id: &StoreId) -> Result<MessageStream<'_>, BackendError> {
         let uid = uid_of(id)?;
+        if let Some(body) = self.prefetched(uid).await? {
+            let chunks = (0..body.len())
+                .step_by(STREAM_CHUNK)
+                .map(move |at| Ok(body.slice(at..body.len().min(at + STREAM_CHUNK))));
+            return Ok(futures::stream::iter(chunks.collect::<Vec<_>>()).boxed());
+        }
         // Always PEEK: a TOP must not mark the message read; RETR marks it
         // afterwards (`retrieved`), as Dovecot's own POP3 does.
-        let mut chunks = self.chunks(uid, true);
+        let mut body = self.body(uid).await?;
         // The first chunk is read now, so that a missing message is an error
         // of `fetch` itself.
-        let first = chunks.next_chunk().await?;
-        let rest = futures::stream::unfold(chunks, |mut chunks| async move {
-            match chunks.next_chunk().await {
-                Ok(Some(chunk)) => Some((Ok(chunk), chunks)),
+        let first = body.next_chunk().await?;
+        let rest = futures::stream::unfold(body, |mut body| async move {
+            match body.next_chunk().await {
+                Ok(Some(chunk)) => Some((Ok(chunk), body)),
                 Ok(None) => None,
-                Err(e) => Some((Err(e), chunks)),
+                Err(e) => Some((Err(e), body)),
             }
         });
         Ok(futures::stream::iter(first.map(Ok)).chain(rest).boxed())
@@ -912,9 +1175,13 @@ impl Mailbox for ImapMailbox {
                 continue;
             }
             let mut counter = CanonicalSize::new();
-            let mut chunks = self.chunks(uid, true);
+            let mut body = match self.body(uid).await {
+                Ok(body) => body,
+                Err(BackendError::MessageGone) => continue,
+                Err(e) => return Err(e),
+            };
             loop {
-                match chunks.next_chunk().await {
+                match body.next_chunk().await {
                     Ok(Some(chunk)) => counter.feed(&chunk),
                     Ok(None) => {
                         sizes.insert(uid, counter.finish());

@@ -4,12 +4,14 @@
 //! `Literal8` (see there: RFC 3516 BINARY replies async-imap cannot parse). Also builds the rustls client
 //! configuration (once per backend) and performs the TLS handshake.
 
+use std::collections::VecDeque;
 use std::io;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use bytes::Bytes;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -21,13 +23,32 @@ use crate::mail::BackendError;
 
 /// A connection to the IMAP server, encrypted or not. What the server sends
 /// goes through `Literal8` on its way to async-imap (BINARY replies).
+///
+/// async-imap is handed at most one response per read: it buffers what it
+/// reads, so this way it never holds octets past the response it returns,
+/// and between commands every octet not yet parsed is here. That is what
+/// lets `Conn` read one FETCH literal itself, as it arrives (`divert`,
+/// `take_literal`), instead of async-imap buffering it whole.
 pub struct Transport {
     stream: Stream,
     literal8: Literal8,
-    /// Read and rewritten, not yet handed to the reader.
+    /// Read and rewritten, not yet handed on (from `handed`).
     ready: Vec<u8>,
     /// How much of `ready` was handed out already.
     handed: usize,
+    /// Stream offset (octets out of `Literal8`) of `ready[0]`.
+    base: u64,
+    /// Stream offsets where responses end, in order, not yet handed past.
+    ends: VecDeque<u64>,
+    /// Where the last response handed on whole ended.
+    last_end: u64,
+    /// Octets of a diverted literal not yet taken: `take_literal` reads
+    /// them; a reader that stops early leaves them to be skipped before
+    /// async-imap reads on.
+    literal_left: u64,
+    /// The diverted response's first line, its literal announced as `{0}`:
+    /// what async-imap gets in its place, once the literal is gone.
+    stand_in: Vec<u8>,
 }
 
 enum Stream {
@@ -37,6 +58,9 @@ enum Stream {
 
 /// Octets read from the server at a time.
 const READ_SIZE: usize = 16 * 1024;
+/// `ready` keeps no more capacity than this between messages: an idle
+/// connection must stay small.
+const IDLE_CAPACITY: usize = 64 * 1024;
 
 impl Transport {
     pub fn plain(tcp: TcpStream) -> Self {
@@ -44,7 +68,17 @@ impl Transport {
     }
 
     fn new(stream: Stream) -> Self {
-        Transport { stream, literal8: Literal8::default(), ready: Vec::new(), handed: 0 }
+        Transport {
+            stream,
+            literal8: Literal8::default(),
+            ready: Vec::new(),
+            handed: 0,
+            base: 0,
+            ends: VecDeque::new(),
+            last_end: 0,
+            literal_left: 0,
+            stand_in: Vec::new(),
+        }
     }
 
     /// The TCP connection of a cleartext transport (for STARTTLS). Anything
@@ -55,6 +89,128 @@ impl Transport {
             Stream::Plain(tcp) => Some(tcp),
             Stream::Tls(_) => None,
         }
+    }
+
+    /// Read but not handed on.
+    fn buffered(&self) -> &[u8] {
+        &self.ready[self.handed..]
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.handed += n;
+        let at = self.base + self.handed as u64;
+        while let Some(&end) = self.ends.front()
+            && end <= at
+        {
+            self.last_end = end;
+            self.ends.pop_front();
+        }
+        if self.handed == self.ready.len() {
+            self.base += self.ready.len() as u64;
+            self.ready.clear();
+            self.handed = 0;
+            if self.ready.capacity() > IDLE_CAPACITY {
+                self.ready = Vec::new();
+            }
+        }
+    }
+
+    /// One read from the server into `ready`. `false`: end of stream (with
+    /// whatever was held passed on).
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        if self.handed > 0 && self.handed >= self.ready.len() / 2 {
+            // Keep `ready` from growing with what was handed out already.
+            self.ready.drain(..self.handed);
+            self.base += self.handed as u64;
+            self.handed = 0;
+        }
+        let mut scratch = [0u8; READ_SIZE];
+        let mut read = ReadBuf::new(&mut scratch);
+        let polled = match &mut self.stream {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, &mut read),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, &mut read),
+        };
+        let open = match polled {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Ready(Ok(())) if read.filled().is_empty() => {
+                self.literal8.finish(&mut self.ready);
+                false
+            }
+            Poll::Ready(Ok(())) => {
+                self.literal8.feed(read.filled(), &mut self.ready);
+                true
+            }
+        };
+        let base = self.base;
+        self.ends.extend(self.literal8.ends.drain(..).map(|end| base + end as u64));
+        Poll::Ready(Ok(open))
+    }
+
+    /// Reads until at least `n` octets are buffered (fewer at end of
+    /// stream). The caller bounds the wait.
+    pub async fn fill_to(&mut self, n: usize) -> io::Result<()> {
+        while self.buffered().len() < n {
+            if !std::future::poll_fn(|cx| self.poll_fill(cx)).await? {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "server closed the connection"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether every octet handed to async-imap belonged to responses it
+    /// has returned whole, so what comes next is here, unread. (Always, as
+    /// long as it is only read through `Conn`, one response at a time.)
+    pub fn between_responses(&self) -> bool {
+        self.literal_left == 0 && self.stand_in.is_empty() && self.base + self.handed as u64 == self.last_end
+    }
+
+    /// The next response's first line (through its LF) as it will be
+    /// parsed, reading until it is here. `None`: no LF within `max`
+    /// octets. The caller bounds the wait.
+    pub async fn peek_line(&mut self, max: usize) -> io::Result<Option<Vec<u8>>> {
+        loop {
+            let buffered = self.buffered();
+            if let Some(i) = memchr::memchr(b'\n', buffered) {
+                return Ok(Some(buffered[..=i].to_vec()));
+            }
+            if buffered.len() >= max {
+                return Ok(None);
+            }
+            let want = buffered.len() + 1;
+            self.fill_to(want).await?;
+        }
+    }
+
+    /// Takes the next response's first line (`line_len` octets, as
+    /// `peek_line` gave it) and the `literal` octets it announces out of
+    /// what async-imap will read: the literal is read with `take_literal`
+    /// (or skipped), and async-imap gets `stand_in` in place of the line.
+    pub fn divert(&mut self, line_len: usize, literal: u64, stand_in: Vec<u8>) {
+        self.consume(line_len);
+        self.literal_left = literal;
+        self.stand_in = stand_in;
+    }
+
+    /// Octets of the diverted literal not taken yet.
+    pub fn literal_left(&self) -> u64 {
+        self.literal_left
+    }
+
+    /// Up to `max` octets of the diverted literal: after reading until
+    /// `want` of them (or all that is left) are buffered. The caller bounds
+    /// the wait.
+    pub async fn take_literal(&mut self, want: usize, max: usize) -> io::Result<Bytes> {
+        let left = usize::try_from(self.literal_left).unwrap_or(usize::MAX);
+        self.fill_to(want.clamp(1, max).min(left)).await?;
+        let n = self.buffered().len().min(left).min(max);
+        let bytes = Bytes::copy_from_slice(&self.buffered()[..n]);
+        self.handed += n;
+        if self.handed == self.ready.len() {
+            self.consume(0);
+        }
+        self.literal_left -= n as u64;
+        Ok(bytes)
     }
 }
 
@@ -72,34 +228,36 @@ impl AsyncRead for Transport {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         loop {
-            if this.handed < this.ready.len() {
-                let n = buf.remaining().min(this.ready.len() - this.handed);
-                buf.put_slice(&this.ready[this.handed..this.handed + n]);
-                this.handed += n;
-                if this.handed == this.ready.len() {
-                    this.ready.clear();
-                    this.handed = 0;
+            // What a reader left of a diverted literal is skipped first.
+            if this.literal_left > 0 {
+                let n = usize::try_from(this.literal_left).unwrap_or(usize::MAX).min(this.buffered().len());
+                if n > 0 {
+                    this.literal_left -= n as u64;
+                    this.handed += n;
+                    this.consume(0);
+                    continue;
                 }
+            } else if !this.stand_in.is_empty() {
+                let n = buf.remaining().min(this.stand_in.len());
+                buf.put_slice(&this.stand_in[..n]);
+                this.stand_in.drain(..n);
+                return Poll::Ready(Ok(()));
+            } else if !this.buffered().is_empty() {
+                // Never past the end of a response (see the type).
+                let at = this.base + this.handed as u64;
+                let to_end =
+                    this.ends.front().map_or(usize::MAX, |&end| usize::try_from(end - at).unwrap_or(usize::MAX));
+                let n = buf.remaining().min(this.buffered().len()).min(to_end);
+                buf.put_slice(&this.buffered()[..n]);
+                this.consume(n);
                 return Poll::Ready(Ok(()));
             }
-            let mut scratch = [0u8; READ_SIZE];
-            let mut read = ReadBuf::new(&mut scratch);
-            let polled = match &mut this.stream {
-                Stream::Plain(s) => Pin::new(s).poll_read(cx, &mut read),
-                Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, &mut read),
-            };
-            match polled {
+            match this.poll_fill(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Ready(Ok(())) if read.filled().is_empty() => {
-                    // End of stream: pass on whatever was held, then EOF.
-                    this.literal8.finish(&mut this.ready);
-                    if this.ready.is_empty() {
-                        return Poll::Ready(Ok(()));
-                    }
-                }
-                // A held partial line yields nothing yet: read on.
-                Poll::Ready(Ok(())) => this.literal8.feed(read.filled(), &mut this.ready),
+                // End of stream: EOF once nothing is left to hand on.
+                Poll::Ready(Ok(false)) if this.buffered().is_empty() => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(_)) => {}
             }
         }
     }
