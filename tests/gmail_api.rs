@@ -88,7 +88,7 @@ fn every_message_arrives_exactly_with_exact_sizes() {
 }
 
 #[test]
-fn the_snapshot_is_oldest_first_and_a_warm_login_costs_two_calls() {
+fn the_snapshot_is_oldest_first_and_a_warm_login_costs_one_call() {
     let s = setup();
     let base = 1_710_000_000_000;
     let late = s.api.add_with(&messages::simple("late"), base + 3_000, &["INBOX"]);
@@ -109,13 +109,14 @@ fn the_snapshot_is_oldest_first_and_a_warm_login_costs_two_calls() {
         "arrival dates come from format=minimal, batched"
     );
 
-    // Known messages: no batch, no download, only the token check and the list.
+    // Nothing changed: the history since the last listing is the token
+    // check and the listing (tests/incremental_listing.rs has the rest).
     s.api.forget_seen();
     let mut pop = s.login();
     assert_eq!(pop.stat().0, 3);
     pop.quit();
     let paths: Vec<String> = s.api.seen().iter().map(|r| r.path.clone()).collect();
-    assert_eq!(paths, ["/gmail/v1/users/me/labels", "/gmail/v1/users/me/messages"], "warm login");
+    assert_eq!(paths, ["/gmail/v1/users/me/history"], "warm login");
 }
 
 #[test]

@@ -11,6 +11,7 @@
 //! account's requests share (Authorization, permits, JSON, downloads).
 
 pub mod api;
+pub mod listing;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;

@@ -23,9 +23,17 @@
 //! many concurrent requests for user", with no `Retry-After` (reported by
 //! Gmail users at 50 and 100 parts, never at 25).
 //!
+//! `users.history.list` (`startHistoryId`, `maxResults` ≤ 500, opaque
+//! `pageToken`): every change to a message (added, deleted, labels added or
+//! removed) is a history record with the next `historyId`; records before
+//! `expire_history` are gone, and a start before them is 404, as Gmail
+//! answers a start it has no history for. `users.getProfile` and
+//! `messages.get` carry the current `historyId`. Every top-level HTTP
+//! request is counted (`requests`).
+//!
 //! What it does not reproduce: quota accounting (throttling happens only
 //! when a test asks for it), threads (each message is its own thread),
-//! `historyId` semantics, the `fields` partial-response parameter (ignored:
+//! `historyTypes` and `labelId` filters of the history, the `fields` partial-response parameter (ignored:
 //! whole resources are sent), `q` beyond `label:`, `in:`, `subject:`, their
 //! negation (`-in:sent`) and parentheses, `metadata` headers, HTTP/2, gzip.
 
@@ -80,6 +88,23 @@ struct StandIn {
     refusals: VecDeque<Refusal>,
     /// `users.messages.send`: the raw octets of every message accepted.
     sent: Vec<Vec<u8>>,
+    /// The current `historyId`.
+    history_id: u64,
+    /// (historyId, kind, message id, labels of the message, labels changed).
+    history: Vec<(u64, &'static str, String, Vec<String>, Vec<String>)>,
+    /// Starts before this have no history left (404).
+    history_floor: u64,
+    /// Top-level HTTP requests answered.
+    requests: usize,
+}
+
+impl StandIn {
+    /// A history record of a change to `id`.
+    fn record(&mut self, kind: &'static str, id: &str, changed: Vec<String>) {
+        self.history_id += 1;
+        let labels = self.messages.iter().find(|m| m.id == id).map(|m| m.labels.iter().cloned().collect());
+        self.history.push((self.history_id, kind, id.to_string(), labels.unwrap_or_default(), changed));
+    }
 }
 
 /// A Google error for the next top-level request whose path and query
@@ -113,6 +138,7 @@ impl GmailApi {
             page_cap: 500,
             next_id: 0x18c2_f0a1_0000_0000,
             next_date: 1_700_000_000_000,
+            history_id: 90_000,
             ..StandIn::default()
         }));
         let app = axum::Router::new().fallback(serve).with_state(state.clone());
@@ -164,7 +190,38 @@ impl GmailApi {
         let id = format!("{:016x}", state.next_id);
         let labels = labels.iter().map(|l| l.to_string()).collect();
         state.messages.push(Message { id: id.clone(), raw: raw.to_vec(), internal_date, labels });
+        state.record("messagesAdded", &id, Vec::new());
         id
+    }
+
+    /// Someone else changes a message's labels (none if it is gone).
+    pub fn relabel(&self, id: &str, add: &[&str], remove: &[&str]) {
+        let mut state = self.lock();
+        let Some(message) = state.messages.iter_mut().find(|m| m.id == id) else { return };
+        message.labels.extend(add.iter().map(|l| l.to_string()));
+        for label in remove {
+            message.labels.remove(*label);
+        }
+        let (add, remove): (Vec<String>, Vec<String>) =
+            (add.iter().map(|l| l.to_string()).collect(), remove.iter().map(|l| l.to_string()).collect());
+        if !add.is_empty() {
+            state.record("labelsAdded", id, add);
+        }
+        if !remove.is_empty() {
+            state.record("labelsRemoved", id, remove);
+        }
+    }
+
+    /// Gmail no longer has the history so far: a start before now is 404.
+    pub fn expire_history(&self) {
+        let mut state = self.lock();
+        state.history_floor = state.history_id + 1;
+        state.history.clear();
+    }
+
+    /// Top-level HTTP requests answered so far (a batch is one).
+    pub fn requests(&self) -> usize {
+        self.lock().requests
     }
 
     /// Creates a user label; returns its id (`Label_N`).
@@ -257,7 +314,11 @@ impl BearerApi for GmailApi {
     }
 
     fn delete(&self, id: &str) {
-        self.lock().messages.retain(|m| m.id != id);
+        let mut state = self.lock();
+        if state.messages.iter().any(|m| m.id == id) {
+            state.record("messagesDeleted", id, Vec::new());
+            state.messages.retain(|m| m.id != id);
+        }
     }
 
     /// Gmail message ids are the UIDLs.
@@ -376,7 +437,11 @@ async fn serve(State(state): State<Shared>, request: Request) -> Response {
     let path = parts.uri.path().to_string();
     let query = parts.uri.query().unwrap_or("").to_string();
     let token = bearer(&parts.headers);
-    state.lock().unwrap_or_else(|p| p.into_inner()).in_flight += 1;
+    {
+        let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
+        state.in_flight += 1;
+        state.requests += 1;
+    }
     let answer = if parts.method == Method::POST && path == "/batch/gmail/v1" {
         batch(&state, token.as_deref(), &parts.headers, &body)
     } else {
@@ -484,8 +549,9 @@ fn route(
         ("GET", ["profile"]) => Answer::json(
             200,
             json!({ "emailAddress": "alice@example.com", "messagesTotal": state.messages.len(),
-                    "threadsTotal": state.messages.len(), "historyId": "4242" }),
+                    "threadsTotal": state.messages.len(), "historyId": state.history_id.to_string() }),
         ),
+        ("GET", ["history"]) => history(state, &params),
         ("GET", ["messages"]) => list(state, &params),
         ("GET", ["messages", id]) => {
             let Some(message) = state.messages.iter().find(|m| m.id == *id) else {
@@ -498,7 +564,7 @@ fn route(
                 "snippet": "Hello, this is a \"snippet\" with \"raw\":\"AAAA\" in it",
                 // An estimate, as Gmail's: not the POP3 size.
                 "sizeEstimate": message.raw.len() + 17,
-                "historyId": "4242",
+                "historyId": state.history_id.to_string(),
                 "internalDate": message.internal_date.to_string(),
             });
             match param("format").unwrap_or("full") {
@@ -528,10 +594,18 @@ fn route(
             }
             // Unknown ids are skipped, as Gmail documents.
             let (add, remove) = (strings(&request["addLabelIds"]), strings(&request["removeLabelIds"]));
+            let mut changes = Vec::new();
             for message in state.messages.iter_mut().filter(|m| ids.contains(&m.id)) {
-                message.labels.extend(add.iter().cloned());
-                for label in &remove {
-                    message.labels.remove(label);
+                let added: Vec<String> = add.iter().filter(|l| message.labels.insert(l.to_string())).cloned().collect();
+                let removed: Vec<String> = remove.iter().filter(|l| message.labels.remove(*l)).cloned().collect();
+                changes.push((message.id.clone(), added, removed));
+            }
+            for (id, added, removed) in changes {
+                if !added.is_empty() {
+                    state.record("labelsAdded", &id, added);
+                }
+                if !removed.is_empty() {
+                    state.record("labelsRemoved", &id, removed);
                 }
             }
             Answer::empty()
@@ -551,11 +625,58 @@ fn route(
             if ids.is_empty() || ids.len() > 1000 {
                 return Answer::bad_request("ids must hold 1 to 1000 ids");
             }
+            let known: Vec<String> = state.messages.iter().filter(|m| ids.contains(&m.id)).map(|m| m.id.clone()).collect();
+            for id in known {
+                state.record("messagesDeleted", &id, Vec::new());
+            }
             state.messages.retain(|m| !ids.contains(&m.id));
             Answer::empty()
         }
         _ => Answer::not_found(),
     }
+}
+
+/// `users.history.list`: the records after `startHistoryId`, oldest
+/// first, each naming the message (with its labels as they were then).
+fn history(state: &StandIn, params: &HashMap<String, Vec<String>>) -> Answer {
+    let param = |name: &str| params.get(name).and_then(|v| v.first()).map(String::as_str);
+    let Some(start) = param("startHistoryId").and_then(|s| s.parse::<u64>().ok()) else {
+        return Answer::bad_request("Missing or invalid startHistoryId");
+    };
+    if start < state.history_floor || start > state.history_id {
+        return Answer::not_found();
+    }
+    let max = param("maxResults").and_then(|v| v.parse::<usize>().ok()).unwrap_or(100).clamp(1, 500);
+    let offset = match param("pageToken") {
+        None => 0,
+        Some(token) => match token.strip_prefix("Hs").and_then(|t| t.parse().ok()) {
+            Some(offset) => offset,
+            None => return Answer::bad_request("Invalid pageToken"),
+        },
+    };
+    let after: Vec<_> = state.history.iter().filter(|(id, ..)| *id > start).collect();
+    let records: Vec<Value> = after
+        .iter()
+        .skip(offset)
+        .take(max)
+        .map(|(history_id, kind, id, labels, changed)| {
+            let message = json!({ "id": id, "threadId": id, "labelIds": labels });
+            let mut record = json!({ "id": history_id.to_string(), "messages": [{ "id": id, "threadId": id }] });
+            record[*kind] = match *kind {
+                "labelsAdded" | "labelsRemoved" => json!([{ "message": message, "labelIds": changed }]),
+                _ => json!([{ "message": message }]),
+            };
+            record
+        })
+        .collect();
+    let mut answer = json!({ "historyId": state.history_id.to_string() });
+    if !records.is_empty() {
+        answer["history"] = json!(records);
+    }
+    if offset + max < after.len() {
+        answer["nextPageToken"] = json!(format!("Hs{}", offset + max));
+    }
+    Answer::json(200, answer)
 }
 
 fn strings(value: &Value) -> Vec<String> {

@@ -8,7 +8,10 @@
 //! snapshot oldest first by `internalDate`, which it gets with
 //! `messages.get?format=minimal` through the batch endpoint, 50 messages a
 //! request, and keeps per message id (ids and dates never change), so only
-//! messages new to this process cost anything. `fetch` streams
+//! messages new to this process cost anything. Once an account was listed
+//! so, its next polls ask `users.history.list` what changed since the
+//! listing's `historyId` and only the messages it names, for their labels
+//! (`listing` below): one request when nothing changed. `fetch` streams
 //! `messages.get?format=raw`, decoding the base64url as it arrives. Sizes are
 //! `Claimed` (`sizeEstimate` is an estimate); `canonical_sizes` measures by
 //! downloading, `max_concurrent_requests` at a time.
@@ -40,6 +43,7 @@ use self::wire::{BatchPart, RawExtractor};
 use super::http::api::{
     AccountApi, Endpoint, default_concurrency, default_max_wait, default_retries, default_timeout, in_session,
 };
+use super::http::listing::{self as states, ListingStates, Remembered, TokenSeal};
 use super::http::{self, RetryPolicy, Verdict};
 use super::{Backend, ListedMessage, Mailbox, MessageStream, ReportedSize};
 use crate::mail::{BackendError, Credentials, InvalidSetting, StoreId};
@@ -101,6 +105,15 @@ pub struct GmailConfig {
     /// PEM file of CA certificates to trust instead of the webpki roots.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// Messages remembered across accounts so that a poll asks only what
+    /// changed (`users.history.list`); 0 lists every mailbox in full every
+    /// time. A `query` always lists in full (a search cannot be followed by
+    /// its history).
+    #[serde(default = "states::default_state_messages")]
+    pub listing_state_messages: u64,
+    /// Seconds an account's remembered listing is kept unused.
+    #[serde(default = "states::default_state_idle_secs")]
+    pub listing_state_idle_secs: u64,
 }
 
 fn default_api_base() -> String {
@@ -124,6 +137,8 @@ impl Default for GmailConfig {
             max_retries: default_retries(),
             max_retry_wait_secs: default_max_wait(),
             ca_file: None,
+            listing_state_messages: states::default_state_messages(),
+            listing_state_idle_secs: states::default_state_idle_secs(),
         }
     }
 }
@@ -143,6 +158,7 @@ impl GmailConfig {
         }
         InvalidSetting::bounded("max_retry_wait_secs", self.max_retry_wait_secs, 1..=3_600)?;
         InvalidSetting::bounded("max_retries", self.max_retries, 0..=10)?;
+        states::check_settings(self.listing_state_messages, self.listing_state_idle_secs)?;
         if self.label.as_deref().is_some_and(|l| l.trim().is_empty()) {
             return Err(InvalidSetting::new("label", "must not be empty (leave it out for INBOX)"));
         }
@@ -176,6 +192,15 @@ const MODIFY_BATCH: usize = 1000;
 const JSON_LIMIT: usize = 8 * 1024 * 1024;
 /// Orders remembered (message id → internalDate), across accounts.
 const ORDER_CACHE: u64 = 1_000_000;
+/// History entries per `users.history.list` page (the API's maximum).
+const HISTORY_PAGE: usize = 500;
+/// History pages read before listing in full is the cheaper way.
+const HISTORY_PAGES: usize = 4;
+/// Messages changed since the last poll beyond which the mailbox is
+/// listed in full instead (their labels cost a request per 25).
+const HISTORY_TOUCHED: usize = 250;
+/// Tokens remembered per listing as seen to reach its mailbox.
+const SEALS: usize = 4;
 
 /// What the listing needs of a message and keeps: it never changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -191,6 +216,25 @@ pub struct GmailBackend {
     /// (account, message id) → arrival, so that a warm mailbox is listed
     /// with `messages.list` alone.
     arrivals: moka::sync::Cache<(String, String), Arrival>,
+    listings: ListingStates<GmailListing>,
+}
+
+/// An account's maildrop at one `historyId`: where the next poll's
+/// `users.history.list` starts.
+#[derive(Clone)]
+struct GmailListing {
+    /// The mailbox's address (`users.getProfile`): a token is trusted to
+    /// continue this listing only once it was seen to reach this address.
+    email: String,
+    seals: Vec<TokenSeal>,
+    history_id: u64,
+    members: HashMap<String, Arrival>,
+}
+
+impl Remembered for GmailListing {
+    fn messages(&self) -> usize {
+        self.members.len()
+    }
 }
 
 impl GmailBackend {
@@ -203,7 +247,8 @@ impl GmailBackend {
             .max_capacity(ORDER_CACHE)
             .time_to_idle(Duration::from_secs(7 * 24 * 3600))
             .build();
-        Ok(GmailBackend { config, endpoint, arrivals })
+        let listings = ListingStates::new(config.listing_state_messages, config.listing_state_idle_secs);
+        Ok(GmailBackend { config, endpoint, arrivals, listings })
     }
 }
 
@@ -233,6 +278,12 @@ impl Backend for GmailBackend {
             (None, None) => Some("INBOX".to_string()),
         };
         let exclude_sent = self.config.exclude_sent && label.as_deref() != Some("SENT");
+        // Membership of a label (and of `-in:sent`) can be read from a
+        // message's labels; that of a search cannot.
+        let membership = match (&label, &self.config.query) {
+            (Some(label), None) => Some(Membership { label: label.clone(), exclude_sent }),
+            _ => None,
+        };
         Ok(Box::new(GmailMailbox {
             api,
             account: credentials.user.clone(),
@@ -241,6 +292,10 @@ impl Backend for GmailBackend {
             policy: self.config.delete_policy,
             arrivals: self.arrivals.clone(),
             concurrency: self.config.max_concurrent_requests,
+            listings: self.listings.clone(),
+            membership: membership.filter(|_| self.listings.enabled()),
+            seal: TokenSeal::of(&token),
+            prefetched: None,
         }))
     }
 }
@@ -336,9 +391,110 @@ impl Api {
         Ok((page.messages.into_iter().map(|m| m.id).collect(), page.next_page_token.filter(|t| !t.is_empty())))
     }
 
-    /// Arrival dates and size estimates of `ids` (`format=minimal`), 50 per
+    /// Arrival dates and size estimates of `ids` (`format=minimal`), 25 per
     /// batch request. A message deleted meanwhile is simply absent.
     async fn arrivals(&self, ids: &[String]) -> Result<HashMap<String, Arrival>, BackendError> {
+        Ok(self.minimal(ids).await?.into_iter().map(|(id, (arrival, _))| (id, arrival)).collect())
+    }
+
+    /// `users.getProfile`: the mailbox's address and current `historyId`.
+    async fn profile(&self) -> Result<(String, u64), BackendError> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Profile {
+            email_address: String,
+            history_id: serde_json::Value,
+        }
+        let profile: Profile = self.get_json("users.getProfile", self.url(&["profile"])).await.map_err(not_a_message)?;
+        let history_id = google_u64(&profile.history_id)
+            .ok_or_else(|| BackendError::unavailable("users.getProfile: no historyId"))?;
+        Ok((profile.email_address, history_id))
+    }
+
+    /// What changed since `start`: the ids of every message a history
+    /// record names, which of them were deleted, and the `historyId` this
+    /// goes up to. `None` when Gmail no longer has history that old (404)
+    /// or there is too much of it: then the mailbox is listed in full.
+    async fn history(&self, start: u64) -> Result<Option<History>, BackendError> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Page {
+            #[serde(default)]
+            history: Vec<Record>,
+            next_page_token: Option<String>,
+            history_id: Option<serde_json::Value>,
+        }
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Record {
+            #[serde(default)]
+            messages: Vec<Named>,
+            #[serde(default)]
+            messages_added: Vec<Change>,
+            #[serde(default)]
+            messages_deleted: Vec<Change>,
+            #[serde(default)]
+            labels_added: Vec<Change>,
+            #[serde(default)]
+            labels_removed: Vec<Change>,
+        }
+        #[derive(Deserialize)]
+        struct Change {
+            message: Named,
+        }
+        #[derive(Deserialize)]
+        struct Named {
+            id: String,
+        }
+        let mut touched = HashSet::new();
+        let mut deleted = HashSet::new();
+        let mut page_token: Option<String> = None;
+        for _ in 0..HISTORY_PAGES {
+            let mut url = self.url(&["history"]);
+            {
+                let mut pairs = url.query_pairs_mut();
+                pairs.append_pair("startHistoryId", &start.to_string());
+                pairs.append_pair("maxResults", &HISTORY_PAGE.to_string());
+                if let Some(token) = &page_token {
+                    pairs.append_pair("pageToken", token);
+                }
+            }
+            let page: Page = match self.get_json("users.history.list", url).await {
+                Ok(page) => page,
+                // "A historyId is typically valid for at least a week":
+                // older, or otherwise unknown, is 404.
+                Err(BackendError::MessageGone) => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            for record in page.history {
+                let changes = [record.messages_added, record.labels_added, record.labels_removed];
+                for named in record.messages.into_iter().chain(changes.into_iter().flatten().map(|c| c.message)) {
+                    touched.insert(named.id);
+                }
+                for change in record.messages_deleted {
+                    deleted.insert(change.message.id);
+                }
+            }
+            if touched.len() + deleted.len() > HISTORY_TOUCHED {
+                return Ok(None);
+            }
+            match page.next_page_token.filter(|t| !t.is_empty()) {
+                Some(next) => page_token = Some(next),
+                None => {
+                    let Some(history_id) = page.history_id.as_ref().and_then(google_u64) else {
+                        return Ok(None);
+                    };
+                    touched.retain(|id| !deleted.contains(id));
+                    return Ok(Some(History { touched, deleted, history_id }));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Arrivals and labels of `ids` (`format=minimal`), 25 per batch
+    /// request. A message deleted meanwhile is simply absent.
+    async fn minimal(&self, ids: &[String]) -> Result<HashMap<String, (Arrival, Vec<String>)>, BackendError> {
         let mut found = HashMap::with_capacity(ids.len());
         for chunk in ids.chunks(BATCH) {
             let mut pending: Vec<&String> = chunk.iter().collect();
@@ -350,7 +506,7 @@ impl Api {
                         let mut url = self.url(&["messages", id]);
                         url.query_pairs_mut()
                             .append_pair("format", "minimal")
-                            .append_pair("fields", "id,internalDate,sizeEstimate");
+                            .append_pair("fields", "id,labelIds,internalDate,sizeEstimate");
                         inner_path(&url)
                     })
                     .collect();
@@ -514,13 +670,15 @@ fn inner_path(url: &Url) -> String {
     }
 }
 
-fn parse_arrival(body: &[u8]) -> Result<Arrival, String> {
+fn parse_arrival(body: &[u8]) -> Result<(Arrival, Vec<String>), String> {
     #[derive(Deserialize)]
     #[serde(rename_all = "camelCase")]
     struct Minimal {
         internal_date: serde_json::Value,
         #[serde(default)]
         size_estimate: u64,
+        #[serde(default)]
+        label_ids: Vec<String>,
     }
     let minimal: Minimal = serde_json::from_slice(body).map_err(|e| format!("unexpected reply: {e}"))?;
     // int64 travels as a JSON string in Google's APIs; accept a number too.
@@ -530,7 +688,43 @@ fn parse_arrival(body: &[u8]) -> Result<Arrival, String> {
         _ => None,
     }
     .ok_or("no internalDate")?;
-    Ok(Arrival { internal_date, size_estimate: minimal.size_estimate })
+    Ok((Arrival { internal_date, size_estimate: minimal.size_estimate }, minimal.label_ids))
+}
+
+/// A uint64 as Google writes it (a JSON string), or as a number.
+fn google_u64(value: &serde_json::Value) -> Option<u64> {
+    match value {
+        serde_json::Value::String(s) => s.parse().ok(),
+        serde_json::Value::Number(n) => n.as_u64(),
+        _ => None,
+    }
+}
+
+/// What `users.history.list` reported since a listing.
+struct History {
+    /// Named by a record and not deleted: their labels decide.
+    touched: HashSet<String>,
+    deleted: HashSet<String>,
+    history_id: u64,
+}
+
+/// Which messages the maildrop holds, decided on their labels exactly as
+/// `users.messages.list` decides with `labelIds` (and `q=-in:sent`):
+/// Spam and Trash only when they are the label itself.
+#[derive(Debug, Clone)]
+struct Membership {
+    label: String,
+    exclude_sent: bool,
+}
+
+impl Membership {
+    fn holds(&self, labels: &[String]) -> bool {
+        let has = |wanted: &str| labels.iter().any(|l| l == wanted);
+        let spam_or_trash_wanted = matches!(self.label.as_str(), "TRASH" | "SPAM");
+        has(&self.label)
+            && (spam_or_trash_wanted || !(has("TRASH") || has("SPAM")))
+            && !(self.exclude_sent && has("SENT"))
+    }
 }
 
 enum Change {
@@ -547,6 +741,13 @@ struct GmailMailbox {
     policy: GmailDeletePolicy,
     arrivals: moka::sync::Cache<(String, String), Arrival>,
     concurrency: usize,
+    listings: ListingStates<GmailListing>,
+    /// Set when the maildrop can be followed by its history.
+    membership: Option<Membership>,
+    /// This session's token, sealed.
+    seal: TokenSeal,
+    /// A listing `reset` already made, for the `list` that follows it.
+    prefetched: Option<Vec<ListedMessage>>,
 }
 
 impl GmailMailbox {
@@ -568,6 +769,113 @@ impl GmailMailbox {
         }
     }
 
+    /// The maildrop: from the remembered listing and the history since it
+    /// when there is one, else in full.
+    async fn listing(&mut self) -> Result<Vec<ListedMessage>, BackendError> {
+        if let Some(membership) = self.membership.clone() {
+            if let Some(known) = self.listings.get(&self.account)
+                && let Some(next) = self.follow_history(&known, &membership).await?
+            {
+                let listed = listed_in_order(&next.members);
+                self.listings.put(&self.account, next);
+                return Ok(listed);
+            }
+            // Read before the listing: whatever changes while it is read is
+            // in the history after it, and replayed at the next poll.
+            let (email, history_id) = self.api.profile().await?;
+            let members = self.members_in_full().await?;
+            let listed = listed_in_order(&members);
+            self.listings.put(&self.account, GmailListing { email, seals: vec![self.seal], history_id, members });
+            return Ok(listed);
+        }
+        Ok(listed_in_order(&self.members_in_full().await?))
+    }
+
+    /// `known` brought up to date from the history since it; `None` to list
+    /// in full (history too old or too long, or another mailbox).
+    async fn follow_history(
+        &self,
+        known: &GmailListing,
+        membership: &Membership,
+    ) -> Result<Option<GmailListing>, BackendError> {
+        let mut seals = known.seals.clone();
+        if !seals.contains(&self.seal) {
+            // A token not seen before (a refreshed one): the listing is
+            // continued only for the mailbox it was made of.
+            let (email, _) = self.api.profile().await?;
+            if email != known.email {
+                return Ok(None);
+            }
+            if seals.len() >= SEALS {
+                seals.remove(0);
+            }
+            seals.push(self.seal);
+        }
+        let Some(history) = self.api.history(known.history_id).await? else {
+            tracing::debug!("Gmail history unavailable since the last listing; listing in full");
+            return Ok(None);
+        };
+        let mut members = known.members.clone();
+        for id in &history.deleted {
+            members.remove(id);
+        }
+        let touched: Vec<String> = history.touched.into_iter().collect();
+        let now = if touched.is_empty() { HashMap::new() } else { self.api.minimal(&touched).await? };
+        for id in touched {
+            match now.get(&id) {
+                Some((arrival, labels)) if membership.holds(labels) => {
+                    self.arrivals.insert((self.account.clone(), id.clone()), *arrival);
+                    members.insert(id, *arrival);
+                }
+                // Left the maildrop, or deleted since the history was read.
+                _ => {
+                    members.remove(&id);
+                }
+            }
+        }
+        Ok(Some(GmailListing { email: known.email.clone(), seals, history_id: history.history_id, members }))
+    }
+
+    /// After `remove`: what it removed leaves the remembered listing; after
+    /// a failure nothing is assumed, and the next poll lists in full.
+    fn after_removal(&self, ids: &[StoreId], all_removed: bool) {
+        if !all_removed {
+            self.listings.forget(&self.account);
+            return;
+        }
+        self.listings.drop_messages(&self.account, |known| {
+            let mut next = known.clone();
+            for id in ids {
+                next.members.remove(&id.0);
+            }
+            next
+        });
+    }
+
+    /// Every message in the maildrop with its arrival, by `messages.list`
+    /// and, for messages new to this process, `format=minimal`.
+    async fn members_in_full(&self) -> Result<HashMap<String, Arrival>, BackendError> {
+        let ids = self.list_ids().await?;
+        let key = |id: &String| (self.account.clone(), id.clone());
+        let unknown: Vec<String> = ids.iter().filter(|id| !self.arrivals.contains_key(&key(id))).cloned().collect();
+        let mut fetched = HashMap::new();
+        if !unknown.is_empty() {
+            tracing::debug!(messages = unknown.len(), "asking Gmail for arrival dates");
+            fetched = self.api.arrivals(&unknown).await?;
+            for (id, arrival) in &fetched {
+                self.arrivals.insert((self.account.clone(), id.clone()), *arrival);
+            }
+        }
+        // From what was fetched first: the cache may already have evicted it.
+        Ok(ids
+            .into_iter()
+            .filter_map(|id| {
+                let arrival = fetched.get(&id).copied().or_else(|| self.arrivals.get(&key(&id)))?;
+                Some((id, arrival))
+            })
+            .collect())
+    }
+
     fn change(&self) -> Change {
         let label = self.label.clone().unwrap_or_else(|| "INBOX".into());
         match self.policy {
@@ -583,33 +891,25 @@ impl GmailMailbox {
 
 #[async_trait]
 impl Mailbox for GmailMailbox {
-    /// A warm session checks that its token still works (1 quota unit), so
-    /// an expired one is discarded and the login refreshes it.
+    /// A warm session checks that its token still works, so an expired one
+    /// is discarded and the login refreshes it. When the listing can follow
+    /// the history, that request is the check (a 401 there is `AuthFailed`
+    /// too), and its listing is kept for the `list` that follows.
     async fn reset(&mut self) -> Result<(), BackendError> {
+        self.prefetched = None;
+        if self.membership.is_some() && self.listings.get(&self.account).is_some() {
+            let listed = self.listing().await?;
+            self.prefetched = Some(listed);
+            return Ok(());
+        }
         self.api.labels().await.map(|_| ())
     }
 
     async fn list(&mut self) -> Result<Vec<ListedMessage>, BackendError> {
-        let ids = self.list_ids().await.map_err(in_session)?;
-        let key = |id: &String| (self.account.clone(), id.clone());
-        let unknown: Vec<String> = ids.iter().filter(|id| !self.arrivals.contains_key(&key(id))).cloned().collect();
-        if !unknown.is_empty() {
-            tracing::debug!(messages = unknown.len(), "asking Gmail for arrival dates");
-            for (id, arrival) in self.api.arrivals(&unknown).await.map_err(in_session)? {
-                self.arrivals.insert((self.account.clone(), id), arrival);
-            }
+        if let Some(listed) = self.prefetched.take() {
+            return Ok(listed);
         }
-        let mut listed: Vec<(Arrival, String)> =
-            ids.into_iter().filter_map(|id| self.arrivals.get(&key(&id)).map(|arrival| (arrival, id))).collect();
-        listed.sort_by(|(a, a_id), (b, b_id)| a.internal_date.cmp(&b.internal_date).then_with(|| a_id.cmp(b_id)));
-        Ok(listed
-            .into_iter()
-            .map(|(arrival, id)| ListedMessage {
-                uidl: uidl_for(&id),
-                id: StoreId(id),
-                size: ReportedSize::Claimed(arrival.size_estimate),
-            })
-            .collect())
+        self.listing().await.map_err(in_session)
     }
 
     async fn fetch(&mut self, id: &StoreId) -> Result<MessageStream<'_>, BackendError> {
@@ -664,6 +964,7 @@ impl Mailbox for GmailMailbox {
         }
         let failed: usize = failures.iter().map(|(n, _)| n).sum();
         let first_error = failures.into_iter().next().map(|(_, e)| e);
+        self.after_removal(ids, failed == 0);
         if failed == 0 {
             return Ok(());
         }
@@ -673,6 +974,20 @@ impl Mailbox for GmailMailbox {
     async fn close(self: Box<Self>) {
         // Stateless over HTTP: nothing to log out of.
     }
+}
+
+/// The maildrop oldest first (by `internalDate`, then id).
+fn listed_in_order(members: &HashMap<String, Arrival>) -> Vec<ListedMessage> {
+    let mut listed: Vec<(&String, &Arrival)> = members.iter().collect();
+    listed.sort_by(|(a_id, a), (b_id, b)| a.internal_date.cmp(&b.internal_date).then_with(|| a_id.cmp(b_id)));
+    listed
+        .into_iter()
+        .map(|(id, arrival)| ListedMessage {
+            uidl: uidl_for(id),
+            id: StoreId(id.clone()),
+            size: ReportedSize::Claimed(arrival.size_estimate),
+        })
+        .collect()
 }
 
 /// Gmail message ids are short hex strings and used as they are; anything

@@ -276,6 +276,14 @@ impl Responses {
             .ok_or_else(|| BackendError::unavailable("API response without methodResponses"))
     }
 
+    /// The type of the method-level error answering `call_id`, if it is one
+    /// (e.g. `cannotCalculateChanges`, which is no failure but a request to
+    /// start over).
+    pub fn error_type(&self, call_id: &str) -> Option<&str> {
+        let (name, arguments, _) = self.0.iter().find(|(_, _, id)| id == call_id)?;
+        (name == "error").then(|| arguments.get("type").and_then(Value::as_str).unwrap_or("(no type)"))
+    }
+
     /// The arguments of the response to `call_id`; a method-level error
     /// (`["error", {"type": …}, id]`) becomes a `BackendError`.
     pub fn get(&self, call_id: &str, method: &str) -> Result<&Value, BackendError> {

@@ -3,8 +3,9 @@
 //!
 //! A login fetches the session resource with the client's own credentials
 //! (pass-through Basic, or the password as a Bearer token) and finds the
-//! mailbox; `list` is one `Email/query` + `Email/get` round trip per page;
-//! `fetch` streams the blob from the download URL; `remove` moves the
+//! mailbox; `list` is one `Email/query` + `Email/get` round trip per page,
+//! or, once the account's `Email` state is known from an earlier poll, one
+//! `Email/changes` request (`listing` below); `fetch` streams the blob from the download URL; `remove` moves the
 //! messages to the `trash` mailbox or destroys them, per `delete_policy`.
 //! `api` owns HTTP and the mapping of HTTP/JMAP failures to `BackendError`.
 //!
@@ -30,6 +31,7 @@ use url::Url;
 
 use self::api::{Api, Auth, Invocation};
 use super::http::api::{config_error, default_retries, default_timeout};
+use super::http::listing::{self as states, ListingStates, Remembered};
 use super::http::{self, AccountPermits, Requester, RetryPolicy};
 use super::{Backend, ListedMessage, Mailbox, MessageStream, ReportedSize};
 use crate::mail::{BackendError, Credentials, InvalidSetting, Proof, StoreId};
@@ -84,6 +86,13 @@ pub struct JmapConfig {
     /// PEM file of CA certificates to trust instead of the webpki roots.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// Messages remembered across accounts so that a poll asks only what
+    /// changed (`Email/changes`); 0 lists every mailbox in full every time.
+    #[serde(default = "states::default_state_messages")]
+    pub listing_state_messages: u64,
+    /// Seconds an account's remembered listing is kept unused.
+    #[serde(default = "states::default_state_idle_secs")]
+    pub listing_state_idle_secs: u64,
 }
 
 impl JmapConfig {
@@ -95,6 +104,8 @@ impl JmapConfig {
             timeout_secs: default_timeout(),
             delete_policy: DeletePolicy::default(),
             ca_file: None,
+            listing_state_messages: states::default_state_messages(),
+            listing_state_idle_secs: states::default_state_idle_secs(),
         }
     }
 
@@ -112,6 +123,7 @@ impl JmapConfig {
     pub fn check(&self) -> Result<(), InvalidSetting> {
         self.session_url().map_err(|why| InvalidSetting::new("url", why))?;
         InvalidSetting::bounded("timeout_secs", self.timeout_secs, 1..=3_600)?;
+        states::check_settings(self.listing_state_messages, self.listing_state_idle_secs)?;
         if self.mailbox.as_deref().is_some_and(|m| m.trim_matches('/').is_empty()) {
             return Err(InvalidSetting::new("mailbox", "must not be empty (leave it out for the inbox)"));
         }
@@ -124,6 +136,9 @@ impl JmapConfig {
 const PAGE_CAP: usize = 4096;
 /// Listings restarted because the mailbox changed between pages.
 const LIST_ATTEMPTS: usize = 3;
+/// Changes asked for at once; more than this since the last poll, and the
+/// mailbox is listed in full instead.
+const CHANGES_CAP: usize = 1024;
 
 pub struct JmapBackend {
     config: JmapConfig,
@@ -133,6 +148,7 @@ pub struct JmapBackend {
     /// Request permits per user name, shared by that user's concurrent POP3
     /// sessions so that together they respect `maxConcurrentRequests`.
     permits: AccountPermits,
+    listings: ListingStates<JmapListing>,
 }
 
 impl JmapBackend {
@@ -146,7 +162,8 @@ impl JmapBackend {
         let retry = RetryPolicy { retries: default_retries(), max_wait: timeout };
         let redirects = reqwest::redirect::Policy::limited(5);
         let requester = Requester::new(config.ca_file.as_deref(), timeout, retry, redirects)?;
-        Ok(JmapBackend { config, session_url, requester, permits: AccountPermits::new() })
+        let listings = ListingStates::new(config.listing_state_messages, config.listing_state_idle_secs);
+        Ok(JmapBackend { config, session_url, requester, permits: AccountPermits::new(), listings })
     }
 
     fn permits_for(&self, user: &str, limit: usize) -> Arc<Semaphore> {
@@ -199,7 +216,18 @@ impl Backend for JmapBackend {
         if self.config.delete_policy == DeletePolicy::Trash && folders.with_role("trash").is_none() {
             tracing::info!("no mailbox has role trash yet: the first deletion creates one (\"Trash\")");
         }
-        Ok(Box::new(JmapMailbox { api, mailbox_id, policy: self.config.delete_policy, blobs: HashMap::new() }))
+        // The account and mailbox ids come from the server, answering these
+        // credentials: a state is only ever continued for the mailbox it
+        // describes.
+        let listing_key = format!("{}\n{}\n{}", credentials.user, api.account_id(), mailbox_id);
+        Ok(Box::new(JmapMailbox {
+            api,
+            mailbox_id,
+            policy: self.config.delete_policy,
+            blobs: HashMap::new(),
+            listings: self.listings.clone(),
+            listing_key,
+        }))
     }
 }
 
@@ -281,6 +309,8 @@ struct JmapMailbox {
     policy: DeletePolicy,
     /// Email id → blob id, from the last listing (downloads need the blob).
     blobs: HashMap<String, String>,
+    listings: ListingStates<JmapListing>,
+    listing_key: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -289,7 +319,43 @@ struct ListedEmail {
     #[serde(rename = "blobId")]
     blob_id: String,
     size: u64,
+    #[serde(rename = "receivedAt", default)]
+    received_at: Option<String>,
 }
+
+impl ListedEmail {
+    /// The maildrop's order, the same whichever way it was listed:
+    /// `receivedAt`, then the id (the server's own order of equal dates
+    /// cannot be reproduced from changes).
+    fn order(&self) -> (i128, &str) {
+        let at = self.received_at.as_deref().and_then(|at| {
+            time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339).ok()
+        });
+        (at.map_or(i128::MIN, time::OffsetDateTime::unix_timestamp_nanos), &self.id)
+    }
+}
+
+/// A listing of one mailbox at one `Email` state of its account: where the
+/// next poll's `Email/changes` starts.
+struct JmapListing {
+    state: String,
+    /// In maildrop order.
+    emails: Vec<ListedEmail>,
+}
+
+impl Remembered for JmapListing {
+    fn messages(&self) -> usize {
+        self.emails.len()
+    }
+}
+
+fn in_maildrop_order(mut emails: Vec<ListedEmail>) -> Vec<ListedEmail> {
+    emails.sort_by(|a, b| a.order().cmp(&b.order()));
+    emails
+}
+
+/// The properties a listing needs of an email.
+const LISTED: [&str; 4] = ["id", "blobId", "size", "receivedAt"];
 
 /// One page of a listing: the query's answer joined with the get's.
 struct Page {
@@ -308,6 +374,8 @@ struct Listing {
     emails: Vec<ListedEmail>,
     /// The query state was the same for every page.
     consistent: bool,
+    /// The account's `Email` state before the first page was read.
+    state: Option<String>,
 }
 
 impl JmapMailbox {
@@ -332,7 +400,7 @@ impl JmapMailbox {
                 json!({
                     "accountId": account,
                     "#ids": { "resultOf": query_id, "name": "Email/query", "path": "/ids" },
-                    "properties": ["id", "blobId", "size"],
+                    "properties": LISTED,
                 }),
                 format!("g{tag}"),
             ),
@@ -381,14 +449,27 @@ impl JmapMailbox {
         let mut total: Option<usize> = None;
         let mut first_state: Option<String> = None;
         let mut consistent = true;
+        // The `Email` state read before anything else: every change after
+        // it is reported by `Email/changes` from it, so the next poll can
+        // start there (needs a third call in the first request).
+        let mut email_state = None;
+        let ask_state = self.listings.enabled() && limits.max_calls_in_request >= 3;
         loop {
             let pages = match total {
                 None => 1,
                 Some(total) => total.saturating_sub(position).div_ceil(page_size).clamp(1, pages_per_request),
             };
-            let calls =
-                (0..pages).flat_map(|tag| self.query_calls(tag, position + tag * page_size, page_size)).collect();
+            let mut calls: Vec<Invocation> = Vec::new();
+            let first_request = total.is_none() && position == 0;
+            if ask_state && first_request {
+                let arguments = json!({ "accountId": self.api.account_id(), "ids": [], "properties": ["id"] });
+                calls.push(("Email/get", arguments, "st".to_string()));
+            }
+            calls.extend((0..pages).flat_map(|tag| self.query_calls(tag, position + tag * page_size, page_size)));
             let responses = self.api.call(calls).await?;
+            if ask_state && first_request {
+                email_state = responses.get("st", "Email/get")?.get("state").and_then(Value::as_str).map(str::to_string);
+            }
             let mut advanced = 0;
             for tag in 0..pages {
                 let page = Self::page(&responses, tag)?;
@@ -426,17 +507,135 @@ impl JmapMailbox {
                 None => false,
             };
             if advanced == 0 || done {
-                return Ok(Listing { emails, consistent });
+                return Ok(Listing { emails, consistent, state: email_state });
             }
         }
     }
 
-    fn keep_listing(&mut self, emails: Vec<ListedEmail>) -> Vec<ListedMessage> {
+    fn keep_listing(&mut self, emails: &[ListedEmail]) -> Vec<ListedMessage> {
         self.blobs = emails.iter().map(|e| (e.id.clone(), e.blob_id.clone())).collect();
         emails
-            .into_iter()
-            .map(|e| ListedMessage { uidl: uidl_for(&e.id), id: StoreId(e.id), size: ReportedSize::Claimed(e.size) })
+            .iter()
+            .map(|e| ListedMessage {
+                uidl: uidl_for(&e.id),
+                id: StoreId(e.id.clone()),
+                size: ReportedSize::Claimed(e.size),
+            })
             .collect()
+    }
+
+    /// Every email in the mailbox, page by page; remembered with the state
+    /// it was read at when every page saw the same query state.
+    async fn list_in_full(&mut self) -> Result<Vec<ListedMessage>, BackendError> {
+        let mut last = Vec::new();
+        for attempt in 1..=LIST_ATTEMPTS {
+            let listing = self.list_once().await?;
+            if listing.consistent {
+                let emails = in_maildrop_order(listing.emails);
+                let listed = self.keep_listing(&emails);
+                match listing.state {
+                    Some(state) => self.listings.put(&self.listing_key, JmapListing { state, emails }),
+                    None => self.listings.forget(&self.listing_key),
+                }
+                return Ok(listed);
+            }
+            tracing::debug!(attempt, "mailbox changed while it was listed; listing again");
+            last = listing.emails;
+        }
+        // Still changing: what we have is deduplicated and each message in
+        // it existed; at worst one that arrived meanwhile is missing. Not
+        // remembered: the next poll lists in full again.
+        self.listings.forget(&self.listing_key);
+        Ok(self.keep_listing(&in_maildrop_order(last)))
+    }
+
+    /// The listing after what changed since `known`, in one request
+    /// (`Email/changes` and an `Email/get` of what it names); `None` when
+    /// the server cannot say (`cannotCalculateChanges`: the state is too
+    /// old) or anything does not add up: then the mailbox is listed in full.
+    async fn changes_since(&self, known: &JmapListing) -> Result<Option<JmapListing>, BackendError> {
+        let account = self.api.account_id();
+        let get = |path: &str| {
+            json!({
+                "accountId": account,
+                "#ids": { "resultOf": "c", "name": "Email/changes", "path": path },
+                "properties": ["id", "blobId", "size", "receivedAt", "mailboxIds"],
+            })
+        };
+        let cap = CHANGES_CAP.min(self.api.limits().max_objects_in_get);
+        let calls = vec![
+            ("Email/changes", json!({ "accountId": account, "sinceState": known.state, "maxChanges": cap }), "c".into()),
+            ("Email/get", get("/created"), "n".into()),
+            ("Email/get", get("/updated"), "u".into()),
+        ];
+        let responses = self.api.call(calls).await?;
+        if let Some(kind) = responses.error_type("c") {
+            tracing::debug!(jmap_error = kind, "Email/changes cannot continue the listing; listing in full");
+            return Ok(None);
+        }
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Changes {
+            old_state: String,
+            new_state: String,
+            has_more_changes: bool,
+            destroyed: Vec<String>,
+        }
+        #[derive(Deserialize)]
+        struct Changed {
+            #[serde(flatten)]
+            email: ListedEmail,
+            #[serde(rename = "mailboxIds", default)]
+            mailbox_ids: HashMap<String, bool>,
+        }
+        let Ok(changes) = serde_json::from_value::<Changes>(responses.get("c", "Email/changes")?.clone()) else {
+            return Ok(None);
+        };
+        if changes.old_state != known.state || changes.has_more_changes {
+            return Ok(None);
+        }
+        let mut emails: HashMap<String, ListedEmail> =
+            known.emails.iter().map(|e| (e.id.clone(), e.clone())).collect();
+        for id in &changes.destroyed {
+            emails.remove(id);
+        }
+        for call in ["n", "u"] {
+            if responses.error_type(call).is_some() {
+                return Ok(None);
+            }
+            let got = responses.get(call, "Email/get")?;
+            let Some(list) = got.get("list").cloned().and_then(|l| serde_json::from_value::<Vec<Changed>>(l).ok())
+            else {
+                return Ok(None);
+            };
+            // Named as changed but not found: gone since.
+            for id in got.get("notFound").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str) {
+                emails.remove(id);
+            }
+            for changed in list {
+                if changed.mailbox_ids.get(&self.mailbox_id) == Some(&true) {
+                    emails.insert(changed.email.id.clone(), changed.email);
+                } else {
+                    emails.remove(&changed.email.id);
+                }
+            }
+        }
+        let emails = in_maildrop_order(emails.into_values().collect());
+        Ok(Some(JmapListing { state: changes.new_state, emails }))
+    }
+
+    /// After `remove`: what it removed leaves the remembered listing; after
+    /// a failure nothing is assumed, and the next poll lists in full.
+    fn after_removal(&self, ids: &[StoreId], all_removed: bool) {
+        if !all_removed {
+            self.listings.forget(&self.listing_key);
+            return;
+        }
+        let gone: HashSet<&str> = ids.iter().map(|id| id.0.as_str()).collect();
+        self.listings.drop_messages(&self.listing_key, |known| JmapListing {
+            state: known.state.clone(),
+            emails: known.emails.iter().filter(|e| !gone.contains(e.id.as_str())).cloned().collect(),
+        });
     }
 
     /// The blob of a message that was not in the listing.
@@ -545,18 +744,14 @@ impl JmapMailbox {
 #[async_trait]
 impl Mailbox for JmapMailbox {
     async fn list(&mut self) -> Result<Vec<ListedMessage>, BackendError> {
-        let mut last = Vec::new();
-        for attempt in 1..=LIST_ATTEMPTS {
-            let listing = self.list_once().await?;
-            if listing.consistent {
-                return Ok(self.keep_listing(listing.emails));
+        if let Some(known) = self.listings.get(&self.listing_key) {
+            if let Some(next) = self.changes_since(&known).await? {
+                let listed = self.keep_listing(&next.emails);
+                self.listings.put(&self.listing_key, next);
+                return Ok(listed);
             }
-            tracing::debug!(attempt, "mailbox changed while it was listed; listing again");
-            last = listing.emails;
         }
-        // Still changing: what we have is deduplicated and each message in
-        // it existed; at worst one that arrived meanwhile is missing.
-        Ok(self.keep_listing(last))
+        self.list_in_full().await
     }
 
     async fn fetch(&mut self, id: &StoreId) -> Result<MessageStream<'_>, BackendError> {
@@ -592,6 +787,7 @@ impl Mailbox for JmapMailbox {
                 }
             }
         }
+        self.after_removal(ids, failed == 0);
         if failed == 0 {
             return Ok(());
         }
