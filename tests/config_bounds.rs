@@ -44,6 +44,12 @@ const KEYS: &[(&str, &str, i64, (i64, i64))] = &[
     ("backend_pool", "max_age_secs", 900, (1, 86_400)),
     ("backend_pool", "max_per_account", 1, (0, 100)),
     ("backend_pool", "max_total", 1000, (0, 1_000_000)),
+    ("state", "connect_timeout_ms", 2_000, (10, 60_000)),
+    ("state", "command_timeout_ms", 500, (10, 60_000)),
+    ("state", "retry_after_secs", 5, (0, 3_600)),
+    ("state", "size_ttl_secs", 604_800, (60, 7_776_000)),
+    ("state", "token_lock_secs", 60, (5, 3_600)),
+    ("state", "token_wait_ms", 10_000, (100, 120_000)),
 ];
 
 fn edge_value() -> impl Strategy<Value = i64> {

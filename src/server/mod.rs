@@ -179,6 +179,18 @@ impl SizeStore for SharedSizes {
     }
 }
 
+/// Keeps `popgate_state_up` current until the server stops. The store
+/// itself logs each outage once, when it starts and when it ends.
+async fn report_state_store(shared: Arc<dyn SharedState>, metrics: Arc<Metrics>, mut stop: watch::Receiver<bool>) {
+    loop {
+        metrics.state_store_up("redis", shared.is_up());
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
+}
+
 impl Server {
     /// Loads certificates and binds every listener (failing fast, with the
     /// file or address named), then starts serving, with logins routed by
@@ -213,7 +225,8 @@ impl Server {
         if let Some(shared) = config.state.open().map_err(std::io::Error::other)? {
             let ttl = Duration::from_secs(config.state.size_ttl_secs);
             sizes = sizes.shared_with(Arc::new(SharedSizes { shared: shared.clone(), ttl }));
-            throttle = throttle.shared_with(shared);
+            throttle = throttle.shared_with(shared.clone());
+            tokio::spawn(report_state_store(shared, metrics.clone(), stop_rx.clone()));
         }
         let context = Arc::new(Context {
             limits: std::sync::RwLock::new(Arc::new(config.limits.clone())),
