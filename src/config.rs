@@ -177,6 +177,7 @@ impl Config {
             backend: &self.backend,
             backends: &self.backends,
             token_store: self.token_store.as_ref(),
+            state: Some(&self.state),
         }
     }
 

@@ -188,6 +188,12 @@ pub struct BackendKindLabels {
     pub backend: String,
 }
 
+/// `store`: the shared state store's kind ("redis").
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateStoreLabels {
+    pub store: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DeviceLabels {
     /// A configured account name (or `PASS_THROUGH_ACCOUNT`).
@@ -267,7 +273,7 @@ pub const BACKEND_ERROR_CLASSES: &[&str] =
 
 /// Every `result` of `popgate_oauth_refreshes_total`.
 pub const OAUTH_REFRESH_RESULTS: &[&str] =
-    &["ok", "invalid_grant", "refused", "unavailable", "invalid_response", "store_failed", "config"];
+    &["ok", "invalid_grant", "refused", "unavailable", "invalid_response", "store_failed", "config", "superseded"];
 
 /// The `account` label of every pass-through login, unless
 /// `[admin] metrics_login_names` is on: login names are unbounded (one
@@ -304,6 +310,7 @@ pub struct Metrics {
     pub submission_messages: Family<SubmissionLabels, Counter>,
     pub submission_last_sent: Family<DeviceLabels, Gauge<f64, AtomicU64>>,
     pub submission_last_error: Family<SubmissionLabels, Gauge<f64, AtomicU64>>,
+    pub state_up: Family<StateStoreLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -335,6 +342,7 @@ impl Metrics {
             submission_messages: Family::default(),
             submission_last_sent: Family::default(),
             submission_last_error: Family::default(),
+            state_up: Family::default(),
             registry: Registry::default(),
         };
         // Every reason is exported from the start (at 0), so an alert on
@@ -420,6 +428,12 @@ impl Metrics {
             metrics.oauth_operator_action.clone(),
         );
         registry.register(
+            "state_up",
+            "1 while the shared state store ([state] url) answers, 0 while replicas fall back to local state \
+             (only exported when one is configured)",
+            metrics.state_up.clone(),
+        );
+        registry.register(
             "build",
             "Build information",
             Info::new(vec![("version".to_string(), env!("CARGO_PKG_VERSION").to_string())]),
@@ -442,6 +456,10 @@ impl Metrics {
                     .get_or_create(&BackendErrorLabels { backend: backend.into(), class: (*class).into() }),
             );
         }
+    }
+
+    pub fn state_store_up(&self, store: &str, up: bool) {
+        self.state_up.get_or_create(&StateStoreLabels { store: store.into() }).set(i64::from(up));
     }
 
     pub fn backend_probed(&self, backend: &str, up: bool) {

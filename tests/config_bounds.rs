@@ -47,6 +47,12 @@ const KEYS: &[(&str, &str, i64, (i64, i64))] = &[
     ("backend_pool", "max_connections_per_account", 8, (1, 100)),
     ("backend_pool", "wait_secs", 30, (1, 600)),
     ("backend_pool", "max_concurrent_logins", 64, (1, 10_000)),
+    ("state", "connect_timeout_ms", 2_000, (10, 60_000)),
+    ("state", "command_timeout_ms", 500, (10, 60_000)),
+    ("state", "retry_after_secs", 5, (0, 3_600)),
+    ("state", "size_ttl_secs", 604_800, (60, 7_776_000)),
+    ("state", "token_lock_secs", 60, (5, 3_600)),
+    ("state", "token_wait_ms", 10_000, (100, 120_000)),
 ];
 
 fn edge_value() -> impl Strategy<Value = i64> {

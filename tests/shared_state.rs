@@ -188,3 +188,59 @@ fn with_redis_down_logins_go_on_with_local_state_and_sharing_resumes() {
     assert_eq!(a.log().matches(unavailable).count(), 2, "{}", a.log());
     assert!(!a.log().contains("panicked"), "{}", a.log());
 }
+
+/// A provider's long hold (Gmail: "Retry after <an hour>"; Graph's per-app
+/// limits go the same way) seen by one replica holds off the others: the
+/// second replica answers `-ERR [SYS/TEMP]` without calling the provider.
+/// Two gateways in this process, each with its own Gmail backend, sharing
+/// one Redis.
+#[test]
+fn a_providers_hold_seen_by_one_replica_holds_off_the_others() {
+    use std::sync::Arc;
+
+    use popgate::backend::gmail::{GmailBackend, GmailConfig};
+    use popgate::config::Config;
+    use support::gateway::Gateway;
+    use support::gmail_api::{GmailApi, Refusal, Scope};
+    use support::token_router::TokenRouter;
+
+    const DEVICE: (&str, &str) = ("printer", "device-secret");
+    const ACCOUNT: &str = "alice@example.com";
+    let redis = Redis::start();
+    let api = GmailApi::start();
+    api.add(&simple("later"));
+    let replica = || {
+        let config = GmailConfig { api_base: api.base_url.clone(), max_retry_wait_secs: 5, ..GmailConfig::default() };
+        let backend = Arc::new(GmailBackend::new(config).unwrap_or_else(|e| panic!("{e}")));
+        let router = TokenRouter::new(backend, DEVICE, ACCOUNT, api.issue_token(Scope::Full), api.issuer(Scope::Full));
+        let mut config = Config::default();
+        config.state.url = Some(redis.url());
+        Gateway::routed(config, router)
+    };
+    let (a, b) = (replica(), replica());
+    let login_reply = |gateway: &Gateway| {
+        let mut pop = gateway.connect();
+        pop.ok(&format!("USER {}", DEVICE.0));
+        pop.cmd(&format!("PASS {}", DEVICE.1))
+    };
+
+    let later = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
+    let stamp = later.format(&time::format_description::well_known::Rfc3339).unwrap();
+    api.refuse(Refusal {
+        path_contains: "/labels".into(),
+        status: 403,
+        reason: "userRateLimitExceeded".into(),
+        message: format!("User-rate limit exceeded.  Retry after {stamp}"),
+    });
+    let reply = login_reply(&a);
+    assert!(reply.starts_with("-ERR [SYS/TEMP]"), "{reply}");
+    assert_eq!(api.seen().len(), 1, "A asked Gmail once");
+    let key = format!("popgate:hold:{}:{ACCOUNT}", ACCOUNT.len());
+    wait_for("the hold in Redis", Duration::from_secs(10), || (redis.command(&["EXISTS", &key]) == "1").then_some(()));
+    let ttl: i64 = redis.command(&["PTTL", &key]).parse().unwrap();
+    assert!((3_000_000..=3_600_000).contains(&ttl), "the hold expires with the provider's: {ttl} ms");
+
+    let reply = login_reply(&b);
+    assert!(reply.starts_with("-ERR [SYS/TEMP]"), "{reply}");
+    assert_eq!(api.seen().len(), 1, "B did not call Gmail: A's hold holds it off");
+}

@@ -257,6 +257,24 @@ def check_oauth(r, dep, c, config, volumes, mounts, out_dir):
                 )
     if not uses_oauth(config):
         return
+    state = config.get("state", {})
+    if state.get("url"):
+        # Shared state: tokens in Redis, refreshed under a lock there; any
+        # number of replicas. The token key and the Redis password still
+        # come from Secrets, and the URL holds no password.
+        url = str(state["url"])
+        rest = url.split("://", 1)[-1]
+        userinfo = rest.split("@", 1)[0] if "@" in rest else ""
+        r.require(url.startswith(("redis://", "rediss://")) and ":" not in userinfo, "state.url must not hold a password")
+        if "password_env" in state:
+            r.require("secretKeyRef" in env.get(state["password_env"], {}).get("valueFrom", {}),
+                      f"state password_env {state['password_env']} is not set from a Secret")
+        store = config.get("token_store", {})
+        if "key_env" in store:
+            r.require("secretKeyRef" in env.get(store["key_env"], {}).get("valueFrom", {}),
+                      f"token store key_env {store['key_env']} is not set from a Secret")
+        r.checked.append("OAuth with shared state: tokens in Redis, key and Redis password from Secrets, replicas as configured")
+        return
     spec = dep["spec"]
     r.require(spec.get("replicas") == 1, f"OAuth accounts but replicas is {spec.get('replicas')}: two refreshers would race")
     r.require(not r.of_kind("HorizontalPodAutoscaler"), "OAuth accounts but a HorizontalPodAutoscaler")

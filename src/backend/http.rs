@@ -232,11 +232,27 @@ pub enum Verdict {
     Fail(BackendError),
 }
 
+/// Where holds are shared with other replicas: the server plugs the shared
+/// state store in (`share_holds`), so that a refusal seen by one replica
+/// holds off all; the backends never see the store itself.
+#[async_trait::async_trait]
+pub trait SharedHolds: Send + Sync {
+    async fn publish(&self, account: &str, until: std::time::SystemTime);
+    async fn until(&self, account: &str) -> Option<std::time::SystemTime>;
+}
+
+static SHARED_HOLDS: std::sync::OnceLock<Arc<dyn SharedHolds>> = std::sync::OnceLock::new();
+
+/// Shares every process's holds through `shared` (set once, at start-up).
+pub fn share_holds(shared: Arc<dyn SharedHolds>) {
+    let _ = SHARED_HOLDS.set(shared);
+}
+
 /// Accounts a provider asked not to hear from for longer than a retry may
 /// wait (`max_retry_wait_secs`): until then every request of that account
 /// fails at once with `Unavailable` instead of reaching the provider, which
-/// would only lengthen the penalty. Per process: with several replicas each
-/// learns it on its own (there is no shared state yet).
+/// would only lengthen the penalty. Shared with the other replicas when a
+/// shared state store is configured (`share_holds`).
 #[derive(Clone)]
 pub struct Holds {
     until: moka::sync::Cache<String, std::time::SystemTime>,
@@ -266,7 +282,23 @@ impl Holds {
         let later = self.until.get(account).is_none_or(|known| known < until);
         if later {
             self.until.insert(account.to_string(), until);
+            if let (Some(shared), Ok(runtime)) = (SHARED_HOLDS.get(), tokio::runtime::Handle::try_current()) {
+                let (shared, account) = (shared.clone(), account.to_string());
+                runtime.spawn(async move { shared.publish(&account, until).await });
+            }
         }
+    }
+
+    /// Like `remaining`, and asks the other replicas when this one knows of
+    /// no hold.
+    pub async fn remaining_shared(&self, account: &str) -> Option<Duration> {
+        if let Some(left) = self.remaining(account) {
+            return Some(left);
+        }
+        let until = SHARED_HOLDS.get()?.until(account).await?;
+        let left = until.duration_since(std::time::SystemTime::now()).ok().filter(|l| !l.is_zero())?;
+        self.until.insert(account.to_string(), until);
+        Some(left)
     }
 
     /// How long `account` must still wait, if at all.

@@ -179,6 +179,44 @@ impl SizeStore for SharedSizes {
     }
 }
 
+/// Provider holds (Gmail's long throttles, Graph's per-app limits) in the
+/// shared state store: until when, in Unix milliseconds, expiring with it.
+struct SharedProviderHolds(Arc<dyn SharedState>);
+
+impl SharedProviderHolds {
+    fn key(account: &str) -> String {
+        format!("hold:{}:{account}", account.len())
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::backend::http::SharedHolds for SharedProviderHolds {
+    async fn publish(&self, account: &str, until: std::time::SystemTime) {
+        let Ok(ttl) = until.duration_since(std::time::SystemTime::now()) else { return };
+        let millis = until.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis();
+        if let Err(e) = self.0.set(&[(Self::key(account), millis as u64)], ttl).await {
+            tracing::debug!(error = %e, "provider hold not shared");
+        }
+    }
+
+    async fn until(&self, account: &str) -> Option<std::time::SystemTime> {
+        let millis = self.0.get(&[Self::key(account)]).await.ok()?.pop()??;
+        Some(std::time::UNIX_EPOCH + Duration::from_millis(millis))
+    }
+}
+
+/// Keeps `popgate_state_up` current until the server stops. The store
+/// itself logs each outage once, when it starts and when it ends.
+async fn report_state_store(shared: Arc<dyn SharedState>, metrics: Arc<Metrics>, mut stop: watch::Receiver<bool>) {
+    loop {
+        metrics.state_store_up("redis", shared.is_up());
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
+}
+
 impl Server {
     /// Loads certificates and binds every listener (failing fast, with the
     /// file or address named), then starts serving, with logins routed by
@@ -213,7 +251,9 @@ impl Server {
         if let Some(shared) = config.state.open().map_err(std::io::Error::other)? {
             let ttl = Duration::from_secs(config.state.size_ttl_secs);
             sizes = sizes.shared_with(Arc::new(SharedSizes { shared: shared.clone(), ttl }));
-            throttle = throttle.shared_with(shared);
+            throttle = throttle.shared_with(shared.clone());
+            crate::backend::http::share_holds(Arc::new(SharedProviderHolds(shared.clone())));
+            tokio::spawn(report_state_store(shared, metrics.clone(), stop_rx.clone()));
         }
         let context = Arc::new(Context {
             limits: std::sync::RwLock::new(Arc::new(config.limits.clone())),

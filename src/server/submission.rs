@@ -352,7 +352,7 @@ impl<'a> Driver<'a> {
     async fn log_in(&self, credentials: &Credentials) -> Option<Result<(Authorized, SenderRules), BackendError>> {
         let context = self.context;
         let peer = self.peer.ip();
-        let delay = context.throttle.delay(peer, &credentials.user);
+        let delay = context.throttle.delay_shared(peer, &credentials.user).await;
         let result = tokio::select! {
             _ = context.stopped() => return None,
             result = async {
@@ -361,8 +361,8 @@ impl<'a> Driver<'a> {
                 }
                 let result = self.authorize(credentials).await;
                 if let Err(BackendError::AuthFailed | BackendError::BadCredentials(_)) = &result {
-                    let more = context.throttle.failure_delay(&credentials.user, delay);
-                    context.throttle.record_failure(peer, &credentials.user);
+                    let more = context.throttle.failure_delay_shared(&credentials.user, delay).await;
+                    context.throttle.record_failure_shared(peer, &credentials.user).await;
                     if !more.is_zero() {
                         tokio::time::sleep(more).await;
                     }
@@ -372,7 +372,7 @@ impl<'a> Driver<'a> {
         };
         match &result {
             Ok(_) => {
-                context.throttle.record_success(peer, &credentials.user);
+                context.throttle.record_success_shared(peer, &credentials.user).await;
                 context.metrics.login("success", "ok");
             }
             Err(e) => {

@@ -53,6 +53,46 @@ pub trait SharedState: Send + Sync {
     async fn set(&self, entries: &[(String, u64)], ttl: Duration) -> Result<(), StateError>;
     /// Forgets `keys`.
     async fn remove(&self, keys: &[String]) -> Result<(), StateError>;
+
+    /// The record under `key` and its version (`None`: never written).
+    /// Records do not expire: they hold what must not be lost (tokens).
+    async fn read_record(&self, key: &str) -> Result<Option<Versioned>, StateError>;
+    /// Compare-and-set: writes `bytes` as the next version only if the
+    /// record is still at version `expected` (0: absent). `Ok(None)` when
+    /// someone wrote it since, which is then left as it is: a writer that
+    /// read an old version can never overwrite a newer one.
+    async fn write_record(&self, key: &str, expected: u64, bytes: &[u8]) -> Result<Option<u64>, StateError>;
+    /// The keys of the records whose keys start with `prefix`, without the
+    /// store's own prefix; at most `limit` of them.
+    async fn record_keys(&self, prefix: &str, limit: usize) -> Result<Vec<String>, StateError>;
+
+    /// Takes the lock `key` for at most `ttl` unless someone holds it
+    /// (`Ok(None)`). The lease carries a fencing token that grows with each
+    /// taking, so a holder whose lease expired can never release a later
+    /// holder's lock.
+    async fn try_lock(&self, key: &str, ttl: Duration) -> Result<Option<Lease>, StateError>;
+    /// Releases the lock if `lease` still holds it (compare-and-delete);
+    /// false if it had expired or was taken by another.
+    async fn unlock(&self, lease: &Lease) -> Result<bool, StateError>;
+
+    /// Whether the last command reached the store (for `popgate_state_up`).
+    fn is_up(&self) -> bool {
+        true
+    }
+}
+
+/// A record as stored: its bytes and the version they were written as.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Versioned {
+    pub version: u64,
+    pub bytes: Vec<u8>,
+}
+
+/// A held lock: its key and fencing token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub key: String,
+    pub fence: u64,
 }
 
 /// `[state]`: where state shared between replicas lives.
@@ -83,6 +123,12 @@ pub struct StateConfig {
     pub retry_after_secs: u64,
     /// How long a shared exact size is kept without being read again.
     pub size_ttl_secs: u64,
+    /// How long a replica's lock on an OAuth token refresh lasts if it is
+    /// not released (the refresher died): longer than a token request.
+    pub token_lock_secs: u64,
+    /// How long a login waits for another replica's refresh (or for the
+    /// store to come back) before answering `-ERR [SYS/TEMP]`.
+    pub token_wait_ms: u64,
 }
 
 impl Default for StateConfig {
@@ -96,6 +142,8 @@ impl Default for StateConfig {
             command_timeout_ms: 500,
             retry_after_secs: 5,
             size_ttl_secs: 7 * 86_400,
+            token_lock_secs: 60,
+            token_wait_ms: 10_000,
         }
     }
 }
@@ -108,6 +156,8 @@ impl StateConfig {
         InvalidSetting::bounded("retry_after_secs", self.retry_after_secs, 0..=3_600)?;
         InvalidSetting::bounded("size_ttl_secs", self.size_ttl_secs, 60..=90 * 86_400)?;
         InvalidSetting::bounded("key_prefix", self.key_prefix.len(), 0..=64)?;
+        InvalidSetting::bounded("token_lock_secs", self.token_lock_secs, 5..=3_600)?;
+        InvalidSetting::bounded("token_wait_ms", self.token_wait_ms, 100..=120_000)?;
         if self.key_prefix.bytes().any(|b| !b.is_ascii_graphic()) {
             return Err(InvalidSetting::new("key_prefix", "printable ASCII only, no spaces"));
         }
@@ -148,12 +198,24 @@ impl StateConfig {
 
     /// The shared store, if one is configured (not yet connected: it
     /// connects on first use, so popgate starts while Redis is down).
+    ///
+    /// One store per configuration and process: the server's throttle and
+    /// sizes and the accounts' tokens share its connection, and an outage
+    /// is logged once, not once per user of the store.
     pub fn open(&self) -> Result<Option<Arc<dyn SharedState>>, String> {
+        type Opened = Vec<(StateConfig, std::sync::Weak<redis::RedisState>)>;
+        static OPENED: std::sync::Mutex<Opened> = std::sync::Mutex::new(Vec::new());
         let Some(url) = &self.url else { return Ok(None) };
+        let mut opened = OPENED.lock().unwrap_or_else(|p| p.into_inner());
+        opened.retain(|(_, store)| store.strong_count() > 0);
+        if let Some(store) = opened.iter().find(|(config, _)| config == self).and_then(|(_, s)| s.upgrade()) {
+            return Ok(Some(store));
+        }
         let password = self.password()?;
-        let store = redis::RedisState::new(url, password, self)?;
+        let store = Arc::new(redis::RedisState::new(url, password, self)?);
         tracing::info!(store = %store.target(), "state shared through Redis");
-        Ok(Some(Arc::new(store)))
+        opened.push((self.clone(), Arc::downgrade(&store)));
+        Ok(Some(store))
     }
 
     fn command_timeout(&self) -> Duration {

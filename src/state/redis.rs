@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, ConnectionAddr, ConnectionInfo, ProtocolVersion, RedisConnectionInfo};
 
-use super::{SharedState, StateConfig, StateError};
+use super::{Lease, SharedState, StateConfig, StateError, Versioned};
 use crate::mail::Secret;
 
 /// Where the store is, as parsed from `[state] url` (no password in it).
@@ -163,9 +163,25 @@ impl RedisState {
 
     /// Runs one pipeline, bounded in time; records outages and recoveries.
     async fn run<T: redis::FromRedisValue>(&self, pipe: &redis::Pipeline) -> Result<T, StateError> {
+        self.run_with(|mut connection| async move { pipe.query_async::<T>(&mut connection).await }).await
+    }
+
+    /// Runs one script, like [`Self::run`].
+    async fn run_script<T: redis::FromRedisValue>(
+        &self,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, StateError> {
+        self.run_with(|mut connection| async move { invocation.invoke_async::<T>(&mut connection).await }).await
+    }
+
+    async fn run_with<T, F, Fut>(&self, command: F) -> Result<T, StateError>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
         let result = async {
-            let mut connection = self.connection().await?;
-            tokio::time::timeout(self.command_timeout, pipe.query_async::<T>(&mut connection))
+            let connection = self.connection().await?;
+            tokio::time::timeout(self.command_timeout, command(connection))
                 .await
                 .map_err(|_| StateError::Unavailable("command timed out".into()))?
                 .map_err(|e| StateError::Unavailable(e.to_string()))
@@ -190,6 +206,40 @@ impl RedisState {
         }
         result
     }
+}
+
+/// Compare-and-set of a versioned record (a hash: `v` version, `b` bytes).
+const WRITE_RECORD: &str = r"
+local v = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
+if v ~= tonumber(ARGV[1]) then return -1 end
+redis.call('HSET', KEYS[1], 'v', v + 1, 'b', ARGV[2])
+return v + 1
+";
+
+/// `SET NX PX` with a fencing token from a counter that only grows.
+const TAKE_LOCK: &str = r"
+local fence = redis.call('INCR', KEYS[2])
+if redis.call('SET', KEYS[1], fence, 'NX', 'PX', ARGV[1]) then return fence end
+return 0
+";
+
+/// Compare-and-delete: only the holder's own lease releases the lock.
+const RELEASE_LOCK: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+";
+
+/// `prefix` as a SCAN pattern matching only keys that start with it.
+fn glob_prefix(prefix: &str) -> String {
+    let mut pattern = String::with_capacity(prefix.len() + 1);
+    for c in prefix.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            pattern.push('\\');
+        }
+        pattern.push(c);
+    }
+    pattern.push('*');
+    pattern
 }
 
 fn millis(ttl: Duration) -> u64 {
@@ -240,11 +290,72 @@ impl SharedState for RedisState {
         pipe.del(keys.iter().map(|k| self.key(k)).collect::<Vec<_>>()).ignore();
         self.run(&pipe).await
     }
+
+    async fn read_record(&self, key: &str) -> Result<Option<Versioned>, StateError> {
+        let mut pipe = redis::pipe();
+        pipe.hget(self.key(key), "v").hget(self.key(key), "b");
+        let (version, bytes): (Option<u64>, Option<Vec<u8>>) = self.run(&pipe).await?;
+        Ok(version.zip(bytes).map(|(version, bytes)| Versioned { version, bytes }))
+    }
+
+    async fn write_record(&self, key: &str, expected: u64, bytes: &[u8]) -> Result<Option<u64>, StateError> {
+        let script = redis::Script::new(WRITE_RECORD);
+        let mut invocation = script.key(self.key(key));
+        invocation.arg(expected).arg(bytes);
+        let written: i64 = self.run_script(&invocation).await?;
+        Ok(u64::try_from(written).ok())
+    }
+
+    async fn record_keys(&self, prefix: &str, limit: usize) -> Result<Vec<String>, StateError> {
+        let pattern = glob_prefix(&self.key(prefix));
+        let mut keys = Vec::new();
+        let mut cursor = 0u64;
+        // Bounded: at most `limit` keys, and as many rounds.
+        for _round in 0..=limit {
+            let mut pipe = redis::pipe();
+            pipe.cmd("SCAN").arg(cursor).arg("MATCH").arg(&pattern).arg("COUNT").arg(100);
+            let ((next, found),): ((u64, Vec<String>),) = self.run(&pipe).await?;
+            keys.extend(found.into_iter().filter_map(|k| k.strip_prefix(&self.prefix).map(str::to_string)));
+            cursor = next;
+            if cursor == 0 || keys.len() >= limit {
+                break;
+            }
+        }
+        keys.sort();
+        keys.dedup();
+        keys.truncate(limit);
+        Ok(keys)
+    }
+
+    async fn try_lock(&self, key: &str, ttl: Duration) -> Result<Option<Lease>, StateError> {
+        let script = redis::Script::new(TAKE_LOCK);
+        let mut invocation = script.key(self.key(key));
+        invocation.key(self.key(&format!("{key}:fence"))).arg(millis(ttl));
+        let fence: u64 = self.run_script(&invocation).await?;
+        Ok((fence > 0).then(|| Lease { key: key.to_string(), fence }))
+    }
+
+    async fn unlock(&self, lease: &Lease) -> Result<bool, StateError> {
+        let script = redis::Script::new(RELEASE_LOCK);
+        let mut invocation = script.key(self.key(&lease.key));
+        invocation.arg(lease.fence);
+        let released: u64 = self.run_script(&invocation).await?;
+        Ok(released == 1)
+    }
+
+    fn is_up(&self) -> bool {
+        !self.is_down()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scan_patterns_match_only_the_prefix() {
+        assert_eq!(glob_prefix("popgate:token:5:a*b?[c]"), "popgate:token:5:a\\*b\\?\\[c\\]*");
+    }
 
     #[test]
     fn targets_print_without_secrets() {

@@ -28,6 +28,7 @@
 //!   ones on refresh), and popgate in-process with it.
 //! - `redis`: a private redis-server per test (shared state between
 //!   replicas).
+//! - `haproxy`: a private haproxy per test, round-robin over replicas.
 //! - `tls`: a test CA and server certificates made at run time, and a POP3
 //!   client for cleartext, STLS and implicit TLS from any 127.0.0.0/8 address.
 //!
@@ -46,6 +47,7 @@ pub mod fault_proxy;
 pub mod gateway;
 pub mod gmail_api;
 pub mod graph_api;
+pub mod haproxy;
 pub mod imap;
 pub mod messages;
 pub mod oauth_server;

@@ -1,6 +1,8 @@
 //! A private `redis-server` per test: its own config, directory, log and
 //! PID file under a temp dir, on 127.0.0.1 and a port chosen at run time
-//! (never the system instance), killed on drop. Nothing is persisted.
+//! (never the system instance), killed on drop. Nothing is persisted,
+//! unless started with `start_persistent` (an append-only file synced at
+//! every write, as a production Redis holding tokens must be configured).
 
 use std::fs;
 use std::path::Path;
@@ -13,6 +15,7 @@ pub struct Redis {
     child: Option<Child>,
     pub port: u16,
     password: Option<String>,
+    persistent: bool,
     dir: tempfile::TempDir,
 }
 
@@ -27,9 +30,18 @@ impl Redis {
         Redis::start_with(Some(password.to_string()))
     }
 
+    /// A Redis that keeps its data over `stop`/`restart` (AOF, `always`).
+    pub fn start_persistent() -> Redis {
+        Redis::start_with_options(None, true)
+    }
+
     fn start_with(password: Option<String>) -> Redis {
+        Redis::start_with_options(password, false)
+    }
+
+    fn start_with_options(password: Option<String>, persistent: bool) -> Redis {
         let dir = tempfile::Builder::new().prefix("popgate-redis-").tempdir().expect("tempdir");
-        let mut redis = Redis { child: None, port: 0, password, dir };
+        let mut redis = Redis { child: None, port: 0, password, persistent, dir };
         for _attempt in 0..5 {
             redis.port = free_port();
             if redis.launch() {
@@ -45,10 +57,11 @@ impl Redis {
         let dir = self.dir.path();
         let mut config = format!(
             "bind 127.0.0.1\nport {port}\nprotected-mode yes\ndaemonize no\ndir {dir}\n\
-             logfile {dir}/redis.log\npidfile {dir}/redis.pid\nsave \"\"\nappendonly no\n",
+             logfile {dir}/redis.log\npidfile {dir}/redis.pid\nsave \"\"\n",
             port = self.port,
             dir = dir.display(),
         );
+        config.push_str(if self.persistent { "appendonly yes\nappendfsync always\n" } else { "appendonly no\n" });
         if let Some(password) = &self.password {
             config.push_str(&format!("requirepass {password}\n"));
         }
@@ -102,7 +115,7 @@ impl Redis {
         self.try_command(args).unwrap_or_else(|| panic!("redis-cli {args:?} failed:\n{}", self.log()))
     }
 
-    /// Kills the server (its data is gone: nothing is persisted).
+    /// Kills the server (SIGKILL; its data is gone unless persistent).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();

@@ -275,6 +275,8 @@ pub struct AccountsSetup<'a> {
     pub backend: &'a BackendConfig,
     pub backends: &'a BTreeMap<String, BackendConfig>,
     pub token_store: Option<&'a TokenStoreConfig>,
+    /// `[state]`: with a `url`, tokens live in the shared store.
+    pub state: Option<&'a crate::state::StateConfig>,
 }
 
 impl<'a> AccountsSetup<'a> {

@@ -25,7 +25,7 @@ use super::policy::DevicePolicy;
 use super::{Route, Router};
 use crate::auth::oauth::client::OAuthClient;
 use crate::auth::passwords::{DeviceHash, SecretSource, Verifier};
-use crate::auth::tokens::{TokenSource, TokenSourceSettings, TokenStore};
+use crate::auth::tokens::{TokenSource, TokenSourceSettings, TokenStore, open_store};
 use crate::backend::SharedBackend;
 use crate::backend::select::BackendConfig;
 use crate::mail::{BackendError, Credentials, Proof, Secret};
@@ -92,7 +92,7 @@ impl AccountRouter {
         metrics: Arc<Metrics>,
         build: impl Fn(&BackendConfig) -> Result<SharedBackend, BackendError>,
     ) -> Result<Arc<AccountRouter>, RouterError> {
-        let AccountsSetup { accounts, token_store, .. } = setup;
+        let AccountsSetup { accounts, token_store, state, .. } = setup;
         let lookup = |name: &str| setup.backend_named(name);
         setup.check().map_err(|e| RouterError::Config(e.why))?;
         if accounts.is_empty() {
@@ -100,9 +100,7 @@ impl AccountRouter {
         }
         let store: Option<Arc<dyn TokenStore>> = match token_store {
             Some(config) if accounts.iter().any(|a| a.oauth.is_some()) => {
-                let store = config.open().map_err(|e| RouterError::Config(e.to_string()))?;
-                store.check_readable().map_err(|e| RouterError::Config(e.to_string()))?;
-                Some(Arc::new(store))
+                Some(open_store(config, state).map_err(|e| RouterError::Config(e.to_string()))?)
             }
             _ => None,
         };
@@ -364,7 +362,8 @@ mod tests {
     fn router(toml_text: &str) -> Arc<AccountRouter> {
         let store = DemoStore::from_config(&DemoConfig::default()).unwrap();
         let (accounts, demo, none) = (accounts(toml_text), demo(), BTreeMap::new());
-        let setup = AccountsSetup { accounts: &accounts, backend: &demo, backends: &none, token_store: None };
+        let setup =
+            AccountsSetup { accounts: &accounts, backend: &demo, backends: &none, token_store: None, state: None };
         AccountRouter::new(setup, Arc::new(Metrics::new()), |_| {
             Ok(Arc::new(DemoBackend::new(store.clone())) as SharedBackend)
         })
@@ -465,7 +464,8 @@ users = ["*"]
     fn configuration_mistakes_are_named() {
         let check = |text: &str| {
             let (accounts, demo, none) = (accounts(text), demo(), BTreeMap::new());
-            let setup = AccountsSetup { accounts: &accounts, backend: &demo, backends: &none, token_store: None };
+            let setup =
+                AccountsSetup { accounts: &accounts, backend: &demo, backends: &none, token_store: None, state: None };
             setup.check().err().map(|e| e.why).unwrap_or_default()
         };
         let h = hash("x");

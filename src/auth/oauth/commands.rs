@@ -15,7 +15,9 @@ use super::Grant;
 use super::client::OAuthClient;
 use super::flows::{self, FlowError, Pkce};
 use crate::auth::accounts::config::{AccountConfig, AccountMode, AccountsSetup};
-use crate::auth::tokens::{StoredToken, TokenStore, unix_now};
+use crate::auth::tokens::{StoredToken, open_store, unix_now};
+use crate::state::StateConfig;
+use crate::state::redis::RedisTarget;
 
 /// How `login` gets the authorization code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,7 +115,8 @@ pub async fn login(
     let account = oauth_account(config, name)?;
     let oauth = account.oauth.as_ref().expect("checked");
     let store_config = config.token_store.ok_or_else(|| anyhow::anyhow!("no [token_store] in the configuration"))?;
-    let store = store_config.open()?;
+    let store = open_store(store_config, config.state)?;
+    let store_name = store_description(store_config, config.state);
     let backend = config.backend_named(&account.backend);
     let api = backend.map_or(super::MailApi::Imap, |b| b.mail_api());
     let oauth = &oauth.for_api(api).trusting(backend.and_then(|b| b.ca_file()));
@@ -205,7 +208,7 @@ pub async fn login(
         )?;
     }
     store.save(name, &token).await?;
-    writeln!(out, "Stored a token for `{name}` in {}: {}.", store.path().display(), describe(&token, unix_now()))?;
+    writeln!(out, "Stored a token for `{name}` in {store_name}: {}.", describe(&token, unix_now()))?;
     out.flush()?;
     Ok(())
 }
@@ -260,6 +263,15 @@ pub fn format_utc(unix: u64) -> String {
     format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC", secs / 3600, secs / 60 % 60, secs % 60)
 }
 
+/// Where tokens are stored, for people: the file, or the shared store
+/// (never with a password).
+fn store_description(store: &crate::auth::tokens::TokenStoreConfig, state: Option<&StateConfig>) -> String {
+    match state.and_then(|s| s.url.as_deref()).and_then(|url| RedisTarget::parse(url).ok()) {
+        Some(target) => format!("the shared state store {target} (encrypted)"),
+        None => store.path.display().to_string(),
+    }
+}
+
 /// Prints every OAuth account's token state. Fails only if the store
 /// cannot be read (e.g. a wrong key).
 pub async fn status(config: AccountsSetup<'_>, out: &mut impl Write) -> anyhow::Result<()> {
@@ -269,13 +281,13 @@ pub async fn status(config: AccountsSetup<'_>, out: &mut impl Write) -> anyhow::
         return Ok(());
     }
     let store_config = config.token_store.ok_or_else(|| anyhow::anyhow!("no [token_store] in the configuration"))?;
-    let store = store_config.open()?;
+    let store = open_store(store_config, config.state)?;
     let mut tokens = store.load_all().await?;
     let now = unix_now();
     writeln!(
         out,
         "Token store: {} ({})",
-        store.path().display(),
+        store_description(store_config, config.state),
         if store_config.refresh { "this process refreshes" } else { "read-only replica" }
     )?;
     for account in accounts {

@@ -78,6 +78,33 @@ impl StoreKey {
         StoreKey::from_text(secret.expose()).map_err(|e| StoreError::Key(format!("{}: {e}", source.describe())))
     }
 
+    /// `plain` encrypted and authenticated with `aad`: a random nonce, then
+    /// the ciphertext with its tag.
+    pub(super) fn seal(&self, aad: &[u8], mut plain: Vec<u8>) -> Result<Vec<u8>, StoreError> {
+        let mut nonce = [0u8; NONCE_LEN];
+        SystemRandom::new().fill(&mut nonce).map_err(|_| StoreError::Other("no system randomness".into()))?;
+        self.0
+            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut plain)
+            .map_err(|_| StoreError::Other("encryption failed".into()))?;
+        let mut out = Vec::with_capacity(NONCE_LEN + plain.len());
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&plain);
+        Ok(out)
+    }
+
+    /// What [`Self::seal`] sealed with the same `aad`; `None` if the key,
+    /// the associated data or the bytes differ.
+    pub(super) fn open(&self, aad: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
+        if sealed.len() < NONCE_LEN + AES_256_GCM.tag_len() {
+            return None;
+        }
+        let (nonce, ciphertext) = sealed.split_at(NONCE_LEN);
+        let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
+        let mut buffer = ciphertext.to_vec();
+        let plain = self.0.open_in_place(nonce, Aad::from(aad), &mut buffer).ok()?;
+        Some(plain.to_vec())
+    }
+
     /// A new random key as base64 text (what `popgate oauth keygen` writes).
     pub fn generate_text() -> String {
         let mut bytes = [0u8; 32];

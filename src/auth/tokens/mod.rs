@@ -7,21 +7,25 @@
 //! refresh or a device's wrong password leaves the store as it was.
 
 mod file_store;
+mod shared_store;
 mod source;
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 pub use file_store::{EncryptedFileStore, StoreKey};
+pub use shared_store::SharedTokenStore;
 pub use source::{TokenSource, TokenSourceError, TokenSourceSettings};
 
 use super::passwords::SecretSource;
 use crate::mail::Secret;
+use crate::state::StateConfig;
 
 /// Seconds since the Unix epoch, now.
 pub fn unix_now() -> u64 {
@@ -131,11 +135,71 @@ pub enum StoreError {
 /// `save` must be atomic (a reader sees the old or the new token, never a
 /// mix) and durable when it returns: a rotated refresh token is used only
 /// after `save` succeeded.
+///
+/// A store several replicas share also versions each account's token and
+/// hands out a refresh lock: the defaults below are those of a store one
+/// process owns (version 0, the lock always granted), where the token
+/// source's in-process lock is all the single-flight there is.
 #[async_trait]
 pub trait TokenStore: Send + Sync {
     async fn load(&self, account: &str) -> Result<Option<StoredToken>, StoreError>;
     async fn save(&self, account: &str, token: &StoredToken) -> Result<(), StoreError>;
     async fn load_all(&self) -> Result<BTreeMap<String, StoredToken>, StoreError>;
+
+    /// The token and its version (0: the store has no versions).
+    async fn load_versioned(&self, account: &str) -> Result<Option<(StoredToken, u64)>, StoreError> {
+        Ok(self.load(account).await?.map(|token| (token, 0)))
+    }
+
+    /// Saves `token` only if the stored one is still at version `expected`
+    /// (0: none): `Ok(Some(new version))`, or `Ok(None)` when someone stored
+    /// a newer token meanwhile (which stays).
+    async fn save_over(&self, account: &str, token: &StoredToken, expected: u64) -> Result<Option<u64>, StoreError> {
+        let _ = expected;
+        self.save(account, token).await.map(|()| Some(0))
+    }
+
+    /// The right to refresh `account`'s token, across every process that
+    /// shares this store; `Ok(None)` while another holds it.
+    async fn lock_refresh(&self, account: &str) -> Result<Option<RefreshLock>, StoreError> {
+        let _ = account;
+        Ok(Some(RefreshLock::default()))
+    }
+
+    /// Gives the right back (after the refreshed token is stored).
+    async fn unlock_refresh(&self, lock: RefreshLock) {
+        let _ = lock;
+    }
+
+    /// How long a request waits for another process's refresh.
+    fn refresh_wait(&self) -> Duration {
+        Duration::ZERO
+    }
+}
+
+/// A held refresh lock; for a shared store, its key and fencing token.
+#[derive(Debug, Default)]
+pub struct RefreshLock {
+    pub(crate) lease: Option<crate::state::Lease>,
+}
+
+/// The token store `[token_store]` and `[state]` describe: the shared one
+/// when `[state] url` is set (seeded from the file, if any, on first use),
+/// else the encrypted file.
+pub fn open_store(config: &TokenStoreConfig, state: Option<&StateConfig>) -> Result<Arc<dyn TokenStore>, StoreError> {
+    let file = config.open()?;
+    match state {
+        Some(state) if state.url.is_some() => {
+            let shared = state.open().map_err(StoreError::Other)?.expect("a url is set");
+            let source = config.key_source().map_err(|why| StoreError::Key(why.to_string()))?;
+            let key = StoreKey::read(&source)?;
+            Ok(Arc::new(SharedTokenStore::new(shared, key, state, Some(file))))
+        }
+        _ => {
+            file.check_readable()?;
+            Ok(Arc::new(file))
+        }
+    }
 }
 
 /// `[token_store]`: the encrypted token file.

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Mutex;
 
-use super::{StoreError, StoredToken, TokenStore, unix_now};
+use super::{RefreshLock, StoreError, StoredToken, TokenStore, unix_now};
 use crate::auth::oauth::Grant;
 use crate::auth::oauth::client::{OAuthClient, TokenError};
 use crate::mail::Secret;
@@ -49,6 +49,18 @@ pub enum TokenSourceError {
 /// used at once.
 pub const OPERATOR_RETRY: Duration = Duration::from_secs(3600);
 
+/// How often a request waiting for another replica's refresh looks again.
+const LOCK_POLL: Duration = Duration::from_millis(100);
+
+enum Turn {
+    /// This process refreshes, holding the lock.
+    Refresh(RefreshLock),
+    /// Another process stored a usable token meanwhile.
+    Found(Secret),
+    /// No refresh now, and why.
+    NotNow(String),
+}
+
 pub struct TokenSourceSettings {
     pub may_refresh: bool,
     pub margin: Duration,
@@ -68,8 +80,11 @@ pub struct TokenSource {
 struct State {
     /// The token in use; it is in the store.
     current: Option<StoredToken>,
-    /// A refreshed token the store did not take yet: not used until it does.
-    unsaved: Option<StoredToken>,
+    /// The store's version of `current` (0: the store has no versions).
+    version: u64,
+    /// A refreshed token the store did not take yet: not used until it
+    /// does; with the refresh lock to give back once it is stored.
+    unsaved: Option<(StoredToken, RefreshLock)>,
     /// The last refresh failure, what it was, and how long not to ask the
     /// provider again.
     failed: Option<(Instant, String, Duration)>,
@@ -143,7 +158,8 @@ impl TokenSource {
         !token.is_expired(now) && refused != Some(&token.access_token)
     }
 
-    fn adopt(&self, state: &mut State, token: StoredToken) {
+    fn adopt(&self, state: &mut State, token: StoredToken, version: u64) {
+        state.version = version;
         if let Some(at) = token.expires_at {
             self.metrics.oauth_token_expires(&self.account, at);
         }
@@ -156,17 +172,84 @@ impl TokenSource {
         state.missing_reported = false;
     }
 
+    /// Adopts the stored token if it differs from the one in use: a new
+    /// version in a versioned store; otherwise a newer `obtained_at`.
+    async fn look_in_store(&self, state: &mut State) -> Result<(), StoreError> {
+        if let Some((stored, version)) = self.store.load_versioned(&self.account).await? {
+            let newer = match &state.current {
+                None => true,
+                Some(_) if version != 0 || state.version != 0 => version != state.version,
+                Some(current) => stored.obtained_at >= current.obtained_at && stored != *current,
+            };
+            if newer {
+                tracing::debug!(account = %self.account, "using the token found in the store");
+                self.adopt(state, stored, version);
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the refresh lock — or, while another process holds it, waits
+    /// (bounded by the store's `refresh_wait`) for the token it stores.
+    /// With the store unreachable nobody can know who refreshes: nobody
+    /// does, and the request ends in `-ERR [SYS/TEMP]` unless the current
+    /// token is still valid.
+    async fn refresh_turn(&self, state: &mut State, refused: Option<&Secret>) -> Turn {
+        let deadline = Instant::now() + self.store.refresh_wait();
+        loop {
+            let why = match self.store.lock_refresh(&self.account).await {
+                Ok(Some(lock)) => {
+                    // Someone may have stored a token between our look and
+                    // the lock.
+                    match self.look_in_store(state).await {
+                        Ok(()) => match &state.current {
+                            Some(current) if self.usable(current, refused, unix_now()) => {
+                                self.store.unlock_refresh(lock).await;
+                                return Turn::Found(current.access_token.clone());
+                            }
+                            _ => return Turn::Refresh(lock),
+                        },
+                        Err(e) => {
+                            self.store.unlock_refresh(lock).await;
+                            format!("cannot read the token store: {e}")
+                        }
+                    }
+                }
+                Ok(None) => {
+                    if self.look_in_store(state).await.is_ok()
+                        && let Some(current) = &state.current
+                        && self.usable(current, refused, unix_now())
+                    {
+                        return Turn::Found(current.access_token.clone());
+                    }
+                    "another replica is refreshing the token and has not stored it yet".to_string()
+                }
+                Err(e) => format!("cannot take the refresh lock, so not refreshing: {e}"),
+            };
+            if Instant::now() >= deadline {
+                tracing::warn!(account = %self.account, "{why}");
+                return Turn::NotNow(why);
+            }
+            tokio::time::sleep(LOCK_POLL.min(deadline.saturating_duration_since(Instant::now()))).await;
+        }
+    }
+
     async fn fresh(&self, state: &mut State, refused: Option<&Secret>) -> Result<Secret, TokenSourceError> {
         let account = &self.account;
         // A refreshed token the store has not taken: store it before anything.
-        if let Some(pending) = state.unsaved.take() {
-            match self.store.save(account, &pending).await {
-                Ok(()) => {
+        if let Some((pending, lock)) = state.unsaved.take() {
+            match self.store.save_over(account, &pending, state.version).await {
+                Ok(Some(version)) => {
                     tracing::info!(account = %account, "stored the refreshed token (after an earlier failure)");
-                    self.adopt(state, pending);
+                    self.adopt(state, pending, version);
+                    self.store.unlock_refresh(lock).await;
+                }
+                Ok(None) => {
+                    tracing::warn!(account = %account, "a newer token was stored while this refresh could not be: using that one");
+                    self.store.unlock_refresh(lock).await;
                 }
                 Err(source) => {
-                    state.unsaved = Some(pending);
+                    state.unsaved = Some((pending, lock));
                     self.metrics.oauth_refresh(account, "store_failed");
                     tracing::error!(account = %account, error = %source, "still cannot store the refreshed token; not using it");
                     return Err(TokenSourceError::Store { account: account.clone(), source });
@@ -180,26 +263,13 @@ impl TokenSource {
             return Ok(current.access_token.clone());
         }
 
-        // Another process (`popgate oauth login`, the replica that
-        // refreshes) may have stored a newer token: look before refreshing,
-        // which would otherwise spend a refresh token someone rotated.
-        match self.store.load(account).await {
-            Ok(Some(stored)) => {
-                let newer = match &state.current {
-                    None => true,
-                    Some(current) => stored.obtained_at >= current.obtained_at && stored != *current,
-                };
-                if newer {
-                    tracing::debug!(account = %account, "using the token found in the store");
-                    self.adopt(state, stored);
-                }
-            }
-            Ok(None) => {}
-            Err(source) => {
-                tracing::warn!(account = %account, error = %source, "cannot read the token store");
-                if state.current.is_none() {
-                    return Err(TokenSourceError::Store { account: account.clone(), source });
-                }
+        // Another process (`popgate oauth login`, another replica) may have
+        // stored a newer token: look before refreshing, which would
+        // otherwise spend a refresh token someone rotated.
+        if let Err(source) = self.look_in_store(state).await {
+            tracing::warn!(account = %account, error = %source, "cannot read the token store");
+            if state.current.is_none() {
+                return Err(TokenSourceError::Store { account: account.clone(), source });
             }
         }
         if let Some(current) = &state.current
@@ -234,12 +304,27 @@ impl TokenSource {
                 .ok_or_else(|| TokenSourceError::RefreshFailed { account: account.clone(), why: why.clone() });
         }
 
+        // Only one process refreshes: wait for the lock, or for what the
+        // process holding it stores.
+        let lock = match self.refresh_turn(state, refused).await {
+            Turn::Refresh(lock) => lock,
+            Turn::Found(access) => return Ok(access),
+            Turn::NotNow(why) => {
+                return last_resort.ok_or_else(|| TokenSourceError::RefreshFailed { account: account.clone(), why });
+            }
+        };
+        let current = state.current.clone();
+        let last_resort =
+            current.as_ref().filter(|c| Self::still_valid(c, refused, now)).map(|c| c.access_token.clone());
         let previous_refresh = current.as_ref().and_then(|c| c.refresh_token.clone());
         let requested = match self.client.grant {
             Grant::ClientCredentials => self.client.client_credentials().await,
             Grant::AuthorizationCode => match &previous_refresh {
                 Some(refresh_token) => self.client.refresh(refresh_token).await,
-                None => return Err(TokenSourceError::NoRefreshToken { account: account.clone() }),
+                None => {
+                    self.store.unlock_refresh(lock).await;
+                    return Err(TokenSourceError::NoRefreshToken { account: account.clone() });
+                }
             },
         };
         let metrics = &self.metrics;
@@ -249,27 +334,52 @@ impl TokenSource {
                 let rotated = previous_refresh.is_some() && fresh.refresh_token != previous_refresh;
                 // Durably stored before the new access token is used: with
                 // rotation the old refresh token may be dead already.
-                if let Err(source) = self.store.save(account, &fresh).await {
-                    metrics.oauth_refresh(account, "store_failed");
-                    tracing::error!(
-                        account = %account, error = %source,
-                        "refreshed the token but cannot store it; not using it until it is stored"
-                    );
-                    state.unsaved = Some(fresh);
-                    return Err(TokenSourceError::Store { account: account.clone(), source });
+                // Written over the version it was refreshed from, so a
+                // token stored meanwhile is never overwritten.
+                match self.store.save_over(account, &fresh, state.version).await {
+                    Ok(Some(version)) => {
+                        self.store.unlock_refresh(lock).await;
+                        metrics.oauth_refresh(account, "ok");
+                        tracing::info!(
+                            account = %account,
+                            rotated,
+                            expires_in_secs = fresh.remaining_secs(unix_now()),
+                            "access token refreshed"
+                        );
+                        let access = fresh.access_token.clone();
+                        self.adopt(state, fresh, version);
+                        Ok(access)
+                    }
+                    Ok(None) => {
+                        self.store.unlock_refresh(lock).await;
+                        metrics.oauth_refresh(account, "superseded");
+                        tracing::warn!(account = %account, "a newer token was stored during this refresh: using that one");
+                        let _ = self.look_in_store(state).await;
+                        match &state.current {
+                            Some(current) if self.usable(current, refused, unix_now()) => {
+                                Ok(current.access_token.clone())
+                            }
+                            _ => Err(TokenSourceError::RefreshFailed {
+                                account: account.clone(),
+                                why: "the stored token changed during the refresh".into(),
+                            }),
+                        }
+                    }
+                    Err(source) => {
+                        metrics.oauth_refresh(account, "store_failed");
+                        tracing::error!(
+                            account = %account, error = %source,
+                            "refreshed the token but cannot store it; not using it until it is stored"
+                        );
+                        // The lock stays held (until it expires) so that no
+                        // other replica refreshes with the old refresh token.
+                        state.unsaved = Some((fresh, lock));
+                        Err(TokenSourceError::Store { account: account.clone(), source })
+                    }
                 }
-                metrics.oauth_refresh(account, "ok");
-                tracing::info!(
-                    account = %account,
-                    rotated,
-                    expires_in_secs = fresh.remaining_secs(unix_now()),
-                    "access token refreshed"
-                );
-                let access = fresh.access_token.clone();
-                self.adopt(state, fresh);
-                Ok(access)
             }
             Err(e) => {
+                self.store.unlock_refresh(lock).await;
                 metrics.oauth_refresh(account, e.metric_result());
                 let still = if last_resort.is_some() {
                     "; the current access token is still valid and stays in use"
@@ -419,6 +529,74 @@ mod tests {
         // A refusal of the old token gets the new one, without a refresh.
         assert_eq!(source.after_refusal(&Secret::new("a0")).await.unwrap().expose(), "a1");
         assert_eq!(count.load(Ordering::SeqCst), 1);
+    }
+
+    /// Three "replicas" (token sources) sharing one state store: one
+    /// refresh for all of them, the others read what it stored.
+    #[tokio::test]
+    async fn replicas_sharing_a_store_refresh_once() {
+        use crate::state::memory::MemoryState;
+        use crate::state::{SharedState, StateConfig};
+        let (url, count) = token_endpoint(Duration::from_millis(200)).await;
+        let config: OAuthConfig = toml::from_str(&format!(
+            "provider = \"generic\"\nclient_id = \"c\"\ntoken_url = \"{url}\"\nscopes = [\"mail\"]"
+        ))
+        .unwrap();
+        let shared: Arc<dyn SharedState> = Arc::new(MemoryState::new(100));
+        let key = super::super::StoreKey::generate_text();
+        let store = |shared: Arc<dyn SharedState>| -> Arc<dyn TokenStore> {
+            let key = super::super::StoreKey::from_text(&key).unwrap();
+            Arc::new(super::super::SharedTokenStore::new(shared, key, &StateConfig::default(), None))
+        };
+        let expired = StoredToken {
+            access_token: Secret::new("a0"),
+            refresh_token: Some(Secret::new("r0")),
+            expires_at: Some(unix_now() - 1),
+            obtained_at: unix_now() - 3600,
+            scope: None,
+        };
+        store(shared.clone()).save("acct", &expired).await.unwrap();
+        let replicas: Vec<Arc<TokenSource>> = (0..3)
+            .map(|_| {
+                let settings = TokenSourceSettings {
+                    may_refresh: true,
+                    margin: Duration::from_secs(60),
+                    // No pause after a refresh: the refusal below comes at once.
+                    retry_after: Duration::ZERO,
+                };
+                Arc::new(TokenSource::new(
+                    "acct".into(),
+                    OAuthClient::new(&config).unwrap(),
+                    store(shared.clone()),
+                    settings,
+                    Arc::new(Metrics::new()),
+                ))
+            })
+            .collect();
+        let tasks: Vec<_> = (0..30)
+            .map(|i| {
+                let source = replicas[i % 3].clone();
+                tokio::spawn(async move { source.access_token().await.unwrap() })
+            })
+            .collect();
+        for task in tasks {
+            assert_eq!(task.await.unwrap().expose(), "a1");
+        }
+        assert_eq!(count.load(Ordering::SeqCst), 1);
+        // A refusal seen on every replica: still one refresh.
+        let tasks: Vec<_> = replicas
+            .iter()
+            .map(|source| {
+                let source = source.clone();
+                tokio::spawn(async move { source.after_refusal(&Secret::new("a1")).await.unwrap() })
+            })
+            .collect();
+        for task in tasks {
+            assert_eq!(task.await.unwrap().expose(), "a2");
+        }
+        assert_eq!(count.load(Ordering::SeqCst), 2);
+        let stored = store(shared).load("acct").await.unwrap().unwrap();
+        assert_eq!(stored.refresh_token.unwrap().expose(), "r2");
     }
 
     #[tokio::test]

@@ -194,8 +194,12 @@ impl AccountApi {
     }
 
     /// `Unavailable` while the provider asked this account to wait.
-    fn check_hold(&self, what: &str) -> Result<(), BackendError> {
-        match self.holds.as_ref().and_then(|holds| holds.remaining(&self.account)) {
+    async fn check_hold(&self, what: &str) -> Result<(), BackendError> {
+        let left = match &self.holds {
+            Some(holds) => holds.remaining_shared(&self.account).await,
+            None => None,
+        };
+        match left {
             None => Ok(()),
             Some(left) => Err(BackendError::Unavailable(format!(
                 "{what}: not sent; the provider asked this account to wait {}s more before calling again",
@@ -212,7 +216,7 @@ impl AccountApi {
         what: &str,
         build: impl Fn() -> reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, BackendError> {
-        self.check_hold(what)?;
+        self.check_hold(what).await?;
         let judge = self.judge;
         let hold = |wait: Duration| self.hold(what, wait);
         self.requester.send_noting_holds(what, build, |status, body| judge(what, status, body), hold).await

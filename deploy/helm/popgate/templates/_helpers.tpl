@@ -75,8 +75,8 @@ the last replies and the exit.
 {{/*
 "true" when OAuth accounts are configured: in `accounts`, or in config.raw
 (an [account.oauth] table, an inline `oauth = {…}` or a [token_store]).
-Until replicas share state, two pods would both refresh the same tokens
-(docs/ACCOUNTS.md): with OAuth the chart runs exactly one.
+Without shared state (state.url), two pods would both refresh the same
+tokens (docs/ACCOUNTS.md): then the chart runs exactly one (singleReplica).
 */}}
 {{- define "popgate.oauth" -}}
 {{- if .Values.config.raw -}}
@@ -84,6 +84,16 @@ Until replicas share state, two pods would both refresh the same tokens
 {{- else -}}
 {{- range .Values.accounts }}{{ if .oauth }}true{{ end }}{{ end -}}
 {{- end -}}
+{{- end }}
+
+{{/*
+"true" when exactly one pod may run: OAuth accounts without shared state.
+With state.url (Redis) the tokens live there, encrypted, and replicas
+refresh one at a time under a lock in it (docs/ACCOUNTS.md), so the usual
+replicaCount, HPA and PDB apply.
+*/}}
+{{- define "popgate.singleReplica" -}}
+{{- if and (include "popgate.oauth" .) (not .Values.state.url) }}true{{ end -}}
 {{- end }}
 
 {{- define "popgate.tokenKeySecretName" -}}
