@@ -44,6 +44,7 @@ const KEYS: &[(&str, &str, i64, (i64, i64))] = &[
     ("backend_pool", "max_age_secs", 900, (1, 86_400)),
     ("backend_pool", "max_per_account", 1, (0, 100)),
     ("backend_pool", "max_total", 1000, (0, 1_000_000)),
+    ("admin", "session_secs", 28_800, (60, 604_800)),
 ];
 
 fn edge_value() -> impl Strategy<Value = i64> {
