@@ -206,9 +206,15 @@ async fn screenshot(browser: &Client, name: &str) {
 /// `curl pop3://` as `user`: `Ok(listing)` or `Err(curl's exit code and
 /// message)`.
 fn curl_pop3(pop3: SocketAddr, user: &str, password: &str) -> Result<String, String> {
+    curl_pop3_with(pop3, user, password, "", &[])
+}
+
+/// `curl pop3://ADDR/PATH` with `extra` arguments (`-X DELE -I` for DELE).
+fn curl_pop3_with(pop3: SocketAddr, user: &str, password: &str, path: &str, extra: &[&str]) -> Result<String, String> {
     let output = Command::new("curl")
         .args(["--silent", "--show-error", "--max-time", "20", "--user", &format!("{user}:{password}")])
-        .arg(format!("pop3://{pop3}/"))
+        .args(extra)
+        .arg(format!("pop3://{pop3}/{path}"))
         .output()
         .expect("curl");
     if output.status.success() {
@@ -264,7 +270,22 @@ async fn an_administrator_signs_in_adds_a_device_sees_its_poll_and_disables_it()
             .unwrap_or_else(|e| panic!("the new device's POP3 login: {e}"));
         browser.goto(&gateway.url("/devices")).await.unwrap();
         let poll = text(&browser, "#device-scanner7 td.last-poll").await;
-        assert!(poll.contains("from 127.0.0.1"), "last poll shown: {poll}");
+        assert!(poll.contains("from 127.0.0.1, 0 retrieved, 0 deleted"), "last poll shown: {poll}");
+        // A session that retrieves message 1, then one that deletes it:
+        // each is the device's last poll, with its counts.
+        let (pop3, pw) = (gateway.pop3, password.clone());
+        let retrieved = tokio::task::spawn_blocking(move || curl_pop3_with(pop3, "scanner7", &pw, "1", &[]));
+        retrieved.await.unwrap().unwrap_or_else(|e| panic!("RETR 1: {e}"));
+        browser.goto(&gateway.url("/devices")).await.unwrap();
+        let poll = text(&browser, "#device-scanner7 td.last-poll").await;
+        assert!(poll.contains("1 retrieved, 0 deleted"), "after RETR: {poll}");
+        let (pop3, pw) = (gateway.pop3, password.clone());
+        let deleted =
+            tokio::task::spawn_blocking(move || curl_pop3_with(pop3, "scanner7", &pw, "1", &["-X", "DELE", "-I"]));
+        deleted.await.unwrap().unwrap_or_else(|e| panic!("DELE 1: {e}"));
+        browser.goto(&gateway.url("/devices")).await.unwrap();
+        let poll = text(&browser, "#device-scanner7 td.last-poll").await;
+        assert!(poll.contains("0 retrieved, 1 deleted"), "after DELE and QUIT: {poll}");
         let source = browser.source().await.unwrap();
         assert_no_secrets(&source, &[&password]);
         screenshot(&browser, "admin-devices.png").await;
@@ -380,4 +401,21 @@ async fn a_post_without_the_csrf_token_is_refused_even_when_signed_in() {
 async fn curl_pop3_blocking(gateway: &AdminGateway, user: &str, password: &str) -> Result<String, String> {
     let (pop3, user, password) = (gateway.pop3, user.to_string(), password.to_string());
     tokio::task::spawn_blocking(move || curl_pop3(pop3, &user, &password)).await.unwrap()
+}
+
+/// What start, SIGHUP and check-config read: the configuration with the
+/// state file laid over it, or an error naming the file.
+#[test]
+fn the_state_file_is_laid_over_the_configuration_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("admin-state.toml");
+    std::fs::write(&state, "[[device]]\naccount = \"office\"\nuser = \"printer1\"\nenabled = false\n").unwrap();
+    let config = configuration(dir.path()).with_admin_state().unwrap();
+    assert!(!config.account[0].device[0].enabled, "disabled by the page");
+    std::fs::write(&state, "[[device]]\naccount = \"gone\"\nuser = \"printer1\"\nenabled = false\n").unwrap();
+    let error = configuration(dir.path()).with_admin_state().unwrap_err().to_string();
+    assert!(error.contains("admin.state_file") && error.contains("gone"), "{error}");
+    std::fs::write(&state, "[[device]]\naccount = \"office\"\nuser = \"x\"\npassword_hash = \"not a hash\"\n").unwrap();
+    let error = configuration(dir.path()).with_admin_state().unwrap_err().to_string();
+    assert!(error.contains("password_hash"), "{error}");
 }
