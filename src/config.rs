@@ -170,6 +170,23 @@ impl Config {
         Ok((config, names))
     }
 
+    /// The admin page's state file (`[admin] state_file`, or beside the
+    /// token store), if there is one.
+    pub fn admin_state_path(&self) -> Option<std::path::PathBuf> {
+        crate::auth::accounts::ui_state::state_path(self.admin.state_file.as_deref(), self.token_store.as_ref())
+    }
+
+    /// The configuration with the admin page's changes to device users laid
+    /// over it (at start, on SIGHUP, in check-config), checked again.
+    pub fn with_admin_state(mut self) -> Result<Config, ConfigError> {
+        let Some(path) = self.admin_state_path() else { return Ok(self) };
+        let invalid = |why: String| ConfigError::unusable("admin.state_file", why);
+        let state = crate::auth::accounts::ui_state::UiState::load(&path).map_err(invalid)?;
+        state.merge_into(&mut self.account).map_err(|why| invalid(format!("{}: {why}", path.display())))?;
+        self.check()?;
+        Ok(self)
+    }
+
     /// The accounts with the backends and token store they refer to.
     pub fn accounts(&self) -> AccountsSetup<'_> {
         AccountsSetup {
@@ -187,6 +204,7 @@ impl Config {
         crate::server::config::check(&self.listener, &self.tls, &self.limits)?;
         self.throttle.check().map_err(|e| e.within("throttle"))?;
         self.state.check().map_err(|e| e.within("state"))?;
+        self.admin.check().map_err(|e| e.within("admin"))?;
         self.backend_pool.check().map_err(|e| e.within("backend_pool"))?;
         self.backend.check().map_err(|e| e.within("backend"))?;
         for (name, backend) in &self.backends {

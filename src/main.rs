@@ -18,6 +18,8 @@ use popgate::backend::select::BackendConfig;
 use popgate::config::Config;
 use popgate::server::Server;
 use popgate::server::admin::AdminServer;
+use popgate::server::admin::guard::Guard;
+use popgate::server::admin::page::{LiveFleet, Page};
 use popgate::server::config::ListenerConfig;
 use popgate::telemetry::Metrics;
 
@@ -167,6 +169,8 @@ fn load_config(path: Option<&Path>) -> anyhow::Result<(Config, Vec<String>)> {
 
 fn check_config(file: &Path) -> anyhow::Result<()> {
     let (config, from_env) = load_config(Some(file))?;
+    // The admin page's state file is checked with what it changes.
+    let config = config.with_admin_state()?;
     ready_to_serve(&config)?;
     println!("{}", toml::to_string_pretty(&config).context("printing the configuration")?);
     for warning in ListenerConfig::login_warnings(&config.listener) {
@@ -291,8 +295,15 @@ fn keygen(file: &Path, owner: Option<&commands::Owner>) -> anyhow::Result<()> {
 }
 
 /// The configuration `serve` runs with: flags over the environment's
-/// POPGATE_… settings over the file.
+/// POPGATE_… settings over the file, with the admin page's device changes
+/// laid over it.
 fn effective_config(args: &ServeArgs) -> anyhow::Result<Config> {
+    Ok(configured(args)?.with_admin_state()?)
+}
+
+/// Flags over the environment over the file (what the admin page lays its
+/// state over).
+fn configured(args: &ServeArgs) -> anyhow::Result<Config> {
     let (mut config, _) = load_config(args.config.as_deref())?;
     if !args.listen.is_empty() {
         config.listener = args
@@ -338,7 +349,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let router = Arc::new(ReloadableRouter::new(router));
         let mut server = Server::start(&config, router.clone(), metrics.clone()).await?;
         let admin = if config.admin.enabled {
-            Some(AdminServer::start(config.admin.address, server.metrics(), server.health()).await?)
+            let page = admin_page(&config, &args, router.clone(), &server)?;
+            Some(
+                AdminServer::start_with_page(config.admin.address, server.metrics(), server.health(), Some(page))
+                    .await?,
+            )
         } else {
             None
         };
@@ -357,6 +372,24 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+/// The admin page: its changes rebuild `router` from the configuration
+/// read again (as SIGHUP does for accounts).
+fn admin_page(
+    config: &Config,
+    args: &ServeArgs,
+    router: Arc<ReloadableRouter>,
+    server: &popgate::server::RunningServer,
+) -> anyhow::Result<Arc<Page>> {
+    let guard = Guard::new(&config.admin, config.throttle.clone()).map_err(anyhow::Error::msg)?;
+    let args = args.clone();
+    let fleet = LiveFleet {
+        router,
+        metrics: server.metrics(),
+        load: Box::new(move || configured(&args).map_err(|e| format!("{e:#}"))),
+    };
+    Ok(Arc::new(Page::new(guard, Arc::new(fleet), server.activity(), server.metrics(), server.health())))
 }
 
 /// What SIGHUP reloads besides the server's own settings.

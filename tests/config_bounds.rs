@@ -53,6 +53,7 @@ const KEYS: &[(&str, &str, i64, (i64, i64))] = &[
     ("state", "size_ttl_secs", 604_800, (60, 7_776_000)),
     ("state", "token_lock_secs", 60, (5, 3_600)),
     ("state", "token_wait_ms", 10_000, (100, 120_000)),
+    ("admin", "session_secs", 28_800, (60, 604_800)),
 ];
 
 fn edge_value() -> impl Strategy<Value = i64> {

@@ -181,17 +181,38 @@ impl Default for Limits {
     }
 }
 
-/// The admin HTTP listener: /metrics, /healthz, /readyz.
+/// The admin HTTP listener: /metrics, /healthz, /readyz, and the admin
+/// page at `/` (see docs/ADMIN.md).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     pub enabled: bool,
-    /// Keep it on loopback or a management network: it is not authenticated.
+    /// Keep it on loopback or a management network. The probes and metrics
+    /// are not authenticated; the admin page is, off loopback, once
+    /// `password_hash` or `token_file` is set (without either it answers
+    /// loopback clients only).
     pub address: SocketAddr,
     /// Pass-through mode: label metrics with each login name (unbounded
     /// series, and e-mail addresses in Prometheus) instead of one
     /// "pass-through" value. Configured accounts are always labelled by name.
     pub metrics_login_names: bool,
+    /// The admin page's password, as an Argon2id PHC string (`popgate
+    /// passwd`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_hash: Option<String>,
+    /// A file whose first line is a token the admin page accepts as its
+    /// password (e.g. a mounted Secret).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<std::path::PathBuf>,
+    /// Where the page keeps the devices it added or changed. Unset:
+    /// `admin-state.toml` beside the token store.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_file: Option<std::path::PathBuf>,
+    /// How long an admin sign-in lasts.
+    pub session_secs: u64,
+    /// Mark the session cookie `Secure`: set it when the page is reached
+    /// through a TLS-terminating proxy (the listener itself is plain HTTP).
+    pub cookie_secure: bool,
 }
 
 impl Default for AdminConfig {
@@ -200,7 +221,29 @@ impl Default for AdminConfig {
             enabled: true,
             address: "127.0.0.1:9110".parse().expect("valid address"),
             metrics_login_names: false,
+            password_hash: None,
+            token_file: None,
+            state_file: None,
+            session_secs: 8 * 3600,
+            cookie_secure: false,
         }
+    }
+}
+
+impl AdminConfig {
+    /// Bounds, and a password hash that is really an Argon2id hash.
+    pub fn check(&self) -> Result<(), InvalidSetting> {
+        InvalidSetting::bounded("session_secs", self.session_secs, 60..=7 * 86_400)?;
+        if let Some(hash) = &self.password_hash {
+            crate::auth::passwords::DeviceHash::parse(hash)
+                .map_err(|e| InvalidSetting::new("password_hash", e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Someone can sign in to the admin page (otherwise: loopback only).
+    pub fn has_credentials(&self) -> bool {
+        self.password_hash.is_some() || self.token_file.is_some()
     }
 }
 

@@ -63,6 +63,7 @@ pub async fn serve(
         }
         let mut driver = Driver::new(stream, peer, policy, &context);
         let outcome = driver.run().await;
+        context.activity.session_ended();
         driver.log_client_left_unable_to_log_in();
         if let Some(backend) = driver.backend.take() {
             backend.end().await;
@@ -310,6 +311,7 @@ impl<'a> Driver<'a> {
                     },
                     None => Err(BackendError::unavailable("no backend session")),
                 };
+                self.context.activity.committed(&result);
                 let metrics = &self.context.metrics;
                 if !self.keep {
                     metrics.backend_op(self.backend_kind, "remove", started.elapsed());
@@ -444,6 +446,7 @@ impl<'a> Driver<'a> {
                     return Ok(Some(Outcome::Closed));
                 }
                 metrics.command(self.session.last_command(), true);
+                self.context.activity.sent_message(expected_octets.is_some());
                 self.out.extend_from_slice(&tail);
                 // A whole retrieval (RETR: the session expects its octets)
                 // may mark the message read; TOP never does. Failing to

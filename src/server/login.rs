@@ -68,6 +68,7 @@ pub async fn log_in(
     if opened.is_ok() {
         throttle.record_success_shared(peer, &credentials.user).await;
     }
+    context.activity.login(peer, &credentials.user, opened.as_ref().map(|l| l.account.as_str()));
     let metrics = &context.metrics;
     match &opened {
         Ok(logged_in) => {

@@ -6,6 +6,7 @@
 //! stops accepting, gives sessions the grace period, then ends the rest with
 //! `-ERR [SYS/TEMP]` — and a session ended that way commits no deletions.
 
+pub mod activity;
 pub mod admin;
 pub mod config;
 pub mod connection;
@@ -61,6 +62,8 @@ pub struct Context {
     pub updates: Arc<Updates>,
     /// Where submission listeners relay each account's messages.
     pub submission: Arc<submission::Relays>,
+    /// What each device did last, for the admin page.
+    pub activity: Arc<activity::Activity>,
 }
 
 /// Counts sessions inside UPDATE, so that shutdown lets them finish: a
@@ -267,6 +270,7 @@ impl Server {
             stop: stop_rx,
             updates: Arc::new(Updates::default()),
             submission: Arc::new(submission::Relays::from_config(config)?),
+            activity: Arc::new(activity::Activity::new()),
         });
         tokio::spawn(evict_idle_sessions(Arc::downgrade(&context.pool)));
         context.metrics.backend(context.backend.kind());
@@ -398,6 +402,11 @@ impl RunningServer {
 
     pub fn metrics(&self) -> Arc<Metrics> {
         self.metrics.clone()
+    }
+
+    /// What each device did last, for the admin page.
+    pub fn activity(&self) -> Arc<activity::Activity> {
+        self.context.activity.clone()
     }
 
     /// Readiness, for the admin listener.

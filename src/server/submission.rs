@@ -314,6 +314,7 @@ impl<'a> Driver<'a> {
                     }
                     result = self.relay(&envelope, &message) => result,
                 };
+                self.context.activity.relayed(self.authorized.as_ref().map(|a| a.device.as_str()), &result);
                 let step = self.session.relay_finished(result);
                 return Box::pin(self.perform(step)).await;
             }

@@ -9,7 +9,16 @@
 //! rate (a scrape storm never becomes a backend storm, and a gateway nobody
 //! watches sends the backend nothing of its own), into
 //! `popgate_backend_up` and `/healthz`.
+//!
+//! Beside them, the admin page at `/` (`page.rs`): overview, accounts,
+//! devices and their changes, behind `guard.rs`. The probes and metrics
+//! stay unauthenticated, as monitoring expects them.
 //! Never exposes configuration or secrets.
+
+pub mod chart;
+pub mod guard;
+pub mod page;
+pub mod views;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -119,11 +128,11 @@ impl Health {
         }
     }
 
-    /// The `/healthz` body: liveness, and the backend's last probe.
-    fn detail(&self) -> String {
+    /// The backend's last probe, in a line.
+    pub fn backend_summary(&self) -> String {
         let kind = self.backend.kind();
         let last = self.last_probe.lock().unwrap_or_else(|p| p.into_inner());
-        let backend = match last.as_ref() {
+        match last.as_ref() {
             None => format!("backend {kind}: not probed yet"),
             Some(Probe { at, result: Ok(()) }) => {
                 format!("backend {kind}: reachable (probed {} s ago)", at.elapsed().as_secs())
@@ -131,7 +140,12 @@ impl Health {
             Some(Probe { at, result: Err(e) }) => {
                 format!("backend {kind}: UNREACHABLE (probed {} s ago): {e}", at.elapsed().as_secs())
             }
-        };
+        }
+    }
+
+    /// The `/healthz` body: liveness, and the backend's last probe.
+    fn detail(&self) -> String {
+        let backend = self.backend_summary();
         let ready = match self.ready() {
             Ok(()) => "ready".to_string(),
             Err(why) => format!("not ready: {why}"),
@@ -153,6 +167,17 @@ pub struct AdminServer {
 
 impl AdminServer {
     pub async fn start(address: SocketAddr, metrics: Arc<Metrics>, health: Arc<Health>) -> std::io::Result<Self> {
+        AdminServer::start_with_page(address, metrics, health, None).await
+    }
+
+    /// The probes and metrics, and the admin page at `/` when `page` is
+    /// given.
+    pub async fn start_with_page(
+        address: SocketAddr,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+        page: Option<Arc<page::Page>>,
+    ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(address)
             .await
             .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {address} (admin): {e}")))?;
@@ -162,8 +187,13 @@ impl AdminServer {
             .route("/healthz", get(healthz))
             .route("/readyz", get(readyz))
             .with_state(AdminState { metrics, health });
+        let app = match page {
+            Some(page) => app.merge(page::routes(page)),
+            None => app,
+        };
         tracing::info!(%address, "admin listener");
         let task = tokio::spawn(async move {
+            let app = app.into_make_service_with_connect_info::<SocketAddr>();
             if let Err(e) = axum::serve(listener, app).await {
                 tracing::warn!(error = %e, "admin listener failed");
             }
