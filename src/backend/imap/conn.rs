@@ -20,8 +20,9 @@
 //! literal, `literal_chunk` hands the literal on as it arrives, and
 //! `end_literal` lets async-imap parse the rest of the response with the
 //! literal replaced by an empty one (`Transport::divert`). A literal
-//! abandoned midway is read away before the next command when little is
-//! left (`DRAIN_LIMIT`), else the connection is given up.
+//! abandoned midway (TOP) is read away, unkept, before the next command,
+//! within the command timeout like any reply, else the connection is given
+//! up.
 //!
 //! Why not pipeline: Dovecot runs pipelined FETCHes concurrently and sends
 //! the second command's untagged FETCH before the first one's tagged OK, so
@@ -46,10 +47,6 @@ pub type ImapSession = Session<Transport>;
 /// The longest response line `start_literal` looks at; the FETCH line that
 /// announces a message's literal is a few dozen octets.
 const MAX_LINE: usize = 64 * 1024;
-/// An abandoned literal (TOP, a client gone) with more octets left than
-/// this is not read to its end: the connection is given up instead, which
-/// costs a login, not the rest of a large download.
-const DRAIN_LIMIT: u64 = 4 << 20;
 
 /// How `start_literal` got on.
 pub enum Started {
@@ -217,10 +214,8 @@ impl Conn {
             return Err(self.poison("a message fetch was abandoned before its body came"));
         }
         if let Some(abandoned) = self.pending.clone() {
-            let left = self.session.get_ref().literal_left();
-            if left > DRAIN_LIMIT {
-                return Err(self.poison(format!("{left} octets of an abandoned message were left unread")));
-            }
+            // What is left of an abandoned literal is read away (not
+            // kept) within the command timeout, like any reply.
             self.literal = None;
             self.finish(&abandoned, |_| {}).await?;
         }
@@ -415,6 +410,16 @@ impl Conn {
             return Err(self.poison(format!("asked for UID {uid}'s body, the FETCH said UID {got}")));
         }
         Ok(reply)
+    }
+
+    /// `Unavailable` if the server has closed the connection (looked at
+    /// without waiting), as the next command would find.
+    pub fn check_open(&mut self) -> Result<(), BackendError> {
+        self.check()?;
+        if self.pending.is_none() && self.session.get_mut().closed_by_server() {
+            return Err(self.poison("server closed the connection"));
+        }
+        Ok(())
     }
 
     /// Sends a command and reads its replies (see `finish`).

@@ -468,6 +468,10 @@ impl ImapMailbox {
     /// unlisted, last, NUL octets to restore, or the batch was refused).
     async fn prefetched(&mut self, uid: u32) -> Result<Option<Bytes>, BackendError> {
         if let Some(body) = self.prefetch.get(&uid) {
+            // A server that has gone away (shut down, the account closed)
+            // is not served from: the client hears what the next command
+            // would have found.
+            self.conn.check_open()?;
             return Ok(Some(body.clone()));
         }
         let bound = u64::from(self.config.prefetch_bytes);
@@ -900,7 +904,8 @@ const MAX_PREFETCH: usize = 1000;
 /// (UID BODY.PEEK[])`, in chunks of at most `STREAM_CHUNK` octets, each
 /// handed on before the next is read (the POP3 client's pace is the
 /// server's). Dropped early (TOP), it leaves the rest of the literal to
-/// `Conn`: read away before the next command, or the connection given up.
+/// `Conn`: read away before the next command (within the command timeout,
+/// else the connection is given up).
 ///
 /// NUL octets: where the server offers BINARY and a chunk holds a 0x80
 /// that may stand for a NUL, the literal is read to its end unused and the

@@ -314,18 +314,44 @@ async fn a_top_that_drops_the_stream_leaves_the_connection_usable() {
     server.await.unwrap();
 }
 
-/// More than `DRAIN_LIMIT` left unread: the connection is given up (the
-/// next call is `Unavailable`), never read on from the middle.
+/// A literal abandoned midway whose rest does not come within the command
+/// timeout: the connection is given up (the next call is `Unavailable`),
+/// never read on from the middle.
 #[tokio::test]
-async fn a_large_literal_left_unread_discards_the_connection() {
-    let (_, reply) = big_reply(3, 6 << 20);
-    let (port, _server) = mock(GREETING, opening(vec![bytes_step("UID FETCH 3 (UID BODY.PEEK[])", &reply)])).await;
-    let mut mailbox = open(config(port), "alice", "a\"b\\c").await.unwrap();
+async fn an_abandoned_literal_that_stalls_discards_the_connection() {
+    let (_, reply) = big_reply(3, 1 << 20);
+    // 400 000 of the literal's octets, then nothing.
+    let fetch = bytes_step("UID FETCH 3 (UID BODY.PEEK[])", &reply[..400_000]);
+    let (port, _server) = mock(GREETING, opening(vec![fetch, stall("UID FETCH 1:*")])).await;
+    let mut config = config(port);
+    config.timeout_secs = 1;
+    let mut mailbox = open(config, "alice", "a\"b\\c").await.unwrap();
     {
         let mut stream = mailbox.fetch(&StoreId("3".into())).await.unwrap();
         stream.next().await.unwrap().unwrap();
     }
+    let started = std::time::Instant::now();
     assert!(matches!(mailbox.list().await, Err(BackendError::Unavailable(_))));
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
+
+/// A server gone away is not served from what was fetched ahead.
+#[tokio::test]
+async fn prefetched_messages_are_not_served_once_the_server_closed_the_connection() {
+    let mut batch = step(
+        "UID FETCH 3,9 (UID BODY.PEEK[])",
+        "* 1 FETCH (UID 3 BODY[] {6}\r\nab\r\ncd)\r\n* 2 FETCH (UID 9 BODY[] {3}\r\nxyz)\r\n{tag} OK\r\n\
+         * BYE shutting down\r\n",
+    );
+    batch.close = true;
+    let (port, _server) = mock(GREETING, opening(vec![step("UID FETCH 1:* (UID RFC822.SIZE)", LIST_OK), batch])).await;
+    let mut config = config(port);
+    config.prefetch_bytes = 8192;
+    let mut mailbox = open(config, "alice", "a\"b\\c").await.unwrap();
+    mailbox.list().await.unwrap();
+    assert_eq!(fetched(&mut mailbox, "3").await, b"ab\r\ncd");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(matches!(mailbox.fetch(&StoreId("9".into())).await.err(), Some(BackendError::Unavailable(_))));
 }
 
 /// A fetch abandoned before its literal started (its reply would be read

@@ -147,6 +147,22 @@ impl Transport {
         Poll::Ready(Ok(open))
     }
 
+    /// Whether the server has closed the connection, found without
+    /// waiting: what it sent meanwhile is read (and kept for async-imap),
+    /// up to the end of the stream or until nothing more is there.
+    pub fn closed_by_server(&mut self) -> bool {
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        for _ in 0..4 {
+            match self.poll_fill(&mut cx) {
+                Poll::Pending => return false,
+                Poll::Ready(Ok(true)) => continue,
+                Poll::Ready(Ok(false) | Err(_)) => return true,
+            }
+        }
+        false
+    }
+
     /// Reads until at least `n` octets are buffered (fewer at end of
     /// stream). The caller bounds the wait.
     pub async fn fill_to(&mut self, n: usize) -> io::Result<()> {
