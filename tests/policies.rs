@@ -307,12 +307,12 @@ password_hash = "{hash}"
     assert!(fine.status.success(), "{}", describe(&fine));
 
     for (account, device, why) in [
+        ("[account.policy]\nrequire_dmarc_pass = true", "", "require_dmarc_pass needs `authserv_id`"),
         (
-            "[account.policy]\non_delete = \"archive\"",
             "",
-            "on_delete = \\\"archive\\\" is not supported by the imap backend",
+            "[account.device.policy]\non_delete = \"flag\"\nflag_keyword = \"\\\\Deleted\"",
+            "device `printer`: policy.flag_keyword",
         ),
-        ("", "[account.device.policy]\non_delete = \"flag\"", "device `printer`: policy.on_delete = \\\"flag\\\""),
         ("[account.policy]\nallowed_senders = [\"not a domain\"]", "", "`not a domain` is not an address or domain"),
         ("[account.policy]\nallowed = []", "", "unknown field `allowed`"),
     ] {
@@ -320,5 +320,32 @@ password_hash = "{hash}"
         assert!(!refused.status.success(), "{account} {device}: {}", describe(&refused));
         let text = describe(&refused);
         assert!(text.contains(why) || text.contains(&why.replace("\\\"", "\"")), "{why}: {text}");
+    }
+    // The policy × backend table: what JMAP cannot do yet is refused with
+    // the reason, on the account and on a device.
+    let jmap = |account_policy: &str, device_policy: &str| {
+        config(account_policy, device_policy).replace(
+            "kind = \"imap\"\nhost = \"127.0.0.1\"\nport = 143\ntls = \"none\"",
+            "kind = \"jmap\"\nurl = \"http://127.0.0.1:9/jmap/session\"",
+        )
+    };
+    let fine = check_config(dir.path(), &jmap("[account.policy]\non_delete = \"trash\"", ""));
+    assert!(fine.status.success(), "{}", describe(&fine));
+    for (account, device, why) in [
+        (
+            "[account.policy]\non_delete = \"archive\"",
+            "",
+            "on_delete = \"archive\" is not supported by the jmap backend: moving to the mailbox with role archive is not built",
+        ),
+        (
+            "",
+            "[account.device.policy]\non_delete = \"flag\"",
+            "device `printer`: policy.on_delete = \"flag\" is not supported by the jmap backend",
+        ),
+    ] {
+        let refused = check_config(dir.path(), &jmap(account, device));
+        assert!(!refused.status.success(), "{account} {device}: {}", describe(&refused));
+        let text = describe(&refused).replace("\\\"", "\"");
+        assert!(text.contains(why), "{why}: {text}");
     }
 }

@@ -8,10 +8,10 @@ use std::net::IpAddr;
 use std::time::Instant;
 
 use super::Context;
-use crate::auth::accounts::policy::{AllowedSenders, HEADER_LIMIT};
+use crate::auth::accounts::policy;
+use crate::backend::Mailbox;
 use crate::backend::pool::Lease;
-use crate::backend::{ListedMessage, Mailbox};
-use crate::mail::{BackendError, Credentials, StoreId};
+use crate::mail::{BackendError, Credentials};
 use crate::pop3::{Maildrop, Message};
 
 /// A maildrop opened for one POP3 session.
@@ -121,15 +121,12 @@ async fn open_maildrop(context: &Context, credentials: &Credentials) -> Result<L
     let listed = mailbox.list().await;
     timed("list", started);
     let listed = match listed {
-        Ok(listed) => match &route.policy.allowed_senders {
-            None => Ok(listed),
-            Some(allowed) => {
-                let started = Instant::now();
-                let shown = allowed_only(mailbox.as_mut(), allowed, listed).await;
-                timed("filter_senders", started);
-                shown
-            }
-        },
+        Ok(listed) => {
+            let started = Instant::now();
+            let shown = policy::apply(mailbox.as_mut(), &route.policy, listed).await;
+            timed("device_policy", started);
+            shown
+        }
         Err(e) => Err(e),
     };
     let listed = match listed {
@@ -159,39 +156,6 @@ async fn open_maildrop(context: &Context, credentials: &Credentials) -> Result<L
             Err(counted(e))
         }
     }
-}
-
-/// The listed messages whose sender `allowed` accepts, decided on their
-/// headers, read once; the others are left out of the maildrop (and stay in
-/// the mailbox). A message gone since the listing is left out too.
-async fn allowed_only(
-    mailbox: &mut dyn Mailbox,
-    allowed: &AllowedSenders,
-    listed: Vec<ListedMessage>,
-) -> Result<Vec<ListedMessage>, BackendError> {
-    let ids: Vec<StoreId> = listed.iter().map(|m| m.id.clone()).collect();
-    let headers = mailbox.headers(&ids, HEADER_LIMIT).await?;
-    if headers.len() != listed.len() {
-        return Err(BackendError::unavailable("the backend answered for a different number of messages"));
-    }
-    let mut hidden = 0usize;
-    let shown: Vec<ListedMessage> = listed
-        .into_iter()
-        .zip(headers)
-        .filter(|(message, header)| {
-            let shown = header.as_deref().is_some_and(|h| allowed.allows(h));
-            if !shown {
-                hidden += 1;
-                tracing::debug!(uidl = %message.uidl, "hidden: sender not allowed for this device");
-            }
-            shown
-        })
-        .map(|(message, _)| message)
-        .collect();
-    if hidden > 0 {
-        tracing::info!(hidden, shown = shown.len(), "messages from senders not allowed are hidden");
-    }
-    Ok(shown)
 }
 
 /// A short, bounded word for the logins and backend error metrics.
