@@ -193,7 +193,7 @@ fn dovecot_hides_mail_from_senders_not_allowed_and_never_deletes_it() {
     assert_eq!(again.ok("STAT"), "+OK 0 0");
     again.ok("QUIT");
     let log = gateway.log();
-    assert!(log.contains("messages from senders not allowed are hidden"), "{log}");
+    assert!(log.contains("messages hidden by the device policy"), "{log}");
 }
 
 #[test]
