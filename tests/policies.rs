@@ -349,3 +349,32 @@ password_hash = "{hash}"
         assert!(text.contains(why), "{why}: {text}");
     }
 }
+
+/// The recipes of docs/POLICIES.md are configurations check-config accepts
+/// (in front of an IMAP backend, with real password hashes and files).
+#[test]
+fn the_documented_recipes_pass_check_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let hash = hash_password("pw").unwrap();
+    let docs = include_str!("../docs/POLICIES.md");
+    let recipes: Vec<&str> = docs.split("```toml\n").skip(1).map(|block| block.split("```").next().unwrap()).collect();
+    assert_eq!(recipes.len(), 3, "three recipes");
+    for recipe in recipes {
+        let mut text = String::from("[backend]\nkind = \"imap\"\nhost = \"127.0.0.1\"\nport = 143\ntls = \"none\"\n");
+        for line in recipe.lines() {
+            let line = match line.split_once("password_file = ") {
+                Some((key, path)) => {
+                    let name = path.trim_matches('"').rsplit('/').next().unwrap().to_string();
+                    std::fs::write(dir.path().join(&name), "x\n").unwrap();
+                    format!("{key}password_file = \"{}\"", dir.path().join(name).display())
+                }
+                None if line.starts_with("password_hash") => format!("password_hash = \"{hash}\""),
+                None => line.to_string(),
+            };
+            text.push_str(&line);
+            text.push('\n');
+        }
+        let checked = check_config(dir.path(), &text);
+        assert!(checked.status.success(), "{text}\n{}", describe(&checked));
+    }
+}
