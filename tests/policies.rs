@@ -193,7 +193,7 @@ fn dovecot_hides_mail_from_senders_not_allowed_and_never_deletes_it() {
     assert_eq!(again.ok("STAT"), "+OK 0 0");
     again.ok("QUIT");
     let log = gateway.log();
-    assert!(log.contains("messages from senders not allowed are hidden"), "{log}");
+    assert!(log.contains("messages hidden by the device policy"), "{log}");
 }
 
 #[test]
@@ -307,12 +307,12 @@ password_hash = "{hash}"
     assert!(fine.status.success(), "{}", describe(&fine));
 
     for (account, device, why) in [
+        ("[account.policy]\nrequire_dmarc_pass = true", "", "require_dmarc_pass needs `authserv_id`"),
         (
-            "[account.policy]\non_delete = \"archive\"",
             "",
-            "on_delete = \\\"archive\\\" is not supported by the imap backend",
+            "[account.device.policy]\non_delete = \"flag\"\nflag_keyword = \"\\\\Deleted\"",
+            "device `printer`: policy.flag_keyword",
         ),
-        ("", "[account.device.policy]\non_delete = \"flag\"", "device `printer`: policy.on_delete = \\\"flag\\\""),
         ("[account.policy]\nallowed_senders = [\"not a domain\"]", "", "`not a domain` is not an address or domain"),
         ("[account.policy]\nallowed = []", "", "unknown field `allowed`"),
     ] {
@@ -320,5 +320,61 @@ password_hash = "{hash}"
         assert!(!refused.status.success(), "{account} {device}: {}", describe(&refused));
         let text = describe(&refused);
         assert!(text.contains(why) || text.contains(&why.replace("\\\"", "\"")), "{why}: {text}");
+    }
+    // The policy × backend table: what JMAP cannot do yet is refused with
+    // the reason, on the account and on a device.
+    let jmap = |account_policy: &str, device_policy: &str| {
+        config(account_policy, device_policy).replace(
+            "kind = \"imap\"\nhost = \"127.0.0.1\"\nport = 143\ntls = \"none\"",
+            "kind = \"jmap\"\nurl = \"http://127.0.0.1:9/jmap/session\"",
+        )
+    };
+    let fine = check_config(dir.path(), &jmap("[account.policy]\non_delete = \"trash\"", ""));
+    assert!(fine.status.success(), "{}", describe(&fine));
+    for (account, device, why) in [
+        (
+            "[account.policy]\non_delete = \"archive\"",
+            "",
+            "on_delete = \"archive\" is not supported by the jmap backend: moving to the mailbox with role archive is not built",
+        ),
+        (
+            "",
+            "[account.device.policy]\non_delete = \"flag\"",
+            "device `printer`: policy.on_delete = \"flag\" is not supported by the jmap backend",
+        ),
+    ] {
+        let refused = check_config(dir.path(), &jmap(account, device));
+        assert!(!refused.status.success(), "{account} {device}: {}", describe(&refused));
+        let text = describe(&refused).replace("\\\"", "\"");
+        assert!(text.contains(why), "{why}: {text}");
+    }
+}
+
+/// The recipes of docs/POLICIES.md are configurations check-config accepts
+/// (in front of an IMAP backend, with real password hashes and files).
+#[test]
+fn the_documented_recipes_pass_check_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let hash = hash_password("pw").unwrap();
+    let docs = include_str!("../docs/POLICIES.md");
+    let recipes: Vec<&str> = docs.split("```toml\n").skip(1).map(|block| block.split("```").next().unwrap()).collect();
+    assert_eq!(recipes.len(), 3, "three recipes");
+    for recipe in recipes {
+        let mut text = String::from("[backend]\nkind = \"imap\"\nhost = \"127.0.0.1\"\nport = 143\ntls = \"none\"\n");
+        for line in recipe.lines() {
+            let line = match line.split_once("password_file = ") {
+                Some((key, path)) => {
+                    let name = path.trim_matches('"').rsplit('/').next().unwrap().to_string();
+                    std::fs::write(dir.path().join(&name), "x\n").unwrap();
+                    format!("{key}password_file = \"{}\"", dir.path().join(name).display())
+                }
+                None if line.starts_with("password_hash") => format!("password_hash = \"{hash}\""),
+                None => line.to_string(),
+            };
+            text.push_str(&line);
+            text.push('\n');
+        }
+        let checked = check_config(dir.path(), &text);
+        assert!(checked.status.success(), "{text}\n{}", describe(&checked));
     }
 }

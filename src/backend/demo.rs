@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::{Backend, ListedMessage, Mailbox, MessageStream, ReportedSize};
+use super::{Backend, Disposal, ListedMessage, Mailbox, MessageStream, ReportedSize};
 use crate::mail::{BackendError, Credentials, Proof, StoreId};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,6 +37,8 @@ const BUILTIN: &[&[u8]] = &[
 struct StoredMessage {
     uid: u32,
     content: Bytes,
+    /// Left by `Disposal::Flag`.
+    keywords: Vec<String>,
 }
 
 #[derive(Debug, Default)]
@@ -45,6 +47,9 @@ struct Account {
     password: Option<String>,
     next_uid: u32,
     messages: Vec<StoredMessage>,
+    /// Messages `Disposal::Trash`/`Archive` moved out of the mailbox, by
+    /// folder ("Trash", "Archive" or the named one).
+    moved: Vec<(String, Bytes)>,
 }
 
 #[derive(Debug, Default)]
@@ -100,7 +105,7 @@ impl DemoStore {
     pub fn add_user(&self, user: &str, password: &str) {
         self.lock().accounts.insert(
             user.to_string(),
-            Account { password: Some(password.to_string()), next_uid: 1, messages: Vec::new() },
+            Account { password: Some(password.to_string()), next_uid: 1, ..Default::default() },
         );
     }
 
@@ -111,7 +116,7 @@ impl DemoStore {
             state.accounts.entry(user.to_string()).or_insert_with(|| Account { next_uid: 1, ..Default::default() });
         let uid = account.next_uid;
         account.next_uid += 1;
-        account.messages.push(StoredMessage { uid, content: content.into() });
+        account.messages.push(StoredMessage { uid, content: content.into(), keywords: Vec::new() });
         uid
     }
 
@@ -121,6 +126,26 @@ impl DemoStore {
             .accounts
             .get(user)
             .map(|a| a.messages.iter().map(|m| m.content.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// What `Disposal::Trash`/`Archive` moved to `folder` ("Trash",
+    /// "Archive" or a named one), oldest first.
+    pub fn moved_to(&self, user: &str, folder: &str) -> Vec<Bytes> {
+        self.lock()
+            .accounts
+            .get(user)
+            .map(|a| a.moved.iter().filter(|(f, _)| f == folder).map(|(_, c)| c.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// The keywords a message still in the mailbox carries.
+    pub fn keywords(&self, user: &str, uid: u32) -> Vec<String> {
+        self.lock()
+            .accounts
+            .get(user)
+            .and_then(|a| a.messages.iter().find(|m| m.uid == uid))
+            .map(|m| m.keywords.clone())
             .unwrap_or_default()
     }
 
@@ -195,23 +220,31 @@ impl Backend for DemoBackend {
             let messages = seed
                 .into_iter()
                 .enumerate()
-                .map(|(i, content)| StoredMessage { uid: i as u32 + 1, content })
+                .map(|(i, content)| StoredMessage { uid: i as u32 + 1, content, keywords: Vec::new() })
                 .collect::<Vec<_>>();
             let next_uid = messages.len() as u32 + 1;
-            state.accounts.insert(credentials.user.clone(), Account { password: None, next_uid, messages });
+            state
+                .accounts
+                .insert(credentials.user.clone(), Account { password: None, next_uid, messages, moved: Vec::new() });
         }
         let account = &state.accounts[&credentials.user];
         if account.password.as_deref().is_some_and(|p| p != password.expose()) {
             return Err(BackendError::AuthFailed);
         }
         state.logins += 1;
-        Ok(Box::new(MemoryMailbox { store: self.store.clone(), user: credentials.user.clone() }))
+        Ok(Box::new(MemoryMailbox {
+            store: self.store.clone(),
+            user: credentials.user.clone(),
+            disposal: Disposal::AsConfigured,
+        }))
     }
 }
 
 struct MemoryMailbox {
     store: DemoStore,
     user: String,
+    /// Every disposal is supported: the reference for the other stores.
+    disposal: Disposal,
 }
 
 impl MemoryMailbox {
@@ -283,8 +316,45 @@ impl Mailbox for MemoryMailbox {
         }
         let mut state = self.check()?;
         let account = state.accounts.get_mut(&self.user).ok_or(BackendError::MessageGone)?;
-        account.messages.retain(|m| !uids.contains(&m.uid));
+        let folder = match &self.disposal {
+            Disposal::AsConfigured | Disposal::Expunge => None,
+            Disposal::Trash => Some("Trash".to_string()),
+            Disposal::Archive { folder } => Some(folder.clone().unwrap_or_else(|| "Archive".into())),
+            Disposal::Flag { keyword } => {
+                for message in account.messages.iter_mut().filter(|m| uids.contains(&m.uid)) {
+                    if !message.keywords.contains(keyword) {
+                        message.keywords.push(keyword.clone());
+                    }
+                }
+                return Ok(());
+            }
+        };
+        let (removed, kept): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut account.messages).into_iter().partition(|m| uids.contains(&m.uid));
+        account.messages = kept;
+        if let Some(folder) = folder {
+            account.moved.extend(removed.into_iter().map(|m| (folder.clone(), m.content)));
+        }
         Ok(())
+    }
+
+    fn dispose_as(&mut self, disposal: &Disposal) -> Result<(), BackendError> {
+        self.disposal = disposal.clone();
+        Ok(())
+    }
+
+    async fn carrying(&mut self, ids: &[StoreId], keyword: &str) -> Result<Vec<bool>, BackendError> {
+        let state = self.check()?;
+        let account = state.accounts.get(&self.user).ok_or(BackendError::MessageGone)?;
+        Ok(ids
+            .iter()
+            .map(|id| {
+                uid_of(id)
+                    .ok()
+                    .and_then(|uid| account.messages.iter().find(|m| m.uid == uid))
+                    .is_none_or(|m| m.keywords.iter().any(|k| k.eq_ignore_ascii_case(keyword)))
+            })
+            .collect())
     }
 
     async fn close(self: Box<Self>) {}

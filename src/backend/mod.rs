@@ -80,6 +80,37 @@ pub trait Backend: Send + Sync + 'static {
     async fn open(&self, credentials: &Credentials) -> Result<Box<dyn Mailbox>, BackendError>;
 }
 
+/// What `Mailbox::remove` does with a message: a device policy's
+/// `on_delete` in the backends' terms (one vocabulary for every store).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Disposal {
+    /// The backend's own delete settings (IMAP `trash_mailbox`, JMAP, Gmail
+    /// and Graph `delete_policy`).
+    #[default]
+    AsConfigured,
+    /// Gone from the store (IMAP UID EXPUNGE, JMAP destroy, …).
+    Expunge,
+    /// Moved to the store's trash.
+    Trash,
+    /// Moved to the store's archive, or to this folder when named.
+    Archive { folder: Option<String> },
+    /// Left in place, marked with this keyword.
+    Flag { keyword: String },
+}
+
+impl Disposal {
+    /// A word for logs and errors.
+    pub fn word(&self) -> &'static str {
+        match self {
+            Disposal::AsConfigured => "as configured",
+            Disposal::Expunge => "expunge",
+            Disposal::Trash => "trash",
+            Disposal::Archive { .. } => "archive",
+            Disposal::Flag { .. } => "flag",
+        }
+    }
+}
+
 #[async_trait]
 pub trait Mailbox: Send {
     /// Makes a session kept warm from an earlier POP3 session current again
@@ -169,6 +200,25 @@ pub trait Mailbox: Send {
     /// never changes a message.
     async fn retrieved(&mut self, _id: &StoreId) -> Result<(), BackendError> {
         Ok(())
+    }
+
+    /// Makes `remove` do `disposal` for the rest of this POP3 session (set
+    /// at every login: a warm session never keeps an earlier device's).
+    /// `Err` when this backend cannot: check-config refuses such a policy
+    /// beforehand, so this is a last line of defence.
+    fn dispose_as(&mut self, disposal: &Disposal) -> Result<(), BackendError> {
+        match disposal {
+            Disposal::AsConfigured => Ok(()),
+            other => Err(BackendError::Permanent(format!("on_delete = \"{}\" is not supported here", other.word()))),
+        }
+    }
+
+    /// Which of `ids` carry `keyword` (left by `Disposal::Flag`), in order;
+    /// a message that is gone may be reported either way (it is left out
+    /// of the maildrop by the size measurement anyway).
+    async fn carrying(&mut self, ids: &[StoreId], keyword: &str) -> Result<Vec<bool>, BackendError> {
+        let _ = (ids, keyword);
+        Err(BackendError::Permanent("keywords are not supported here".into()))
     }
 
     /// Removes exactly these messages (the POP3 UPDATE state). Either every

@@ -16,7 +16,7 @@ use super::config::Limits;
 use super::login::{self, LoggedIn};
 use super::policy::{ListenerTls, LoginPolicy};
 use super::stream::{ClientRead, ClientStream};
-use crate::backend::Mailbox;
+use crate::backend::{Disposal, Mailbox};
 use crate::backend::pool::{Borrowed, SharedMailbox};
 use crate::mail::{BackendError, StoreId};
 use crate::pop3::response::ResponseCode;
@@ -127,6 +127,9 @@ struct Driver<'a> {
     uidls: std::collections::HashMap<StoreId, String>,
     /// The device's DELE is a dry run (`on_delete = "keep"`).
     keep: bool,
+    /// What removing means for this device (`on_delete`), set on every
+    /// connection the UPDATE borrows.
+    disposal: Disposal,
     /// The kind of backend the login was routed to (metrics label).
     backend_kind: &'static str,
     /// A refused login was logged (the end of the connection says no more).
@@ -163,6 +166,7 @@ impl<'a> Driver<'a> {
             account: None,
             uidls: std::collections::HashMap::new(),
             keep: false,
+            disposal: Disposal::AsConfigured,
             backend_kind: context.backend.kind(),
             refusal_logged: false,
         }
@@ -272,7 +276,8 @@ impl<'a> Driver<'a> {
                         let reply = self.session.shutting_down();
                         return self.close_with(reply, Outcome::ShutDown).await.map(Some);
                     }
-                    Some(Ok(LoggedIn { backend, reused: _, maildrop, account, backend_kind, keep })) => {
+                    Some(Ok(LoggedIn { backend, reused: _, maildrop, account, backend_kind, keep, disposal })) => {
+                        self.disposal = disposal;
                         self.backend_kind = backend_kind;
                         self.keep = keep;
                         self.backend = Some(backend);
@@ -303,7 +308,10 @@ impl<'a> Driver<'a> {
                     }
                     Some(backend) => match backend.borrow().await {
                         Ok(mut lent) => {
-                            let removed = lent.mailbox().remove(&ids).await;
+                            let removed = match lent.mailbox().dispose_as(&self.disposal) {
+                                Ok(()) => lent.mailbox().remove(&ids).await,
+                                Err(e) => Err(e),
+                            };
                             backend.give_back(lent, removed.is_ok()).await;
                             removed.map(|()| ids.len())
                         }

@@ -10,10 +10,10 @@ use std::net::IpAddr;
 use std::time::Instant;
 
 use super::Context;
-use crate::auth::accounts::policy::{AllowedSenders, HEADER_LIMIT};
+use crate::auth::accounts::policy;
 use crate::backend::pool::SharedMailbox;
-use crate::backend::{ListedMessage, Mailbox};
-use crate::mail::{BackendError, Credentials, StoreId};
+use crate::backend::{Disposal, Mailbox};
+use crate::mail::{BackendError, Credentials};
 use crate::pop3::{Maildrop, Message};
 
 /// A maildrop opened for one POP3 session.
@@ -29,6 +29,11 @@ pub struct LoggedIn {
     pub backend_kind: &'static str,
     /// `on_delete = "keep"`: the UPDATE state removes nothing.
     pub keep: bool,
+    /// What the UPDATE state's removal does (the device's `on_delete`). Set
+    /// again on the connection the UPDATE borrows: the account's
+    /// connections are shared, and another device's login may have set its
+    /// own on that one since.
+    pub disposal: Disposal,
 }
 
 /// Logs `credentials` in, after the throttle's delay for this address and
@@ -141,15 +146,12 @@ async fn open_maildrop(context: &Context, credentials: &Credentials) -> Result<L
     let listed = mailbox.list().await;
     timed("list", started);
     let listed = match listed {
-        Ok(listed) => match &route.policy.allowed_senders {
-            None => Ok(listed),
-            Some(allowed) => {
-                let started = Instant::now();
-                let shown = allowed_only(&mut *mailbox, allowed, listed).await;
-                timed("filter_senders", started);
-                shown
-            }
-        },
+        Ok(listed) => {
+            let started = Instant::now();
+            let shown = policy::apply(&mut *mailbox, &route.policy, listed).await;
+            timed("device_policy", started);
+            shown
+        }
         Err(e) => Err(e),
     };
     let listed = match listed {
@@ -173,6 +175,7 @@ async fn open_maildrop(context: &Context, credentials: &Credentials) -> Result<L
                 account: route.label,
                 backend_kind: kind,
                 keep: route.policy.keep,
+                disposal: route.policy.disposal.clone(),
             })
         }
         Err(e) => {
@@ -180,39 +183,6 @@ async fn open_maildrop(context: &Context, credentials: &Credentials) -> Result<L
             Err(counted(e))
         }
     }
-}
-
-/// The listed messages whose sender `allowed` accepts, decided on their
-/// headers, read once; the others are left out of the maildrop (and stay in
-/// the mailbox). A message gone since the listing is left out too.
-async fn allowed_only(
-    mailbox: &mut dyn Mailbox,
-    allowed: &AllowedSenders,
-    listed: Vec<ListedMessage>,
-) -> Result<Vec<ListedMessage>, BackendError> {
-    let ids: Vec<StoreId> = listed.iter().map(|m| m.id.clone()).collect();
-    let headers = mailbox.headers(&ids, HEADER_LIMIT).await?;
-    if headers.len() != listed.len() {
-        return Err(BackendError::unavailable("the backend answered for a different number of messages"));
-    }
-    let mut hidden = 0usize;
-    let shown: Vec<ListedMessage> = listed
-        .into_iter()
-        .zip(headers)
-        .filter(|(message, header)| {
-            let shown = header.as_deref().is_some_and(|h| allowed.allows(h));
-            if !shown {
-                hidden += 1;
-                tracing::debug!(uidl = %message.uidl, "hidden: sender not allowed for this device");
-            }
-            shown
-        })
-        .map(|(message, _)| message)
-        .collect();
-    if hidden > 0 {
-        tracing::info!(hidden, shown = shown.len(), "messages from senders not allowed are hidden");
-    }
-    Ok(shown)
 }
 
 /// A short, bounded word for the logins and backend error metrics.

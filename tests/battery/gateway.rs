@@ -6,8 +6,11 @@
 
 use std::sync::Arc;
 
-use popgate::auth::accounts::Router;
+use popgate::auth::accounts::policy::DevicePolicy;
+use popgate::auth::accounts::{Route, Router};
+use popgate::backend::SharedBackend;
 use popgate::config::Config;
+use popgate::mail::{BackendError, Credentials};
 
 use crate::memory_use;
 pub use crate::support::gateway::Gateway as Popgate;
@@ -16,4 +19,32 @@ pub use crate::support::gateway::Gateway as Popgate;
 /// routed by `router`.
 pub fn start(config: Config, router: Arc<dyn Router>) -> Popgate {
     Popgate::routed_with_hook(config, router, memory_use::count_this_thread)
+}
+
+/// A fixture's router with a device policy on every route, as
+/// `[account.policy]` gives a mapped account's devices.
+pub struct WithPolicy {
+    pub inner: Arc<dyn Router>,
+    pub policy: DevicePolicy,
+}
+
+#[async_trait::async_trait]
+impl Router for WithPolicy {
+    async fn route(&self, client: &Credentials) -> Result<Route, BackendError> {
+        let mut route = self.inner.route(client).await?;
+        route.policy = self.policy.clone();
+        Ok(route)
+    }
+
+    async fn refresh(&self, route: &Route) -> Result<Option<Credentials>, BackendError> {
+        self.inner.refresh(route).await
+    }
+
+    fn accepts_bearer_tokens(&self) -> bool {
+        self.inner.accepts_bearer_tokens()
+    }
+
+    fn primary_backend(&self) -> SharedBackend {
+        self.inner.primary_backend()
+    }
 }

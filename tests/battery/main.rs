@@ -47,6 +47,11 @@ macro_rules! battery {
                 backend_down_is_sys_temp_and_deletes_nothing,
                 a_message_another_client_flagged_deleted_is_left_alone,
                 real_clients_list_retrieve_and_delete,
+                on_delete_keep_removes_nothing,
+                on_delete_expunge_removes_exactly_those,
+                on_delete_trash_moves_exactly_those_to_the_trash,
+                on_delete_archive_moves_exactly_those_to_the_archive,
+                on_delete_flag_keeps_marks_and_hides_them,
             );
         }
     };

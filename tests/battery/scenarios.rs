@@ -11,10 +11,11 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
+use popgate::auth::accounts::policy::{OnDelete, PolicyConfig};
 use popgate::config::Config;
 use popgate::server::config::Limits;
 
-use crate::fixture::{Capability, Fixture, Login, MessageId, without_bare_lf};
+use crate::fixture::{Capability, Fixture, Folder, Login, MessageId, without_bare_lf};
 use crate::gateway::Popgate;
 use crate::memory_use;
 use crate::support::IO_TIMEOUT;
@@ -529,4 +530,110 @@ pub fn real_clients_list_retrieve_and_delete<F: Fixture>() {
     };
     crate::support::program::poplib_retrieves_and_deletes(gateway.addr, (user, password), &want, &uidls);
     assert_holds(&store, &[], "after poplib retrieved and deleted everything");
+}
+
+// --- Device policies (docs/POLICIES.md) ------------------------------------
+
+/// popgate in front of `store` with every login served under `policy`;
+/// `None` when check-config refuses it for this store's backend, which must
+/// then say why (the policy × backend table, pinned in policy.rs's tests).
+fn serve_with_policy<F: Fixture>(store: &F, policy: PolicyConfig) -> Option<Popgate> {
+    let backend = store.backend_config();
+    if let Err(why) = policy.check(&backend) {
+        assert!(why.contains("is not supported by the") && why.contains("not built"), "{why}");
+        return None;
+    }
+    let config = Config { backend, ..Config::default() };
+    let router = std::sync::Arc::new(crate::gateway::WithPolicy { inner: store.router(), policy: policy.resolve() });
+    Some(crate::gateway::start(config, router))
+}
+
+fn on_delete(on_delete: OnDelete) -> PolicyConfig {
+    PolicyConfig { on_delete: Some(on_delete), ..Default::default() }
+}
+
+/// DELE 1 and DELE 3 of three messages, then QUIT.
+fn dele_first_and_last<F: Fixture>(store: &F, gateway: &Popgate) {
+    let mut c = login(store, gateway);
+    assert_eq!(c.stat().0, 3);
+    c.ok("DELE 1");
+    c.ok("DELE 3");
+    assert_reply(&c.quit(), "+OK", "QUIT");
+}
+
+/// `on_delete = "keep"`: DELE + QUIT answer +OK and nothing changes.
+pub fn on_delete_keep_removes_nothing<F: Fixture>() {
+    let store = F::start();
+    let ids: Vec<MessageId> = distinct("keep", 3).iter().map(|m| store.append(m)).collect();
+    let gateway = serve_with_policy(&store, on_delete(OnDelete::Keep)).expect("keep is supported everywhere");
+    dele_first_and_last(&store, &gateway);
+    assert_holds(&store, &ids, "after DELE with on_delete = keep");
+    assert_eq!(login(&store, &gateway).stat().0, 3, "keep hides nothing");
+}
+
+/// `on_delete = "expunge"`: exactly the marked messages are gone, from the
+/// trash too.
+pub fn on_delete_expunge_removes_exactly_those<F: Fixture>() {
+    let store = F::start();
+    let ids: Vec<MessageId> = distinct("expunge", 3).iter().map(|m| store.append(m)).collect();
+    let gateway = serve_with_policy(&store, on_delete(OnDelete::Expunge)).expect("expunge is supported everywhere");
+    dele_first_and_last(&store, &gateway);
+    assert_holds(&store, &pick(&ids, &[1]), "after DELE 1, DELE 3 with on_delete = expunge");
+    if let Ok(n) = store.held_in(Folder::Trash) {
+        assert_eq!(n, 0, "expunged messages went to the trash");
+    }
+}
+
+/// `on_delete = "trash"`: exactly the marked messages leave the mailbox for
+/// the store's trash.
+pub fn on_delete_trash_moves_exactly_those_to_the_trash<F: Fixture>() {
+    let store = F::start();
+    let ids: Vec<MessageId> = distinct("trash", 3).iter().map(|m| store.append(m)).collect();
+    let gateway = serve_with_policy(&store, on_delete(OnDelete::Trash)).expect("trash is supported everywhere");
+    dele_first_and_last(&store, &gateway);
+    assert_holds(&store, &pick(&ids, &[1]), "after DELE 1, DELE 3 with on_delete = trash");
+    if let Ok(n) = store.held_in(Folder::Trash) {
+        assert_eq!(n, 2, "messages in the trash");
+    }
+}
+
+/// `on_delete = "archive"`: exactly the marked messages leave the mailbox
+/// for the store's archive; nothing goes to the trash.
+pub fn on_delete_archive_moves_exactly_those_to_the_archive<F: Fixture>() {
+    let store = F::start();
+    let ids: Vec<MessageId> = distinct("archive", 3).iter().map(|m| store.append(m)).collect();
+    let Some(gateway) = serve_with_policy(&store, on_delete(OnDelete::Archive)) else { return };
+    dele_first_and_last(&store, &gateway);
+    assert_holds(&store, &pick(&ids, &[1]), "after DELE 1, DELE 3 with on_delete = archive");
+    if let Ok(n) = store.held_in(Folder::Archive) {
+        assert_eq!(n, 2, "messages in the archive");
+    }
+    if let Ok(n) = store.held_in(Folder::Trash) {
+        assert_eq!(n, 0, "archived messages went to the trash");
+    }
+}
+
+/// `on_delete = "flag"`: the marked messages stay, carry the keyword, and
+/// this device never sees them again; the others are untouched.
+pub fn on_delete_flag_keeps_marks_and_hides_them<F: Fixture>() {
+    let store = F::start();
+    let ids: Vec<MessageId> = distinct("flag", 3).iter().map(|m| store.append(m)).collect();
+    let policy = PolicyConfig { flag_keyword: Some("$Printed".into()), ..on_delete(OnDelete::Flag) };
+    let Some(gateway) = serve_with_policy(&store, policy) else { return };
+    let want = expected(&store, &ids);
+    dele_first_and_last(&store, &gateway);
+    let remaining = store.remaining();
+    assert_eq!(
+        remaining.iter().map(|r| &r.id).collect::<Vec<_>>(),
+        ids.iter().collect::<Vec<_>>(),
+        "flag removes nothing"
+    );
+    assert!(remaining.iter().all(|r| !r.flagged_deleted), "flag must not set \\Deleted: {remaining:?}");
+    let carried: Vec<bool> =
+        ids.iter().map(|id| store.carries(id, "$Printed").expect("flag is supported here")).collect();
+    assert_eq!(carried, [true, false, true], "the keyword is on exactly the marked messages");
+    let mut c = login(&store, &gateway);
+    assert_eq!(c.stat(), (1, want[1].len() as u64), "flagged messages are hidden from the device");
+    assert_eq!(c.retr(1), want[1]);
+    assert_reply(&c.quit(), "+OK", "QUIT");
 }

@@ -299,6 +299,17 @@ auth_failure_delay = 0
 first_valid_uid = {MAIL_UID}
 first_valid_gid = {MAIL_GID}
 mail_location = maildir:~/Maildir
+# Special-use mailboxes (RFC 6154) for the delete policies; not created
+# unless a test creates them, so other tests see only INBOX.
+namespace inbox {{
+  inbox = yes
+  mailbox Trash {{
+    special_use = \Trash
+  }}
+  mailbox Archive {{
+    special_use = \Archive
+  }}
+}}
 mail_fsync = never
 mail_max_userip_connections = {max_userip}
 pop3_uidl_format = %08Xu%08Xv

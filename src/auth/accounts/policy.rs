@@ -2,12 +2,26 @@
 //! which messages a device sees and what its DELE means, in one vocabulary
 //! for every backend. Owns the configuration keys, the merge of a device's
 //! override over its account's setting, and the pure decisions (is this
-//! message's sender allowed?). Performs no I/O: the server fetches the
-//! headers through the `Mailbox` trait and asks here.
+//! message's sender allowed?), and `apply`, which the login calls once: it
+//! tells the backend session what DELE means (`Mailbox::dispose_as`) and
+//! leaves out of the maildrop what the device must not see, decided on the
+//! listing and on headers read once through the `Mailbox` trait.
+//!
+//! Trust model of `require_dmarc_pass`: a From header is trivially forged,
+//! and so is an `Authentication-Results` header written by the sender. Only
+//! the topmost `Authentication-Results` header, and only when it carries the
+//! configured `authserv_id` (the provider's own name, RFC 8601), counts: the
+//! receiving provider stamps it last, above everything the sender wrote,
+//! and removes forged ones bearing its name.
+
+use std::collections::HashSet;
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
 use crate::backend::select::BackendConfig;
+use crate::backend::{Disposal, ListedMessage, Mailbox};
+use crate::mail::{BackendError, StoreId};
 
 /// The most header octets read per message to decide on its sender.
 pub const HEADER_LIMIT: usize = 64 * 1024;
@@ -45,7 +59,35 @@ pub struct PolicyConfig {
     /// everything.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allowed_senders: Option<Vec<String>>,
+    /// `on_delete = "archive"`: this folder instead of the store's archive
+    /// (IMAP: the `\Archive` special-use mailbox).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub archive_folder: Option<String>,
+    /// `on_delete = "flag"`: the keyword set (default `$Printed`); messages
+    /// carrying it are hidden from the device from then on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flag_keyword: Option<String>,
+    /// Larger messages (as the store lists them) are hidden.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_size_bytes: Option<u64>,
+    /// Messages whose Date header is older are hidden (no readable Date:
+    /// shown).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_age_days: Option<u32>,
+    /// Only messages whose topmost `Authentication-Results` header, stamped
+    /// by `authserv_id`, says `dmarc=pass` for the From domain are shown.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub require_dmarc_pass: Option<bool>,
+    /// The provider's authserv-id (`mx.google.com`, the MX host name): the
+    /// only `Authentication-Results` stamp trusted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authserv_id: Option<String>,
 }
+
+/// The keyword `on_delete = "flag"` sets unless `flag_keyword` says.
+pub const DEFAULT_FLAG_KEYWORD: &str = "$Printed";
+/// Bounds `max_age_days` (100 years).
+const MAX_AGE_DAYS: u32 = 36_500;
 
 impl PolicyConfig {
     /// This (a device's) policy over `account`'s: each key set here wins.
@@ -53,21 +95,53 @@ impl PolicyConfig {
         PolicyConfig {
             on_delete: self.on_delete.or(account.on_delete),
             allowed_senders: self.allowed_senders.clone().or_else(|| account.allowed_senders.clone()),
+            archive_folder: self.archive_folder.clone().or_else(|| account.archive_folder.clone()),
+            flag_keyword: self.flag_keyword.clone().or_else(|| account.flag_keyword.clone()),
+            max_size_bytes: self.max_size_bytes.or(account.max_size_bytes),
+            max_age_days: self.max_age_days.or(account.max_age_days),
+            require_dmarc_pass: self.require_dmarc_pass.or(account.require_dmarc_pass),
+            authserv_id: self.authserv_id.clone().or_else(|| account.authserv_id.clone()),
         }
     }
 
     /// `Err(why)` for a malformed entry or a policy `backend` cannot carry
     /// out.
     pub fn check(&self, backend: &BackendConfig) -> Result<(), String> {
-        match self.on_delete {
-            None | Some(OnDelete::Keep) => {}
-            Some(other) => {
-                let word = serde_plain_word(other);
-                return Err(format!(
-                    "on_delete = \"{word}\" is not supported by the {} backend yet: use \"keep\", or leave \
-                     on_delete unset for the backend's own delete settings",
-                    backend_kind(backend)
-                ));
+        if let Some(on_delete) = self.on_delete
+            && let Err(why) = unsupported(backend_kind(backend), on_delete, self.archive_folder.is_some())
+        {
+            return Err(format!(
+                "on_delete = \"{}\" is not supported by the {} backend: {why}",
+                serde_plain_word(on_delete),
+                backend_kind(backend)
+            ));
+        }
+        if let Some(folder) = &self.archive_folder
+            && (folder.trim().is_empty() || folder.len() > 255 || folder.chars().any(char::is_control))
+        {
+            return Err("archive_folder: 1 to 255 characters, no control characters".into());
+        }
+        if let Some(keyword) = &self.flag_keyword
+            && crate::backend::imap::imap_keyword(keyword).is_err()
+        {
+            return Err(format!("flag_keyword: `{keyword}` is not a keyword (an atom such as $Printed)"));
+        }
+        if self.max_size_bytes == Some(0) {
+            return Err("max_size_bytes: at least 1".into());
+        }
+        if let Some(days) = self.max_age_days
+            && !(1..=MAX_AGE_DAYS).contains(&days)
+        {
+            return Err(format!("max_age_days: 1 to {MAX_AGE_DAYS}"));
+        }
+        if self.require_dmarc_pass == Some(true) {
+            match self.authserv_id.as_deref().map(str::trim) {
+                Some(id) if Sender::parse(id).is_some_and(|s| matches!(s, Sender::Domain(_))) => {}
+                _ => {
+                    return Err("require_dmarc_pass needs `authserv_id`: the provider's host name, whose \
+                                Authentication-Results stamp alone is trusted"
+                        .into());
+                }
             }
         }
         if let Some(list) = &self.allowed_senders {
@@ -84,8 +158,23 @@ impl PolicyConfig {
 
     /// The policy in force, once checked.
     pub fn resolve(&self) -> DevicePolicy {
+        let keyword = || self.flag_keyword.clone().unwrap_or_else(|| DEFAULT_FLAG_KEYWORD.to_string());
         DevicePolicy {
             keep: self.on_delete == Some(OnDelete::Keep),
+            disposal: match self.on_delete {
+                None | Some(OnDelete::Keep) => Disposal::AsConfigured,
+                Some(OnDelete::Expunge) => Disposal::Expunge,
+                Some(OnDelete::Trash) => Disposal::Trash,
+                Some(OnDelete::Archive) => Disposal::Archive { folder: self.archive_folder.clone() },
+                Some(OnDelete::Flag) => Disposal::Flag { keyword: keyword() },
+            },
+            hidden_keyword: (self.on_delete == Some(OnDelete::Flag)).then(keyword),
+            max_size_bytes: self.max_size_bytes,
+            max_age: self.max_age_days.map(|d| Duration::from_secs(u64::from(d) * 86_400)),
+            dmarc_stamped_by: match self.require_dmarc_pass {
+                Some(true) => self.authserv_id.as_ref().map(|id| id.trim().to_lowercase()),
+                _ => None,
+            },
             allowed_senders: self
                 .allowed_senders
                 .as_ref()
@@ -101,6 +190,24 @@ fn serde_plain_word(on_delete: OnDelete) -> &'static str {
         OnDelete::Archive => "archive",
         OnDelete::Flag => "flag",
         OnDelete::Keep => "keep",
+    }
+}
+
+/// The policy × backend table (docs/POLICIES.md): `Err(why)` where a
+/// backend cannot carry out `on_delete`.
+pub fn unsupported(kind: &str, on_delete: OnDelete, named_folder: bool) -> Result<(), &'static str> {
+    match (kind, on_delete) {
+        (_, OnDelete::Keep | OnDelete::Expunge | OnDelete::Trash) => Ok(()),
+        ("imap" | "demo", _) => Ok(()),
+        ("jmap", OnDelete::Archive) => Err("moving to the mailbox with role archive is not built for JMAP yet"),
+        ("jmap", OnDelete::Flag) => Err("setting a keyword with Email/set is not built for JMAP yet"),
+        ("gmail" | "graph", OnDelete::Archive) if named_folder => Err(
+            "archive_folder is not built here: archive means Gmail's \"remove the INBOX label\" or Graph's archive folder",
+        ),
+        ("gmail" | "graph", OnDelete::Archive) => Ok(()),
+        ("gmail", OnDelete::Flag) => Err("setting a Gmail user label is not built yet"),
+        ("graph", OnDelete::Flag) => Err("setting an Outlook category is not built yet"),
+        _ => Err("unknown backend"),
     }
 }
 
@@ -121,6 +228,172 @@ pub struct DevicePolicy {
     pub keep: bool,
     /// `None`: every message is shown.
     pub allowed_senders: Option<AllowedSenders>,
+    /// What DELE does in the UPDATE state (unless `keep`).
+    pub disposal: Disposal,
+    /// `on_delete = "flag"`: messages with this keyword are hidden.
+    pub hidden_keyword: Option<String>,
+    pub max_size_bytes: Option<u64>,
+    pub max_age: Option<Duration>,
+    /// `require_dmarc_pass`: the authserv-id (lower case) whose stamp counts.
+    pub dmarc_stamped_by: Option<String>,
+}
+
+impl DevicePolicy {
+    fn needs_headers(&self) -> bool {
+        self.allowed_senders.is_some() || self.max_age.is_some() || self.dmarc_stamped_by.is_some()
+    }
+
+    /// The header-based decisions, at `now`: `Err(reason)` hides.
+    pub fn shows(&self, header: &[u8], now: SystemTime) -> Result<(), &'static str> {
+        if let Some(allowed) = &self.allowed_senders
+            && !allowed.allows(header)
+        {
+            return Err("sender not allowed for this device");
+        }
+        if let Some(authserv_id) = &self.dmarc_stamped_by
+            && !dmarc_passed(header, authserv_id)
+        {
+            return Err("no DMARC pass stamped by the provider");
+        }
+        if let Some(max_age) = self.max_age
+            && let Some(date) = mail_parser::MessageParser::new().parse_headers(header).and_then(|m| m.date().cloned())
+        {
+            let sent = SystemTime::UNIX_EPOCH + Duration::from_secs(date.to_timestamp().max(0) as u64);
+            if now.duration_since(sent).is_ok_and(|age| age > max_age) {
+                return Err("older than max_age_days");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Called once per login, on the fresh listing: tells the backend session
+/// what DELE means for this device, and returns the messages the device
+/// sees (the others stay in the mailbox, out of the maildrop). A message
+/// gone since the listing is left out too.
+pub async fn apply(
+    mailbox: &mut dyn Mailbox,
+    policy: &DevicePolicy,
+    listed: Vec<ListedMessage>,
+) -> Result<Vec<ListedMessage>, BackendError> {
+    mailbox.dispose_as(if policy.keep { &Disposal::AsConfigured } else { &policy.disposal })?;
+    let before = listed.len();
+    let mut shown: Vec<ListedMessage> = match policy.max_size_bytes {
+        Some(max) => listed.into_iter().filter(|m| m.size.value() <= max).collect(),
+        None => listed,
+    };
+    if let Some(keyword) = &policy.hidden_keyword
+        && !shown.is_empty()
+    {
+        let ids: Vec<StoreId> = shown.iter().map(|m| m.id.clone()).collect();
+        let flagged = mailbox.carrying(&ids, keyword).await?;
+        if flagged.len() != shown.len() {
+            return Err(BackendError::unavailable("the backend answered for a different number of messages"));
+        }
+        let flagged: HashSet<StoreId> = ids.into_iter().zip(flagged).filter(|(_, f)| *f).map(|(id, _)| id).collect();
+        shown.retain(|m| !flagged.contains(&m.id));
+    }
+    if policy.needs_headers() && !shown.is_empty() {
+        let ids: Vec<StoreId> = shown.iter().map(|m| m.id.clone()).collect();
+        let headers = mailbox.headers(&ids, HEADER_LIMIT).await?;
+        if headers.len() != shown.len() {
+            return Err(BackendError::unavailable("the backend answered for a different number of messages"));
+        }
+        let now = SystemTime::now();
+        shown = shown
+            .into_iter()
+            .zip(headers)
+            .filter(|(message, header)| {
+                let verdict = match header.as_deref() {
+                    Some(header) => policy.shows(header, now),
+                    None => Err("gone since the listing"),
+                };
+                if let Err(reason) = verdict {
+                    tracing::debug!(uidl = %message.uidl, reason, "hidden from this device");
+                }
+                verdict.is_ok()
+            })
+            .map(|(message, _)| message)
+            .collect();
+    }
+    if shown.len() < before {
+        tracing::info!(hidden = before - shown.len(), shown = shown.len(), "messages hidden by the device policy");
+    }
+    Ok(shown)
+}
+
+/// Whether the topmost `Authentication-Results` header is stamped by
+/// `authserv_id` and says `dmarc=pass` (for the From domain, when it names
+/// one with `header.from`). See the module's trust model.
+pub fn dmarc_passed(header: &[u8], authserv_id: &str) -> bool {
+    let Some(results) = unfolded_fields(header)
+        .into_iter()
+        .find_map(|(name, value)| name.eq_ignore_ascii_case("Authentication-Results").then_some(value))
+    else {
+        return false;
+    };
+    let results = without_comments(&results);
+    let mut parts = results.split(';');
+    let stamp = parts.next().unwrap_or("").split_whitespace().next().unwrap_or("");
+    if !stamp.eq_ignore_ascii_case(authserv_id) {
+        return false;
+    }
+    let from_domain = mail_parser::MessageParser::new()
+        .parse_headers(header)
+        .and_then(|m| m.from().and_then(|f| f.first()).and_then(|a| a.address()).map(str::to_lowercase))
+        .and_then(|a| a.rsplit_once('@').map(|(_, d)| d.to_string()));
+    parts.any(|result| {
+        let mut words = result.split_whitespace();
+        let passed = words.next().is_some_and(|w| w.eq_ignore_ascii_case("dmarc=pass"));
+        let aligned = words.all(|w| match w.split_once('=') {
+            Some((property, domain)) if property.eq_ignore_ascii_case("header.from") => {
+                from_domain.as_deref().is_some_and(|d| d.eq_ignore_ascii_case(domain.trim_matches('"')))
+            }
+            _ => true,
+        });
+        passed && aligned && from_domain.is_some()
+    })
+}
+
+/// Header fields in order, continuation lines joined, bounded by the
+/// header section given (`HEADER_LIMIT`).
+fn unfolded_fields(header: &[u8]) -> Vec<(String, String)> {
+    let text = String::from_utf8_lossy(header);
+    let mut fields: Vec<(String, String)> = Vec::new();
+    for line in text.split('\n') {
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        if line.is_empty() {
+            break;
+        }
+        if line.starts_with([' ', '\t']) {
+            if let Some((_, value)) = fields.last_mut() {
+                value.push(' ');
+                value.push_str(line.trim());
+            }
+        } else if let Some((name, value)) = line.split_once(':') {
+            fields.push((name.trim().to_string(), value.trim().to_string()));
+        }
+    }
+    fields
+}
+
+/// RFC 5322 comments (nested parentheses) removed.
+fn without_comments(value: &str) -> String {
+    let mut depth = 0usize;
+    value
+        .chars()
+        .filter(|&c| match c {
+            '(' => {
+                depth += 1;
+                false
+            }
+            ')' => {
+                depth = depth.saturating_sub(1);
+                false
+            }
+            _ => depth == 0,
+        })
+        .collect()
 }
 
 /// One `allowed_senders` entry, lower-cased.
@@ -227,8 +500,13 @@ mod tests {
 
     #[test]
     fn a_device_key_overrides_its_account_key() {
-        let account = PolicyConfig { on_delete: Some(OnDelete::Keep), allowed_senders: Some(vec!["a.example".into()]) };
-        let device = PolicyConfig { on_delete: None, allowed_senders: Some(vec!["b.example".into()]) };
+        let account = PolicyConfig {
+            on_delete: Some(OnDelete::Keep),
+            allowed_senders: Some(vec!["a.example".into()]),
+            ..Default::default()
+        };
+        let device =
+            PolicyConfig { on_delete: None, allowed_senders: Some(vec!["b.example".into()]), ..Default::default() };
         let merged = device.over(&account);
         assert_eq!(merged.on_delete, Some(OnDelete::Keep));
         assert_eq!(merged.allowed_senders, Some(vec!["b.example".to_string()]));
@@ -249,11 +527,103 @@ mod tests {
             assert!(bad(&[entry]).check(&demo).is_err(), "{entry:?}");
         }
         assert!(bad(&["a@example.com", "example.com", "@example.org"]).check(&demo).is_ok());
-        let keep = PolicyConfig { on_delete: Some(OnDelete::Keep), ..Default::default() };
-        assert!(keep.check(&demo).is_ok());
-        for on_delete in [OnDelete::Expunge, OnDelete::Trash, OnDelete::Archive, OnDelete::Flag] {
-            let why = PolicyConfig { on_delete: Some(on_delete), ..Default::default() }.check(&demo).unwrap_err();
-            assert!(why.contains("not supported by the demo backend"), "{why}");
+        let every = [OnDelete::Keep, OnDelete::Expunge, OnDelete::Trash, OnDelete::Archive, OnDelete::Flag];
+        for on_delete in every {
+            assert!(PolicyConfig { on_delete: Some(on_delete), ..Default::default() }.check(&demo).is_ok());
         }
+    }
+
+    #[test]
+    fn the_policy_backend_table_says_why() {
+        use OnDelete::*;
+        let table: &[(&str, [bool; 5])] = &[
+            // keep, expunge, trash, archive, flag
+            ("demo", [true, true, true, true, true]),
+            ("imap", [true, true, true, true, true]),
+            ("jmap", [true, true, true, false, false]),
+            ("gmail", [true, true, true, true, false]),
+            ("graph", [true, true, true, true, false]),
+        ];
+        for (kind, supported) in table {
+            for (on_delete, expected) in [Keep, Expunge, Trash, Archive, Flag].into_iter().zip(supported) {
+                let verdict = unsupported(kind, on_delete, false);
+                assert_eq!(verdict.is_ok(), *expected, "{kind} {on_delete:?}");
+                if let Err(why) = verdict {
+                    assert!(why.contains("not built"), "{why}");
+                }
+            }
+        }
+        assert!(unsupported("gmail", Archive, true).is_err());
+        assert!(unsupported("imap", Archive, true).is_ok());
+    }
+
+    #[test]
+    fn check_refuses_bad_filter_settings() {
+        let demo = BackendConfig::Demo(Default::default());
+        let with = |edit: fn(&mut PolicyConfig)| {
+            let mut config = PolicyConfig::default();
+            edit(&mut config);
+            config.check(&demo)
+        };
+        assert!(with(|c| c.max_size_bytes = Some(0)).is_err());
+        assert!(with(|c| c.max_age_days = Some(0)).is_err());
+        assert!(with(|c| c.max_age_days = Some(36_501)).is_err());
+        assert!(with(|c| c.flag_keyword = Some("\\Deleted".into())).is_err());
+        assert!(with(|c| c.flag_keyword = Some("two words".into())).is_err());
+        assert!(with(|c| c.flag_keyword = Some("$Printed".into())).is_ok());
+        assert!(with(|c| c.archive_folder = Some(" ".into())).is_err());
+        assert!(with(|c| c.require_dmarc_pass = Some(true)).unwrap_err().contains("authserv_id"));
+        assert!(
+            with(|c| {
+                c.require_dmarc_pass = Some(true);
+                c.authserv_id = Some("mx.example.net".into());
+            })
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn dmarc_pass_counts_only_in_the_providers_topmost_stamp() {
+        let stamped = |results: &str, from: &str| {
+            format!("Authentication-Results: {results}\r\nFrom: {from}\r\nSubject: x\r\n\r\n").into_bytes()
+        };
+        let mx = "mx.example.net";
+        let table: &[(&str, &str, bool)] = &[
+            ("mx.example.net; dmarc=pass (p=REJECT) header.from=office.example", "a@office.example", true),
+            (
+                "MX.Example.NET;\r\n spf=pass smtp.mailfrom=office.example;\r\n dmarc=pass header.from=office.example",
+                "a@office.example",
+                true,
+            ),
+            ("mx.example.net 1; dmarc=pass", "a@office.example", true),
+            // A pass for another domain than From's.
+            ("mx.example.net; dmarc=pass header.from=evil.example", "a@office.example", false),
+            ("mx.example.net; dmarc=fail header.from=office.example", "a@office.example", false),
+            ("mx.example.net; dmarc=none; spf=pass", "a@office.example", false),
+            // Stamped by someone else (the sender's own server, or a forger).
+            ("evil.example; dmarc=pass header.from=office.example", "a@office.example", false),
+            // "dmarc=pass" inside a comment is not a result.
+            ("mx.example.net; dmarc=fail (was dmarc=pass) header.from=office.example", "a@office.example", false),
+        ];
+        for (results, from, expected) in table {
+            assert_eq!(dmarc_passed(&stamped(results, from), mx), *expected, "{results}");
+        }
+        // A forged pass below the provider's fail: only the topmost counts.
+        let forged = b"Authentication-Results: mx.example.net; dmarc=fail header.from=office.example\r\n\
+            Authentication-Results: mx.example.net; dmarc=pass header.from=office.example\r\n\
+            From: a@office.example\r\n\r\n";
+        assert!(!dmarc_passed(forged, mx));
+        assert!(!dmarc_passed(b"From: a@office.example\r\n\r\n", mx));
+    }
+
+    #[test]
+    fn age_is_decided_on_the_date_header() {
+        let policy = PolicyConfig { max_age_days: Some(7), ..Default::default() }.resolve();
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_225_600); // 2026-01-01
+        let dated = |date: &str| format!("From: a@b.example\r\nDate: {date}\r\n\r\n").into_bytes();
+        assert!(policy.shows(&dated("Tue, 30 Dec 2025 10:00:00 +0000"), now).is_ok());
+        assert!(policy.shows(&dated("Mon, 01 Dec 2025 10:00:00 +0000"), now).is_err());
+        // No readable Date: age unknown, shown.
+        assert!(policy.shows(b"From: a@b.example\r\n\r\n", now).is_ok());
     }
 }

@@ -45,7 +45,7 @@ use super::http::api::{
 };
 use super::http::listing::{self as states, ListingStates, Remembered, TokenSeal};
 use super::http::{self, RetryPolicy, Verdict};
-use super::{Backend, ListedMessage, Mailbox, MessageStream, ReportedSize};
+use super::{Backend, Disposal, ListedMessage, Mailbox, MessageStream, ReportedSize};
 use crate::mail::{BackendError, Credentials, InvalidSetting, StoreId};
 
 /// What "delete" means when a POP3 client deletes a message.
@@ -290,6 +290,7 @@ impl Backend for GmailBackend {
             label,
             query: search(self.config.query.as_deref(), exclude_sent),
             policy: self.config.delete_policy,
+            configured_policy: self.config.delete_policy,
             arrivals: self.arrivals.clone(),
             concurrency: self.config.max_concurrent_requests,
             listings: self.listings.clone(),
@@ -739,6 +740,9 @@ struct GmailMailbox {
     label: Option<String>,
     query: Option<String>,
     policy: GmailDeletePolicy,
+    /// `delete_policy` as configured, for a login whose device policy
+    /// leaves `on_delete` unset (a warm session may have served another).
+    configured_policy: GmailDeletePolicy,
     arrivals: moka::sync::Cache<(String, String), Arrival>,
     concurrency: usize,
     listings: ListingStates<GmailListing>,
@@ -920,6 +924,24 @@ impl Mailbox for GmailMailbox {
     async fn canonical_sizes(&mut self, ids: &[StoreId]) -> Result<Vec<Option<u64>>, BackendError> {
         let api = &self.api;
         http::api::measure_downloads(ids, self.concurrency, |id| api.raw(&id.0)).await
+    }
+
+    /// The device policy's `on_delete` in `delete_policy` terms; flag (a
+    /// user label) is not built yet (check-config refuses it).
+    fn dispose_as(&mut self, disposal: &Disposal) -> Result<(), BackendError> {
+        self.policy = match disposal {
+            Disposal::AsConfigured => self.configured_policy,
+            Disposal::Expunge => GmailDeletePolicy::Delete,
+            Disposal::Trash => GmailDeletePolicy::Trash,
+            Disposal::Archive { folder: None } => GmailDeletePolicy::Archive,
+            other => {
+                return Err(BackendError::Permanent(format!(
+                    "on_delete = \"{}\" (with these settings) is not supported by the gmail backend yet",
+                    other.word()
+                )));
+            }
+        };
+        Ok(())
     }
 
     async fn remove(&mut self, ids: &[StoreId]) -> Result<(), BackendError> {

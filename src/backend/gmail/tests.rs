@@ -72,6 +72,7 @@ fn mailbox(label: Option<&str>, policy: GmailDeletePolicy) -> GmailMailbox {
         label: label.map(Into::into),
         query: None,
         policy,
+        configured_policy: policy,
         arrivals: moka::sync::Cache::new(10),
         concurrency: 1,
     }

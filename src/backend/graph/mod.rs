@@ -32,7 +32,7 @@ use super::http::api::{
     AccountApi, Endpoint, default_concurrency, default_max_wait, default_retries, default_timeout, in_session,
 };
 use super::http::{self, RetryPolicy, Verdict};
-use super::{Backend, ListedMessage, Mailbox, MessageStream, ReportedSize};
+use super::{Backend, Disposal, ListedMessage, Mailbox, MessageStream, ReportedSize};
 use crate::mail::{BackendError, Credentials, InvalidSetting, StoreId};
 
 /// What "delete" means when a POP3 client deletes a message.
@@ -216,6 +216,8 @@ impl Backend for GraphBackend {
             folder: self.config.folder.clone(),
             folder_id,
             policy: self.config.delete_policy,
+            configured_policy: self.config.delete_policy,
+            move_to: DELETED_ITEMS,
             concurrency: self.config.max_concurrent_requests,
         }))
     }
@@ -418,8 +420,15 @@ struct GraphMailbox {
     folder: String,
     folder_id: String,
     policy: GraphDeletePolicy,
+    /// `delete_policy` as configured, for a login whose device policy
+    /// leaves `on_delete` unset (a warm session may have served another).
+    configured_policy: GraphDeletePolicy,
+    /// The well-known folder `GraphDeletePolicy::Move` moves to.
+    move_to: &'static str,
     concurrency: usize,
 }
+
+const DELETED_ITEMS: &str = "deleteditems";
 
 impl GraphMailbox {
     fn removal(&self, id: &str, index: usize) -> Value {
@@ -430,7 +439,7 @@ impl GraphMailbox {
                 "method": "POST",
                 "url": self.api.relative(&self.api.url(&["messages", id, "move"])),
                 "headers": headers,
-                "body": { "destinationId": "deleteditems" },
+                "body": { "destinationId": self.move_to },
             }),
             GraphDeletePolicy::PermanentDelete => json!({
                 "id": index.to_string(),
@@ -515,6 +524,25 @@ impl Mailbox for GraphMailbox {
         http::api::measure_downloads(ids, self.concurrency, |id| api.content(&id.0)).await
     }
 
+    /// The device policy's `on_delete` in `delete_policy` terms (archive:
+    /// a move to the well-known `archive` folder); flag (a category) is not
+    /// built yet (check-config refuses it).
+    fn dispose_as(&mut self, disposal: &Disposal) -> Result<(), BackendError> {
+        (self.policy, self.move_to) = match disposal {
+            Disposal::AsConfigured => (self.configured_policy, DELETED_ITEMS),
+            Disposal::Expunge => (GraphDeletePolicy::PermanentDelete, DELETED_ITEMS),
+            Disposal::Trash => (GraphDeletePolicy::Move, DELETED_ITEMS),
+            Disposal::Archive { folder: None } => (GraphDeletePolicy::Move, "archive"),
+            other => {
+                return Err(BackendError::Permanent(format!(
+                    "on_delete = \"{}\" (with these settings) is not supported by the graph backend yet",
+                    other.word()
+                )));
+            }
+        };
+        Ok(())
+    }
+
     async fn remove(&mut self, ids: &[StoreId]) -> Result<(), BackendError> {
         let mut failed = 0;
         let mut first_error = None;
@@ -530,7 +558,8 @@ impl Mailbox for GraphMailbox {
             return Ok(());
         }
         let verb = match self.policy {
-            GraphDeletePolicy::Move => "moved to Deleted Items",
+            GraphDeletePolicy::Move if self.move_to == DELETED_ITEMS => "moved to Deleted Items",
+            GraphDeletePolicy::Move => "moved to the Archive folder",
             GraphDeletePolicy::PermanentDelete => "deleted",
         };
         tracing::warn!(failed, requested = ids.len(), "Graph removal incomplete");

@@ -56,7 +56,7 @@ pub use self::wire::UidlFormat;
 use self::wire::{
     Meaning, classify_refusal, encode_mailbox_name, quote_encoded_mailbox, quote_mailbox, read_refusal, uid_sets,
 };
-use super::{Backend, ListedMessage, Mailbox, MessageStream, ReportedSize};
+use super::{Backend, Disposal, ListedMessage, Mailbox, MessageStream, ReportedSize};
 use crate::canonical::CanonicalSize;
 use crate::mail::{BackendError, Credentials, InvalidSetting, StoreId};
 
@@ -281,6 +281,7 @@ impl Backend for ImapBackend {
                     prefetch: HashMap::new(),
                     backoff: self.backoff.clone(),
                     user: credentials.user.clone(),
+                    disposal: Disposal::AsConfigured,
                 }))
             }
             Err(e) => {
@@ -325,6 +326,8 @@ struct ImapMailbox {
     backoff: Arc<Backoff>,
     /// The account logged in (for the backoff).
     user: String,
+    /// What `remove` does (the device policy's `on_delete`).
+    disposal: Disposal,
 }
 
 impl ImapMailbox {
@@ -596,6 +599,105 @@ impl ImapMailbox {
     }
 }
 
+/// The RFC 6154 special uses a delete policy moves mail to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SpecialUse {
+    Trash,
+    Archive,
+}
+
+impl ImapMailbox {
+    /// The mailbox `on_delete = "trash"`/`"archive"` moves to: the one LIST
+    /// marks with the special use, else `named` (as given or inside the
+    /// personal namespace). Quoted, as sent.
+    async fn special_use_mailbox(&mut self, wanted: SpecialUse, named: Option<String>) -> Result<String, BackendError> {
+        let special_use = self.selected.capabilities.contains("SPECIAL-USE");
+        let listed = list_mailboxes(&mut self.conn, special_use).await?;
+        match choose_special_use(&listed, wanted, named.as_deref()) {
+            Some(name) => quote_encoded_mailbox(&name),
+            None => Err(BackendError::Permanent(format!(
+                "no {wanted:?} mailbox: the server marks none \\{wanted:?} (RFC 6154) and {}; it has: {}",
+                match &named {
+                    Some(name) => format!("{name:?} is not one of its mailboxes"),
+                    None => "none is named in the policy".into(),
+                },
+                describe_mailboxes(&listed)
+            ))),
+        }
+    }
+
+    /// Moves exactly `uids` to `target`: UID MOVE (RFC 6851) where the
+    /// server has it, else UID COPY, then \Deleted and UID EXPUNGE of those
+    /// UIDs only (UIDPLUS) — never a bare EXPUNGE.
+    async fn move_out(&mut self, uids: &[u32], target: &str) -> Result<(), BackendError> {
+        if !self.selected.can_move && !self.selected.uidplus {
+            return Err(BackendError::Permanent(
+                "server lacks MOVE and UIDPLUS: popgate cannot move exactly the deleted messages".into(),
+            ));
+        }
+        self.check_uidvalidity().await?;
+        for set in uid_sets(uids, MAX_SET_LEN) {
+            if self.selected.can_move {
+                self.conn.run(&format!("UID MOVE {set} {target}"), |_| {}).await?.ok_or_refused("UID MOVE")?;
+            } else {
+                self.conn.run(&format!("UID COPY {set} {target}"), |_| {}).await?.ok_or_refused("UID COPY")?;
+                self.conn
+                    .run(&format!("UID STORE {set} +FLAGS.SILENT (\\Deleted)"), |_| {})
+                    .await?
+                    .ok_or_refused("flagging messages \\Deleted")?;
+                self.conn.run(&format!("UID EXPUNGE {set}"), |_| {}).await?.ok_or_refused("UID EXPUNGE")?;
+            }
+        }
+        let left = self.still_present(uids).await?;
+        if !left.is_empty() {
+            return Err(BackendError::Unavailable(format!(
+                "{} of {} deleted messages are still in the mailbox",
+                left.len(),
+                uids.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// `on_delete = "flag"`: the keyword on exactly `uids`; nothing leaves.
+    async fn flag(&mut self, uids: &[u32], keyword: &str) -> Result<(), BackendError> {
+        let keyword = imap_keyword(keyword)?;
+        self.check_uidvalidity().await?;
+        for set in uid_sets(uids, MAX_SET_LEN) {
+            self.conn
+                .run(&format!("UID STORE {set} +FLAGS.SILENT ({keyword})"), |_| {})
+                .await?
+                .ok_or_refused("setting the keyword")?;
+        }
+        Ok(())
+    }
+}
+
+/// The mailbox LIST marks with `wanted`, else the one named (see
+/// `choose_trash`).
+fn choose_special_use(listed: &[ListedMailbox], wanted: SpecialUse, named: Option<&str>) -> Option<String> {
+    let marked = |m: &&ListedMailbox| match wanted {
+        SpecialUse::Trash => m.trash,
+        SpecialUse::Archive => m.archive,
+    };
+    // A folder named in the policy wins over the special use: the operator
+    // chose it.
+    if let Some(named) = named {
+        let unmarked: Vec<ListedMailbox> = listed.iter().map(|m| ListedMailbox { trash: false, ..m.clone() }).collect();
+        return choose_trash(&unmarked, Some(named));
+    }
+    listed.iter().find(|m| marked(m) && m.selectable).map(|m| m.name.clone())
+}
+
+/// A keyword as an IMAP flag atom (RFC 3501 `flag-keyword`): no system
+/// flags (`\Deleted` must never be set this way), no atom-specials.
+pub fn imap_keyword(keyword: &str) -> Result<&str, BackendError> {
+    let valid = !keyword.is_empty()
+        && keyword.len() <= 64
+        && keyword.bytes().all(|b| b.is_ascii_graphic() && !b"(){%*\"\\]".contains(&b));
+    if valid { Ok(keyword) } else { Err(BackendError::Permanent(format!("{keyword:?} is not an IMAP keyword"))) }
+}
+
 /// A mailbox as LIST shows it.
 #[derive(Debug, Clone)]
 struct ListedMailbox {
@@ -604,6 +706,8 @@ struct ListedMailbox {
     delimiter: Option<String>,
     /// RFC 6154 `\Trash`.
     trash: bool,
+    /// RFC 6154 `\Archive`.
+    archive: bool,
     selectable: bool,
 }
 
@@ -625,6 +729,7 @@ async fn list_mailboxes(conn: &mut Conn, special_use: bool) -> Result<Vec<Listed
                 name: data.name.to_string(),
                 delimiter: data.delimiter.as_ref().map(|d| d.to_string()),
                 trash: data.name_attributes.iter().any(|a| matches!(a, NameAttribute::Trash)),
+                archive: data.name_attributes.iter().any(|a| matches!(a, NameAttribute::Archive)),
                 selectable: !data.name_attributes.iter().any(|a| matches!(a, NameAttribute::NoSelect)),
             });
         }
@@ -1234,6 +1339,31 @@ impl Mailbox for ImapMailbox {
         Ok(uids.iter().map(|uid| headers.remove(uid)).collect())
     }
 
+    fn dispose_as(&mut self, disposal: &Disposal) -> Result<(), BackendError> {
+        if let Disposal::Flag { keyword } = disposal {
+            imap_keyword(keyword)?;
+        }
+        self.disposal = disposal.clone();
+        Ok(())
+    }
+
+    async fn carrying(&mut self, ids: &[StoreId], keyword: &str) -> Result<Vec<bool>, BackendError> {
+        let keyword = imap_keyword(keyword)?;
+        let uids = ids.iter().map(uid_of).collect::<Result<Vec<_>, _>>()?;
+        let mut flagged = HashSet::new();
+        for set in uid_sets(&uids, MAX_SET_LEN) {
+            self.conn
+                .run(&format!("UID SEARCH UID {set} KEYWORD {keyword}"), |response| {
+                    if let Response::MailboxData(MailboxDatum::Search(found)) = response {
+                        flagged.extend(found.iter().copied());
+                    }
+                })
+                .await?
+                .ok_or_refused("searching for the keyword")?;
+        }
+        Ok(uids.iter().map(|uid| flagged.contains(uid)).collect())
+    }
+
     async fn retrieved(&mut self, id: &StoreId) -> Result<(), BackendError> {
         if !self.mark_seen || self.selected.read_only {
             return Ok(());
@@ -1254,14 +1384,29 @@ impl Mailbox for ImapMailbox {
         if self.selected.read_only {
             return Err(BackendError::Permanent("the mailbox is read-only".into()));
         }
-        let trash = if self.selected.uidplus {
-            None
-        } else if self.selected.can_move {
-            Some(self.trash_mailbox().await?)
-        } else {
-            return Err(BackendError::Permanent(
-                "server lacks UIDPLUS and MOVE: popgate cannot remove exactly the deleted messages".into(),
-            ));
+        let trash = match self.disposal.clone() {
+            Disposal::AsConfigured if self.selected.uidplus => None,
+            Disposal::AsConfigured if self.selected.can_move => Some(self.trash_mailbox().await?),
+            Disposal::AsConfigured => {
+                return Err(BackendError::Permanent(
+                    "server lacks UIDPLUS and MOVE: popgate cannot remove exactly the deleted messages".into(),
+                ));
+            }
+            Disposal::Expunge if self.selected.uidplus => None,
+            Disposal::Expunge => {
+                return Err(BackendError::Permanent(
+                    "on_delete = \"expunge\" needs UIDPLUS (UID EXPUNGE), which the server lacks".into(),
+                ));
+            }
+            Disposal::Trash => {
+                let trash = self.special_use_mailbox(SpecialUse::Trash, self.trash.clone()).await?;
+                return self.move_out(&uids, &trash).await;
+            }
+            Disposal::Archive { folder } => {
+                let archive = self.special_use_mailbox(SpecialUse::Archive, folder).await?;
+                return self.move_out(&uids, &archive).await;
+            }
+            Disposal::Flag { keyword } => return self.flag(&uids, &keyword).await,
         };
         self.check_uidvalidity().await?;
         if self.selected.uidplus {

@@ -760,6 +760,7 @@ fn a_configured_trash_is_found_as_given_or_inside_the_personal_namespace() {
                 name: name.to_string(),
                 delimiter: Some(delimiter.to_string()),
                 trash: *trash,
+                archive: false,
                 selectable: true,
             })
             .collect()

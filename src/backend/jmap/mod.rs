@@ -33,7 +33,7 @@ use self::api::{Api, Auth, Invocation};
 use super::http::api::{config_error, default_retries, default_timeout};
 use super::http::listing::{self as states, ListingStates, Remembered};
 use super::http::{self, AccountPermits, Requester, RetryPolicy};
-use super::{Backend, ListedMessage, Mailbox, MessageStream, ReportedSize};
+use super::{Backend, Disposal, ListedMessage, Mailbox, MessageStream, ReportedSize};
 use crate::mail::{BackendError, Credentials, InvalidSetting, Proof, StoreId};
 
 /// How popgate authenticates to the JMAP server.
@@ -224,6 +224,7 @@ impl Backend for JmapBackend {
             api,
             mailbox_id,
             policy: self.config.delete_policy,
+            configured_policy: self.config.delete_policy,
             blobs: HashMap::new(),
             listings: self.listings.clone(),
             listing_key,
@@ -307,6 +308,9 @@ struct JmapMailbox {
     api: Api,
     mailbox_id: String,
     policy: DeletePolicy,
+    /// `delete_policy` as configured, for a login whose device policy
+    /// leaves `on_delete` unset (a warm session may have served another).
+    configured_policy: DeletePolicy,
     /// Email id → blob id, from the last listing (downloads need the blob).
     blobs: HashMap<String, String>,
     listings: ListingStates<JmapListing>,
@@ -760,6 +764,23 @@ impl Mailbox for JmapMailbox {
             None => self.blob_of(&id.0).await?,
         };
         self.api.download(&blob).await
+    }
+
+    /// The device policy's `on_delete` in `delete_policy` terms; archive
+    /// and flag are not built for JMAP yet (check-config refuses them).
+    fn dispose_as(&mut self, disposal: &Disposal) -> Result<(), BackendError> {
+        self.policy = match disposal {
+            Disposal::AsConfigured => self.configured_policy,
+            Disposal::Expunge => DeletePolicy::Destroy,
+            Disposal::Trash => DeletePolicy::Trash,
+            other => {
+                return Err(BackendError::Permanent(format!(
+                    "on_delete = \"{}\" is not supported by the jmap backend yet",
+                    other.word()
+                )));
+            }
+        };
+        Ok(())
     }
 
     async fn remove(&mut self, ids: &[StoreId]) -> Result<(), BackendError> {
