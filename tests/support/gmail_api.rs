@@ -91,12 +91,15 @@ struct StandIn {
     /// The current `historyId`.
     history_id: u64,
     /// (historyId, kind, message id, labels of the message, labels changed).
-    history: Vec<(u64, &'static str, String, Vec<String>, Vec<String>)>,
+    history: Vec<HistoryRecord>,
     /// Starts before this have no history left (404).
     history_floor: u64,
     /// Top-level HTTP requests answered.
     requests: usize,
 }
+
+/// (historyId, kind, message id, labels of the message, labels changed).
+type HistoryRecord = (u64, &'static str, String, Vec<String>, Vec<String>);
 
 impl StandIn {
     /// A history record of a change to `id`.
@@ -625,7 +628,8 @@ fn route(
             if ids.is_empty() || ids.len() > 1000 {
                 return Answer::bad_request("ids must hold 1 to 1000 ids");
             }
-            let known: Vec<String> = state.messages.iter().filter(|m| ids.contains(&m.id)).map(|m| m.id.clone()).collect();
+            let known: Vec<String> =
+                state.messages.iter().filter(|m| ids.contains(&m.id)).map(|m| m.id.clone()).collect();
             for id in known {
                 state.record("messagesDeleted", &id, Vec::new());
             }

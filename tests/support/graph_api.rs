@@ -23,9 +23,17 @@
 //! (`reconvert_after_next_download`): `$value` is a conversion, Outlook
 //! stores no MIME.
 //!
+//! Delta queries on a folder (`mailFolders/{id}/messages/delta`): pages of
+//! `Prefer: odata.maxpagesize` (default 10) by `@odata.nextLink`
+//! (`$skiptoken`), the last with an `@odata.deltaLink` (`$deltatoken`) that
+//! later answers the messages that came into the folder and, as
+//! `{"id", "@removed": {"reason": "deleted"}}`, those that left it; after
+//! `expire_delta_links` every earlier link is 410 `SyncStateNotFound`.
+//! Every top-level HTTP request is counted (`requests`).
+//!
 //! What it does not reproduce: the other Outlook limits (10 000 requests
 //! per 10 minutes, upload volume), `dependsOn`, `$filter`,
-//! `$search`, `$count`, `$expand`, `odata.maxpagesize`, delta queries,
+//! `$search`, `$count`, `$expand`, changes to properties in a delta,
 //! folder hierarchies (every folder is top-level), message properties other
 //! than `id`, `receivedDateTime` and `parentFolderId`, gzip and HTTP/2.
 
@@ -110,6 +118,16 @@ struct StandIn {
     /// The Content-Type of the request being handled (sendMail's MIME form
     /// is `text/plain`; JSON is the other form, not reproduced).
     content_type: String,
+    /// `Prefer: odata.maxpagesize` of the request being handled.
+    max_page_size: Option<usize>,
+    /// Delta token → (folder id, the folder's message ids then).
+    delta_tokens: HashMap<String, (String, HashSet<String>)>,
+    /// Skip token → (folder id, the items still to send, the ids the delta
+    /// link at the end will stand for).
+    skip_tokens: HashMap<String, (String, Vec<Value>, HashSet<String>)>,
+    next_token: u64,
+    /// Top-level HTTP requests answered.
+    requests: usize,
 }
 
 pub const UPN: &str = "alice@contoso.com";
@@ -309,6 +327,19 @@ impl GraphApi {
     pub fn batches(&self) -> Vec<usize> {
         self.with(|s| s.batches.clone())
     }
+
+    /// Graph no longer has the sync state of any delta link handed out.
+    pub fn expire_delta_links(&self) {
+        self.with(|s| {
+            s.delta_tokens.clear();
+            s.skip_tokens.clear();
+        });
+    }
+
+    /// Top-level HTTP requests answered so far (a `$batch` is one).
+    pub fn requests(&self) -> usize {
+        self.with(|s| s.requests)
+    }
 }
 
 impl BearerApi for GraphApi {
@@ -469,8 +500,18 @@ async fn serve(State(shared): State<Arc<Shared>>, request: Request) -> Response 
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::to_string);
     let immutable = prefers_immutable(&parts.headers);
-    shared.state.lock().unwrap().content_type =
-        parts.headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    {
+        let mut state = shared.state.lock().unwrap();
+        state.content_type = parts.headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+        state.max_page_size = parts
+            .headers
+            .get_all("prefer")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .find_map(|p| p.trim().strip_prefix("odata.maxpagesize=").and_then(|n| n.trim().parse().ok()));
+        state.requests += 1;
+    }
     // Outlook's concurrency limit, per mailbox (there is one).
     let over_limit = {
         let mut state = shared.state.lock().unwrap();
@@ -650,6 +691,65 @@ fn route(
                 page["@odata.nextLink"] = json!(next.as_str());
             }
             Answer::json(200, page)
+        }
+        ("GET", ["mailFolders", folder, "messages", "delta"]) => {
+            let Some(folder) = state.folder(folder).map(|f| f.id.clone()) else {
+                return Answer::not_found();
+            };
+            let now: HashSet<String> =
+                state.messages.iter().filter(|m| m.folder == folder).map(|m| m.id(immutable)).collect();
+            let item = |m: &Message| {
+                json!({ "@odata.etag": "W/\"CQAAABYAAAAiIsqMbYjsT5e\"", "id": m.id(immutable),
+                                             "receivedDateTime": iso8601(m.received) })
+            };
+            let gone =
+                || Answer::error(410, "SyncStateNotFound", "The sync state generation is not found or has expired.");
+            let (items, snapshot) = if let Some(token) = params.get("$skiptoken") {
+                match state.skip_tokens.get(token) {
+                    Some((f, items, snapshot)) if *f == folder => (items.clone(), snapshot.clone()),
+                    _ => return gone(),
+                }
+            } else if let Some(token) = params.get("$deltatoken") {
+                let Some((f, before)) = state.delta_tokens.get(token) else {
+                    return gone();
+                };
+                if *f != folder {
+                    return gone();
+                }
+                let mut items: Vec<Value> = state
+                    .messages
+                    .iter()
+                    .filter(|m| m.folder == folder && !before.contains(&m.id(immutable)))
+                    .map(item)
+                    .collect();
+                items.extend(
+                    before
+                        .iter()
+                        .filter(|id| !now.contains(*id))
+                        .map(|id| json!({ "id": id, "@removed": { "reason": "deleted" } })),
+                );
+                (items, now)
+            } else {
+                (state.messages.iter().filter(|m| m.folder == folder).map(item).collect(), now)
+            };
+            let size = state.max_page_size.unwrap_or(10).clamp(1, 1000).min(state.page_cap);
+            let page: Vec<Value> = items.iter().take(size).cloned().collect();
+            let rest: Vec<Value> = items.into_iter().skip(size).collect();
+            state.next_token += 1;
+            let token = format!("tok{}x{}", state.next_token, std::process::id());
+            let link = |key: &str| format!("{base_url}{}?{key}={token}", &path["/v1.0".len()..]);
+            let mut answer = json!({
+                "@odata.context": format!("{base_url}/$metadata#Collection(message)"),
+                "value": page,
+            });
+            if rest.is_empty() {
+                answer["@odata.deltaLink"] = json!(link("$deltatoken"));
+                state.delta_tokens.insert(token, (folder, snapshot));
+            } else {
+                answer["@odata.nextLink"] = json!(link("$skiptoken"));
+                state.skip_tokens.insert(token, (folder, rest, snapshot));
+            }
+            Answer::json(200, answer)
         }
         ("GET", ["messages", id, "$value"]) => match state.message_index(id) {
             Some(i) => {

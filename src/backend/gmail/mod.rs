@@ -406,7 +406,8 @@ impl Api {
             email_address: String,
             history_id: serde_json::Value,
         }
-        let profile: Profile = self.get_json("users.getProfile", self.url(&["profile"])).await.map_err(not_a_message)?;
+        let profile: Profile =
+            self.get_json("users.getProfile", self.url(&["profile"])).await.map_err(not_a_message)?;
         let history_id = google_u64(&profile.history_id)
             .ok_or_else(|| BackendError::unavailable("users.getProfile: no historyId"))?;
         Ok((profile.email_address, history_id))

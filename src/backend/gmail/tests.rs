@@ -54,9 +54,11 @@ fn uidls_are_message_ids() {
 
 #[test]
 fn arrivals_parse_strings_and_numbers() {
-    let arrival = parse_arrival(br#"{"id":"a","internalDate":"1700000000123","sizeEstimate":42}"#).unwrap();
+    let (arrival, labels) =
+        parse_arrival(br#"{"id":"a","internalDate":"1700000000123","sizeEstimate":42,"labelIds":["INBOX"]}"#).unwrap();
     assert_eq!(arrival, Arrival { internal_date: 1_700_000_000_123, size_estimate: 42 });
-    assert_eq!(parse_arrival(br#"{"internalDate":5}"#).unwrap().internal_date, 5);
+    assert_eq!(labels, ["INBOX"]);
+    assert_eq!(parse_arrival(br#"{"internalDate":5}"#).unwrap().0.internal_date, 5);
     assert!(parse_arrival(br#"{"id":"a"}"#).is_err());
 }
 
@@ -75,7 +77,28 @@ fn mailbox(label: Option<&str>, policy: GmailDeletePolicy) -> GmailMailbox {
         configured_policy: policy,
         arrivals: moka::sync::Cache::new(10),
         concurrency: 1,
+        listings: ListingStates::new(0, 60),
+        membership: None,
+        seal: TokenSeal::of(&crate::mail::Secret::new("t")),
+        prefetched: None,
     }
+}
+
+/// The maildrop a history is followed for is the one `messages.list`
+/// selects with `labelIds` (and `q=-in:sent`).
+#[test]
+fn membership_is_decided_as_messages_list_decides() {
+    let labels = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let inbox = Membership { label: "INBOX".into(), exclude_sent: true };
+    assert!(inbox.holds(&labels(&["INBOX", "UNREAD"])));
+    assert!(!inbox.holds(&labels(&["UNREAD"])));
+    assert!(!inbox.holds(&labels(&["INBOX", "SENT"])), "-in:sent");
+    assert!(!inbox.holds(&labels(&["INBOX", "TRASH"])), "no Spam or Trash without includeSpamTrash");
+    assert!(!inbox.holds(&labels(&["INBOX", "SPAM"])));
+    let with_sent = Membership { label: "INBOX".into(), exclude_sent: false };
+    assert!(with_sent.holds(&labels(&["INBOX", "SENT"])));
+    let trash = Membership { label: "TRASH".into(), exclude_sent: true };
+    assert!(trash.holds(&labels(&["TRASH", "SPAM"])), "Spam and Trash when asked for");
 }
 
 #[test]

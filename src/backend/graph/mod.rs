@@ -4,10 +4,14 @@
 //! Every request says `Prefer: IdType="ImmutableId"`, so a message keeps its
 //! id when it is moved and the UIDL (a hash of the id) stays stable. A login
 //! checks the OAuth access token by reading the folder (a 401 there is
-//! `AuthFailed`, so a router can refresh the token and retry); `list` pages
-//! through `mailFolders/{id}/messages?$select=id,receivedDateTime&$orderby=
-//! receivedDateTime` by `@odata.nextLink`; `fetch` streams `$value` (the
-//! MIME octets). Graph reports no sizes, so every size is `Claimed(0)` and
+//! `AuthFailed`, so a router can refresh the token and retry); `list` is
+//! a delta query on the folder (`mailFolders/{id}/messages/delta`): in full
+//! the first time, by `@odata.nextLink`, and from then on one request to the
+//! remembered `@odata.deltaLink`, which answers only what changed (`listing`
+//! below; a 410 or any doubt lists in full again). Without remembered
+//! state it pages through `mailFolders/{id}/messages?$orderby=
+//! receivedDateTime`. Either way the maildrop is ordered by
+//! `receivedDateTime`, then id. `fetch` streams `$value` (the MIME octets). Graph reports no sizes, so every size is `Claimed(0)` and
 //! measured once by downloading. `remove` moves to Deleted Items or deletes
 //! permanently with JSON `$batch` requests of 20.
 //!
@@ -17,7 +21,7 @@
 //! changes anything except in `remove`, and there exactly the messages it is
 //! given; a message it could not remove is reported, never hidden.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -31,6 +35,7 @@ use url::Url;
 use super::http::api::{
     AccountApi, Endpoint, default_concurrency, default_max_wait, default_retries, default_timeout, in_session,
 };
+use super::http::listing::{self as states, ListingStates, Remembered};
 use super::http::{self, RetryPolicy, Verdict};
 use super::{Backend, Disposal, ListedMessage, Mailbox, MessageStream, ReportedSize};
 use crate::mail::{BackendError, Credentials, InvalidSetting, StoreId};
@@ -82,6 +87,14 @@ pub struct GraphConfig {
     /// PEM file of CA certificates to trust instead of the webpki roots.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// Messages remembered across mailboxes so that a poll asks only what
+    /// changed (the folder's delta link); 0 lists every folder in full every
+    /// time.
+    #[serde(default = "states::default_state_messages")]
+    pub listing_state_messages: u64,
+    /// Seconds a mailbox's remembered listing is kept unused.
+    #[serde(default = "states::default_state_idle_secs")]
+    pub listing_state_idle_secs: u64,
 }
 
 fn default_api_base() -> String {
@@ -108,6 +121,8 @@ impl Default for GraphConfig {
             max_retries: default_retries(),
             max_retry_wait_secs: default_max_wait(),
             ca_file: None,
+            listing_state_messages: states::default_state_messages(),
+            listing_state_idle_secs: states::default_state_idle_secs(),
         }
     }
 }
@@ -133,6 +148,7 @@ impl GraphConfig {
         }
         InvalidSetting::bounded("max_retry_wait_secs", self.max_retry_wait_secs, 1..=3_600)?;
         InvalidSetting::bounded("max_retries", self.max_retries, 0..=10)?;
+        states::check_settings(self.listing_state_messages, self.listing_state_idle_secs)?;
         if self.delete_policy == GraphDeletePolicy::PermanentDelete
             && let Some(cloud) = national_cloud(&self.api_base)
         {
@@ -173,10 +189,29 @@ const BATCH: usize = 20;
 /// Listing and batch bodies are read only this far.
 const JSON_LIMIT: usize = 16 * 1024 * 1024;
 const PREFER_IMMUTABLE: &str = "IdType=\"ImmutableId\"";
+/// Messages per delta page (Graph's default is 10).
+const DELTA_PAGE_SIZE: &str = "odata.maxpagesize=500";
+/// Delta pages followed from a delta link before listing in full is the
+/// cheaper way.
+const DELTA_PAGES: usize = 8;
 
 pub struct GraphBackend {
     config: GraphConfig,
     endpoint: Endpoint,
+    listings: ListingStates<GraphListing>,
+}
+
+/// A folder's messages at one delta link: where the next poll starts.
+struct GraphListing {
+    delta_link: Url,
+    /// Message id → `receivedDateTime`.
+    members: HashMap<String, String>,
+}
+
+impl Remembered for GraphListing {
+    fn messages(&self) -> usize {
+        self.members.len()
+    }
 }
 
 impl GraphBackend {
@@ -185,7 +220,8 @@ impl GraphBackend {
         let retry =
             RetryPolicy { retries: config.max_retries, max_wait: Duration::from_secs(config.max_retry_wait_secs) };
         let endpoint = Endpoint::new(&config.api_base, config.ca_file.as_deref(), config.timeout_secs, retry)?;
-        Ok(GraphBackend { config, endpoint })
+        let listings = ListingStates::new(config.listing_state_messages, config.listing_state_idle_secs);
+        Ok(GraphBackend { config, endpoint, listings })
     }
 }
 
@@ -211,6 +247,9 @@ impl Backend for GraphBackend {
         let account = self.endpoint.account(mailbox_key, self.config.max_concurrent_requests, &token, judge);
         let api = Api { account, base: self.endpoint.base.clone(), user: self.config.user.clone() };
         let folder_id = api.folder_id(&self.config.folder).await?;
+        // The folder id was just read with this token: a listing is only
+        // ever continued for the folder it describes.
+        let listing_key = format!("{mailbox_key}\n{folder_id}");
         Ok(Box::new(GraphMailbox {
             api,
             folder: self.config.folder.clone(),
@@ -219,6 +258,9 @@ impl Backend for GraphBackend {
             configured_policy: self.config.delete_policy,
             move_to: DELETED_ITEMS,
             concurrency: self.config.max_concurrent_requests,
+            listings: self.listings.clone(),
+            listing_key,
+            prefetched: None,
         }))
     }
 }
@@ -236,7 +278,8 @@ fn judge(what: &str, status: StatusCode, body: &[u8]) -> Verdict {
     match status.as_u16() {
         401 => Verdict::Fail(BackendError::AuthFailed),
         429 | 500 | 502 | 503 | 504 => Verdict::Retry,
-        404 => Verdict::Fail(BackendError::MessageGone),
+        // 410: a delta link whose sync state Graph no longer has.
+        404 | 410 => Verdict::Fail(BackendError::MessageGone),
         status => {
             tracing::warn!(what, status, code, message, "Microsoft Graph refused the request");
             let code = if code.is_empty() { "(no code)" } else { code.as_str() };
@@ -320,7 +363,8 @@ impl Api {
         Ok(url)
     }
 
-    async fn message_ids(&self, folder_id: &str) -> Result<Vec<String>, BackendError> {
+    /// Every message of the folder: id → `receivedDateTime`.
+    async fn message_ids(&self, folder_id: &str) -> Result<HashMap<String, String>, BackendError> {
         #[derive(Deserialize)]
         struct Page {
             #[serde(default)]
@@ -331,25 +375,86 @@ impl Api {
         #[derive(Deserialize)]
         struct Listed {
             id: String,
+            #[serde(rename = "receivedDateTime", default)]
+            received: String,
         }
         let mut url = self.url(&["mailFolders", folder_id, "messages"]);
         url.query_pairs_mut()
             .append_pair("$select", "id,receivedDateTime")
             .append_pair("$orderby", "receivedDateTime")
             .append_pair("$top", &PAGE.to_string());
-        let mut ids = Vec::new();
-        let mut seen = HashSet::new();
+        let mut ids = HashMap::new();
         loop {
             let page: Page = self.get_json("messages list", &url).await.map_err(|e| match e {
                 BackendError::MessageGone => BackendError::Permanent("the mail folder is gone".into()),
                 other => other,
             })?;
             let fresh = page.value.len();
-            // A message arriving while paging shifts $skip: drop repeats.
-            ids.extend(page.value.into_iter().map(|m| m.id).filter(|id| seen.insert(id.clone())));
+            // A message arriving while paging shifts $skip: repeats are one.
+            ids.extend(page.value.into_iter().map(|m| (m.id, m.received)));
             match page.next_link {
                 Some(next) if fresh > 0 => url = self.check_next_link(&next)?,
                 _ => return Ok(ids),
+            }
+        }
+    }
+
+    /// Follows a delta query from `url` (the folder's delta, or a delta
+    /// link) page by page to its new delta link, applying each page to
+    /// `members`; `pages` bounds the pages followed (`None` beyond).
+    async fn delta(
+        &self,
+        mut url: Url,
+        members: &mut HashMap<String, String>,
+        pages: Option<usize>,
+    ) -> Result<Option<Url>, BackendError> {
+        #[derive(Deserialize)]
+        struct Page {
+            #[serde(default)]
+            value: Vec<Item>,
+            #[serde(rename = "@odata.nextLink")]
+            next_link: Option<String>,
+            #[serde(rename = "@odata.deltaLink")]
+            delta_link: Option<String>,
+        }
+        #[derive(Deserialize)]
+        struct Item {
+            id: String,
+            #[serde(rename = "receivedDateTime")]
+            received: Option<String>,
+            #[serde(rename = "@removed")]
+            removed: Option<Value>,
+        }
+        let mut followed = 0;
+        loop {
+            if pages.is_some_and(|most| followed >= most) {
+                return Ok(None);
+            }
+            followed += 1;
+            let page: Page = self
+                .account
+                .json("messages delta", JSON_LIMIT, || self.get(&url).header("Prefer", DELTA_PAGE_SIZE))
+                .await?;
+            for item in page.value {
+                match (item.removed, item.received) {
+                    // Deleted, or moved out of the folder.
+                    (Some(_), _) => {
+                        members.remove(&item.id);
+                    }
+                    (None, Some(received)) => {
+                        members.insert(item.id, received);
+                    }
+                    (None, None) => {
+                        return Err(BackendError::unavailable("messages delta: an item without receivedDateTime"));
+                    }
+                }
+            }
+            match (page.next_link, page.delta_link) {
+                (Some(next), _) => url = self.check_next_link(&next)?,
+                (None, Some(delta)) => return Ok(Some(self.check_next_link(&delta)?)),
+                (None, None) => {
+                    return Err(BackendError::unavailable("messages delta: neither a next nor a delta link"));
+                }
             }
         }
     }
@@ -426,11 +531,69 @@ struct GraphMailbox {
     /// The well-known folder `GraphDeletePolicy::Move` moves to.
     move_to: &'static str,
     concurrency: usize,
+    listings: ListingStates<GraphListing>,
+    listing_key: String,
+    /// A listing `reset` already made, for the `list` that follows it.
+    prefetched: Option<Vec<ListedMessage>>,
 }
 
 const DELETED_ITEMS: &str = "deleteditems";
 
 impl GraphMailbox {
+    /// The maildrop: from the remembered delta link when there is one, else
+    /// in full (a delta query from scratch when listings are remembered).
+    async fn listing(&mut self) -> Result<Vec<ListedMessage>, BackendError> {
+        if !self.listings.enabled() {
+            return Ok(listed_in_order(&self.api.message_ids(&self.folder_id).await?));
+        }
+        if let Some(known) = self.listings.get(&self.listing_key) {
+            let mut members = known.members.clone();
+            match self.api.delta(known.delta_link.clone(), &mut members, Some(DELTA_PAGES)).await {
+                Ok(Some(delta_link)) => {
+                    let listed = listed_in_order(&members);
+                    self.listings.put(&self.listing_key, GraphListing { delta_link, members });
+                    return Ok(listed);
+                }
+                Ok(None) => tracing::debug!("too many changes since the last poll; listing in full"),
+                // 410 (the sync state is gone), a refusal of the link: start
+                // over. A failure of the service itself is the poll's.
+                Err(BackendError::MessageGone | BackendError::Permanent(_)) => {
+                    tracing::debug!("the delta link is no longer valid; listing in full");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let mut url = self.api.url(&["mailFolders", &self.folder_id, "messages", "delta"]);
+        url.query_pairs_mut().append_pair("$select", "id,receivedDateTime");
+        let mut members = HashMap::new();
+        let delta_link = self.api.delta(url, &mut members, None).await.map_err(|e| match e {
+            BackendError::MessageGone => BackendError::Permanent("the mail folder is gone".into()),
+            other => other,
+        })?;
+        let listed = listed_in_order(&members);
+        match delta_link {
+            Some(delta_link) => self.listings.put(&self.listing_key, GraphListing { delta_link, members }),
+            None => self.listings.forget(&self.listing_key),
+        }
+        Ok(listed)
+    }
+
+    /// After `remove`: what it removed leaves the remembered listing; after
+    /// a failure nothing is assumed, and the next poll lists in full.
+    fn after_removal(&self, ids: &[StoreId], all_removed: bool) {
+        if !all_removed {
+            self.listings.forget(&self.listing_key);
+            return;
+        }
+        self.listings.drop_messages(&self.listing_key, |known| {
+            let mut members = known.members.clone();
+            for id in ids {
+                members.remove(&id.0);
+            }
+            GraphListing { delta_link: known.delta_link.clone(), members }
+        });
+    }
+
     fn removal(&self, id: &str, index: usize) -> Value {
         let headers = json!({ "Content-Type": "application/json", "Prefer": PREFER_IMMUTABLE });
         match self.policy {
@@ -501,17 +664,24 @@ impl GraphMailbox {
 #[async_trait]
 impl Mailbox for GraphMailbox {
     /// A warm session checks that its token still works, so an expired one
-    /// is discarded and the login refreshes it.
+    /// is discarded and the login refreshes it. With a remembered delta
+    /// link, that request is the check (a 401 there is `AuthFailed` too),
+    /// and its listing is kept for the `list` that follows.
     async fn reset(&mut self) -> Result<(), BackendError> {
+        self.prefetched = None;
+        if self.listings.get(&self.listing_key).is_some() {
+            let listed = self.listing().await?;
+            self.prefetched = Some(listed);
+            return Ok(());
+        }
         self.api.folder_id(&self.folder).await.map(|_| ())
     }
 
     async fn list(&mut self) -> Result<Vec<ListedMessage>, BackendError> {
-        let ids = self.api.message_ids(&self.folder_id).await.map_err(in_session)?;
-        Ok(ids
-            .into_iter()
-            .map(|id| ListedMessage { uidl: uidl_for(&id), id: StoreId(id), size: ReportedSize::Claimed(0) })
-            .collect())
+        if let Some(listed) = self.prefetched.take() {
+            return Ok(listed);
+        }
+        self.listing().await.map_err(in_session)
     }
 
     async fn fetch(&mut self, id: &StoreId) -> Result<MessageStream<'_>, BackendError> {
@@ -554,6 +724,7 @@ impl Mailbox for GraphMailbox {
                 first_error.get_or_insert(why);
             }
         }
+        self.after_removal(ids, failed == 0);
         if failed == 0 {
             return Ok(());
         }
@@ -569,6 +740,21 @@ impl Mailbox for GraphMailbox {
     async fn close(self: Box<Self>) {
         // Stateless over HTTP: nothing to log out of.
     }
+}
+
+/// The maildrop in `receivedDateTime` order, then by id (Graph's own order
+/// of equal dates cannot be reproduced from a delta).
+fn listed_in_order(members: &HashMap<String, String>) -> Vec<ListedMessage> {
+    let at = |received: &str| {
+        time::OffsetDateTime::parse(received, &time::format_description::well_known::Rfc3339)
+            .map_or(i128::MIN, time::OffsetDateTime::unix_timestamp_nanos)
+    };
+    let mut listed: Vec<(i128, &String)> = members.iter().map(|(id, received)| (at(received), id)).collect();
+    listed.sort();
+    listed
+        .into_iter()
+        .map(|(_, id)| ListedMessage { uidl: uidl_for(id), id: StoreId(id.clone()), size: ReportedSize::Claimed(0) })
+        .collect()
 }
 
 /// Graph's immutable ids are ~150 characters, longer than a UIDL may be:

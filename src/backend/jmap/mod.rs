@@ -332,9 +332,10 @@ impl ListedEmail {
     /// `receivedAt`, then the id (the server's own order of equal dates
     /// cannot be reproduced from changes).
     fn order(&self) -> (i128, &str) {
-        let at = self.received_at.as_deref().and_then(|at| {
-            time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339).ok()
-        });
+        let at = self
+            .received_at
+            .as_deref()
+            .and_then(|at| time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339).ok());
         (at.map_or(i128::MIN, time::OffsetDateTime::unix_timestamp_nanos), &self.id)
     }
 }
@@ -353,8 +354,12 @@ impl Remembered for JmapListing {
     }
 }
 
+/// A server that leaves `receivedAt` out keeps its query's order (and is
+/// never followed by its changes: `changes_since`).
 fn in_maildrop_order(mut emails: Vec<ListedEmail>) -> Vec<ListedEmail> {
-    emails.sort_by(|a, b| a.order().cmp(&b.order()));
+    if emails.iter().all(|e| e.received_at.is_some()) {
+        emails.sort_by(|a, b| a.order().cmp(&b.order()));
+    }
     emails
 }
 
@@ -472,7 +477,8 @@ impl JmapMailbox {
             calls.extend((0..pages).flat_map(|tag| self.query_calls(tag, position + tag * page_size, page_size)));
             let responses = self.api.call(calls).await?;
             if ask_state && first_request {
-                email_state = responses.get("st", "Email/get")?.get("state").and_then(Value::as_str).map(str::to_string);
+                email_state =
+                    responses.get("st", "Email/get")?.get("state").and_then(Value::as_str).map(str::to_string);
             }
             let mut advanced = 0;
             for tag in 0..pages {
@@ -537,7 +543,7 @@ impl JmapMailbox {
             if listing.consistent {
                 let emails = in_maildrop_order(listing.emails);
                 let listed = self.keep_listing(&emails);
-                match listing.state {
+                match listing.state.filter(|_| emails.iter().all(|e| e.received_at.is_some())) {
                     Some(state) => self.listings.put(&self.listing_key, JmapListing { state, emails }),
                     None => self.listings.forget(&self.listing_key),
                 }
@@ -568,7 +574,11 @@ impl JmapMailbox {
         };
         let cap = CHANGES_CAP.min(self.api.limits().max_objects_in_get);
         let calls = vec![
-            ("Email/changes", json!({ "accountId": account, "sinceState": known.state, "maxChanges": cap }), "c".into()),
+            (
+                "Email/changes",
+                json!({ "accountId": account, "sinceState": known.state, "maxChanges": cap }),
+                "c".into(),
+            ),
             ("Email/get", get("/created"), "n".into()),
             ("Email/get", get("/updated"), "u".into()),
         ];
@@ -598,8 +608,7 @@ impl JmapMailbox {
         if changes.old_state != known.state || changes.has_more_changes {
             return Ok(None);
         }
-        let mut emails: HashMap<String, ListedEmail> =
-            known.emails.iter().map(|e| (e.id.clone(), e.clone())).collect();
+        let mut emails: HashMap<String, ListedEmail> = known.emails.iter().map(|e| (e.id.clone(), e.clone())).collect();
         for id in &changes.destroyed {
             emails.remove(id);
         }
@@ -617,6 +626,9 @@ impl JmapMailbox {
                 emails.remove(id);
             }
             for changed in list {
+                if changed.email.received_at.is_none() {
+                    return Ok(None);
+                }
                 if changed.mailbox_ids.get(&self.mailbox_id) == Some(&true) {
                     emails.insert(changed.email.id.clone(), changed.email);
                 } else {
@@ -748,12 +760,12 @@ impl JmapMailbox {
 #[async_trait]
 impl Mailbox for JmapMailbox {
     async fn list(&mut self) -> Result<Vec<ListedMessage>, BackendError> {
-        if let Some(known) = self.listings.get(&self.listing_key) {
-            if let Some(next) = self.changes_since(&known).await? {
-                let listed = self.keep_listing(&next.emails);
-                self.listings.put(&self.listing_key, next);
-                return Ok(listed);
-            }
+        if let Some(known) = self.listings.get(&self.listing_key)
+            && let Some(next) = self.changes_since(&known).await?
+        {
+            let listed = self.keep_listing(&next.emails);
+            self.listings.put(&self.listing_key, next);
+            return Ok(listed);
         }
         self.list_in_full().await
     }

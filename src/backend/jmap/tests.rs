@@ -425,3 +425,63 @@ async fn a_throttled_request_is_retried_after_retry_after() {
     let posts = seen.lock().unwrap().iter().filter(|r| r.method == "POST").count();
     assert_eq!((posts, throttled.load(Ordering::SeqCst)), (2, 2), "the same request, sent again once");
 }
+
+/// An unchanged or changed poll is one `Email/changes` request; a state the
+/// server cannot continue (`cannotCalculateChanges`) lists in full.
+#[tokio::test]
+async fn polls_follow_email_changes_and_fall_back_to_a_full_listing() {
+    fn email(id: &str, at: &str) -> Value {
+        json!({ "id": id, "blobId": format!("b-{id}"), "size": 10, "receivedAt": at, "mailboxIds": { "mi": true } })
+    }
+    let script = |seen: &Seen| -> Reply {
+        if seen.method == "GET" {
+            return mail_server(seen);
+        }
+        let request: Value = serde_json::from_slice(&seen.body).unwrap();
+        let responses: Vec<Value> = request["methodCalls"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|call| {
+                let (name, args, id) = (call[0].as_str().unwrap(), &call[1], call[2].clone());
+                let (name, result) = match (name, args["sinceState"].as_str()) {
+                    ("Mailbox/get", _) => (
+                        name,
+                        json!({ "list": [
+                        { "id": "mi", "name": "Inbox", "parentId": null, "role": "inbox" }] }),
+                    ),
+                    ("Email/query", _) => {
+                        (name, json!({ "ids": ["e1"], "position": 0, "total": 1, "queryState": "q" }))
+                    }
+                    ("Email/changes", Some("s1")) => (
+                        name,
+                        json!({ "oldState": "s1", "newState": "s2",
+                        "hasMoreChanges": false, "created": ["e2"], "updated": [], "destroyed": [] }),
+                    ),
+                    ("Email/changes", _) => ("error", json!({ "type": "cannotCalculateChanges" })),
+                    ("Email/get", _) if args["ids"] == json!([]) => (name, json!({ "state": "s1", "list": [] })),
+                    ("Email/get", _) if args["#ids"]["path"] == "/created" => {
+                        (name, json!({ "state": "s2", "list": [email("e2", "2024-01-02T00:00:00Z")] }))
+                    }
+                    ("Email/get", _) if args["#ids"]["path"] == "/updated" => (name, json!({ "list": [] })),
+                    ("Email/get", _) => (name, json!({ "list": [email("e1", "2024-01-01T00:00:00Z")] })),
+                    (other, _) => panic!("unexpected method {other}"),
+                };
+                json!([name, result, id])
+            })
+            .collect();
+        Reply::Json(200, json!({ "methodResponses": responses, "sessionState": "0" }))
+    };
+    let (url, seen) = fake_server(Arc::new(script)).await;
+    let backend = backend(&url, |_| {});
+    let mut mailbox = backend.open(&Credentials::password("alice", "pw")).await.unwrap();
+    let ids = |listed: Vec<ListedMessage>| listed.into_iter().map(|m| m.id.0).collect::<Vec<_>>();
+    assert_eq!(ids(mailbox.list().await.unwrap()), ["e1"]);
+    let before = seen.lock().unwrap().len();
+    assert_eq!(ids(mailbox.list().await.unwrap()), ["e1", "e2"], "e2 created since s1");
+    assert_eq!(seen.lock().unwrap().len() - before, 1, "one request: Email/changes and its gets");
+    // s2 cannot be continued: a full listing (state read again first).
+    let before = seen.lock().unwrap().len();
+    assert_eq!(ids(mailbox.list().await.unwrap()), ["e1"]);
+    assert_eq!(seen.lock().unwrap().len() - before, 2, "the refused changes, then the full listing");
+}
