@@ -211,3 +211,24 @@ fn imap_prefetch_bytes_is_bounded_by_name() {
         assert!(e.contains("prefetch_bytes"), "prefetch_bytes = {value}: {e}");
     }
 }
+
+/// The HTTP backends' listing-state bounds (issue 14): each bound is
+/// accepted, one past it is refused naming the key.
+#[test]
+fn listing_state_bounds_of_the_http_backends() {
+    let tables = ["kind = \"gmail\"", "kind = \"graph\"", "kind = \"jmap\"\nurl = \"https://mail.example.com\""];
+    let keys = [("listing_state_messages", 0, 10_000_000), ("listing_state_idle_secs", 60, 2_592_000)];
+    for table in tables {
+        for (key, low, high) in keys {
+            for value in [low, high] {
+                let text = format!("[backend]\n{table}\n{key} = {value}\n");
+                Config::from_toml(&text, "t.toml").unwrap_or_else(|e| panic!("{text}: {e}"));
+            }
+            for value in [low - 1, high + 1].into_iter().filter(|v: &i64| *v >= 0) {
+                let text = format!("[backend]\n{table}\n{key} = {value}\n");
+                let e = Config::from_toml(&text, "t.toml").map(|_| ()).unwrap_err().to_string();
+                assert!(e.contains(key), "{text}: {e}");
+            }
+        }
+    }
+}

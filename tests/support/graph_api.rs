@@ -120,6 +120,9 @@ struct StandIn {
     content_type: String,
     /// `Prefer: odata.maxpagesize` of the request being handled.
     max_page_size: Option<usize>,
+    /// `http://{Host}/v1.0` of the request being handled: links lead back
+    /// the way the request came (through a proxy, when there is one).
+    request_base: Option<String>,
     /// Delta token → (folder id, the folder's message ids then).
     delta_tokens: HashMap<String, (String, HashSet<String>)>,
     /// Skip token → (folder id, the items still to send, the ids the delta
@@ -511,6 +514,8 @@ async fn serve(State(shared): State<Arc<Shared>>, request: Request) -> Response 
             .flat_map(|v| v.split(','))
             .find_map(|p| p.trim().strip_prefix("odata.maxpagesize=").and_then(|n| n.trim().parse().ok()));
         state.requests += 1;
+        state.request_base =
+            parts.headers.get("host").and_then(|v| v.to_str().ok()).map(|host| format!("http://{host}/v1.0"));
     }
     // Outlook's concurrency limit, per mailbox (there is one).
     let over_limit = {
@@ -737,7 +742,8 @@ fn route(
             let rest: Vec<Value> = items.into_iter().skip(size).collect();
             state.next_token += 1;
             let token = format!("tok{}x{}", state.next_token, std::process::id());
-            let link = |key: &str| format!("{base_url}{}?{key}={token}", &path["/v1.0".len()..]);
+            let base = state.request_base.clone().unwrap_or_else(|| base_url.to_string());
+            let link = |key: &str| format!("{base}{}?{key}={token}", &path["/v1.0".len()..]);
             let mut answer = json!({
                 "@odata.context": format!("{base_url}/$metadata#Collection(message)"),
                 "value": page,
