@@ -22,6 +22,7 @@ use support::program::{curl_lists, curl_retrieves_each, describe, poplib_retriev
 
 const PRINTER_1: (&str, &str) = ("printer-1", "pw-one");
 const PRINTER_2: (&str, &str) = ("printer-2", "pw-two");
+const PRINTER_3: (&str, &str) = ("printer-3", "pw-three");
 const LOBBY_PRINTER: (&str, &str) = ("lobby-printer", "pw-lobby");
 const LOBBY_ADMIN: (&str, &str) = ("lobby-admin", "pw-admin");
 
@@ -104,6 +105,13 @@ password_hash = "{h2}"
 allowed_senders = ["@partner.example"]
 on_delete = "keep"
 
+[[account.device]]
+user = "{p3}"
+password_hash = "{h3}"
+
+[account.device.policy]
+on_delete = "flag"
+
 [[account]]
 name = "lobby"
 mode = "mapped"
@@ -133,6 +141,8 @@ allowed_senders = ["office.example", "partner.example", "spam.example"]
             h1 = hash_password(PRINTER_1.1).unwrap(),
             p2 = PRINTER_2.0,
             h2 = hash_password(PRINTER_2.1).unwrap(),
+            p3 = PRINTER_3.0,
+            h3 = hash_password(PRINTER_3.1).unwrap(),
             lp = LOBBY_PRINTER.0,
             hlp = hash_password(LOBBY_PRINTER.1).unwrap(),
             la = LOBBY_ADMIN.0,
@@ -228,6 +238,42 @@ fn dovecot_device_override_beats_the_account_and_keep_deletes_nothing() {
 
     let log = gateway.log();
     assert!(log.contains("on_delete = keep: nothing removed"), "{log}");
+}
+
+/// The account's backend connections are shared by its devices' sessions
+/// (one connection, here): what DELE means is the policy of the device
+/// whose UPDATE it is, whichever device's login last used the connection.
+/// printer-3 flags (`$Printed`) and printer-1 expunges; printer-1 logs in
+/// and out between printer-3's login and its QUIT.
+#[test]
+fn each_devices_on_delete_holds_on_a_shared_connection() {
+    let world = World::new();
+    let raws = [office(), office()];
+    let uids = world.dovecot.append_all(ALICE.0, &raws);
+    let gateway = world.gateway();
+
+    let mut flagger = Pop3::login(gateway.addr, PRINTER_3.0, PRINTER_3.1);
+    assert!(flagger.ok("STAT").starts_with("+OK 2 "));
+    let mut expunger = Pop3::login(gateway.addr, PRINTER_1.0, PRINTER_1.1);
+    assert!(expunger.ok("STAT").starts_with("+OK 2 "));
+    expunger.ok("QUIT");
+    flagger.ok("DELE 1");
+    flagger.ok("QUIT");
+    assert_eq!(world.dovecot.uids(ALICE.0), uids, "printer-3 flags: nothing expunged");
+    // Flagged, so hidden from printer-3 from now on; printer-1 still sees it.
+    let mut flagger = Pop3::login(gateway.addr, PRINTER_3.0, PRINTER_3.1);
+    assert!(flagger.ok("STAT").starts_with("+OK 1 "));
+    flagger.ok("QUIT");
+
+    // And the other way round: printer-1's DELE expunges, even though
+    // printer-3's login came last on the connection.
+    let mut expunger = Pop3::login(gateway.addr, PRINTER_1.0, PRINTER_1.1);
+    assert!(expunger.ok("STAT").starts_with("+OK 2 "));
+    let mut flagger = Pop3::login(gateway.addr, PRINTER_3.0, PRINTER_3.1);
+    flagger.ok("QUIT");
+    expunger.ok("DELE 2");
+    assert!(expunger.ok("QUIT").contains("(1 messages deleted)"));
+    assert_eq!(world.dovecot.uids(ALICE.0), uids[..1]);
 }
 
 #[test]

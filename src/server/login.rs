@@ -11,8 +11,8 @@ use std::time::Instant;
 
 use super::Context;
 use crate::auth::accounts::policy;
-use crate::backend::pool::SharedMailbox;
 use crate::backend::Disposal;
+use crate::backend::pool::SharedMailbox;
 use crate::mail::{BackendError, Credentials};
 use crate::pop3::{Maildrop, Message};
 
