@@ -551,7 +551,7 @@ fn an_expired_api_token_is_refreshed_once_and_the_scan_goes_through() {
     let message = scan("graph-refreshed", UPN);
     assert_eq!(send(&gateway, dir.path(), UPN, &message), "SENT", "{}", gateway.log());
     assert_eq!(endpoint.requests(), 1, "one refresh");
-    assert_eq!(api.sent(), [message.clone()], "sent once, byte-identical");
+    assert_eq!(api.sent(), std::slice::from_ref(&message), "sent once, byte-identical");
     let sends: Vec<u16> = api.seen().iter().filter(|r| r.path == "/v1.0/me/sendMail").map(|r| r.status).collect();
     assert_eq!(sends, [401, 202], "refused with the old token, accepted with the new one");
     assert!(gateway.log().contains("refreshed, retrying once"), "{}", gateway.log());
