@@ -413,6 +413,16 @@ fn a_spoofed_from_is_refused_and_nothing_is_delivered() {
         );
         assert!(metrics.contains(&line), "{line} not in:\n{metrics}");
     }
+    // The admin page (loopback, no admin password configured) shows the
+    // scanner's last send: the good one, relayed.
+    let (status, _, page) = support::oauth_server::http_get(&format!("http://{}/devices", world.gateway.admin_addr));
+    assert_eq!(status, 200, "{page}");
+    let row =
+        page.split("<tr").find(|row| row.contains(&format!(">{}<", SCANNER.0))).unwrap_or_else(|| panic!("{page}"));
+    let cell = row.split("last-send").nth(1).unwrap_or_else(|| panic!("{row}"));
+    let cell = &cell[..cell.find("</td>").unwrap()];
+    assert!(cell.contains("relayed"), "{cell}");
+    assert!(!page.contains(ALICE.1) && !page.contains(SCANNER.1), "a password on the page");
 }
 
 #[test]
