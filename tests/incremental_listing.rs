@@ -44,6 +44,24 @@ async fn poll(mailbox: &mut Box<dyn Mailbox>) -> Vec<ListedMessage> {
     .expect("a poll in time")
 }
 
+/// What a warm poll costs a backend that remembers no listing state (the
+/// behaviour before incremental listing): requests to the stand-in.
+async fn full_poll_cost(backend: &dyn Backend, credentials: &Credentials, requests: impl Fn() -> usize) -> usize {
+    let mut mailbox = backend.open(credentials).await.expect("open");
+    mailbox.list().await.expect("list");
+    let before = requests();
+    poll(&mut mailbox).await;
+    requests() - before
+}
+
+/// The figures `scripts/bench` reports (its `requests` phase runs these
+/// tests and reads this line): requests per poll against the stand-in.
+fn report(backend: &str, messages: usize, full: usize, unchanged: usize, one_new: usize) {
+    println!(
+        "requests-per-poll backend={backend} messages={messages} full={full} unchanged={unchanged} one_new={one_new}"
+    );
+}
+
 /// A listing from scratch, by a backend that remembers nothing.
 async fn full_listing(backend: &dyn Backend, credentials: &Credentials) -> Vec<ListedMessage> {
     tokio::time::timeout(support::IO_TIMEOUT, async {
@@ -93,6 +111,9 @@ fn gmail_an_unchanged_poll_of_5000_messages_costs_one_request() {
         assert_eq!(cost, 2, "users.history.list and one batch of format=minimal");
         assert_eq!(listed.last().map(|m| m.id.0.clone()), Some(new));
         assert_eq!(listed, full_listing(&full, &credentials).await);
+        let before_state = full_poll_cost(&full, &credentials, || api.requests()).await;
+        assert!(before_state > 3, "without state a poll lists every page: {before_state}");
+        report("gmail", 5000, before_state, 1, cost);
 
         // Deleted elsewhere, archived elsewhere, and Gmail's history gone.
         api.delete(&first[10].id.0);
@@ -316,6 +337,9 @@ fn graph_an_unchanged_poll_of_5000_messages_costs_one_request() {
         assert_eq!(api.requests() - before, 1, "a poll after one new message: the delta link alone");
         assert_eq!(listed.last().map(|m| m.id.0.clone()), Some(new));
         assert_eq!(listed, full_listing(&full, &credentials).await);
+        let before_state = full_poll_cost(&full, &credentials, || api.requests()).await;
+        assert!(before_state > 3, "without state a poll lists every page: {before_state}");
+        report("graph", 5000, before_state, 1, 1);
 
         api.delete(&first[10].id.0);
         api.move_message(&first[20].id.0, "archive");
