@@ -88,9 +88,11 @@ fn sigterm_keeps_accepting_through_the_drain_delay_while_not_ready() {
             addrs[0]
         )
     });
-    assert_eq!(get(server.admin_addr, "/readyz").0, 200);
-    // The signal handlers are in place once popgate says it is ready.
+    // The signal handlers are in place, and the admin listener bound, once
+    // popgate says it is ready (the POP3 port answering is not enough: on a
+    // loaded machine the admin listener may not be bound yet).
     support::wait_for("popgate ready", IO_TIMEOUT, || server.log().contains("popgate ready").then_some(()));
+    assert_eq!(get(server.admin_addr, "/readyz").0, 200);
     std::thread::sleep(Duration::from_millis(200));
     let terminated = Instant::now();
     server.terminate();

@@ -215,6 +215,11 @@ fn a_providers_hold_seen_by_one_replica_holds_off_the_others() {
         let router = TokenRouter::new(backend, DEVICE, ACCOUNT, api.issue_token(Scope::Full), api.issuer(Scope::Full));
         let mut config = Config::default();
         config.state.url = Some(redis.url());
+        // The hold is published in the background, once: on a loaded test
+        // machine the default 500 ms command timeout can lose it (a
+        // production replica then just behaves as a lone one).
+        config.state.command_timeout_ms = 10_000;
+        config.state.connect_timeout_ms = 10_000;
         Gateway::routed(config, router)
     };
     let (a, b) = (replica(), replica());

@@ -334,6 +334,15 @@ impl GatewayProcess {
             }
             if let Ok(stream) = std::net::TcpStream::connect_timeout(&self.addr, Duration::from_secs(1)) {
                 drop(stream);
+                // The admin listener is bound just after the POP3 ones: give
+                // it a moment, so that a test's first /readyz is not refused
+                // on a loaded machine (it may be disabled: then go on).
+                let admin_deadline = Instant::now() + Duration::from_secs(5);
+                while Instant::now() < admin_deadline
+                    && std::net::TcpStream::connect_timeout(&self.admin_addr, Duration::from_secs(1)).is_err()
+                {
+                    std::thread::sleep(Duration::from_millis(25));
+                }
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(25));
