@@ -551,6 +551,20 @@ impl ImapMailbox {
         Ok(measured)
     }
 
+    /// `Ok` only if none of `uids` is in the mailbox any more: what every
+    /// removal checks before it reports success.
+    async fn verify_gone(&mut self, uids: &[u32]) -> Result<(), BackendError> {
+        let left = self.still_present(uids).await?;
+        if !left.is_empty() {
+            return Err(BackendError::Unavailable(format!(
+                "{} of {} deleted messages are still in the mailbox",
+                left.len(),
+                uids.len()
+            )));
+        }
+        Ok(())
+    }
+
     /// Which of `uids` are still in the mailbox.
     async fn still_present(&mut self, uids: &[u32]) -> Result<Vec<u32>, BackendError> {
         let asked: HashSet<u32> = uids.iter().copied().collect();
@@ -648,15 +662,7 @@ impl ImapMailbox {
                 self.conn.run(&format!("UID EXPUNGE {set}"), |_| {}).await?.ok_or_refused("UID EXPUNGE")?;
             }
         }
-        let left = self.still_present(uids).await?;
-        if !left.is_empty() {
-            return Err(BackendError::Unavailable(format!(
-                "{} of {} deleted messages are still in the mailbox",
-                left.len(),
-                uids.len()
-            )));
-        }
-        Ok(())
+        self.verify_gone(uids).await
     }
 
     /// `on_delete = "flag"`: the keyword on exactly `uids`; nothing leaves.
@@ -1428,15 +1434,7 @@ impl Mailbox for ImapMailbox {
                     .ok_or_refused("moving messages to the trash mailbox")?;
             }
         }
-        let left = self.still_present(&uids).await?;
-        if !left.is_empty() {
-            return Err(BackendError::Unavailable(format!(
-                "{} of {} deleted messages are still in the mailbox",
-                left.len(),
-                uids.len()
-            )));
-        }
-        Ok(())
+        self.verify_gone(&uids).await
     }
 
     async fn close(self: Box<Self>) {
