@@ -23,16 +23,18 @@ use support::program::{describe, run};
 const SCANNER: (&str, &str) = ("scanner", "scan-pw");
 const GMAIL_ADDRESS: &str = "alice@example.com";
 
+/// A POP3 listener and a submission listener, on the two run-time addresses.
+fn pop3_and_submission(addrs: &[SocketAddr]) -> String {
+    format!(
+        "[[listener]]\naddress = \"{}\"\n\n[[listener]]\naddress = \"{}\"\nprotocol = \"submission\"\n",
+        addrs[0], addrs[1]
+    )
+}
+
 /// A gateway with a submission listener for one mapped account on
 /// `backend` (a TOML `[backend]` table), holding `token` in its store.
 fn gateway(dir: &Path, backend: &str, login: &str, token: &str) -> GatewayProcess {
-    let listeners = |addrs: &[SocketAddr]| {
-        format!(
-            "[[listener]]\naddress = \"{}\"\n\n[[listener]]\naddress = \"{}\"\nprotocol = \"submission\"\n",
-            addrs[0], addrs[1]
-        )
-    };
-    gateway_with(dir, backend, login, token, 2, listeners, "", None)
+    gateway_with(dir, backend, login, token, 2, pop3_and_submission, "", None)
 }
 
 /// `gateway` with `listeners` (TOML for `count` run-time addresses; more
@@ -289,19 +291,13 @@ fn the_hourly_limits_per_device_refuse_with_4xx_and_send_nothing() {
     let token = api.issue_token(TokenKind::Delegated);
     let dir = tempfile::tempdir().unwrap();
     let backend = format!("[backend]\nkind = \"graph\"\napi_base = \"{}\"", api.base_url);
-    let listeners = |addrs: &[SocketAddr]| {
-        format!(
-            "[[listener]]\naddress = \"{}\"\n\n[[listener]]\naddress = \"{}\"\nprotocol = \"submission\"\n",
-            addrs[0], addrs[1]
-        )
-    };
     let gateway = gateway_with(
         dir.path(),
         &backend,
         UPN,
         &token,
         2,
-        listeners,
+        pop3_and_submission,
         "max_messages_per_hour = 2\nmax_recipients_per_hour = 5",
         None,
     );
@@ -539,13 +535,7 @@ fn an_expired_api_token_is_refreshed_once_and_the_scan_goes_through() {
     let endpoint = TokenEndpoint::start(api.issuer(TokenKind::Delegated));
     let dir = tempfile::tempdir().unwrap();
     let backend = format!("[backend]\nkind = \"graph\"\napi_base = \"{}\"", api.base_url);
-    let listeners = |addrs: &[SocketAddr]| {
-        format!(
-            "[[listener]]\naddress = \"{}\"\n\n[[listener]]\naddress = \"{}\"\nprotocol = \"submission\"\n",
-            addrs[0], addrs[1]
-        )
-    };
-    let gateway = gateway_with(dir.path(), &backend, UPN, &token, 2, listeners, "", Some(&endpoint.url));
+    let gateway = gateway_with(dir.path(), &backend, UPN, &token, 2, pop3_and_submission, "", Some(&endpoint.url));
 
     support::bearer::BearerApi::expire(&api, &token);
     let message = scan("graph-refreshed", UPN);
