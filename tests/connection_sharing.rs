@@ -290,3 +290,71 @@ fn a_uidvalidity_change_fails_retrieval_cleanly_and_deletes_nothing() {
     assert!(String::from_utf8_lossy(&c.retr(2)).contains("valid-2"));
     c.quit();
 }
+
+/// `reuse_check = "noop"` (issue 14, target 3: a cheaper refresh of a warm
+/// connection): a login that reuses the account's idle connection sends
+/// NOOP instead of SELECT, and still sees every change another client made
+/// in between — a new message, an expunged one, and a new UIDVALIDITY
+/// (Dovecot ends the session with BYE, so the login opens a fresh
+/// connection and lists under the new UIDVALIDITY). Counted in what a
+/// recording proxy saw popgate send.
+#[test]
+fn a_noop_refreshed_connection_sees_every_change_made_meanwhile() {
+    let dovecot = Dovecot::start_with_users(&[ALICE]);
+    let uids = dovecot.append_all(ALICE.0, &[simple("noop-1"), simple("noop-2")]);
+    let proxy = support::proxy::RecordingProxy::start(dovecot.imap_addr());
+    let mut config = Config {
+        backend: BackendConfig::from_url(&format!("imap://{}", proxy.addr)).unwrap_or_else(|e| panic!("{e}")),
+        ..Config::default()
+    };
+    let BackendConfig::Imap(imap) = &mut config.backend else { unreachable!() };
+    imap.reuse_check = popgate::backend::imap::ReuseCheck::Noop;
+    let gateway = Gateway::from_config(config);
+    let commands = |word: &str| {
+        let sent = String::from_utf8_lossy(&proxy.sent()).into_owned();
+        sent.lines().filter(|line| line.split(' ').nth(1) == Some(word)).count()
+    };
+
+    let mut c = gateway.login(ALICE.0, ALICE.1);
+    assert_eq!(c.stat().0, 2);
+    c.quit();
+    assert_eq!((commands("SELECT"), commands("NOOP")), (1, 0), "the first login SELECTs");
+
+    // A new message, delivered by another client while the connection idles.
+    dovecot.append(ALICE.0, &simple("noop-3"));
+    let mut c = gateway.login(ALICE.0, ALICE.1);
+    assert_eq!(c.stat().0, 3, "the NOOP reported the new message");
+    assert!(String::from_utf8_lossy(&c.retr(3)).contains("noop-3"));
+    c.quit();
+    assert_eq!((commands("SELECT"), commands("NOOP")), (1, 1), "reused with a NOOP, not a SELECT");
+    assert_eq!(proxy.connections(), 1);
+
+    // A message expunged by another client.
+    doveadm(&dovecot, &["expunge", "-u", ALICE.0, "mailbox", "INBOX", "uid", &uids[0].to_string()]);
+    let mut c = gateway.login(ALICE.0, ALICE.1);
+    assert_eq!(c.stat().0, 2, "the NOOP reported the expunge");
+    assert!(String::from_utf8_lossy(&c.retr(1)).contains("noop-2"));
+    c.quit();
+    assert_eq!(commands("NOOP"), 2);
+
+    // A new UIDVALIDITY: never listed under the old one.
+    let before = dovecot.uidvalidity(ALICE.0);
+    let changed = before + 1000;
+    doveadm(&dovecot, &["mailbox", "update", "-u", ALICE.0, "--uid-validity", &changed.to_string(), "INBOX"]);
+    let mut c = gateway.login(ALICE.0, ALICE.1);
+    let uidls = c.uidl();
+    assert_eq!(uidls.len(), 2);
+    for (_, uidl) in &uidls {
+        assert!(uidl.ends_with(&format!("{changed:08x}")), "listed under the new UIDVALIDITY: {uidl}");
+    }
+    assert!(String::from_utf8_lossy(&c.retr(2)).contains("noop-3"));
+    c.ok("DELE 1");
+    let reply = c.quit();
+    assert!(reply.starts_with("+OK"), "{reply}");
+    assert_eq!(dovecot.uids(ALICE.0).len(), 1, "exactly the marked message removed");
+    // Dovecot answered the NOOP with `BYE IMAP session state is
+    // inconsistent, please relogin`: the connection was discarded and the
+    // login made on a new one (its SELECT; the UPDATE SELECTs again).
+    assert_eq!(proxy.connections(), 2, "a fresh connection after the BYE");
+    assert_eq!((commands("NOOP"), commands("SELECT")), (3, 3));
+}

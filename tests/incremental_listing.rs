@@ -6,8 +6,8 @@
 //! provider forgot the cursor (the fallback to a full listing).
 //!
 //! Gmail and Graph run against the stand-ins (tests/support/gmail_api.rs,
-//! graph_api.rs), which count every HTTP request. (JMAP's `Email/changes`
-//! against Cyrus is not covered here yet.)
+//! graph_api.rs), which count every HTTP request; JMAP's `Email/changes`
+//! against a real Cyrus, counted by a recording proxy.
 //! A "poll" is what the gateway does with a warm backend session: `reset`,
 //! then `list`. The full listing to compare with comes from a second
 //! backend with `listing_state_messages = 0`, which never remembers.
@@ -447,4 +447,71 @@ proptest! {
             }
         });
     }
+}
+
+// ---- JMAP against Cyrus -----------------------------------------------------
+
+/// HTTP requests popgate sent through `proxy`: one request line each
+/// (a JSON body never holds a raw CRLF, and the next request follows its
+/// body directly on the kept-alive connection).
+fn http_requests(proxy: &support::proxy::RecordingProxy) -> usize {
+    String::from_utf8_lossy(&proxy.sent()).matches(" HTTP/1.1\r\n").count()
+}
+
+/// The same target against a real Cyrus 3.6 JMAP server, its requests
+/// counted by a recording proxy between popgate and Cyrus: a warm poll of
+/// an unchanged mailbox is one request (`Email/changes` with the mailbox
+/// check in the same request), a poll after one new message at most three,
+/// and every listing equals a full one — also after a message destroyed
+/// elsewhere. Cyrus is given small limits (20 objects per `Email/get`, 4
+/// calls per request, as a large mailbox meets its defaults) so that a
+/// full listing of 120 messages takes several requests.
+#[test]
+fn jmap_cyrus_an_unchanged_poll_of_120_messages_costs_one_request() {
+    use popgate::backend::jmap::{JmapBackend, JmapConfig};
+    use support::cyrus::Cyrus;
+    const USER: &str = "alice";
+    const PASSWORD: &str = "cyrus-alice-pw";
+    let cyrus = Cyrus::start_with("jmap_max_objects_in_get: 20\njmap_max_calls_in_request: 4");
+    cyrus.add_user(USER, PASSWORD);
+    let ids: Vec<String> =
+        (0..120).map(|i| cyrus.append(USER, &messages::simple(&format!("cyrus listing {i}")))).collect();
+    let upstream = cyrus.backend_url().trim_start_matches("jmap+http://").parse().expect("Cyrus address");
+    let proxy = support::proxy::RecordingProxy::start(upstream);
+    let backend = |remembered: u64| {
+        let mut config = JmapConfig::new(format!("http://{}", proxy.addr));
+        config.listing_state_messages = remembered;
+        JmapBackend::new(config).expect("JMAP backend")
+    };
+    let (incremental, full) = (backend(1_000_000), backend(0));
+    let credentials = Credentials::password(USER, PASSWORD);
+    runtime().block_on(async {
+        let mut mailbox = incremental.open(&credentials).await.unwrap();
+        let first = mailbox.list().await.unwrap();
+        assert_eq!(first.len(), 120);
+
+        let before = http_requests(&proxy);
+        let again = poll(&mut mailbox).await;
+        assert_eq!(http_requests(&proxy) - before, 1, "an unchanged poll: one request");
+        assert_eq!(again, first);
+
+        let new = cyrus.append(USER, &messages::simple("cyrus listing, new"));
+        let before = http_requests(&proxy);
+        let listed = poll(&mut mailbox).await;
+        let cost = http_requests(&proxy) - before;
+        assert!(cost <= 3, "a poll after one new message cost {cost} requests");
+        assert_eq!(listed.len(), 121);
+        assert!(listed.iter().any(|m| m.id.0 == new), "the new message is listed");
+        assert_eq!(listed, full_listing(&full, &credentials).await);
+        let before_state = full_poll_cost(&full, &credentials, || http_requests(&proxy)).await;
+        assert!(before_state > 1, "without state a poll lists every page: {before_state}");
+        report("jmap-cyrus", 120, before_state, 1, cost);
+
+        // Destroyed by another client.
+        cyrus.jmap(USER, serde_json::json!([["Email/set", {"accountId": USER, "destroy": [ids[7]]}, "0"]]));
+        let listed = poll(&mut mailbox).await;
+        assert_eq!(listed.len(), 120);
+        assert!(!listed.iter().any(|m| m.id.0 == ids[7]));
+        assert_eq!(listed, full_listing(&full, &credentials).await);
+    });
 }

@@ -88,6 +88,10 @@ fn metrics_count_sessions_commands_logins_and_last_success() {
         "popgate_sessions_total{listener=",
         "popgate_commands_total{command=\"RETR\",result=\"ok\"} 1",
         "popgate_commands_total{command=\"DELE\",result=\"ok\"} 1",
+        // Each command's service time, from its read to its reply written.
+        "popgate_command_service_seconds_count{command=\"PASS\"} 1",
+        "popgate_command_service_seconds_count{command=\"RETR\"} 1",
+        "popgate_command_service_seconds_count{command=\"DELE\"} 1",
         "popgate_logins_total{result=\"success\",reason=\"ok\"} 1",
         "popgate_backend_operation_duration_seconds_count{backend=\"demo\",operation=\"fetch\"} 1",
         "popgate_deletions_total{result=\"committed\"} 1",

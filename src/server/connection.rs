@@ -185,11 +185,16 @@ impl<'a> Driver<'a> {
         let login_deadline = Instant::now() + Duration::from_secs(self.limits.login_timeout_secs);
         let idle = Duration::from_secs(self.limits.idle_timeout_secs);
         let mut buf = [0u8; READ_CHUNK];
+        // When the last read returned: the replies to what it brought are
+        // timed from there (`popgate_command_service_seconds`).
+        let mut read_at: Option<std::time::Instant> = None;
+        let mut answered = false;
         loop {
             // Answer every complete line already received (pipelining) before
             // reading again.
             while let Some(line) = self.reader.next_line(self.session.line_limit()) {
                 let step = self.session.on_line(line);
+                answered = true;
                 self.log_refused_login(&step);
                 if let Some(outcome) = self.perform(step).await? {
                     return Ok(outcome);
@@ -202,6 +207,11 @@ impl<'a> Driver<'a> {
                 }
             }
             self.flush().await?;
+            if let Some(read_at) = read_at.take()
+                && std::mem::take(&mut answered)
+            {
+                self.context.metrics.command_served(self.session.last_command(), read_at.elapsed());
+            }
             let deadline = if self.session.is_authenticated() {
                 Instant::now() + idle
             } else {
@@ -217,7 +227,10 @@ impl<'a> Driver<'a> {
                     return self.close_with(reply, Outcome::TimedOut).await;
                 }
                 ClientRead::Closed => return Ok(Outcome::Disconnected),
-                ClientRead::Data(n) => self.reader.push(&buf[..n]),
+                ClientRead::Data(n) => {
+                    read_at = Some(std::time::Instant::now());
+                    self.reader.push(&buf[..n]);
+                }
             }
         }
     }

@@ -138,6 +138,26 @@ pub struct ImapConfig {
     /// moving to popgate are not served their mail again (docs/BACKENDS.md).
     #[serde(default)]
     pub uidl_format: UidlFormat,
+    /// How an idle connection is brought up to date before a login reuses
+    /// it: `select` (the default: SELECT again, which re-reads UIDVALIDITY
+    /// on any server) or `noop` (NOOP: the server reports the messages
+    /// added and expunged since; about half the server's work per poll).
+    /// `noop` is for servers that end the session (BYE) or say so
+    /// (`OK [UIDVALIDITY]`) when the selected mailbox's UIDVALIDITY changes
+    /// — Dovecot does (tests/connection_sharing.rs) — because a UID under
+    /// an unannounced new UIDVALIDITY would name another message. Either
+    /// way the UPDATE state SELECTs again before removing anything.
+    #[serde(default)]
+    pub reuse_check: ReuseCheck,
+}
+
+/// `reuse_check`: what refreshes an idle connection's view of the mailbox.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReuseCheck {
+    #[default]
+    Select,
+    Noop,
 }
 
 fn default_mailbox() -> String {
@@ -173,6 +193,7 @@ impl ImapConfig {
             prefetch_bytes: default_prefetch(),
             oauth_passthrough: false,
             uidl_format: UidlFormat::default(),
+            reuse_check: ReuseCheck::default(),
         }
     }
 
@@ -405,6 +426,26 @@ impl ImapMailbox {
             read_only: matches!(reply.code, Some(ResponseCode::ReadOnly)),
             capabilities,
         })
+    }
+
+    /// `reuse_check = "noop"`: a NOOP, which makes the server report the
+    /// messages added (EXISTS) and expunged since, and proves the
+    /// connection alive. False when the server announced another
+    /// UIDVALIDITY, which only a SELECT may adopt; a BYE or a refusal is an
+    /// error (the connection is then discarded).
+    async fn noop_keeps_view(&mut self) -> Result<bool, BackendError> {
+        let mut announced = None;
+        self.conn
+            .run("NOOP", |response| {
+                if let Response::Data { outcome, .. } = response
+                    && let Some(ResponseCode::UidValidity(v)) = outcome.code
+                {
+                    announced = Some(v);
+                }
+            })
+            .await?
+            .ok_or_refused("NOOP")?;
+        Ok(announced.is_none_or(|v| v == self.selected.uidvalidity))
     }
 
     /// Selects the mailbox again and refuses to go on if its UIDVALIDITY
@@ -1179,8 +1220,13 @@ impl Mailbox for ImapMailbox {
     /// UIDVALIDITY and EXISTS and proves the connection is alive.
     async fn reset(&mut self) -> Result<(), BackendError> {
         self.backoff.check(&self.user)?;
-        let capabilities = Some(self.selected.capabilities.clone());
         let before = self.selected.uidvalidity;
+        if self.config.reuse_check == ReuseCheck::Noop && self.noop_keeps_view().await? {
+            self.sizes.clear();
+            self.listed.clear();
+            return Ok(());
+        }
+        let capabilities = Some(self.selected.capabilities.clone());
         self.selected = Self::select(&mut self.conn, &self.config, capabilities).await?;
         self.sizes.clear();
         self.listed.clear();

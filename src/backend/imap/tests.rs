@@ -897,3 +897,40 @@ fn binary_replaces_body_only_where_it_differs_by_nuls() {
     assert!(!only_nuls_differ(b"a\x80b", b"a\0"));
     assert!(!only_nuls_differ(b"abc", b"a\0c"), "NUL where BODY[] had no 0x80");
 }
+
+/// `reuse_check = "noop"`: a reset is one NOOP while the server announces
+/// nothing; a UIDVALIDITY the server announces in the NOOP's responses is
+/// adopted only through a SELECT, and the default reset is a SELECT.
+#[tokio::test]
+async fn a_noop_reset_selects_again_when_the_server_announces_another_uidvalidity() {
+    let (port, server) = mock(
+        GREETING,
+        opening(vec![
+            step("NOOP", "* 3 EXISTS\r\n{tag} OK NOOP completed\r\n"),
+            step("NOOP", "* OK [UIDVALIDITY 43] UIDs renumbered\r\n{tag} OK NOOP completed\r\n"),
+            step("SELECT \"INBOX\"", "* 1 EXISTS\r\n* OK [UIDVALIDITY 43] UIDs valid\r\n{tag} OK Select completed\r\n"),
+        ]),
+    )
+    .await;
+    let mut noop = config(port);
+    noop.reuse_check = ReuseCheck::Noop;
+    let mut mailbox = open(noop, "alice", "a\"b\\c").await.unwrap();
+    assert_eq!(mailbox.validity(), Some(42));
+    mailbox.reset().await.unwrap();
+    assert_eq!(mailbox.validity(), Some(42), "nothing announced: the view is kept");
+    mailbox.reset().await.unwrap();
+    assert_eq!(mailbox.validity(), Some(43), "the announced UIDVALIDITY adopted by a SELECT");
+    drop(mailbox);
+    let sent = server.await.unwrap();
+    let commands: Vec<&str> = sent.iter().filter_map(|line| line.split(' ').nth(1)).collect();
+    assert_eq!(commands[..5], ["LOGIN", "SELECT", "NOOP", "NOOP", "SELECT"]);
+
+    // The default: a SELECT every time.
+    let (port, server) = mock(GREETING, opening(vec![step("SELECT \"INBOX\"", SELECT_OK)])).await;
+    let mut mailbox = open(config(port), "alice", "a\"b\\c").await.unwrap();
+    mailbox.reset().await.unwrap();
+    drop(mailbox);
+    let sent = server.await.unwrap();
+    assert_eq!(sent.iter().filter(|line| line.contains(" SELECT ")).count(), 2);
+    assert!(!sent.iter().any(|line| line.contains("NOOP")));
+}
