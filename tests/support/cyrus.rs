@@ -193,22 +193,7 @@ impl Cyrus {
     }
 
     fn saslpasswd2(&self, user: &str, password: &str, create: bool) {
-        let sasldb = self.dir.path().join("sasldb2");
-        let mut child = Command::new("/usr/sbin/saslpasswd2")
-            .args(["-f"])
-            .arg(&sasldb)
-            .args(["-p", "-u", SERVERNAME])
-            .args(create.then_some("-c"))
-            .arg(user)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run saslpasswd2");
-        child.stdin.take().expect("stdin").write_all(password.as_bytes()).expect("password to saslpasswd2");
-        let output = child.wait_with_output().expect("saslpasswd2");
-        assert!(output.status.success(), "saslpasswd2 {user}: {}", String::from_utf8_lossy(&output.stderr));
-        chown_to_cyrus(&sasldb);
+        saslpasswd2(self.dir.path(), user, password, create);
     }
 
     fn password(&self, user: &str) -> String {
@@ -386,22 +371,7 @@ impl Cyrus {
 
     /// Ends master and everything it started, and reaps master.
     pub fn stop(&mut self) {
-        let Some(mut master) = self.master.take() else { return };
-        let pid = master.id() as i32;
-        // SIGTERM first: master then ends its services itself.
-        signal(pid, SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = master.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        // Whatever is left in its process group (a stuck httpd, or master
-        // itself) is ours alone: kill it.
-        signal(-pid, SIGKILL);
-        let _ = master.kill();
-        let _ = master.wait();
+        stop_master(self.master.take());
     }
 }
 
@@ -453,7 +423,7 @@ fn write_config(dir: &Path, http: SocketAddr, lmtp: SocketAddr, extra: &str) {
 
 /// master in the foreground on the configuration in `dir`, logging to
 /// `dir/master.log` (appended to, so a restart keeps what came before).
-fn spawn_master(dir: &Path) -> Child {
+pub fn spawn_master(dir: &Path) -> Child {
     let log = fs::OpenOptions::new().create(true).append(true).open(dir.join("master.log")).expect("log file");
     Command::new(Path::new(CYRUS_BIN).join("master"))
         .arg("-C")
@@ -472,6 +442,48 @@ fn spawn_master(dir: &Path) -> Child {
         .expect("run Cyrus master")
 }
 
+/// Ends a master started by `spawn_master` and everything it started, and
+/// reaps it.
+pub fn stop_master(master: Option<Child>) {
+    let Some(mut master) = master else { return };
+    let pid = master.id() as i32;
+    // SIGTERM first: master then ends its services itself.
+    signal(pid, SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = master.try_wait() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Whatever is left in its process group (a stuck httpd or imapd serving
+    // a client, or master itself) is ours alone: kill it.
+    signal(-pid, SIGKILL);
+    let _ = master.kill();
+    let _ = master.wait();
+}
+
+/// Creates (`create`) or changes a user in the sasldb of the Cyrus in
+/// `dir`, in the realm `SERVERNAME`.
+pub fn saslpasswd2(dir: &Path, user: &str, password: &str, create: bool) {
+    let sasldb = dir.join("sasldb2");
+    let mut child = Command::new("/usr/sbin/saslpasswd2")
+        .arg("-f")
+        .arg(&sasldb)
+        .args(["-p", "-u", SERVERNAME])
+        .args(create.then_some("-c"))
+        .arg(user)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run saslpasswd2");
+    child.stdin.take().expect("stdin").write_all(password.as_bytes()).expect("password to saslpasswd2");
+    let output = child.wait_with_output().expect("saslpasswd2");
+    assert!(output.status.success(), "saslpasswd2 {user}: {}", String::from_utf8_lossy(&output.stderr));
+    chown_to_cyrus(&sasldb);
+}
+
 /// A bad imapd.conf makes master exit 78 with nothing said: check it first.
 pub fn lint(dir: &Path) {
     let output = Command::new(Path::new(CYRUS_BIN).join("cyr_info"))
@@ -484,7 +496,7 @@ pub fn lint(dir: &Path) {
     assert!(output.status.success() && said.trim().is_empty(), "cyr_info conf-lint: {said}");
 }
 
-fn two_free_ports() -> (SocketAddr, SocketAddr) {
+pub fn two_free_ports() -> (SocketAddr, SocketAddr) {
     // Both bound at once, so they differ.
     let a = TcpListener::bind("127.0.0.1:0").expect("bind");
     let b = TcpListener::bind("127.0.0.1:0").expect("bind");

@@ -22,16 +22,16 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::Write;
-use std::net::{SocketAddr, TcpListener};
-use std::os::unix::process::CommandExt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::IO_TIMEOUT;
-use super::cyrus::{CYRUS_BIN, SERVERNAME, SIGKILL, SIGTERM, chown_to_cyrus, lint, signal};
+use super::cyrus::{
+    CYRUS_BIN, SERVERNAME, chown_to_cyrus, lint, saslpasswd2, spawn_master, stop_master, two_free_ports,
+};
 use super::imap::{Imap, Stored};
 use super::pop3::Pop3;
 
@@ -163,22 +163,7 @@ impl CyrusImap {
     }
 
     fn saslpasswd2(&self, user: &str, password: &str, create: bool) {
-        let sasldb = self.dir.path().join("sasldb2");
-        let mut child = Command::new("/usr/sbin/saslpasswd2")
-            .arg("-f")
-            .arg(&sasldb)
-            .args(["-p", "-u", SERVERNAME])
-            .args(create.then_some("-c"))
-            .arg(user)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run saslpasswd2");
-        child.stdin.take().expect("stdin").write_all(password.as_bytes()).expect("password to saslpasswd2");
-        let output = child.wait_with_output().expect("saslpasswd2");
-        assert!(output.status.success(), "saslpasswd2 {user}: {}", String::from_utf8_lossy(&output.stderr));
-        chown_to_cyrus(&sasldb);
+        saslpasswd2(self.dir.path(), user, password, create);
     }
 
     pub fn password(&self, user: &str) -> String {
@@ -280,21 +265,7 @@ impl CyrusImap {
 
     /// Ends master and everything it started, and reaps master.
     pub fn stop(&mut self) {
-        let Some(mut master) = self.master.take() else { return };
-        let pid = master.id() as i32;
-        signal(pid, SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = master.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        // imapd processes serving clients outlive master's SIGTERM: the
-        // whole process group goes.
-        signal(-pid, SIGKILL);
-        let _ = master.kill();
-        let _ = master.wait();
+        stop_master(self.master.take());
     }
 }
 
@@ -340,30 +311,6 @@ fn write_config(dir: &Path, bin: &Path, imap: SocketAddr, pop3: SocketAddr, extr
          EVENTS {{\n  checkpoint cmd=\"ctl_cyrusdb -C {c} -c\" period=30\n}}\n"
     );
     fs::write(dir.join("cyrus.conf"), cyrus).expect("write cyrus.conf");
-}
-
-/// master in the foreground in its own process group (see cyrus.rs).
-fn spawn_master(dir: &Path) -> Child {
-    let log = fs::OpenOptions::new().create(true).append(true).open(dir.join("master.log")).expect("log file");
-    Command::new(Path::new(CYRUS_BIN).join("master"))
-        .arg("-C")
-        .arg(dir.join("imapd.conf"))
-        .arg("-M")
-        .arg(dir.join("cyrus.conf"))
-        .arg("-p")
-        .arg(dir.join("master.pid"))
-        .process_group(0)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("dup"))
-        .stderr(log)
-        .spawn()
-        .expect("run Cyrus master")
-}
-
-fn two_free_ports() -> (SocketAddr, SocketAddr) {
-    let a = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let b = TcpListener::bind("127.0.0.1:0").expect("bind");
-    (a.local_addr().expect("addr"), b.local_addr().expect("addr"))
 }
 
 /// The first line a server at `addr` sends, if it sends one soon.
