@@ -18,6 +18,10 @@
 //!   token request open): the refresher keeps the rotated token unused until
 //!   Redis is back, stores it then; exactly one refresh, no `invalid_grant`,
 //!   every replica reads the same record, nothing deleted;
+//! - a refresh failing on one replica (the token endpoint answers 500):
+//!   the others wait out the same `retry_after_failure_secs` instead of
+//!   calling the endpoint themselves (one call in all, counted by the
+//!   stand-in), then one refresh serves everybody;
 //! - a replica killed (SIGKILL) after DELEs and before or during QUIT: only
 //!   messages the session marked may be gone, and another replica's session
 //!   sees what Dovecot holds.
@@ -38,7 +42,7 @@ use support::dovecot::Dovecot;
 use support::gateway::GatewayProcess;
 use support::haproxy::Haproxy;
 use support::messages::simple;
-use support::oauth_server::{CLIENT_SECRET, OAuthServer, http_get};
+use support::oauth_server::{CLIENT_SECRET, Fault, OAuthServer, http_get};
 use support::pop3::Dialogue as _;
 use support::pop3::Pop3;
 use support::redis::Redis;
@@ -69,6 +73,11 @@ struct World {
 
 impl World {
     fn start() -> World {
+        World::start_with(1)
+    }
+
+    /// With `retry_after_failure_secs` for the account's refreshes.
+    fn start_with(retry_after_failure_secs: u64) -> World {
         let idp = OAuthServer::start(ALICE.0);
         let dovecot = Dovecot::start_oauth(&idp.url("/introspect"), &[ALICE], "plain login xoauth2 oauthbearer");
         dovecot.append(ALICE.0, &simple("scan 1"));
@@ -141,7 +150,7 @@ authorization_url = "{idp}/authorize"
 token_url = "{idp}/token"
 scopes = ["mail"]
 redirect_uri = "http://127.0.0.1/callback"
-retry_after_failure_secs = 1
+retry_after_failure_secs = {retry_after_failure_secs}
 timeout_secs = 10
 
 {devices}
@@ -521,4 +530,33 @@ fn a_replica_killed_mid_session_deletes_nothing_unmarked() {
     assert!(seen.iter().any(|(_, uidl)| *uidl == uidls[1].1), "{seen:?}");
     pop.ok("QUIT");
     assert_eq!(world.dovecot.uids(ALICE.0).len(), after.len(), "the last session deleted nothing");
+}
+
+#[test]
+fn a_failed_refresh_holds_off_every_replica_for_the_same_backoff() {
+    const BACKOFF_SECS: u64 = 8;
+    let world = World::start_with(BACKOFF_SECS);
+    let front = world.balancer.addr;
+    // The seeded token is expired; the token endpoint is down.
+    world.idp.inject(&[Fault::ServerError; 6]);
+    for i in 0..9 {
+        assert!(!poll_or_come_back_later(front, i % DEVICES), "served without a token?");
+    }
+    for replica in &world.replicas {
+        assert!(!poll_or_come_back_later(replica.addr, 0));
+    }
+    assert_eq!(world.idp.refreshes(), 1, "one call for all replicas: {:?}", world.idp.grants());
+    let results = world.refresh_results();
+    assert_eq!(results.values().sum::<usize>(), 1, "{results:?}");
+    assert_eq!(results.get("unavailable"), Some(&1), "{results:?}");
+
+    // Once the backoff is over: one refresh, and every replica serves.
+    world.idp.clear_faults();
+    std::thread::sleep(Duration::from_secs(BACKOFF_SECS) + Duration::from_millis(700));
+    round(front, 9);
+    for replica in &world.replicas {
+        poll(replica.addr, 1);
+    }
+    assert_eq!(world.idp.refreshes(), 2, "grants: {:?}", world.idp.grants());
+    assert_eq!(world.refresh_results().get("ok"), Some(&1));
 }
