@@ -10,8 +10,8 @@
 //!   `refresh_token` (rotation: the old refresh token dies), the RFC 8628
 //!   `device_code` grant (`authorization_pending` until approved,
 //!   `slow_down` when polled too fast), `client_credentials`; errors as
-//!   RFC 6749 §5.2 JSON; injected faults (`invalid_grant`, HTTP 500) and a
-//!   delay.
+//!   RFC 6749 §5.2 JSON; injected faults (`invalid_grant`, HTTP 500), a
+//!   delay, and a gate that holds refresh requests open until released.
 //! - `POST /device` (RFC 8628 §3.1).
 //! - `POST /introspect` (RFC 7662, as Dovecot's oauth2 passdb calls it with
 //!   `introspection_mode = post`): `{"active":true,"username":…}` for live
