@@ -13,7 +13,18 @@
 //!   version), and the next expiry again refreshed exactly once;
 //! - Redis down when a token expires: nobody refreshes (no lock, no
 //!   refresh), the devices get `-ERR [SYS/TEMP]`; once Redis is back, one
-//!   refresh and service resumes; the stored refresh token is the live one.
+//!   refresh and service resumes; the stored refresh token is the live one;
+//! - Redis killed while a refresh is in flight (the stand-in holds the
+//!   token request open): the refresher keeps the rotated token unused until
+//!   Redis is back, stores it then; exactly one refresh, no `invalid_grant`,
+//!   every replica reads the same record, nothing deleted;
+//! - a refresh failing on one replica (the token endpoint answers 500):
+//!   the others wait out the same `retry_after_failure_secs` instead of
+//!   calling the endpoint themselves (one call in all, counted by the
+//!   stand-in), then one refresh serves everybody;
+//! - a replica killed (SIGKILL) after DELEs and before or during QUIT: only
+//!   messages the session marked may be gone, and another replica's session
+//!   sees what Dovecot holds.
 
 mod support;
 
@@ -31,11 +42,11 @@ use support::dovecot::Dovecot;
 use support::gateway::GatewayProcess;
 use support::haproxy::Haproxy;
 use support::messages::simple;
-use support::oauth_server::{CLIENT_SECRET, OAuthServer, http_get};
+use support::oauth_server::{CLIENT_SECRET, Fault, OAuthServer, http_get};
 use support::pop3::Dialogue as _;
 use support::pop3::Pop3;
 use support::redis::Redis;
-use support::{IO_TIMEOUT, wait_for};
+use support::{IO_TIMEOUT, Signal, send_signal, wait_for};
 
 const ALICE: (&str, &str) = ("alice", "alice-imap-password");
 const DEVICES: usize = 6;
@@ -62,6 +73,11 @@ struct World {
 
 impl World {
     fn start() -> World {
+        World::start_with(1)
+    }
+
+    /// With `retry_after_failure_secs` for the account's refreshes.
+    fn start_with(retry_after_failure_secs: u64) -> World {
         let idp = OAuthServer::start(ALICE.0);
         let dovecot = Dovecot::start_oauth(&idp.url("/introspect"), &[ALICE], "plain login xoauth2 oauthbearer");
         dovecot.append(ALICE.0, &simple("scan 1"));
@@ -134,7 +150,7 @@ authorization_url = "{idp}/authorize"
 token_url = "{idp}/token"
 scopes = ["mail"]
 redirect_uri = "http://127.0.0.1/callback"
-retry_after_failure_secs = 1
+retry_after_failure_secs = {retry_after_failure_secs}
 timeout_secs = 10
 
 {devices}
@@ -190,6 +206,23 @@ timeout_secs = 10
         ok
     }
 
+    /// Refreshes by result (`ok`, `invalid_grant`, `store_failed`, …),
+    /// summed over all replicas' metrics.
+    fn refresh_results(&self) -> std::collections::BTreeMap<String, usize> {
+        let mut results = std::collections::BTreeMap::new();
+        for replica in &self.replicas {
+            let (status, _, body) = http_get(&format!("http://{}/metrics", replica.admin_addr));
+            assert_eq!(status, 200, "{body}");
+            for line in body.lines().filter(|l| l.starts_with("popgate_oauth_refreshes_total{")) {
+                let count = line.rsplit(' ').next().unwrap().parse::<f64>().unwrap() as usize;
+                let result = line.split("result=\"").nth(1).and_then(|r| r.split('"').next()).unwrap();
+                *results.entry(result.to_string()).or_insert(0) += count;
+            }
+        }
+        results.retain(|_, count| *count > 0);
+        results
+    }
+
     /// POP3 sessions served by `replica`, from its metrics.
     fn sessions_on(&self, replica: usize) -> usize {
         let (_, _, body) = http_get(&format!("http://{}/metrics", self.replicas[replica].admin_addr));
@@ -212,6 +245,35 @@ fn poll(addr: SocketAddr, device_number: usize) {
     let body = pop.body_text();
     assert!(body.iter().any(|l| l.contains("scan 1")), "{user}: {body:?}");
     pop.ok("QUIT");
+}
+
+/// `poll`, but a refusal is returned instead of panicking: `Err(reply)`.
+fn try_poll(addr: SocketAddr, device_number: usize) -> Result<(), String> {
+    let (user, password) = device(device_number);
+    let mut pop = Pop3::connect(addr);
+    pop.ok(&format!("USER {user}"));
+    let reply = pop.cmd(&format!("PASS {password}"));
+    if !reply.starts_with("+OK") {
+        return Err(reply);
+    }
+    let stat = pop.ok("STAT");
+    assert!(stat.starts_with("+OK 2 "), "{user}: {stat}");
+    pop.ok("RETR 1");
+    let body = pop.body_text();
+    assert!(body.iter().any(|l| l.contains("scan 1")), "{user}: {body:?}");
+    pop.ok("QUIT");
+    Ok(())
+}
+
+/// `try_poll` where only `-ERR [SYS/TEMP]` may refuse; whether it served.
+fn poll_or_come_back_later(addr: SocketAddr, device_number: usize) -> bool {
+    match try_poll(addr, device_number) {
+        Ok(()) => true,
+        Err(reply) => {
+            assert!(reply.starts_with("-ERR [SYS/TEMP]"), "a refusal other than come-back-later: {reply}");
+            false
+        }
+    }
 }
 
 /// `sessions` polls through `addr`, `PARALLEL` at a time; panics (with the
@@ -349,4 +411,152 @@ fn replicas_behind_haproxy_refresh_once_per_expiry_and_survive_redis_going_away(
         let outages = log.matches("shared state store unavailable: this replica").count();
         assert!((1..=2).contains(&outages), "one line per outage (two outages), not one per login:\n{log}");
     }
+}
+
+#[test]
+fn redis_killed_during_a_refresh_loses_no_rotation_and_refreshes_once() {
+    let mut world = World::start();
+    let front = world.balancer.addr;
+    // The seeded token is expired: one refresh, then every replica holds
+    // the refreshed token.
+    round(front, 6);
+    assert_eq!(world.idp.refreshes(), 1, "grants: {:?}", world.idp.grants());
+    for replica in &world.replicas {
+        poll(replica.addr, 0);
+    }
+    let version_before: u64 = world.version().parse().unwrap();
+
+    // The token expires; replica 0's next login refreshes, and the stand-in
+    // holds that refresh open while Redis is killed.
+    next_expiry(&world);
+    world.idp.hold_refreshes();
+    let refresher = world.replicas[0].addr;
+    let first = std::thread::spawn(move || try_poll(refresher, 1));
+    wait_for("a refresh held open by the stand-in", IO_TIMEOUT, || (world.idp.refreshes_held() == 1).then_some(()));
+    world.redis.stop();
+    world.idp.release_refreshes();
+    // The rotated token cannot be stored: the device is told to come back,
+    // the new token is not used (the old refresh token is already dead).
+    if let Err(reply) = first.join().expect("the first session") {
+        assert!(reply.starts_with("-ERR [SYS/TEMP]"), "{reply}");
+    }
+    assert_eq!(world.idp.refreshes(), 2);
+    // Meanwhile the other replicas cannot take the lock: nobody refreshes.
+    for replica in &world.replicas[1..] {
+        assert!(!poll_or_come_back_later(replica.addr, 2), "served on a token Dovecot refuses?");
+    }
+    assert_eq!(world.idp.refreshes(), 2, "no refresh while Redis is down");
+
+    world.redis.restart();
+    // `retry_after_secs`: the replicas ask the store again a second later.
+    std::thread::sleep(Duration::from_millis(1_500));
+    // Service resumes: the refresher stores the token it kept, the others
+    // read it (any of them may first answer "come back later" while the
+    // refresher has not yet been asked for a login).
+    let mut served = [false; 3];
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while served.iter().any(|s| !s) {
+        assert!(std::time::Instant::now() < deadline, "service did not resume: {served:?}");
+        for (i, replica) in world.replicas.iter().enumerate() {
+            served[i] |= poll_or_come_back_later(replica.addr, i);
+        }
+    }
+    round(front, 9);
+
+    assert_eq!(world.idp.refreshes(), 2, "exactly one refresh for the expiry: {:?}", world.idp.grants());
+    let results = world.refresh_results();
+    assert_eq!(results.get("ok"), Some(&1), "{results:?}");
+    assert_eq!(results.get("invalid_grant"), None, "{results:?}");
+    assert!(results.keys().all(|r| r == "ok" || r == "store_failed"), "{results:?}");
+    let version_after: u64 = world.version().parse().unwrap();
+    assert_eq!(version_after, version_before + 1, "one write: the refreshed token");
+    let stored = world.stored();
+    assert!(world.idp.refresh_active(stored.refresh_token.as_ref().unwrap().expose()), "the live refresh token");
+    assert!(world.idp.access_active(stored.access_token.expose()));
+    // Every replica reads the same record (each serves on it, directly).
+    for replica in &world.replicas {
+        poll(replica.addr, 3);
+    }
+    assert_eq!(world.idp.refreshes(), 2);
+    assert_eq!(world.dovecot.messages(ALICE.0).len(), 2, "nothing deleted");
+    for replica in &world.replicas {
+        assert_no_token_in(&replica.log(), &world, "a replica's log");
+    }
+}
+
+#[test]
+fn a_replica_killed_mid_session_deletes_nothing_unmarked() {
+    let world = World::start();
+    let front = world.balancer.addr;
+    round(front, 3);
+    let (user, password) = device(0);
+    let before = world.dovecot.uids(ALICE.0);
+    assert_eq!(before.len(), 2);
+
+    // DELE both, then the replica dies before QUIT: nothing was committed.
+    let mut pop = Pop3::login(world.replicas[0].addr, &user, &password);
+    let uidls = pop.uidl();
+    pop.ok("DELE 1");
+    pop.ok("DELE 2");
+    assert!(send_signal(world.replicas[0].pid(), Signal::Kill));
+    pop.expect_closed();
+    let after = world.dovecot.messages(ALICE.0);
+    assert_eq!(after.iter().map(|m| m.uid).collect::<Vec<_>>(), before, "nothing deleted");
+    assert!(after.iter().all(|m| !m.is_deleted()), "no \\Deleted flag without QUIT: {after:?}");
+    // Another replica's session sees both, under the same UIDLs.
+    let mut pop = Pop3::login(world.replicas[1].addr, &user, &password);
+    assert_eq!(pop.stat().0, 2);
+    assert_eq!(pop.uidl(), uidls);
+    pop.ok("QUIT");
+
+    // DELE 1 only, QUIT sent and the replica killed at once: message 1 may
+    // be gone (if the UPDATE ran) or not, message 2 must stay.
+    let mut pop = Pop3::login(world.replicas[1].addr, &user, &password);
+    pop.ok("DELE 1");
+    pop.send("QUIT");
+    assert!(send_signal(world.replicas[1].pid(), Signal::Kill));
+    drop(pop);
+    let after = world.dovecot.messages(ALICE.0);
+    let live: Vec<u32> = after.iter().filter(|m| !m.is_deleted()).map(|m| m.uid).collect();
+    assert!(live.contains(&before[1]), "the unmarked message survived: {after:?}");
+    assert!(after.iter().all(|m| m.uid == before[1] || m.uid == before[0]), "{after:?}");
+    // The surviving replica's session sees what Dovecot holds, message 2
+    // always, under its UIDL.
+    let mut pop = Pop3::login(world.replicas[2].addr, &user, &password);
+    let seen = pop.uidl();
+    // (A message the dying UPDATE flagged but did not expunge may or may
+    // not be listed; it was marked, so its loss would be no violation.)
+    assert!(seen.len() == live.len() || seen.len() == after.len(), "{seen:?} vs {after:?}");
+    assert!(seen.iter().any(|(_, uidl)| *uidl == uidls[1].1), "{seen:?}");
+    pop.ok("QUIT");
+    assert_eq!(world.dovecot.uids(ALICE.0).len(), after.len(), "the last session deleted nothing");
+}
+
+#[test]
+fn a_failed_refresh_holds_off_every_replica_for_the_same_backoff() {
+    const BACKOFF_SECS: u64 = 8;
+    let world = World::start_with(BACKOFF_SECS);
+    let front = world.balancer.addr;
+    // The seeded token is expired; the token endpoint is down.
+    world.idp.inject(&[Fault::ServerError; 6]);
+    for i in 0..9 {
+        assert!(!poll_or_come_back_later(front, i % DEVICES), "served without a token?");
+    }
+    for replica in &world.replicas {
+        assert!(!poll_or_come_back_later(replica.addr, 0));
+    }
+    assert_eq!(world.idp.refreshes(), 1, "one call for all replicas: {:?}", world.idp.grants());
+    let results = world.refresh_results();
+    assert_eq!(results.values().sum::<usize>(), 1, "{results:?}");
+    assert_eq!(results.get("unavailable"), Some(&1), "{results:?}");
+
+    // Once the backoff is over: one refresh, and every replica serves.
+    world.idp.clear_faults();
+    std::thread::sleep(Duration::from_secs(BACKOFF_SECS) + Duration::from_millis(700));
+    round(front, 9);
+    for replica in &world.replicas {
+        poll(replica.addr, 1);
+    }
+    assert_eq!(world.idp.refreshes(), 2, "grants: {:?}", world.idp.grants());
+    assert_eq!(world.refresh_results().get("ok"), Some(&1));
 }

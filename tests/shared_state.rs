@@ -8,7 +8,9 @@
 //!   a single body;
 //! - Redis down (at start-up, and again after it came back): logins go on
 //!   with each replica's local state, failures are answered as always, the
-//!   outage is logged once, and counting resumes when Redis is back.
+//!   outage is logged once, and counting resumes when Redis is back;
+//! - a provider's hold and Outlook's per-mailbox request budget are one for
+//!   all replicas (counted by the stand-ins).
 
 mod support;
 
@@ -248,4 +250,85 @@ fn a_providers_hold_seen_by_one_replica_holds_off_the_others() {
     let reply = login_reply(&b);
     assert!(reply.starts_with("-ERR [SYS/TEMP]"), "{reply}");
     assert_eq!(api.seen().len(), 1, "B did not call Gmail: A's hold holds it off");
+}
+
+/// Outlook's per-app-and-mailbox budget (`mailbox_requests_per_window`)
+/// is one budget for all replicas: two gateways sharing Redis, polling in
+/// turn, send the Graph stand-in at most the budget between them, and once
+/// it is spent neither sends anything more (the devices get
+/// `-ERR [SYS/TEMP]`). Lone replicas would each send the whole budget.
+#[test]
+fn graphs_mailbox_request_budget_is_spent_once_across_replicas() {
+    use std::sync::Arc;
+
+    use popgate::backend::graph::{GraphBackend, GraphConfig};
+    use popgate::config::Config;
+    use support::gateway::Gateway;
+    use support::graph_api::{GraphApi, TokenKind, UPN};
+    use support::token_router::TokenRouter;
+
+    const DEVICE: (&str, &str) = ("scanner", "device-secret");
+    const BUDGET: usize = 10;
+    let redis = Redis::start();
+    let api = GraphApi::start();
+    api.add(&simple("budgeted"));
+    let replica = || {
+        let config = GraphConfig {
+            api_base: api.base_url.clone(),
+            max_retry_wait_secs: 5,
+            mailbox_requests_per_window: BUDGET as u64,
+            // A day: no window ends during the test.
+            mailbox_window_secs: 86_400,
+            ..GraphConfig::default()
+        };
+        let backend = Arc::new(GraphBackend::new(config).unwrap_or_else(|e| panic!("{e}")));
+        let kind = TokenKind::Delegated;
+        let router = TokenRouter::new(backend, DEVICE, UPN, api.issue_token(kind), api.issuer(kind));
+        let mut config = Config::default();
+        config.state.url = Some(redis.url());
+        config.state.command_timeout_ms = 10_000;
+        config.state.connect_timeout_ms = 10_000;
+        Gateway::routed(config, router)
+    };
+    let replicas = [replica(), replica()];
+    // One poll; whether it was served in full.
+    let poll = |gateway: &Gateway| -> bool {
+        let mut pop = gateway.connect();
+        pop.ok(&format!("USER {}", DEVICE.0));
+        let reply = pop.cmd(&format!("PASS {}", DEVICE.1));
+        if !reply.starts_with("+OK") {
+            assert!(reply.starts_with("-ERR [SYS/TEMP]"), "{reply}");
+            return false;
+        }
+        let reply = pop.cmd("RETR 1");
+        if !reply.starts_with("+OK") {
+            assert!(reply.starts_with("-ERR [SYS/TEMP]"), "{reply}");
+            pop.cmd("QUIT");
+            return false;
+        }
+        let body = pop.body_text();
+        assert!(body.iter().any(|l| l.contains("budgeted")), "{body:?}");
+        pop.ok("QUIT");
+        true
+    };
+
+    let mut served = [0usize; 2];
+    let mut turn = 0;
+    while poll(&replicas[turn % 2]) {
+        served[turn % 2] += 1;
+        turn += 1;
+        assert!(turn <= BUDGET, "still serving after {turn} polls: the budget is not enforced");
+    }
+    assert!(served[0] >= 1 && served[1] >= 1, "both replicas served before the budget ran out: {served:?}");
+    let sent = api.requests();
+    assert!(sent <= BUDGET, "{sent} requests reached Graph, more than the shared budget of {BUDGET}");
+    // Spent: neither replica sends anything more.
+    for gateway in &replicas {
+        for _ in 0..2 {
+            assert!(!poll(gateway));
+        }
+    }
+    assert_eq!(api.requests(), sent, "nothing sent once the budget is spent");
+    let keys = redis.command(&["KEYS", "popgate:requests:*"]);
+    assert!(keys.contains(UPN), "the budget is counted in Redis: {keys}");
 }

@@ -314,6 +314,76 @@ impl Holds {
     }
 }
 
+/// A provider's request budget per account: at most `requests` in each
+/// `window` (Outlook: 10 000 requests per 10 minutes per app and mailbox).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestBudget {
+    pub requests: u64,
+    pub window: Duration,
+}
+
+/// Where request budgets are counted with other replicas: the server plugs
+/// the shared state store in (`share_budgets`); the backends never see the
+/// store itself.
+#[async_trait::async_trait]
+pub trait SharedBudgets: Send + Sync {
+    /// Adds `n` to the count under `key`, which expires after `ttl`; the
+    /// total, or `None` when the store cannot count now.
+    async fn spend(&self, key: &str, n: u64, ttl: Duration) -> Option<u64>;
+}
+
+static SHARED_BUDGETS: std::sync::OnceLock<Arc<dyn SharedBudgets>> = std::sync::OnceLock::new();
+
+/// Counts every process's request budgets through `shared` (set once, at
+/// start-up).
+pub fn share_budgets(shared: Arc<dyn SharedBudgets>) {
+    let _ = SHARED_BUDGETS.set(shared);
+}
+
+/// Requests spent per account in fixed windows of `budget.window`: across
+/// replicas when a shared state store is configured (`share_budgets`), in
+/// this process alone otherwise or while the store is unreachable.
+#[derive(Clone)]
+pub struct Budgets {
+    budget: RequestBudget,
+    local: moka::sync::Cache<String, Arc<std::sync::atomic::AtomicU64>>,
+}
+
+impl Budgets {
+    pub fn new(budget: RequestBudget) -> Budgets {
+        let window = budget.window.max(Duration::from_secs(1));
+        let local = moka::sync::Cache::builder().max_capacity(100_000).time_to_live(window * 2).build();
+        Budgets { budget: RequestBudget { window, ..budget }, local }
+    }
+
+    /// Takes `n` requests from `account`'s budget in the current window;
+    /// `Err(wait)` until the window ends once it is spent (then nothing may
+    /// be sent).
+    pub async fn spend(&self, account: &str, n: u64) -> Result<(), Duration> {
+        let window = self.budget.window.as_secs().max(1);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+        let index = now / window;
+        let ends_in = Duration::from_secs((index + 1) * window - now);
+        let key = format!("requests:{}:{account}:{index}", account.len());
+        let shared = match SHARED_BUDGETS.get() {
+            Some(shared) => shared.spend(&key, n, Duration::from_secs(window) + Duration::from_secs(60)).await,
+            None => None,
+        };
+        let total = match shared {
+            Some(total) => total,
+            None => {
+                let counter = self.local.get_with(key, Default::default);
+                counter.fetch_add(n, std::sync::atomic::Ordering::SeqCst) + n
+            }
+        };
+        if total > self.budget.requests { Err(ends_in) } else { Ok(()) }
+    }
+
+    pub fn budget(&self) -> RequestBudget {
+        self.budget
+    }
+}
+
 /// Error bodies are read only this far (they are small JSON objects).
 const ERROR_BODY_LIMIT: usize = 64 * 1024;
 

@@ -208,6 +208,23 @@ impl crate::backend::http::SharedHolds for SharedProviderHolds {
     }
 }
 
+/// Providers' request budgets (Outlook's per-mailbox requests per window)
+/// counted in the shared state store, so that replicas spend one budget.
+struct SharedRequestBudgets(Arc<dyn SharedState>);
+
+#[async_trait::async_trait]
+impl crate::backend::http::SharedBudgets for SharedRequestBudgets {
+    async fn spend(&self, key: &str, n: u64, ttl: Duration) -> Option<u64> {
+        match self.0.add(key, n, ttl).await {
+            Ok(total) => Some(total),
+            Err(e) => {
+                tracing::debug!(error = %e, "request budget counted by this replica alone");
+                None
+            }
+        }
+    }
+}
+
 /// Keeps `popgate_state_up` current until the server stops. The store
 /// itself logs each outage once, when it starts and when it ends.
 async fn report_state_store(shared: Arc<dyn SharedState>, metrics: Arc<Metrics>, mut stop: watch::Receiver<bool>) {
@@ -256,6 +273,7 @@ impl Server {
             sizes = sizes.shared_with(Arc::new(SharedSizes { shared: shared.clone(), ttl }));
             throttle = throttle.shared_with(shared.clone());
             crate::backend::http::share_holds(Arc::new(SharedProviderHolds(shared.clone())));
+            crate::backend::http::share_budgets(Arc::new(SharedRequestBudgets(shared.clone())));
             tokio::spawn(report_state_store(shared, metrics.clone(), stop_rx.clone()));
         }
         let context = Arc::new(Context {

@@ -47,6 +47,12 @@ pub trait SharedState: Send + Sync {
     /// (re)sets its expiry to `ttl`, atomically for all of them; returns the
     /// new counts in order. Parallel increments from any replica all count.
     async fn increment(&self, keys: &[String], ttl: Duration) -> Result<Vec<u64>, StateError>;
+    /// Adds `n` to the number under `key` (a missing key counts from zero)
+    /// and (re)sets its expiry to `ttl`, atomically; returns the new count.
+    async fn add(&self, key: &str, n: u64, ttl: Duration) -> Result<u64, StateError> {
+        let keys = vec![key.to_string(); n.clamp(1, 1_000) as usize];
+        Ok(self.increment(&keys, ttl).await?.last().copied().unwrap_or(0))
+    }
     /// The numbers under `keys`, in order (`None`: missing or expired).
     async fn get(&self, keys: &[String]) -> Result<Vec<Option<u64>>, StateError>;
     /// Sets each `(key, value)`, each expiring after `ttl`.

@@ -260,6 +260,15 @@ impl SharedState for RedisState {
         self.run(&pipe).await
     }
 
+    async fn add(&self, key: &str, n: u64, ttl: Duration) -> Result<u64, StateError> {
+        let key = self.key(key);
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        pipe.incr(&key, n).pexpire(&key, millis(ttl) as i64).ignore();
+        let counts: Vec<u64> = self.run(&pipe).await?;
+        Ok(counts.first().copied().unwrap_or(0))
+    }
+
     async fn get(&self, keys: &[String]) -> Result<Vec<Option<u64>>, StateError> {
         if keys.is_empty() {
             return Ok(Vec::new());

@@ -16,8 +16,12 @@ use crate::memory_use;
 pub use crate::support::gateway::Gateway as Popgate;
 
 /// Serves `config` (its first listener, moved to 127.0.0.1:0) with logins
-/// routed by `router`.
-pub fn start(config: Config, router: Arc<dyn Router>) -> Popgate {
+/// routed by `router`; with `[state] url` set to the fixture's Redis when it
+/// has one (`fixture::WithRedis`).
+pub fn start(mut config: Config, router: Arc<dyn Router>) -> Popgate {
+    if let Some(url) = crate::fixture::state_url() {
+        config.state.url = Some(url);
+    }
     Popgate::routed_with_hook(config, router, memory_use::count_this_thread)
 }
 

@@ -3,7 +3,9 @@
 //! (`fixture/`: the in-memory store, Dovecot and Cyrus over IMAP, Cyrus over
 //! JMAP, and
 //! the Gmail API and Microsoft Graph stand-ins), so that every backend is
-//! held to the same behaviour as the in-memory reference.
+//! held to the same behaviour as the in-memory reference; the in-memory
+//! store and Dovecot once more with state shared through Redis
+//! (`memory_redis`, `dovecot_redis`).
 //!
 //! # Layout
 //! - `fixture/`: the `Fixture` trait — start a store with one user, fill it,
@@ -76,10 +78,15 @@ battery!(cyrus, crate::fixture::CyrusFixture);
 battery!(cyrus_imap, crate::fixture::CyrusImapFixture);
 battery!(gmail, crate::fixture::GmailFixture);
 battery!(graph, crate::fixture::GraphFixture);
+// The same scenarios with `[state] url` pointing at a Redis of the test's
+// own: the embedded default and the shared store must behave alike.
+battery!(memory_redis, crate::fixture::WithRedis<crate::fixture::MemoryFixture>);
+battery!(dovecot_redis, crate::fixture::WithRedis<crate::fixture::DovecotFixture>);
 
 /// A scenario written but missing from `battery!` would silently not run.
 #[test]
 fn battery_runs_every_scenario() {
+    assert_eq!(memory::SCENARIOS, memory_redis::SCENARIOS);
     let written: Vec<&str> = include_str!("scenarios.rs")
         .lines()
         .filter_map(|line| line.strip_prefix("pub fn ")?.split_once("<F: Fixture>()").map(|(name, _)| name))

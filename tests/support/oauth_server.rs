@@ -10,8 +10,8 @@
 //!   `refresh_token` (rotation: the old refresh token dies), the RFC 8628
 //!   `device_code` grant (`authorization_pending` until approved,
 //!   `slow_down` when polled too fast), `client_credentials`; errors as
-//!   RFC 6749 §5.2 JSON; injected faults (`invalid_grant`, HTTP 500) and a
-//!   delay.
+//!   RFC 6749 §5.2 JSON; injected faults (`invalid_grant`, HTTP 500), a
+//!   delay, and a gate that holds refresh requests open until released.
 //! - `POST /device` (RFC 8628 §3.1).
 //! - `POST /introspect` (RFC 7662, as Dovecot's oauth2 passdb calls it with
 //!   `introspection_mode = post`): `{"active":true,"username":…}` for live
@@ -102,6 +102,10 @@ struct State {
     /// grant_type of every /token request, in order.
     grants: Vec<String>,
     introspections: u64,
+    /// While set, refresh requests are held open (after being counted)
+    /// until the test releases them; `held` is how many wait now.
+    gate_closed: bool,
+    held: usize,
 }
 
 pub struct OAuthServer {
@@ -204,6 +208,22 @@ impl OAuthServer {
 
     pub fn introspections(&self) -> u64 {
         self.lock().introspections
+    }
+
+    /// From now on a `refresh_token` request is counted and then held open
+    /// (no answer) until `release_refreshes`: a refresh caught in flight.
+    pub fn hold_refreshes(&self) {
+        self.lock().gate_closed = true;
+    }
+
+    /// How many refresh requests are held open right now.
+    pub fn refreshes_held(&self) -> usize {
+        self.lock().held
+    }
+
+    /// Lets the held refresh requests (and later ones) be answered.
+    pub fn release_refreshes(&self) {
+        self.lock().gate_closed = false;
     }
 
     /// Approves a pending device authorization (the user typed the code).
@@ -375,6 +395,9 @@ fn token(stream: &TcpStream, request: &Request, shared: &Mutex<State>) {
     let form = &request.form;
     let grant = form.get("grant_type").cloned().unwrap_or_default();
     state.grants.push(grant.clone());
+    if grant == "refresh_token" && state.gate_closed {
+        state = hold_at_gate(shared, state);
+    }
     if let Some(fault) = state.faults.pop_front() {
         drop(state);
         return match fault {
@@ -469,6 +492,22 @@ fn token(stream: &TcpStream, request: &Request, shared: &Mutex<State>) {
             "scope": "mail",
         }),
     );
+}
+
+/// Waits (polling, bounded by `IO_TIMEOUT`) until the gate opens.
+fn hold_at_gate<'a>(
+    shared: &'a Mutex<State>,
+    mut state: std::sync::MutexGuard<'a, State>,
+) -> std::sync::MutexGuard<'a, State> {
+    state.held += 1;
+    let deadline = Instant::now() + IO_TIMEOUT;
+    while state.gate_closed && Instant::now() < deadline {
+        drop(state);
+        std::thread::sleep(Duration::from_millis(10));
+        state = shared.lock().unwrap();
+    }
+    state.held -= 1;
+    state
 }
 
 fn device(stream: &TcpStream, request: &Request, state: &Mutex<State>) {

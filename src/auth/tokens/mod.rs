@@ -175,6 +175,22 @@ pub trait TokenStore: Send + Sync {
     fn refresh_wait(&self) -> Duration {
         Duration::ZERO
     }
+
+    /// Tells every process sharing this store that refreshing `account`
+    /// failed and must not be tried again for `wait` (a store one process
+    /// owns has no one to tell: its token source remembers it itself).
+    /// Best effort: a store that cannot take it leaves each process to its
+    /// own backoff.
+    async fn note_refresh_failure(&self, account: &str, wait: Duration) {
+        let _ = (account, wait);
+    }
+
+    /// How long another process's failed refresh still asks `account` to
+    /// wait, if at all.
+    async fn refresh_backoff(&self, account: &str) -> Option<Duration> {
+        let _ = account;
+        None
+    }
 }
 
 /// A held refresh lock; for a shared store, its key and fencing token.

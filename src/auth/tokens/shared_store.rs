@@ -23,6 +23,9 @@ use crate::state::{SharedState, StateConfig, StateError};
 
 const RECORD_PREFIX: &str = "token:";
 const LOCK_PREFIX: &str = "token-refresh:";
+/// Until when (Unix milliseconds) a failed refresh asks every replica not
+/// to call the token endpoint; the key expires with it.
+const BACKOFF_PREFIX: &str = "token-backoff:";
 const AAD_PREFIX: &[u8] = b"popgate-token\x00v1\x00";
 /// `popgate oauth status` lists at most this many accounts.
 const MAX_ACCOUNTS: usize = 100_000;
@@ -173,6 +176,25 @@ impl TokenStore for SharedTokenStore {
     fn refresh_wait(&self) -> Duration {
         self.wait
     }
+
+    async fn note_refresh_failure(&self, account: &str, wait: Duration) {
+        let until = now_millis().saturating_add(wait.as_millis() as u64);
+        let key = format!("{BACKOFF_PREFIX}{}:{account}", account.len());
+        if let Err(e) = self.shared.set(&[(key, until)], wait.max(Duration::from_millis(1))).await {
+            tracing::debug!(account = %account, error = %e, "refresh backoff not shared");
+        }
+    }
+
+    async fn refresh_backoff(&self, account: &str) -> Option<Duration> {
+        let key = format!("{BACKOFF_PREFIX}{}:{account}", account.len());
+        let until = self.shared.get(&[key]).await.ok()?.into_iter().next()??;
+        let left = until.checked_sub(now_millis()).filter(|left| *left > 0)?;
+        Some(Duration::from_millis(left))
+    }
+}
+
+fn now_millis() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 #[cfg(test)]

@@ -11,7 +11,10 @@
 //! Failure: the device gets `-ERR [SYS/TEMP]` (unless the old access token
 //! is still valid), one clear log line says what to do, the refreshes
 //! metric counts it, and the provider is not asked again for
-//! `retry_after_failure_secs`. The stored token is never deleted.
+//! `retry_after_failure_secs` — by any replica: the wait is written to a
+//! shared store before its refresh lock is given back, and a replica that
+//! takes the lock looks for it before calling the token endpoint. The
+//! stored token is never deleted.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -316,6 +319,15 @@ impl TokenSource {
         let current = state.current.clone();
         let last_resort =
             current.as_ref().filter(|c| Self::still_valid(c, refused, now)).map(|c| c.access_token.clone());
+        // Another replica's refresh failed moments ago: wait as it does,
+        // instead of asking the provider again from here.
+        if let Some(left) = self.store.refresh_backoff(account).await {
+            self.store.unlock_refresh(lock).await;
+            let why = format!("another replica's token refresh failed; no refresh for {}s more", left.as_secs().max(1));
+            tracing::info!(account = %account, wait_ms = left.as_millis() as u64, "{why}");
+            state.failed = Some((Instant::now(), why.clone(), left));
+            return last_resort.ok_or_else(|| TokenSourceError::RefreshFailed { account: account.clone(), why });
+        }
         let previous_refresh = current.as_ref().and_then(|c| c.refresh_token.clone());
         let requested = match self.client.grant {
             Grant::ClientCredentials => self.client.client_credentials().await,
@@ -379,7 +391,6 @@ impl TokenSource {
                 }
             }
             Err(e) => {
-                self.store.unlock_refresh(lock).await;
                 metrics.oauth_refresh(account, e.metric_result());
                 let still = if last_resort.is_some() {
                     "; the current access token is still valid and stays in use"
@@ -407,6 +418,12 @@ impl TokenSource {
                     ),
                 }
                 state.failed = Some((Instant::now(), e.to_string(), wait));
+                // Shared before the lock is given back, so that the next
+                // replica to take it finds the wait.
+                if !wait.is_zero() {
+                    self.store.note_refresh_failure(account, wait).await;
+                }
+                self.store.unlock_refresh(lock).await;
                 last_resort
                     .ok_or_else(|| TokenSourceError::RefreshFailed { account: account.clone(), why: e.to_string() })
             }
@@ -597,6 +614,88 @@ mod tests {
         assert_eq!(count.load(Ordering::SeqCst), 2);
         let stored = store(shared).load("acct").await.unwrap().unwrap();
         assert_eq!(stored.refresh_token.unwrap().expose(), "r2");
+    }
+
+    /// A token endpoint that answers every request with HTTP 500.
+    async fn failing_endpoint() -> (String, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/token", listener.local_addr().unwrap());
+        let count = Arc::new(AtomicUsize::new(0));
+        let asked = count.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut socket, _)) = listener.accept().await else { return };
+                let asked = asked.clone();
+                tokio::spawn(async move {
+                    let mut request = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !String::from_utf8_lossy(&request).contains("grant_type=") {
+                        let n = socket.read(&mut buf).await.unwrap();
+                        if n == 0 {
+                            return;
+                        }
+                        request.extend_from_slice(&buf[..n]);
+                    }
+                    asked.fetch_add(1, Ordering::SeqCst);
+                    let body = "<html>down</html>";
+                    let response = format!(
+                        "HTTP/1.1 500 Internal Server Error\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = socket.write_all(response.as_bytes()).await;
+                });
+            }
+        });
+        (url, count)
+    }
+
+    /// A refresh that failed on one "replica" holds the others off for the
+    /// same `retry_after_failure_secs`: one call to the token endpoint.
+    #[tokio::test]
+    async fn a_failed_refresh_backs_off_every_replica_sharing_the_store() {
+        use crate::state::memory::MemoryState;
+        use crate::state::{SharedState, StateConfig};
+        let (url, count) = failing_endpoint().await;
+        let config: OAuthConfig = toml::from_str(&format!(
+            "provider = \"generic\"\nclient_id = \"c\"\ntoken_url = \"{url}\"\nscopes = [\"mail\"]"
+        ))
+        .unwrap();
+        let shared: Arc<dyn SharedState> = Arc::new(MemoryState::new(100));
+        let key = super::super::StoreKey::generate_text();
+        let store = |shared: Arc<dyn SharedState>| -> Arc<dyn TokenStore> {
+            let key = super::super::StoreKey::from_text(&key).unwrap();
+            Arc::new(super::super::SharedTokenStore::new(shared, key, &StateConfig::default(), None))
+        };
+        let expired = StoredToken {
+            access_token: Secret::new("a0"),
+            refresh_token: Some(Secret::new("r0")),
+            expires_at: Some(unix_now() - 1),
+            obtained_at: unix_now() - 3600,
+            scope: None,
+        };
+        store(shared.clone()).save("acct", &expired).await.unwrap();
+        let replica = |shared: Arc<dyn SharedState>| {
+            let settings = TokenSourceSettings {
+                may_refresh: true,
+                margin: Duration::from_secs(60),
+                retry_after: Duration::from_secs(30),
+            };
+            TokenSource::new(
+                "acct".into(),
+                OAuthClient::new(&config).unwrap(),
+                store(shared),
+                settings,
+                Arc::new(Metrics::new()),
+            )
+        };
+        let replicas: Vec<TokenSource> = (0..3).map(|_| replica(shared.clone())).collect();
+        for source in &replicas {
+            for _ in 0..3 {
+                let e = source.access_token().await.unwrap_err();
+                assert!(matches!(e, TokenSourceError::RefreshFailed { .. }), "{e}");
+            }
+        }
+        assert_eq!(count.load(Ordering::SeqCst), 1, "one call to the token endpoint for all three");
     }
 
     #[tokio::test]

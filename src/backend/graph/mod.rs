@@ -95,6 +95,22 @@ pub struct GraphConfig {
     /// Seconds a mailbox's remembered listing is kept unused.
     #[serde(default = "states::default_state_idle_secs")]
     pub listing_state_idle_secs: u64,
+    /// Requests per mailbox in each `mailbox_window_secs` (Outlook allows an
+    /// app 10 000 per mailbox per 10 minutes), counted across replicas when
+    /// `[state] url` is set; once spent, devices get `-ERR [SYS/TEMP]`
+    /// instead of requests being sent.
+    #[serde(default = "default_mailbox_requests")]
+    pub mailbox_requests_per_window: u64,
+    #[serde(default = "default_mailbox_window")]
+    pub mailbox_window_secs: u64,
+}
+
+fn default_mailbox_requests() -> u64 {
+    10_000
+}
+
+fn default_mailbox_window() -> u64 {
+    600
 }
 
 fn default_api_base() -> String {
@@ -123,6 +139,8 @@ impl Default for GraphConfig {
             ca_file: None,
             listing_state_messages: states::default_state_messages(),
             listing_state_idle_secs: states::default_state_idle_secs(),
+            mailbox_requests_per_window: default_mailbox_requests(),
+            mailbox_window_secs: default_mailbox_window(),
         }
     }
 }
@@ -149,6 +167,8 @@ impl GraphConfig {
         InvalidSetting::bounded("max_retry_wait_secs", self.max_retry_wait_secs, 1..=3_600)?;
         InvalidSetting::bounded("max_retries", self.max_retries, 0..=10)?;
         states::check_settings(self.listing_state_messages, self.listing_state_idle_secs)?;
+        InvalidSetting::bounded("mailbox_requests_per_window", self.mailbox_requests_per_window, 1..=1_000_000)?;
+        InvalidSetting::bounded("mailbox_window_secs", self.mailbox_window_secs, 1..=86_400)?;
         if self.delete_policy == GraphDeletePolicy::PermanentDelete
             && let Some(cloud) = national_cloud(&self.api_base)
         {
@@ -219,7 +239,12 @@ impl GraphBackend {
         config.check().map_err(http::api::config_error)?;
         let retry =
             RetryPolicy { retries: config.max_retries, max_wait: Duration::from_secs(config.max_retry_wait_secs) };
-        let endpoint = Endpoint::new(&config.api_base, config.ca_file.as_deref(), config.timeout_secs, retry)?;
+        let budget = http::RequestBudget {
+            requests: config.mailbox_requests_per_window,
+            window: Duration::from_secs(config.mailbox_window_secs),
+        };
+        let endpoint =
+            Endpoint::new(&config.api_base, config.ca_file.as_deref(), config.timeout_secs, retry)?.with_budget(budget);
         let listings = ListingStates::new(config.listing_state_messages, config.listing_state_idle_secs);
         Ok(GraphBackend { config, endpoint, listings })
     }

@@ -35,6 +35,49 @@ fn config_defaults_and_checks() {
     assert!(ok.check().is_ok());
 }
 
+/// Outlook's per-mailbox budget: 10 000 requests per 600 s by default,
+/// accepted at its bounds and refused by name one past them.
+#[test]
+fn the_mailbox_request_budget_is_bounded() {
+    let config = GraphConfig::default();
+    assert_eq!((config.mailbox_requests_per_window, config.mailbox_window_secs), (10_000, 600));
+    for (requests, window, fine) in [
+        (1, 1, true),
+        (1_000_000, 86_400, true),
+        (0, 600, false),
+        (1_000_001, 600, false),
+        (10_000, 0, false),
+        (10_000, 86_401, false),
+    ] {
+        let config = GraphConfig {
+            mailbox_requests_per_window: requests,
+            mailbox_window_secs: window,
+            ..GraphConfig::default()
+        };
+        match config.check() {
+            Ok(()) => assert!(fine, "{requests}/{window} accepted"),
+            Err(e) => {
+                assert!(!fine, "{requests}/{window} refused: {e}");
+                let key = if requests == 10_000 { "mailbox_window_secs" } else { "mailbox_requests_per_window" };
+                assert_eq!(e.key, key);
+            }
+        }
+    }
+}
+
+/// Without a shared store, a process counts the budget itself: once it is
+/// spent, nothing more is allowed until the window ends.
+#[tokio::test]
+async fn a_spent_budget_refuses_until_the_window_ends() {
+    let budgets = http::Budgets::new(http::RequestBudget { requests: 5, window: Duration::from_secs(86_400) });
+    assert!(budgets.spend("alice@contoso.com", 1).await.is_ok());
+    assert!(budgets.spend("alice@contoso.com", 4).await.is_ok());
+    let wait = budgets.spend("alice@contoso.com", 1).await.unwrap_err();
+    assert!(wait <= Duration::from_secs(86_400) && !wait.is_zero(), "{wait:?}");
+    assert!(budgets.spend("bob@contoso.com", 5).await.is_ok(), "per mailbox");
+    assert!(budgets.spend("bob@contoso.com", 1).await.is_err());
+}
+
 /// `permanentDelete` is "Global service only" in Microsoft's reference.
 #[test]
 fn permanent_delete_is_refused_in_national_clouds() {

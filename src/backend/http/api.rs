@@ -20,7 +20,7 @@ use reqwest::header::{AUTHORIZATION, HeaderValue};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use url::Url;
 
-use super::{AccountPermits, Holds, Requester, RetryPolicy, Verdict};
+use super::{AccountPermits, Budgets, Holds, RequestBudget, Requester, RetryPolicy, Verdict};
 use crate::backend::MessageStream;
 use crate::mail::{BackendError, Credentials, InvalidSetting, Proof, Secret, StoreId};
 
@@ -64,6 +64,8 @@ pub struct Endpoint {
     permits: AccountPermits,
     /// Accounts the provider asked to wait longer than a retry may.
     holds: Holds,
+    /// The provider's request budget per account, if it has one.
+    budgets: Option<Budgets>,
 }
 
 impl Endpoint {
@@ -77,7 +79,15 @@ impl Endpoint {
         let base = super::api_base(api_base).map_err(BackendError::Permanent)?;
         let timeout = Duration::from_secs(timeout_secs);
         let requester = Requester::new(ca_file, timeout, retry, reqwest::redirect::Policy::none())?;
-        Ok(Endpoint { base, requester, permits: AccountPermits::new(), holds: Holds::new() })
+        Ok(Endpoint { base, requester, permits: AccountPermits::new(), holds: Holds::new(), budgets: None })
+    }
+
+    /// Counts every account's requests against `budget` (shared with the
+    /// other replicas when a shared state store is configured): once it is
+    /// spent, requests fail with `Unavailable` instead of being sent.
+    pub fn with_budget(mut self, budget: RequestBudget) -> Endpoint {
+        self.budgets = Some(Budgets::new(budget));
+        self
     }
 
     /// Readiness: the API answers at all.
@@ -98,6 +108,7 @@ impl Endpoint {
             judge,
             account: account.to_string(),
             holds: Some(self.holds.clone()),
+            budgets: self.budgets.clone(),
         }
     }
 }
@@ -158,12 +169,23 @@ pub struct AccountApi {
     account: String,
     /// `None`: the server's waits are not remembered (JMAP).
     holds: Option<Holds>,
+    /// `None`: no request budget (all but Graph).
+    budgets: Option<Budgets>,
 }
 
 impl AccountApi {
     /// Requests under `permits`, one permit each, remembering no holds.
     pub fn new(requester: Requester, authorization: HeaderValue, permits: Arc<Semaphore>, judge: Judge) -> AccountApi {
-        AccountApi { requester, authorization, permits, limit: 1, judge, account: String::new(), holds: None }
+        AccountApi {
+            requester,
+            authorization,
+            permits,
+            limit: 1,
+            judge,
+            account: String::new(),
+            holds: None,
+            budgets: None,
+        }
     }
 
     pub fn get(&self, url: &Url) -> reqwest::RequestBuilder {
@@ -216,10 +238,47 @@ impl AccountApi {
         what: &str,
         build: impl Fn() -> reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, BackendError> {
+        self.send_counting(what, 1, build).await
+    }
+
+    /// `send` for a request the provider counts as `requests` (a batch).
+    async fn send_counting(
+        &self,
+        what: &str,
+        requests: usize,
+        build: impl Fn() -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, BackendError> {
         self.check_hold(what).await?;
+        self.spend_budget(what, requests).await?;
         let judge = self.judge;
         let hold = |wait: Duration| self.hold(what, wait);
         self.requester.send_noting_holds(what, build, |status, body| judge(what, status, body), hold).await
+    }
+
+    /// Takes `requests` from the account's budget, or `Unavailable` without
+    /// sending once it is spent for this window.
+    async fn spend_budget(&self, what: &str, requests: usize) -> Result<(), BackendError> {
+        let Some(budgets) = &self.budgets else { return Ok(()) };
+        match budgets.spend(&self.account, requests.max(1) as u64).await {
+            Ok(()) => Ok(()),
+            Err(wait) => {
+                let budget = budgets.budget();
+                tracing::warn!(
+                    what,
+                    account = %self.account,
+                    requests = budget.requests,
+                    window_secs = budget.window.as_secs(),
+                    wait_secs = wait.as_secs(),
+                    "the account's request budget is spent (counted across replicas with shared state): nothing sent until the window ends; its devices get -ERR [SYS/TEMP]"
+                );
+                Err(BackendError::Unavailable(format!(
+                    "{what}: not sent; this mailbox's budget of {} requests per {}s is spent, {}s left in the window",
+                    budget.requests,
+                    budget.window.as_secs(),
+                    wait.as_secs().max(1)
+                )))
+            }
+        }
     }
 
     fn hold(&self, what: &str, wait: Duration) {
@@ -272,7 +331,7 @@ impl AccountApi {
         build: impl Fn() -> reqwest::RequestBuilder,
     ) -> Result<T, BackendError> {
         let _permit = self.permits(requests).await?;
-        let response = self.send(what, || build().timeout(self.requester.timeout)).await?;
+        let response = self.send_counting(what, requests, || build().timeout(self.requester.timeout)).await?;
         self.requester.json(what, response, limit).await
     }
 
