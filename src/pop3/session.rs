@@ -109,6 +109,9 @@ pub struct Session {
     failed_logins: u32,
     /// The keyword of the command being answered, for metrics.
     last_command: &'static str,
+    /// QUIT came in the TRANSACTION state: the session entered UPDATE
+    /// (with marks or without).
+    entered_update: bool,
 }
 
 impl Session {
@@ -118,6 +121,7 @@ impl Session {
             state: State::Authorization { user: None, sasl: None },
             failed_logins: 0,
             last_command: "NONE",
+            entered_update: false,
         }
     }
 
@@ -131,6 +135,12 @@ impl Session {
             State::LoggingIn { user, .. } | State::Transaction { user, .. } => Some(user),
             _ => None,
         }
+    }
+
+    /// QUIT came after login (RFC 1939's UPDATE state was entered, even
+    /// when nothing was marked): what the session did may now be recorded.
+    pub fn entered_update(&self) -> bool {
+        self.entered_update
     }
 
     pub fn is_authenticated(&self) -> bool {
@@ -305,6 +315,7 @@ impl Session {
                     Step::Reply(Response::ok(format!("maildrop has {count} messages ({octets} octets)")))
                 }
                 Command::Quit => {
+                    self.entered_update = true;
                     let marked = maildrop.marked();
                     if marked.is_empty() {
                         self.state = State::Closed;

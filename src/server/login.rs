@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use std::time::Instant;
 
 use super::Context;
-use crate::auth::accounts::policy;
+use crate::auth::accounts::{policy, seen};
 use crate::backend::Disposal;
 use crate::backend::pool::SharedMailbox;
 use crate::mail::{BackendError, Credentials};
@@ -34,6 +34,9 @@ pub struct LoggedIn {
     /// connections are shared, and another device's login may have set its
     /// own on that one since.
     pub disposal: Disposal,
+    /// `sharing = "each_device_once"`: the device's record, committed at
+    /// UPDATE.
+    pub visit: Option<seen::Visit>,
 }
 
 /// Logs `credentials` in, after the throttle's delay for this address and
@@ -143,8 +146,25 @@ async fn open_maildrop(context: &Context, credentials: &Credentials) -> Result<L
     let reused = lent.reused();
     let mailbox = lent.mailbox();
     let started = Instant::now();
+    let listed_at =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
     let listed = mailbox.list().await;
     timed("list", started);
+    // each_device_once: what this device already had is left out, decided
+    // on the complete listing (before any filter hides part of it).
+    let mut visit = None;
+    let listed = match (listed, &route.policy.seat) {
+        (Ok(listed), Some(seat)) => {
+            let started = Instant::now();
+            let shown = seat.hide_had(&route.account, &mut *mailbox, listed, listed_at).await;
+            timed("device_records", started);
+            shown.map(|(shown, v)| {
+                visit = Some(v);
+                shown
+            })
+        }
+        (listed, _) => listed,
+    };
     let listed = match listed {
         Ok(listed) => {
             let started = Instant::now();
@@ -176,6 +196,7 @@ async fn open_maildrop(context: &Context, credentials: &Credentials) -> Result<L
                 backend_kind: kind,
                 keep: route.policy.keep,
                 disposal: route.policy.disposal.clone(),
+                visit,
             })
         }
         Err(e) => {
