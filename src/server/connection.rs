@@ -304,6 +304,7 @@ impl<'a> Driver<'a> {
                         keep,
                         disposal,
                         visit,
+                        retention,
                     })) => {
                         self.visit = visit;
                         self.disposal = disposal;
@@ -312,9 +313,10 @@ impl<'a> Driver<'a> {
                         self.backend = Some(backend);
                         self.account = Some(account);
                         self.uidls = maildrop.visible().map(|(_, m)| (m.id.clone(), m.uidl.clone())).collect();
-                        self.session.login_succeeded(maildrop)
+                        self.session.login_succeeded_with(maildrop, retention)
                     }
-                    Some(Err(e)) => self.session.login_failed(&e),
+                    Some(Err(login::LoginError::Backend(e))) => self.session.login_failed(&e),
+                    Some(Err(login::LoginError::TooSoon)) => self.session.login_delayed(),
                 };
                 return Box::pin(self.perform(step)).await;
             }
