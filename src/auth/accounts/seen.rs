@@ -95,7 +95,7 @@ impl AccountRecord {
             entries.retain(|e| listed.contains(&e.uidl) || e.at >= listed_at);
             let mut seen = HashSet::new();
             // The newest entry of a UIDL wins.
-            entries.sort_by(|a, b| b.at.cmp(&a.at));
+            entries.sort_by_key(|e| std::cmp::Reverse(e.at));
             entries.retain(|e| seen.insert(e.uidl.clone()));
             entries.truncate(MAX_ENTRIES_PER_DEVICE);
             entries.reverse();
