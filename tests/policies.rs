@@ -646,3 +646,49 @@ login_delay_secs = 3600
         assert!(c.quit().starts_with("+OK"), "a device without a delay logs in again");
     }
 }
+
+/// check-config on `sharing`: account only, mapped accounts only, with
+/// somewhere to keep the records; `login_delay_secs` bounded.
+#[test]
+fn check_config_refuses_sharing_where_it_makes_no_sense() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("pw"), "x\n").unwrap();
+    let hash = hash_password("pw").unwrap();
+    let backend = "[backend]\nkind = \"imap\"\nhost = \"127.0.0.1\"\nport = 143\ntls = \"none\"\n";
+    let mapped = |account_policy: &str, device_policy: &str| {
+        format!(
+            "{backend}\n[[account]]\nname = \"office\"\nmode = \"mapped\"\nlogin = \"alice\"\n\
+             password_file = \"{dir}/pw\"\n{account_policy}\n\n[[account.device]]\nuser = \"printer\"\n\
+             password_hash = \"{hash}\"\n{device_policy}\n",
+            dir = dir.path().display()
+        )
+    };
+    let records = format!("records_file = \"{}/records.json\"", dir.path().display());
+    let fine = check_config(
+        dir.path(),
+        &mapped(
+            &format!("[account.policy]\nsharing = \"each_device_once\"\n{records}"),
+            "[account.device.policy]\nlogin_delay_secs = 600",
+        ),
+    );
+    assert!(fine.status.success(), "{}", describe(&fine));
+    let passthrough = format!(
+        "{backend}\n[[account]]\nname = \"people\"\nmode = \"passthrough\"\nusers = [\"*\"]\n\n\
+         [account.policy]\nsharing = \"each_device_once\"\n{records}\n"
+    );
+    for (text, why) in [
+        (mapped("[account.policy]\nsharing = \"each_device_once\"", ""), "needs somewhere to keep the device records"),
+        (
+            mapped("", "[account.device.policy]\nsharing = \"each_device_once\""),
+            "sharing and records_file are set per account",
+        ),
+        (mapped("[account.policy]\nlogin_delay_secs = 86401", ""), "login_delay_secs: 0 to 86400"),
+        (mapped("[account.policy]\nsharing = \"everyone\"", ""), "unknown variant `everyone`"),
+        (passthrough, "needs a mapped account"),
+    ] {
+        let refused = check_config(dir.path(), &text);
+        assert!(!refused.status.success(), "{text}: {}", describe(&refused));
+        let shown = describe(&refused);
+        assert!(shown.contains(why), "{why}: {shown}");
+    }
+}
