@@ -66,8 +66,13 @@ pub struct AccountRecord {
 }
 
 impl AccountRecord {
-    fn has(&self, device: &str, uidl: &str) -> bool {
-        self.devices.get(device).is_some_and(|entries| entries.iter().any(|e| e.uidl == uidl))
+    /// Each device's UIDLs, for lookups in time independent of the record's
+    /// size.
+    fn had_by(&self) -> HashMap<&str, HashSet<&str>> {
+        self.devices
+            .iter()
+            .map(|(device, entries)| (device.as_str(), entries.iter().map(|e| e.uidl.as_str()).collect()))
+            .collect()
     }
 
     /// Entries whose message changed UIDL get the new one: `renamed` maps
@@ -331,8 +336,10 @@ impl Seat {
             .collect();
         let mut renamed = HashMap::new();
         if !orphans.is_empty() {
-            let unknown: Vec<&ListedMessage> =
-                listed.iter().filter(|m| !self.devices.iter().all(|d| record.has(d, &m.uidl))).collect();
+            let had = record.had_by();
+            let had_all =
+                |uidl: &str| self.devices.iter().all(|d| had.get(d.as_str()).is_some_and(|h| h.contains(uidl)));
+            let unknown: Vec<&ListedMessage> = listed.iter().filter(|m| !had_all(&m.uidl)).collect();
             if !unknown.is_empty() {
                 let ids: Vec<StoreId> = unknown.iter().map(|m| m.id.clone()).collect();
                 let headers = mailbox.headers(&ids, HEADER_LIMIT).await?;
@@ -348,7 +355,9 @@ impl Seat {
         }
         record.rename(&renamed, &uidls);
         let before = listed.len();
-        let shown: Vec<ListedMessage> = listed.into_iter().filter(|m| !record.has(&self.device, &m.uidl)).collect();
+        let mine: HashSet<&str> =
+            record.devices.get(&self.device).map(|e| e.iter().map(|e| e.uidl.as_str()).collect()).unwrap_or_default();
+        let shown: Vec<ListedMessage> = listed.into_iter().filter(|m| !mine.contains(m.uidl.as_str())).collect();
         if shown.len() < before {
             tracing::debug!(hidden = before - shown.len(), "messages this device already had (each_device_once)");
         }
@@ -391,10 +400,13 @@ impl Visit {
             record.rename(&self.renamed, &self.listed);
             record.devices.entry(seat.device.clone()).or_default().extend(entries.iter().cloned());
             record.prune(&seat.devices, &self.listed, self.listed_at);
+            let had = record.had_by();
             let leaving: Vec<StoreId> = deleted
                 .iter()
                 .filter(|id| {
-                    uidl_of.get(id).is_some_and(|uidl| seat.devices.iter().all(|device| record.has(device, uidl)))
+                    uidl_of.get(id).is_some_and(|uidl| {
+                        seat.devices.iter().all(|d| had.get(d.as_str()).is_some_and(|h| h.contains(uidl.as_str())))
+                    })
                 })
                 .cloned()
                 .collect();
