@@ -172,7 +172,9 @@ impl AccountRouter {
                             let enabled: Vec<String> =
                                 config.device.iter().filter(|d| d.enabled).map(|d| d.user.clone()).collect();
                             let records = config.policy.as_ref().and_then(|p| p.records_file.as_deref());
-                            policy = policy.seated(seats.seat(records, &device.user, &enabled).map_err(bad)?);
+                            let configured: Vec<String> = config.device.iter().map(|d| d.user.clone()).collect();
+                            let seat = seats.seat(records, &device.user, &enabled).map_err(bad)?;
+                            policy = policy.seated(seat.keeping(&configured));
                         }
                         devices.insert(
                             device.user.clone(),

@@ -287,6 +287,8 @@ pub struct Seat {
     /// Every enabled device of the account (this one included): a DELE'd
     /// message leaves the store only once each of them has had it.
     devices: Arc<[String]>,
+    /// Every configured device, disabled ones too: whose records are kept.
+    kept: Arc<[String]>,
 }
 
 impl std::fmt::Debug for Seat {
@@ -310,7 +312,18 @@ impl Seat {
         if !devices.contains(&device) {
             devices.push(device.clone());
         }
-        Seat { store, device, devices: devices.into() }
+        let devices: Arc<[String]> = devices.into();
+        Seat { store, device, kept: devices.clone(), devices }
+    }
+
+    /// Also keeps the records of these devices (configured but disabled:
+    /// they do not hold messages back, but get their record back when
+    /// enabled again).
+    pub fn keeping(mut self, configured: &[String]) -> Seat {
+        let mut kept: Vec<String> = self.devices.to_vec();
+        kept.extend(configured.iter().filter(|d| !self.devices.contains(d)).cloned());
+        self.kept = kept.into();
+        self
     }
 
     /// On the complete listing made at `listed_at` (Unix ms, taken before
@@ -399,7 +412,7 @@ impl Visit {
             let (version, mut record) = seat.store.read(&self.account).await?;
             record.rename(&self.renamed, &self.listed);
             record.devices.entry(seat.device.clone()).or_default().extend(entries.iter().cloned());
-            record.prune(&seat.devices, &self.listed, self.listed_at);
+            record.prune(&seat.kept, &self.listed, self.listed_at);
             let had = record.had_by();
             let leaving: Vec<StoreId> = deleted
                 .iter()
