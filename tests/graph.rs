@@ -563,3 +563,79 @@ fn a_download_graph_keeps_timing_out_fails_that_retr_alone() {
     assert_eq!(pop.retr(2), canonical(&raws[1]), "the session goes on");
     assert!(pop.quit().starts_with("+OK"));
 }
+
+/// `sharing = "each_device_once"` knows a message by its Message-ID too
+/// (Graph's `internetMessageId`): one that comes back from the archive
+/// mailbox under a new immutable id — so a new UIDL — is not served again
+/// to a device that already had it, while a device that never had it gets
+/// it (docs/BACKENDS.md, docs/POLICIES.md).
+#[test]
+fn each_device_once_knows_a_message_back_from_the_archive_mailbox_by_its_message_id() {
+    use popgate::auth::accounts::policy::{DevicePolicy, PolicyConfig};
+    use popgate::auth::accounts::seen::{Seat, SeenStore};
+    use popgate::auth::accounts::{Route, Router};
+    use popgate::mail::{BackendError, Credentials};
+
+    struct Seated {
+        inner: Arc<TokenRouter>,
+        policies: Vec<(String, DevicePolicy)>,
+    }
+
+    #[async_trait::async_trait]
+    impl Router for Seated {
+        async fn route(&self, client: &Credentials) -> Result<Route, BackendError> {
+            let policy = self.policies.iter().find(|(d, _)| *d == client.user).ok_or(BackendError::AuthFailed)?;
+            let device = Credentials::password(DEVICE.0, DEVICE.1);
+            let mut route = self.inner.route(&Credentials { user: device.user, proof: client.proof.clone() }).await?;
+            route.policy = policy.1.clone();
+            Ok(route)
+        }
+        async fn refresh(&self, route: &Route) -> Result<Option<Credentials>, BackendError> {
+            self.inner.refresh(route).await
+        }
+        fn accepts_bearer_tokens(&self) -> bool {
+            false
+        }
+        fn primary_backend(&self) -> popgate::backend::SharedBackend {
+            self.inner.primary_backend()
+        }
+    }
+
+    let api = GraphApi::start();
+    let backend = Arc::new(GraphBackend::new(config_for(&api)).unwrap_or_else(|e| panic!("{e}")));
+    let (token, issuer) = (api.issue_token(TokenKind::Delegated), api.issuer(TokenKind::Delegated));
+    let inner = TokenRouter::new(backend, DEVICE, UPN, token, issuer);
+    let dir = tempfile::tempdir().unwrap();
+    let records = SeenStore::file(dir.path().join("device-records.json"));
+    let devices = ["printer".to_string(), "copier".to_string()];
+    let policies = devices
+        .iter()
+        .map(|d| (d.clone(), PolicyConfig::default().resolve().seated(Seat::new(records.clone(), d.clone(), &devices))))
+        .collect();
+    let gateway = Gateway::routed(Config::default(), Arc::new(Seated { inner, policies }));
+
+    let raws = [messages::simple("archived one"), messages::simple("two")];
+    let ids: Vec<String> = raws.iter().map(|r| api.add(r)).collect();
+    let mut pop = gateway.login("printer", DEVICE.1);
+    assert_eq!(pop.stat().0, 2);
+    assert_eq!(pop.retr(1), canonical(&raws[0]));
+    assert_eq!(pop.retr(2), canonical(&raws[1]));
+    assert!(pop.quit().starts_with("+OK"));
+
+    let renamed = api.round_trip_through_archive_mailbox(&ids[0]);
+    assert_ne!(uidl(&renamed), uidl(&ids[0]), "a new UIDL");
+    let third = messages::simple("three");
+    api.add(&third);
+    let mut pop = gateway.login("printer", DEVICE.1);
+    assert_eq!(pop.stat(), (1, canonical(&third).len() as u64), "only the new message: the renamed one was had");
+    assert_eq!(pop.retr(1), canonical(&third));
+    assert!(pop.quit().starts_with("+OK"));
+    let mut pop = gateway.login("printer", DEVICE.1);
+    assert_eq!(pop.stat().0, 0, "nothing again");
+    assert!(pop.quit().starts_with("+OK"));
+
+    let mut pop = gateway.login("copier", DEVICE.1);
+    assert_eq!(pop.stat().0, 3, "the other device never had any of them");
+    assert!(pop.quit().starts_with("+OK"));
+    assert_eq!(api.ids_in("inbox").len(), 3, "nothing removed");
+}

@@ -424,3 +424,271 @@ fn the_documented_recipes_pass_check_config() {
         assert!(checked.status.success(), "{text}\n{}", describe(&checked));
     }
 }
+
+// --- Sharing (each_device_once), CAPA and LOGIN-DELAY ------------------------
+
+const PRINTER_PASSWORD: &str = "pw-printer";
+
+/// The "three printers sharing one mailbox" recipe of docs/POLICIES.md, in
+/// front of Dovecot (alice's mailbox): the recipe's own lines, with the
+/// login, password file and records file made real. `state`: a `[state]`
+/// table to add (the records then live there).
+fn three_printers_config(dovecot: &Dovecot, dir: &Path, state: Option<&str>) -> PathBuf {
+    let docs = include_str!("../docs/POLICIES.md");
+    let recipe = docs
+        .split("### Three printers sharing one mailbox")
+        .nth(1)
+        .and_then(|rest| rest.split("```toml\n").nth(1))
+        .and_then(|block| block.split("```").next())
+        .expect("the recipe's TOML block");
+    assert!(recipe.contains("sharing = \"each_device_once\""), "the recipe uses each_device_once:\n{recipe}");
+    std::fs::write(dir.join("printers-password"), format!("{}\n", ALICE.1)).unwrap();
+    let hash = hash_password(PRINTER_PASSWORD).unwrap();
+    let mut text = format!(
+        "[backend]\nkind = \"imap\"\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\n\n{}\n",
+        dovecot.imap_port,
+        state.unwrap_or("")
+    );
+    for line in recipe.lines() {
+        let line = if line.starts_with("login = ") {
+            format!("login = \"{}\"", ALICE.0)
+        } else if line.starts_with("password_file = ") {
+            format!("password_file = \"{}\"", dir.join("printers-password").display())
+        } else if line.starts_with("records_file = ") {
+            format!("records_file = \"{}\"", dir.join("device-records.json").display())
+        } else if line.starts_with("password_hash") {
+            format!("password_hash = \"{hash}\"")
+        } else {
+            line.to_string()
+        };
+        text.push_str(&line);
+        text.push('\n');
+    }
+    let path = dir.join("popgate.toml");
+    std::fs::write(&path, text).unwrap();
+    Config::load(&path).unwrap_or_else(|e| panic!("the recipe's configuration: {e}"));
+    path
+}
+
+fn office_invoice(n: u32) -> Vec<u8> {
+    from("Office <clerk@office.example>", &format!("office invoice {n}"))
+}
+
+/// Logs `printer` in, retrieves every message shown, optionally DELEs them
+/// all, QUITs; returns the messages' contents, sorted.
+fn print_everything(addr: std::net::SocketAddr, printer: &str, delete: bool) -> Vec<Vec<u8>> {
+    let mut c = Pop3::login(addr, printer, PRINTER_PASSWORD);
+    let (count, _) = c.stat();
+    let mut printed: Vec<Vec<u8>> = (1..=count as u32).map(|n| c.retr(n)).collect();
+    if delete {
+        for n in 1..=count {
+            c.ok(&format!("DELE {n}"));
+        }
+    }
+    assert!(c.quit().starts_with("+OK"), "{printer}: QUIT");
+    printed.sort();
+    printed
+}
+
+fn sorted(mut messages: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+    messages.sort();
+    messages
+}
+
+/// The recipe, run: three printers on one Dovecot mailbox each print each
+/// office message once — across a restart of popgate (the records are in
+/// the file) — spam is never shown, and a message leaves the mailbox only
+/// when the last printer has had it and DELE'd it.
+#[test]
+fn the_three_printers_recipe_prints_each_message_once_on_each_printer() {
+    let dovecot = Dovecot::start();
+    dovecot.append_all(ALICE.0, &[office_invoice(1), spam(), office_invoice(2)]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = three_printers_config(&dovecot, dir.path(), None);
+    let want = sorted(vec![canonical(&office_invoice(1)), canonical(&office_invoice(2))]);
+
+    let mut gateway = GatewayProcess::start(&["--config", config.to_str().unwrap()]);
+    let mut a = Pop3::login(gateway.addr, "printer-a", PRINTER_PASSWORD);
+    assert!(a.capa().iter().any(|c| c == "EXPIRE 0"), "each_device_once: EXPIRE 0 after login");
+    assert!(a.quit().starts_with("+OK"));
+    assert_eq!(print_everything(gateway.addr, "printer-a", false), want, "printer-a");
+    assert_eq!(print_everything(gateway.addr, "printer-b", true), want, "printer-b");
+    assert_eq!(dovecot.messages(ALICE.0).len(), 3, "printer-c has not had them: nothing removed");
+    gateway.terminate();
+    assert!(gateway.wait(std::time::Duration::from_secs(30)).success(), "{}", gateway.log());
+
+    let gateway = GatewayProcess::start(&["--config", config.to_str().unwrap()]);
+    for printer in ["printer-a", "printer-b"] {
+        assert_eq!(print_everything(gateway.addr, printer, true), Vec::<Vec<u8>>::new(), "{printer} after the restart");
+    }
+    assert_eq!(dovecot.messages(ALICE.0).len(), 3, "still nothing removed");
+    assert_eq!(print_everything(gateway.addr, "printer-c", true), want, "printer-c");
+    assert_eq!(dovecot.messages(ALICE.0).len(), 1, "the last printer's DELE removed what all had; spam stays");
+    for printer in ["printer-a", "printer-b", "printer-c"] {
+        assert_eq!(print_everything(gateway.addr, printer, false), Vec::<Vec<u8>>::new(), "{printer} at the end");
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let records = dir.path().join("device-records.json");
+    assert_eq!(std::fs::metadata(&records).unwrap().permissions().mode() & 0o777, 0o600);
+    let text = std::fs::read_to_string(&records).unwrap();
+    assert!(!text.contains("office.example") && !text.contains("invoice"), "no addresses or content: {text}");
+}
+
+/// With `[state] url`, two replicas share the devices' records: what a
+/// printer had through one replica is not shown to it through the other.
+#[test]
+fn each_device_once_records_are_shared_by_replicas_through_redis() {
+    let redis = support::redis::Redis::start();
+    let dovecot = Dovecot::start();
+    dovecot.append_all(ALICE.0, &[office_invoice(1), office_invoice(2)]);
+    let dir = tempfile::tempdir().unwrap();
+    let state = format!("[state]\nurl = \"{}\"\n", redis.url());
+    let config = three_printers_config(&dovecot, dir.path(), Some(&state));
+    let want = sorted(vec![canonical(&office_invoice(1)), canonical(&office_invoice(2))]);
+    let one = GatewayProcess::start(&["--config", config.to_str().unwrap()]);
+    let two = GatewayProcess::start(&["--config", config.to_str().unwrap()]);
+    assert_eq!(print_everything(one.addr, "printer-a", true), want, "printer-a through replica one");
+    assert_eq!(print_everything(two.addr, "printer-a", true), Vec::<Vec<u8>>::new(), "printer-a through replica two");
+    assert_eq!(print_everything(two.addr, "printer-b", true), want, "printer-b through replica two");
+    assert_eq!(print_everything(one.addr, "printer-b", true), Vec::<Vec<u8>>::new(), "printer-b through replica one");
+    assert_eq!(dovecot.messages(ALICE.0).len(), 2, "printer-c has not had them");
+    assert_eq!(print_everything(one.addr, "printer-c", true), want, "printer-c");
+    assert!(dovecot.messages(ALICE.0).is_empty(), "gone once all three had them");
+    assert!(!dir.path().join("device-records.json").exists(), "the records are in Redis, not in the file");
+    assert!(redis.command(&["--scan", "--pattern", "*seen:*"]).contains("seen:"), "no record in Redis");
+}
+
+/// RFC 2449 CAPA before and after login for a `keep` device and an
+/// `expunge` device, and LOGIN-DELAY enforced: a second immediate login of
+/// a device with `login_delay_secs` is refused with `[LOGIN-DELAY]` (its
+/// password checked first), while a device without one logs in again.
+#[test]
+fn capa_is_per_user_and_login_delay_is_enforced() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = dir.path().join("demo");
+    std::fs::create_dir(&demo).unwrap();
+    std::fs::write(demo.join("01-office.eml"), office()).unwrap();
+    std::fs::write(dir.path().join("desk-password"), "anything\n").unwrap();
+    let config = dir.path().join("popgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[backend]
+kind = "demo"
+messages_dir = "{demo}"
+
+[[account]]
+name = "desk"
+mode = "mapped"
+login = "desk"
+password_file = "{dir}/desk-password"
+
+[[account.device]]
+user = "keeper"
+password_hash = "{hash}"
+
+[account.device.policy]
+on_delete = "keep"
+
+[[account.device]]
+user = "remover"
+password_hash = "{hash}"
+
+[account.device.policy]
+on_delete = "expunge"
+login_delay_secs = 3600
+"#,
+            demo = demo.display(),
+            dir = dir.path().display(),
+            hash = hash_password(PRINTER_PASSWORD).unwrap(),
+        ),
+    )
+    .unwrap();
+    let gateway = GatewayProcess::start(&["--config", config.to_str().unwrap()]);
+    let mut c = Pop3::connect(gateway.addr);
+    let before = c.capa();
+    for want in ["EXPIRE NEVER USER", "LOGIN-DELAY 0 USER"] {
+        assert!(before.iter().any(|l| l == want), "before login: {want} in {before:?}");
+    }
+    c.user_pass("keeper", PRINTER_PASSWORD);
+    let after = c.capa();
+    for want in ["EXPIRE NEVER", "LOGIN-DELAY 0"] {
+        assert!(after.iter().any(|l| l == want), "keeper: {want} in {after:?}");
+    }
+    assert!(!after.iter().any(|l| l.ends_with(" USER")), "{after:?}");
+    assert!(c.quit().starts_with("+OK"));
+
+    let mut refused = 0;
+    let mut logged_in = 0;
+    for attempt in 0..3 {
+        let mut c = Pop3::connect(gateway.addr);
+        c.ok("USER remover");
+        let reply = c.cmd(&format!("PASS {PRINTER_PASSWORD}"));
+        if reply.starts_with("+OK") {
+            logged_in += 1;
+            let after = c.capa();
+            for want in ["EXPIRE NEVER", "LOGIN-DELAY 3600"] {
+                assert!(after.iter().any(|l| l == want), "remover: {want} in {after:?}");
+            }
+            assert!(c.quit().starts_with("+OK"));
+        } else {
+            assert!(reply.starts_with("-ERR [LOGIN-DELAY]"), "attempt {attempt}: {reply}");
+            refused += 1;
+            // A wrong password is still a wrong password.
+            c.ok("USER remover");
+            assert!(c.cmd("PASS wrong").starts_with("-ERR [AUTH]"));
+        }
+    }
+    assert_eq!((logged_in, refused), (1, 2), "one login within the delay, then [LOGIN-DELAY]");
+    for _ in 0..2 {
+        let mut c = Pop3::login(gateway.addr, "keeper", PRINTER_PASSWORD);
+        assert!(c.quit().starts_with("+OK"), "a device without a delay logs in again");
+    }
+}
+
+/// check-config on `sharing`: account only, mapped accounts only, with
+/// somewhere to keep the records; `login_delay_secs` bounded.
+#[test]
+fn check_config_refuses_sharing_where_it_makes_no_sense() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("pw"), "x\n").unwrap();
+    let hash = hash_password("pw").unwrap();
+    let backend = "[backend]\nkind = \"imap\"\nhost = \"127.0.0.1\"\nport = 143\ntls = \"none\"\n";
+    let mapped = |account_policy: &str, device_policy: &str| {
+        format!(
+            "{backend}\n[[account]]\nname = \"office\"\nmode = \"mapped\"\nlogin = \"alice\"\n\
+             password_file = \"{dir}/pw\"\n{account_policy}\n\n[[account.device]]\nuser = \"printer\"\n\
+             password_hash = \"{hash}\"\n{device_policy}\n",
+            dir = dir.path().display()
+        )
+    };
+    let records = format!("records_file = \"{}/records.json\"", dir.path().display());
+    let fine = check_config(
+        dir.path(),
+        &mapped(
+            &format!("[account.policy]\nsharing = \"each_device_once\"\n{records}"),
+            "[account.device.policy]\nlogin_delay_secs = 600",
+        ),
+    );
+    assert!(fine.status.success(), "{}", describe(&fine));
+    let passthrough = format!(
+        "{backend}\n[[account]]\nname = \"people\"\nmode = \"passthrough\"\nusers = [\"*\"]\n\n\
+         [account.policy]\nsharing = \"each_device_once\"\n{records}\n"
+    );
+    for (text, why) in [
+        (mapped("[account.policy]\nsharing = \"each_device_once\"", ""), "needs somewhere to keep the device records"),
+        (
+            mapped("", "[account.device.policy]\nsharing = \"each_device_once\""),
+            "sharing and records_file are set per account",
+        ),
+        (mapped("[account.policy]\nlogin_delay_secs = 86401", ""), "login_delay_secs: 0 to 86400"),
+        (mapped("[account.policy]\nsharing = \"everyone\"", ""), "unknown variant `everyone`"),
+        (passthrough, "needs a mapped account"),
+    ] {
+        let refused = check_config(dir.path(), &text);
+        assert!(!refused.status.success(), "{text}: {}", describe(&refused));
+        let shown = describe(&refused);
+        assert!(shown.contains(why), "{why}: {shown}");
+    }
+}

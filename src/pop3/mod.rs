@@ -13,4 +13,4 @@ pub mod session;
 pub use command::{Command, Line, LineReader};
 pub use maildrop::{Maildrop, Message};
 pub use response::{BodyEncoder, Response, ResponseCode};
-pub use session::{Session, SessionConfig, Step};
+pub use session::{Retention, Session, SessionConfig, Step};

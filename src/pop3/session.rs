@@ -29,6 +29,29 @@ pub struct SessionConfig {
     /// SASL mechanisms the backend can really use, in CAPA order.
     pub mechanisms: Vec<Mechanism>,
     pub implementation: String,
+    /// The server-wide EXPIRE and LOGIN-DELAY, shown before login with
+    /// `USER` (RFC 2449: each user's may differ); a login brings its own.
+    pub retention: Retention,
+}
+
+/// RFC 2449 EXPIRE and LOGIN-DELAY: what CAPA announces for a user.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Retention {
+    /// EXPIRE in days; `None`: NEVER (nothing is removed unless DELE'd).
+    pub expire_days: Option<u32>,
+    /// LOGIN-DELAY: the least seconds between two logins.
+    pub login_delay_secs: u64,
+}
+
+impl Retention {
+    fn capabilities(&self, per_user: bool) -> [String; 2] {
+        let user = if per_user { " USER" } else { "" };
+        let expire = match self.expire_days {
+            None => "NEVER".to_string(),
+            Some(days) => days.to_string(),
+        };
+        [format!("EXPIRE {expire}{user}"), format!("LOGIN-DELAY {}{user}", self.login_delay_secs)]
+    }
 }
 
 impl Default for SessionConfig {
@@ -41,6 +64,7 @@ impl Default for SessionConfig {
             stls_offered: false,
             mechanisms: vec![Mechanism::Plain, Mechanism::Login],
             implementation: concat!("popgate ", env!("CARGO_PKG_VERSION")).to_string(),
+            retention: Retention::default(),
         }
     }
 }
@@ -109,6 +133,11 @@ pub struct Session {
     failed_logins: u32,
     /// The keyword of the command being answered, for metrics.
     last_command: &'static str,
+    /// QUIT came in the TRANSACTION state: the session entered UPDATE
+    /// (with marks or without).
+    entered_update: bool,
+    /// The logged-in user's EXPIRE and LOGIN-DELAY.
+    user_retention: Option<Retention>,
 }
 
 impl Session {
@@ -118,6 +147,8 @@ impl Session {
             state: State::Authorization { user: None, sasl: None },
             failed_logins: 0,
             last_command: "NONE",
+            entered_update: false,
+            user_retention: None,
         }
     }
 
@@ -131,6 +162,12 @@ impl Session {
             State::LoggingIn { user, .. } | State::Transaction { user, .. } => Some(user),
             _ => None,
         }
+    }
+
+    /// QUIT came after login (RFC 1939's UPDATE state was entered, even
+    /// when nothing was marked): what the session did may now be recorded.
+    pub fn entered_update(&self) -> bool {
+        self.entered_update
     }
 
     pub fn is_authenticated(&self) -> bool {
@@ -305,6 +342,7 @@ impl Session {
                     Step::Reply(Response::ok(format!("maildrop has {count} messages ({octets} octets)")))
                 }
                 Command::Quit => {
+                    self.entered_update = true;
                     let marked = maildrop.marked();
                     if marked.is_empty() {
                         self.state = State::Closed;
@@ -394,8 +432,23 @@ impl Session {
         Step::Reply(reply)
     }
 
-    /// The driver opened the maildrop.
+    /// The driver opened the maildrop; the user's policy is the server's.
     pub fn login_succeeded(&mut self, maildrop: Maildrop) -> Step {
+        let retention = self.config.retention;
+        self.login_succeeded_with(maildrop, retention)
+    }
+
+    /// The login is refused because this user logged in less than its
+    /// LOGIN-DELAY ago (RFC 2449 8.1.3). Not a failed password.
+    pub fn login_delayed(&mut self) -> Step {
+        self.state = State::Authorization { user: None, sasl: None };
+        Step::Reply(Response::err_code(ResponseCode::LoginDelay, "logged in too recently; try again later"))
+    }
+
+    /// The driver opened the maildrop; CAPA now tells this user's EXPIRE
+    /// and LOGIN-DELAY.
+    pub fn login_succeeded_with(&mut self, maildrop: Maildrop, retention: Retention) -> Step {
+        self.user_retention = Some(retention);
         let user = match std::mem::replace(&mut self.state, State::Closed) {
             State::LoggingIn { user, .. } => user,
             other => {
@@ -457,6 +510,10 @@ impl Session {
     fn capabilities(&self) -> Response {
         let mut caps: Vec<String> =
             vec!["TOP".into(), "UIDL".into(), "RESP-CODES".into(), "AUTH-RESP-CODE".into(), "PIPELINING".into()];
+        match self.user_retention {
+            Some(own) if self.is_authenticated() => caps.extend(own.capabilities(false)),
+            _ => caps.extend(self.config.retention.capabilities(true)),
+        }
         if let State::Authorization { .. } = self.state {
             if self.config.login_permitted {
                 caps.push("USER".into());

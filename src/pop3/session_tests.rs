@@ -55,6 +55,12 @@ impl Harness {
             Step::Login(c) => {
                 let step = if self.backend_down {
                     self.session.login_failed(&BackendError::unavailable("down"))
+                } else if c.user == "printer" {
+                    // A device with each_device_once and a login delay.
+                    let retention = Retention { expire_days: Some(0), login_delay_secs: 300 };
+                    self.session.login_succeeded_with(Self::maildrop(), retention)
+                } else if c.user == "too-soon" {
+                    self.session.login_delayed()
                 } else if c.user == "alice"
                     && (c.proof == crate::mail::Proof::Password(crate::mail::Secret::new("s3cr3t"))
                         || c.proof == crate::mail::Proof::Bearer(crate::mail::Secret::new("good-token")))
@@ -259,6 +265,8 @@ fn capa_tells_the_truth_in_each_state() {
         S: RESP-CODES
         S: AUTH-RESP-CODE
         S: PIPELINING
+        S: EXPIRE NEVER USER
+        S: LOGIN-DELAY 0 USER
         S: USER
         S: SASL PLAIN LOGIN
         S: IMPLEMENTATION popgate 0.1.0
@@ -274,6 +282,8 @@ fn capa_tells_the_truth_in_each_state() {
         S: RESP-CODES
         S: AUTH-RESP-CODE
         S: PIPELINING
+        S: EXPIRE NEVER
+        S: LOGIN-DELAY 0
         S: IMPLEMENTATION popgate 0.1.0
         S: .
     ");
@@ -288,6 +298,8 @@ fn capa_tells_the_truth_in_each_state() {
         S: RESP-CODES
         S: AUTH-RESP-CODE
         S: PIPELINING
+        S: EXPIRE NEVER USER
+        S: LOGIN-DELAY 0 USER
         S: STLS
         S: IMPLEMENTATION popgate 0.1.0
         S: .
@@ -490,6 +502,8 @@ fn oauth_mechanisms_pass_the_token_and_answer_errors_per_rfc_7628() {
         S: RESP-CODES
         S: AUTH-RESP-CODE
         S: PIPELINING
+        S: EXPIRE NEVER USER
+        S: LOGIN-DELAY 0 USER
         S: USER
         S: SASL PLAIN XOAUTH2 OAUTHBEARER
         S: IMPLEMENTATION popgate 0.1.0
@@ -554,4 +568,42 @@ fn an_unsupported_mechanism_is_no_credentials_problem() {
         S: +OK maildrop has 3 messages (100 octets)
     ");
     assert!(!h.closed);
+}
+
+/// RFC 2449: before login CAPA gives the server-wide EXPIRE and LOGIN-DELAY
+/// marked `USER` (they vary per user); after login, this user's, without
+/// `USER`. A login refused for LOGIN-DELAY is `-ERR [LOGIN-DELAY]` and not
+/// a failed password (the connection stays open for another try).
+#[test]
+fn capa_tells_each_users_expire_and_login_delay() {
+    run("
+        S: +OK popgate ready
+        C: USER too-soon
+        S: +OK send PASS
+        C: PASS s3cr3t
+        S: -ERR [LOGIN-DELAY] logged in too recently; try again later
+        C: USER too-soon
+        S: +OK send PASS
+        C: PASS s3cr3t
+        S: -ERR [LOGIN-DELAY] logged in too recently; try again later
+        C: USER too-soon
+        S: +OK send PASS
+        C: PASS s3cr3t
+        S: -ERR [LOGIN-DELAY] logged in too recently; try again later
+        C: USER printer
+        S: +OK send PASS
+        C: PASS s3cr3t
+        S: +OK maildrop has 3 messages (100 octets)
+        C: CAPA
+        S: +OK capability list follows
+        S: TOP
+        S: UIDL
+        S: RESP-CODES
+        S: AUTH-RESP-CODE
+        S: PIPELINING
+        S: EXPIRE 0
+        S: LOGIN-DELAY 300
+        S: IMPLEMENTATION popgate 0.1.0
+        S: .
+    ");
 }

@@ -16,6 +16,7 @@ use super::config::Limits;
 use super::login::{self, LoggedIn};
 use super::policy::{ListenerTls, LoginPolicy};
 use super::stream::{ClientRead, ClientStream};
+use crate::auth::accounts::seen;
 use crate::backend::pool::{Borrowed, SharedMailbox};
 use crate::backend::{Disposal, Mailbox};
 use crate::mail::{BackendError, StoreId};
@@ -132,6 +133,10 @@ struct Driver<'a> {
     disposal: Disposal,
     /// The kind of backend the login was routed to (metrics label).
     backend_kind: &'static str,
+    /// `each_device_once`: the device's record, and the messages this
+    /// session retrieved whole (RETR to the end), recorded at UPDATE.
+    visit: Option<seen::Visit>,
+    retrieved: Vec<StoreId>,
     /// A refused login was logged (the end of the connection says no more).
     refusal_logged: bool,
 }
@@ -168,6 +173,8 @@ impl<'a> Driver<'a> {
             keep: false,
             disposal: Disposal::AsConfigured,
             backend_kind: context.backend.kind(),
+            visit: None,
+            retrieved: Vec::new(),
             refusal_logged: false,
         }
     }
@@ -280,6 +287,18 @@ impl<'a> Driver<'a> {
                 {
                     self.context.metrics.account_succeeded(account);
                 }
+                if reply.is_ok() && self.session.entered_update() && self.visit.is_some() && !self.retrieved.is_empty()
+                {
+                    // UPDATE without marks: what was retrieved is recorded
+                    // all the same. Failing to record loses nothing: the
+                    // device gets those messages again.
+                    self.flush().await?;
+                    let committing = self.context.updates.enter();
+                    if let Err(e) = self.commit_visit(&[]).await {
+                        tracing::warn!(error = %e, "each_device_once: retrieved messages not recorded");
+                    }
+                    drop(committing);
+                }
                 return self.close_with(reply, Outcome::Closed).await.map(Some);
             }
             Step::Login(credentials) => {
@@ -289,16 +308,28 @@ impl<'a> Driver<'a> {
                         let reply = self.session.shutting_down();
                         return self.close_with(reply, Outcome::ShutDown).await.map(Some);
                     }
-                    Some(Ok(LoggedIn { backend, reused: _, maildrop, account, backend_kind, keep, disposal })) => {
+                    Some(Ok(LoggedIn {
+                        backend,
+                        reused: _,
+                        maildrop,
+                        account,
+                        backend_kind,
+                        keep,
+                        disposal,
+                        visit,
+                        retention,
+                    })) => {
+                        self.visit = visit;
                         self.disposal = disposal;
                         self.backend_kind = backend_kind;
                         self.keep = keep;
                         self.backend = Some(backend);
                         self.account = Some(account);
                         self.uidls = maildrop.visible().map(|(_, m)| (m.id.clone(), m.uidl.clone())).collect();
-                        self.session.login_succeeded(maildrop)
+                        self.session.login_succeeded_with(maildrop, retention)
                     }
-                    Some(Err(e)) => self.session.login_failed(&e),
+                    Some(Err(login::LoginError::Backend(e))) => self.session.login_failed(&e),
+                    Some(Err(login::LoginError::TooSoon)) => self.session.login_delayed(),
                 };
                 return Box::pin(self.perform(step)).await;
             }
@@ -309,28 +340,32 @@ impl<'a> Driver<'a> {
                 self.flush().await?;
                 let started = std::time::Instant::now();
                 let committing = self.context.updates.enter();
-                let result = match self.backend.as_mut() {
-                    // Nothing to remove: no connection is borrowed for it.
-                    Some(_) if ids.is_empty() => Ok(0),
-                    Some(_) if self.keep => {
-                        // on_delete = "keep": a dry run.
-                        let uidls: Vec<&str> =
-                            ids.iter().filter_map(|id| self.uidls.get(id)).map(String::as_str).collect();
-                        tracing::info!(would_remove = ids.len(), uidls = ?uidls, "on_delete = keep: nothing removed");
-                        Ok(0)
-                    }
-                    Some(backend) => match backend.borrow().await {
-                        Ok(mut lent) => {
-                            let removed = match lent.mailbox().dispose_as(&self.disposal) {
-                                Ok(()) => lent.mailbox().remove(&ids).await,
-                                Err(e) => Err(e),
-                            };
-                            backend.give_back(lent, removed.is_ok()).await;
-                            removed.map(|()| ids.len())
+                let result = if self.visit.is_some() {
+                    self.commit_visit(&ids).await
+                } else {
+                    match self.backend.as_mut() {
+                        // Nothing to remove: no connection is borrowed for it.
+                        Some(_) if ids.is_empty() => Ok(0),
+                        Some(_) if self.keep => {
+                            // on_delete = "keep": a dry run.
+                            let uidls: Vec<&str> =
+                                ids.iter().filter_map(|id| self.uidls.get(id)).map(String::as_str).collect();
+                            tracing::info!(would_remove = ids.len(), uidls = ?uidls, "on_delete = keep: nothing removed");
+                            Ok(0)
                         }
-                        Err(e) => Err(e),
-                    },
-                    None => Err(BackendError::unavailable("no backend session")),
+                        Some(backend) => match backend.borrow().await {
+                            Ok(mut lent) => {
+                                let removed = match lent.mailbox().dispose_as(&self.disposal) {
+                                    Ok(()) => lent.mailbox().remove(&ids).await,
+                                    Err(e) => Err(e),
+                                };
+                                backend.give_back(lent, removed.is_ok()).await;
+                                removed.map(|()| ids.len())
+                            }
+                            Err(e) => Err(e),
+                        },
+                        None => Err(BackendError::unavailable("no backend session")),
+                    }
                 };
                 self.context.activity.committed(&result);
                 let metrics = &self.context.metrics;
@@ -468,6 +503,9 @@ impl<'a> Driver<'a> {
                 }
                 metrics.command(self.session.last_command(), true);
                 self.context.activity.sent_message(expected_octets.is_some());
+                if expected_octets.is_some() && self.visit.is_some() && !self.retrieved.contains(&id) {
+                    self.retrieved.push(id.clone());
+                }
                 self.out.extend_from_slice(&tail);
                 // A whole retrieval (RETR: the session expects its octets)
                 // may mark the message read; TOP never does. Failing to
@@ -484,6 +522,58 @@ impl<'a> Driver<'a> {
                 Ok(None)
             }
         }
+    }
+
+    /// `each_device_once`'s UPDATE: what the session retrieved whole and
+    /// what it marked go into the device's record; of the marked, only
+    /// those every device of the account has had leave the store (per
+    /// `on_delete`); the rest stay, hidden from this device. The reply
+    /// counts every marked message: to this device they are gone.
+    async fn commit_visit(&mut self, marked: &[StoreId]) -> Result<usize, BackendError> {
+        let (Some(visit), Some(backend)) = (self.visit.as_ref(), self.backend.as_mut()) else {
+            return Err(BackendError::unavailable("no backend session"));
+        };
+        let mut had = self.retrieved.clone();
+        had.extend(marked.iter().filter(|id| !self.retrieved.contains(id)).cloned());
+        if had.is_empty() {
+            return Ok(0);
+        }
+        let mut lent = backend.borrow().await?;
+        // The Message-IDs, so that a message back under a new UIDL is known.
+        let (headers, healthy) = match lent.mailbox().headers(&had, crate::auth::accounts::policy::HEADER_LIMIT).await {
+            Ok(headers) if headers.len() == had.len() => (headers, true),
+            Ok(_) => (vec![None; had.len()], true),
+            Err(e) => {
+                tracing::warn!(error = %e, "each_device_once: no Message-IDs; recording UIDLs alone");
+                (vec![None; had.len()], false)
+            }
+        };
+        let had: Vec<(StoreId, String, Option<bytes::Bytes>)> = had
+            .into_iter()
+            .zip(headers)
+            .filter_map(|(id, header)| self.uidls.get(&id).map(|uidl| (id, uidl.clone(), header)))
+            .collect();
+        let leaving = match visit.commit(&had, marked).await {
+            Ok(leaving) => leaving,
+            Err(e) => {
+                backend.give_back(lent, healthy).await;
+                return Err(e);
+            }
+        };
+        let removed = if leaving.is_empty() {
+            Ok(())
+        } else if self.keep {
+            let uidls: Vec<&str> = leaving.iter().filter_map(|id| self.uidls.get(id)).map(String::as_str).collect();
+            tracing::info!(would_remove = leaving.len(), uidls = ?uidls, "on_delete = keep: nothing removed");
+            Ok(())
+        } else {
+            match lent.mailbox().dispose_as(&self.disposal) {
+                Ok(()) => lent.mailbox().remove(&leaving).await,
+                Err(e) => Err(e),
+            }
+        };
+        backend.give_back(lent, healthy && removed.is_ok()).await;
+        removed.map(|()| marked.len())
     }
 
     /// Ends a call's borrow: the connection is kept for the account's next

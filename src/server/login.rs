@@ -7,14 +7,14 @@
 //! connections (none held once logged in), or the failure to answer with.
 
 use std::net::IpAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::Context;
-use crate::auth::accounts::policy;
+use crate::auth::accounts::{policy, seen};
 use crate::backend::Disposal;
 use crate::backend::pool::SharedMailbox;
 use crate::mail::{BackendError, Credentials};
-use crate::pop3::{Maildrop, Message};
+use crate::pop3::{Maildrop, Message, Retention};
 
 /// A maildrop opened for one POP3 session.
 pub struct LoggedIn {
@@ -34,6 +34,67 @@ pub struct LoggedIn {
     /// connections are shared, and another device's login may have set its
     /// own on that one since.
     pub disposal: Disposal,
+    /// `sharing = "each_device_once"`: the device's record, committed at
+    /// UPDATE.
+    pub visit: Option<seen::Visit>,
+    /// This user's EXPIRE and LOGIN-DELAY, for CAPA.
+    pub retention: Retention,
+}
+
+/// Why a login did not open a maildrop.
+#[derive(Debug)]
+pub enum LoginError {
+    Backend(BackendError),
+    /// The device logged in less than its `login_delay_secs` ago (RFC 2449
+    /// LOGIN-DELAY): refused before the store is asked anything.
+    TooSoon,
+}
+
+impl From<BackendError> for LoginError {
+    fn from(e: BackendError) -> Self {
+        LoginError::Backend(e)
+    }
+}
+
+/// Bounds the table of last logins (entries older than the longest delay
+/// are dropped first).
+const MAX_LOGIN_TIMES: usize = 100_000;
+
+/// When each user (per account) last logged in, for LOGIN-DELAY:
+/// process-local, so each replica enforces it on the logins it serves.
+fn last_logins() -> &'static std::sync::Mutex<std::collections::HashMap<String, Instant>> {
+    static TABLE: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<String, Instant>>> =
+        std::sync::OnceLock::new();
+    TABLE.get_or_init(Default::default)
+}
+
+/// Takes the login slot of `key` unless its last login is less than
+/// `delay` ago (`Err`); `Ok(previous)`, to give back if the login fails.
+fn take_login_slot(key: &str, delay: Duration) -> Result<Option<Instant>, ()> {
+    let mut table = last_logins().lock().unwrap_or_else(|p| p.into_inner());
+    let now = Instant::now();
+    if let Some(last) = table.get(key)
+        && now.duration_since(*last) < delay
+    {
+        return Err(());
+    }
+    if table.len() >= MAX_LOGIN_TIMES {
+        let longest = Duration::from_secs(policy::MAX_LOGIN_DELAY_SECS);
+        table.retain(|_, at| now.duration_since(*at) < longest);
+        if table.len() >= MAX_LOGIN_TIMES {
+            tracing::warn!("too many users with a login delay; forgetting every last login");
+            table.clear();
+        }
+    }
+    Ok(table.insert(key.to_string(), now))
+}
+
+fn give_back_login_slot(key: &str, previous: Option<Instant>) {
+    let mut table = last_logins().lock().unwrap_or_else(|p| p.into_inner());
+    match previous {
+        Some(at) => table.insert(key.to_string(), at),
+        None => table.remove(key),
+    };
 }
 
 /// Logs `credentials` in, after the throttle's delay for this address and
@@ -42,7 +103,7 @@ pub async fn log_in(
     context: &Context,
     peer: IpAddr,
     credentials: &Credentials,
-) -> Option<Result<LoggedIn, BackendError>> {
+) -> Option<Result<LoggedIn, LoginError>> {
     let throttle = &context.throttle;
     let opened = tokio::select! {
         _ = context.stopped() => return None,
@@ -56,7 +117,7 @@ pub async fn log_in(
                 tokio::time::sleep(delay).await;
             }
             let opened = open_maildrop(context, credentials).await;
-            if let Err(BackendError::AuthFailed | BackendError::BadCredentials(_)) = &opened {
+            if let Err(LoginError::Backend(BackendError::AuthFailed | BackendError::BadCredentials(_))) = &opened {
                 // The wait after: the user name's failures from every
                 // address hold up only a failed guess, never the right
                 // password.
@@ -73,7 +134,12 @@ pub async fn log_in(
     if opened.is_ok() {
         throttle.record_success_shared(peer, &credentials.user).await;
     }
-    context.activity.login(peer, &credentials.user, opened.as_ref().map(|l| l.account.as_str()));
+    let too_soon = BackendError::InUse("login delay".into());
+    let outcome = opened.as_ref().map(|l| l.account.as_str()).map_err(|e| match e {
+        LoginError::Backend(e) => e,
+        LoginError::TooSoon => &too_soon,
+    });
+    context.activity.login(peer, &credentials.user, outcome);
     let metrics = &context.metrics;
     match &opened {
         Ok(logged_in) => {
@@ -86,9 +152,13 @@ pub async fn log_in(
             tracing::Span::current().record("user", credentials.user.as_str());
             tracing::info!(messages = logged_in.maildrop.stat().0, "logged in");
         }
-        Err(e) => {
+        Err(LoginError::Backend(e)) => {
             metrics.login("failure", error_class(e));
             tracing::info!(user = %credentials.user, error = %e, "login failed");
+        }
+        Err(LoginError::TooSoon) => {
+            metrics.login("failure", "login_delay");
+            tracing::info!(user = %credentials.user, "login refused: sooner than the device's login_delay_secs");
         }
     }
     Some(opened)
@@ -99,8 +169,28 @@ pub async fn log_in(
 /// borrows one of the account's backend connections (idle, made current,
 /// or a new login), lists the mailbox, makes every size exact and gives
 /// the connection back.
-async fn open_maildrop(context: &Context, credentials: &Credentials) -> Result<LoggedIn, BackendError> {
+async fn open_maildrop(context: &Context, credentials: &Credentials) -> Result<LoggedIn, LoginError> {
     let route = context.router.route(credentials).await?;
+    // LOGIN-DELAY: checked once the password is known right, before the
+    // store is asked anything; the slot is given back if the login fails.
+    let slot = match route.policy.login_delay {
+        None => None,
+        Some(delay) => {
+            let key = format!("{}\0{}", route.account, credentials.user);
+            let previous = take_login_slot(&key, delay).map_err(|()| LoginError::TooSoon)?;
+            Some((key, previous))
+        }
+    };
+    let opened = open_routed(context, route).await;
+    if opened.is_err()
+        && let Some((key, previous)) = slot
+    {
+        give_back_login_slot(&key, previous);
+    }
+    opened.map_err(LoginError::Backend)
+}
+
+async fn open_routed(context: &Context, route: crate::auth::accounts::Route) -> Result<LoggedIn, BackendError> {
     let kind = route.backend.kind();
     // Admission for the backend work only, after routing: a burst of wrong
     // passwords (refused by the router) never queues ahead of a device.
@@ -143,8 +233,25 @@ async fn open_maildrop(context: &Context, credentials: &Credentials) -> Result<L
     let reused = lent.reused();
     let mailbox = lent.mailbox();
     let started = Instant::now();
+    let listed_at =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
     let listed = mailbox.list().await;
     timed("list", started);
+    // each_device_once: what this device already had is left out, decided
+    // on the complete listing (before any filter hides part of it).
+    let mut visit = None;
+    let listed = match (listed, &route.policy.seat) {
+        (Ok(listed), Some(seat)) => {
+            let started = Instant::now();
+            let shown = seat.hide_had(&route.account, &mut *mailbox, listed, listed_at).await;
+            timed("device_records", started);
+            shown.map(|(shown, v)| {
+                visit = Some(v);
+                shown
+            })
+        }
+        (listed, _) => listed,
+    };
     let listed = match listed {
         Ok(listed) => {
             let started = Instant::now();
@@ -176,6 +283,11 @@ async fn open_maildrop(context: &Context, credentials: &Credentials) -> Result<L
                 backend_kind: kind,
                 keep: route.policy.keep,
                 disposal: route.policy.disposal.clone(),
+                visit,
+                retention: Retention {
+                    expire_days: route.policy.expire_days(),
+                    login_delay_secs: route.policy.login_delay.map_or(0, |d| d.as_secs()),
+                },
             })
         }
         Err(e) => {

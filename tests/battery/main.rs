@@ -54,6 +54,8 @@ macro_rules! battery {
                 on_delete_trash_moves_exactly_those_to_the_trash,
                 on_delete_archive_moves_exactly_those_to_the_archive,
                 on_delete_flag_keeps_marks_and_hides_them,
+                each_device_once_two_devices_get_each_message_once,
+                each_device_once_with_keep_removes_nothing,
             );
         }
     };

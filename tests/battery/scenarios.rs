@@ -637,3 +637,170 @@ pub fn on_delete_flag_keeps_marks_and_hides_them<F: Fixture>() {
     assert_eq!(c.retr(1), want[1]);
     assert_reply(&c.quit(), "+OK", "QUIT");
 }
+
+// --- Several devices on one mailbox: sharing = "each_device_once" -----------
+
+/// Two device users of the fixture's one account, each routed with its own
+/// seat among the two (records in a file of the test's own), as a mapped
+/// account with `sharing = "each_device_once"` gives them.
+struct TwoDevices {
+    inner: std::sync::Arc<dyn popgate::auth::accounts::Router>,
+    login: crate::fixture::Login,
+    seats: HashMap<String, popgate::auth::accounts::policy::DevicePolicy>,
+    _records: TempRecords,
+}
+
+/// A directory removed when the scenario ends.
+struct TempRecords(std::path::PathBuf);
+
+impl Drop for TempRecords {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+const DEVICE_PASSWORD: &str = "device-pw";
+
+impl TwoDevices {
+    fn new<F: Fixture>(store: &F, policy: PolicyConfig) -> TwoDevices {
+        use popgate::auth::accounts::seen::{Seat, SeenStore};
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("popgate-battery-seen-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let records = SeenStore::file(dir.join("device-records.json"));
+        let devices = ["printer-a".to_string(), "printer-b".to_string()];
+        let seats = devices
+            .iter()
+            .map(|d| (d.clone(), policy.resolve().seated(Seat::new(records.clone(), d.clone(), &devices))))
+            .collect();
+        TwoDevices { inner: store.router(), login: store.login(), seats, _records: TempRecords(dir) }
+    }
+}
+
+#[async_trait::async_trait]
+impl popgate::auth::accounts::Router for TwoDevices {
+    async fn route(
+        &self,
+        client: &popgate::mail::Credentials,
+    ) -> Result<popgate::auth::accounts::Route, popgate::mail::BackendError> {
+        let (Some(policy), popgate::mail::Proof::Password(password)) = (self.seats.get(&client.user), &client.proof)
+        else {
+            return Err(popgate::mail::BackendError::AuthFailed);
+        };
+        if password.expose() != DEVICE_PASSWORD {
+            return Err(popgate::mail::BackendError::AuthFailed);
+        }
+        let held = popgate::mail::Credentials::password(self.login.user, self.login.password);
+        let mut route = self.inner.route(&held).await?;
+        route.policy = policy.clone();
+        Ok(route)
+    }
+
+    async fn refresh(
+        &self,
+        route: &popgate::auth::accounts::Route,
+    ) -> Result<Option<popgate::mail::Credentials>, popgate::mail::BackendError> {
+        self.inner.refresh(route).await
+    }
+
+    fn accepts_bearer_tokens(&self) -> bool {
+        false
+    }
+
+    fn primary_backend(&self) -> popgate::backend::SharedBackend {
+        self.inner.primary_backend()
+    }
+}
+
+fn serve_two_devices<F: Fixture>(store: &F, policy: PolicyConfig) -> Popgate {
+    let config = Config { backend: store.backend_config(), ..Config::default() };
+    crate::gateway::start(config, std::sync::Arc::new(TwoDevices::new(store, policy)))
+}
+
+/// Each message's content by message number, all retrieved.
+fn retrieve_all(c: &mut Pop3) -> Vec<Vec<u8>> {
+    let (count, _) = c.stat();
+    (1..=count as u32).map(|n| c.retr(n)).collect()
+}
+
+fn sorted(mut messages: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+    messages.sort();
+    messages
+}
+
+/// `sharing = "each_device_once"`: two devices of one account each get
+/// every message exactly once across reconnects — retrieved or DELE'd, a
+/// message is never shown to that device again; a dropped session records
+/// nothing (the device gets it again); a DELE'd message stays in the store
+/// until the other device has had it too, and leaves it when the last
+/// device DELEs it.
+pub fn each_device_once_two_devices_get_each_message_once<F: Fixture>() {
+    let store = F::start();
+    let mut ids: Vec<MessageId> = distinct("once", 3).iter().map(|m| store.append(m)).collect();
+    let gateway = serve_two_devices(&store, PolicyConfig::default());
+    let want = expected(&store, &ids);
+
+    // Device A: RETR 1 and 3, DELE 2 without retrieving it, QUIT.
+    let mut a = gateway.login("printer-a", DEVICE_PASSWORD);
+    assert_eq!(a.stat(), (3, octets(&want)));
+    let by_subject = numbers_by_subject(&mut a);
+    let first = by_subject["once 1"];
+    let third = by_subject["once 3"];
+    assert_eq!(a.retr(first), want[0]);
+    assert_eq!(a.retr(third), want[2]);
+    a.ok(&format!("DELE {}", by_subject["once 2"]));
+    assert_reply(&a.quit(), "+OK", "QUIT of device A");
+    assert_holds(&store, &ids, "after device A's DELE: device B has not had it");
+
+    // A again: nothing left for it, DELE'd or retrieved.
+    let mut a = gateway.login("printer-a", DEVICE_PASSWORD);
+    assert_eq!(a.stat(), (0, 0), "device A is shown what it already had");
+    assert_reply(&a.quit(), "+OK", "QUIT");
+
+    // New mail: A gets only that.
+    ids.push(store.append(&simple("once 4")));
+    let want = expected(&store, &ids);
+    let mut a = gateway.login("printer-a", DEVICE_PASSWORD);
+    assert_eq!(retrieve_all(&mut a), vec![want[3].clone()], "device A gets the new message alone");
+    assert_reply(&a.quit(), "+OK", "QUIT");
+
+    // Device B: drops its first session after a RETR: nothing recorded.
+    let mut b = gateway.login("printer-b", DEVICE_PASSWORD);
+    assert_eq!(b.stat().0, 4);
+    b.retr(1);
+    b.drop_connection();
+    let mut b = gateway.login("printer-b", DEVICE_PASSWORD);
+    assert_eq!(sorted(retrieve_all(&mut b)), sorted(want.clone()), "device B gets every message, once each");
+    for n in 1..=4 {
+        b.ok(&format!("DELE {n}"));
+    }
+    assert_reply(&b.quit(), "+OK", "QUIT of device B");
+    assert_holds(&store, &[], "after the last device DELE'd what every device had");
+
+    for device in ["printer-a", "printer-b"] {
+        let mut c = gateway.login(device, DEVICE_PASSWORD);
+        assert_eq!(c.stat(), (0, 0), "{device} after both had everything");
+        assert_reply(&c.quit(), "+OK", "QUIT");
+    }
+}
+
+/// `each_device_once` with `on_delete = "keep"`: both devices get each
+/// message once and nothing ever leaves the store.
+pub fn each_device_once_with_keep_removes_nothing<F: Fixture>() {
+    let store = F::start();
+    let ids: Vec<MessageId> = distinct("once-keep", 2).iter().map(|m| store.append(m)).collect();
+    let gateway = serve_two_devices(&store, on_delete(OnDelete::Keep));
+    let want = expected(&store, &ids);
+    for device in ["printer-a", "printer-b"] {
+        let mut c = gateway.login(device, DEVICE_PASSWORD);
+        assert_eq!(sorted(retrieve_all(&mut c)), sorted(want.clone()), "{device}");
+        c.ok("DELE 1");
+        c.ok("DELE 2");
+        assert_reply(&c.quit(), "+OK", "QUIT");
+        let mut c = gateway.login(device, DEVICE_PASSWORD);
+        assert_eq!(c.stat(), (0, 0), "{device} again");
+        assert_reply(&c.quit(), "+OK", "QUIT");
+    }
+    assert_holds(&store, &ids, "with on_delete = keep");
+}

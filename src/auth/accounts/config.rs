@@ -292,8 +292,44 @@ impl<'a> AccountsSetup<'a> {
     /// the token store.
     pub fn check(&self) -> Result<(), InvalidSetting> {
         check_accounts(self.accounts, |name| self.backend_named(name), self.token_store)
+            .and_then(|()| {
+                let shared = self.state.is_some_and(|s| s.url.is_some());
+                check_sharing(self.accounts, self.token_store.is_some() || shared)
+            })
             .map_err(|why| InvalidSetting::new("account", why))
     }
+}
+
+/// `sharing` (docs/POLICIES.md): set per account, only on mapped accounts
+/// (a pass-through user is an account of its own), and with somewhere to
+/// keep the records (`records_file`, beside the token store, or `[state]`).
+fn check_sharing(accounts: &[AccountConfig], records_have_a_home: bool) -> Result<(), String> {
+    use super::policy::Sharing;
+    for account in accounts {
+        let name = &account.name;
+        for device in &account.device {
+            if let Some(own) = &device.policy {
+                own.check_device_override()
+                    .map_err(|why| format!("account `{name}`: device `{}`: policy: {why}", device.user))?;
+            }
+        }
+        let policy = account.policy_for(None);
+        if policy.sharing != Some(Sharing::EachDeviceOnce) {
+            continue;
+        }
+        if account.mode != AccountMode::Mapped {
+            return Err(format!(
+                "account `{name}`: sharing = \"each_device_once\" needs a mapped account with devices"
+            ));
+        }
+        if policy.records_file.is_none() && !records_have_a_home {
+            return Err(format!(
+                "account `{name}`: sharing = \"each_device_once\" needs somewhere to keep the device records: \
+                 policy.records_file, a [token_store] (the file goes beside it) or a [state] url"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `Err(why)`, naming the account.

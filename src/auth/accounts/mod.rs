@@ -9,6 +9,7 @@ pub mod config;
 pub mod policy;
 pub mod reloadable;
 pub mod router;
+pub mod seen;
 pub mod ui_state;
 
 use async_trait::async_trait;

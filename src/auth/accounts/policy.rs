@@ -23,6 +23,8 @@ use crate::backend::select::BackendConfig;
 use crate::backend::{Disposal, ListedMessage, Mailbox};
 use crate::mail::{BackendError, StoreId};
 
+use super::seen;
+
 /// The most header octets read per message to decide on its sender.
 pub const HEADER_LIMIT: usize = 64 * 1024;
 /// Bounds the configured list (it is searched per message at login).
@@ -82,7 +84,39 @@ pub struct PolicyConfig {
     /// only `Authentication-Results` stamp trusted.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub authserv_id: Option<String>,
+
+    // --- Several devices on one mailbox, and RFC 2449 CAPA (docs/POLICIES.md) ---
+    /// How the account's devices share its mailbox (account only: a device
+    /// may not override it). Unset: `first_come`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sharing: Option<Sharing>,
+    /// `each_device_once`: the file keeping the devices' records (account
+    /// only). Unset: `device-records.json` beside the token store; with a
+    /// `[state] url` the records live in the shared store instead.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub records_file: Option<std::path::PathBuf>,
+    /// The least time between two logins of a device (RFC 2449
+    /// LOGIN-DELAY, shown in CAPA and enforced: a login sooner is
+    /// refused with `-ERR [LOGIN-DELAY]`). 0 to 86400 seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub login_delay_secs: Option<u64>,
 }
+
+/// `sharing`: how the devices of one account share its mailbox.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Sharing {
+    /// A work queue: a message retrieved and deleted by one device is gone
+    /// for all (what a shared mailbox always did).
+    #[default]
+    FirstCome,
+    /// Every device gets every message once: each keeps a record of what it
+    /// had; a DELE'd message leaves the store when every device has had it.
+    EachDeviceOnce,
+}
+
+/// Bounds `login_delay_secs` (a day).
+pub const MAX_LOGIN_DELAY_SECS: u64 = 86_400;
 
 /// The keyword `on_delete = "flag"` sets unless `flag_keyword` says.
 pub const DEFAULT_FLAG_KEYWORD: &str = "$Printed";
@@ -101,7 +135,22 @@ impl PolicyConfig {
             max_age_days: self.max_age_days.or(account.max_age_days),
             require_dmarc_pass: self.require_dmarc_pass.or(account.require_dmarc_pass),
             authserv_id: self.authserv_id.clone().or_else(|| account.authserv_id.clone()),
+            // Sharing is the account's: `check_device_override` refuses it here.
+            sharing: account.sharing,
+            records_file: account.records_file.clone(),
+            login_delay_secs: self.login_delay_secs.or(account.login_delay_secs),
         }
+    }
+
+    /// A device's own `[account.device.policy]`: the keys only an account
+    /// may set (how its devices share the mailbox) are refused.
+    pub fn check_device_override(&self) -> Result<(), String> {
+        if self.sharing.is_some() || self.records_file.is_some() {
+            return Err(
+                "sharing and records_file are set per account: they say how its devices share the mailbox".into()
+            );
+        }
+        Ok(())
     }
 
     /// `Err(why)` for a malformed entry or a policy `backend` cannot carry
@@ -153,6 +202,16 @@ impl PolicyConfig {
                     .ok_or_else(|| format!("allowed_senders: `{entry}` is not an address or domain"))?;
             }
         }
+        if let Some(secs) = self.login_delay_secs
+            && secs > MAX_LOGIN_DELAY_SECS
+        {
+            return Err(format!("login_delay_secs: 0 to {MAX_LOGIN_DELAY_SECS}"));
+        }
+        if let Some(path) = &self.records_file
+            && (path.as_os_str().is_empty() || path.file_name().is_none())
+        {
+            return Err("records_file: a file path".into());
+        }
         Ok(())
     }
 
@@ -179,6 +238,9 @@ impl PolicyConfig {
                 .allowed_senders
                 .as_ref()
                 .map(|list| AllowedSenders(list.iter().filter_map(|e| Sender::parse(e)).collect())),
+            sharing: self.sharing.unwrap_or_default(),
+            seat: None,
+            login_delay: self.login_delay_secs.filter(|s| *s > 0).map(Duration::from_secs),
         }
     }
 }
@@ -236,6 +298,37 @@ pub struct DevicePolicy {
     pub max_age: Option<Duration>,
     /// `require_dmarc_pass`: the authserv-id (lower case) whose stamp counts.
     pub dmarc_stamped_by: Option<String>,
+
+    // --- Sharing and CAPA ---
+    pub sharing: Sharing,
+    /// `each_device_once`: this device's place among its account's devices
+    /// (the router attaches it; `None` otherwise, or for a pass-through
+    /// login).
+    pub seat: Option<seen::Seat>,
+    /// `login_delay_secs` (none when 0).
+    pub login_delay: Option<Duration>,
+}
+
+impl DevicePolicy {
+    /// With `each_device_once`'s seat (the router's, or a test's).
+    pub fn seated(mut self, seat: seen::Seat) -> DevicePolicy {
+        self.sharing = Sharing::EachDeviceOnce;
+        self.seat = Some(seat);
+        self
+    }
+
+    /// RFC 2449 EXPIRE for this device, in days (`None`: NEVER). A device
+    /// that gets each message once never sees a retrieved message again,
+    /// DELE'd or not: to it, the server keeps nothing after retrieval
+    /// (`EXPIRE 0`). Every other policy removes only what the device
+    /// DELE'd (or nothing: keep, flag), and popgate deletes nothing on its
+    /// own: `EXPIRE NEVER`.
+    pub fn expire_days(&self) -> Option<u32> {
+        match self.sharing {
+            Sharing::EachDeviceOnce => Some(0),
+            Sharing::FirstCome => None,
+        }
+    }
 }
 
 impl DevicePolicy {

@@ -111,6 +111,8 @@ impl AccountRouter {
         let mut exact = HashMap::new();
         let mut domains = HashMap::new();
         let mut any = None;
+        let shared_state = state.map(|s| s.open()).transpose().map_err(RouterError::Config)?.flatten();
+        let mut seats = super::seen::Seats::new(token_store.map(|t| t.path.as_path()), shared_state);
         for (index, config) in accounts.iter().enumerate() {
             let backend = match built.get(&config.backend) {
                 Some(b) => b.clone(),
@@ -165,7 +167,15 @@ impl AccountRouter {
                     };
                     for device in &config.device {
                         let hash = DeviceHash::parse(&device.password_hash).expect("checked");
-                        let policy = config.policy_for(Some(device)).resolve();
+                        let mut policy = config.policy_for(Some(device)).resolve();
+                        if policy.sharing == super::policy::Sharing::EachDeviceOnce {
+                            let enabled: Vec<String> =
+                                config.device.iter().filter(|d| d.enabled).map(|d| d.user.clone()).collect();
+                            let records = config.policy.as_ref().and_then(|p| p.records_file.as_deref());
+                            let configured: Vec<String> = config.device.iter().map(|d| d.user.clone()).collect();
+                            let seat = seats.seat(records, &device.user, &enabled).map_err(bad)?;
+                            policy = policy.seated(seat.keeping(&configured));
+                        }
                         devices.insert(
                             device.user.clone(),
                             Device { account: index, hash, enabled: device.enabled, policy },
