@@ -367,26 +367,46 @@ password_hash = "{hash}"
         let text = describe(&refused);
         assert!(text.contains(why) || text.contains(&why.replace("\\\"", "\"")), "{why}: {text}");
     }
-    // The policy × backend table: what JMAP cannot do yet is refused with
-    // the reason, on the account and on a device.
+    // The new filters' keys are bounded and checked too.
+    for (account, why) in [
+        ("[account.policy]\nattachment_types = [\"pdf\"]", "`pdf` is not a media type"),
+        (
+            "[account.policy]\nattachment_types = [\"application/pdf\"]\nattachment_scan_limit_bytes = 1",
+            "attachment_scan_limit_bytes",
+        ),
+        ("[account.policy]\nonly_unseen = \"yes\"", "only_unseen"),
+    ] {
+        let refused = check_config(dir.path(), &config(account, ""));
+        assert!(!refused.status.success(), "{account}: {}", describe(&refused));
+        assert!(describe(&refused).contains(why), "{why}: {}", describe(&refused));
+    }
+    // The policy × backend table: JMAP archives to its role-archive mailbox
+    // and flags with a keyword; a named archive folder is refused with the
+    // reason, on the account and on a device.
     let jmap = |account_policy: &str, device_policy: &str| {
         config(account_policy, device_policy).replace(
             "kind = \"imap\"\nhost = \"127.0.0.1\"\nport = 143\ntls = \"none\"",
             "kind = \"jmap\"\nurl = \"http://127.0.0.1:9/jmap/session\"",
         )
     };
-    let fine = check_config(dir.path(), &jmap("[account.policy]\non_delete = \"trash\"", ""));
-    assert!(fine.status.success(), "{}", describe(&fine));
+    for fine in [
+        "[account.policy]\non_delete = \"trash\"",
+        "[account.policy]\non_delete = \"archive\"",
+        "[account.policy]\non_delete = \"flag\"\nonly_unseen = true\nattachment_types = [\"application/pdf\", \"image/*\"]",
+    ] {
+        let checked = check_config(dir.path(), &jmap(fine, ""));
+        assert!(checked.status.success(), "{fine}: {}", describe(&checked));
+    }
     for (account, device, why) in [
         (
-            "[account.policy]\non_delete = \"archive\"",
+            "[account.policy]\non_delete = \"archive\"\narchive_folder = \"Done\"",
             "",
-            "on_delete = \"archive\" is not supported by the jmap backend: moving to the mailbox with role archive is not built",
+            "on_delete = \"archive\" is not supported by the jmap backend: archive_folder is not built here",
         ),
         (
             "",
-            "[account.device.policy]\non_delete = \"flag\"",
-            "device `printer`: policy.on_delete = \"flag\" is not supported by the jmap backend",
+            "[account.device.policy]\non_delete = \"archive\"\narchive_folder = \"Done\"",
+            "device `printer`: policy.on_delete = \"archive\" is not supported by the jmap backend",
         ),
     ] {
         let refused = check_config(dir.path(), &jmap(account, device));

@@ -52,6 +52,8 @@ macro_rules! battery {
                 on_delete_trash_moves_exactly_those_to_the_trash,
                 on_delete_archive_moves_exactly_those_to_the_archive,
                 on_delete_flag_keeps_marks_and_hides_them,
+                only_unseen_hides_messages_marked_read,
+                attachment_types_show_only_listed_attachments,
             );
         }
     };
