@@ -593,3 +593,35 @@ fn recipe_printer_prints_only_pdfs_from_the_office_domain() {
     assert_eq!(again.ok("STAT"), "+OK 0 0");
     again.ok("QUIT");
 }
+
+/// The recipe "a scanner inbox that archives instead of deleting", exactly
+/// as documented, as a live session on Dovecot: the importer's DELE moves
+/// exactly the retrieved scans to `Scans/Done`; nothing is expunged.
+#[test]
+fn recipe_scanner_inbox_archives_instead_of_deleting() {
+    let dovecot = Dovecot::start();
+    let raws = [
+        office_mail("scan one", "scanner@office.example", None, "application/pdf"),
+        office_mail("scan two", "scanner@office.example", None, "image/png"),
+        office_mail("scan three", "scanner@office.example", None, "application/pdf"),
+    ];
+    let uids = dovecot.append_all(ALICE.0, &raws);
+    let mut imap = dovecot.imap(ALICE.0);
+    // Dovecot's hierarchy separator is ".": the folder "Scans/Done" of the
+    // recipe is found as INBOX.Scans.Done (popgate's named-folder lookup).
+    imap.ok("CREATE INBOX.Scans.Done");
+    imap.logout();
+    let dir = tempfile::tempdir().unwrap();
+    let config = recipe("A scanner inbox that archives instead of deleting", &dovecot, dir.path(), "pw-importer");
+    let gateway = GatewayProcess::start(&["--config", config.to_str().unwrap()]);
+    let mut pop = Pop3::login(gateway.addr, "document-importer", "pw-importer");
+    assert_eq!(pop.ok("STAT"), format!("+OK 3 {}", raws.iter().map(|r| canonical(r).len()).sum::<usize>()));
+    assert_eq!(pop.retr(1), canonical(&raws[0]));
+    assert_eq!(pop.retr(3), canonical(&raws[2]));
+    pop.ok("DELE 1");
+    pop.ok("DELE 3");
+    assert!(pop.ok("QUIT").contains("(2 messages deleted)"));
+    assert_eq!(dovecot.uids(ALICE.0), vec![uids[1]], "only the unretrieved scan stays in the inbox");
+    let done = dovecot.imap(ALICE.0).ok("STATUS INBOX.Scans.Done (MESSAGES)");
+    assert!(format!("{done:?}").contains("MESSAGES 2"), "Scans/Done holds the two archived: {done:?}");
+}
