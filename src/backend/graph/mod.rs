@@ -618,37 +618,60 @@ impl GraphMailbox {
     }
 
     /// `isRead` and `categories` of each of `ids` (`$batch`ed GETs); a
-    /// message not found is absent. A throttled or failed item fails the
-    /// whole call (the login is refused as temporary, never half-filtered).
+    /// message not found is absent. Throttled items are asked again as
+    /// `remove_batch` does; any other failure fails the whole call (the
+    /// login is refused as temporary, never half-filtered).
     async fn read_states(&self, ids: &[StoreId]) -> Result<HashMap<String, (bool, Vec<String>)>, BackendError> {
         let mut found = HashMap::with_capacity(ids.len());
         for chunk in ids.chunks(BATCH) {
-            let requests: Vec<Value> = chunk
-                .iter()
-                .enumerate()
-                .map(|(i, id)| {
-                    let mut url = self.api.url(&["messages", &id.0]);
-                    url.query_pairs_mut().append_pair("$select", "id,isRead,categories");
-                    json!({ "id": i.to_string(), "method": "GET", "url": self.api.relative(&url),
-                            "headers": { "Prefer": PREFER_IMMUTABLE } })
-                })
-                .collect();
-            for (index, status, _, body) in self.api.batch(&requests).await? {
-                match status {
-                    200 => {
-                        let read = body.get("isRead").and_then(Value::as_bool).unwrap_or(false);
-                        let categories = body
-                            .get("categories")
-                            .and_then(Value::as_array)
-                            .map(|c| c.iter().filter_map(Value::as_str).map(str::to_string).collect())
-                            .unwrap_or_default();
-                        found.insert(chunk[index].0.clone(), (read, categories));
-                    }
-                    404 => {}
-                    status => {
-                        return Err(BackendError::Unavailable(format!("reading message states: HTTP {status}")));
+            let mut pending: Vec<&str> = chunk.iter().map(|id| id.0.as_str()).collect();
+            let mut attempt = 0;
+            while !pending.is_empty() {
+                let requests: Vec<Value> = pending
+                    .iter()
+                    .enumerate()
+                    .map(|(i, id)| {
+                        let mut url = self.api.url(&["messages", id]);
+                        url.query_pairs_mut().append_pair("$select", "id,isRead,categories");
+                        json!({ "id": i.to_string(), "method": "GET", "url": self.api.relative(&url),
+                                "headers": { "Prefer": PREFER_IMMUTABLE } })
+                    })
+                    .collect();
+                let mut retry = Vec::new();
+                let mut asked: Option<u64> = None;
+                for (index, status, retry_after, body) in self.api.batch(&requests).await? {
+                    let id = pending[index];
+                    match status {
+                        200 => {
+                            let read = body.get("isRead").and_then(Value::as_bool).unwrap_or(false);
+                            let categories = body
+                                .get("categories")
+                                .and_then(Value::as_array)
+                                .map(|c| c.iter().filter_map(Value::as_str).map(str::to_string).collect())
+                                .unwrap_or_default();
+                            found.insert(id.to_string(), (read, categories));
+                        }
+                        404 => {}
+                        429 | 500 | 502 | 503 | 504 => {
+                            retry.push(id);
+                            asked = asked.max(retry_after);
+                        }
+                        status => {
+                            return Err(BackendError::Unavailable(format!("reading message states: HTTP {status}")));
+                        }
                     }
                 }
+                if !retry.is_empty() {
+                    let wait = self.api.account.wait_before_retry(
+                        "$batch item",
+                        429,
+                        attempt,
+                        asked.map(Duration::from_secs),
+                    )?;
+                    tokio::time::sleep(wait).await;
+                    attempt += 1;
+                }
+                pending = retry;
             }
         }
         Ok(found)
