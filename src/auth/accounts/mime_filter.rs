@@ -242,6 +242,80 @@ mod tests {
         assert!(types.contains(&"application/pdf".to_string()), "{types:?}");
     }
 
+    /// A store of whole messages that counts its reads.
+    struct Counting {
+        messages: Vec<bytes::Bytes>,
+        reads: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    #[async_trait::async_trait]
+    impl Mailbox for Counting {
+        async fn list(&mut self) -> Result<Vec<crate::backend::ListedMessage>, BackendError> {
+            Ok(self
+                .messages
+                .iter()
+                .enumerate()
+                .map(|(i, m)| crate::backend::ListedMessage {
+                    id: StoreId(i.to_string()),
+                    uidl: format!("counting-{i}"),
+                    size: crate::backend::ReportedSize::Exact(m.len() as u64),
+                })
+                .collect())
+        }
+
+        async fn fetch(&mut self, id: &StoreId) -> Result<crate::backend::MessageStream<'_>, BackendError> {
+            self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let message = self.messages[id.0.parse::<usize>().unwrap()].clone();
+            // In chunks, as stores stream.
+            let chunks: Vec<Result<bytes::Bytes, BackendError>> = (0..message.len())
+                .step_by(1000)
+                .map(|at| Ok(message.slice(at..(at + 1000).min(message.len()))))
+                .collect();
+            Ok(Box::pin(futures::stream::iter(chunks)))
+        }
+
+        async fn remove(&mut self, _ids: &[StoreId]) -> Result<(), BackendError> {
+            Ok(())
+        }
+
+        async fn close(self: Box<Self>) {}
+    }
+
+    /// Through `policy::apply`, twice (two logins): the listed types are
+    /// shown, the rest and the message over the read bound hidden, and the
+    /// second login reads each message's header only, never its body again.
+    #[tokio::test]
+    async fn each_message_is_read_once_per_process_and_a_too_large_one_is_hidden() {
+        use crate::auth::accounts::policy::{PolicyConfig, apply};
+        let mut big = with_attachment("application/pdf");
+        big.extend(std::iter::repeat_n(b'x', MIN_SCAN_LIMIT as usize));
+        let messages: Vec<bytes::Bytes> = [
+            with_attachment("application/pdf"),
+            b"From: a@b.example\r\nSubject: plain\r\n\r\nhello\r\n".to_vec(),
+            with_attachment("image/png"),
+            big,
+        ]
+        .into_iter()
+        .map(bytes::Bytes::from)
+        .collect();
+        let reads = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut mailbox = Counting { messages, reads: reads.clone() };
+        let policy = PolicyConfig {
+            attachment_types: Some(vec!["application/pdf".into(), "image/*".into()]),
+            attachment_scan_limit_bytes: Some(MIN_SCAN_LIMIT),
+            ..Default::default()
+        }
+        .resolve();
+        let count = || reads.load(std::sync::atomic::Ordering::SeqCst);
+        let listed = mailbox.list().await.unwrap();
+        let shown = apply(&mut mailbox, &policy, listed.clone()).await.unwrap();
+        assert_eq!(shown.iter().map(|m| m.uidl.as_str()).collect::<Vec<_>>(), ["counting-0", "counting-2"]);
+        assert_eq!(count(), 8, "first login: each header, then each message");
+        let again = apply(&mut mailbox, &policy, listed).await.unwrap();
+        assert_eq!(again, shown);
+        assert_eq!(count(), 12, "second login: the headers only");
+    }
+
     #[test]
     fn check_refuses_bad_types_and_bounds() {
         for bad in ["pdf", "application/", "/pdf", "*/*", "application/p df", "image/*x"] {
