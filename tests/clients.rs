@@ -167,3 +167,100 @@ fn fetchmail_retrieves_and_deletes_everything() {
     assert!(mail.lines().any(|l| l.trim_end() == ".dot"), "dot line not un-stuffed:\n{mail}");
     assert_eq!(dovecot.uids(ALICE.0), Vec::<u32>::new(), "fetchmail --nokeep must empty the mailbox");
 }
+
+// --- A filtered device (docs/POLICIES.md) -----------------------------------
+
+/// fetchmail with `nokeep` (it deletes what it retrieved) as `user`; what it
+/// delivered.
+fn fetchmail_deletes_as(addr: std::net::SocketAddr, user: &str, password: &str) -> String {
+    let home = tempfile::Builder::new().prefix("popgate-fetchmail-").tempdir().expect("tempdir");
+    let delivered = home.path().join("delivered");
+    let rc = home.path().join("fetchmailrc");
+    std::fs::write(
+        &rc,
+        format!(
+            "set no bouncemail\n\
+             poll 127.0.0.1 protocol POP3 port {port} timeout 20 auth password\n  \
+             user \"{user}\" there with password \"{password}\" is \"root\" here\n  \
+             options nokeep fetchall mda \"cat >> {delivered}\"\n",
+            port = addr.port(),
+            delivered = delivered.display(),
+        ),
+    )
+    .expect("write rc");
+    std::fs::set_permissions(&rc, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
+    let ids = home.path().join("ids");
+    let output = run(
+        "fetchmail",
+        &["--fetchmailrc", rc.to_str().unwrap(), "--nosyslog", "--verbose", "--nodetach", "--sslproto", "", "--idfile"]
+            .into_iter()
+            .chain([ids.to_str().unwrap()])
+            .collect::<Vec<_>>(),
+        &[("HOME", home.path()), ("FETCHMAILHOME", home.path())],
+    );
+    assert!(output.status.success(), "fetchmail: {}", describe(&output));
+    String::from_utf8_lossy(&std::fs::read(&delivered).unwrap_or_default()).into_owned()
+}
+
+/// A message from `from_address`, with an attachment of `media_type`.
+fn with_attachment(subject: &str, from_address: &str, media_type: &str) -> Vec<u8> {
+    format!(
+        "From: {from_address}\r\nTo: printer@example.com\r\nSubject: {subject}\r\n\
+         Message-ID: <{id}@example.com>\r\nMIME-Version: 1.0\r\n\
+         Content-Type: multipart/mixed; boundary=\"b1\"\r\n\r\n\
+         --b1\r\nContent-Type: text/plain\r\n\r\nPlease print {subject}.\r\n\
+         --b1\r\nContent-Type: {media_type}; name=\"doc\"\r\nContent-Disposition: attachment; filename=\"doc\"\r\n\
+         Content-Transfer-Encoding: base64\r\n\r\nJVBERi0xLjQKJcOkw7zDtsOf\r\n--b1--\r\n",
+        id = subject.replace(' ', "-")
+    )
+    .into_bytes()
+}
+
+/// curl and fetchmail (no --keep) against a device allowed only the
+/// office's PDFs, through a real `popgate serve`: both see exactly those,
+/// fetchmail's deletes remove exactly those, the hidden ones stay in
+/// Dovecot.
+#[test]
+fn curl_and_fetchmail_see_and_delete_only_a_filtered_devices_mail() {
+    let dovecot = Dovecot::start();
+    let raws = [
+        with_attachment("office pdf one", "clerk@office.example", "application/pdf"),
+        with_attachment("office zip", "clerk@office.example", "application/zip"),
+        with_attachment("spam pdf", "evil@spam.example", "application/pdf"),
+        with_attachment("office pdf two", "boss@office.example", "application/pdf"),
+        simple("office plain"),
+    ];
+    let uids = dovecot.append_all(ALICE.0, &raws);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("alice-password"), format!("{}\n", ALICE.1)).unwrap();
+    let config = dir.path().join("popgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[backend]\nkind = \"imap\"\nhost = \"127.0.0.1\"\nport = {port}\ntls = \"none\"\n\n\
+             [[account]]\nname = \"print\"\nmode = \"mapped\"\nlogin = \"{user}\"\npassword_file = \"{dir}/alice-password\"\n\n\
+             [account.policy]\nallowed_senders = [\"office.example\"]\nattachment_types = [\"application/pdf\"]\n\n\
+             [[account.device]]\nuser = \"printer\"\npassword_hash = \"{hash}\"\n",
+            port = dovecot.imap_port,
+            user = ALICE.0,
+            dir = dir.path().display(),
+            hash = popgate::auth::passwords::hash_password("pw-printer").unwrap(),
+        ),
+    )
+    .unwrap();
+    let gateway = support::gateway::GatewayProcess::start(&["--config", config.to_str().unwrap()]);
+    let shown: Vec<Vec<u8>> = [0, 3].iter().map(|&i| canonical(&dovecot.fetch(ALICE.0, uids[i]))).collect();
+
+    let auth = ["--user", "printer:pw-printer"];
+    support::program::curl_lists(gateway.addr, &auth, &[&shown[0], &shown[1]]);
+    support::program::curl_retrieves_each(gateway.addr, &auth, &shown);
+
+    let mail = fetchmail_deletes_as(gateway.addr, "printer", "pw-printer");
+    for subject in ["Subject: office pdf one", "Subject: office pdf two"] {
+        assert!(mail.contains(subject), "{subject} not delivered:\n{mail}");
+    }
+    for subject in ["office zip", "spam pdf", "office plain"] {
+        assert!(!mail.contains(subject), "{subject} delivered to the filtered device:\n{mail}");
+    }
+    assert_eq!(dovecot.uids(ALICE.0), vec![uids[1], uids[2], uids[4]], "fetchmail deleted exactly the shown two");
+}

@@ -367,26 +367,46 @@ password_hash = "{hash}"
         let text = describe(&refused);
         assert!(text.contains(why) || text.contains(&why.replace("\\\"", "\"")), "{why}: {text}");
     }
-    // The policy × backend table: what JMAP cannot do yet is refused with
-    // the reason, on the account and on a device.
+    // The new filters' keys are bounded and checked too.
+    for (account, why) in [
+        ("[account.policy]\nattachment_types = [\"pdf\"]", "`pdf` is not a media type"),
+        (
+            "[account.policy]\nattachment_types = [\"application/pdf\"]\nattachment_scan_limit_bytes = 1",
+            "attachment_scan_limit_bytes",
+        ),
+        ("[account.policy]\nonly_unseen = \"yes\"", "only_unseen"),
+    ] {
+        let refused = check_config(dir.path(), &config(account, ""));
+        assert!(!refused.status.success(), "{account}: {}", describe(&refused));
+        assert!(describe(&refused).contains(why), "{why}: {}", describe(&refused));
+    }
+    // The policy × backend table: JMAP archives to its role-archive mailbox
+    // and flags with a keyword; a named archive folder is refused with the
+    // reason, on the account and on a device.
     let jmap = |account_policy: &str, device_policy: &str| {
         config(account_policy, device_policy).replace(
             "kind = \"imap\"\nhost = \"127.0.0.1\"\nport = 143\ntls = \"none\"",
             "kind = \"jmap\"\nurl = \"http://127.0.0.1:9/jmap/session\"",
         )
     };
-    let fine = check_config(dir.path(), &jmap("[account.policy]\non_delete = \"trash\"", ""));
-    assert!(fine.status.success(), "{}", describe(&fine));
+    for fine in [
+        "[account.policy]\non_delete = \"trash\"",
+        "[account.policy]\non_delete = \"archive\"",
+        "[account.policy]\non_delete = \"flag\"\nonly_unseen = true\nattachment_types = [\"application/pdf\", \"image/*\"]",
+    ] {
+        let checked = check_config(dir.path(), &jmap(fine, ""));
+        assert!(checked.status.success(), "{fine}: {}", describe(&checked));
+    }
     for (account, device, why) in [
         (
-            "[account.policy]\non_delete = \"archive\"",
+            "[account.policy]\non_delete = \"archive\"\narchive_folder = \"Done\"",
             "",
-            "on_delete = \"archive\" is not supported by the jmap backend: moving to the mailbox with role archive is not built",
+            "on_delete = \"archive\" is not supported by the jmap backend: archive_folder is not built here",
         ),
         (
             "",
-            "[account.device.policy]\non_delete = \"flag\"",
-            "device `printer`: policy.on_delete = \"flag\" is not supported by the jmap backend",
+            "[account.device.policy]\non_delete = \"archive\"\narchive_folder = \"Done\"",
+            "device `printer`: policy.on_delete = \"archive\" is not supported by the jmap backend",
         ),
     ] {
         let refused = check_config(dir.path(), &jmap(account, device));
@@ -691,4 +711,185 @@ fn check_config_refuses_sharing_where_it_makes_no_sense() {
         let shown = describe(&refused);
         assert!(shown.contains(why), "{why}: {shown}");
     }
+}
+
+// --- Filters through a real `popgate serve`: DMARC, attachment types, the
+// documented recipes run as they are written -------------------------------
+
+const AUTHSERV_ID: &str = "mx.example.net";
+
+/// A message from `from_address`, with a PDF (or a text) attachment, and
+/// the provider's `Authentication-Results` stamp when `stamp` names what it
+/// says (`dmarc=pass header.from=office.example`).
+fn office_mail(subject: &str, from_address: &str, stamp: Option<&str>, attachment: &str) -> Vec<u8> {
+    let stamp = stamp.map(|s| format!("Authentication-Results: {s}\r\n")).unwrap_or_default();
+    format!(
+        "{stamp}From: Clerk <{from_address}>\r\nTo: print@example.com\r\nSubject: {subject}\r\n\
+         Message-ID: <{id}@office.example>\r\nMIME-Version: 1.0\r\n\
+         Content-Type: multipart/mixed; boundary=\"b1\"\r\n\r\n\
+         --b1\r\nContent-Type: text/plain\r\n\r\nPlease print {subject}.\r\n\
+         --b1\r\nContent-Type: {attachment}; name=\"doc\"\r\nContent-Disposition: attachment; filename=\"doc\"\r\n\
+         Content-Transfer-Encoding: base64\r\n\r\nJVBERi0xLjQKJcOkw7zDtsOf\r\n--b1--\r\n",
+        id = subject.replace(' ', "-")
+    )
+    .into_bytes()
+}
+
+fn dmarc_pass(domain: &str) -> String {
+    format!("{AUTHSERV_ID}; spf=pass smtp.mailfrom={domain}; dmarc=pass (p=REJECT) header.from={domain}")
+}
+
+/// The ```toml recipe of docs/POLICIES.md under `title`, made to run here:
+/// its backend is this Dovecot, its login alice, its password file hers
+/// and its devices' password hashes `device_password`'s. Every policy key
+/// is kept exactly as documented.
+fn recipe(title: &str, dovecot: &Dovecot, dir: &Path, device_password: &str) -> PathBuf {
+    let docs = include_str!("../docs/POLICIES.md");
+    let section = docs.split(&format!("### {title}\n")).nth(1).unwrap_or_else(|| panic!("no recipe {title:?}"));
+    let block = section.split("```toml\n").nth(1).and_then(|b| b.split("```").next()).expect("a toml block");
+    let mut text =
+        format!("[backend]\nkind = \"imap\"\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\n", dovecot.imap_port);
+    let hash = hash_password(device_password).unwrap();
+    for line in block.lines() {
+        let line = if line.starts_with("password_file = ") {
+            let path = dir.join("alice-password");
+            std::fs::write(&path, format!("{}\n", ALICE.1)).unwrap();
+            format!("password_file = \"{}\"", path.display())
+        } else if line.starts_with("login = ") {
+            format!("login = \"{}\"", ALICE.0)
+        } else if line.starts_with("password_hash") {
+            format!("password_hash = \"{hash}\"")
+        } else {
+            line.to_string()
+        };
+        text.push_str(&line);
+        text.push('\n');
+    }
+    let path = dir.join(format!("{}.toml", title.len()));
+    std::fs::write(&path, &text).unwrap();
+    Config::load(&path).unwrap_or_else(|e| panic!("recipe {title:?}: {e}\n{text}"));
+    path
+}
+
+/// `require_dmarc_pass` end to end: a spoofed From without the provider's
+/// stamp, and one whose pass is stamped by someone else, are hidden; the
+/// stamped one is shown; nothing hidden is touched.
+#[test]
+fn dovecot_dmarc_hides_the_spoofed_from_and_shows_the_stamped_one() {
+    let dovecot = Dovecot::start();
+    let raws = [
+        office_mail("stamped", "clerk@office.example", Some(&dmarc_pass("office.example")), "application/pdf"),
+        office_mail("spoofed", "clerk@office.example", None, "application/pdf"),
+        office_mail(
+            "stamped by the sender",
+            "clerk@office.example",
+            Some("evil.example; dmarc=pass header.from=office.example"),
+            "application/pdf",
+        ),
+        office_mail(
+            "failed",
+            "clerk@office.example",
+            Some(&format!("{AUTHSERV_ID}; dmarc=fail header.from=office.example")),
+            "application/pdf",
+        ),
+    ];
+    let uids = dovecot.append_all(ALICE.0, &raws);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("alice-password"), format!("{}\n", ALICE.1)).unwrap();
+    let config = dir.path().join("popgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[backend]\nkind = \"imap\"\nhost = \"127.0.0.1\"\nport = {port}\ntls = \"none\"\n\n\
+             [[account]]\nname = \"print\"\nmode = \"mapped\"\nlogin = \"{user}\"\npassword_file = \"{dir}/alice-password\"\n\n\
+             [account.policy]\nrequire_dmarc_pass = true\nauthserv_id = \"{AUTHSERV_ID}\"\n\n\
+             [[account.device]]\nuser = \"{p1}\"\npassword_hash = \"{h1}\"\n",
+            port = dovecot.imap_port,
+            user = ALICE.0,
+            dir = dir.path().display(),
+            p1 = PRINTER_1.0,
+            h1 = hash_password(PRINTER_1.1).unwrap(),
+        ),
+    )
+    .unwrap();
+    let gateway = GatewayProcess::start(&["--config", config.to_str().unwrap()]);
+    let mut pop = Pop3::login(gateway.addr, PRINTER_1.0, PRINTER_1.1);
+    let shown = canonical(&raws[0]);
+    assert_eq!(pop.ok("STAT"), format!("+OK 1 {}", shown.len()), "only the stamped message");
+    assert_eq!(pop.retr(1), shown);
+    pop.err("RETR 2");
+    assert!(pop.ok("QUIT").starts_with("+OK"));
+    assert_eq!(dovecot.uids(ALICE.0), uids, "nothing removed");
+    let log = gateway.log();
+    assert!(log.contains("messages hidden by the device policy"), "{log}");
+}
+
+/// The recipe "a printer that prints only PDFs from the office domain",
+/// exactly as documented, as a live session on Dovecot: only the office's
+/// stamped mail with a PDF is printed; its DELE moves exactly it to the
+/// trash (`on_delete = "trash"`); the rest stays in the inbox.
+#[test]
+fn recipe_printer_prints_only_pdfs_from_the_office_domain() {
+    let dovecot = Dovecot::start();
+    let raws = [
+        office_mail("invoice pdf", "clerk@office.example", Some(&dmarc_pass("office.example")), "application/pdf"),
+        office_mail("letter docx", "clerk@office.example", Some(&dmarc_pass("office.example")), "application/msword"),
+        office_mail("spoofed pdf", "clerk@office.example", None, "application/pdf"),
+        office_mail("partner pdf", "orders@partner.example", Some(&dmarc_pass("partner.example")), "application/pdf"),
+        office_mail("report pdf", "boss@office.example", Some(&dmarc_pass("office.example")), "Application/PDF"),
+    ];
+    let uids = dovecot.append_all(ALICE.0, &raws);
+    let dir = tempfile::tempdir().unwrap();
+    // The deployment's trash: Dovecot marks it \Trash (RFC 6154) once it exists.
+    let mut imap = dovecot.imap(ALICE.0);
+    imap.ok("CREATE Trash");
+    imap.logout();
+    let config = recipe("A printer that prints only PDFs from the office domain", &dovecot, dir.path(), "pw-printer");
+    let gateway = GatewayProcess::start(&["--config", config.to_str().unwrap()]);
+    let mut pop = Pop3::login(gateway.addr, "printer-3rd-floor", "pw-printer");
+    let shown = [canonical(&raws[0]), canonical(&raws[4])];
+    assert_eq!(pop.ok("STAT"), format!("+OK 2 {}", shown[0].len() + shown[1].len()));
+    assert_eq!(pop.retr(1), shown[0]);
+    assert_eq!(pop.retr(2), shown[1]);
+    pop.ok("DELE 1");
+    pop.ok("DELE 2");
+    assert!(pop.ok("QUIT").contains("(2 messages deleted)"));
+    assert_eq!(dovecot.uids(ALICE.0), vec![uids[1], uids[2], uids[3]], "the hidden ones stay in the inbox");
+    let trashed = dovecot.imap(ALICE.0).ok("STATUS Trash (MESSAGES)");
+    assert!(format!("{trashed:?}").contains("MESSAGES 2"), "the trash holds the two printed: {trashed:?}");
+    let mut again = Pop3::login(gateway.addr, "printer-3rd-floor", "pw-printer");
+    assert_eq!(again.ok("STAT"), "+OK 0 0");
+    again.ok("QUIT");
+}
+
+/// The recipe "a scanner inbox that archives instead of deleting", exactly
+/// as documented, as a live session on Dovecot: the importer's DELE moves
+/// exactly the retrieved scans to `Scans/Done`; nothing is expunged.
+#[test]
+fn recipe_scanner_inbox_archives_instead_of_deleting() {
+    let dovecot = Dovecot::start();
+    let raws = [
+        office_mail("scan one", "scanner@office.example", None, "application/pdf"),
+        office_mail("scan two", "scanner@office.example", None, "image/png"),
+        office_mail("scan three", "scanner@office.example", None, "application/pdf"),
+    ];
+    let uids = dovecot.append_all(ALICE.0, &raws);
+    let mut imap = dovecot.imap(ALICE.0);
+    // Dovecot's hierarchy separator is ".": the folder "Scans/Done" of the
+    // recipe is found as INBOX.Scans.Done (popgate's named-folder lookup).
+    imap.ok("CREATE INBOX.Scans.Done");
+    imap.logout();
+    let dir = tempfile::tempdir().unwrap();
+    let config = recipe("A scanner inbox that archives instead of deleting", &dovecot, dir.path(), "pw-importer");
+    let gateway = GatewayProcess::start(&["--config", config.to_str().unwrap()]);
+    let mut pop = Pop3::login(gateway.addr, "document-importer", "pw-importer");
+    assert_eq!(pop.ok("STAT"), format!("+OK 3 {}", raws.iter().map(|r| canonical(r).len()).sum::<usize>()));
+    assert_eq!(pop.retr(1), canonical(&raws[0]));
+    assert_eq!(pop.retr(3), canonical(&raws[2]));
+    pop.ok("DELE 1");
+    pop.ok("DELE 3");
+    assert!(pop.ok("QUIT").contains("(2 messages deleted)"));
+    assert_eq!(dovecot.uids(ALICE.0), vec![uids[1]], "only the unretrieved scan stays in the inbox");
+    let done = dovecot.imap(ALICE.0).ok("STATUS INBOX.Scans.Done (MESSAGES)");
+    assert!(format!("{done:?}").contains("MESSAGES 2"), "Scans/Done holds the two archived: {done:?}");
 }

@@ -150,6 +150,16 @@ impl DemoStore {
     }
 
     /// Every call fails with `Unavailable` while set (a store that went down).
+    /// As another client: marks a message read (`\Seen`).
+    pub fn mark_seen(&self, user: &str, uid: u32) {
+        let mut state = self.lock();
+        if let Some(message) = state.accounts.get_mut(user).and_then(|a| a.messages.iter_mut().find(|m| m.uid == uid))
+            && !message.keywords.iter().any(|k| k == SEEN)
+        {
+            message.keywords.push(SEEN.to_string());
+        }
+    }
+
     pub fn set_unavailable(&self, down: bool) {
         self.lock().unavailable = down;
     }
@@ -179,6 +189,9 @@ impl DemoStore {
         self.lock().logins
     }
 }
+
+/// The read flag, kept among a message's keywords.
+const SEEN: &str = "\\Seen";
 
 fn load_eml_dir(dir: &Path) -> std::io::Result<Vec<Bytes>> {
     let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)?
@@ -355,6 +368,11 @@ impl Mailbox for MemoryMailbox {
                     .is_none_or(|m| m.keywords.iter().any(|k| k.eq_ignore_ascii_case(keyword)))
             })
             .collect())
+    }
+
+    /// Read: carrying the `\Seen` flag (`DemoStore::mark_seen`).
+    async fn seen(&mut self, ids: &[StoreId]) -> Result<Vec<bool>, BackendError> {
+        self.carrying(ids, SEEN).await
     }
 
     async fn close(self: Box<Self>) {}

@@ -221,6 +221,15 @@ pub trait Mailbox: Send {
         Err(BackendError::Permanent("keywords are not supported here".into()))
     }
 
+    /// Which of `ids` are marked read (IMAP `\Seen`, JMAP `$seen`, Gmail
+    /// without `UNREAD`, Graph `isRead`), in order, for a device policy's
+    /// `only_unseen`; a message that is gone may be reported either way
+    /// (the size measurement leaves it out). Never changes a message.
+    async fn seen(&mut self, ids: &[StoreId]) -> Result<Vec<bool>, BackendError> {
+        let _ = ids;
+        Err(BackendError::Permanent("the read state is not supported here".into()))
+    }
+
     /// Removes exactly these messages (the POP3 UPDATE state). Either every
     /// one is gone when this returns `Ok`, or an error says what was not done.
     async fn remove(&mut self, ids: &[StoreId]) -> Result<(), BackendError>;

@@ -56,6 +56,8 @@ macro_rules! battery {
                 on_delete_flag_keeps_marks_and_hides_them,
                 each_device_once_two_devices_get_each_message_once,
                 each_device_once_with_keep_removes_nothing,
+                only_unseen_hides_messages_marked_read,
+                attachment_types_show_only_listed_attachments,
             );
         }
     };

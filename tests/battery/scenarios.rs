@@ -804,3 +804,73 @@ pub fn each_device_once_with_keep_removes_nothing<F: Fixture>() {
     }
     assert_holds(&store, &ids, "with on_delete = keep");
 }
+
+// --- Device filters: only_unseen, attachment_types (docs/POLICIES.md) -------
+
+/// A message with one attachment part of `media_type` (or none: `None`),
+/// distinct by `subject`.
+fn with_attachment(subject: &str, media_type: Option<&str>) -> Vec<u8> {
+    let head = format!(
+        "From: Scanner <scanner@office.example>\r\nTo: printer@example.com\r\nSubject: {subject}\r\n\
+         Message-ID: <{}@office.example>\r\nMIME-Version: 1.0\r\n",
+        subject.replace(' ', "-")
+    );
+    let body = match media_type {
+        None => format!("Content-Type: text/plain\r\n\r\nNo attachment: {subject}.\r\n"),
+        Some(media_type) => format!(
+            "Content-Type: multipart/mixed; boundary=\"b1\"\r\n\r\n\
+             --b1\r\nContent-Type: text/plain\r\n\r\nSee the attachment: {subject}.\r\n\
+             --b1\r\nContent-Type: {media_type}; name=\"scan\"\r\nContent-Disposition: attachment; filename=\"scan\"\r\n\
+             Content-Transfer-Encoding: base64\r\n\r\nJVBERi0xLjQKJcOkw7zDtsOf\r\n--b1--\r\n"
+        ),
+    };
+    format!("{head}{body}").into_bytes()
+}
+
+/// `only_unseen = true`: a message another client marked read is not in
+/// the maildrop; the others are, and nothing in the store changes.
+pub fn only_unseen_hides_messages_marked_read<F: Fixture>() {
+    let store = F::start();
+    let ids: Vec<MessageId> = distinct("unseen", 3).iter().map(|m| store.append(m)).collect();
+    store.mark_seen(&ids[1]);
+    let policy = PolicyConfig { only_unseen: Some(true), ..Default::default() };
+    let gateway = serve_with_policy(&store, policy).expect("only_unseen is supported everywhere");
+    let want = expected(&store, &pick(&ids, &[0, 2]));
+    let mut c = login(&store, &gateway);
+    assert_eq!(c.stat(), (2, octets(&want)), "the read message is hidden");
+    assert_eq!(c.list(), listing([(1, &want[0]), (2, &want[1])]));
+    assert_eq!(c.retr(1), want[0]);
+    assert_eq!(c.retr(2), want[1]);
+    assert_reply(&c.quit(), "+OK", "QUIT");
+    let remaining = store.remaining();
+    assert_eq!(remaining.iter().map(|r| &r.id).collect::<Vec<_>>(), ids.iter().collect::<Vec<_>>());
+    assert_eq!(remaining.iter().map(|r| r.seen).collect::<Vec<_>>(), [false, true, false], "read states");
+}
+
+/// `attachment_types = ["application/pdf", "image/*"]`: only the messages
+/// with such an attachment are shown; DELE of one removes exactly it, the
+/// hidden ones stay in the store.
+pub fn attachment_types_show_only_listed_attachments<F: Fixture>() {
+    let store = F::start();
+    let messages = [
+        with_attachment("plain", None),
+        with_attachment("pdf", Some("application/pdf")),
+        with_attachment("zip", Some("application/zip")),
+        with_attachment("png", Some("image/png")),
+    ];
+    let ids: Vec<MessageId> = messages.iter().map(|m| store.append(m)).collect();
+    let policy =
+        PolicyConfig { attachment_types: Some(vec!["application/pdf".into(), "image/*".into()]), ..Default::default() };
+    let gateway = serve_with_policy(&store, policy).expect("attachment_types is supported everywhere");
+    let want = expected(&store, &pick(&ids, &[1, 3]));
+    let mut c = login(&store, &gateway);
+    assert_eq!(c.stat(), (2, octets(&want)), "only the PDF and the PNG are shown");
+    assert_eq!(c.retr(1), want[0]);
+    assert_eq!(c.retr(2), want[1]);
+    c.ok("DELE 1");
+    assert_reply(&c.quit(), "+OK", "QUIT");
+    assert_holds(&store, &pick(&ids, &[0, 2, 3]), "after DELE of the PDF");
+    let mut c = login(&store, &gateway);
+    assert_eq!(c.stat(), (1, want[1].len() as u64), "the PNG is still shown, once");
+    assert_reply(&c.quit(), "+OK", "QUIT");
+}

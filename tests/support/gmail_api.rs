@@ -235,6 +235,11 @@ impl GmailApi {
         id
     }
 
+    /// The id of the user label named `name` (any case), if there is one.
+    pub fn user_label(&self, name: &str) -> Option<String> {
+        self.lock().user_labels.iter().find(|(_, n)| n.eq_ignore_ascii_case(name)).map(|(id, _)| id.clone())
+    }
+
     /// The labels of a message, or `None` once it is deleted.
     pub fn labels_of(&self, id: &str) -> Option<BTreeSet<String>> {
         self.lock().messages.iter().find(|m| m.id == id).map(|m| m.labels.clone())
@@ -548,6 +553,28 @@ fn route(
                         "labelListVisibility": "labelShow" })
             }));
             Answer::json(200, json!({ "labels": labels }))
+        }
+        // `users.labels.create`: a user label; a name already taken (any
+        // case, as Gmail compares) is 409.
+        ("POST", ["labels"]) => {
+            let request: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+            let Some(name) = request["name"].as_str().filter(|n| !n.trim().is_empty()) else {
+                return Answer::bad_request("Invalid label name");
+            };
+            let taken = SYSTEM_LABELS.iter().any(|l| l.eq_ignore_ascii_case(name))
+                || state.user_labels.iter().any(|(_, n)| n.eq_ignore_ascii_case(name));
+            if taken {
+                return Answer::error(
+                    409,
+                    "ALREADY_EXISTS",
+                    "alreadyExists",
+                    "global",
+                    "Label name exists or conflicts",
+                );
+            }
+            let id = format!("Label_{}", state.user_labels.len() + 1);
+            state.user_labels.push((id.clone(), name.to_string()));
+            Answer::json(200, json!({ "id": id, "name": name, "type": "user" }))
         }
         ("GET", ["profile"]) => Answer::json(
             200,

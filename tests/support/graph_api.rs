@@ -78,6 +78,10 @@ struct Message {
     /// Seconds since the epoch.
     received: i64,
     mime: Vec<u8>,
+    /// `isRead`.
+    read: bool,
+    /// Outlook categories (by display name).
+    categories: Vec<String>,
 }
 
 impl Message {
@@ -214,8 +218,23 @@ impl GraphApi {
                 folder,
                 received,
                 mime: mime.to_vec(),
+                read: false,
+                categories: Vec::new(),
             });
             immutable_id
+        })
+    }
+
+    /// Someone else reads a message (`isRead`).
+    pub fn mark_read(&self, id: &str) {
+        self.with(|s| s.messages.iter_mut().find(|m| m.immutable_id == id).expect("message exists").read = true)
+    }
+
+    /// Whether a message is read, and its categories.
+    pub fn read_and_categories(&self, id: &str) -> (bool, Vec<String>) {
+        self.with(|s| {
+            let message = s.messages.iter().find(|m| m.immutable_id == id).expect("message exists");
+            (message.read, message.categories.clone())
         })
     }
 
@@ -756,6 +775,36 @@ fn route(
                 state.skip_tokens.insert(token, (folder, rest, snapshot));
             }
             Answer::json(200, answer)
+        }
+        // A message's properties (only those popgate selects).
+        ("GET", ["messages", id]) => match state.message_index(id) {
+            Some(i) => {
+                let message = &state.messages[i];
+                Answer::json(
+                    200,
+                    json!({ "@odata.context": format!("{mailbox}/$metadata#messages(id,isRead,categories)/$entity"),
+                            "id": message.id(immutable), "isRead": message.read, "categories": message.categories }),
+                )
+            }
+            None => Answer::not_found(),
+        },
+        // `isRead` and `categories` are the properties the stand-in updates.
+        ("PATCH", ["messages", id]) => {
+            let Some(i) = state.message_index(id) else {
+                return Answer::not_found();
+            };
+            let request: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+            let message = &mut state.messages[i];
+            if let Some(read) = request["isRead"].as_bool() {
+                message.read = read;
+            }
+            if let Some(categories) = request["categories"].as_array() {
+                message.categories = categories.iter().filter_map(Value::as_str).map(str::to_string).collect();
+            }
+            Answer::json(
+                200,
+                json!({ "id": message.id(immutable), "isRead": message.read, "categories": message.categories }),
+            )
         }
         ("GET", ["messages", id, "$value"]) => match state.message_index(id) {
             Some(i) => {

@@ -6,6 +6,7 @@
 //! configured backend unchanged. Never logs a secret.
 
 pub mod config;
+pub mod mime_filter;
 pub mod policy;
 pub mod reloadable;
 pub mod router;

@@ -19,6 +19,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
+use super::mime_filter::{self, AttachmentTypes};
 use crate::backend::select::BackendConfig;
 use crate::backend::{Disposal, ListedMessage, Mailbox};
 use crate::mail::{BackendError, StoreId};
@@ -100,6 +101,20 @@ pub struct PolicyConfig {
     /// refused with `-ERR [LOGIN-DELAY]`). 0 to 86400 seconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub login_delay_secs: Option<u64>,
+    /// Only messages not marked read (IMAP `\Seen`, JMAP `$seen`, Gmail
+    /// `UNREAD`, Graph `isRead`) are shown.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub only_unseen: Option<bool>,
+    /// Only messages with at least one attachment part of one of these
+    /// media types (`application/pdf`, `image/*`) are shown, decided on the
+    /// message's MIME structure (`mime_filter`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attachment_types: Option<Vec<String>>,
+    /// `attachment_types`: at most this many octets of a message are read
+    /// to evaluate it (default 10 MiB, 64 KiB to 50 MiB); a larger message
+    /// is hidden.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attachment_scan_limit_bytes: Option<u64>,
 }
 
 /// `sharing`: how the devices of one account share its mailbox.
@@ -139,6 +154,9 @@ impl PolicyConfig {
             sharing: account.sharing,
             records_file: account.records_file.clone(),
             login_delay_secs: self.login_delay_secs.or(account.login_delay_secs),
+            only_unseen: self.only_unseen.or(account.only_unseen),
+            attachment_types: self.attachment_types.clone().or_else(|| account.attachment_types.clone()),
+            attachment_scan_limit_bytes: self.attachment_scan_limit_bytes.or(account.attachment_scan_limit_bytes),
         }
     }
 
@@ -212,6 +230,9 @@ impl PolicyConfig {
         {
             return Err("records_file: a file path".into());
         }
+        if self.attachment_types.is_some() || self.attachment_scan_limit_bytes.is_some() {
+            mime_filter::check(self.attachment_types.as_deref().unwrap_or_default(), self.attachment_scan_limit_bytes)?;
+        }
         Ok(())
     }
 
@@ -241,6 +262,11 @@ impl PolicyConfig {
             sharing: self.sharing.unwrap_or_default(),
             seat: None,
             login_delay: self.login_delay_secs.filter(|s| *s > 0).map(Duration::from_secs),
+            only_unseen: self.only_unseen == Some(true),
+            attachment_types: self
+                .attachment_types
+                .as_ref()
+                .map(|types| AttachmentTypes::new(types, self.attachment_scan_limit_bytes)),
         }
     }
 }
@@ -261,14 +287,14 @@ pub fn unsupported(kind: &str, on_delete: OnDelete, named_folder: bool) -> Resul
     match (kind, on_delete) {
         (_, OnDelete::Keep | OnDelete::Expunge | OnDelete::Trash) => Ok(()),
         ("imap" | "demo", _) => Ok(()),
-        ("jmap", OnDelete::Archive) => Err("moving to the mailbox with role archive is not built for JMAP yet"),
-        ("jmap", OnDelete::Flag) => Err("setting a keyword with Email/set is not built for JMAP yet"),
-        ("gmail" | "graph", OnDelete::Archive) if named_folder => Err(
-            "archive_folder is not built here: archive means Gmail's \"remove the INBOX label\" or Graph's archive folder",
+        ("jmap" | "gmail" | "graph", OnDelete::Archive) if named_folder => Err(
+            "archive_folder is not built here: archive means JMAP's mailbox with role archive, Gmail's \"remove the \
+             INBOX label\" or Graph's archive folder",
         ),
-        ("gmail" | "graph", OnDelete::Archive) => Ok(()),
-        ("gmail", OnDelete::Flag) => Err("setting a Gmail user label is not built yet"),
-        ("graph", OnDelete::Flag) => Err("setting an Outlook category is not built yet"),
+        // JMAP: the mailbox with role archive (created if missing), the
+        // keyword set with Email/set; Gmail: a user label (created if
+        // missing); Graph: a category.
+        ("jmap" | "gmail" | "graph", OnDelete::Archive | OnDelete::Flag) => Ok(()),
         _ => Err("unknown backend"),
     }
 }
@@ -307,6 +333,10 @@ pub struct DevicePolicy {
     pub seat: Option<seen::Seat>,
     /// `login_delay_secs` (none when 0).
     pub login_delay: Option<Duration>,
+    /// `only_unseen`: messages marked read are hidden.
+    pub only_unseen: bool,
+    /// `attachment_types`: messages without such an attachment are hidden.
+    pub attachment_types: Option<AttachmentTypes>,
 }
 
 impl DevicePolicy {
@@ -333,7 +363,10 @@ impl DevicePolicy {
 
 impl DevicePolicy {
     fn needs_headers(&self) -> bool {
-        self.allowed_senders.is_some() || self.max_age.is_some() || self.dmarc_stamped_by.is_some()
+        self.allowed_senders.is_some()
+            || self.max_age.is_some()
+            || self.dmarc_stamped_by.is_some()
+            || self.attachment_types.is_some()
     }
 
     /// The header-based decisions, at `now`: `Err(reason)` hides.
@@ -375,6 +408,14 @@ pub async fn apply(
         Some(max) => listed.into_iter().filter(|m| m.size.value() <= max).collect(),
         None => listed,
     };
+    if policy.only_unseen && !shown.is_empty() {
+        let ids: Vec<StoreId> = shown.iter().map(|m| m.id.clone()).collect();
+        let seen = mailbox.seen(&ids).await?;
+        if seen.len() != shown.len() {
+            return Err(BackendError::unavailable("the backend answered for a different number of messages"));
+        }
+        shown = shown.into_iter().zip(seen).filter(|(_, seen)| !seen).map(|(message, _)| message).collect();
+    }
     if let Some(keyword) = &policy.hidden_keyword
         && !shown.is_empty()
     {
@@ -393,10 +434,10 @@ pub async fn apply(
             return Err(BackendError::unavailable("the backend answered for a different number of messages"));
         }
         let now = SystemTime::now();
-        shown = shown
+        let with_headers: Vec<(ListedMessage, bytes::Bytes)> = shown
             .into_iter()
             .zip(headers)
-            .filter(|(message, header)| {
+            .filter_map(|(message, header)| {
                 let verdict = match header.as_deref() {
                     Some(header) => policy.shows(header, now),
                     None => Err("gone since the listing"),
@@ -404,13 +445,38 @@ pub async fn apply(
                 if let Err(reason) = verdict {
                     tracing::debug!(uidl = %message.uidl, reason, "hidden from this device");
                 }
-                verdict.is_ok()
+                Some((message, header?)).filter(|_| verdict.is_ok())
             })
-            .map(|(message, _)| message)
             .collect();
+        shown = match &policy.attachment_types {
+            Some(types) => with_attachments(mailbox, types, with_headers).await?,
+            None => with_headers.into_iter().map(|(message, _)| message).collect(),
+        };
     }
     if shown.len() < before {
         tracing::info!(hidden = before - shown.len(), shown = shown.len(), "messages hidden by the device policy");
+    }
+    Ok(shown)
+}
+
+/// `attachment_types`: the messages with an attachment of a listed type,
+/// each evaluated on its MIME structure, read at most once per process
+/// (`mime_filter`); the others are hidden.
+async fn with_attachments(
+    mailbox: &mut dyn Mailbox,
+    types: &AttachmentTypes,
+    messages: Vec<(ListedMessage, bytes::Bytes)>,
+) -> Result<Vec<ListedMessage>, BackendError> {
+    let mut shown = Vec::with_capacity(messages.len());
+    for (message, header) in messages {
+        let verdict = match types.structure_of(mailbox, &message.id, &message.uidl, &header).await? {
+            Some(structure) => types.admits(&structure),
+            None => Err("gone since the listing"),
+        };
+        match verdict {
+            Ok(()) => shown.push(message),
+            Err(reason) => tracing::debug!(uidl = %message.uidl, reason, "hidden from this device"),
+        }
     }
     Ok(shown)
 }
@@ -633,9 +699,9 @@ mod tests {
             // keep, expunge, trash, archive, flag
             ("demo", [true, true, true, true, true]),
             ("imap", [true, true, true, true, true]),
-            ("jmap", [true, true, true, false, false]),
-            ("gmail", [true, true, true, true, false]),
-            ("graph", [true, true, true, true, false]),
+            ("jmap", [true, true, true, true, true]),
+            ("gmail", [true, true, true, true, true]),
+            ("graph", [true, true, true, true, true]),
         ];
         for (kind, supported) in table {
             for (on_delete, expected) in [Keep, Expunge, Trash, Archive, Flag].into_iter().zip(supported) {
@@ -647,6 +713,7 @@ mod tests {
             }
         }
         assert!(unsupported("gmail", Archive, true).is_err());
+        assert!(unsupported("jmap", Archive, true).is_err());
         assert!(unsupported("imap", Archive, true).is_ok());
     }
 

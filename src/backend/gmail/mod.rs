@@ -297,6 +297,7 @@ impl Backend for GmailBackend {
             membership: membership.filter(|_| self.listings.enabled()),
             seal: TokenSeal::of(&token),
             prefetched: None,
+            flag_label: None,
         }))
     }
 }
@@ -341,6 +342,27 @@ impl Api {
 
     async fn get_json<T: serde::de::DeserializeOwned>(&self, what: &str, url: Url) -> Result<T, BackendError> {
         self.account.json(what, JSON_LIMIT, || self.account.get(&url)).await
+    }
+
+    /// The id of the user label named `name` (compared without case, as
+    /// Gmail does), created when the account has none (`users.labels.create`).
+    async fn label_id_or_create(&self, name: &str) -> Result<String, BackendError> {
+        if let Some(label) = self.labels().await?.into_iter().find(|l| l.name.eq_ignore_ascii_case(name)) {
+            return Ok(label.id);
+        }
+        let url = self.url(&["labels"]);
+        let body = serde_json::to_vec(&json!({ "name": name, "labelListVisibility": "labelShow",
+                                               "messageListVisibility": "show" }))
+        .map_err(|e| BackendError::Permanent(format!("JSON: {e}")))?;
+        let label: Label = self
+            .account
+            .json("users.labels.create", JSON_LIMIT, || {
+                self.account.post(&url).header(CONTENT_TYPE, "application/json").body(body.clone())
+            })
+            .await
+            .map_err(not_a_message)?;
+        tracing::info!(label = name, "created the Gmail label for on_delete = \"flag\"");
+        Ok(label.id)
     }
 
     async fn labels(&self) -> Result<Vec<Label>, BackendError> {
@@ -753,6 +775,9 @@ struct GmailMailbox {
     seal: TokenSeal,
     /// A listing `reset` already made, for the `list` that follows it.
     prefetched: Option<Vec<ListedMessage>>,
+    /// A device policy's `on_delete = "flag"`: the user label (by name)
+    /// `remove` adds instead of removing; created if missing.
+    flag_label: Option<String>,
 }
 
 impl GmailMailbox {
@@ -927,14 +952,15 @@ impl Mailbox for GmailMailbox {
         http::api::measure_downloads(ids, self.concurrency, |id| api.raw(&id.0)).await
     }
 
-    /// The device policy's `on_delete` in `delete_policy` terms; flag (a
-    /// user label) is not built yet (check-config refuses it).
+    /// The device policy's `on_delete` in `delete_policy` terms; flag adds
+    /// a user label (`flag_label`) instead of removing.
     fn dispose_as(&mut self, disposal: &Disposal) -> Result<(), BackendError> {
         self.policy = match disposal {
             Disposal::AsConfigured => self.configured_policy,
             Disposal::Expunge => GmailDeletePolicy::Delete,
             Disposal::Trash => GmailDeletePolicy::Trash,
             Disposal::Archive { folder: None } => GmailDeletePolicy::Archive,
+            Disposal::Flag { .. } => self.configured_policy,
             other => {
                 return Err(BackendError::Permanent(format!(
                     "on_delete = \"{}\" (with these settings) is not supported by the gmail backend yet",
@@ -942,12 +968,46 @@ impl Mailbox for GmailMailbox {
                 )));
             }
         };
+        self.flag_label = match disposal {
+            Disposal::Flag { keyword } => Some(keyword.clone()),
+            _ => None,
+        };
         Ok(())
     }
 
+    /// Read: without the `UNREAD` label (`format=minimal`, batched).
+    async fn seen(&mut self, ids: &[StoreId]) -> Result<Vec<bool>, BackendError> {
+        let wanted: Vec<String> = ids.iter().map(|id| id.0.clone()).collect();
+        let found = self.api.minimal(&wanted).await.map_err(in_session)?;
+        Ok(wanted
+            .iter()
+            .map(|id| found.get(id).is_some_and(|(_, labels)| !labels.iter().any(|l| l == "UNREAD")))
+            .collect())
+    }
+
+    /// The user label named `keyword` among each message's labels; no such
+    /// label in the account: none carries it.
+    async fn carrying(&mut self, ids: &[StoreId], keyword: &str) -> Result<Vec<bool>, BackendError> {
+        let labels = self.api.labels().await.map_err(in_session)?;
+        let Some(label) = labels.into_iter().find(|l| l.name.eq_ignore_ascii_case(keyword)) else {
+            return Ok(vec![false; ids.len()]);
+        };
+        let wanted: Vec<String> = ids.iter().map(|id| id.0.clone()).collect();
+        let found = self.api.minimal(&wanted).await.map_err(in_session)?;
+        Ok(wanted.iter().map(|id| found.get(id).is_some_and(|(_, labels)| labels.contains(&label.id))).collect())
+    }
+
     async fn remove(&mut self, ids: &[StoreId]) -> Result<(), BackendError> {
-        let change = self.change();
+        let flagging = self.flag_label.is_some();
+        let change = match &self.flag_label {
+            Some(name) => Change::Labels {
+                add: vec![self.api.label_id_or_create(name).await.map_err(in_session)?],
+                remove: Vec::new(),
+            },
+            None => self.change(),
+        };
         let verb = match self.policy {
+            _ if flagging => "flagged",
             GmailDeletePolicy::Trash => "moved to the trash",
             GmailDeletePolicy::Archive => "archived",
             GmailDeletePolicy::Delete => "deleted",
@@ -987,7 +1047,9 @@ impl Mailbox for GmailMailbox {
         }
         let failed: usize = failures.iter().map(|(n, _)| n).sum();
         let first_error = failures.into_iter().next().map(|(_, e)| e);
-        self.after_removal(ids, failed == 0);
+        // Flagged messages stay in the maildrop's label: not dropped from
+        // the remembered listing (the next poll lists afresh).
+        self.after_removal(ids, failed == 0 && !flagging);
         if failed == 0 {
             return Ok(());
         }

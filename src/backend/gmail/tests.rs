@@ -81,6 +81,7 @@ fn mailbox(label: Option<&str>, policy: GmailDeletePolicy) -> GmailMailbox {
         membership: None,
         seal: TokenSeal::of(&crate::mail::Secret::new("t")),
         prefetched: None,
+        flag_label: None,
     }
 }
 

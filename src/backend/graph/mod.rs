@@ -286,6 +286,7 @@ impl Backend for GraphBackend {
             listings: self.listings.clone(),
             listing_key,
             prefetched: None,
+            flag_category: None,
         }))
     }
 }
@@ -560,6 +561,9 @@ struct GraphMailbox {
     listing_key: String,
     /// A listing `reset` already made, for the `list` that follows it.
     prefetched: Option<Vec<ListedMessage>>,
+    /// A device policy's `on_delete = "flag"`: the category `remove` adds
+    /// instead of removing.
+    flag_category: Option<String>,
 }
 
 const DELETED_ITEMS: &str = "deleteditems";
@@ -636,6 +640,111 @@ impl GraphMailbox {
                 "headers": { "Prefer": PREFER_IMMUTABLE },
             }),
         }
+    }
+
+    /// `isRead` and `categories` of each of `ids` (`$batch`ed GETs); a
+    /// message not found is absent. Throttled items are asked again as
+    /// `remove_batch` does; any other failure fails the whole call (the
+    /// login is refused as temporary, never half-filtered).
+    async fn read_states(&self, ids: &[StoreId]) -> Result<HashMap<String, (bool, Vec<String>)>, BackendError> {
+        let mut found = HashMap::with_capacity(ids.len());
+        for chunk in ids.chunks(BATCH) {
+            let mut pending: Vec<&str> = chunk.iter().map(|id| id.0.as_str()).collect();
+            let mut attempt = 0;
+            while !pending.is_empty() {
+                let requests: Vec<Value> = pending
+                    .iter()
+                    .enumerate()
+                    .map(|(i, id)| {
+                        let mut url = self.api.url(&["messages", id]);
+                        url.query_pairs_mut().append_pair("$select", "id,isRead,categories");
+                        json!({ "id": i.to_string(), "method": "GET", "url": self.api.relative(&url),
+                                "headers": { "Prefer": PREFER_IMMUTABLE } })
+                    })
+                    .collect();
+                let mut retry = Vec::new();
+                let mut asked: Option<u64> = None;
+                for (index, status, retry_after, body) in self.api.batch(&requests).await? {
+                    let id = pending[index];
+                    match status {
+                        200 => {
+                            let read = body.get("isRead").and_then(Value::as_bool).unwrap_or(false);
+                            let categories = body
+                                .get("categories")
+                                .and_then(Value::as_array)
+                                .map(|c| c.iter().filter_map(Value::as_str).map(str::to_string).collect())
+                                .unwrap_or_default();
+                            found.insert(id.to_string(), (read, categories));
+                        }
+                        404 => {}
+                        429 | 500 | 502 | 503 | 504 => {
+                            retry.push(id);
+                            asked = asked.max(retry_after);
+                        }
+                        status => {
+                            return Err(BackendError::Unavailable(format!("reading message states: HTTP {status}")));
+                        }
+                    }
+                }
+                if !retry.is_empty() {
+                    let wait = self.api.account.wait_before_retry(
+                        "$batch item",
+                        429,
+                        attempt,
+                        asked.map(Duration::from_secs),
+                    )?;
+                    tokio::time::sleep(wait).await;
+                    attempt += 1;
+                }
+                pending = retry;
+            }
+        }
+        Ok(found)
+    }
+
+    /// `on_delete = "flag"`: adds `category` to each of `ids` (a PATCH of
+    /// its categories, the ones it had kept); they stay in the folder.
+    async fn flag(&self, ids: &[StoreId], category: &str) -> Result<(), BackendError> {
+        let states = self.read_states(ids).await?;
+        let mut failed = 0;
+        let mut first_error = None;
+        for chunk in ids.chunks(BATCH) {
+            let requests: Vec<Value> = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, id)| {
+                    let mut categories = states.get(&id.0).map(|(_, c)| c.clone()).unwrap_or_default();
+                    if !categories.iter().any(|c| c.eq_ignore_ascii_case(category)) {
+                        categories.push(category.to_string());
+                    }
+                    json!({ "id": i.to_string(), "method": "PATCH",
+                            "url": self.api.relative(&self.api.url(&["messages", &id.0])),
+                            "headers": { "Content-Type": "application/json", "Prefer": PREFER_IMMUTABLE },
+                            "body": { "categories": categories } })
+                })
+                .collect();
+            match self.api.batch(&requests).await {
+                Ok(answers) => {
+                    for (_, status, _, _) in answers {
+                        if !(200..=299).contains(&status) {
+                            failed += 1;
+                            first_error.get_or_insert_with(|| BackendError::Unavailable(format!("HTTP {status}")));
+                        }
+                    }
+                }
+                Err(e) => {
+                    failed += chunk.len();
+                    first_error.get_or_insert(in_session(e));
+                }
+            }
+        }
+        // The flagged messages stay in the folder: the remembered listing
+        // is not theirs to drop; the next poll lists afresh.
+        self.after_removal(ids, false);
+        if failed == 0 {
+            return Ok(());
+        }
+        Err(http::api::not_removed(failed, ids.len(), "flagged", first_error))
     }
 
     /// Removes one batch' worth, retrying throttled items; returns how many
@@ -720,14 +829,15 @@ impl Mailbox for GraphMailbox {
     }
 
     /// The device policy's `on_delete` in `delete_policy` terms (archive:
-    /// a move to the well-known `archive` folder); flag (a category) is not
-    /// built yet (check-config refuses it).
+    /// a move to the well-known `archive` folder); flag adds a category
+    /// (`flag_category`) instead of removing.
     fn dispose_as(&mut self, disposal: &Disposal) -> Result<(), BackendError> {
         (self.policy, self.move_to) = match disposal {
             Disposal::AsConfigured => (self.configured_policy, DELETED_ITEMS),
             Disposal::Expunge => (GraphDeletePolicy::PermanentDelete, DELETED_ITEMS),
             Disposal::Trash => (GraphDeletePolicy::Move, DELETED_ITEMS),
             Disposal::Archive { folder: None } => (GraphDeletePolicy::Move, "archive"),
+            Disposal::Flag { .. } => (self.configured_policy, DELETED_ITEMS),
             other => {
                 return Err(BackendError::Permanent(format!(
                     "on_delete = \"{}\" (with these settings) is not supported by the graph backend yet",
@@ -735,10 +845,33 @@ impl Mailbox for GraphMailbox {
                 )));
             }
         };
+        self.flag_category = match disposal {
+            Disposal::Flag { keyword } => Some(keyword.clone()),
+            _ => None,
+        };
         Ok(())
     }
 
+    /// Read: `isRead`.
+    async fn seen(&mut self, ids: &[StoreId]) -> Result<Vec<bool>, BackendError> {
+        let states = self.read_states(ids).await.map_err(in_session)?;
+        Ok(ids.iter().map(|id| states.get(&id.0).is_some_and(|(read, _)| *read)).collect())
+    }
+
+    /// The category named `keyword` (compared without case, as Outlook
+    /// does) among each message's categories.
+    async fn carrying(&mut self, ids: &[StoreId], keyword: &str) -> Result<Vec<bool>, BackendError> {
+        let states = self.read_states(ids).await.map_err(in_session)?;
+        Ok(ids
+            .iter()
+            .map(|id| states.get(&id.0).is_some_and(|(_, c)| c.iter().any(|c| c.eq_ignore_ascii_case(keyword))))
+            .collect())
+    }
+
     async fn remove(&mut self, ids: &[StoreId]) -> Result<(), BackendError> {
+        if let Some(category) = self.flag_category.clone() {
+            return self.flag(ids, &category).await;
+        }
         let mut failed = 0;
         let mut first_error = None;
         for chunk in ids.chunks(BATCH) {

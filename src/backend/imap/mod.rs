@@ -1416,6 +1416,23 @@ impl Mailbox for ImapMailbox {
         Ok(uids.iter().map(|uid| flagged.contains(uid)).collect())
     }
 
+    /// `UID SEARCH UID … SEEN`: the server says which carry `\Seen`.
+    async fn seen(&mut self, ids: &[StoreId]) -> Result<Vec<bool>, BackendError> {
+        let uids = ids.iter().map(uid_of).collect::<Result<Vec<_>, _>>()?;
+        let mut seen = HashSet::new();
+        for set in uid_sets(&uids, MAX_SET_LEN) {
+            self.conn
+                .run(&format!("UID SEARCH UID {set} SEEN"), |response| {
+                    if let Response::MailboxData(MailboxDatum::Search(found)) = response {
+                        seen.extend(found.iter().copied());
+                    }
+                })
+                .await?
+                .ok_or_refused("searching for read messages")?;
+        }
+        Ok(uids.iter().map(|uid| seen.contains(uid)).collect())
+    }
+
     async fn retrieved(&mut self, id: &StoreId) -> Result<(), BackendError> {
         if !self.mark_seen || self.selected.read_only {
             return Ok(());

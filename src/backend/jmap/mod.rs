@@ -228,6 +228,7 @@ impl Backend for JmapBackend {
             blobs: HashMap::new(),
             listings: self.listings.clone(),
             listing_key,
+            special: None,
         }))
     }
 }
@@ -315,6 +316,9 @@ struct JmapMailbox {
     blobs: HashMap<String, String>,
     listings: ListingStates<JmapListing>,
     listing_key: String,
+    /// A device policy's `flag` or `archive`, which `delete_policy` has no
+    /// word for; `None`: `policy` decides.
+    special: Option<Disposal>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -711,6 +715,87 @@ impl JmapMailbox {
         )))
     }
 
+    /// Each email's keywords (`Email/get`, `maxObjectsInGet` at a time);
+    /// an email not found is absent.
+    async fn keywords_of(&self, ids: &[StoreId]) -> Result<HashMap<String, Vec<String>>, BackendError> {
+        let mut found = HashMap::with_capacity(ids.len());
+        let per_call = self.api.limits().max_objects_in_get.clamp(1, PAGE_CAP);
+        for chunk in ids.chunks(per_call) {
+            let chunk: Vec<&str> = chunk.iter().map(|id| id.0.as_str()).collect();
+            let call = (
+                "Email/get",
+                json!({ "accountId": self.api.account_id(), "ids": chunk, "properties": ["id", "keywords"] }),
+                "k".to_string(),
+            );
+            let responses = self.api.call(vec![call]).await?;
+            let list = responses.get("k", "Email/get")?.get("list").and_then(Value::as_array).cloned();
+            for email in list.into_iter().flatten() {
+                let Some(id) = email.get("id").and_then(Value::as_str) else { continue };
+                let keywords = email
+                    .get("keywords")
+                    .and_then(Value::as_object)
+                    .map(|k| k.iter().filter(|(_, set)| **set == json!(true)).map(|(k, _)| k.clone()).collect())
+                    .unwrap_or_default();
+                found.insert(id.to_string(), keywords);
+            }
+        }
+        Ok(found)
+    }
+
+    /// `on_delete = "flag"`: sets `keyword` on exactly `ids` (`Email/set`,
+    /// patching that one keyword); they stay in the mailbox.
+    async fn flag(&mut self, ids: &[StoreId], keyword: &str) -> Result<(), BackendError> {
+        let account = self.api.account_id().to_string();
+        let path = format!("keywords/{}", pointer_escape(keyword));
+        let per_call = self.api.limits().max_objects_in_set.max(1);
+        let mut failed = 0;
+        let mut first_error = None;
+        for chunk in ids.chunks(per_call) {
+            let chunk: Vec<&str> = chunk.iter().map(|id| id.0.as_str()).collect();
+            let update: serde_json::Map<String, Value> =
+                chunk.iter().map(|id| (id.to_string(), json!({ path.as_str(): true }))).collect();
+            let call = ("Email/set", json!({ "accountId": account, "update": update }), "f".to_string());
+            match self.api.call(vec![call]).await.and_then(|r| r.get("f", "Email/set").cloned()) {
+                Ok(set) => failed += not_removed(&set, &chunk, true),
+                Err(e) => {
+                    tracing::warn!(error = %e, messages = chunk.len(), "Email/set (keyword) failed");
+                    failed += chunk.len();
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        // The flagged messages stay: the remembered listing is not theirs
+        // to drop; the next poll lists afresh.
+        self.after_removal(ids, false);
+        if failed == 0 {
+            return Ok(());
+        }
+        Err(http::api::not_removed(failed, ids.len(), "flagged", first_error))
+    }
+
+    /// The mailbox with role `archive`, created (as "Archive") when the
+    /// account has none.
+    async fn archive_target(&self) -> Result<String, BackendError> {
+        if let Some(archive) = Folders::fetch(&self.api).await?.with_role("archive") {
+            return Ok(archive);
+        }
+        let create = json!({
+            "accountId": self.api.account_id(),
+            "create": { "archive": { "name": "Archive", "role": "archive", "parentId": null } },
+        });
+        let responses = self.api.call(vec![("Mailbox/set", create, "a".to_string())]).await?;
+        let set = responses.get("a", "Mailbox/set")?;
+        match set.pointer("/created/archive/id").and_then(Value::as_str) {
+            Some(id) => {
+                tracing::info!(mailbox = id, "created the archive mailbox (role archive) for on_delete = \"archive\"");
+                Ok(id.to_string())
+            }
+            None => Err(BackendError::Permanent(
+                "on_delete is archive, no mailbox has role archive and the server refused to create one".into(),
+            )),
+        }
+    }
+
     /// One `Email/set` over `ids`; returns how many were not removed.
     async fn remove_batch(&self, ids: &[&str], trash: Option<&str>) -> Result<usize, BackendError> {
         let account = self.api.account_id();
@@ -779,26 +864,51 @@ impl Mailbox for JmapMailbox {
     }
 
     /// The device policy's `on_delete` in `delete_policy` terms; archive
-    /// and flag are not built for JMAP yet (check-config refuses them).
+    /// (the mailbox with role archive) and flag (a keyword) in `special`.
     fn dispose_as(&mut self, disposal: &Disposal) -> Result<(), BackendError> {
         self.policy = match disposal {
             Disposal::AsConfigured => self.configured_policy,
             Disposal::Expunge => DeletePolicy::Destroy,
             Disposal::Trash => DeletePolicy::Trash,
+            Disposal::Archive { folder: None } | Disposal::Flag { .. } => self.configured_policy,
             other => {
                 return Err(BackendError::Permanent(format!(
-                    "on_delete = \"{}\" is not supported by the jmap backend yet",
+                    "on_delete = \"{}\" (with these settings) is not supported by the jmap backend yet",
                     other.word()
                 )));
             }
         };
+        self.special = match disposal {
+            Disposal::Archive { folder: None } | Disposal::Flag { .. } => Some(disposal.clone()),
+            _ => None,
+        };
         Ok(())
     }
 
+    /// `$seen` among each email's keywords.
+    async fn seen(&mut self, ids: &[StoreId]) -> Result<Vec<bool>, BackendError> {
+        self.carrying(ids, "$seen").await
+    }
+
+    /// The keyword among each email's keywords (compared without case, as
+    /// RFC 8621 says); an email not found counts as not carrying it.
+    async fn carrying(&mut self, ids: &[StoreId], keyword: &str) -> Result<Vec<bool>, BackendError> {
+        let keywords = self.keywords_of(ids).await?;
+        Ok(ids
+            .iter()
+            .map(|id| keywords.get(&id.0).is_some_and(|k| k.iter().any(|k| k.eq_ignore_ascii_case(keyword))))
+            .collect())
+    }
+
     async fn remove(&mut self, ids: &[StoreId]) -> Result<(), BackendError> {
+        if let Some(Disposal::Flag { keyword }) = self.special.clone() {
+            return self.flag(ids, &keyword).await;
+        }
         // Every failure is reported as temporary, naming how many messages
         // stayed: the client keeps its copy and can try again later.
-        let trash = self.move_target().await.map_err(|e| {
+        let archive = matches!(self.special, Some(Disposal::Archive { .. }));
+        let target = if archive { self.archive_target().await.map(Some) } else { self.move_target().await };
+        let trash = target.map_err(|e| {
             tracing::warn!(error = %e, requested = ids.len(), "cannot remove messages");
             match e {
                 // A configuration the server will never accept: said as
@@ -824,7 +934,11 @@ impl Mailbox for JmapMailbox {
         if failed == 0 {
             return Ok(());
         }
-        let verb = if trash.is_some() { "moved to the trash" } else { "destroyed" };
+        let verb = match trash {
+            Some(_) if archive => "moved to the archive",
+            Some(_) => "moved to the trash",
+            None => "destroyed",
+        };
         Err(http::api::not_removed(failed, ids.len(), verb, first_error))
     }
 
