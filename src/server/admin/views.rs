@@ -188,8 +188,8 @@ pub fn accounts(rows: &[AccountRow], now: u64, csrf: &str, redirect_uri: Option<
             h2 id="connect" { "Connect a mailbox" }
             p {
                 "Sign an OAuth account in: the provider's sign-in page opens, and the token comes back to this page \
-                 and goes to the token store (as `popgate oauth login` does). For a browser on another machine, \
-                 use a device code instead."
+                 and goes to the token store (as " code { "popgate oauth login" } " does). For a browser on another \
+                 machine, use a device code instead."
             }
             @if let Some(uri) = redirect_uri {
                 p {
