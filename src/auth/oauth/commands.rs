@@ -12,6 +12,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::Grant;
+pub use super::connect::format_utc;
 use super::connect::{Connector, describe, effective_oauth, oauth_account, store_description};
 use super::flows::{self, FlowError};
 use crate::auth::accounts::config::{AccountConfig, AccountsSetup};
@@ -191,23 +192,6 @@ async fn read_line(input: impl BufRead + Send + 'static) -> Result<String, FlowE
     .map_err(FlowError::Io)
 }
 
-/// `YYYY-MM-DD HH:MM:SS UTC` (no time zone database needed).
-pub fn format_utc(unix: u64) -> String {
-    let days = (unix / 86_400) as i64;
-    let secs = unix % 86_400;
-    // Howard Hinnant's days-to-civil.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC", secs / 3600, secs / 60 % 60, secs % 60)
-}
-
 /// Prints every OAuth account's token state. Fails only if the store
 /// cannot be read (e.g. a wrong key).
 pub async fn status(config: AccountsSetup<'_>, out: &mut impl Write) -> anyhow::Result<()> {
@@ -228,8 +212,22 @@ pub async fn status(config: AccountsSetup<'_>, out: &mut impl Write) -> anyhow::
     )?;
     for account in accounts {
         let oauth = account.oauth.as_ref().expect("filtered");
+        let notes = store.notes(&account.name).await.unwrap_or_default();
+        let mut noted = String::new();
+        if let Some(at) = notes.last_refresh {
+            noted.push_str(&format!("; last refresh {}", format_utc(at)));
+        }
+        if let Some(at) = notes.last_invalid_grant {
+            noted.push_str(&format!("; last invalid_grant {}", format_utc(at)));
+        }
         let state = match tokens.remove(&account.name) {
-            Some(token) => format!("{}; obtained {}", describe(&token, now), format_utc(token.obtained_at)),
+            Some(token) if notes.needs_sign_in(&token) => format!(
+                "{}; obtained {}{noted}; NEEDS SIGN-IN (the refresh token was refused): run `popgate oauth login {}`",
+                describe(&token, now),
+                format_utc(token.obtained_at),
+                account.name
+            ),
+            Some(token) => format!("{}; obtained {}{noted}", describe(&token, now), format_utc(token.obtained_at)),
             None if oauth.grant == Grant::ClientCredentials => "no token yet (requested at first use)".into(),
             None => format!("NO TOKEN: run `popgate oauth login {}`", account.name),
         };

@@ -195,15 +195,32 @@ impl Connector {
 pub fn describe(token: &StoredToken, now: u64) -> String {
     let expiry = match (token.expires_at, token.remaining_secs(now)) {
         (Some(at), Some(left)) if left > 0 => {
-            format!("valid, expires in {} ({})", duration(left as u64), super::commands::format_utc(at))
+            format!("valid, expires in {} ({})", duration(left as u64), format_utc(at))
         }
         (Some(at), Some(left)) => {
-            format!("expired {} ago ({})", duration((-left) as u64), super::commands::format_utc(at))
+            format!("expired {} ago ({})", duration((-left) as u64), format_utc(at))
         }
         _ => "valid until refused (no expiry given)".into(),
     };
     let refresh = if token.refresh_token.is_some() { "refresh token held" } else { "no refresh token" };
     format!("{expiry}; {refresh}")
+}
+
+/// `YYYY-MM-DD HH:MM:SS UTC` (no time zone database needed).
+pub fn format_utc(unix: u64) -> String {
+    let days = (unix / 86_400) as i64;
+    let secs = unix % 86_400;
+    // Howard Hinnant's days-to-civil.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC", secs / 3600, secs / 60 % 60, secs % 60)
 }
 
 fn duration(secs: u64) -> String {

@@ -372,6 +372,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn notes_are_kept_beside_the_store_without_the_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EncryptedFileStore::new(dir.path().join("tokens.enc"), key());
+        let dead = token("access-secret-1", "refresh-secret-1");
+        store.save("scans", &dead).await.unwrap();
+        assert_eq!(store.notes("scans").await.unwrap(), TokenNotes::default());
+        store.note("scans", TokenEvent::Refreshed, 100).await.unwrap();
+        let refused = dead.refresh_token.as_ref().map(super::super::fingerprint);
+        store.note("scans", TokenEvent::InvalidGrant(refused), 200).await.unwrap();
+        let notes = store.notes("scans").await.unwrap();
+        assert_eq!((notes.last_refresh, notes.last_invalid_grant), (Some(100), Some(200)));
+        assert!(notes.needs_sign_in(&dead));
+        assert!(!notes.needs_sign_in(&token("access-secret-2", "refresh-secret-2")));
+        assert_eq!(store.notes("other").await.unwrap(), TokenNotes::default());
+        let path = dir.path().join("tokens.enc.notes");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(!text.contains("secret"), "{text}");
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        // The token itself is untouched by notes.
+        assert_eq!(store.load("scans").await.unwrap(), Some(dead));
+    }
+
+    #[tokio::test]
     async fn round_trip_encrypted_0600_and_atomic() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tokens.enc");
