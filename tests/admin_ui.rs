@@ -641,6 +641,16 @@ async fn an_administrator_connects_an_oauth_account_with_a_device_code() {
     let browser = driver.browser().await;
     let scenario = async {
         sign_in(&browser, gateway).await;
+        // A user who refuses on the other device: the provider's poll
+        // answer is access_denied, and the page says so.
+        browser.goto(&gateway.url("/accounts")).await.unwrap();
+        find(&browser, "#connect-scans button.sign-in-device").await.click().await.unwrap();
+        find(&browser, "#user-code").await;
+        world.idp.inject(&[Fault::Refused("access_denied")]);
+        let refused_page = browser.current_url().await.unwrap().to_string();
+        let status = wait_for_text_containing(&browser, &refused_page, "#device-status", "failed").await;
+        assert!(status.contains("access_denied"), "{status}");
+
         browser.goto(&gateway.url("/accounts")).await.unwrap();
         find(&browser, "#connect-scans button.sign-in-device").await.click().await.unwrap();
         let user_code = text(&browser, "#user-code").await;

@@ -147,6 +147,30 @@ async fn style() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/css; charset=utf-8")], STYLE)
 }
 
+const LOOPBACK_HOST_ONLY: &str =
+    "Without an admin password the page answers only when addressed as 127.0.0.1, [::1] or localhost.\n";
+
+/// Without a credential, the address check is the only guard: a page
+/// reached by another name (a DNS-rebinding site resolving to 127.0.0.1)
+/// would otherwise be signed in, and could start an OAuth sign-in whose
+/// redirect goes to that name. So loopback-only pages answer loopback
+/// names only.
+fn host_admitted(page: &Page, headers: &HeaderMap) -> bool {
+    if !matches!(page.guard.access(), guard::Access::LoopbackOnly) {
+        return true;
+    }
+    headers.get(header::HOST).and_then(|h| h.to_str().ok()).is_none_or(loopback_host)
+}
+
+/// `host[:port]` names the loopback interface.
+fn loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 /// The visitor's session (a new one, with its cookie, if they have none),
 /// or the refusal for an address the page does not answer.
 struct Visitor {
@@ -162,6 +186,9 @@ impl Visitor {
         if !page.guard.admits(peer.ip()) {
             let body = "The admin page answers loopback clients only: no [admin] password_hash or token_file is set.\n";
             return Err((StatusCode::FORBIDDEN, body).into_response());
+        }
+        if !host_admitted(page, headers) {
+            return Err((StatusCode::FORBIDDEN, LOOPBACK_HOST_ONLY).into_response());
         }
         let cookie = headers
             .get_all(header::COOKIE)
@@ -547,8 +574,8 @@ async fn oauth_callback(
     headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
-    if !page.guard.admits(peer.ip()) {
-        return (StatusCode::FORBIDDEN, "The admin page answers loopback clients only.\n").into_response();
+    if !page.guard.admits(peer.ip()) || !host_admitted(&page, &headers) {
+        return (StatusCode::FORBIDDEN, LOOPBACK_HOST_ONLY).into_response();
     }
     let browser = headers
         .get_all(header::COOKIE)
@@ -801,6 +828,16 @@ mod tests {
         let found = samples(text, "popgate_sessions_active");
         assert_eq!(found.iter().map(|(_, v)| *v).sum::<f64>(), 5.0);
         assert_eq!(found[0].0.get("listener").map(String::as_str), Some("127.0.0.1:1"));
+    }
+
+    #[test]
+    fn loopback_hosts() {
+        for host in ["127.0.0.1:9110", "127.0.0.1", "localhost:9110", "LOCALHOST", "[::1]:9110", "127.1.2.3:80"] {
+            assert!(loopback_host(host), "{host}");
+        }
+        for host in ["evil.example:9110", "192.0.2.1:9110", "[2001:db8::1]:9110", "localhost.evil.example", ""] {
+            assert!(!loopback_host(host), "{host}");
+        }
     }
 
     #[test]
