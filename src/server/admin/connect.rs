@@ -302,6 +302,89 @@ mod tests {
         assert!(explain_provider_error("expired_token", None).contains("expired"));
     }
 
+    /// A configuration with the OAuth account "scans" (nothing listens at
+    /// its endpoints: these tests never reach them).
+    fn connector(dir: &std::path::Path) -> Connector {
+        use std::os::unix::fs::PermissionsExt;
+        let key = dir.join("token.key");
+        std::fs::write(&key, crate::auth::tokens::StoreKey::generate_text()).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let text = format!(
+            r#"
+[backend]
+kind = "imap"
+host = "127.0.0.1"
+port = 9
+tls = "none"
+
+[token_store]
+path = "{store}"
+key_file = "{key}"
+
+[[account]]
+name = "scans"
+mode = "mapped"
+login = "alice"
+
+[account.oauth]
+provider = "generic"
+client_id = "id"
+authorization_url = "http://127.0.0.1:9/authorize"
+token_url = "http://127.0.0.1:9/token"
+scopes = ["mail"]
+
+[[account.device]]
+user = "scanner"
+password_hash = "{hash}"
+"#,
+            hash = crate::auth::passwords::hash_password("device password").unwrap(),
+            store = dir.join("tokens.enc").display(),
+            key = key.display(),
+        );
+        let config = crate::config::Config::from_toml(&text, "test").unwrap();
+        Connector::for_account(config.accounts(), "scans").unwrap()
+    }
+
+    fn state_of(url: &url::Url) -> HashMap<String, String> {
+        let state = url.query_pairs().find(|(k, _)| k == "state").unwrap().1.into_owned();
+        [("state".to_string(), state), ("code".to_string(), "c".to_string())].into()
+    }
+
+    #[tokio::test]
+    async fn pending_sign_ins_are_bounded_and_bound_to_their_browser_and_session() {
+        let dir = tempfile::tempdir().unwrap();
+        let flows = Flows::default();
+        let (first, first_browser) =
+            flows.start_code(connector(dir.path()), "session-1", "http://127.0.0.1:1/oauth/callback").unwrap();
+        let mut last = None;
+        for _ in 0..MAX_CODE_FLOWS + 3 {
+            last = Some(flows.start_code(connector(dir.path()), "session-1", "http://127.0.0.1:1/cb").unwrap());
+        }
+        assert_eq!(flows.pending_codes(), MAX_CODE_FLOWS, "bounded");
+        let refused = flows.finish_code(&state_of(&first), Some(&first_browser), |_| true).await.unwrap_err();
+        assert!(matches!(refused.1, CallbackError::UnknownState), "the oldest was dropped");
+
+        let (url, browser) = last.unwrap();
+        // Another browser's nonce: refused, and the state is spent.
+        let refused = flows.finish_code(&state_of(&url), Some("other"), |_| true).await.unwrap_err();
+        assert!(matches!(refused.1, CallbackError::WrongSession));
+        let again = flows.finish_code(&state_of(&url), Some(&browser), |_| true).await.unwrap_err();
+        assert!(matches!(again.1, CallbackError::UnknownState), "a state is used once");
+
+        // The right browser, but its admin session is gone.
+        let (url, browser) = flows.start_code(connector(dir.path()), "session-2", "http://127.0.0.1:1/cb").unwrap();
+        let refused = flows.finish_code(&state_of(&url), Some(&browser), |id| id != "session-2").await.unwrap_err();
+        assert!(matches!(refused.1, CallbackError::WrongSession));
+
+        // The provider's error is said in words.
+        let (url, browser) = flows.start_code(connector(dir.path()), "session-3", "http://127.0.0.1:1/cb").unwrap();
+        let mut query = state_of(&url);
+        query.insert("error".into(), "access_denied".into());
+        let refused = flows.finish_code(&query, Some(&browser), |_| true).await.unwrap_err();
+        assert!(refused.1.to_string().contains("access_denied"), "{}", refused.1);
+        assert_eq!(refused.0.as_deref(), Some("scans"));
+    }
+
     #[tokio::test]
     async fn an_unknown_state_is_refused() {
         let flows = Flows::default();
