@@ -14,10 +14,13 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::os::unix::fs::PermissionsExt;
+
 use fantoccini::{Client, ClientBuilder, Locator};
 use popgate::auth::accounts::reloadable::ReloadableRouter;
 use popgate::auth::accounts::router::AccountRouter;
 use popgate::auth::passwords::hash_password;
+use popgate::auth::tokens::StoreKey;
 use popgate::backend::select::BackendConfig;
 use popgate::config::Config;
 use popgate::server::Server;
@@ -25,6 +28,9 @@ use popgate::server::admin::AdminServer;
 use popgate::server::admin::guard::Guard;
 use popgate::server::admin::page::{LiveFleet, Page};
 use popgate::telemetry::Metrics;
+use support::dovecot::Dovecot;
+use support::messages::simple;
+use support::oauth_server::{CLIENT_SECRET, Fault, OAuthServer};
 use support::{IO_TIMEOUT, free_port, wait_for};
 use tokio::sync::oneshot;
 
@@ -418,4 +424,379 @@ fn the_state_file_is_laid_over_the_configuration_and_checked() {
     std::fs::write(&state, "[[device]]\naccount = \"office\"\nuser = \"x\"\npassword_hash = \"not a hash\"\n").unwrap();
     let error = configuration(dir.path()).with_admin_state().unwrap_err().to_string();
     assert!(error.contains("password_hash"), "{error}");
+}
+
+// ---------------------------------------------------------------------
+// Connect a mailbox: OAuth sign-ins from the page, against the stand-in
+// authorization server and a Dovecot that checks its tokens.
+
+const ALICE: (&str, &str) = ("alice", "alice-imap-password");
+const SCANNER_PASSWORD: &str = "scanner-device-password";
+
+/// The stand-in (asking for consent), a Dovecot trusting it with one
+/// message for alice, and popgate with the OAuth account "scans" (no token
+/// yet) and its device "scanner-1".
+struct OAuthWorld {
+    idp: OAuthServer,
+    dovecot: Dovecot,
+    dir: tempfile::TempDir,
+    gateway: AdminGateway,
+}
+
+impl OAuthWorld {
+    fn start() -> OAuthWorld {
+        let idp = OAuthServer::start(ALICE.0);
+        idp.require_consent();
+        let dovecot = Dovecot::start_oauth(&idp.url("/introspect"), &[ALICE], "plain login xoauth2 oauthbearer");
+        dovecot.append(ALICE.0, &simple("scan 1"));
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("token.key");
+        std::fs::write(&key, format!("{}\n", StoreKey::generate_text())).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let secret = dir.path().join("client-secret");
+        std::fs::write(&secret, format!("{CLIENT_SECRET}\n")).unwrap();
+        let text = format!(
+            r#"
+[[listener]]
+address = "127.0.0.1:0"
+
+[admin]
+password_hash = "{admin_hash}"
+
+[backend]
+kind = "imap"
+host = "127.0.0.1"
+port = {port}
+tls = "none"
+timeout_secs = 10
+
+[token_store]
+path = "{store}"
+key_file = "{key}"
+
+[[account]]
+name = "scans"
+mode = "mapped"
+login = "{alice}"
+
+[account.oauth]
+provider = "generic"
+client_id = "popgate-test-client"
+client_secret_file = "{secret}"
+authorization_url = "{idp}/authorize"
+token_url = "{idp}/token"
+device_authorization_url = "{idp}/device"
+scopes = ["mail"]
+retry_after_failure_secs = 1
+timeout_secs = 10
+
+[[account.device]]
+user = "scanner-1"
+password_hash = "{scanner_hash}"
+"#,
+            admin_hash = hash_password(ADMIN_PASSWORD).unwrap(),
+            port = dovecot.imap_port,
+            store = dir.path().join("tokens.enc").display(),
+            key = key.display(),
+            secret = secret.display(),
+            alice = ALICE.0,
+            idp = format!("http://{}", idp.addr),
+            scanner_hash = hash_password(SCANNER_PASSWORD).unwrap(),
+        );
+        let config = Config::from_toml(&text, "admin OAuth test").unwrap_or_else(|e| panic!("{e}"));
+        let gateway = AdminGateway::start(config);
+        OAuthWorld { idp, dovecot, dir, gateway }
+    }
+
+    /// Every secret the pages must never show: the stand-in's tokens, the
+    /// client secret, the passwords.
+    fn assert_no_secrets(&self, source: &str) {
+        let tokens = self.idp.all_tokens();
+        let mut also: Vec<&str> = tokens.iter().map(String::as_str).collect();
+        also.extend([CLIENT_SECRET, SCANNER_PASSWORD, ALICE.1]);
+        assert_no_secrets(source, &also);
+        assert!(!source.contains("code-"), "an authorization code on a page");
+        assert!(!source.contains("dc-"), "a device code on a page");
+    }
+}
+
+async fn sign_in(browser: &Client, gateway: &AdminGateway) {
+    browser.goto(&gateway.url("/login")).await.unwrap();
+    find(browser, "input[name=password]").await.send_keys(ADMIN_PASSWORD).await.unwrap();
+    find(browser, "#sign-in").await.click().await.unwrap();
+    find(browser, "svg#activity-chart").await;
+}
+
+/// Reloads `url` until `css`'s text contains `expected` (bounded).
+async fn wait_for_text_containing(browser: &Client, url: &str, css: &str, expected: &str) -> String {
+    let deadline = tokio::time::Instant::now() + IO_TIMEOUT;
+    loop {
+        browser.goto(url).await.unwrap();
+        let now = text(browser, css).await;
+        if now.contains(expected) {
+            return now;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "`{css}` still reads {now:?}, without {expected:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_administrator_connects_an_oauth_account_through_the_consent_page_and_its_device_reads_mail() {
+    let world = OAuthWorld::start();
+    // Access tokens live exactly the refresh margin (300 s): each login
+    // refreshes first, so the page has refreshes to show.
+    world.idp.set_access_ttl(300);
+    let gateway = &world.gateway;
+    let driver = Driver::start();
+    let browser = driver.browser().await;
+    let scenario = async {
+        sign_in(&browser, gateway).await;
+        browser.goto(&gateway.url("/accounts")).await.unwrap();
+        let state = text(&browser, "#account-scans td.token-state").await;
+        assert!(state.contains("needs sign-in") && state.contains("no token stored"), "{state}");
+        find(&browser, "#account-scans a.needs-sign-in[href='#connect-scans']").await;
+        assert_eq!(text(&browser, "#redirect-uri").await, gateway.url("/oauth/callback"));
+        // The device cannot log in yet.
+        let refused = curl_pop3_blocking(gateway, "scanner-1", SCANNER_PASSWORD).await;
+        assert!(refused.is_err(), "no token yet: {refused:?}");
+
+        // "Sign in with your provider": the stand-in's consent page, Allow,
+        // and back on popgate's callback with the token stored.
+        find(&browser, "#connect-scans button.sign-in-code").await.click().await.unwrap();
+        find(&browser, "#allow").await.click().await.unwrap();
+        let connected = text(&browser, "#connected").await;
+        assert!(connected.contains("scans") && connected.contains("valid, expires in"), "{connected}");
+        assert!(connected.contains("refresh token held"), "{connected}");
+        world.assert_no_secrets(&browser.source().await.unwrap());
+        let callback = browser.current_url().await.unwrap();
+        assert_eq!(callback.path(), "/oauth/callback");
+
+        // The accounts page shows the token valid; the device reads alice's
+        // mailbox through Dovecot's oauth2 passdb with it.
+        find(&browser, "a[href='/accounts']").await.click().await.unwrap();
+        let state = text(&browser, "#account-scans td.token-state").await;
+        assert!(state.contains("valid until") && state.contains("refresh token: held"), "{state}");
+        assert!(!state.contains("needs sign-in"), "{state}");
+        world.assert_no_secrets(&browser.source().await.unwrap());
+        screenshot(&browser, "admin-accounts.png").await;
+        let listing = curl_pop3_blocking(gateway, "scanner-1", SCANNER_PASSWORD)
+            .await
+            .unwrap_or_else(|e| panic!("the device's POP3 login after connecting: {e}"));
+        assert_eq!(listing.lines().count(), 1, "one message: {listing}");
+        assert!(world.dovecot.logins(ALICE.0, "XOAUTH2") >= 1, "{}", world.dovecot.log());
+        assert_eq!(
+            world.idp.grants(),
+            ["authorization_code", "refresh_token"],
+            "the code exchanged once, then a refresh"
+        );
+        browser.goto(&gateway.url("/accounts")).await.unwrap();
+        let state = text(&browser, "#account-scans td.token-state").await;
+        assert!(state.contains("last refresh: ") && !state.contains("invalid_grant"), "{state}");
+
+        // The provider refuses the refresh token: the next login's refresh
+        // gets invalid_grant (the login itself may still use the access
+        // token that has not expired), and the page shows it, with "needs
+        // sign-in".
+        world.idp.inject(&[Fault::InvalidGrant]);
+        let _ = curl_pop3_blocking(gateway, "scanner-1", SCANNER_PASSWORD).await;
+        assert_eq!(world.idp.grants().len(), 3, "the login asked for a refresh");
+        browser.goto(&gateway.url("/accounts")).await.unwrap();
+        let state = text(&browser, "#account-scans td.token-state").await;
+        assert!(state.contains("last invalid_grant: ") && state.contains("needs sign-in"), "{state}");
+
+        // Deny at the consent page: the error says so; nothing changes.
+        find(&browser, "#connect-scans button.sign-in-code").await.click().await.unwrap();
+        find(&browser, "#deny").await.click().await.unwrap();
+        let error = text(&browser, "#sign-in-error").await;
+        assert!(error.contains("scans") && error.contains("access_denied"), "{error}");
+        world.assert_no_secrets(&browser.source().await.unwrap());
+
+        // Signing in again ends it: valid, no "needs sign-in", and the
+        // device logs in again.
+        browser.goto(&gateway.url("/accounts")).await.unwrap();
+        find(&browser, "#connect-scans button.sign-in-code").await.click().await.unwrap();
+        find(&browser, "#allow").await.click().await.unwrap();
+        find(&browser, "#connected").await;
+        browser.goto(&gateway.url("/accounts")).await.unwrap();
+        let state = text(&browser, "#account-scans td.token-state").await;
+        assert!(state.contains("valid until") && !state.contains("needs sign-in"), "{state}");
+        assert!(state.contains("last invalid_grant"), "the last invalid_grant stays on record: {state}");
+        curl_pop3_blocking(gateway, "scanner-1", SCANNER_PASSWORD)
+            .await
+            .unwrap_or_else(|e| panic!("the device's POP3 login after signing in again: {e}"));
+        let log_dir = world.dir.path().to_path_buf();
+        assert!(log_dir.join("tokens.enc").exists(), "the token went to the token store");
+    };
+    let outcome = tokio::time::timeout(SCENARIO_LIMIT, scenario).await;
+    let _ = browser.close().await;
+    outcome.expect("the browser scenario finished in time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_administrator_connects_an_oauth_account_with_a_device_code() {
+    let world = OAuthWorld::start();
+    let gateway = &world.gateway;
+    let driver = Driver::start();
+    let browser = driver.browser().await;
+    let scenario = async {
+        sign_in(&browser, gateway).await;
+        // A user who refuses on the other device: the provider's poll
+        // answer is access_denied, and the page says so.
+        browser.goto(&gateway.url("/accounts")).await.unwrap();
+        find(&browser, "#connect-scans button.sign-in-device").await.click().await.unwrap();
+        find(&browser, "#user-code").await;
+        world.idp.inject(&[Fault::Refused("access_denied")]);
+        let refused_page = browser.current_url().await.unwrap().to_string();
+        let status = wait_for_text_containing(&browser, &refused_page, "#device-status", "failed").await;
+        assert!(status.contains("access_denied"), "{status}");
+
+        browser.goto(&gateway.url("/accounts")).await.unwrap();
+        find(&browser, "#connect-scans button.sign-in-device").await.click().await.unwrap();
+        let user_code = text(&browser, "#user-code").await;
+        assert!(user_code.starts_with("WDJB-"), "{user_code}");
+        assert_eq!(text(&browser, "#verification-uri").await, "https://idp.invalid/device");
+        assert!(text(&browser, "#device-status").await.contains("Waiting"));
+        let device_page = browser.current_url().await.unwrap().to_string();
+        world.assert_no_secrets(&browser.source().await.unwrap());
+
+        // The user approves on "another device" (an HTTP call to the
+        // stand-in); popgate's poller stores the token; the page says so.
+        let approved = http()
+            .post(world.idp.url("/device/approve"))
+            .form(&[("user_code", user_code.as_str())])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(approved.status(), 200);
+        let status = wait_for_text_containing(&browser, &device_page, "#device-status", "Connected").await;
+        assert!(status.contains("valid, expires in"), "{status}");
+        world.assert_no_secrets(&browser.source().await.unwrap());
+        browser.goto(&gateway.url("/accounts")).await.unwrap();
+        let state = text(&browser, "#account-scans td.token-state").await;
+        assert!(state.contains("valid until") && !state.contains("needs sign-in"), "{state}");
+        assert!(world.idp.grants().contains(&"urn:ietf:params:oauth:grant-type:device_code".to_string()));
+        let listing = curl_pop3_blocking(gateway, "scanner-1", SCANNER_PASSWORD)
+            .await
+            .unwrap_or_else(|e| panic!("the device's POP3 login after the device-code sign-in: {e}"));
+        assert_eq!(listing.lines().count(), 1, "{listing}");
+    };
+    let outcome = tokio::time::timeout(SCENARIO_LIMIT, scenario).await;
+    let _ = browser.close().await;
+    outcome.expect("the browser scenario finished in time");
+}
+
+/// Signs in over HTTP; the session cookie and a CSRF token.
+async fn http_sign_in(http: &reqwest::Client, gateway: &AdminGateway) -> (String, String) {
+    let form = http.get(gateway.url("/login")).send().await.unwrap();
+    let cookie = session_cookie(&form);
+    let csrf = csrf_in(&form.text().await.unwrap());
+    let signed_in = http
+        .post(gateway.url("/login"))
+        .header("cookie", &cookie)
+        .form(&[("password", ADMIN_PASSWORD), ("csrf", &csrf)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signed_in.status(), 303);
+    let cookie = session_cookie(&signed_in);
+    let page = http.get(gateway.url("/accounts")).header("cookie", &cookie).send().await.unwrap();
+    (cookie, csrf_in(&page.text().await.unwrap()))
+}
+
+#[tokio::test]
+async fn a_callback_with_a_wrong_or_replayed_state_or_from_another_browser_is_refused() {
+    let world = OAuthWorld::start();
+    let http = http();
+    let gateway = &world.gateway;
+    let (cookie, csrf) = http_sign_in(&http, gateway).await;
+
+    // The stand-in asks for consent: "Allow" is posted as its page would.
+    let decide = |authorize_location: String| async move {
+        let url = url::Url::parse(&authorize_location).unwrap();
+        let mut form: Vec<(String, String)> = url.query_pairs().into_owned().collect();
+        form.push(("decision".into(), "allow".into()));
+        let client = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+        let answer = client
+            .post(format!("{}/authorize/decide", url.origin().ascii_serialization()))
+            .form(&form)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 302);
+        answer.headers().get("location").unwrap().to_str().unwrap().to_string()
+    };
+    let start = |cookie: String, csrf: String| {
+        let http = http.clone();
+        async move {
+            let started = http
+                .post(gateway.url("/accounts/connect"))
+                .header("cookie", &cookie)
+                .form(&[("csrf", csrf.as_str()), ("account", "scans"), ("method", "code")])
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(started.status(), 303);
+            let authorize = started.headers().get("location").unwrap().to_str().unwrap().to_string();
+            let flow = started
+                .headers()
+                .get_all(reqwest::header::SET_COOKIE)
+                .iter()
+                .map(|v| v.to_str().unwrap().to_string())
+                .find(|c| c.starts_with("popgate_oauth_flow="))
+                .expect("the flow cookie");
+            assert!(flow.contains("SameSite=Lax") && flow.contains("HttpOnly"), "{flow}");
+            let redirect: String = url::Url::parse(&authorize)
+                .unwrap()
+                .query_pairs()
+                .find(|(k, _)| k == "redirect_uri")
+                .unwrap()
+                .1
+                .into_owned();
+            assert_eq!(redirect, gateway.url("/oauth/callback"));
+            (authorize, flow.split(';').next().unwrap().to_string())
+        }
+    };
+    let both = |a: &str, b: &str| format!("{a}; {b}");
+
+    // A wrong state: refused, nothing stored.
+    let (authorize, flow) = start(cookie.clone(), csrf.clone()).await;
+    let callback = decide(authorize).await;
+    let mut wrong = url::Url::parse(&callback).unwrap();
+    let pairs: Vec<(String, String)> = wrong.query_pairs().into_owned().collect();
+    wrong.query_pairs_mut().clear();
+    for (k, v) in &pairs {
+        wrong.query_pairs_mut().append_pair(k, if k == "state" { "forged-state" } else { v });
+    }
+    let refused = http.get(wrong.as_str()).header("cookie", both(&cookie, &flow)).send().await.unwrap();
+    assert_eq!(refused.status(), 400);
+    assert!(refused.text().await.unwrap().contains("unknown, was used already or has expired"));
+
+    // The right state: connected; the same callback again: refused.
+    let done = http.get(&callback).header("cookie", both(&cookie, &flow)).send().await.unwrap();
+    assert_eq!(done.status(), 200);
+    let page = done.text().await.unwrap();
+    assert!(page.contains("id=\"connected\""), "{page}");
+    world.assert_no_secrets(&page);
+    let replayed = http.get(&callback).header("cookie", both(&cookie, &flow)).send().await.unwrap();
+    assert_eq!(replayed.status(), 400, "a state works once");
+    assert_eq!(world.idp.grants(), ["authorization_code"], "the replayed code never reached the provider");
+
+    // A callback brought by another browser (no or another flow cookie):
+    // refused, and the sign-in is spent.
+    let (authorize, _flow) = start(cookie.clone(), csrf.clone()).await;
+    let callback = decide(authorize).await;
+    let foreign = http.get(&callback).header("cookie", "popgate_oauth_flow=someone-elses").send().await.unwrap();
+    assert_eq!(foreign.status(), 403);
+    assert_eq!(world.idp.grants(), ["authorization_code"], "no exchange for a foreign callback");
+
+    // Starting a sign-in needs the CSRF token.
+    let no_csrf = http
+        .post(gateway.url("/accounts/connect"))
+        .header("cookie", &cookie)
+        .form(&[("account", "scans"), ("method", "code")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(no_csrf.status(), 403);
 }

@@ -12,7 +12,12 @@
 //!   `slow_down` when polled too fast), `client_credentials`; errors as
 //!   RFC 6749 §5.2 JSON; injected faults (`invalid_grant`, HTTP 500), a
 //!   delay, and a gate that holds refresh requests open until released.
-//! - `POST /device` (RFC 8628 §3.1).
+//! - `POST /device` (RFC 8628 §3.1); `POST /device/approve` (`user_code`):
+//!   the user typed the code and allowed it.
+//! - With `require_consent()`, `GET /authorize` renders a consent page
+//!   instead (an "Allow" and a "Deny" button, posting to
+//!   `/authorize/decide`), which redirects with `code` and `state`, or with
+//!   `error=access_denied`.
 //! - `POST /introspect` (RFC 7662, as Dovecot's oauth2 passdb calls it with
 //!   `introspection_mode = post`): `{"active":true,"username":…}` for live
 //!   access tokens.
@@ -106,6 +111,8 @@ struct State {
     /// until the test releases them; `held` is how many wait now.
     gate_closed: bool,
     held: usize,
+    /// /authorize asks (a page with Allow and Deny) instead of approving.
+    consent: bool,
 }
 
 pub struct OAuthServer {
@@ -224,6 +231,11 @@ impl OAuthServer {
     /// Lets the held refresh requests (and later ones) be answered.
     pub fn release_refreshes(&self) {
         self.lock().gate_closed = false;
+    }
+
+    /// /authorize shows a consent page (Allow / Deny) from now on.
+    pub fn require_consent(&self) {
+        self.lock().consent = true;
     }
 
     /// Approves a pending device authorization (the user typed the code).
@@ -351,6 +363,8 @@ fn serve(stream: TcpStream, state: &Mutex<State>) {
         ("GET", "/authorize") => authorize(&stream, &request, state),
         ("POST", "/token") => token(&stream, &request, state),
         ("POST", "/device") => device(&stream, &request, state),
+        ("POST", "/device/approve") => approve_device_request(&stream, &request, state),
+        ("POST", "/authorize/decide") => decide(&stream, &request, state),
         ("POST", "/introspect") => introspect(&stream, &request, state),
         _ => respond(&stream, "404 Not Found", &[], "not found"),
     }
@@ -364,6 +378,9 @@ fn authorize(stream: &TcpStream, request: &Request, state: &Mutex<State>) {
     }
     if get("code_challenge_method") != "S256" || get("code_challenge").len() != 43 {
         return respond(stream, "400 Bad Request", &[], "PKCE S256 required");
+    }
+    if state.lock().unwrap().consent {
+        return consent_page(stream, q);
     }
     let mut state = state.lock().unwrap();
     state.counter += 1;
@@ -534,6 +551,71 @@ fn device(stream: &TcpStream, request: &Request, state: &Mutex<State>) {
             "interval": 1,
         }),
     );
+}
+
+/// The consent page: what the client asks for, and two buttons.
+fn consent_page(stream: &TcpStream, q: &HashMap<String, String>) {
+    let escape = |s: &str| s.replace('&', "&amp;").replace('"', "&quot;").replace('<', "&lt;").replace('>', "&gt;");
+    let hidden: String = ["client_id", "redirect_uri", "state", "code_challenge", "scope"]
+        .iter()
+        .map(|k| {
+            format!(
+                "<input type=\"hidden\" name=\"{k}\" value=\"{}\">",
+                escape(q.get(*k).map(String::as_str).unwrap_or_default())
+            )
+        })
+        .collect();
+    let body = format!(
+        "<!DOCTYPE html><html><head><title>Stand-in sign-in</title></head><body>\
+         <h1>Allow {client} to read your mail?</h1><p>Scopes: {scope}</p>\
+         <form method=\"post\" action=\"/authorize/decide\">{hidden}\
+         <button type=\"submit\" name=\"decision\" value=\"allow\" id=\"allow\">Allow</button>\
+         <button type=\"submit\" name=\"decision\" value=\"deny\" id=\"deny\">Deny</button>\
+         </form></body></html>",
+        client = escape(q.get("client_id").map(String::as_str).unwrap_or_default()),
+        scope = escape(q.get("scope").map(String::as_str).unwrap_or_default()),
+    );
+    respond(stream, "200 OK", &[("Content-Type", "text/html; charset=utf-8".into())], &body);
+}
+
+/// The consent page's answer: a code, or `error=access_denied`.
+fn decide(stream: &TcpStream, request: &Request, state: &Mutex<State>) {
+    let form = &request.form;
+    let get = |k: &str| form.get(k).cloned().unwrap_or_default();
+    let Ok(mut location) = url::Url::parse(&get("redirect_uri")) else {
+        return respond(stream, "400 Bad Request", &[], "bad redirect_uri");
+    };
+    if get("decision") == "allow" {
+        let mut state = state.lock().unwrap();
+        state.counter += 1;
+        let code = format!("code-{}-{}", state.counter, random_text());
+        let user = state.user.clone();
+        state
+            .codes
+            .insert(code.clone(), Code { user, redirect_uri: get("redirect_uri"), challenge: get("code_challenge") });
+        location.query_pairs_mut().append_pair("code", &code).append_pair("state", &get("state"));
+    } else {
+        location
+            .query_pairs_mut()
+            .append_pair("error", "access_denied")
+            .append_pair("error_description", "The user declined")
+            .append_pair("state", &get("state"));
+    }
+    respond(stream, "302 Found", &[("Location", location.to_string())], "");
+}
+
+/// `POST /device/approve` with `user_code`: 200, or 404 for an unknown code.
+fn approve_device_request(stream: &TcpStream, request: &Request, state: &Mutex<State>) {
+    let user_code = request.form.get("user_code").cloned().unwrap_or_default();
+    let mut state = state.lock().unwrap();
+    let user = state.user.clone();
+    match state.devices.values_mut().find(|d| d.user_code == user_code) {
+        Some(device) => {
+            device.approved_as = Some(user);
+            respond(stream, "200 OK", &[], "approved")
+        }
+        None => respond(stream, "404 Not Found", &[], "no such user code"),
+    }
 }
 
 fn introspect(stream: &TcpStream, request: &Request, state: &Mutex<State>) {

@@ -12,12 +12,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::Grant;
-use super::client::OAuthClient;
-use super::flows::{self, FlowError, Pkce};
-use crate::auth::accounts::config::{AccountConfig, AccountMode, AccountsSetup};
-use crate::auth::tokens::{StoredToken, open_store, unix_now};
-use crate::state::StateConfig;
-use crate::state::redis::RedisTarget;
+pub use super::connect::format_utc;
+use super::connect::{Connector, describe, effective_oauth, oauth_account, store_description};
+use super::flows::{self, FlowError};
+use crate::auth::accounts::config::{AccountConfig, AccountsSetup};
+use crate::auth::tokens::{open_store, unix_now};
 
 /// How `login` gets the authorization code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,17 +91,6 @@ impl Owner {
 /// How long a person has to sign in.
 const SIGN_IN_TIME: Duration = Duration::from_secs(15 * 60);
 
-fn oauth_account<'a>(config: AccountsSetup<'a>, name: &str) -> anyhow::Result<&'a AccountConfig> {
-    let account = config.accounts.iter().find(|a| a.name == name).ok_or_else(|| {
-        let names: Vec<_> = config.accounts.iter().filter(|a| a.oauth.is_some()).map(|a| a.name.as_str()).collect();
-        anyhow::anyhow!("no account `{name}` in the configuration (OAuth accounts: {})", names.join(", "))
-    })?;
-    if account.mode != AccountMode::Mapped || account.oauth.is_none() {
-        anyhow::bail!("account `{name}` does not use OAuth (it needs mode = \"mapped\" and an [account.oauth] table)");
-    }
-    Ok(account)
-}
-
 /// Gets and stores a token for `name`. Prompts go to `out`; a pasted
 /// address is read from `input`.
 pub async fn login(
@@ -113,23 +101,16 @@ pub async fn login(
     out: &mut (impl Write + Send),
 ) -> anyhow::Result<()> {
     let account = oauth_account(config, name)?;
-    let oauth = account.oauth.as_ref().expect("checked");
-    let store_config = config.token_store.ok_or_else(|| anyhow::anyhow!("no [token_store] in the configuration"))?;
-    let store = open_store(store_config, config.state)?;
-    let store_name = store_description(store_config, config.state);
-    let backend = config.backend_named(&account.backend);
-    let api = backend.map_or(super::MailApi::Imap, |b| b.mail_api());
-    let oauth = &oauth.for_api(api).trusting(backend.and_then(|b| b.ca_file()));
-    let client = OAuthClient::new(oauth)?;
-    let previous = store.load(name).await.ok().flatten();
+    let oauth = effective_oauth(config, account).expect("an OAuth account");
+    let connector = Connector::for_account(config, name)?;
 
-    let response = match (client.grant, method) {
+    let connected = match (connector.client.grant, method) {
         (Grant::ClientCredentials, _) => {
             writeln!(out, "Requesting an app-only token for `{name}` (client credentials)…")?;
-            client.client_credentials().await?
+            connector.client_credentials().await?
         }
         (Grant::AuthorizationCode, LoginMethod::Device) => {
-            let device = client.device_authorization().await?;
+            let device = connector.start_device().await?;
             match &device.message {
                 Some(message) => writeln!(out, "{message}")?,
                 None => writeln!(
@@ -146,11 +127,9 @@ pub async fn login(
             }
             writeln!(out, "Waiting for the sign-in (up to {} minutes)…", device.expires_in / 60)?;
             out.flush()?;
-            flows::poll_device_flow(&client, &device).await?
+            connector.finish_device(&device).await?
         }
         (Grant::AuthorizationCode, LoginMethod::Paste | LoginMethod::Listen) => {
-            let pkce = Pkce::new();
-            let state = flows::new_state();
             let (redirect_uri, listener) = if method == LoginMethod::Listen {
                 let configured = url::Url::parse(&oauth.redirect_uri)?;
                 let port = configured.port().unwrap_or(0);
@@ -162,14 +141,7 @@ pub async fn login(
             } else {
                 (oauth.redirect_uri.clone(), None)
             };
-            let url = flows::authorization_url(
-                &client.endpoints,
-                client.client_id(),
-                &redirect_uri,
-                &state,
-                &pkce,
-                account.login.as_deref(),
-            )?;
+            let (url, flow) = connector.start_code(&redirect_uri)?;
             writeln!(
                 out,
                 "Open this address in a browser and sign in as {}:",
@@ -182,7 +154,7 @@ pub async fn login(
                 Some(listener) => {
                     writeln!(out, "Waiting for the browser to come back to {redirect_uri} …")?;
                     out.flush()?;
-                    flows::receive_redirect(listener, &state, SIGN_IN_TIME).await?
+                    flows::receive_redirect(listener, &flow.state, SIGN_IN_TIME).await?
                 }
                 None => {
                     writeln!(
@@ -191,24 +163,20 @@ pub async fn login(
                     )?;
                     out.flush()?;
                     let pasted = read_line(input).await?;
-                    flows::code_from_redirect(&pasted, &state)?
+                    flows::code_from_redirect(&pasted, &flow.state)?
                 }
             };
-            client.exchange_code(&code, &pkce.verifier, &redirect_uri).await?
+            connector.finish_code(&flow, &code).await?
         }
     };
 
-    let kept_refresh = previous.as_ref().and_then(|p| p.refresh_token.as_ref());
-    let had_refresh = response.refresh_token.is_some();
-    let token = response.into_stored(if client.grant == Grant::ClientCredentials { None } else { kept_refresh });
-    if client.grant == Grant::AuthorizationCode && !had_refresh {
+    if connected.no_refresh_issued {
         writeln!(
             out,
             "Warning: the provider issued no refresh token, so popgate cannot renew this token. Google issues one only with consent (revoke popgate's access in the Google account and sign in again); Microsoft needs the offline_access scope."
         )?;
     }
-    store.save(name, &token).await?;
-    writeln!(out, "Stored a token for `{name}` in {store_name}: {}.", describe(&token, unix_now()))?;
+    writeln!(out, "Stored a token for `{name}` in {}: {}.", connector.store_name, connected.summary)?;
     out.flush()?;
     Ok(())
 }
@@ -222,54 +190,6 @@ async fn read_line(input: impl BufRead + Send + 'static) -> Result<String, FlowE
     .await
     .map_err(|e| FlowError::Io(std::io::Error::other(e)))?
     .map_err(FlowError::Io)
-}
-
-/// "valid, expires in 52 min (…)", without anything secret.
-fn describe(token: &StoredToken, now: u64) -> String {
-    let expiry = match (token.expires_at, token.remaining_secs(now)) {
-        (Some(at), Some(left)) if left > 0 => {
-            format!("valid, expires in {} ({})", duration(left as u64), format_utc(at))
-        }
-        (Some(at), Some(left)) => format!("expired {} ago ({})", duration((-left) as u64), format_utc(at)),
-        _ => "valid until refused (no expiry given)".into(),
-    };
-    let refresh = if token.refresh_token.is_some() { "refresh token held" } else { "no refresh token" };
-    format!("{expiry}; {refresh}")
-}
-
-fn duration(secs: u64) -> String {
-    match secs {
-        0..=119 => format!("{secs} s"),
-        120..=7199 => format!("{} min", secs / 60),
-        7200..=172_799 => format!("{} h", secs / 3600),
-        _ => format!("{} days", secs / 86_400),
-    }
-}
-
-/// `YYYY-MM-DD HH:MM:SS UTC` (no time zone database needed).
-pub fn format_utc(unix: u64) -> String {
-    let days = (unix / 86_400) as i64;
-    let secs = unix % 86_400;
-    // Howard Hinnant's days-to-civil.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC", secs / 3600, secs / 60 % 60, secs % 60)
-}
-
-/// Where tokens are stored, for people: the file, or the shared store
-/// (never with a password).
-fn store_description(store: &crate::auth::tokens::TokenStoreConfig, state: Option<&StateConfig>) -> String {
-    match state.and_then(|s| s.url.as_deref()).and_then(|url| RedisTarget::parse(url).ok()) {
-        Some(target) => format!("the shared state store {target} (encrypted)"),
-        None => store.path.display().to_string(),
-    }
 }
 
 /// Prints every OAuth account's token state. Fails only if the store
@@ -292,8 +212,22 @@ pub async fn status(config: AccountsSetup<'_>, out: &mut impl Write) -> anyhow::
     )?;
     for account in accounts {
         let oauth = account.oauth.as_ref().expect("filtered");
+        let notes = store.notes(&account.name).await.unwrap_or_default();
+        let mut noted = String::new();
+        if let Some(at) = notes.last_refresh {
+            noted.push_str(&format!("; last refresh {}", format_utc(at)));
+        }
+        if let Some(at) = notes.last_invalid_grant {
+            noted.push_str(&format!("; last invalid_grant {}", format_utc(at)));
+        }
         let state = match tokens.remove(&account.name) {
-            Some(token) => format!("{}; obtained {}", describe(&token, now), format_utc(token.obtained_at)),
+            Some(token) if notes.needs_sign_in(&token) => format!(
+                "{}; obtained {}{noted}; NEEDS SIGN-IN (the refresh token was refused): run `popgate oauth login {}`",
+                describe(&token, now),
+                format_utc(token.obtained_at),
+                account.name
+            ),
+            Some(token) => format!("{}; obtained {}{noted}", describe(&token, now), format_utc(token.obtained_at)),
             None if oauth.grant == Grant::ClientCredentials => "no token yet (requested at first use)".into(),
             None => format!("NO TOKEN: run `popgate oauth login {}`", account.name),
         };
@@ -319,7 +253,6 @@ pub async fn status(config: AccountsSetup<'_>, out: &mut impl Write) -> anyhow::
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mail::Secret;
 
     #[test]
     fn utc_dates() {
@@ -327,19 +260,5 @@ mod tests {
         assert_eq!(format_utc(951_782_400), "2000-02-29 00:00:00 UTC");
         assert_eq!(format_utc(1_700_000_000), "2023-11-14 22:13:20 UTC");
         assert_eq!(format_utc(4_102_444_799), "2099-12-31 23:59:59 UTC");
-    }
-
-    #[test]
-    fn descriptions_hide_the_token() {
-        let token = StoredToken {
-            access_token: Secret::new("SECRET-A"),
-            refresh_token: Some(Secret::new("SECRET-R")),
-            expires_at: Some(1_000 + 3_120),
-            obtained_at: 1_000,
-            scope: None,
-        };
-        let text = describe(&token, 1_000);
-        assert_eq!(text, "valid, expires in 52 min (1970-01-01 01:08:40 UTC); refresh token held");
-        assert!(describe(&token, 10_000).starts_with("expired 98 min ago"), "{}", describe(&token, 10_000));
     }
 }

@@ -9,6 +9,7 @@
 
 pub mod client;
 pub mod commands;
+pub mod connect;
 pub mod flows;
 
 use std::path::PathBuf;

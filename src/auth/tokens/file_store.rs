@@ -20,10 +20,14 @@ use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 
-use super::{StoreError, StoredToken, TokenRecord, TokenStore};
+use super::{StoreError, StoredToken, TokenEvent, TokenNotes, TokenRecord, TokenStore};
 use crate::auth::passwords::SecretSource;
 
 const MAGIC: &[u8] = b"popgate-tokens\x00v1\x00";
+/// The notes file is refused beyond this size.
+const MAX_NOTES_BYTES: usize = 1024 * 1024;
+/// Accounts the notes file keeps.
+const MAX_NOTED_ACCOUNTS: usize = 10_000;
 
 /// The store's 32-byte key. Never printed.
 pub struct StoreKey(LessSafeKey);
@@ -250,6 +254,46 @@ impl Inner {
         Ok(file)
     }
 
+    /// The notes file beside the store: `NAME.notes`, plain JSON (times
+    /// only, nothing secret).
+    fn notes_path(&self) -> PathBuf {
+        let mut name = self.path.file_name().unwrap_or_default().to_os_string();
+        name.push(".notes");
+        self.path.with_file_name(name)
+    }
+
+    fn read_notes(&self) -> Result<BTreeMap<String, TokenNotes>, StoreError> {
+        let path = self.notes_path();
+        match fs::read(&path) {
+            Ok(bytes) if bytes.len() <= MAX_NOTES_BYTES => serde_json::from_slice(&bytes)
+                .map_err(|e| StoreError::Format { path: path.display().to_string(), why: super::json_error(&e) }),
+            Ok(_) => Err(StoreError::Format { path: path.display().to_string(), why: "too large".into() }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+            Err(source) => Err(StoreError::Io { path: path.display().to_string(), source }),
+        }
+    }
+
+    /// Records `event` for `account` under the store's lock; notes of
+    /// accounts beyond `MAX_NOTED_ACCOUNTS` are not kept.
+    fn note(&self, account: &str, event: TokenEvent, at: u64) -> Result<(), StoreError> {
+        let _lock = self.lock()?;
+        let mut notes = self.read_notes().unwrap_or_default();
+        if !notes.contains_key(account) && notes.len() >= MAX_NOTED_ACCOUNTS {
+            return Ok(());
+        }
+        notes.entry(account.to_string()).or_default().record(event, at);
+        let text = serde_json::to_vec_pretty(&notes).map_err(|e| StoreError::Other(e.to_string()))?;
+        let path = self.notes_path();
+        let temp = path.with_extension(format!("notes.tmp-{}", std::process::id()));
+        let written = (|| {
+            let mut file = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&temp)?;
+            file.write_all(&text)?;
+            file.sync_all()?;
+            fs::rename(&temp, &path)
+        })();
+        written.map_err(|source| StoreError::Io { path: path.display().to_string(), source })
+    }
+
     /// Temporary file (0600) in the same directory, fsync, rename over the
     /// store, fsync the directory: after a crash the store is the old or
     /// the new one, whole.
@@ -296,6 +340,16 @@ impl TokenStore for EncryptedFileStore {
         self.blocking(|inner| Ok(inner.read()?.accounts.into_iter().map(|(k, v)| (k, StoredToken::from(v))).collect()))
             .await
     }
+
+    async fn note(&self, account: &str, event: TokenEvent, at: u64) -> Result<(), StoreError> {
+        let account = account.to_string();
+        self.blocking(move |inner| inner.note(&account, event, at)).await
+    }
+
+    async fn notes(&self, account: &str) -> Result<TokenNotes, StoreError> {
+        let account = account.to_string();
+        self.blocking(move |inner| Ok(inner.read_notes()?.remove(&account).unwrap_or_default())).await
+    }
 }
 
 #[cfg(test)]
@@ -315,6 +369,29 @@ mod tests {
 
     fn key() -> StoreKey {
         StoreKey::from_text(&StoreKey::generate_text()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn notes_are_kept_beside_the_store_without_the_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EncryptedFileStore::new(dir.path().join("tokens.enc"), key());
+        let dead = token("access-secret-1", "refresh-secret-1");
+        store.save("scans", &dead).await.unwrap();
+        assert_eq!(store.notes("scans").await.unwrap(), TokenNotes::default());
+        store.note("scans", TokenEvent::Refreshed, 100).await.unwrap();
+        let refused = dead.refresh_token.as_ref().map(super::super::fingerprint);
+        store.note("scans", TokenEvent::InvalidGrant(refused), 200).await.unwrap();
+        let notes = store.notes("scans").await.unwrap();
+        assert_eq!((notes.last_refresh, notes.last_invalid_grant), (Some(100), Some(200)));
+        assert!(notes.needs_sign_in(&dead));
+        assert!(!notes.needs_sign_in(&token("access-secret-2", "refresh-secret-2")));
+        assert_eq!(store.notes("other").await.unwrap(), TokenNotes::default());
+        let path = dir.path().join("tokens.enc.notes");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(!text.contains("secret"), "{text}");
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        // The token itself is untouched by notes.
+        assert_eq!(store.load("scans").await.unwrap(), Some(dead));
     }
 
     #[tokio::test]

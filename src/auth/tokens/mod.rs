@@ -76,6 +76,61 @@ impl fmt::Debug for StoredToken {
     }
 }
 
+/// What happened to an account's token lately, as the process that
+/// refreshes it saw it: kept beside the token (for the file store, in a
+/// plain `NAME.notes` file — times only, nothing secret), so the admin
+/// page and `oauth status` see what the refresher saw.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenNotes {
+    /// Unix seconds of the last successful refresh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_refresh: Option<u64>,
+    /// Unix seconds of the last refresh the provider answered
+    /// `invalid_grant` (the refresh token is dead: only a sign-in helps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_invalid_grant: Option<u64>,
+    /// Which refresh token that refusal was for (`fingerprint`), so a
+    /// token stored since (a new sign-in) is not taken for the dead one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused_refresh: Option<String>,
+}
+
+/// An event worth a note.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenEvent {
+    Refreshed,
+    /// With the refused refresh token's `fingerprint`.
+    InvalidGrant(Option<String>),
+}
+
+/// A short SHA-256 fingerprint of a token (16 hex digits: tells two tokens
+/// apart, gives nothing away about either).
+pub fn fingerprint(token: &Secret) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, token.expose().as_bytes());
+    digest.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl TokenNotes {
+    pub fn record(&mut self, event: TokenEvent, at: u64) {
+        match event {
+            TokenEvent::Refreshed => self.last_refresh = Some(at),
+            TokenEvent::InvalidGrant(refused) => {
+                self.last_invalid_grant = Some(at);
+                self.refused_refresh = refused;
+            }
+        }
+    }
+
+    /// `token`'s refresh token is the one the provider refused: the
+    /// account needs a sign-in (a new sign-in stores another one).
+    pub fn needs_sign_in(&self, token: &StoredToken) -> bool {
+        match (&self.refused_refresh, &token.refresh_token) {
+            (Some(refused), Some(held)) => *refused == fingerprint(held),
+            _ => false,
+        }
+    }
+}
+
 /// The stored form (inside the encryption).
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -169,6 +224,19 @@ pub trait TokenStore: Send + Sync {
     /// Gives the right back (after the refreshed token is stored).
     async fn unlock_refresh(&self, lock: RefreshLock) {
         let _ = lock;
+    }
+
+    /// Notes `event` for `account` (see `TokenNotes`); a store that keeps no
+    /// notes ignores it.
+    async fn note(&self, account: &str, event: TokenEvent, at: u64) -> Result<(), StoreError> {
+        let _ = (account, event, at);
+        Ok(())
+    }
+
+    /// What was noted for `account`.
+    async fn notes(&self, account: &str) -> Result<TokenNotes, StoreError> {
+        let _ = account;
+        Ok(TokenNotes::default())
     }
 
     /// How long a request waits for another process's refresh.
@@ -279,5 +347,25 @@ mod tests {
         assert!(!t.is_due(89, Duration::from_secs(10)));
         assert!(!t.is_expired(99));
         assert!(t.is_expired(100));
+    }
+
+    #[test]
+    fn an_invalid_grant_marks_only_the_refused_refresh_token() {
+        let dead = StoredToken {
+            access_token: Secret::new("a1"),
+            refresh_token: Some(Secret::new("r1")),
+            expires_at: Some(100),
+            obtained_at: 40,
+            scope: None,
+        };
+        let mut notes = TokenNotes::default();
+        assert!(!notes.needs_sign_in(&dead));
+        notes.record(TokenEvent::Refreshed, 50);
+        notes.record(TokenEvent::InvalidGrant(dead.refresh_token.as_ref().map(fingerprint)), 60);
+        assert_eq!((notes.last_refresh, notes.last_invalid_grant), (Some(50), Some(60)));
+        assert!(notes.needs_sign_in(&dead));
+        let signed_in_again = StoredToken { refresh_token: Some(Secret::new("r2")), obtained_at: 60, ..dead.clone() };
+        assert!(!notes.needs_sign_in(&signed_in_again), "a new sign-in in the same second counts");
+        assert_eq!(fingerprint(&Secret::new("r1")).len(), 16);
     }
 }

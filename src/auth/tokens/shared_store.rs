@@ -18,7 +18,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::{EncryptedFileStore, RefreshLock, StoreError, StoreKey, StoredToken, TokenRecord, TokenStore};
+use super::{
+    EncryptedFileStore, RefreshLock, StoreError, StoreKey, StoredToken, TokenEvent, TokenNotes, TokenRecord, TokenStore,
+};
 use crate::state::{SharedState, StateConfig, StateError};
 
 const RECORD_PREFIX: &str = "token:";
@@ -26,6 +28,8 @@ const LOCK_PREFIX: &str = "token-refresh:";
 /// Until when (Unix milliseconds) a failed refresh asks every replica not
 /// to call the token endpoint; the key expires with it.
 const BACKOFF_PREFIX: &str = "token-backoff:";
+/// An account's `TokenNotes` (plain JSON: times only).
+const NOTES_PREFIX: &str = "token-notes:";
 const AAD_PREFIX: &[u8] = b"popgate-token\x00v1\x00";
 /// `popgate oauth status` lists at most this many accounts.
 const MAX_ACCOUNTS: usize = 100_000;
@@ -175,6 +179,31 @@ impl TokenStore for SharedTokenStore {
 
     fn refresh_wait(&self) -> Duration {
         self.wait
+    }
+
+    async fn note(&self, account: &str, event: TokenEvent, at: u64) -> Result<(), StoreError> {
+        let key = format!("{NOTES_PREFIX}{}:{account}", account.len());
+        for _attempt in 0..SAVE_ATTEMPTS {
+            let found = self.shared.read_record(&key).await.map_err(unavailable)?;
+            let (mut notes, version) = match found {
+                Some(record) => (serde_json::from_slice(&record.bytes).unwrap_or_default(), record.version),
+                None => (TokenNotes::default(), 0),
+            };
+            notes.record(event.clone(), at);
+            let bytes = serde_json::to_vec(&notes).map_err(|e| StoreError::Other(e.to_string()))?;
+            if self.shared.write_record(&key, version, &bytes).await.map_err(unavailable)?.is_some() {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    async fn notes(&self, account: &str) -> Result<TokenNotes, StoreError> {
+        let key = format!("{NOTES_PREFIX}{}:{account}", account.len());
+        match self.shared.read_record(&key).await.map_err(unavailable)? {
+            Some(record) => Ok(serde_json::from_slice(&record.bytes).unwrap_or_default()),
+            None => Ok(TokenNotes::default()),
+        }
     }
 
     async fn note_refresh_failure(&self, account: &str, wait: Duration) {

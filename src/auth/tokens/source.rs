@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Mutex;
 
-use super::{RefreshLock, StoreError, StoredToken, TokenStore, unix_now};
+use super::{RefreshLock, StoreError, StoredToken, TokenEvent, TokenStore, unix_now};
 use crate::auth::oauth::Grant;
 use crate::auth::oauth::client::{OAuthClient, TokenError};
 use crate::mail::Secret;
@@ -138,6 +138,14 @@ impl TokenSource {
             }
         }
         let _ = self.fresh(&mut state, None).await;
+    }
+
+    /// Notes `event` where the admin page and `oauth status` see it; a
+    /// note that cannot be written is logged, never a reason to fail.
+    async fn note(&self, event: TokenEvent) {
+        if let Err(e) = self.store.note(&self.account, event, unix_now()).await {
+            tracing::warn!(account = %self.account, error = %e, "cannot note the token event");
+        }
     }
 
     fn report_missing(&self, state: &mut State) {
@@ -352,6 +360,7 @@ impl TokenSource {
                     Ok(Some(version)) => {
                         self.store.unlock_refresh(lock).await;
                         metrics.oauth_refresh(account, "ok");
+                        self.note(TokenEvent::Refreshed).await;
                         tracing::info!(
                             account = %account,
                             rotated,
@@ -416,6 +425,9 @@ impl TokenSource {
                         account = %account, error = %e,
                         "token refresh failed; retrying in {}s{still}", self.settings.retry_after.as_secs()
                     ),
+                }
+                if e.is_invalid_grant() {
+                    self.note(TokenEvent::InvalidGrant(previous_refresh.as_ref().map(super::fingerprint))).await;
                 }
                 state.failed = Some((Instant::now(), e.to_string(), wait));
                 // Shared before the lock is given back, so that the next

@@ -64,7 +64,7 @@ pub fn random_token() -> String {
 
 /// Equal strings, compared through their digests (no early exit on the
 /// first differing byte of the secret itself).
-fn same(a: &str, b: &str) -> bool {
+pub(crate) fn same(a: &str, b: &str) -> bool {
     Sha256::digest(a.as_bytes()) == Sha256::digest(b.as_bytes())
 }
 

@@ -16,6 +16,7 @@
 //! Never exposes configuration or secrets.
 
 pub mod chart;
+pub mod connect;
 pub mod guard;
 pub mod page;
 pub mod views;

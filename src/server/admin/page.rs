@@ -14,20 +14,23 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{ConnectInfo, Form, State};
+use axum::extract::{ConnectInfo, Form, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use maud::Markup;
 
 use super::Health;
+use super::connect::{CALLBACK_PATH, CODE_FLOW_LIFETIME, CallbackError, FLOW_COOKIE};
 use super::guard::{self, Guard, Session};
 use super::views::{self, Frame};
 use crate::auth::accounts::config::AccountMode;
 use crate::auth::accounts::reloadable::ReloadableRouter;
 use crate::auth::accounts::router::AccountRouter;
 use crate::auth::accounts::ui_state::UiState;
-use crate::auth::tokens::{TokenStore, unix_now};
+use crate::auth::oauth::connect::{Connector, effective_oauth};
+use crate::auth::oauth::{Grant, Provider};
+use crate::auth::tokens::unix_now;
 use crate::backend::select::BackendConfig;
 use crate::config::Config;
 use crate::mail::Secret;
@@ -37,6 +40,8 @@ use crate::telemetry::Metrics;
 const STYLE: &str = include_str!("../../../assets/admin.css");
 const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; \
                                        frame-ancestors 'none'; base-uri 'none'";
+/// Seconds between reloads of a waiting device-code page.
+const DEVICE_PAGE_RELOAD: &str = "3";
 /// Length of a generated device password (letters and digits: about 119
 /// bits, and nothing a printer's keypad or a POP3 client mangles).
 const PASSWORD_CHARS: usize = 20;
@@ -80,6 +85,8 @@ pub struct Page {
     pub health: Arc<Health>,
     /// One change at a time: read, change, save and apply the state file.
     changing: tokio::sync::Mutex<()>,
+    /// Sign-ins to OAuth accounts under way.
+    flows: super::connect::Flows,
 }
 
 impl Page {
@@ -90,7 +97,15 @@ impl Page {
         metrics: Arc<Metrics>,
         health: Arc<Health>,
     ) -> Self {
-        Page { guard, fleet, activity, metrics, health, changing: tokio::sync::Mutex::new(()) }
+        Page {
+            guard,
+            fleet,
+            activity,
+            metrics,
+            health,
+            changing: tokio::sync::Mutex::new(()),
+            flows: super::connect::Flows::default(),
+        }
     }
 }
 
@@ -107,6 +122,9 @@ pub fn routes(page: Arc<Page>) -> Router {
         .route("/devices/enable", post(enable_device))
         .route("/devices/disable", post(disable_device))
         .route("/devices/reset", post(reset_password))
+        .route("/accounts/connect", post(connect_account))
+        .route("/accounts/device", get(device_sign_in))
+        .route(CALLBACK_PATH, get(oauth_callback))
         .route("/static/admin.css", get(style))
         .layer(axum::middleware::map_response(security_headers))
         .with_state(page)
@@ -114,7 +132,10 @@ pub fn routes(page: Arc<Page>) -> Router {
 
 async fn security_headers(mut response: Response) -> Response {
     let headers = response.headers_mut();
-    headers.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CONTENT_SECURITY_POLICY));
+    // A page may widen `form-action` to the providers it signs in with.
+    if !headers.contains_key(header::CONTENT_SECURITY_POLICY) {
+        headers.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CONTENT_SECURITY_POLICY));
+    }
     headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
@@ -124,6 +145,30 @@ async fn security_headers(mut response: Response) -> Response {
 
 async fn style() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/css; charset=utf-8")], STYLE)
+}
+
+const LOOPBACK_HOST_ONLY: &str =
+    "Without an admin password the page answers only when addressed as 127.0.0.1, [::1] or localhost.\n";
+
+/// Without a credential, the address check is the only guard: a page
+/// reached by another name (a DNS-rebinding site resolving to 127.0.0.1)
+/// would otherwise be signed in, and could start an OAuth sign-in whose
+/// redirect goes to that name. So loopback-only pages answer loopback
+/// names only.
+fn host_admitted(page: &Page, headers: &HeaderMap) -> bool {
+    if !matches!(page.guard.access(), guard::Access::LoopbackOnly) {
+        return true;
+    }
+    headers.get(header::HOST).and_then(|h| h.to_str().ok()).is_none_or(loopback_host)
+}
+
+/// `host[:port]` names the loopback interface.
+fn loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// The visitor's session (a new one, with its cookie, if they have none),
@@ -141,6 +186,9 @@ impl Visitor {
         if !page.guard.admits(peer.ip()) {
             let body = "The admin page answers loopback clients only: no [admin] password_hash or token_file is set.\n";
             return Err((StatusCode::FORBIDDEN, body).into_response());
+        }
+        if !host_admitted(page, headers) {
+            return Err((StatusCode::FORBIDDEN, LOOPBACK_HOST_ONLY).into_response());
         }
         let cookie = headers
             .get_all(header::COOKIE)
@@ -339,9 +387,10 @@ async fn accounts(State(page): Shared, ConnectInfo(peer): ConnectInfo<SocketAddr
     let refreshes = samples(&metrics, "popgate_oauth_refreshes_total");
     let operator = samples(&metrics, "popgate_oauth_operator_action_needed");
     let sessions = page.activity.sessions_by_account();
-    let store = config.token_store.as_ref().map(|s| s.open());
+    let store = config.token_store.as_ref().map(|s| crate::auth::tokens::open_store(s, Some(&config.state)));
     let now = unix_now();
     let mut rows = Vec::new();
+    let mut provider_origins: Vec<String> = Vec::new();
     for account in &config.account {
         let token = match &account.oauth {
             None => None,
@@ -358,7 +407,15 @@ async fn accounts(State(page): Shared, ConnectInfo(peer): ConnectInfo<SocketAddr
                         .map(|(l, v)| (l.get("result").cloned().unwrap_or_default(), *v as u64))
                         .collect(),
                     store_error: None,
+                    last_refresh: None,
+                    last_invalid_grant: None,
                 };
+                let notes = match &store {
+                    Some(Ok(store)) => store.notes(&account.name).await.unwrap_or_default(),
+                    _ => Default::default(),
+                };
+                state.last_refresh = notes.last_refresh;
+                state.last_invalid_grant = notes.last_invalid_grant;
                 match &store {
                     Some(Ok(store)) => match store.load(&account.name).await {
                         Ok(Some(token)) => {
@@ -367,6 +424,7 @@ async fn accounts(State(page): Shared, ConnectInfo(peer): ConnectInfo<SocketAddr
                             state.refresh_token_held = token.refresh_token.is_some();
                             state.obtained_at = Some(token.obtained_at);
                             state.needs_sign_in |= token.is_expired(now) && token.refresh_token.is_none();
+                            state.needs_sign_in |= notes.needs_sign_in(&token);
                         }
                         Ok(None) => state.needs_sign_in = true,
                         Err(e) => state.store_error = Some(e.to_string()),
@@ -380,7 +438,21 @@ async fn accounts(State(page): Shared, ConnectInfo(peer): ConnectInfo<SocketAddr
         let backend =
             config.accounts().backend_named(&account.backend).map(|b| b.describe()).unwrap_or_else(|| "?".into());
         let users: Vec<&str> = account.device.iter().map(|d| d.user.as_str()).collect();
+        let connect = effective_oauth(config.accounts(), account)
+            .filter(|o| o.grant == Grant::AuthorizationCode && config.token_store.is_some())
+            .and_then(|o| o.endpoints().ok().map(|e| (o.provider, e)))
+            .inspect(|(_, endpoints)| {
+                if let Some(url) = &endpoints.authorization {
+                    provider_origins.push(url.origin().ascii_serialization());
+                }
+            })
+            .map(|(provider, endpoints)| views::ConnectOptions {
+                provider: provider_label(provider),
+                code: endpoints.authorization.is_some(),
+                device: endpoints.device_authorization.is_some(),
+            });
         rows.push(views::AccountRow {
+            connect,
             name: account.name.clone(),
             mode: match account.mode {
                 AccountMode::Mapped => "mapped",
@@ -393,7 +465,186 @@ async fn accounts(State(page): Shared, ConnectInfo(peer): ConnectInfo<SocketAddr
             devices: account.device.len(),
         });
     }
-    visitor.respond(StatusCode::OK, &page, "Accounts", views::accounts(&rows, now))
+    let redirect_uri = redirect_uri(&page, &headers);
+    let body = views::accounts(&rows, now, &visitor.session.csrf, redirect_uri.as_deref());
+    let mut response = visitor.respond(StatusCode::OK, &page, "Accounts", body);
+    // "Sign in with …" posts here and is redirected to the provider: a
+    // browser applies `form-action` to that redirect too.
+    provider_origins.sort();
+    provider_origins.dedup();
+    provider_origins.retain(|o| o.bytes().all(|b| b.is_ascii_graphic() && b != b';' && b != b','));
+    if !provider_origins.is_empty() {
+        let policy = CONTENT_SECURITY_POLICY
+            .replace("form-action 'self'", &format!("form-action 'self' {}", provider_origins.join(" ")));
+        if let Ok(policy) = HeaderValue::from_str(&policy) {
+            response.headers_mut().insert(header::CONTENT_SECURITY_POLICY, policy);
+        }
+    }
+    response
+}
+
+fn provider_label(provider: Provider) -> &'static str {
+    match provider {
+        Provider::Google => "Google",
+        Provider::Microsoft => "Microsoft",
+        Provider::Generic => "your provider",
+    }
+}
+
+/// The callback address the browser reaches this listener by (its `Host`
+/// header: the operator's own browser, signed in), `https` when the
+/// cookie is `Secure` (TLS in front). This is what must be registered at
+/// the provider. `None` for a Host that is not a plain host[:port].
+fn redirect_uri(page: &Page, headers: &HeaderMap) -> Option<String> {
+    let host = headers.get(header::HOST)?.to_str().ok()?;
+    let plain = !host.is_empty()
+        && host.len() <= 255
+        && host.bytes().all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b));
+    if !plain {
+        return None;
+    }
+    let scheme = if page.guard.cookie_secure { "https" } else { "http" };
+    Some(format!("{scheme}://{host}{CALLBACK_PATH}"))
+}
+
+/// "Sign in with …" (`method=code`) or "Use a device code"
+/// (`method=device`) for the OAuth account `account`.
+async fn connect_account(
+    State(page): Shared,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Form(form): Form<HashMap<String, String>>,
+) -> Response {
+    let visitor = match Visitor::posted(&page, peer, &headers, &form) {
+        Ok(v) => v,
+        Err(refused) => return refused,
+    };
+    let account = form.get("account").cloned().unwrap_or_default();
+    let fail = |visitor: Visitor, status: StatusCode, text: &str| {
+        visitor.respond(status, &page, "Connect a mailbox", views::message(text))
+    };
+    let config = match current(&page) {
+        Ok((config, _)) => config,
+        Err(e) => return fail(visitor, StatusCode::INTERNAL_SERVER_ERROR, &e),
+    };
+    let connector = match Connector::for_account(config.accounts(), &account) {
+        Ok(c) if c.client.grant == Grant::AuthorizationCode => c,
+        Ok(_) => {
+            let text = format!("account `{account}` uses client credentials: it needs no sign-in");
+            return fail(visitor, StatusCode::BAD_REQUEST, &text);
+        }
+        Err(e) => return fail(visitor, StatusCode::BAD_REQUEST, &e.to_string()),
+    };
+    match form.get("method").map(String::as_str) {
+        Some("device") => match page.flows.start_device(connector, &visitor.session.id).await {
+            Ok(id) => visitor.with_cookie(Redirect::to(&format!("/accounts/device?id={id}")).into_response()),
+            Err(e) => fail(visitor, StatusCode::BAD_GATEWAY, &e),
+        },
+        Some("code") => {
+            let Some(redirect_uri) = redirect_uri(&page, &headers) else {
+                return fail(visitor, StatusCode::BAD_REQUEST, "the request's Host header is not a host name");
+            };
+            match page.flows.start_code(connector, &visitor.session.id, &redirect_uri) {
+                Ok((url, browser)) => {
+                    tracing::info!(account = %account, "admin page: sign-in to the provider started");
+                    let secure = if page.guard.cookie_secure { "; Secure" } else { "" };
+                    let cookie = format!(
+                        "{FLOW_COOKIE}={browser}; Path={CALLBACK_PATH}; Max-Age={}; HttpOnly; SameSite=Lax{secure}",
+                        CODE_FLOW_LIFETIME.as_secs()
+                    );
+                    let mut response = Redirect::to(url.as_str()).into_response();
+                    if let Ok(cookie) = HeaderValue::from_str(&cookie) {
+                        response.headers_mut().append(header::SET_COOKIE, cookie);
+                    }
+                    visitor.with_cookie(response)
+                }
+                Err(e) => fail(visitor, StatusCode::BAD_REQUEST, &e.to_string()),
+            }
+        }
+        _ => fail(visitor, StatusCode::BAD_REQUEST, "choose a sign-in method"),
+    }
+}
+
+/// The provider's redirect back. The session cookie (`SameSite=Strict`)
+/// may not come along on it, so no session is opened or replaced here: the
+/// flow cookie and the state identify the sign-in, and the page links back.
+async fn oauth_callback(
+    State(page): Shared,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    if !page.guard.admits(peer.ip()) || !host_admitted(&page, &headers) {
+        return (StatusCode::FORBIDDEN, LOOPBACK_HOST_ONLY).into_response();
+    }
+    let browser = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|h| guard::cookie_value(h, FLOW_COOKIE));
+    let alive = |id: &str| page.guard.session(Some(id)).is_some_and(|s| s.signed_in);
+    let outcome = page.flows.finish_code(&query, browser, alive).await;
+    let (status, body) = match &outcome {
+        Ok((account, connected)) => (StatusCode::OK, views::connected(account, connected)),
+        Err((account, error)) => {
+            let status = match error {
+                CallbackError::UnknownState => StatusCode::BAD_REQUEST,
+                CallbackError::WrongSession => StatusCode::FORBIDDEN,
+                CallbackError::Provider(_) => StatusCode::BAD_REQUEST,
+                CallbackError::Connect(_) => StatusCode::BAD_GATEWAY,
+            };
+            let text = match error {
+                CallbackError::Connect(e) => super::connect::explain(e),
+                other => other.to_string(),
+            };
+            (status, views::sign_in_failed(account.as_deref(), &text))
+        }
+    };
+    let frame = Frame {
+        title: "Connect a mailbox",
+        csrf: "",
+        loopback_only: matches!(page.guard.access(), guard::Access::LoopbackOnly),
+        signed_in: false,
+    };
+    let mut response = (status, views::layout(&frame, body)).into_response();
+    let secure = if page.guard.cookie_secure { "; Secure" } else { "" };
+    let clear = format!("{FLOW_COOKIE}=; Path={CALLBACK_PATH}; Max-Age=0; HttpOnly; SameSite=Lax{secure}");
+    if let Ok(clear) = HeaderValue::from_str(&clear) {
+        response.headers_mut().append(header::SET_COOKIE, clear);
+    }
+    response
+}
+
+/// A device-code sign-in's page: the code to enter, then its outcome;
+/// reloads itself while waiting.
+async fn device_sign_in(
+    State(page): Shared,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let visitor = match Visitor::signed_in(&page, peer, &headers) {
+        Ok(v) => v,
+        Err(refused) => return refused,
+    };
+    let id = query.get("id").map(String::as_str).unwrap_or_default();
+    match page.flows.device(id, &visitor.session.id) {
+        Some(view) => {
+            let waiting = matches!(view.status, super::connect::DeviceStatus::Waiting);
+            let mut response =
+                visitor.respond(StatusCode::OK, &page, "Connect a mailbox", views::device_sign_in(&view));
+            if waiting {
+                // The HTML standard's Refresh header: the page reloads with
+                // no script (the CSP allows none).
+                response.headers_mut().insert(header::REFRESH, HeaderValue::from_static(DEVICE_PAGE_RELOAD));
+            }
+            response
+        }
+        None => {
+            let text = "No such device-code sign-in in this session (finished long ago, or started elsewhere).";
+            visitor.respond(StatusCode::NOT_FOUND, &page, "Connect a mailbox", views::message(text))
+        }
+    }
 }
 
 async fn devices(State(page): Shared, ConnectInfo(peer): ConnectInfo<SocketAddr>, headers: HeaderMap) -> Response {
@@ -577,6 +828,16 @@ mod tests {
         let found = samples(text, "popgate_sessions_active");
         assert_eq!(found.iter().map(|(_, v)| *v).sum::<f64>(), 5.0);
         assert_eq!(found[0].0.get("listener").map(String::as_str), Some("127.0.0.1:1"));
+    }
+
+    #[test]
+    fn loopback_hosts() {
+        for host in ["127.0.0.1:9110", "127.0.0.1", "localhost:9110", "LOCALHOST", "[::1]:9110", "127.1.2.3:80"] {
+            assert!(loopback_host(host), "{host}");
+        }
+        for host in ["evil.example:9110", "192.0.2.1:9110", "[2001:db8::1]:9110", "localhost.evil.example", ""] {
+            assert!(!loopback_host(host), "{host}");
+        }
     }
 
     #[test]

@@ -5,7 +5,9 @@
 use maud::{DOCTYPE, Markup, html};
 
 use crate::auth::oauth::commands::format_utc;
+use crate::auth::oauth::connect::Connected;
 use crate::server::activity::{DeviceActivity, Failure};
+use crate::server::admin::connect::{DeviceStatus, DeviceView};
 
 /// What the layout needs besides the body.
 pub struct Frame<'a> {
@@ -113,6 +115,9 @@ pub fn overview(o: &Overview) -> Markup {
 
 /// One account's row, secrets already left out.
 pub struct AccountRow {
+    /// How the page can sign this account in; `None`: not an OAuth
+    /// account that signs in (or no token store).
+    pub connect: Option<ConnectOptions>,
     pub name: String,
     pub mode: &'static str,
     pub backend: String,
@@ -123,7 +128,21 @@ pub struct AccountRow {
     pub devices: usize,
 }
 
+/// The sign-ins an OAuth account's provider offers.
+pub struct ConnectOptions {
+    /// "Google", "Microsoft", "your provider".
+    pub provider: &'static str,
+    /// Authorization code + PKCE (the provider has an authorization URL).
+    pub code: bool,
+    /// Device code (the provider has a device authorization URL).
+    pub device: bool,
+}
+
 pub struct TokenState {
+    /// Last successful refresh, as the refresher noted it.
+    pub last_refresh: Option<u64>,
+    /// Last `invalid_grant` answer to a refresh.
+    pub last_invalid_grant: Option<u64>,
     /// Expiry of the stored access token, if there is one.
     pub valid_until: Option<u64>,
     pub stored: bool,
@@ -135,7 +154,8 @@ pub struct TokenState {
     pub store_error: Option<String>,
 }
 
-pub fn accounts(rows: &[AccountRow], now: u64) -> Markup {
+pub fn accounts(rows: &[AccountRow], now: u64, csrf: &str, redirect_uri: Option<&str>) -> Markup {
+    let connectable: Vec<&AccountRow> = rows.iter().filter(|r| r.connect.is_some()).collect();
     html! {
         @if rows.is_empty() {
             p { "No [[account]] is configured: every login passes through to [backend]." }
@@ -143,6 +163,7 @@ pub fn accounts(rows: &[AccountRow], now: u64) -> Markup {
         table id="accounts" {
             tr {
                 th { "Account" } th { "Backend" } th { "Token" } th { "Last error" } th { "Sessions now" } th { "Devices" }
+                th { "Connect" }
             }
             @for row in rows {
                 tr id={"account-" (row.name)} {
@@ -151,23 +172,64 @@ pub fn accounts(rows: &[AccountRow], now: u64) -> Markup {
                     td.token-state {
                         @match &row.token {
                             None => { "—" }
-                            Some(t) => { (token_state(t, now)) }
+                            Some(t) => { (token_state(&row.name, t, now)) }
                         }
                     }
                     td { (failure(&row.last_error)) }
                     td { (row.connections) }
                     td { (row.devices) }
+                    td.connect id={"connect-" (row.name)} {
+                        @if let Some(c) = &row.connect { (connect_buttons(&row.name, c, csrf)) }
+                    }
                 }
+            }
+        }
+        @if !connectable.is_empty() {
+            h2 id="connect" { "Connect a mailbox" }
+            p {
+                "Sign an OAuth account in: the provider's sign-in page opens, and the token comes back to this page \
+                 and goes to the token store (as " code { "popgate oauth login" } " does). For a browser on another \
+                 machine, use a device code instead."
+            }
+            @if let Some(uri) = redirect_uri {
+                p {
+                    "Redirect address to register at the provider: " code id="redirect-uri" { (uri) }
+                    " (Google desktop clients and Microsoft public clients accept any port on http://127.0.0.1 \
+                     and http://localhost; any other address must be registered as it is — see docs/ADMIN.md)."
+                }
+            }
+            form method="post" action="/accounts/connect" id="connect-form" {
+                input type="hidden" name="csrf" value=(csrf);
+                label { "Account " select name="account" {
+                    @for row in &connectable { option value=(row.name) { (row.name) } }
+                } }
+                button type="submit" name="method" value="code" { "Sign in" }
+                button type="submit" name="method" value="device" { "Use a device code" }
             }
         }
     }
 }
 
-fn token_state(t: &TokenState, now: u64) -> Markup {
+fn connect_buttons(account: &str, c: &ConnectOptions, csrf: &str) -> Markup {
+    html! {
+        form method="post" action="/accounts/connect" class="inline" {
+            input type="hidden" name="csrf" value=(csrf);
+            input type="hidden" name="account" value=(account);
+            @if c.code {
+                button type="submit" name="method" value="code" class="sign-in-code" { "Sign in with " (c.provider) }
+            }
+            @if c.device {
+                button type="submit" name="method" value="device" class="sign-in-device" { "Use a device code" }
+            }
+        }
+    }
+}
+
+fn token_state(account: &str, t: &TokenState, now: u64) -> Markup {
     html! {
         @if let Some(e) = &t.store_error { span.error { "token store: " (e) } br; }
         @if t.needs_sign_in {
-            strong.error.needs-sign-in { "needs sign-in" } br;
+            a.error.needs-sign-in href={"#connect-" (account)} { strong { "needs sign-in" } } br;
         }
         @if t.stored {
             @match t.valid_until {
@@ -177,9 +239,13 @@ fn token_state(t: &TokenState, now: u64) -> Markup {
             }
             br;
             "refresh token: " (if t.refresh_token_held { "held" } else { "none" }) br;
-            @if let Some(at) = t.obtained_at { "last refresh: " (when(at)) br; }
+            @if let Some(at) = t.obtained_at { "obtained: " (when(at)) br; }
         } @else {
-            "no token stored"
+            "no token stored" br;
+        }
+        @if let Some(at) = t.last_refresh { span.last-refresh { "last refresh: " (when(at)) } br; }
+        @if let Some(at) = t.last_invalid_grant {
+            span.error.last-invalid-grant { "last invalid_grant: " (when(at)) } br;
         }
         @for (result, count) in &t.refreshes {
             small { "refreshes " (result) ": " (count) } br;
@@ -274,6 +340,61 @@ pub fn new_password(user: &str, password: &str, added: bool) -> Markup {
             code id="new-password" { (password) }
         }
         p { "Enter it in the device's POP3 (and SMTP) settings now. " a href="/devices" { "Back to the devices" } }
+    }
+}
+
+/// The provider's redirect came back and the token is stored.
+pub fn connected(account: &str, c: &Connected) -> Markup {
+    html! {
+        p id="connected" { "Connected " strong { (account) } ": " span.valid { (c.summary) } "." }
+        @if c.no_refresh_issued {
+            p.error id="no-refresh-token" {
+                "The provider issued no refresh token, so popgate cannot renew this token. Google issues one only \
+                 with consent (revoke popgate's access in the Google account and sign in again); Microsoft needs \
+                 the offline_access scope."
+            }
+        }
+        p { a href="/accounts" { "Back to the accounts" } }
+    }
+}
+
+/// A sign-in that did not work, and why (nothing secret in `why`).
+pub fn sign_in_failed(account: Option<&str>, why: &str) -> Markup {
+    html! {
+        p.error id="sign-in-error" {
+            @if let Some(account) = account { "Signing in " strong { (account) } " failed: " } @else { "Sign-in failed: " }
+            (why)
+        }
+        p { a href="/accounts" { "Back to the accounts" } }
+    }
+}
+
+/// A device-code sign-in: the code to enter, then its outcome.
+pub fn device_sign_in(view: &DeviceView) -> Markup {
+    html! {
+        @match &view.status {
+            DeviceStatus::Waiting => {
+                p {
+                    "On any device, open " a id="verification-uri" href=(view.verification_uri) rel="noreferrer" { (view.verification_uri) }
+                    " and enter the code"
+                }
+                p { code id="user-code" { (view.user_code) } }
+                @if let Some(complete) = &view.verification_uri_complete {
+                    p { "(or open " a href=(complete) rel="noreferrer" { (complete) } ")" }
+                }
+                @if let Some(login) = &view.login_hint { p { "Sign in as " strong { (login) } "." } }
+                p id="device-status" { "Waiting for the sign-in to " strong { (view.account) } "… this page reloads itself; "
+                    a href={"/accounts/device?id=" (view.id)} { "reload" } "." }
+            }
+            DeviceStatus::Connected(c) => {
+                p id="device-status" { "Connected " strong { (view.account) } ": " span.valid { (c.summary) } "." }
+                p { a href="/accounts" { "Back to the accounts" } }
+            }
+            DeviceStatus::Failed(why) => {
+                p.error id="device-status" { "Signing in " strong { (view.account) } " failed: " (why) }
+                p { a href="/accounts" { "Back to the accounts" } }
+            }
+        }
     }
 }
 
