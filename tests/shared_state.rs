@@ -332,3 +332,76 @@ fn graphs_mailbox_request_budget_is_spent_once_across_replicas() {
     let keys = redis.command(&["KEYS", "popgate:requests:*"]);
     assert!(keys.contains(UPN), "the budget is counted in Redis: {keys}");
 }
+
+/// Outlook's 4 concurrent requests per app and mailbox hold across
+/// replicas: two replicas whose devices log in to one cold mailbox at the
+/// same moment (each measures its 24 messages 4 downloads at a time) never
+/// have more than 4 requests in flight at the Graph stand-in together, and
+/// none is refused with 429. The same load without shared state, as a
+/// control, goes over 4 (each replica counts only its own).
+#[test]
+fn graphs_four_concurrent_requests_per_mailbox_hold_across_replicas() {
+    use std::sync::Arc;
+
+    use popgate::backend::graph::{GraphBackend, GraphConfig};
+    use popgate::config::Config;
+    use support::gateway::Gateway;
+    use support::graph_api::{GraphApi, TokenKind, UPN};
+    use support::token_router::TokenRouter;
+
+    const DEVICE: (&str, &str) = ("scanner", "device-secret");
+    let redis = Redis::start();
+    let api = GraphApi::start();
+    for i in 0..24 {
+        api.add(&simple(&format!("concurrent {i}")));
+    }
+    api.set_value_delay(Duration::from_millis(150));
+    let replica = |state: Option<String>| {
+        let config = GraphConfig { api_base: api.base_url.clone(), max_retry_wait_secs: 5, ..GraphConfig::default() };
+        let backend = Arc::new(GraphBackend::new(config).unwrap_or_else(|e| panic!("{e}")));
+        let kind = TokenKind::Delegated;
+        let router = TokenRouter::new(backend, DEVICE, UPN, api.issue_token(kind), api.issuer(kind));
+        let mut config = Config::default();
+        config.state.url = state;
+        config.state.command_timeout_ms = 10_000;
+        config.state.connect_timeout_ms = 10_000;
+        Gateway::routed(config, router)
+    };
+    // Both replicas' devices log in at once; each login lists and measures.
+    let logins_at_once = |replicas: &[Gateway; 2]| {
+        let barrier = Arc::new(std::sync::Barrier::new(2));
+        let threads: Vec<_> = replicas
+            .iter()
+            .map(|gateway| {
+                let (addr, barrier) = (gateway.addr, barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    let mut pop = Pop3::login(addr, DEVICE.0, DEVICE.1);
+                    let stat = pop.stat();
+                    pop.quit();
+                    stat.0
+                })
+            })
+            .collect();
+        for thread in threads {
+            assert_eq!(thread.join().expect("login thread"), 24);
+        }
+    };
+
+    // The control: each replica counts its own 4.
+    {
+        let replicas = [replica(None), replica(None)];
+        logins_at_once(&replicas);
+    }
+    let alone = api.max_in_flight();
+    assert!(alone > 4, "without shared state the load goes over Outlook's 4 (peak {alone})");
+
+    api.forget_seen();
+    let replicas = [replica(Some(redis.url())), replica(Some(redis.url()))];
+    logins_at_once(&replicas);
+    let peak = api.max_in_flight();
+    assert!((2..=4).contains(&peak), "peak of {peak} requests in flight across both replicas");
+    assert!(api.seen().iter().all(|r| r.status != 429), "never over Outlook's limit");
+    let keys = redis.command(&["KEYS", "popgate:slots:*"]);
+    assert!(keys.contains(UPN), "the places are taken in Redis: {keys}");
+}

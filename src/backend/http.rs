@@ -314,6 +314,38 @@ impl Holds {
     }
 }
 
+/// One of an account's concurrent-request places, held across replicas
+/// (`SharedSlots`); given back when the request ends.
+#[async_trait::async_trait]
+pub trait SlotLease: Send + Sync {
+    async fn give_back(self: Box<Self>);
+}
+
+/// Where an account's concurrent requests are counted with the other
+/// replicas (Outlook allows 4 per app and mailbox, whichever replica sends
+/// them): the server plugs the shared state store in (`share_slots`); the
+/// backends never see the store itself.
+#[async_trait::async_trait]
+pub trait SharedSlots: Send + Sync {
+    /// One of `slots` places under `key`, held at most `ttl` (a replica that
+    /// dies gives its places back by expiry): `Ok(None)` while all are
+    /// taken, `Err(())` when the store cannot say.
+    async fn take(&self, key: &str, slots: usize, ttl: Duration) -> Result<Option<Box<dyn SlotLease>>, ()>;
+}
+
+static SHARED_SLOTS: std::sync::OnceLock<Arc<dyn SharedSlots>> = std::sync::OnceLock::new();
+
+/// Counts every process's concurrent requests through `shared` (set once,
+/// at start-up).
+pub fn share_slots(shared: Arc<dyn SharedSlots>) {
+    let _ = SHARED_SLOTS.set(shared);
+}
+
+/// The shared concurrency places, if a store is plugged in.
+pub fn shared_slots() -> Option<&'static Arc<dyn SharedSlots>> {
+    SHARED_SLOTS.get()
+}
+
 /// A provider's request budget per account: at most `requests` in each
 /// `window` (Outlook: 10 000 requests per 10 minutes per app and mailbox).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

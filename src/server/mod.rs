@@ -225,6 +225,56 @@ impl crate::backend::http::SharedBudgets for SharedRequestBudgets {
     }
 }
 
+/// An account's concurrent-request places (Outlook's 4 per mailbox) as
+/// locks `KEY:0` … `KEY:N-1` in the shared state store, each taken with a
+/// fencing lease that expires: a replica that dies mid-request gives its
+/// place back by expiry, and one whose lease expired can never release
+/// another's.
+struct SharedRequestSlots {
+    shared: Arc<dyn SharedState>,
+    /// Where the next search for a free place starts (spreads the tries).
+    next: std::sync::atomic::AtomicUsize,
+}
+
+struct SharedSlot {
+    shared: Arc<dyn SharedState>,
+    lease: crate::state::Lease,
+}
+
+#[async_trait::async_trait]
+impl crate::backend::http::SlotLease for SharedSlot {
+    async fn give_back(self: Box<Self>) {
+        if let Err(e) = self.shared.unlock(&self.lease).await {
+            tracing::debug!(error = %e, "a request place is given back by expiry");
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::backend::http::SharedSlots for SharedRequestSlots {
+    async fn take(
+        &self,
+        key: &str,
+        slots: usize,
+        ttl: Duration,
+    ) -> Result<Option<Box<dyn crate::backend::http::SlotLease>>, ()> {
+        let slots = slots.max(1);
+        let start = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        for i in 0..slots {
+            let place = format!("{key}:{}", (start + i) % slots);
+            match self.shared.try_lock(&place, ttl).await {
+                Ok(Some(lease)) => return Ok(Some(Box::new(SharedSlot { shared: self.shared.clone(), lease }))),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "concurrent requests counted by this replica alone");
+                    return Err(());
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
 /// Keeps `popgate_state_up` current until the server stops. The store
 /// itself logs each outage once, when it starts and when it ends.
 async fn report_state_store(shared: Arc<dyn SharedState>, metrics: Arc<Metrics>, mut stop: watch::Receiver<bool>) {
@@ -274,6 +324,10 @@ impl Server {
             throttle = throttle.shared_with(shared.clone());
             crate::backend::http::share_holds(Arc::new(SharedProviderHolds(shared.clone())));
             crate::backend::http::share_budgets(Arc::new(SharedRequestBudgets(shared.clone())));
+            crate::backend::http::share_slots(Arc::new(SharedRequestSlots {
+                shared: shared.clone(),
+                next: std::sync::atomic::AtomicUsize::new(0),
+            }));
             tokio::spawn(report_state_store(shared, metrics.clone(), stop_rx.clone()));
         }
         let context = Arc::new(Context {

@@ -243,8 +243,11 @@ impl GraphBackend {
             requests: config.mailbox_requests_per_window,
             window: Duration::from_secs(config.mailbox_window_secs),
         };
-        let endpoint =
-            Endpoint::new(&config.api_base, config.ca_file.as_deref(), config.timeout_secs, retry)?.with_budget(budget);
+        // Outlook's limits are per app and mailbox, whichever replica sends:
+        // the budget and the 4 concurrent requests count across replicas.
+        let endpoint = Endpoint::new(&config.api_base, config.ca_file.as_deref(), config.timeout_secs, retry)?
+            .with_budget(budget)
+            .with_shared_concurrency();
         let listings = ListingStates::new(config.listing_state_messages, config.listing_state_idle_secs);
         Ok(GraphBackend { config, endpoint, listings })
     }

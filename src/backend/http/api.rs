@@ -66,6 +66,9 @@ pub struct Endpoint {
     holds: Holds,
     /// The provider's request budget per account, if it has one.
     budgets: Option<Budgets>,
+    /// Whether an account's concurrency limit holds across replicas
+    /// (`SharedSlots`), as Outlook's per-mailbox 4 does.
+    shared_concurrency: bool,
 }
 
 impl Endpoint {
@@ -79,7 +82,14 @@ impl Endpoint {
         let base = super::api_base(api_base).map_err(BackendError::Permanent)?;
         let timeout = Duration::from_secs(timeout_secs);
         let requester = Requester::new(ca_file, timeout, retry, reqwest::redirect::Policy::none())?;
-        Ok(Endpoint { base, requester, permits: AccountPermits::new(), holds: Holds::new(), budgets: None })
+        Ok(Endpoint {
+            base,
+            requester,
+            permits: AccountPermits::new(),
+            holds: Holds::new(),
+            budgets: None,
+            shared_concurrency: false,
+        })
     }
 
     /// Counts every account's requests against `budget` (shared with the
@@ -87,6 +97,14 @@ impl Endpoint {
     /// spent, requests fail with `Unavailable` instead of being sent.
     pub fn with_budget(mut self, budget: RequestBudget) -> Endpoint {
         self.budgets = Some(Budgets::new(budget));
+        self
+    }
+
+    /// An account's `limit` concurrent requests count across replicas when
+    /// a shared state store is configured (`share_slots`): the provider
+    /// limits the account, not each replica.
+    pub fn with_shared_concurrency(mut self) -> Endpoint {
+        self.shared_concurrency = true;
         self
     }
 
@@ -109,6 +127,7 @@ impl Endpoint {
             account: account.to_string(),
             holds: Some(self.holds.clone()),
             budgets: self.budgets.clone(),
+            shared_concurrency: self.shared_concurrency,
         }
     }
 }
@@ -171,6 +190,33 @@ pub struct AccountApi {
     holds: Option<Holds>,
     /// `None`: no request budget (all but Graph).
     budgets: Option<Budgets>,
+    /// The account's `limit` holds across replicas (Graph).
+    shared_concurrency: bool,
+}
+
+/// A request's share of its account's concurrency: the process's permits
+/// and, where the limit holds across replicas, the places taken in the
+/// shared store, given back when dropped.
+pub struct Permit {
+    _local: OwnedSemaphorePermit,
+    shared: Vec<Box<dyn super::SlotLease>>,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if self.shared.is_empty() {
+            return;
+        }
+        let shared = std::mem::take(&mut self.shared);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                for lease in shared {
+                    lease.give_back().await;
+                }
+            });
+        }
+        // Without a runtime the places expire with their leases.
+    }
 }
 
 impl AccountApi {
@@ -185,6 +231,7 @@ impl AccountApi {
             account: String::new(),
             holds: None,
             budgets: None,
+            shared_concurrency: false,
         }
     }
 
@@ -197,7 +244,7 @@ impl AccountApi {
     }
 
     /// One of the account's permits, for a request the caller sends itself.
-    pub async fn permit(&self) -> Result<OwnedSemaphorePermit, BackendError> {
+    pub async fn permit(&self) -> Result<Permit, BackendError> {
         self.permits(1).await
     }
 
@@ -205,14 +252,76 @@ impl AccountApi {
     /// inner requests the provider runs concurrently (Outlook runs up to 4
     /// of a `$batch` at once, and counts each against the mailbox's limit).
     /// The semaphore is fair, so single requests queued later wait behind
-    /// the batch instead of starving it.
-    pub async fn permits(&self, requests: usize) -> Result<OwnedSemaphorePermit, BackendError> {
-        let n = u32::try_from(requests.clamp(1, self.limit)).unwrap_or(1);
-        self.permits
+    /// the batch instead of starving it. Where the limit holds across
+    /// replicas, as many places are also taken in the shared store.
+    pub async fn permits(&self, requests: usize) -> Result<Permit, BackendError> {
+        let n = requests.clamp(1, self.limit);
+        let local = self
+            .permits
             .clone()
-            .acquire_many_owned(n)
+            .acquire_many_owned(u32::try_from(n).unwrap_or(1))
             .await
-            .map_err(|_| BackendError::unavailable("request limiter closed"))
+            .map_err(|_| BackendError::unavailable("request limiter closed"))?;
+        let mut permit = Permit { _local: local, shared: Vec::new() };
+        if self.shared_concurrency
+            && let Some(slots) = super::shared_slots()
+        {
+            self.take_shared(slots.as_ref(), n, &mut permit).await?;
+        }
+        Ok(permit)
+    }
+
+    /// Takes `n` of the account's places in the shared store, waiting (with
+    /// backoff, at most the request timeout) while other replicas hold
+    /// them. All or none: a partial set is given back before waiting, so
+    /// two replicas can never each hold half of what both need. The store
+    /// unreachable: this replica's own limit alone, as before.
+    async fn take_shared(
+        &self,
+        slots: &dyn super::SharedSlots,
+        n: usize,
+        permit: &mut Permit,
+    ) -> Result<(), BackendError> {
+        let key = format!("slots:{}:{}", self.account.len(), self.account);
+        // A place outlives the longest request a little; a dead replica's
+        // places come back by then.
+        let ttl = self.requester.timeout * 2 + Duration::from_secs(30);
+        let deadline = tokio::time::Instant::now() + self.requester.timeout;
+        let mut pause = Duration::from_millis(10);
+        loop {
+            while permit.shared.len() < n {
+                match slots.take(&key, self.limit, ttl).await {
+                    Ok(Some(lease)) => permit.shared.push(lease),
+                    Ok(None) => break,
+                    Err(()) => {
+                        for lease in permit.shared.drain(..) {
+                            lease.give_back().await;
+                        }
+                        return Ok(());
+                    }
+                }
+            }
+            if permit.shared.len() == n {
+                return Ok(());
+            }
+            for lease in permit.shared.drain(..) {
+                lease.give_back().await;
+            }
+            if tokio::time::Instant::now() + pause > deadline {
+                tracing::warn!(
+                    account = %self.account,
+                    limit = self.limit,
+                    "the account's concurrent requests are all taken by other replicas; nothing sent"
+                );
+                return Err(BackendError::Unavailable(format!(
+                    "the mailbox's {} concurrent requests stayed taken by other replicas for {}s; nothing sent",
+                    self.limit,
+                    self.requester.timeout.as_secs()
+                )));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(200));
+        }
     }
 
     /// `Unavailable` while the provider asked this account to wait.
@@ -356,7 +465,7 @@ pub fn body_stream(what: &str, response: reqwest::Response) -> MessageStream<'st
 
 /// `stream`, keeping `permit` until its last chunk (not until the consumer
 /// drops it: a POP3 client may be slow to send its next command).
-fn hold_until_end(stream: MessageStream<'static>, permit: OwnedSemaphorePermit) -> MessageStream<'static> {
+fn hold_until_end(stream: MessageStream<'static>, permit: Permit) -> MessageStream<'static> {
     futures::stream::try_unfold((stream, permit), |(mut stream, permit)| async move {
         match stream.next().await {
             Some(chunk) => Ok(Some((chunk?, (stream, permit)))),
@@ -388,7 +497,7 @@ mod tests {
     #[tokio::test]
     async fn downloads_release_their_permit_at_the_end() {
         let permits = Arc::new(Semaphore::new(1));
-        let permit = permits.clone().acquire_owned().await.unwrap();
+        let permit = Permit { _local: permits.clone().acquire_owned().await.unwrap(), shared: Vec::new() };
         let mut stream = hold_until_end(super::super::once(bytes::Bytes::from_static(b"x")), permit);
         assert_eq!(stream.next().await.unwrap().unwrap(), "x");
         assert_eq!(permits.available_permits(), 0, "held while the body lasts");
