@@ -256,6 +256,18 @@ async fn open_routed(context: &Context, route: crate::auth::accounts::Route) -> 
         }
         (listed, _) => listed,
     };
+    // max_size_bytes decides on exact sizes: a store that lists none
+    // (Graph) or only claims them is measured first (cached as always);
+    // the measuring below then finds nothing left to do.
+    let listed = match listed {
+        Ok(listed) if route.policy.max_size_bytes.is_some() => {
+            let started = Instant::now();
+            let exact = context.sizes.resolve(&route.account, &mut *mailbox, listed).await;
+            timed("measure_sizes", started);
+            exact
+        }
+        other => other,
+    };
     let shown = match listed {
         Ok(listed) => {
             let started = Instant::now();
