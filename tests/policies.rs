@@ -893,3 +893,43 @@ fn recipe_scanner_inbox_archives_instead_of_deleting() {
     let done = dovecot.imap(ALICE.0).ok("STATUS INBOX.Scans.Done (MESSAGES)");
     assert!(format!("{done:?}").contains("MESSAGES 2"), "Scans/Done holds the two archived: {done:?}");
 }
+
+/// `oversize = "notice"` needs `max_size_bytes` (set on the account or the
+/// device: the merged policy is checked), and says so; `hide` and `notice`
+/// with a limit pass; an unknown word is refused.
+#[test]
+fn check_config_refuses_an_oversize_notice_without_a_size_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("pw"), "x\n").unwrap();
+    let hash = hash_password("pw").unwrap();
+    let backend = "[backend]\nkind = \"imap\"\nhost = \"127.0.0.1\"\nport = 143\ntls = \"none\"\n";
+    let mapped = |account_policy: &str, device_policy: &str| {
+        format!(
+            "{backend}\n[[account]]\nname = \"office\"\nmode = \"mapped\"\nlogin = \"alice\"\n\
+             password_file = \"{dir}/pw\"\n{account_policy}\n\n[[account.device]]\nuser = \"printer\"\n\
+             password_hash = \"{hash}\"\n{device_policy}\n",
+            dir = dir.path().display()
+        )
+    };
+    for text in [
+        mapped("[account.policy]\nmax_size_bytes = 1000000\noversize = \"notice\"", ""),
+        mapped("[account.policy]\nmax_size_bytes = 1000000", "[account.device.policy]\noversize = \"notice\""),
+        mapped("[account.policy]\noversize = \"hide\"", ""),
+    ] {
+        let fine = check_config(dir.path(), &text);
+        assert!(fine.status.success(), "{text}: {}", describe(&fine));
+    }
+    for (text, why) in [
+        (
+            mapped("[account.policy]\noversize = \"notice\"", ""),
+            "oversize = \"notice\" needs max_size_bytes: it says which messages are too large",
+        ),
+        (mapped("", "[account.device.policy]\noversize = \"notice\""), "oversize = \"notice\" needs max_size_bytes"),
+        (mapped("[account.policy]\nmax_size_bytes = 1000\noversize = \"bounce\"", ""), "unknown variant `bounce`"),
+    ] {
+        let refused = check_config(dir.path(), &text);
+        assert!(!refused.status.success(), "{text}: {}", describe(&refused));
+        let shown = describe(&refused);
+        assert!(shown.contains(why), "{why}: {shown}");
+    }
+}

@@ -16,6 +16,7 @@ use super::config::Limits;
 use super::login::{self, LoggedIn};
 use super::policy::{ListenerTls, LoginPolicy};
 use super::stream::{ClientRead, ClientStream};
+use crate::auth::accounts::policy::Notice;
 use crate::auth::accounts::seen;
 use crate::backend::pool::{Borrowed, SharedMailbox};
 use crate::backend::{Disposal, Mailbox};
@@ -137,6 +138,9 @@ struct Driver<'a> {
     /// session retrieved whole (RETR to the end), recorded at UPDATE.
     visit: Option<seen::Visit>,
     retrieved: Vec<StoreId>,
+    /// `oversize = "notice"`: the notices in the maildrop, by their ids
+    /// there, served from memory (never fetched from the backend).
+    notices: std::collections::HashMap<StoreId, Notice>,
     /// A refused login was logged (the end of the connection says no more).
     refusal_logged: bool,
 }
@@ -175,6 +179,7 @@ impl<'a> Driver<'a> {
             backend_kind: context.backend.kind(),
             visit: None,
             retrieved: Vec::new(),
+            notices: std::collections::HashMap::new(),
             refusal_logged: false,
         }
     }
@@ -318,6 +323,7 @@ impl<'a> Driver<'a> {
                         disposal,
                         visit,
                         retention,
+                        notices,
                     })) => {
                         self.visit = visit;
                         self.disposal = disposal;
@@ -326,6 +332,10 @@ impl<'a> Driver<'a> {
                         self.backend = Some(backend);
                         self.account = Some(account);
                         self.uidls = maildrop.visible().map(|(_, m)| (m.id.clone(), m.uidl.clone())).collect();
+                        // A notice's DELE is its original's: the original's
+                        // UIDL for the UPDATE's records and logs.
+                        self.uidls.extend(notices.values().map(|n| (n.original.clone(), n.original_uidl.clone())));
+                        self.notices = notices;
                         self.session.login_succeeded_with(maildrop, retention)
                     }
                     Some(Err(login::LoginError::Backend(e))) => self.session.login_failed(&e),
@@ -337,6 +347,7 @@ impl<'a> Driver<'a> {
                 return self.send_message(id, ok, encoder, expected_octets).await;
             }
             Step::Update(ids) => {
+                let ids = self.originals(ids);
                 self.flush().await?;
                 let started = std::time::Instant::now();
                 let committing = self.context.updates.enter();
@@ -417,6 +428,51 @@ impl<'a> Driver<'a> {
         Ok(None)
     }
 
+    /// The marked ids with each notice's replaced by its original's (the
+    /// message its DELE removes), each once.
+    fn originals(&self, ids: Vec<StoreId>) -> Vec<StoreId> {
+        let mut originals: Vec<StoreId> = Vec::with_capacity(ids.len());
+        for id in ids {
+            let id = self.notices.get(&id).map_or(id, |notice| notice.original.clone());
+            if !originals.contains(&id) {
+                originals.push(id);
+            }
+        }
+        originals
+    }
+
+    /// RETR or TOP of a notice: from memory, through the same encoder
+    /// (dot-stuffing, TOP's line count, the size check), no backend call.
+    fn send_notice(
+        &mut self,
+        notice: &Notice,
+        ok: Response,
+        mut encoder: BodyEncoder,
+        expected_octets: Option<u64>,
+    ) -> Option<Outcome> {
+        ok.write_to(&mut self.out);
+        encoder.push(&notice.bytes, &mut self.out);
+        encoder.finish(&mut self.out);
+        let metrics = &self.context.metrics;
+        if let Some(expected) = expected_octets
+            && encoder.octets() != expected
+        {
+            // Cannot happen (the size is the built octets'): never send a
+            // message that disagrees with LIST.
+            tracing::error!(expected, sent = encoder.octets(), "notice size differs from LIST: closing");
+            metrics.command(self.session.last_command(), false);
+            self.out.clear();
+            return Some(Outcome::Closed);
+        }
+        metrics.retrieved_bytes.inc_by(encoder.octets());
+        metrics.command(self.session.last_command(), true);
+        self.context.activity.sent_message(expected_octets.is_some());
+        if expected_octets.is_some() && self.visit.is_some() && !self.retrieved.contains(&notice.original) {
+            self.retrieved.push(notice.original.clone());
+        }
+        None
+    }
+
     async fn send_message(
         &mut self,
         id: StoreId,
@@ -424,6 +480,9 @@ impl<'a> Driver<'a> {
         mut encoder: BodyEncoder,
         expected_octets: Option<u64>,
     ) -> std::io::Result<Option<Outcome>> {
+        if let Some(notice) = self.notices.get(&id).cloned() {
+            return Ok(self.send_notice(&notice, ok, encoder, expected_octets));
+        }
         let started = std::time::Instant::now();
         // The connection is borrowed for the stream's length; a client gone
         // mid-stream ends this call at `?`, and the connection, dropped

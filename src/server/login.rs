@@ -13,7 +13,7 @@ use super::Context;
 use crate::auth::accounts::{policy, seen};
 use crate::backend::Disposal;
 use crate::backend::pool::SharedMailbox;
-use crate::mail::{BackendError, Credentials};
+use crate::mail::{BackendError, Credentials, StoreId};
 use crate::pop3::{Maildrop, Message, Retention};
 
 /// A maildrop opened for one POP3 session.
@@ -39,6 +39,10 @@ pub struct LoggedIn {
     pub visit: Option<seen::Visit>,
     /// This user's EXPIRE and LOGIN-DELAY, for CAPA.
     pub retention: Retention,
+    /// `oversize = "notice"`: the notices in the maildrop, by their ids
+    /// there (`Notice::id`), served from memory; DELE of one removes its
+    /// original.
+    pub notices: std::collections::HashMap<StoreId, policy::Notice>,
 }
 
 /// Why a login did not open a maildrop.
@@ -252,33 +256,68 @@ async fn open_routed(context: &Context, route: crate::auth::accounts::Route) -> 
         }
         (listed, _) => listed,
     };
+    // max_size_bytes decides on exact sizes: a store that lists none
+    // (Graph) or only claims them is measured first (cached as always);
+    // the measuring below then finds nothing left to do.
     let listed = match listed {
-        Ok(listed) => {
-            let started = Instant::now();
-            let shown = policy::apply(&mut *mailbox, &route.policy, listed).await;
-            timed("device_policy", started);
-            shown
-        }
-        Err(e) => Err(e),
-    };
-    let listed = match listed {
-        Ok(listed) => {
+        Ok(listed) if route.policy.max_size_bytes.is_some() => {
             let started = Instant::now();
             let exact = context.sizes.resolve(&route.account, &mut *mailbox, listed).await;
             timed("measure_sizes", started);
             exact
         }
+        other => other,
+    };
+    let shown = match listed {
+        Ok(listed) => {
+            let started = Instant::now();
+            let shown = policy::apply_with_notices(&mut *mailbox, &route.policy, listed).await;
+            timed("device_policy", started);
+            shown
+        }
+        Err(e) => Err(e),
+    };
+    // Only stored messages are measured: a notice is popgate's own, its
+    // size known exactly since it was built.
+    let listed = match shown {
+        Ok(shown) => {
+            let started = Instant::now();
+            let stored = shown
+                .iter()
+                .filter_map(|entry| match entry {
+                    policy::Shown::Message(message) => Some(message.clone()),
+                    policy::Shown::Notice(_) => None,
+                })
+                .collect();
+            let exact = context.sizes.resolve(&route.account, &mut *mailbox, stored).await;
+            timed("measure_sizes", started);
+            exact.map(|exact| (shown, exact))
+        }
         Err(e) => Err(e),
     };
     backend.give_back(lent, listed.is_ok()).await;
     match listed {
-        Ok(exact) => {
-            let messages =
-                exact.into_iter().map(|m| Message { id: m.id, uidl: m.uidl, size: m.size.value() }).collect();
+        Ok((shown, exact)) => {
+            let mut exact: std::collections::HashMap<_, _> = exact.into_iter().map(|m| (m.id.clone(), m)).collect();
+            let mut notices = std::collections::HashMap::new();
+            let messages = shown
+                .into_iter()
+                .filter_map(|entry| match entry {
+                    policy::Shown::Message(message) => {
+                        exact.remove(&message.id).map(|m| Message { id: m.id, uidl: m.uidl, size: m.size.value() })
+                    }
+                    policy::Shown::Notice(notice) => {
+                        let entry = Message { id: notice.id(), uidl: notice.uidl.clone(), size: notice.size() };
+                        notices.insert(notice.id(), notice);
+                        Some(entry)
+                    }
+                })
+                .collect();
             Ok(LoggedIn {
                 backend,
                 reused,
                 maildrop: Maildrop::new(messages),
+                notices,
                 account: route.label,
                 backend_kind: kind,
                 keep: route.policy.keep,

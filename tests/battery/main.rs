@@ -58,6 +58,7 @@ macro_rules! battery {
                 each_device_once_with_keep_removes_nothing,
                 only_unseen_hides_messages_marked_read,
                 attachment_types_show_only_listed_attachments,
+                oversize_notice_replaces_and_dele_removes_the_original,
             );
         }
     };

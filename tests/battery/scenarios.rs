@@ -874,3 +874,92 @@ pub fn attachment_types_show_only_listed_attachments<F: Fixture>() {
     assert_eq!(c.stat(), (1, want[1].len() as u64), "the PNG is still shown, once");
     assert_reply(&c.quit(), "+OK", "QUIT");
 }
+
+// --- Oversize notices: oversize = "notice" (docs/POLICIES.md) ---------------
+
+/// A message of at least `octets`, distinct by `subject`.
+fn large(subject: &str, octets: usize) -> Vec<u8> {
+    let mut message = format!(
+        "From: Big Sender <big@example.com>\r\nTo: rcpt@example.com\r\nSubject: {subject}\r\n\
+         Message-ID: <{}@example.com>\r\n\r\n",
+        subject.replace(' ', "-")
+    )
+    .into_bytes();
+    while message.len() < octets {
+        message.extend_from_slice(b"A line of a message too large for the device, repeated to fill it.\r\n");
+    }
+    message
+}
+
+/// `max_size_bytes` with `oversize = "notice"`: the large message is
+/// replaced by a notice whose LIST size is what RETR sends, whose UIDL is
+/// its own and stable, which TOP serves too, and whose DELE removes the
+/// original at UPDATE (and only then: RSET and a dropped connection remove
+/// nothing).
+pub fn oversize_notice_replaces_and_dele_removes_the_original<F: Fixture>() {
+    use popgate::auth::accounts::policy::Oversize;
+    let store = F::start();
+    let ids = vec![store.append(&simple("notice small")), store.append(&large("notice big", 20_000))];
+    let want_small = store.expected_retr(&ids[0]);
+    let policy = PolicyConfig { max_size_bytes: Some(10_000), oversize: Some(Oversize::Notice), ..Default::default() };
+    let serve_notices = || serve_with_policy(&store, policy.clone()).expect("notices are supported everywhere");
+    let gateway = serve_notices();
+
+    let mut c = login(&store, &gateway);
+    let list = c.list();
+    assert_eq!(list.len(), 2, "the small message and the notice: {list:?}");
+    assert_eq!(list[0], (1, want_small.len() as u64));
+    assert_eq!(c.retr(1), want_small);
+    let notice = c.retr(2);
+    assert_eq!(list[1], (2, notice.len() as u64), "the notice's LIST size is the octets RETR sends");
+    assert_eq!(c.stat(), (2, want_small.len() as u64 + notice.len() as u64));
+    let text = String::from_utf8(notice.clone()).expect("a notice is text");
+    for part in [
+        "From: popgate <MAILER-DAEMON@",
+        "\r\nSubject: Message too large for this device: notice big\r\n",
+        "\r\nMessage-ID: <",
+        "Big Sender <big@example.com>",
+        "It stays in the mailbox",
+    ] {
+        assert!(text.contains(part), "the notice lacks {part:?}:\n{text}");
+    }
+    assert!(notice.len() < 10_000, "a notice is short");
+    let top = c.top(2, 0);
+    assert!(top.ends_with(b"\r\n\r\n") && notice.starts_with(&top), "TOP 2 0 is the notice's header section");
+    assert_eq!(c.top(2, 1), notice[..top.len() + text[top.len()..].find("\r\n").unwrap() + 2].to_vec());
+    let uidl = c.uidl();
+    crate::support::pop3::check_uidl(&uidl[1].1);
+    c.ok("DELE 2");
+    assert_eq!(c.stat(), (1, want_small.len() as u64));
+    c.ok("RSET");
+    assert_reply(&c.quit(), "+OK", "QUIT");
+    assert_holds(&store, &ids, "after DELE of the notice and RSET");
+
+    let mut c = login(&store, &gateway);
+    assert_eq!(c.uidl(), uidl, "the notice's UIDL is the same in the next session");
+    let again = c.list();
+    assert_eq!(again[1], (2, c.retr(2).len() as u64), "LIST size == RETR octets in the next session too");
+    c.ok("DELE 2");
+    c.drop_connection();
+    gateway.shutdown(IO_TIMEOUT);
+    assert_holds(&store, &ids, "after DELE of the notice and a dropped connection");
+
+    // The original under its own UIDL, seen without the policy.
+    let plain = serve(&store);
+    let mut c = login(&store, &plain);
+    let original = c.uidl();
+    assert_eq!(original.len(), 2);
+    assert_ne!(original[1].1, uidl[1].1, "the notice's UIDL is not the original's");
+    assert_eq!(original[0], uidl[0]);
+    assert_reply(&c.quit(), "+OK", "QUIT");
+
+    let gateway = serve_notices();
+    let mut c = login(&store, &gateway);
+    assert_eq!(c.uidl(), uidl, "the notice's UIDL is stable across sessions (and gateways)");
+    c.ok("DELE 2");
+    assert_reply(&c.quit(), "+OK", "QUIT");
+    assert_holds(&store, &ids[..1], "after DELE of the notice and QUIT: the original is gone");
+    let mut c = login(&store, &gateway);
+    assert_eq!(c.list(), [list[0]], "no notice for a message no longer there");
+    assert_reply(&c.quit(), "+OK", "QUIT");
+}

@@ -115,6 +115,24 @@ pub struct PolicyConfig {
     /// is hidden.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attachment_scan_limit_bytes: Option<u64>,
+    /// What the device gets for a message over `max_size_bytes`: nothing
+    /// (`hide`, the default) or a short text notice in its place
+    /// (`notice`), whose DELE removes the original.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oversize: Option<Oversize>,
+}
+
+/// `oversize`: what stands in the maildrop for a message over
+/// `max_size_bytes`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Oversize {
+    /// Nothing: the message is hidden from the device.
+    #[default]
+    Hide,
+    /// A short text/plain notice (sender, subject, date, size, and that it
+    /// stays in the mailbox); its DELE applies `on_delete` to the original.
+    Notice,
 }
 
 /// `sharing`: how the devices of one account share its mailbox.
@@ -157,6 +175,7 @@ impl PolicyConfig {
             only_unseen: self.only_unseen.or(account.only_unseen),
             attachment_types: self.attachment_types.clone().or_else(|| account.attachment_types.clone()),
             attachment_scan_limit_bytes: self.attachment_scan_limit_bytes.or(account.attachment_scan_limit_bytes),
+            oversize: self.oversize.or(account.oversize),
         }
     }
 
@@ -195,6 +214,9 @@ impl PolicyConfig {
         }
         if self.max_size_bytes == Some(0) {
             return Err("max_size_bytes: at least 1".into());
+        }
+        if self.oversize == Some(Oversize::Notice) && self.max_size_bytes.is_none() {
+            return Err("oversize = \"notice\" needs max_size_bytes: it says which messages are too large".into());
         }
         if let Some(days) = self.max_age_days
             && !(1..=MAX_AGE_DAYS).contains(&days)
@@ -250,6 +272,7 @@ impl PolicyConfig {
             },
             hidden_keyword: (self.on_delete == Some(OnDelete::Flag)).then(keyword),
             max_size_bytes: self.max_size_bytes,
+            oversize_notice: self.oversize == Some(Oversize::Notice),
             max_age: self.max_age_days.map(|d| Duration::from_secs(u64::from(d) * 86_400)),
             dmarc_stamped_by: match self.require_dmarc_pass {
                 Some(true) => self.authserv_id.as_ref().map(|id| id.trim().to_lowercase()),
@@ -321,6 +344,9 @@ pub struct DevicePolicy {
     /// `on_delete = "flag"`: messages with this keyword are hidden.
     pub hidden_keyword: Option<String>,
     pub max_size_bytes: Option<u64>,
+    /// `oversize = "notice"`: a message over `max_size_bytes` is replaced
+    /// by a notice instead of hidden.
+    pub oversize_notice: bool,
     pub max_age: Option<Duration>,
     /// `require_dmarc_pass`: the authserv-id (lower case) whose stamp counts.
     pub dmarc_stamped_by: Option<String>,
@@ -396,17 +422,47 @@ impl DevicePolicy {
 /// Called once per login, on the fresh listing: tells the backend session
 /// what DELE means for this device, and returns the messages the device
 /// sees (the others stay in the mailbox, out of the maildrop). A message
-/// gone since the listing is left out too.
+/// gone since the listing is left out too. Notices (`oversize = "notice"`)
+/// are left out here: see `apply_with_notices`.
 pub async fn apply(
     mailbox: &mut dyn Mailbox,
     policy: &DevicePolicy,
     listed: Vec<ListedMessage>,
 ) -> Result<Vec<ListedMessage>, BackendError> {
+    let shown = apply_with_notices(mailbox, policy, listed).await?;
+    Ok(shown
+        .into_iter()
+        .filter_map(|entry| match entry {
+            Shown::Message(message) => Some(message),
+            Shown::Notice(_) => None,
+        })
+        .collect())
+}
+
+/// One entry of the device's maildrop, in listing order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Shown {
+    /// A stored message, as listed.
+    Message(ListedMessage),
+    /// `oversize = "notice"`: the notice standing for a message over
+    /// `max_size_bytes`.
+    Notice(Notice),
+}
+
+/// `apply`, with each message over `max_size_bytes` replaced by its notice
+/// where the policy says `oversize = "notice"` (in the original's place).
+/// An oversize message passes every other filter first: a device gets a
+/// notice only for what it would otherwise have seen.
+pub async fn apply_with_notices(
+    mailbox: &mut dyn Mailbox,
+    policy: &DevicePolicy,
+    listed: Vec<ListedMessage>,
+) -> Result<Vec<Shown>, BackendError> {
     mailbox.dispose_as(if policy.keep { &Disposal::AsConfigured } else { &policy.disposal })?;
     let before = listed.len();
     let mut shown: Vec<ListedMessage> = match policy.max_size_bytes {
-        Some(max) => listed.into_iter().filter(|m| m.size.value() <= max).collect(),
-        None => listed,
+        Some(max) if !policy.oversize_notice => listed.into_iter().filter(|m| m.size.value() <= max).collect(),
+        _ => listed,
     };
     if policy.only_unseen && !shown.is_empty() {
         let ids: Vec<StoreId> = shown.iter().map(|m| m.id.clone()).collect();
@@ -456,7 +512,199 @@ pub async fn apply(
     if shown.len() < before {
         tracing::info!(hidden = before - shown.len(), shown = shown.len(), "messages hidden by the device policy");
     }
-    Ok(shown)
+    match policy.max_size_bytes.filter(|_| policy.oversize_notice) {
+        Some(max) => with_notices(mailbox, max, shown).await,
+        None => Ok(shown.into_iter().map(Shown::Message).collect()),
+    }
+}
+
+/// `oversize = "notice"`: each message over `max` replaced by its notice,
+/// built from its header section (read once, bounded at `HEADER_LIMIT`).
+/// One gone since the listing is left out.
+async fn with_notices(
+    mailbox: &mut dyn Mailbox,
+    max: u64,
+    shown: Vec<ListedMessage>,
+) -> Result<Vec<Shown>, BackendError> {
+    let large: Vec<StoreId> = shown.iter().filter(|m| m.size.value() > max).map(|m| m.id.clone()).collect();
+    if large.is_empty() {
+        return Ok(shown.into_iter().map(Shown::Message).collect());
+    }
+    let headers = mailbox.headers(&large, HEADER_LIMIT).await?;
+    if headers.len() != large.len() {
+        return Err(BackendError::unavailable("the backend answered for a different number of messages"));
+    }
+    let mut headers: std::collections::HashMap<StoreId, Option<bytes::Bytes>> =
+        large.into_iter().zip(headers).collect();
+    let now = SystemTime::now();
+    let mut replaced = 0usize;
+    let entries: Vec<Shown> = shown
+        .into_iter()
+        .filter_map(|message| {
+            if message.size.value() <= max {
+                return Some(Shown::Message(message));
+            }
+            match headers.remove(&message.id).flatten() {
+                Some(header) => {
+                    replaced += 1;
+                    Some(Shown::Notice(Notice::build(&message, &header, max, now)))
+                }
+                None => {
+                    tracing::debug!(uidl = %message.uidl, "gone since the listing");
+                    None
+                }
+            }
+        })
+        .collect();
+    if replaced > 0 {
+        tracing::info!(replaced, limit = max, "messages over max_size_bytes offered as notices");
+    }
+    Ok(entries)
+}
+
+/// The domain of a notice's From and Message-ID: reserved (RFC 2606),
+/// never a real host's.
+const NOTICE_DOMAIN: &str = "popgate.invalid";
+/// Bounds the original's subject and sender quoted in a notice (characters).
+const NOTICE_FIELD_CHARS: usize = 120;
+
+/// `oversize = "notice"`: a short text/plain message standing in a
+/// device's maildrop for a message over `max_size_bytes`. Generated by
+/// popgate at login and served from memory: its size is exactly what RETR
+/// sends; DELE of it applies `on_delete` to `original` in the UPDATE state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notice {
+    /// The message it stands for.
+    pub original: StoreId,
+    pub original_uidl: String,
+    /// Stable across sessions (derived from the original's UIDL), distinct
+    /// from it, 1–70 printable characters.
+    pub uidl: String,
+    /// The notice in canonical CRLF form (`canonical::canonicalize`): what
+    /// RETR sends, before dot-stuffing.
+    pub bytes: bytes::Bytes,
+}
+
+impl Notice {
+    /// The notice for `original`, from its header section, at `now`.
+    pub fn build(original: &ListedMessage, header: &[u8], limit: u64, now: SystemTime) -> Notice {
+        let parsed = mail_parser::MessageParser::new().parse_headers(header);
+        let parsed = parsed.as_ref();
+        let subject = bounded_text(parsed.and_then(|m| m.subject()).unwrap_or("(no subject)"));
+        let sender = parsed
+            .and_then(|m| m.from())
+            .and_then(|f| f.first())
+            .map(|a| match (a.name(), a.address()) {
+                (Some(name), Some(address)) => format!("{name} <{address}>"),
+                (None, Some(address)) => address.to_string(),
+                (Some(name), None) => name.to_string(),
+                (None, None) => String::new(),
+            })
+            .map(|s| bounded_text(&s))
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "(unknown)".into());
+        let sent = parsed.and_then(|m| m.date()).map_or_else(|| "(unknown)".into(), |d| d.to_rfc822());
+        let to = parsed
+            .and_then(|m| m.to())
+            .and_then(|t| t.first())
+            .and_then(|a| a.address())
+            .filter(|a| a.len() <= 254 && a.bytes().all(|b| b.is_ascii_graphic() && !b"<>\"(),;:[]".contains(&b)))
+            .map_or_else(|| "undisclosed-recipients:;".to_string(), |a| format!("<{a}>"));
+        let digest = uidl_digest(&original.uidl);
+        let date = mail_parser::DateTime::from_timestamp(
+            now.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64),
+        )
+        .to_rfc822();
+        let size = original.size.value();
+        let text = format!(
+            "From: popgate <MAILER-DAEMON@{NOTICE_DOMAIN}>\r\n\
+             To: {to}\r\n\
+             Subject: {}\r\n\
+             Date: {date}\r\n\
+             Message-ID: <{digest}.notice@{NOTICE_DOMAIN}>\r\n\
+             Auto-Submitted: auto-generated\r\n\
+             MIME-Version: 1.0\r\n\
+             Content-Type: text/plain; charset=utf-8\r\n\
+             Content-Transfer-Encoding: 8bit\r\n\
+             \r\n\
+             A message is too large for this device ({size} octets; the limit is {limit}).\r\n\
+             It was not delivered here. It stays in the mailbox: read it with another\r\n\
+             mail client. Deleting this notice on this device deletes the original\r\n\
+             message as this device's delete setting says.\r\n\
+             \r\n\
+             From:    {sender}\r\n\
+             Subject: {subject}\r\n\
+             Date:    {sent}\r\n\
+             Size:    {size} octets\r\n",
+            header_words(&format!("Message too large for this device: {subject}")),
+        );
+        Notice {
+            original: original.id.clone(),
+            original_uidl: original.uidl.clone(),
+            uidl: notice_uidl(&original.uidl),
+            bytes: bytes::Bytes::from(crate::canonical::canonicalize(text.as_bytes())),
+        }
+    }
+
+    /// The notice's id in a maildrop: never a store's id (no store names a
+    /// message with a NUL).
+    pub fn id(&self) -> StoreId {
+        StoreId(format!("\0notice\0{}", self.original.0))
+    }
+
+    /// Its octets as RETR sends them (unstuffed): LIST's size.
+    pub fn size(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+}
+
+/// The first 16 hex digits of the SHA-256 of a UIDL.
+fn uidl_digest(uidl: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(uidl.as_bytes()).iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// The notice's UIDL for an original's: a digest prefix and `-notice`
+/// (23 printable characters), the same in every session.
+pub fn notice_uidl(original_uidl: &str) -> String {
+    format!("{}-notice", uidl_digest(original_uidl))
+}
+
+/// One line of text from a header value: control characters and runs of
+/// white space become one space; at most `NOTICE_FIELD_CHARS` characters.
+fn bounded_text(value: &str) -> String {
+    let words: Vec<&str> =
+        value.split(|c: char| c.is_whitespace() || c.is_control()).filter(|w| !w.is_empty()).collect();
+    let line = words.join(" ");
+    match line.char_indices().nth(NOTICE_FIELD_CHARS) {
+        Some((cut, _)) => format!("{}...", &line[..cut]),
+        None => line,
+    }
+}
+
+/// A header value: as is when printable ASCII, else RFC 2047 encoded
+/// words (UTF-8, base64) of at most 75 characters, folded.
+fn header_words(value: &str) -> String {
+    use base64::Engine;
+    if value.bytes().all(|b| b == b' ' || b.is_ascii_graphic()) {
+        return value.to_string();
+    }
+    let mut words = Vec::new();
+    let mut chunk = String::new();
+    for c in value.chars() {
+        // 42 octets of UTF-8 are 56 of base64: "=?UTF-8?B?" + 56 + "?=" = 68,
+        // so that even "Subject: " and the first word fit in 78.
+        if chunk.len() + c.len_utf8() > 42 {
+            words.push(std::mem::take(&mut chunk));
+        }
+        chunk.push(c);
+    }
+    words.push(chunk);
+    words
+        .iter()
+        .map(|w| format!("=?UTF-8?B?{}?=", base64::engine::general_purpose::STANDARD.encode(w)))
+        .collect::<Vec<_>>()
+        .join("\r\n ")
 }
 
 /// `attachment_types`: the messages with an attachment of a listed type,
@@ -774,6 +1022,59 @@ mod tests {
             From: a@office.example\r\n\r\n";
         assert!(!dmarc_passed(forged, mx));
         assert!(!dmarc_passed(b"From: a@office.example\r\n\r\n", mx));
+    }
+
+    #[test]
+    fn a_notice_is_canonical_bounded_and_stable() {
+        use crate::backend::ReportedSize;
+        let original =
+            ListedMessage { id: StoreId("42".into()), uidl: "orig-42".into(), size: ReportedSize::Exact(1_000_000) };
+        let long = "é".repeat(300);
+        let header = format!(
+            "From: \"The Boss\" <boss@office.example>\r\nTo: printer@example.com\r\nSubject: {long}\r\n\
+             Date: Tue, 30 Dec 2025 10:00:00 +0000\r\n\r\n"
+        );
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_225_600);
+        let notice = Notice::build(&original, header.as_bytes(), 5000, now);
+        assert_eq!(notice.size(), crate::canonical::canonical_size(&notice.bytes));
+        assert_eq!(notice.bytes.as_ref(), crate::canonical::canonicalize(&notice.bytes).as_slice());
+        assert_eq!(notice.original, original.id);
+        assert_ne!(notice.uidl, original.uidl);
+        assert!((1..=70).contains(&notice.uidl.len()) && notice.uidl.bytes().all(|b| (0x21..=0x7e).contains(&b)));
+        assert_eq!(notice.uidl, Notice::build(&original, b"", 5000, now + Duration::from_secs(9)).uidl);
+        let text = String::from_utf8(notice.bytes.to_vec()).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.is_ascii(), "{head}");
+        assert!(head.lines().all(|l| l.len() <= 78), "{head}");
+        assert!(head.starts_with("From: popgate <MAILER-DAEMON@popgate.invalid>\r\nTo: <printer@example.com>\r\n"));
+        assert!(head.contains("\r\nSubject: =?UTF-8?B?"), "{head}");
+        assert!(head.contains("\r\nDate: Thu, 1 Jan 2026 00:00:00 +0000\r\n"), "{head}");
+        assert!(head.contains(&format!("\r\nMessage-ID: <{}.notice@popgate.invalid>", uidl_digest("orig-42"))));
+        assert!(body.contains("From:    The Boss <boss@office.example>\r\n"), "{body}");
+        assert!(body.contains(&format!("Subject: {}...\r\n", "é".repeat(NOTICE_FIELD_CHARS))), "{body}");
+        assert!(body.contains("Size:    1000000 octets\r\n"), "{body}");
+        assert!(body.contains("It stays in the mailbox"), "{body}");
+        // Nothing readable: still a notice.
+        let bare = Notice::build(&original, b"", 5000, now);
+        assert!(
+            String::from_utf8_lossy(&bare.bytes)
+                .contains("Subject: Message too large for this device: (no subject)\r\n")
+        );
+    }
+
+    #[test]
+    fn oversize_merges_and_notice_needs_a_size_limit() {
+        let demo = BackendConfig::Demo(Default::default());
+        let account =
+            PolicyConfig { max_size_bytes: Some(1000), oversize: Some(Oversize::Notice), ..Default::default() };
+        let device = PolicyConfig { oversize: Some(Oversize::Hide), ..Default::default() };
+        assert_eq!(device.over(&account).oversize, Some(Oversize::Hide));
+        assert_eq!(PolicyConfig::default().over(&account).oversize, Some(Oversize::Notice));
+        assert!(account.check(&demo).is_ok());
+        assert!(account.resolve().oversize_notice);
+        assert!(!device.over(&account).resolve().oversize_notice);
+        let alone = PolicyConfig { oversize: Some(Oversize::Notice), ..Default::default() };
+        assert!(alone.check(&demo).unwrap_err().contains("max_size_bytes"));
     }
 
     #[test]
