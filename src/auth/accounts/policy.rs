@@ -611,10 +611,18 @@ impl Notice {
             .filter(|a| a.len() <= 254 && a.bytes().all(|b| b.is_ascii_graphic() && !b"<>\"(),;:[]".contains(&b)))
             .map_or_else(|| "undisclosed-recipients:;".to_string(), |a| format!("<{a}>"));
         let digest = uidl_digest(&original.uidl);
-        let date = mail_parser::DateTime::from_timestamp(
-            now.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64),
-        )
-        .to_rfc822();
+        // The original's date, so that the notice (its octets, its size) is
+        // the same in every session, as a message under one UIDL must be;
+        // the login's time only when the original has no readable Date.
+        let date = parsed.and_then(|m| m.date()).map_or_else(
+            || {
+                mail_parser::DateTime::from_timestamp(
+                    now.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64),
+                )
+                .to_rfc822()
+            },
+            |d| d.to_rfc822(),
+        );
         let size = original.size.value();
         let text = format!(
             "From: popgate <MAILER-DAEMON@{NOTICE_DOMAIN}>\r\n\
@@ -1048,7 +1056,12 @@ mod tests {
         assert!(head.lines().all(|l| l.len() <= 78), "{head}");
         assert!(head.starts_with("From: popgate <MAILER-DAEMON@popgate.invalid>\r\nTo: <printer@example.com>\r\n"));
         assert!(head.contains("\r\nSubject: =?UTF-8?B?"), "{head}");
-        assert!(head.contains("\r\nDate: Thu, 1 Jan 2026 00:00:00 +0000\r\n"), "{head}");
+        // The original's date, not the login's: the same octets every session.
+        assert!(head.contains("\r\nDate: Tue, 30 Dec 2025 10:00:00 +0000\r\n"), "{head}");
+        assert_eq!(
+            notice.bytes,
+            Notice::build(&original, header.as_bytes(), 5000, now + Duration::from_secs(86_400)).bytes
+        );
         assert!(head.contains(&format!("\r\nMessage-ID: <{}.notice@popgate.invalid>", uidl_digest("orig-42"))));
         assert!(body.contains("From:    The Boss <boss@office.example>\r\n"), "{body}");
         assert!(body.contains(&format!("Subject: {}...\r\n", "é".repeat(NOTICE_FIELD_CHARS))), "{body}");
